@@ -1,0 +1,39 @@
+# Quickstart: `make demo` (set up + harvest on the bundled tiny model), `make test` (set up + tests).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+STAMP := $(VENV)/.saelab-installed
+
+.PHONY: setup demo test test-tl3 bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[app,dev]'
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/saelab demo $(if $(CI),--no-app,)
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -x --timeout=900 tests
+
+# TransformerLens 3.9 (what SAELens pins) in its own environment: model loading + harvest tests
+test-tl3:
+	test -x .venv-tl3/bin/python || $(PY) -m venv .venv-tl3
+	.venv-tl3/bin/pip install -q $(TORCH)
+	.venv-tl3/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv-tl3/constraints.txt
+	.venv-tl3/bin/pip install -q -c .venv-tl3/constraints.txt 'transformer-lens>=3.9,<4' sae-lens pytest pytest-timeout
+	.venv-tl3/bin/pip install -q -c .venv-tl3/constraints.txt --no-deps -e .
+	.venv-tl3/bin/pip install -q -c .venv-tl3/constraints.txt h5py datasets safetensors tqdm einops
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-tl3/bin/python -m pytest -q -m tl3 --timeout=900 tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_harvest.py
+
+clean:
+	rm -rf $(VENV) .venv-tl3 activations/demo

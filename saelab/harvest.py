@@ -1,0 +1,252 @@
+"""Harvest: run a model over text and store the activations of chosen hooks.
+
+``harvest(cfg)`` writes one store per hook under ``cfg.out`` in a single pass of the model
+(stopping after the deepest hooked block unless gradients need the loss). Shards are
+planned up front from the number of contexts, written by a background thread while the
+model computes the next shard, and each enters its manifest only once complete, so a run
+killed at any point resumes (``resume=True``) to exactly the rows of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import pathlib
+import queue
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from saelab import SaelabError
+from saelab.config import HarvestConfig
+from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
+from saelab.models import expand_hooks, hook_layer, load_model, model_info, tokenizer_bos
+from saelab.store import FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, read_manifest
+
+RUN_FILE = "harvest.json"
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def plan_shards(n_contexts: int, holdout: float, shard_contexts: int) -> list[tuple[int, int, bool]]:
+    """[(first context, n contexts, is_holdout)]: training shards, then the held-out ones."""
+    n_hold = math.ceil(holdout * n_contexts) if holdout > 0 else 0
+    n_train = n_contexts - n_hold
+    if n_train < 1:
+        raise SaelabError(f"--holdout {holdout} leaves no training contexts out of {n_contexts}: lower it")
+    plan = [(a, min(shard_contexts, n_train - a), False) for a in range(0, n_train, shard_contexts)]
+    plan += [(a, min(shard_contexts, n_contexts - a), True) for a in range(n_train, n_contexts, shard_contexts)]
+    return plan
+
+
+def _check_out(out: pathlib.Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SaelabError(f"--out {out} is a file: pass a folder path")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SaelabError(f"--out {out} already exists: pass --resume to continue it, or choose a new --out")
+    if resume and not (out / RUN_FILE).exists():
+        raise SaelabError(f"--resume: {out} holds no {RUN_FILE} to resume from; start it without --resume")
+    parent = out if out.exists() else next(p for p in out.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SaelabError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise SaelabError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to") from None
+
+
+class _HookRecorder:
+    """Forward hooks that keep the hooked tensors of one batch (and let grads reach them)."""
+
+    def __init__(self, hooks: list[str], with_grads: bool):
+        self.hooks, self.with_grads, self.acts = hooks, with_grads, {}
+
+    def fwd_hooks(self):
+        def make(name):
+            def fn(tensor, hook):
+                if self.with_grads:
+                    if tensor.requires_grad:
+                        tensor.retain_grad()
+                    else:
+                        tensor.requires_grad_(True)
+                self.acts[name] = tensor
+                return tensor
+
+            return fn
+
+        return [(h, make(h)) for h in self.hooks]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """[batch, pos, ...] → [batch*pos, features] (hook_z heads flattened head-major)."""
+    return t.reshape(t.shape[0] * t.shape[1], -1)
+
+
+def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder, stop_at_layer: int | None):
+    """Run one batch; returns {hook: (acts [rows, d], grads [rows, d] | None)} on the CPU."""
+    rec.acts = {}
+    if rec.with_grads:
+        with torch.enable_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks())
+            # next-token cross-entropy, summed over each context (and so over the batch)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+            loss.backward()
+        return {h: (_flat(t.detach()).cpu(), _flat(t.grad).cpu()) for h, t in rec.acts.items()}
+    with torch.no_grad():
+        kwargs = {"stop_at_layer": stop_at_layer} if stop_at_layer is not None else {}
+        model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks(), **kwargs)
+    return {h: (_flat(t).cpu(), None) for h, t in rec.acts.items()}
+
+
+def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, model=None) -> dict[str, pathlib.Path]:
+    """Run the harvest described by cfg; returns {hook: store folder}."""
+    cfg.validate()
+    out = pathlib.Path(cfg.out)
+    _check_out(out, resume)
+    if resume:
+        saved = json.loads((out / RUN_FILE).read_text())
+        changed = {k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k not in ("batch_size", "device")}
+        if changed:
+            raise SaelabError(f"--resume with different settings ({', '.join(sorted(changed))}) than the run in {out}: "
+                              "pass the same flags, or harvest to a new --out")
+    model = model if model is not None else load_model(cfg.model, cfg.device)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # grads are taken w.r.t. activations only
+        p.requires_grad_(False)
+    try:
+        return _harvest(cfg, model, out, resume, progress)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
+    device = next(model.parameters()).device
+    info = model_info(model)
+    hooks = expand_hooks(model, cfg.hooks)
+    if cfg.context_size > info["n_ctx"]:
+        raise SaelabError(f"--context-size {cfg.context_size} exceeds the model's {info['n_ctx']} positions: lower it")
+    tokenizer = model.tokenizer
+    bos = tokenizer_bos(tokenizer)
+    docs, text_col = load_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed)
+
+    ctx = cfg.context_size
+    if is_streaming(docs):
+        if cfg.tokens is None:
+            raise SaelabError(f"--dataset {cfg.dataset} is streamed from the hub: pass --tokens N (how many to harvest)")
+        n_contexts = cfg.tokens // ctx
+    else:
+        available = count_contexts(docs, tokenizer, ctx, bos, text_col)
+        n_contexts = available if cfg.tokens is None else cfg.tokens // ctx
+        if n_contexts > available:
+            raise SaelabError(f"--tokens {cfg.tokens:,} is more than dataset '{cfg.dataset}' provides: it gives "
+                              f"{available * ctx:,} tokens ({available:,} contexts of {ctx}); pass --tokens "
+                              f"{available * ctx} or fewer")
+    if n_contexts < 1:
+        raise SaelabError(f"dataset '{cfg.dataset}' gives no whole context of {ctx} tokens: lower --context-size")
+    plan = plan_shards(n_contexts, cfg.holdout, max(1, cfg.shard_rows // ctx))
+
+    for h in hooks:  # one folder per hook, named exactly by the hook
+        if "/" in h or h.startswith("."):
+            raise SaelabError(f"hook name {h} cannot name a folder")
+    lowest = [hook_layer(h) for h in hooks]
+    stop = None if cfg.with_grads or any(l is None for l in lowest) else max(lowest) + 1
+    if stop is not None and stop >= info["n_layers"]:
+        stop = None
+
+    # probe one context for each hook's width and layout
+    rec = _HookRecorder(hooks, cfg.with_grads)
+    probe_tokens = torch.full((1, ctx), bos, dtype=torch.long, device=device)
+    probe = {}
+    rec.acts = {}
+    with torch.no_grad():
+        model.run_with_hooks(probe_tokens, fwd_hooks=rec.fwd_hooks())
+    for h, t in rec.acts.items():
+        probe[h] = dict(d_in=int(np.prod(t.shape[2:])), shape=list(t.shape[2:]))
+
+    run_info = {"config": cfg.to_dict(), "hooks": hooks, "n_contexts": n_contexts, "plan": plan,
+                "model_info": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if not resume:
+        atomic_write_text(out / RUN_FILE, json.dumps(run_info, indent=1) + "\n")
+
+    writers: dict[str, ShardWriter] = {}
+    if resume:
+        done = min((len(read_manifest(out / h)["shards"]) if (out / h / MANIFEST).exists() else 0) for h in hooks)
+        for h in hooks:
+            if (out / h / MANIFEST).exists():
+                writers[h] = ShardWriter.resume(out / h, done)
+    else:
+        done = 0
+    for h in hooks:
+        if h not in writers:
+            head_layout = None
+            if h.endswith("hook_z") and len(probe[h]["shape"]) == 2:
+                head_layout = {"n_heads": probe[h]["shape"][0], "d_head": probe[h]["shape"][1]}
+            writers[h] = ShardWriter(out / h, {
+                "format_version": FORMAT_VERSION, "model": cfg.model, "hook": h, "d_in": probe[h]["d_in"],
+                "dtype": cfg.dtype, "context_size": ctx, "bos_included": True, "seed": cfg.seed,
+                "dataset": {"name": cfg.dataset, "split": cfg.split, "text_column": text_col},
+                "n_tokens": 0, "holdout_shards": [], "has_grads": cfg.with_grads, "head_layout": head_layout,
+                "shards": [], "complete": False, "n_contexts_planned": n_contexts,
+                "tokenizer_bos": bos, "model_info": info,
+            })
+
+    contexts = iter_contexts(docs, tokenizer, ctx, bos, text_col)
+    skip = sum(n for _, n, _ in plan[:done])
+    contexts = itertools.islice(contexts, skip, None)
+    np_dtype = _DTYPES[cfg.dtype]
+
+    # the writer thread writes shard i while the model computes shard i+1
+    q: queue.Queue = queue.Queue(maxsize=1)
+    errors: list[BaseException] = []
+
+    def writer():
+        while (item := q.get()) is not None:
+            try:
+                if not errors:
+                    for h, (acts, grads, toks, hold) in item.items():
+                        writers[h].write_shard(acts, toks, grads, holdout=hold)
+            except BaseException as e:  # surfaced in the main thread
+                errors.append(e)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    total_rows = n_contexts * ctx
+    bar = tqdm(total=total_rows, initial=skip * ctx, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"harvest {len(hooks)} hook{'s' if len(hooks) > 1 else ''}", dynamic_ncols=True)
+    try:
+        for first, n, hold in plan[done:]:
+            toks = np.stack(list(itertools.islice(contexts, n)))
+            if len(toks) != n:
+                raise SaelabError(f"dataset '{cfg.dataset}' ran out after {first + len(toks)} contexts: lower --tokens")
+            rows = n * ctx
+            bufs = {h: np.empty((rows, probe[h]["d_in"]), np_dtype) for h in hooks}
+            gbufs = {h: np.empty((rows, probe[h]["d_in"]), np_dtype) for h in hooks} if cfg.with_grads else {}
+            for a in range(0, n, cfg.batch_size):
+                batch = torch.from_numpy(toks[a : a + cfg.batch_size]).long().to(device)
+                res = forward_batch(model, batch, rec, stop)
+                r0, r1 = a * ctx, (a + len(batch)) * ctx
+                for h, (acts, grads) in res.items():
+                    bufs[h][r0:r1] = acts.numpy()
+                    if grads is not None:
+                        gbufs[h][r0:r1] = grads.numpy()
+                bar.update(r1 - r0)
+            if errors:
+                raise errors[0]
+            q.put({h: (bufs[h], gbufs.get(h), toks, hold) for h in hooks})
+    finally:
+        q.put(None)
+        thread.join()
+        bar.close()
+    if errors:
+        raise errors[0]
+    for w in writers.values():
+        w.finish()
+    return {h: out / h for h in hooks}

@@ -1,0 +1,59 @@
+"""ActivationStore streaming: coverage, held-out split, reshuffling, resumable state."""
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.store import ActivationStore
+
+pytestmark = pytest.mark.tl3
+
+
+@pytest.fixture(scope="module")
+def store(small_run):
+    return ActivationStore(small_run[1]["blocks.0.hook_resid_post"])
+
+
+def _key(x):
+    return [tuple(r) for r in x.numpy().round(6)]
+
+
+def test_one_epoch_covers_train_rows_once(store):
+    n_train = store.n_rows("train")
+    got = torch.cat(list(store.batches(100, buffer_rows=1024, seed=3)))
+    assert got.shape == (n_train, store.d_in)
+    ref = store.rows(np.arange(n_train))  # training shards come first
+    assert sorted(_key(got)) == sorted(_key(ref))
+    assert not torch.equal(got, ref)  # shuffled
+    held = torch.cat(list(store.batches(100, split="holdout", shuffle=False)))
+    assert torch.equal(held, store.rows(np.arange(n_train, store.n_rows("all"))))
+
+
+def test_epochs_reshuffle_and_resume(store):
+    n = store.n_rows("train")
+    it = store.batches(96, tokens=3 * n, buffer_rows=1024, seed=1)
+    batches = list(it)
+    assert sum(len(b) for b in batches) == 3 * n and it.epochs == 3
+    e0 = torch.cat(batches)[:n]
+    e1 = torch.cat(batches)[n : 2 * n]
+    assert not torch.equal(e0, e1) and sorted(_key(e0)) == sorted(_key(e1))
+    it2 = store.batches(96, tokens=3 * n, buffer_rows=1024, seed=1)
+    for _ in range(7):
+        next(it2)
+    state = it2.state_dict()
+    it3 = store.batches(96, tokens=3 * n, buffer_rows=1024, seed=1)
+    it3.load_state_dict(state)
+    rest = list(it3)
+    assert len(rest) == len(batches) - 7
+    for a, b in zip(rest, batches[7:]):
+        assert torch.equal(a, b)
+
+
+def test_skip_bos_and_contexts(store):
+    ctx = store.context_size
+    got = torch.cat(list(store.batches(128, skip_bos=True, shuffle=False)))
+    n = store.n_rows("train")
+    keep = np.arange(n)[np.arange(n) % ctx != 0]
+    assert torch.equal(got, store.rows(keep))
+    toks, pos = store.context(ctx + 5)
+    assert pos == 5 and toks.shape == (ctx,) and np.array_equal(toks, store.tokens()[1])

@@ -1,0 +1,56 @@
+"""The committed tiny model has learned real structure (checked on the committed weights)."""
+
+import json
+
+import pytest
+import torch
+
+from saelab.tiny import train_tiny as tt
+
+pytestmark = pytest.mark.tl3
+
+
+@pytest.fixture(scope="module")
+def hf_tiny():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tt.HERE).eval()
+    tok = AutoTokenizer.from_pretrained(tt.HERE)
+    return model, tok
+
+
+def test_files_and_size():
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"]:
+        assert (tt.HERE / name).exists(), name
+    assert (tt.HERE / "model.safetensors").stat().st_size <= 20 * 2**20
+    cfg = json.loads((tt.HERE / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and 2 <= cfg["n_layer"] <= 4 and 128 <= cfg["n_embd"] <= 256
+    assert cfg["vocab_size"] <= 8192
+
+
+def test_bos_eos(hf_tiny):
+    _, tok = hf_tiny
+    assert tok.bos_token_id is not None and tok.eos_token_id is not None
+
+
+def test_heldout_loss_below_unigram_entropy(hf_tiny):
+    model, tok = hf_tiny
+    train = tt.encode_stream(tok, tt.read_paragraphs(tt.HERE / "corpus" / "train"))
+    held = tt.encode_stream(tok, tt.read_paragraphs(tt.HERE / "corpus" / "heldout"))
+    h_uni = tt.unigram_entropy(torch.cat([train, held]), len(tok))
+    loss = tt.heldout_loss(model, held, 128, tok.bos_token_id)
+    assert loss <= 0.75 * h_uni, (loss, h_uni)
+
+
+@pytest.mark.xfail(strict=True, reason="open in issue 2: the committed tiny model has not formed induction heads yet")
+def test_induction(hf_tiny):
+    model, tok = hf_tiny
+    first, second = tt.induction_losses(model, len(tok), tok.bos_token_id)
+    assert second <= first - 1.0, (first, second)
+
+
+def test_train_script_runs(tmp_path):
+    final = tt.main(["--steps", "3", "--eval-every", "3", "--batch", "2", "--ctx", "128", "--vocab", "300",
+                     "--d-model", "32", "--heads", "2", "--out", str(tmp_path)])
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
+    assert final["heldout_loss"] > 0
