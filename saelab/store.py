@@ -362,12 +362,12 @@ class BatchIterator:
             acts.append(a)
             if gr is not None:
                 grads.append(gr)
-        a = np.concatenate(acts)
-        gr = np.concatenate(grads) if grads else None
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch, g, 1]).permutation(len(a))
-            a = a[perm]
-            gr = gr[perm] if gr is not None else None
+        a = torch.from_numpy(np.concatenate(acts))
+        gr = torch.from_numpy(np.concatenate(grads)) if grads else None
+        if self.shuffle:  # torch's row gather is several times faster than numpy fancy indexing
+            perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, g, 1]).permutation(len(a)))
+            a = a.index_select(0, perm)
+            gr = gr.index_select(0, perm) if gr is not None else None
         return a, gr
 
     def _group_at(self, offset: int) -> tuple[int, int]:
@@ -424,8 +424,8 @@ class BatchIterator:
         return x
 
     def _to_tensor(self, parts):
-        arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(device=self.device, dtype=self.dtype)
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
 
     @property
     def epochs(self) -> float:
