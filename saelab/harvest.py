@@ -157,9 +157,8 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
         if "/" in h or h.startswith("."):
             raise SaelabError(f"hook name {h} cannot name a folder")
     lowest = [hook_layer(h) for h in hooks]
+    # stop_at_layer=n_layers still runs every block but skips ln_final and the unembedding
     stop = None if cfg.with_grads or any(l is None for l in lowest) else max(lowest) + 1
-    if stop is not None and stop >= info["n_layers"]:
-        stop = None
 
     # probe one context for each hook's width and layout
     rec = _HookRecorder(hooks, cfg.with_grads)
