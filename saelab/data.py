@@ -116,11 +116,16 @@ def _batches(docs, text_column: str, n: int) -> Iterator[list[str]]:
         yield buf
 
 
-def count_contexts(docs, tokenizer, context_size: int, bos: int, text_column: str = "text") -> int:
-    """Whole contexts a (local, finite) dataset gives; tokenizes it once."""
+def count_contexts(docs, tokenizer, context_size: int, bos: int, text_column: str = "text",
+                   limit: int | None = None) -> int:
+    """Whole contexts a (local, finite) dataset gives, counting no further than ``limit``.
+
+    Tokenizes the dataset once (or only as far as ``limit`` contexts need)."""
     n_tokens = 0
-    for batch in _batches(docs, text_column, 1024):
+    for batch in _batches(docs, text_column, 256):
         n_tokens += sum(len(s) + 1 for s in tokenizer(batch, add_special_tokens=False)["input_ids"])
+        if limit is not None and n_tokens // (context_size - 1) >= limit:
+            return limit
     return n_tokens // (context_size - 1)
 
 

@@ -62,8 +62,20 @@ def _check_out(out: pathlib.Path, resume: bool) -> None:
         raise SaelabError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to") from None
 
 
+# below this many tokens, the up-front count keeps the token ids (int32: 128 MiB) for the run
+KEEP_TOKENS = 1 << 25
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook so the rest of the forward is never computed."""
+
+
 class _HookRecorder:
-    """Forward hooks that keep the hooked tensors of one batch (and let grads reach them)."""
+    """Forward hooks that keep the hooked tensors of one batch (and let grads reach them).
+
+    Without grads, the hook that completes the set raises _StopForward: nothing after the
+    deepest requested hook point runs (not even the rest of its block, ln_final or unembed).
+    """
 
     def __init__(self, hooks: list[str], with_grads: bool):
         self.hooks, self.with_grads, self.acts = hooks, with_grads, {}
@@ -77,6 +89,8 @@ class _HookRecorder:
                     else:
                         tensor.requires_grad_(True)
                 self.acts[name] = tensor
+                if not self.with_grads and len(self.acts) == len(self.hooks):
+                    raise _StopForward
                 return tensor
 
             return fn
@@ -101,8 +115,61 @@ def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder, stop_at_layer
         return {h: (_flat(t.detach()).cpu(), _flat(t.grad).cpu()) for h, t in rec.acts.items()}
     with torch.no_grad():
         kwargs = {"stop_at_layer": stop_at_layer} if stop_at_layer is not None else {}
-        model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks(), **kwargs)
+        try:
+            model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks(), **kwargs)
+        except _StopForward:
+            pass
+    missing = set(rec.hooks) - set(rec.acts)
+    if missing:
+        raise SaelabError(f"the model's forward never reached hook(s) {', '.join(sorted(missing))}; "
+                          "it is not computed by this model's forward")
     return {h: (_flat(t).cpu(), None) for h, t in rec.acts.items()}
+
+
+def _prefetch(items, depth: int = 1):
+    """Iterate ``items`` with a thread computing up to ``depth`` items ahead (here: tokenizing
+    the next shard's contexts while the model runs on this one; the fast tokenizer releases
+    the GIL). Exceptions surface in the consumer; leaving the loop early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as e:
+            put((None, e))
+            return
+        put((end, None))
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while True:
+            item, err = q.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def _take(contexts, n: int, ctx: int) -> np.ndarray:
+    """The next n contexts as [≤n, ctx] int32 (fewer when the dataset runs out)."""
+    got = list(itertools.islice(contexts, n))
+    return np.stack(got) if got else np.empty((0, ctx), np.int32)
 
 
 def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, model=None) -> dict[str, pathlib.Path]:
@@ -138,13 +205,20 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
     docs, text_col = load_documents(cfg.dataset, cfg.split, cfg.text_column, cfg.seed)
 
     ctx = cfg.context_size
+    pretokenized = None
     if is_streaming(docs):
         if cfg.tokens is None:
             raise SaelabError(f"--dataset {cfg.dataset} is streamed from the hub: pass --tokens N (how many to harvest)")
         n_contexts = cfg.tokens // ctx
     else:
-        available = count_contexts(docs, tokenizer, ctx, bos, text_col)
-        n_contexts = available if cfg.tokens is None else cfg.tokens // ctx
+        wanted = None if cfg.tokens is None else cfg.tokens // ctx
+        if wanted is not None and wanted * ctx <= KEEP_TOKENS:  # tokenize once, keep the ids
+            pretokenized = _take(iter_contexts(docs, tokenizer, ctx, bos, text_col), wanted, ctx)
+            available = len(pretokenized) if len(pretokenized) == wanted else count_contexts(
+                docs, tokenizer, ctx, bos, text_col)
+        else:
+            available = count_contexts(docs, tokenizer, ctx, bos, text_col, limit=wanted)
+        n_contexts = available if wanted is None else wanted
         if n_contexts > available:
             raise SaelabError(f"--tokens {cfg.tokens:,} is more than dataset '{cfg.dataset}' provides: it gives "
                               f"{available * ctx:,} tokens ({available:,} contexts of {ctx}); pass --tokens "
@@ -161,13 +235,11 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
     stop = None if cfg.with_grads or any(l is None for l in lowest) else max(lowest) + 1
 
     # probe one context for each hook's width and layout
+    probe_rec = _HookRecorder(hooks, with_grads=False)
+    forward_batch(model, torch.full((1, ctx), bos, dtype=torch.long, device=device), probe_rec, None)
     rec = _HookRecorder(hooks, cfg.with_grads)
-    probe_tokens = torch.full((1, ctx), bos, dtype=torch.long, device=device)
     probe = {}
-    rec.acts = {}
-    with torch.no_grad():
-        model.run_with_hooks(probe_tokens, fwd_hooks=rec.fwd_hooks())
-    for h, t in rec.acts.items():
+    for h, t in probe_rec.acts.items():
         probe[h] = dict(d_in=int(np.prod(t.shape[2:])), shape=list(t.shape[2:]))
 
     run_info = {"config": cfg.to_dict(), "hooks": hooks, "n_contexts": n_contexts, "plan": plan,
@@ -197,7 +269,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
                 "tokenizer_bos": bos, "model_info": info,
             })
 
-    contexts = iter_contexts(docs, tokenizer, ctx, bos, text_col)
+    contexts = iter(pretokenized) if pretokenized is not None else iter_contexts(docs, tokenizer, ctx, bos, text_col)
     skip = sum(n for _, n, _ in plan[:done])
     contexts = itertools.islice(contexts, skip, None)
     np_dtype = _DTYPES[cfg.dtype]
@@ -221,8 +293,8 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
     bar = tqdm(total=total_rows, initial=skip * ctx, unit="tok", unit_scale=True, disable=not progress,
                desc=f"harvest {len(hooks)} hook{'s' if len(hooks) > 1 else ''}", dynamic_ncols=True)
     try:
-        for first, n, hold in plan[done:]:
-            toks = np.stack(list(itertools.islice(contexts, n)))
+        shard_tokens = (_take(contexts, n, ctx) for _, n, _ in plan[done:])
+        for (first, n, hold), toks in zip(plan[done:], shard_tokens):
             if len(toks) != n:
                 raise SaelabError(f"dataset '{cfg.dataset}' ran out after {first + len(toks)} contexts: lower --tokens")
             rows = n * ctx

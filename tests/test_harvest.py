@@ -150,3 +150,17 @@ def test_unwritable_out(tmp_path):
         target = str(ro / "o")
     r = _cli("harvest", "--hook", "blocks.0.hook_resid_post", "--out", target, "--quiet")
     assert r.returncode == 2 and "writ" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_demo_cli_harvests_and_reruns(tmp_path):
+    """`saelab demo` (what `make demo` runs, with --no-app as CI implies) writes both stores and
+    prints them; running it again reuses the finished run instead of failing."""
+    out = tmp_path / "demo"
+    for _ in range(2):
+        r = _cli("demo", "--out", str(out), "--tokens", "16384", "--no-app", "--quiet")
+        assert r.returncode == 0, r.stderr
+        assert "blocks.1.hook_resid_post" in r.stdout and "wrote 2 stores" in r.stdout
+    for hook in ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]:
+        m = read_manifest(out / hook)
+        assert m["complete"] and m["n_tokens"] == 16384
+        assert ActivationStore(out / hook).n_rows("all") == 16384
