@@ -83,6 +83,117 @@ class HarvestConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is: its architecture, sizes and the settings of its activation and loss.
+
+    Stored as ``saelab`` inside the SAE folder's cfg.json, so a folder alone rebuilds it."""
+
+    arch: str = _f("topk", "architecture", choices=ARCHS)
+    k: int = _f(32, "active latents per token; for relu/jumprelu the target L0 that the sparsity "
+                    "coefficient is adapted to reach (unless --l1-coeff/--l0-coeff fix it)")
+    width: int | None = _f(None, "number of latents d_sae (default: --expansion × d_in)")
+    expansion: int = _f(16, "d_sae = expansion × d_in when --width is not given")
+    d_in: int = _f(0, "input width (taken from the store)", cli=False)
+    hook_name: str = _f("", "hook the SAE reads (taken from the store)", cli=False)
+    model_name: str = _f("", "model the activations came from (taken from the store)", cli=False)
+    k_aux: int | None = _f(None, "latents in the aux-k loss (TopK family; default d_in/2)")
+    aux_coeff: float = _f(1 / 32, "aux-k loss coefficient (TopK family)")
+    dead_tokens: int = _f(10_000_000, "a latent is dead after not firing for this many tokens "
+                                      "(capped at the store's training rows)")
+    l1_coeff: float | None = _f(None, "relu: fixed L1 coefficient (default: adapted to reach L0 = k)")
+    l0_coeff: float | None = _f(None, "jumprelu: fixed L0 coefficient (default: adapted to reach L0 = k)")
+    sparsity_warmup: float = _f(0.05, "relu/jumprelu: sparsity coefficient warm-up, fraction of the steps")
+    bandwidth: float = _f(0.001, "jumprelu: straight-through rectangle kernel width ε")
+    init_threshold: float = _f(0.001, "jumprelu: initial threshold θ")
+    threshold_momentum: float = _f(0.99, "batchtopk: EMA momentum of the inference threshold")
+    matryoshka_mode: str = _f("prefix", "matryoshka: nested prefixes of latents, or nested k values",
+                              choices=["prefix", "k"])
+    matryoshka_prefixes: list[float] = _f([0.25, 0.5, 1.0], "matryoshka prefix mode: prefix sizes as "
+                                          "fractions of d_sae (repeat the flag)", flag="--matryoshka-prefix")
+    matryoshka_ks: list[int] = _f([], "matryoshka k mode: the k values (repeat the flag; default k/4, k/2, k)",
+                                  flag="--matryoshka-k")
+    matryoshka_weighting: str = _f("uniform", "matryoshka k mode: loss weights over the ks",
+                                   choices=["uniform", "reverse"])
+    grad_beta: float = _f(1.0, "gradient (g-SAE): weight β of the gradient term in the selection score")
+
+    @property
+    def d_sae(self) -> int:
+        return self.width if self.width else self.expansion * self.d_in
+
+    def validate(self) -> "SAEConfig":
+        if self.arch not in ARCHS:
+            raise SaelabError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.d_in < 1:
+            raise SaelabError(f"d_in must be positive (got {self.d_in})")
+        if self.d_sae < 1:
+            raise SaelabError("--width / --expansion must give at least one latent")
+        if not 0 < self.k < self.d_sae:
+            raise SaelabError(f"--k {self.k} must be between 1 and the width {self.d_sae} - 1: lower --k or widen the SAE")
+        if self.arch == "matryoshka" and self.matryoshka_mode == "k" and self.matryoshka_ks \
+                and max(self.matryoshka_ks) != self.k:
+            raise SaelabError(f"--matryoshka-k values must end at --k {self.k}: add --matryoshka-k {self.k}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    """How `saelab train` trains: data, budget, optimiser, schedule, checkpoints, logging."""
+
+    activations: str = _f("", "a store folder (holds manifest.json) or a RUN folder (one SAE per hook "
+                              "into a group, unless --hook picks one)", required=True)
+    out: str = _f("", "output folder: the SAE folder, or the group folder for several hooks", required=True)
+    hook: str | None = _f(None, "with a RUN folder: train only the SAE of this hook")
+    tokens: int | None = _f(None, "training tokens; may exceed the store (it is replayed, reshuffled); "
+                                  "default: one epoch of the store's training rows")
+    batch_size: int = _f(4096, "rows per step")
+    lr: float = _f(2e-4, "Adam learning rate")
+    lr_warmup_steps: int = _f(1000, "linear LR warm-up steps (capped at 5%% of the run)")
+    lr_decay: float = _f(0.2, "fraction of the run, at its end, over which the LR decays linearly to 0")
+    grad_clip: float = _f(1.0, "gradient norm clip (0: none)")
+    seed: int = _f(0, "seed of the init and the batch order; the same seed on the same data gives the same weights")
+    include_bos: bool = _f(False, "train on position 0 (BOS) rows too (by default they are skipped: "
+                                  "their activations are outliers)")
+    log_every: int = _f(20, "steps between metrics.jsonl lines")
+    eval_every: int = _f(0, "steps between held-out FVU/L0 measurements (0: only at the end)")
+    checkpoint_every: int = _f(500, "steps between checkpoints (atomic; --resume continues from the last)")
+    kernel: str = _f("auto", "TopK encode path: auto, chunked or reference (the SAELAB_KERNEL variable "
+                             "is used when this is auto)", choices=["auto", "chunked", "reference", "triton"])
+    autocast: str = _f("none", "mixed precision for the forward (weights stay fp32)", choices=["none", "bf16"])
+    log: str = _f("none", "also log to TensorBoard or wandb (if installed)", choices=["none", "tensorboard", "wandb"])
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+
+    def validate(self) -> "TrainConfig":
+        if self.batch_size < 1:
+            raise SaelabError(f"--batch-size must be positive (got {self.batch_size})")
+        if self.tokens is not None and self.tokens < self.batch_size:
+            raise SaelabError(f"--tokens {self.tokens} is less than one batch ({self.batch_size}): raise it")
+        if self.lr <= 0:
+            raise SaelabError(f"--lr must be positive (got {self.lr})")
+        if not 0 <= self.lr_decay <= 1:
+            raise SaelabError(f"--lr-decay must be in [0, 1] (got {self.lr_decay})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 def to_json(cfg, path: pathlib.Path) -> None:
     from saelab.store import atomic_write_text
 
@@ -95,6 +206,8 @@ def add_arguments(parser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
+        if meta.get("cli") is False:
+            continue
         flag = meta.get("flag", "--" + f.name.replace("_", "-"))
         hint = hints[f.name]
         kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
@@ -120,6 +233,8 @@ def add_arguments(parser, cls) -> None:
 def from_args(cls, ns):
     values = {}
     for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
         v = getattr(ns, f.name)
         if v is None and f.default_factory is not dataclasses.MISSING:
             v = f.default_factory()

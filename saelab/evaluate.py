@@ -1,0 +1,139 @@
+"""Evaluation: reconstruction metrics on a store's held-out rows, and the SAE spliced into the model.
+
+* ``evaluate_store``: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖², explained variance = 1 − FVU, mean L0,
+  fraction of dead latents (never fired on the evaluated rows) and dense ones (> 10% of tokens).
+* ``evaluate_model``: next-token CE of the clean model, with the SAE's reconstruction spliced in
+  at its hook, and with that hook zero-ablated; CE-loss recovered =
+  (CE_ablate − CE_sae) / (CE_ablate − CE_clean); KL(clean ‖ spliced) per token.
+Streaming: bounded memory whatever the store's size.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from saelab import SaelabError
+from saelab.store import ActivationStore, atomic_write_text
+
+DENSE = 0.1
+
+
+@torch.no_grad()
+def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_bos: bool = True,
+                   max_rows: int = 1 << 17, batch_size: int = 4096, device="cpu", progress: bool = False) -> dict:
+    split = split or ("holdout" if store.split_shards("holdout") else "train")
+    n_avail = store.n_rows(split)
+    if store.manifest.get("bos_included") and skip_bos:
+        n_avail -= n_avail // store.context_size
+    n = min(max_rows, n_avail)
+    sae = sae.to(device).eval()
+    it = store.batches(batch_size, split=split, tokens=n, seed=0, skip_bos=skip_bos and store.manifest.get(
+        "bos_included", False), device=device, shuffle=False)
+    sq_err = sum_sq = 0.0
+    sum_x = torch.zeros(store.d_in, dtype=torch.float64, device=device)
+    fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    l0_sum, rows = 0.0, 0
+    for x in tqdm(it, disable=not progress, desc="eval", unit="batch"):
+        x = x[0] if isinstance(x, tuple) else x
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        sq_err += float((x - x_hat).double().pow(2).sum())
+        sum_sq += float(x.double().pow(2).sum())
+        sum_x += x.double().sum(0)
+        nz = f != 0
+        fired += nz.sum(0)
+        l0_sum += float(nz.sum())
+        rows += len(x)
+    total_var = sum_sq - float(sum_x.pow(2).sum()) / rows
+    fvu = sq_err / max(total_var, 1e-12)
+    freq = fired.double() / rows
+    return {"split": split, "rows": rows, "fvu": fvu, "explained_variance": 1 - fvu, "l0": l0_sum / rows,
+            "dead_frac": float((fired == 0).double().mean()), "dense_frac": float((freq > DENSE).double().mean())}
+
+
+@torch.no_grad()
+def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_size: int = 16,
+                   progress: bool = False) -> dict:
+    """CE clean / spliced / zero-ablated over these contexts, CE-loss recovered and KL."""
+    hook = sae.cfg.hook_name
+    if hook not in model.hook_dict:
+        raise SaelabError(f"the SAE reads hook {hook!r}, which model {getattr(model.cfg, 'model_name', '')} "
+                          "does not have: pass the model the SAE was trained on")
+    device = next(model.parameters()).device
+    sae = sae.to(device).eval()
+    first = 1 if skip_bos else 0
+
+    def splice(mode):
+        def fn(act, hook):
+            shape = act.shape
+            flat = act.reshape(shape[0], shape[1], -1)
+            new = flat.clone()
+            part = flat[:, first:]
+            if mode == "sae":
+                rec = sae(part.reshape(-1, part.shape[-1]).float()).to(act.dtype)
+                new[:, first:] = rec.reshape(part.shape)
+            else:
+                new[:, first:] = 0
+            return new.reshape(shape)
+        return fn
+
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+    for a in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="eval CE", unit="batch"):
+        t = torch.from_numpy(np.asarray(tokens[a : a + batch_size])).long().to(device)
+        tgt = t[:, 1:]
+        clean = model(t)[:, :-1].float()
+        spliced = model.run_with_hooks(t, fwd_hooks=[(hook, splice("sae"))])[:, :-1].float()
+        zero = model.run_with_hooks(t, fwd_hooks=[(hook, splice("zero"))])[:, :-1].float()
+        for name, logits in [("clean", clean), ("sae", spliced), ("zero", zero)]:
+            totals[name] += float(F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum"))
+        lp, lq = clean.log_softmax(-1), spliced.log_softmax(-1)
+        totals["kl"] += float((lp.exp() * (lp - lq)).sum())
+        count += tgt.numel()
+    ce = {k: v / count for k, v in totals.items()}
+    denom = ce["zero"] - ce["clean"]
+    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
+            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-9 else float("nan"),
+            "kl": ce["kl"], "eval_tokens": count}
+
+
+def evaluate(sae_path, activations: str | None = None, model_name: str | None = None, n_contexts: int = 64,
+             device: str = "auto", progress: bool = True, write: bool = True) -> dict:
+    """What `saelab eval` does: store metrics, and CE metrics when a model is given; writes eval.json."""
+    from saelab.sae import SAE
+    from saelab.store import resolve_stores
+    from saelab.train import TRAIN_FILE, pick_device
+
+    sae_path = pathlib.Path(sae_path)
+    sae = SAE.load(sae_path)
+    dev = pick_device(device)
+    info = json.loads((sae_path / TRAIN_FILE).read_text()) if (sae_path / TRAIN_FILE).exists() else {}
+    skip_bos = not info.get("train", {}).get("include_bos", False)
+    res: dict = {}
+    store = None
+    if activations or info.get("store"):
+        paths = resolve_stores(activations or info["store"], sae.cfg.hook_name or None)
+        store = ActivationStore(paths[0])
+        if store.d_in != sae.d_in:
+            raise SaelabError(f"the SAE's d_in {sae.d_in} differs from the store's d_in {store.d_in} "
+                              f"({store.path}): pass the store of hook {sae.cfg.hook_name}")
+        res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
+    if model_name:
+        from saelab.models import load_model
+
+        if store is None:
+            raise SaelabError("CE metrics need token contexts: pass --activations (its held-out text is used)")
+        model = load_model(model_name, str(dev))
+        split = "holdout" if store.split_shards("holdout") else "train"
+        toks = store.tokens(split)[:n_contexts]
+        res.update(evaluate_model(sae, model, toks, skip_bos=skip_bos, progress=progress))
+    if write:
+        old = json.loads((sae_path / "eval.json").read_text()) if (sae_path / "eval.json").exists() else {}
+        atomic_write_text(sae_path / "eval.json", json.dumps({**old, **res}, indent=2) + "\n")
+    return res

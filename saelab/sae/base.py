@@ -1,0 +1,258 @@
+"""The shared SAE base: parameters, encode/decode, decoder constraint, dead latents, save/load.
+
+Every architecture is one file that subclasses ``SAE``, sets ``arch`` (its registry name) and
+implements ``activation(z)`` (inference codes from pre-activations) and ``loss(x, step)``.
+
+Shapes (SAELens layout): ``x [B, d_in]``, ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``,
+``W_dec [d_sae, d_in]``, ``b_dec [d_in]``; pre-activation ``z = (x − b_dec) W_enc + b_enc``;
+reconstruction ``x̂ = f W_dec + b_dec``.
+
+Folders: ``cfg.json`` (SAELens fields + our full config under ``"saelab"``) and
+``sae_weights.safetensors`` (W_enc, b_enc, W_dec, b_dec, and ``threshold`` where the
+architecture has one) — SAELens reads them; ``SAE.load`` also reads SAELens's own folders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saelab import SaelabError
+from saelab.config import ARCHS, SAEConfig
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SAVED_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over features, mean over the batch."""
+    return (x - x_hat).pow(2).sum(-1).mean()
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder base. Subclasses register themselves by their ``arch`` name."""
+
+    registry: dict[str, type["SAE"]] = {}
+    arch = ""
+    #: unit-norm decoder rows, with the gradient component parallel to each row removed
+    constrain_decoder = True
+    #: SAELens architecture name written to cfg.json (None: not loadable as-is by SAELens)
+    saelens_arch: str | None = None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.arch:
+            SAE.registry[cls.arch] = cls
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.d_in, self.d_sae = d_in, d_sae
+        w = torch.randn(d_sae, d_in)
+        w = w / w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w)
+        self.W_enc = nn.Parameter(w.t().clone())  # init: W_enc = W_decᵀ
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.apply_b_dec_to_input = True
+        # tokens since each latent last fired (training statistics; kept in checkpoints)
+        self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
+        self.dead_after = cfg.dead_tokens  # the trainer caps it at the store's size
+        self.total_steps = 1  # the trainer sets it (schedules that depend on the run length)
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def create(arch: str, **kw) -> "SAE":
+        """``SAE.create("topk", d_in=512, d_sae=8192, k=32)`` (``width=`` also works)."""
+        if "d_sae" in kw:
+            kw["width"] = kw.pop("d_sae")
+        if arch not in SAE.registry:
+            raise SaelabError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+        return SAE.registry[arch](SAEConfig(arch=arch, **kw))
+
+    # ------------------------------------------------------------------ forward
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, z: torch.Tensor, grads: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, grads: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense codes f [B, d_sae] as used at inference (independent of the rest of the batch)."""
+        return self.activation(self.pre_acts(x), grads)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: torch.Tensor, step: int = 0, grads: torch.Tensor | None = None) -> dict:
+        """Training loss: ``{"loss": total to backprop, <terms>: 0-d tensors, "f", "x_hat"}``."""
+        raise NotImplementedError
+
+    def _out(self, x, f, x_hat, **terms) -> dict:
+        terms = {k: v for k, v in terms.items() if v is not None}
+        total = sum(terms.values())
+        return {"loss": total, **terms, "f": f, "x_hat": x_hat}
+
+    # ------------------------------------------------------------------ training hooks
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.dead_after
+
+    def aux_k_loss(self, x, x_hat, z, signed: bool = False) -> torch.Tensor | None:
+        """Reconstruct the detached residual error from the top k_aux dead latents (no b_dec),
+        scaled by min(n_dead / k_aux, 1) and the aux coefficient. None when nothing is dead."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.cfg.aux_coeff == 0:
+            return None
+        k_aux = self.cfg.k_aux or max(1, self.d_in // 2)
+        score = z.abs() if signed else z
+        score = score.masked_fill(~dead, -math.inf)
+        kk = min(k_aux, n_dead)
+        idx = score.topk(kk, dim=-1).indices
+        vals = z.gather(-1, idx)
+        if not signed:
+            vals = F.relu(vals)
+        err = (x - x_hat).detach()
+        err_hat = torch.einsum("bk,bkd->bd", vals, self.W_dec[idx])
+        return self.cfg.aux_coeff * min(n_dead / k_aux, 1.0) * mse(err, err_hat)
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        if self.constrain_decoder and self.W_dec.grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            g = self.W_dec.grad
+            g -= (g * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def after_step(self, out: dict, step: int) -> None:
+        """Called by the trainer after each optimizer step: decoder norm, firing counters."""
+        if self.constrain_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        f = out["f"]
+        fired = (f != 0).any(0)
+        self.tokens_since_fired += f.shape[0]
+        self.tokens_since_fired[fired] = 0
+
+    def sparsity_warmup(self, step: int) -> float:
+        n = max(1, int(self.cfg.sparsity_warmup * self.total_steps))
+        return min(1.0, (step + 1) / n)
+
+    # ------------------------------------------------------------------ scale folding
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        """The SAE was trained on s·x; make it act on raw x (codes unchanged)."""
+        self.W_enc *= s
+        self.b_dec /= s
+        self.W_dec /= s
+
+    # ------------------------------------------------------------------ save / load
+    def extra_weights(self) -> dict[str, torch.Tensor]:
+        """Weights beyond SAVED_PARAMS that a saved SAE needs (e.g. JumpReLU's threshold)."""
+        return {}
+
+    def load_extra_weights(self, w: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def saelens_cfg(self) -> dict:
+        c = self.cfg
+        meta = {"model_name": c.model_name, "hook_name": c.hook_name, "hook_head_index": None,
+                "prepend_bos": True, "dataset_path": None, "context_size": None,
+                "sae_lens_training_version": None}
+        cfg = {
+            "architecture": self.saelens_arch or self.arch,
+            "d_in": self.d_in, "d_sae": self.d_sae, "dtype": "float32", "device": "cpu",
+            "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize_activations": "none",
+            "reshape_activations": "none", "metadata": meta,
+            # flat copies for older readers
+            "model_name": c.model_name, "hook_name": c.hook_name, "hook_layer": _layer_of(c.hook_name),
+            "hook_head_index": None, "prepend_bos": True, "context_size": None, "dataset_path": None,
+            "finetuning_scaling_factor": False, "sae_lens_training_version": None,
+        }
+        return cfg
+
+    def save(self, path: str | os.PathLike) -> pathlib.Path:
+        """Write cfg.json + sae_weights.safetensors (temp → fsync → rename each)."""
+        from safetensors.torch import save_file
+
+        from saelab.store import atomic_write_text, fsync_dir, fsync_file
+
+        path = pathlib.Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        weights = {n: getattr(self, n).detach().float().contiguous().cpu() for n in SAVED_PARAMS}
+        weights.update({k: v.detach().float().contiguous().cpu() for k, v in self.extra_weights().items()})
+        tmp = path / (WEIGHTS_FILE + ".tmp")
+        save_file(weights, str(tmp))
+        fsync_file(tmp)
+        os.replace(tmp, path / WEIGHTS_FILE)
+        cfg = {**self.saelens_cfg(), "saelab": {**self.cfg.to_dict(), "d_sae": self.d_sae}}
+        atomic_write_text(path / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
+        fsync_dir(path)
+        return path
+
+    @staticmethod
+    def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
+        """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu)."""
+        from safetensors.torch import load_file
+
+        path = pathlib.Path(path)
+        if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
+                              "pass a folder written by saelab train or SAELens")
+        try:
+            raw = json.loads((path / CFG_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise SaelabError(f"{path / CFG_FILE} is not valid JSON ({e.msg}); re-save the SAE") from None
+        w = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        if "saelab" in raw:
+            cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
+        else:
+            cfg = _cfg_from_saelens(raw, path)
+        sae = SAE.registry[cfg.arch](cfg).to(device)
+        sae.apply_b_dec_to_input = bool(raw.get("apply_b_dec_to_input", True))
+        missing = [n for n in SAVED_PARAMS if n not in w]
+        if missing:
+            raise SaelabError(f"{path / WEIGHTS_FILE} lacks {', '.join(missing)}: not an SAE weights file")
+        with torch.no_grad():
+            for n in SAVED_PARAMS:
+                p = getattr(sae, n)
+                if tuple(w[n].shape) != tuple(p.shape):
+                    raise SaelabError(f"{path}: {n} has shape {tuple(w[n].shape)}, cfg.json says "
+                                      f"{tuple(p.shape)}; the folder's files do not belong together")
+                p.copy_(w[n].float())
+        sae.load_extra_weights(w)
+        return sae
+
+
+def _layer_of(hook: str) -> int | None:
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:
+    arch = raw.get("architecture", "standard")
+    names = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+    if arch not in names:
+        raise SaelabError(f"{path}: SAELens architecture {arch!r} is not supported "
+                          f"(supported: {', '.join(names)})")
+    if raw.get("normalize_activations", "none") not in ("none", None):
+        raise SaelabError(f"{path}: SAELens normalize_activations={raw['normalize_activations']!r} is not "
+                          "supported; fold the normalisation into the weights first")
+    meta = raw.get("metadata") or {}
+    k = raw.get("k") or (raw.get("architecture_kwargs") or {}).get("k") or 1
+    d_sae = int(raw["d_sae"])
+    return SAEConfig(arch=names[arch], d_in=int(raw["d_in"]), width=d_sae, k=int(min(k, d_sae - 1)),
+                     hook_name=meta.get("hook_name") or raw.get("hook_name") or "",
+                     model_name=meta.get("model_name") or raw.get("model_name") or "")

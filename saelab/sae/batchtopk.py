@@ -1,0 +1,53 @@
+"""BatchTopK SAE (Bussmann et al. 2024): in training keep the k·B largest ReLU(z) over the
+whole batch; a threshold θ (EMA of the smallest kept value per batch) replaces the batch
+selection at inference, so a token's code never depends on its batch: f = z·[z > θ].
+Saved for SAELens as a JumpReLU with θ for every latent (as SAELens itself does)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from saelab.sae.base import SAE, mse
+
+
+class BatchTopKSAE(SAE):
+    arch = "batchtopk"
+    saelens_arch = "jumprelu"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("threshold", torch.tensor(-1.0))  # < 0: not estimated yet
+
+    def activation(self, z, grads=None):
+        theta = self.threshold.clamp_min(0.0)
+        return z * (z > theta).to(z.dtype)
+
+    def batch_codes(self, z):
+        r = F.relu(z)
+        flat = r.flatten()
+        vals, idx = flat.topk(self.cfg.k * z.shape[0])
+        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(z)
+
+    def loss(self, x, step=0, grads=None):
+        z = self.pre_acts(x)
+        f = self.batch_codes(z) if self.training else self.activation(z)
+        x_hat = self.decode(f)
+        return self._out(x, f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, z))
+
+    @torch.no_grad()
+    def after_step(self, out, step):
+        super().after_step(out, step)
+        f = out["f"]
+        pos = f[f > 0]
+        if pos.numel():
+            m = self.cfg.threshold_momentum
+            low = pos.min()
+            self.threshold.copy_(low if self.threshold < 0 else m * self.threshold + (1 - m) * low)
+
+    def extra_weights(self):
+        return {"threshold": self.threshold.clamp_min(0.0).expand(self.d_sae).clone()}
+
+    def load_extra_weights(self, w):
+        if "threshold" in w:
+            self.threshold.copy_(w["threshold"].float().reshape(-1)[0])

@@ -1,0 +1,46 @@
+"""TopK SAE (Gao et al. 2024): f = TopK(ReLU(z)) per token; aux-k loss from dead latents;
+unit-norm decoder rows with the parallel gradient component removed.
+
+``select(z, k)`` is the one selection rule the TopK family shares (unsigned: the k largest z,
+values through ReLU; signed: the k largest |z|, sign kept) — the reference of the fused
+kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from saelab.sae.base import SAE, mse
+
+
+def select(z: torch.Tensor, k: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [B, k], indices [B, k]) of the TopK rule."""
+    if signed:
+        idx = z.abs().topk(k, dim=-1).indices
+        return z.gather(-1, idx), idx
+    vals, idx = z.topk(k, dim=-1)
+    return F.relu(vals), idx
+
+
+def scatter(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
+    return torch.zeros(values.shape[0], d_sae, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
+
+
+class TopKSAE(SAE):
+    arch = "topk"
+    saelens_arch = "topk"
+    signed = False
+
+    def activation(self, z, grads=None, k: int | None = None):
+        v, i = select(z, k or self.cfg.k, self.signed)
+        return scatter(v, i, self.d_sae)
+
+    def loss(self, x, step=0, grads=None):
+        z = self.pre_acts(x)
+        f = self.activation(z)
+        x_hat = self.decode(f)
+        return self._out(x, f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, z, self.signed))
+
+    def saelens_cfg(self):
+        return {**super().saelens_cfg(), "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

@@ -1,0 +1,309 @@
+"""The trainer: a thin loop over ``sae.loss`` streaming shuffled batches from a store.
+
+Per run: activations are scaled by s so that mean ‖s·x‖ = √d_in (s folded back into the saved
+weights, so the saved SAE reads raw activations); init W_enc = W_decᵀ with unit-norm decoder
+rows and b_dec at the geometric median of a sample; Adam with LR warm-up and a linear decay over
+the last ``lr_decay`` of the run; gradient clipping; decoder constraint and dead-latent counters
+through ``sae.after_step``; checkpoints (atomic) with weights, optimiser, schedules, counters and
+the store iterator's state, so ``--resume`` after kill -9 sees the same batches and ends at the
+same step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from saelab import SaelabError
+from saelab.config import SAEConfig, TrainConfig
+from saelab.sae import SAE
+from saelab.store import ActivationStore, atomic_write_text, fsync_file, resolve_stores
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+TRAIN_FILE = "train.json"
+GROUP_FILE = "group.json"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SaelabError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
+def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bool = True) -> dict[str, pathlib.Path]:
+    """Train one SAE per selected store; returns {hook: SAE folder}."""
+    tcfg.validate()
+    stores = resolve_stores(tcfg.activations, tcfg.hook)
+    out = pathlib.Path(tcfg.out)
+    if len(stores) == 1:
+        return {ActivationStore(stores[0]).hook: train_one(stores[0], out, tcfg, scfg, resume, progress)}
+    folders = {}
+    for path in stores:
+        hook = ActivationStore(path).hook
+        folders[hook] = train_one(path, out / hook, tcfg, scfg, resume, progress)
+    model = ActivationStore(stores[0]).manifest.get("model", "")
+    atomic_write_text(out / GROUP_FILE, json.dumps({"model": model, "hooks": {h: h for h in folders}}, indent=2) + "\n")
+    return folders
+
+
+def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(eps)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() < eps * (1 + m.norm()):
+            return new
+        m = new
+    return m
+
+
+def lr_factor(step: int, total: int, warmup: int, decay: float) -> float:
+    warm = min(warmup, max(1, total // 20))
+    if step < warm:
+        return (step + 1) / warm
+    start = int(total * (1 - decay))
+    if decay > 0 and step >= start:
+        return max(0.0, (total - step) / max(1, total - start))
+    return 1.0
+
+
+def _check_out(out: pathlib.Path, resume: bool) -> None:
+    if resume:
+        if not (out / CHECKPOINT).exists() and not (out / TRAIN_FILE).exists():
+            raise SaelabError(f"--resume: {out} holds no checkpoint to resume; start without --resume")
+        return
+    if out.exists() and not out.is_dir():
+        raise SaelabError(f"--out {out} is a file: pass a folder path")
+    if out.exists() and any(out.iterdir()):
+        raise SaelabError(f"--out {out} already exists: pass --resume to continue it, or choose a new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SaelabError(f"--out {out} cannot be created ({e.strerror}); choose a folder you can write to") from None
+
+
+def sae_config_for(store: ActivationStore, scfg: SAEConfig) -> SAEConfig:
+    m = store.manifest
+    if scfg.d_in and scfg.d_in != store.d_in:
+        raise SaelabError(f"the SAE's d_in {scfg.d_in} differs from the store's d_in {store.d_in} "
+                          f"({store.path}): train on a store of that hook or drop d_in")
+    cfg = SAEConfig.from_dict({**scfg.to_dict(), "d_in": store.d_in, "hook_name": store.hook,
+                               "model_name": m.get("model", "")})
+    cfg.validate()
+    if getattr(SAE.registry[cfg.arch], "needs_grads", False) and not store.has_grads:
+        raise SaelabError(f"--arch {cfg.arch} trains on gradients, but {store.path} has none: "
+                          "harvest with --with-grads")
+    return cfg
+
+
+def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SAEConfig,
+              resume: bool = False, progress: bool = True) -> pathlib.Path:
+    store = ActivationStore(path)
+    cfg = sae_config_for(store, scfg)
+    _check_out(out, resume)
+    if resume and (out / TRAIN_FILE).exists() and json.loads((out / TRAIN_FILE).read_text()).get("done"):
+        return out  # finished earlier
+    device = pick_device(tcfg.device)
+    needs_grads = getattr(SAE.registry[cfg.arch], "needs_grads", False)
+    skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
+    total_tokens = tcfg.tokens or store.batches(tcfg.batch_size, skip_bos=skip_bos).rows_per_epoch
+    n_steps = max(1, total_tokens // tcfg.batch_size)
+    total_tokens = n_steps * tcfg.batch_size
+
+    torch.manual_seed(tcfg.seed)
+    sae = SAE.registry[cfg.arch](cfg).to(device)
+    sae.total_steps = n_steps
+    sae.dead_after = min(cfg.dead_tokens, store.n_rows("train"))
+    opt = torch.optim.Adam(sae.parameters(), lr=tcfg.lr)
+    it = store.batches(tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
+                       with_grads=needs_grads, device=device)
+    step, scale = 0, None
+    if resume and (out / CHECKPOINT).exists():
+        ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+        if ck["n_steps"] != n_steps or ck["arch"] != cfg.arch:
+            raise SaelabError(f"--resume with different settings than the run in {out}: pass the same flags")
+        sae.load_state_dict(ck["sae"])
+        opt.load_state_dict(ck["opt"])
+        it.load_state_dict(json.loads(ck["iterator"]))
+        step, scale = int(ck["step"]), float(ck["scale"])
+        _truncate_metrics(out / METRICS, step)
+    else:
+        scale, median = _init_stats(store, skip_bos, tcfg.seed, device)
+        with torch.no_grad():
+            sae.b_dec.copy_(median * scale)
+        atomic_write_text(out / TRAIN_FILE, json.dumps({"train": tcfg.to_dict(), "sae": cfg.to_dict(),
+                                                        "store": str(path), "n_steps": n_steps,
+                                                        "scale": scale, "done": False}, indent=2) + "\n")
+    logger = _Logger(out, tcfg.log)
+    bar = tqdm(total=n_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
+               desc=f"train {cfg.arch} {store.hook}")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.autocast == "bf16" else _Null()
+    t0, tok0 = time.perf_counter(), step * tcfg.batch_size
+    sae.train()
+    try:
+        for batch in it:
+            x, g = batch if needs_grads else (batch, None)
+            x = x * scale
+            if g is not None:
+                g = g / scale
+            for group in opt.param_groups:
+                group["lr"] = tcfg.lr * lr_factor(step, n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
+            with amp:
+                outd = sae.loss(x, step=step, grads=g)
+            opt.zero_grad(set_to_none=True)
+            outd["loss"].backward()
+            sae.remove_parallel_grads()
+            if tcfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
+            opt.step()
+            sae.after_step(outd, step)
+            step += 1
+            bar.update(1)
+            last = step == n_steps
+            if step % tcfg.log_every == 0 or last:
+                rec = _metrics(sae, x, outd, step, tcfg, it, t0, tok0)
+                if tcfg.eval_every and (step % tcfg.eval_every == 0 or last):
+                    rec.update(_heldout(sae, store, scale, skip_bos, device))
+                logger.write(rec)
+                bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", fvu=f"{rec['fvu']:.3f}",
+                                l0=f"{rec['l0']:.1f}", dead=f"{100 * rec['dead_frac']:.1f}%")
+            if step % tcfg.checkpoint_every == 0 and not last:
+                _checkpoint(out, sae, opt, it, step, n_steps, scale, cfg.arch)
+    finally:
+        bar.close()
+        logger.close()
+    # fold the scale into a copy and save the SAE that reads raw activations
+    sae.eval()
+    final = SAE.registry[cfg.arch](cfg)
+    final.load_state_dict(sae.state_dict())
+    final.fold_input_scale(scale)
+    final.cpu().save(out)
+    from saelab.evaluate import evaluate_store
+
+    ev = evaluate_store(final, store, skip_bos=skip_bos, device=device)
+    ev.update(epochs=round(it.epochs, 4), steps=n_steps, tokens=total_tokens)
+    atomic_write_text(out / "eval.json", json.dumps(ev, indent=2) + "\n")
+    info = json.loads((out / TRAIN_FILE).read_text())
+    info.update(done=True, epochs=round(it.epochs, 4))
+    atomic_write_text(out / TRAIN_FILE, json.dumps(info, indent=2) + "\n")
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return out
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _init_stats(store, skip_bos, seed, device, n: int = 8192) -> tuple[float, torch.Tensor]:
+    """Scale s with mean ‖s·x‖ = √d_in, and the geometric median of a sample of rows."""
+    it = store.batches(min(n, store.n_rows("train")), split="train", seed=seed + 7919, skip_bos=skip_bos,
+                       device=device)
+    x = next(iter(it))
+    if isinstance(x, tuple):
+        x = x[0]
+    mean_norm = float(x.norm(dim=1).mean())
+    if not math.isfinite(mean_norm) or mean_norm == 0:
+        raise SaelabError(f"store {store.path} holds zero or non-finite activations: harvest it again")
+    return math.sqrt(store.d_in) / mean_norm, geometric_median(x)
+
+
+@torch.no_grad()
+def _metrics(sae, x, outd, step, tcfg, it, t0, tok0) -> dict:
+    x_hat, f = outd["x_hat"].float(), outd["f"]
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+    dt = time.perf_counter() - t0
+    rec = {"step": step, "tokens": step * tcfg.batch_size, "epochs": round(it.epochs, 4), "fvu": fvu,
+           "l0": float((f != 0).sum(-1).float().mean()), "dead_frac": float(sae.dead_mask().float().mean()),
+           "tokens_per_s": (step * tcfg.batch_size - tok0) / max(dt, 1e-9)}
+    rec.update({k: float(v) for k, v in outd.items() if k not in ("f", "x_hat")})
+    if hasattr(sae, "control"):
+        rec["sparsity_coeff"] = sae.control.coeff
+    return rec
+
+
+@torch.no_grad()
+def _heldout(sae, store, scale, skip_bos, device, n: int = 8192) -> dict:
+    if not store.split_shards("holdout"):
+        return {}
+    x = next(iter(store.batches(min(n, store.n_rows("holdout")), split="holdout", seed=0, skip_bos=skip_bos,
+                                device=device, shuffle=False)))
+    x = (x[0] if isinstance(x, tuple) else x) * scale
+    sae.eval()
+    f = sae.encode(x)
+    x_hat = sae.decode(f)
+    sae.train()
+    return {"heldout_fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
+            "heldout_l0": float((f != 0).sum(-1).float().mean())}
+
+
+def _checkpoint(out, sae, opt, it, step, n_steps, scale, arch) -> None:
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "iterator": json.dumps(it.state_dict()),
+                "step": step, "n_steps": n_steps, "scale": scale, "arch": arch}, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Drop metrics lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a torn last line from the kill
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+class _Logger:
+    """metrics.jsonl (always) + TensorBoard or wandb when asked for and installed."""
+
+    def __init__(self, out: pathlib.Path, kind: str):
+        self.f = open(out / METRICS, "a")
+        self.tb = self.wb = None
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SaelabError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        elif kind == "wandb":
+            try:
+                import wandb
+            except ImportError:
+                raise SaelabError("--log wandb needs the wandb package: pip install wandb") from None
+            self.wb = wandb.init(project="saelab", name=out.name, dir=str(out))
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb:
+            for k, v in rec.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
+        if self.wb:
+            self.wb.log(rec, step=rec["step"])
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb:
+            self.tb.close()
+        if self.wb:
+            self.wb.finish()
