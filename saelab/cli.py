@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pathlib
@@ -10,7 +11,7 @@ import sys
 import warnings
 
 from saelab import SaelabError, __version__
-from saelab.config import HarvestConfig, add_arguments, from_args
+from saelab.config import HarvestConfig, SAEConfig, TrainConfig, add_arguments, from_args
 
 
 def _summary(stores: dict) -> str:
@@ -34,8 +35,48 @@ def cmd_harvest(args) -> int:
     return 0
 
 
+def _eval_line(ev: dict) -> str:
+    parts = [f"FVU {ev['fvu']:.3f}", f"L0 {ev['l0']:.1f}", f"dead {100 * ev['dead_frac']:.1f}%",
+             f"dense {100 * ev['dense_frac']:.1f}%"]
+    if "ce_loss_recovered" in ev:
+        parts += [f"CE clean {ev['ce_clean']:.3f} / SAE {ev['ce_sae']:.3f} / zero-ablated {ev['ce_zero_ablation']:.3f}",
+                  f"CE-loss recovered {ev['ce_loss_recovered']:.3f}", f"KL {ev['kl']:.4f}"]
+    return ", ".join(parts)
+
+
+def cmd_train(args) -> int:
+    from saelab.train import train
+
+    tcfg, scfg = from_args(TrainConfig, args), from_args(SAEConfig, args)
+    folders = train(tcfg, scfg, resume=args.resume, progress=not args.quiet)
+    for hook, folder in folders.items():
+        ev = json.loads((folder / "eval.json").read_text())
+        print(f"{folder}: {hook}: {_eval_line(ev)} ({ev.get('epochs', 0):.2f} epochs of the store)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from saelab.evaluate import evaluate
+
+    ev = evaluate(args.sae, args.activations, args.model, n_contexts=args.contexts, device=args.device,
+                  progress=not args.quiet)
+    print(f"{args.sae}: {_eval_line(ev)}")
+    return 0
+
+
+def cmd_synthetic(args) -> int:
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    cfg = from_args(SyntheticConfig, args)
+    path = write_synthetic(cfg, progress=not args.quiet)
+    print(f"wrote a planted-feature store:\n" + _summary({"synthetic": path}))
+    return 0
+
+
 def cmd_demo(args) -> int:
+    from saelab.evaluate import evaluate
     from saelab.harvest import RUN_FILE, harvest
+    from saelab.train import TRAIN_FILE, train
 
     out = pathlib.Path(args.out)
     cfg = HarvestConfig(hooks=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], out=str(out),
@@ -43,7 +84,17 @@ def cmd_demo(args) -> int:
     print(f"demo: harvesting {', '.join(cfg.hooks)} from the bundled tiny model on the bundled corpus → {out}")
     stores = harvest(cfg, resume=(out / RUN_FILE).exists(), progress=not args.quiet)
     print(f"wrote {len(stores)} stores:\n" + _summary(stores))
-    print("next: the trainer and the browser (saelab train / saelab app) come with later releases")
+    hook = "blocks.1.hook_resid_post"
+    sae_dir = pathlib.Path(args.runs) / "demo-topk"
+    done = (sae_dir / TRAIN_FILE).exists() and json.loads((sae_dir / TRAIN_FILE).read_text()).get("done")
+    print(f"demo: training a TopK SAE (k=16, 16× width) on {hook} → {sae_dir}")
+    tcfg = TrainConfig(activations=str(stores[hook]), out=str(sae_dir), tokens=args.train_tokens, batch_size=4096)
+    if not done:
+        train(tcfg, SAEConfig(arch="topk", k=16, expansion=16), resume=(sae_dir / TRAIN_FILE).exists(),
+              progress=not args.quiet)
+    ev = evaluate(sae_dir, str(stores[hook]), "tiny", progress=not args.quiet)
+    print(f"{sae_dir}: {_eval_line(ev)}")
+    print("next: saelab analyze / saelab app (the feature browser) come with a later release")
     return 0
 
 
@@ -59,9 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     h.set_defaults(func=cmd_harvest)
 
+    t = sub.add_parser("train", help="train SAEs on an activation store (one per hook of a RUN folder)",
+                       description="Train sparse autoencoders on stored activations.")
+    add_arguments(t, TrainConfig)
+    add_arguments(t, SAEConfig)
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="FVU, L0, dead/dense latents; with --model, CE-loss recovered and KL")
+    e.add_argument("--sae", required=True, help="an SAE folder (saelab or SAELens)")
+    e.add_argument("--activations", default=None, help="store or RUN folder (default: the one it was trained on)")
+    e.add_argument("--model", default=None, help="splice the SAE into this model for CE metrics (e.g. tiny)")
+    e.add_argument("--contexts", type=int, default=64, help="held-out contexts for the CE metrics (default: 64)")
+    e.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    from saelab.synthetic import SyntheticConfig
+
+    y = sub.add_parser("synthetic", help="write a planted-feature store (known ground truth)",
+                       description="Write sparse combinations of planted directions as an ordinary store.")
+    add_arguments(y, SyntheticConfig)
+    y.add_argument("--quiet", action="store_true", help="no progress bar")
+    y.set_defaults(func=cmd_synthetic)
+
     d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus")
     d.add_argument("--out", default="activations/demo", help="RUN folder (default: activations/demo)")
     d.add_argument("--tokens", type=int, default=None, help="tokens to harvest (default: the whole corpus)")
+    d.add_argument("--runs", default="runs", help="folder for the demo SAE (default: runs)")
+    d.add_argument("--train-tokens", type=int, default=2_000_000, help="SAE training tokens (default: 2M)")
     d.add_argument("--no-app", action="store_true", help="never open the browser (also implied by CI or no terminal)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)

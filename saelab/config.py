@@ -92,7 +92,7 @@ class SAEConfig:
 
     Stored as ``saelab`` inside the SAE folder's cfg.json, so a folder alone rebuilds it."""
 
-    arch: str = _f("topk", "architecture", choices=ARCHS)
+    arch: str = _f("topk", "architecture: " + ", ".join(ARCHS))
     k: int = _f(32, "active latents per token; for relu/jumprelu the target L0 that the sparsity "
                     "coefficient is adapted to reach (unless --l1-coeff/--l0-coeff fix it)")
     width: int | None = _f(None, "number of latents d_sae (default: --expansion × d_in)")
@@ -107,8 +107,9 @@ class SAEConfig:
     l1_coeff: float | None = _f(None, "relu: fixed L1 coefficient (default: adapted to reach L0 = k)")
     l0_coeff: float | None = _f(None, "jumprelu: fixed L0 coefficient (default: adapted to reach L0 = k)")
     sparsity_warmup: float = _f(0.05, "relu/jumprelu: sparsity coefficient warm-up, fraction of the steps")
-    bandwidth: float = _f(0.001, "jumprelu: straight-through rectangle kernel width ε")
-    init_threshold: float = _f(0.001, "jumprelu: initial threshold θ")
+    bandwidth: float = _f(0.1, "jumprelu: straight-through rectangle kernel width ε, in the trainer's units "
+                                "(mean ‖x‖ = √d_in; the paper's 0.001 assumed E‖x‖² = 1 and billions of tokens)")
+    init_threshold: float = _f(0.5, "jumprelu: initial threshold θ (same units)")
     threshold_momentum: float = _f(0.99, "batchtopk: EMA momentum of the inference threshold")
     matryoshka_mode: str = _f("prefix", "matryoshka: nested prefixes of latents, or nested k values",
                               choices=["prefix", "k"])
@@ -158,7 +159,8 @@ class TrainConfig:
     tokens: int | None = _f(None, "training tokens; may exceed the store (it is replayed, reshuffled); "
                                   "default: one epoch of the store's training rows")
     batch_size: int = _f(4096, "rows per step")
-    lr: float = _f(2e-4, "Adam learning rate")
+    lr: float | None = _f(None, "Adam learning rate (default: 2e-4 / sqrt(d_sae / 16384), the TopK "
+                                "scaling rule of Gao et al. 2024)")
     lr_warmup_steps: int = _f(1000, "linear LR warm-up steps (capped at 5%% of the run)")
     lr_decay: float = _f(0.2, "fraction of the run, at its end, over which the LR decays linearly to 0")
     grad_clip: float = _f(1.0, "gradient norm clip (0: none)")
@@ -179,7 +181,7 @@ class TrainConfig:
             raise SaelabError(f"--batch-size must be positive (got {self.batch_size})")
         if self.tokens is not None and self.tokens < self.batch_size:
             raise SaelabError(f"--tokens {self.tokens} is less than one batch ({self.batch_size}): raise it")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise SaelabError(f"--lr must be positive (got {self.lr})")
         if not 0 <= self.lr_decay <= 1:
             raise SaelabError(f"--lr-decay must be in [0, 1] (got {self.lr_decay})")

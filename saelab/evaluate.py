@@ -118,7 +118,9 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     res: dict = {}
     store = None
     if activations or info.get("store"):
-        paths = resolve_stores(activations or info["store"], sae.cfg.hook_name or None)
+        src = pathlib.Path(activations or info["store"])
+        # a store folder is taken as given (a d_in mismatch is reported below); a RUN folder by hook
+        paths = resolve_stores(src, None if (src / "manifest.json").exists() else (sae.cfg.hook_name or None))
         store = ActivationStore(paths[0])
         if store.d_in != sae.d_in:
             raise SaelabError(f"the SAE's d_in {sae.d_in} differs from the store's d_in {store.d_in} "

@@ -124,7 +124,8 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     sae = SAE.registry[cfg.arch](cfg).to(device)
     sae.total_steps = n_steps
     sae.dead_after = min(cfg.dead_tokens, store.n_rows("train"))
-    opt = torch.optim.Adam(sae.parameters(), lr=tcfg.lr)
+    lr = tcfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 16384)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
     it = store.batches(tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
                        with_grads=needs_grads, device=device)
     step, scale = 0, None
@@ -157,7 +158,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             if g is not None:
                 g = g / scale
             for group in opt.param_groups:
-                group["lr"] = tcfg.lr * lr_factor(step, n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
+                group["lr"] = lr * lr_factor(step, n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
             with amp:
                 outd = sae.loss(x, step=step, grads=g)
             opt.zero_grad(set_to_none=True)

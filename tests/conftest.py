@@ -28,3 +28,24 @@ def small_run(tiny, tmp_path_factory):
                         tokens=128 * 60, shard_rows=128 * 10, holdout=0.1, batch_size=8)
     stores = harvest(cfg, progress=False, model=tiny)
     return cfg, stores
+
+
+@pytest.fixture(scope="session")
+def grad_run(tiny, tmp_path_factory):
+    """A harvest with gradients at two hooks (every architecture, g-SAE included, trains on it)."""
+    from saelab.config import HarvestConfig
+    from saelab.harvest import harvest
+
+    out = tmp_path_factory.mktemp("gradrun") / "g"
+    cfg = HarvestConfig(hooks=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], out=str(out),
+                        tokens=128 * 256, shard_rows=128 * 64, holdout=0.25, batch_size=16, with_grads=True)
+    return harvest(cfg, progress=False, model=tiny)
+
+
+@pytest.fixture(scope="session")
+def planted_store(tmp_path_factory):
+    """Synthetic planted features (d=64, 256 true features, ~5 active per row)."""
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    out = tmp_path_factory.mktemp("planted") / "store"
+    return write_synthetic(SyntheticConfig(out=str(out), d=64, n_true=256, active=5, rows=131072), progress=False)

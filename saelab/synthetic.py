@@ -1,0 +1,275 @@
+"""Planted features: synthetic activation stores with a known dictionary, and recovery metrics.
+
+``write_synthetic(cfg)`` writes an ordinary store (``manifest.json`` + shards, readable by
+``ActivationStore``) whose rows are sparse non-negative combinations of ``n_true`` random unit
+directions in ``d`` dimensions, plus ``truth.npy`` (the directions) and ``truth.json`` (which
+features are bidirectional or hierarchical). An SAE trained on it is scored by how well its
+decoder rows recover the directions (``mmcs``, ``splits``, ``best_match``).
+
+Feature ids, in order: ``hierarchy`` parents, then each parent's ``children`` children
+(child j of parent p is ``hierarchy + p * children + j``), then the ``bidirectional``
+features, then the plain ones. Every feature except a child fires independently with the same
+probability p, chosen so a row has ``active`` features on average; a child fires with
+probability ``CHILD_RATE`` when its parent fires, never otherwise. Coefficients are
+Uniform(0.5, 1.5), times a random sign for bidirectional features. Rows are drawn in chunks of
+``chunk_rows(cfg)`` from one seeded generator, so a seed gives byte-identical stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saelab import SaelabError
+from saelab.config import _f
+from saelab.harvest import plan_shards
+from saelab.store import FORMAT_VERSION, ShardWriter, atomic_write_text, fsync_dir
+
+CONTEXT_SIZE = 128  # rows per "context": the store's unit of shards and held-out splits
+CHILD_RATE = 0.5  # P(child fires | its parent fires)
+COEF_RANGE = (0.5, 1.5)  # coefficient magnitudes are uniform in this range
+TRUTH_NPY, TRUTH_JSON = "truth.npy", "truth.json"
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class SyntheticConfig:
+    """What `saelab synthetic` writes: a store of rows built from known (planted) features."""
+
+    out: str = _f("", "output store folder (gets manifest.json, shards, truth.npy, truth.json)", required=True)
+    d: int = _f(64, "width of each row (the store's d_in)")
+    n_true: int = _f(256, "number of planted feature directions")
+    active: float = _f(5.0, "mean number of active features per row")
+    rows: int = _f(65536, f"rows to write (rounded down to whole contexts of {CONTEXT_SIZE})")
+    bidirectional: int = _f(0, "how many features get a random-sign coefficient (fire in both directions)")
+    hierarchy: int = _f(0, "number of parent features, each with --children features that fire only with it")
+    children: int = _f(4, "child features per hierarchy parent")
+    holdout: float = _f(0.05, "fraction of rows (the last contexts) held out for evaluation, in their own shards")
+    shard_rows: int = _f(16384, f"target rows per shard (rounded down to whole contexts of {CONTEXT_SIZE})")
+    dtype: str = _f("float32", "storage dtype of the rows", choices=["float32", "float16"])
+    seed: int = _f(0, "seed of directions and rows; the same seed gives byte-identical stores")
+
+    def validate(self) -> "SyntheticConfig":
+        if self.d < 1 or self.n_true < 1:
+            raise SaelabError(f"--d and --n-true must be positive (got {self.d}, {self.n_true})")
+        if not 0 < self.active < self.n_true:
+            raise SaelabError(f"--active must be in (0, --n-true={self.n_true}) (got {self.active})")
+        if min(self.bidirectional, self.hierarchy, self.children) < 0:
+            raise SaelabError("--bidirectional, --hierarchy and --children must be non-negative")
+        used = self.bidirectional + self.hierarchy * (1 + self.children)
+        if used > self.n_true:
+            raise SaelabError(f"--bidirectional + --hierarchy * (1 + --children) = {used} exceeds --n-true "
+                              f"{self.n_true}: raise --n-true or lower those")
+        if feature_prob(self) >= 1:
+            raise SaelabError(f"--active {self.active} needs features firing with probability >= 1: lower --active "
+                              "or --hierarchy")
+        if self.rows < CONTEXT_SIZE:
+            raise SaelabError(f"--rows must be at least one context ({CONTEXT_SIZE}); got {self.rows}")
+        if self.shard_rows < CONTEXT_SIZE:
+            raise SaelabError(f"--shard-rows ({self.shard_rows}) must hold at least one context ({CONTEXT_SIZE})")
+        if not 0 <= self.holdout < 1:
+            raise SaelabError(f"--holdout must be in [0, 1) (got {self.holdout})")
+        if self.dtype not in _DTYPES:
+            raise SaelabError(f"--dtype must be one of {', '.join(_DTYPES)} (got {self.dtype})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SyntheticConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------------- structure
+def feature_prob(cfg: SyntheticConfig) -> float:
+    """Firing probability p of every non-child feature, so that a row has ``cfg.active`` on average."""
+    n_child = cfg.hierarchy * cfg.children
+    return cfg.active / (cfg.n_true - n_child + CHILD_RATE * n_child)
+
+
+def bidirectional_ids(cfg: SyntheticConfig) -> list[int]:
+    start = cfg.hierarchy * (1 + cfg.children)
+    return list(range(start, start + cfg.bidirectional))
+
+
+def hierarchy_ids(cfg: SyntheticConfig) -> dict[int, list[int]]:
+    """{parent id: [child ids]}."""
+    h, c = cfg.hierarchy, cfg.children
+    return {p: list(range(h + p * c, h + (p + 1) * c)) for p in range(h)}
+
+
+def chunk_rows(cfg: SyntheticConfig) -> int:
+    """Rows per call of ``sample`` in the writer (a function of the config only, so seeds reproduce)."""
+    return CONTEXT_SIZE * max(1, (1 << 24) // (CONTEXT_SIZE * (4 * math.ceil(cfg.active) + cfg.d)))
+
+
+# ---------------------------------------------------------------------------- sampling
+def planted(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Generator]:
+    """(directions [n_true, d] float32 unit rows, the generator to draw rows from), from cfg.seed."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dirs = torch.randn(cfg.n_true, cfg.d, generator=gen, dtype=torch.float64)
+    return (dirs / dirs.norm(dim=1, keepdim=True)).float(), gen
+
+
+def sample(cfg: SyntheticConfig, n: int, gen: torch.Generator,
+           directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """n rows: (x [n, d] float32, coefficients [n, n_true] sparse COO) with x = coefficients @ directions.
+
+    Work and memory are O(n * (active + d)): the firing (row, feature) pairs of the independent
+    features are drawn as geometric gaps over the flattened [n, features] grid.
+    """
+    h, c = cfg.hierarchy, cfg.children
+    n_free = cfg.n_true - h * c  # parents, bidirectional and plain features
+    p, total = feature_prob(cfg), n * n_free
+    step = int(total * p + 6 * math.sqrt(total * p) + 16)
+    pos, last = [], -1
+    while True:  # positions of the ones in n * n_free iid Bernoulli(p) draws
+        u = 1 - torch.rand(step, generator=gen, dtype=torch.float64)  # (0, 1]
+        gaps = torch.floor(torch.log(u) / math.log1p(-p)).long() + 1
+        at = last + torch.cumsum(gaps, 0)
+        pos.append(at[at < total])
+        if at[-1] >= total:
+            break
+        last = int(at[-1])
+    pos = torch.cat(pos)
+    rows, free = pos // n_free, pos % n_free
+    key = rows * cfg.n_true + torch.where(free < h, free, free + h * c)  # skip the block of child ids
+    parent = free < h
+    if c and parent.any():  # already sorted by (row, feature) unless children join
+        fire = torch.rand(int(parent.sum()), c, generator=gen) < CHILD_RATE
+        pr, kid = fire.nonzero(as_tuple=True)
+        key = torch.cat([key, key[parent][pr] + h + free[parent][pr] * (c - 1) + kid]).sort().values
+    rows, feats = key // cfg.n_true, key % cfg.n_true
+    vals = torch.empty(len(key)).uniform_(*COEF_RANGE, generator=gen)
+    signs = torch.randint(0, 2, (len(key),), generator=gen) * 2 - 1
+    bi = bidirectional_ids(cfg)
+    if bi:
+        vals = torch.where((feats >= bi[0]) & (feats <= bi[-1]), vals * signs, vals)
+    coeffs = torch.sparse_coo_tensor(torch.stack([rows, feats]), vals, (n, cfg.n_true), check_invariants=False,
+                                     is_coalesced=True)
+    x = torch.sparse.mm(coeffs, directions)
+    return x, coeffs
+
+
+def stream(cfg: SyntheticConfig, n: int, gen: torch.Generator, directions: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The first n rows of the store in chunks of ``chunk_rows(cfg)`` (the last may be shorter)."""
+    size = chunk_rows(cfg)
+    for a in range(0, n, size):
+        yield sample(cfg, min(size, n - a), gen, directions)[0]
+
+
+# ------------------------------------------------------------------------------ writer
+def _save_npy(path: pathlib.Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_synthetic(cfg: SyntheticConfig, progress: bool = True) -> pathlib.Path:
+    """Write the store described by cfg at ``cfg.out`` (+ truth.npy, truth.json); returns the folder."""
+    cfg.validate()
+    out = pathlib.Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SaelabError(f"--out {out} exists: choose a new --out or delete it")
+    ctx = CONTEXT_SIZE
+    n_contexts = cfg.rows // ctx
+    plan = plan_shards(n_contexts, cfg.holdout, max(1, cfg.shard_rows // ctx))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SaelabError(f"--out {out} cannot be created ({e.strerror}): choose a folder you can write to") from None
+
+    directions, gen = planted(cfg)
+    _save_npy(out / TRUTH_NPY, directions.numpy())
+    truth = {"n_true": cfg.n_true, "d": cfg.d, "bidirectional": bidirectional_ids(cfg),
+             "hierarchy": {str(k): v for k, v in hierarchy_ids(cfg).items()}, "active": cfg.active,
+             "seed": cfg.seed, "feature_prob": feature_prob(cfg), "child_rate": CHILD_RATE,
+             "coef_range": list(COEF_RANGE), "config": cfg.to_dict()}
+    atomic_write_text(out / TRUTH_JSON, json.dumps(truth, indent=1) + "\n")
+
+    writer = ShardWriter(out, {
+        "format_version": FORMAT_VERSION, "model": "synthetic", "hook": "synthetic", "d_in": cfg.d,
+        "dtype": cfg.dtype, "context_size": ctx, "bos_included": False, "seed": cfg.seed,
+        "dataset": {"name": "synthetic", "split": None, "text_column": None},
+        "n_tokens": 0, "holdout_shards": [], "has_grads": False, "head_layout": None,
+        "shards": [], "complete": False, "n_contexts_planned": n_contexts,
+        "tokenizer_bos": None, "model_info": None,
+    })
+    chunks = stream(cfg, n_contexts * ctx, gen, directions)
+    left = torch.zeros(0, cfg.d)
+    with tqdm(total=n_contexts * ctx, unit="row", unit_scale=True, disable=not progress, desc="synthetic",
+              dynamic_ncols=True) as bar:
+        for _, n, hold in plan:
+            need, parts, have = n * ctx, [left], len(left)
+            while have < need:
+                parts.append(next(chunks))
+                have += len(parts[-1])
+            rows = torch.cat(parts)
+            shard, left = rows[:need], rows[need:]
+            writer.write_shard(shard.numpy().astype(_DTYPES[cfg.dtype]), np.zeros((n, ctx), np.int32), holdout=hold)
+            bar.update(need)
+    writer.finish()
+    return out
+
+
+def load_truth(folder: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    """(directions [n_true, d] float32, truth.json as a dict with int keys in "hierarchy") of a synthetic store."""
+    folder = pathlib.Path(folder)
+    if not (folder / TRUTH_NPY).exists():
+        raise SaelabError(f"{folder} holds no {TRUTH_NPY}: pass a store written by `saelab synthetic`")
+    info = json.loads((folder / TRUTH_JSON).read_text())
+    info["hierarchy"] = {int(k): v for k, v in info["hierarchy"].items()}
+    return torch.from_numpy(np.load(folder / TRUTH_NPY, allow_pickle=False)), info
+
+
+# ----------------------------------------------------------------------------- metrics
+def _cos_blocks(decoder, truth, signed_ids) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows of truth, cosines [rows, d_sae]) in blocks; |cos| for the features in signed_ids."""
+    dec = torch.as_tensor(decoder).detach().float()
+    tru = torch.as_tensor(truth).detach().float().to(dec.device)
+    if dec.shape[1] != tru.shape[1]:
+        raise SaelabError(f"decoder rows have width {dec.shape[1]}, truth {tru.shape[1]}: use the matching store")
+    dec = dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    tru = tru / tru.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    signed = torch.zeros(len(tru), dtype=torch.bool, device=dec.device)
+    if signed_ids:
+        signed[torch.as_tensor(sorted(signed_ids), dtype=torch.long, device=dec.device)] = True
+    step = max(1, (1 << 24) // max(1, len(dec)))
+    for a in range(0, len(tru), step):
+        cos = tru[a : a + step] @ dec.T
+        yield slice(a, a + step), torch.where(signed[a : a + step, None], cos.abs(), cos)
+
+
+def best_match(decoder, truth, signed_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each true feature, (max cosine over decoder rows [n_true], that row's index [n_true])."""
+    cos, idx = [], []
+    for _, c in _cos_blocks(decoder, truth, signed_ids):
+        m = c.max(dim=1)
+        cos.append(m.values)
+        idx.append(m.indices)
+    return torch.cat(cos).cpu(), torch.cat(idx).cpu()
+
+
+def mmcs(decoder, truth, signed_ids=None) -> float:
+    """Mean over true features of the max cosine with any decoder row (|cos| for signed_ids)."""
+    return best_match(decoder, truth, signed_ids)[0].mean().item()
+
+
+def splits(decoder, truth, threshold: float = 0.5, signed_ids=None) -> torch.Tensor:
+    """For each true feature, how many decoder rows have cosine >= threshold with it ([n_true] long)."""
+    return torch.cat([(c >= threshold).sum(dim=1) for _, c in _cos_blocks(decoder, truth, signed_ids)]).cpu()

@@ -1,0 +1,167 @@
+"""Trainer and architectures: CLI runs, planted-feature recovery, AbsTopK vs TopK on a
+bidirectional feature, save/load with scale folding, kill -9 + resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from saelab.config import SAEConfig, TrainConfig
+from saelab.sae import SAE
+from saelab.train import train
+
+ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "saelab", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_arch_trains_from_cli(arch, grad_run, tmp_path):
+    out = tmp_path / arch
+    r = _cli("train", "--activations", str(grad_run["blocks.1.hook_resid_post"]), "--arch", arch, "--k", "8",
+             "--expansion", "4", "--tokens", str(1024 * 40), "--batch-size", "1024", "--lr", "3e-3",
+             "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "FVU" in r.stdout
+    for f in ["cfg.json", "sae_weights.safetensors", "metrics.jsonl", "eval.json"]:
+        assert (out / f).exists(), f
+    assert not (out / "checkpoint.pt").exists()
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["split"] == "holdout" and 0 < ev["fvu"] < 0.9, ev
+    sae = SAE.load(out)
+    assert sae.arch == arch and sae.d_sae == 4 * 128 and sae.cfg.hook_name == "blocks.1.hook_resid_post"
+
+
+def test_group_from_run_folder(grad_run, tmp_path):
+    run = grad_run["blocks.0.hook_resid_post"].parent
+    folders = train(TrainConfig(activations=str(run), out=str(tmp_path / "grp"), tokens=4096, batch_size=1024),
+                    SAEConfig(arch="topk", k=4, expansion=2), progress=False)
+    group = json.loads((tmp_path / "grp" / "group.json").read_text())
+    assert set(group["hooks"]) == set(folders) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
+    for hook, folder in folders.items():
+        assert SAE.load(folder).cfg.hook_name == hook
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu", "abstopk", "matryoshka"])
+def test_planted_features_recovered(arch, planted_store, tmp_path):
+    """MMCS ≥ 0.9 on d=64, 256 planted features, ~5 active, within 1.2M tokens (~10 s each)."""
+    from saelab.synthetic import load_truth, mmcs
+
+    out = tmp_path / arch
+    train(TrainConfig(activations=str(planted_store), out=str(out), tokens=1_228_800, batch_size=1024, lr=3e-3),
+          SAEConfig(arch=arch, k=5, width=512), progress=False)
+    truth, _ = load_truth(planted_store)
+    sae = SAE.load(out)
+    # AbsTopK may carry a feature with a negated decoder row and negative codes: |cos| counts
+    signed = range(len(truth)) if arch == "abstopk" else None
+    score = mmcs(sae.W_dec.detach(), truth, signed_ids=signed)
+    assert score >= 0.9, (arch, score)
+
+
+def test_abstopk_one_latent_for_a_bidirectional_feature(tmp_path):
+    from saelab.synthetic import SyntheticConfig, best_match, load_truth, write_synthetic
+
+    store = write_synthetic(SyntheticConfig(out=str(tmp_path / "bi"), d=32, n_true=48, active=3, rows=65536,
+                                            bidirectional=8, seed=1), progress=False)
+    truth, info = load_truth(store)
+    bi = info["bidirectional"]
+    found = {}
+    for arch in ["abstopk", "topk"]:
+        train(TrainConfig(activations=str(store), out=str(tmp_path / arch), tokens=1024 * 600, batch_size=1024,
+                          lr=3e-3), SAEConfig(arch=arch, k=3, width=128), progress=False)
+        sae = SAE.load(tmp_path / arch)
+        W = sae.W_dec.detach()
+        cos_pos, idx_pos = best_match(W, truth[bi])
+        cos_neg, idx_neg = best_match(W, -truth[bi])
+        found[arch] = (cos_pos, idx_pos, cos_neg, idx_neg)
+    # AbsTopK: one latent per bidirectional feature (|cos| ≥ 0.9: the same row serves both signs)
+    cp, ip, cn, inn = found["abstopk"]
+    assert (torch.maximum(cp, cn) >= 0.9).float().mean() >= 0.75, (cp, cn)
+    # TopK: both directions need a latent each (two different rows, each cos ≥ 0.9)
+    cp, ip, cn, inn = found["topk"]
+    two = (cp >= 0.9) & (cn >= 0.9) & (ip != inn)
+    assert two.float().mean() >= 0.75, (cp, cn)
+
+
+def test_save_load_roundtrip_and_scale_folding(grad_run, tmp_path):
+    """The saved SAE works on raw activations: its FVU on raw held-out rows equals the trainer's."""
+    from saelab.evaluate import evaluate_store
+    from saelab.store import ActivationStore
+
+    store = ActivationStore(grad_run["blocks.1.hook_resid_post"])
+    out = tmp_path / "t"
+    train(TrainConfig(activations=str(store.path), out=str(out), tokens=1024 * 30, batch_size=1024, lr=3e-3,
+                      eval_every=30, log_every=30), SAEConfig(arch="topk", k=8, expansion=2), progress=False)
+    sae = SAE.load(out)
+    ev = evaluate_store(sae, store, max_rows=8192)
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(ev["fvu"] - last["heldout_fvu"]) < 0.02, (ev, last)
+    sae.save(tmp_path / "again")
+    sae2 = SAE.load(tmp_path / "again")
+    x = torch.randn(64, 128) * 5
+    torch.testing.assert_close(sae2(x), sae(x))
+
+
+def test_same_seed_same_weights_and_kill9_resume(grad_run, tmp_path):
+    store = str(grad_run["blocks.1.hook_resid_post"])
+    args = ["train", "--activations", store, "--arch", "topk", "--k", "8", "--expansion", "4", "--tokens",
+            str(512 * 400), "--batch-size", "512", "--checkpoint-every", "20", "--log-every", "10", "--quiet"]
+    ref = tmp_path / "ref"
+    assert _cli(*args, "--out", str(ref)).returncode == 0
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "saelab", *args, "--out", str(out)],
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "sae_weights.safetensors").exists(), "killed too late: raise --tokens"
+    assert not list(out.glob("*.tmp")) or (out / "checkpoint.pt").exists()
+    r = _cli(*args, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = SAE.load(ref), SAE.load(out)
+    for n in ["W_enc", "b_enc", "W_dec", "b_dec"]:
+        torch.testing.assert_close(getattr(a, n), getattr(b, n), rtol=1e-4, atol=1e-5)
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 400
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--arch", "gradientx"], "choose one of"),
+    (["--k", "600", "--expansion", "4"], "lower --k or widen"),
+    (["--activations", "EMPTY"], "store"),
+])
+def test_train_errors_are_one_line(extra, needle, grad_run, tmp_path):
+    base = ["--activations", str(grad_run["blocks.1.hook_resid_post"])]
+    if extra[0] == "--activations":
+        (tmp_path / "empty").mkdir()
+        base, extra = [], ["--activations", str(tmp_path / "empty")]
+    r = _cli("train", *base, *extra, "--out", str(tmp_path / "o"), "--tokens", "4096", "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_gradient_sae_needs_grads_and_eval_dim_mismatch(small_run, grad_run, tmp_path):
+    _, stores = small_run
+    r = _cli("train", "--activations", str(stores["blocks.0.hook_resid_post"]), "--arch", "gradient",
+             "--out", str(tmp_path / "g"), "--quiet")
+    assert r.returncode == 2 and "--with-grads" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    out = tmp_path / "s"
+    train(TrainConfig(activations=str(grad_run["blocks.1.hook_resid_post"]), out=str(out), tokens=2048,
+                      batch_size=1024), SAEConfig(arch="topk", k=4, expansion=2), progress=False)
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    other = write_synthetic(SyntheticConfig(out=str(tmp_path / "d64"), d=64, n_true=128, rows=4096), progress=False)
+    r = _cli("eval", "--sae", str(out), "--activations", str(other), "--quiet")
+    assert r.returncode == 2 and "d_in" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
