@@ -1,0 +1,63 @@
+"""Training step rate per architecture, as a fraction of the encoder-GEMM limit, in one run.
+
+    python benchmarks/bench_train.py [--d-in 128,512] [--steps 5]
+
+For each d_in (128 = the tiny model's, 512 = the synthetic store's width) and architecture: a
+bare training step (sae.loss + backward + Adam + the decoder constraint, the trainer's inner
+loop) at width 16×, batch 4096, on random data already in memory, against a bare
+``x @ W_enc`` of the same shapes (the GEMM limit: one encoder product per step, the least any
+SAE step must do). Prints tokens/s and the fraction of that limit.
+"""
+
+import argparse
+import time
+
+import torch
+
+from saelab.sae import SAE
+
+ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
+
+
+def rate(fn, batch, steps):
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--d-in", default="128,512")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--archs", default=",".join(ARCHS))
+    a = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {a.batch}, width 16×, k 32")
+    print("| d_in | arch | tokens/s | GEMM-limit tokens/s | fraction of limit |")
+    print("|---|---|---|---|---|")
+    for d in map(int, a.d_in.split(",")):
+        torch.manual_seed(0)
+        x, g = torch.randn(a.batch, d), torch.randn(a.batch, d)
+        W = torch.randn(d, 16 * d)
+        gemm = rate(lambda: x @ W, a.batch, a.steps)
+        for arch in a.archs.split(","):
+            sae = SAE.create(arch, d_in=d, d_sae=16 * d, k=32)
+            sae.total_steps = 1000
+            opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+            def step():
+                out = sae.loss(x, step=500, grads=g)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                sae.remove_parallel_grads()
+                opt.step()
+                sae.after_step(out, 500)
+
+            r = rate(step, a.batch, a.steps)
+            print(f"| {d} | {arch} | {r:,.0f} | {gemm:,.0f} | {r / gemm:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
