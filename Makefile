@@ -1,4 +1,4 @@
-# Quickstart: `make demo` (set up + harvest on the bundled tiny model), `make test` (set up + tests).
+# Quickstart: `make demo` (set up + harvest, train and evaluate a TopK SAE on the bundled tiny model), `make test` (set up + tests).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,7 +22,7 @@ demo: setup
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -x --timeout=900 tests
 
-# TransformerLens 3.9 (what SAELens pins) in its own environment: model loading + harvest tests
+# TransformerLens 3.9 (what SAELens pins) in its own environment: model loading, harvest and SAELens-interop tests
 test-tl3:
 	test -x .venv-tl3/bin/python || $(PY) -m venv .venv-tl3
 	.venv-tl3/bin/pip install -q $(TORCH)
@@ -34,6 +34,8 @@ test-tl3:
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_harvest.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_archs.py
 
 clean:
-	rm -rf $(VENV) .venv-tl3 activations/demo
+	rm -rf $(VENV) .venv-tl3 activations/demo runs/demo-topk

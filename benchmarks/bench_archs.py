@@ -35,7 +35,7 @@ def main():
         model = load_model("tiny", "cpu")
         store = harvest(HarvestConfig(hooks=[hook], out=f"{tmp}/acts", with_grads=True), progress=False,
                         model=model)[hook]
-        print(f"| arch | FVU | L0 | dead | CE-loss recovered | KL | CE with SAE (clean {{clean}}) | train tokens/s |")
+        print("| arch | FVU | L0 | dead | CE-loss recovered | KL | CE with SAE | train tokens/s |")
         print("|---|---|---|---|---|---|---|---|")
         clean = None
         for arch in a.archs.split(","):

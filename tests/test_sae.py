@@ -1,0 +1,102 @@
+"""Architecture-level checks of the pitfalls the reference libraries hit."""
+
+import torch
+
+from saelab.sae import SAE
+from saelab.sae.jumprelu import jumprelu, step_fn
+from saelab.sae.topk import select
+
+
+def test_jumprelu_threshold_enters_the_ste_once():
+    torch.manual_seed(0)
+    sae = SAE.create("jumprelu", d_in=8, d_sae=32, k=4, bandwidth=0.5, init_threshold=0.3)
+    x = torch.randn(64, 8)
+    z = sae.pre_acts(x).detach()
+    # gradient w.r.t. θ as a leaf ...
+    theta = sae.threshold.detach().clone().requires_grad_(True)
+    w = torch.randn(64, 32)
+    ((jumprelu(z, theta, 0.5) * w).sum() + step_fn(z, theta, 0.5).sum()).backward()
+    # ... and w.r.t. log θ through the module: exactly θ · ∂/∂θ (the chain rule applied once)
+    t = sae.threshold
+    ((jumprelu(z, t, 0.5) * w).sum() + step_fn(z, t, 0.5).sum()).backward()
+    torch.testing.assert_close(sae.log_threshold.grad, theta.grad * theta.detach())
+    # the rectangle-kernel pseudo-derivative of the step, by hand
+    inside = ((z - theta) / 0.5).abs() < 0.5
+    expect_step = -(1 / 0.5) * inside.float().sum(0)
+    theta2 = theta.detach().clone().requires_grad_(True)
+    step_fn(z, theta2, 0.5).sum().backward()
+    torch.testing.assert_close(theta2.grad, expect_step)
+
+
+def test_aux_k_uses_detached_residual_and_no_second_b_dec():
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=16, d_sae=64, k=4, k_aux=8)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:16] = True  # 16 dead latents
+    sae.tokens_since_fired[dead] = 10**9
+    x = torch.randn(32, 16)
+    out = sae.loss(x)
+    sae.zero_grad()
+    out["aux"].backward()
+    # the residual is detached: no gradient reaches the decoder rows of live latents
+    assert torch.all(sae.W_dec.grad[~dead] == 0) and sae.W_dec.grad[dead].abs().sum() > 0
+    # the value, by hand: top-8 dead pre-activations (ReLU), decoded without b_dec, scaled once
+    with torch.no_grad():
+        z = sae.pre_acts(x).masked_fill(~dead, -float("inf"))
+        v, i = z.topk(8, dim=-1)
+        err = x - out["x_hat"]
+        err_hat = torch.einsum("bk,bkd->bd", v.relu(), sae.W_dec[i])
+        expect = (1 / 32) * min(16 / 8, 1.0) * (err - err_hat).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out["aux"].detach(), expect)
+    live = SAE.create("topk", d_in=16, d_sae=64, k=4)
+    assert "aux" not in live.loss(x)  # nothing dead: no aux term
+
+
+def test_batchtopk_inference_independent_of_batch():
+    torch.manual_seed(0)
+    sae = SAE.create("batchtopk", d_in=16, d_sae=64, k=4)
+    x = torch.randn(128, 16)
+    out = sae.loss(x)
+    assert int((out["f"] != 0).sum()) == 4 * 128
+    sae.after_step(out, 0)
+    sae.eval()
+    torch.testing.assert_close(sae.encode(x)[:5], sae.encode(x[:5]))
+
+
+def test_select_signed_and_unsigned():
+    z = torch.tensor([[0.5, -3.0, 2.0, -0.1]])
+    v, i = select(z, 2)
+    assert i.tolist() == [[2, 0]] and v.tolist() == [[2.0, 0.5]]
+    v, i = select(z, 2, signed=True)
+    assert i.tolist() == [[1, 2]] and v.tolist() == [[-3.0, 2.0]]
+
+
+def test_matryoshka_modes():
+    torch.manual_seed(0)
+    x = torch.randn(32, 16)
+    pre = SAE.create("matryoshka", d_in=16, d_sae=64, k=8)
+    assert pre.prefixes() == [16, 32, 64]
+    assert {k for k in pre.loss(x) if k.startswith("mse_")} == {"mse_16", "mse_32", "mse_64"}
+    nk = SAE.create("matryoshka", d_in=16, d_sae=64, k=8, matryoshka_mode="k", matryoshka_ks=[2, 4, 8],
+                    matryoshka_weighting="reverse")
+    out = nk.loss(x)
+    assert {k for k in out if k.startswith("mse_")} == {"mse_k2", "mse_k4", "mse_k8"}
+    assert int((nk.encode(x) != 0).sum(-1).max()) == 8
+
+
+def test_fold_input_scale_preserves_codes():
+    torch.manual_seed(0)
+    for arch in ["topk", "jumprelu", "relu", "abstopk"]:
+        sae = SAE.create(arch, d_in=16, d_sae=64, k=4)
+        with torch.no_grad():
+            sae.b_dec.normal_()
+            sae.b_enc.normal_(0, 0.1)
+        x = torch.randn(20, 16)
+        s = 3.7
+        f_scaled = sae.encode(x * s)
+        rec_scaled = sae.decode(f_scaled)
+        sae.fold_input_scale(s)
+        torch.testing.assert_close(sae.encode(x), f_scaled, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sae(x), rec_scaled / s, rtol=1e-4, atol=1e-5)

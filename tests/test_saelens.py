@@ -1,0 +1,58 @@
+"""SAELens interop (runs where sae-lens is installed: CI's TL 3.9 environment): SAELens loads
+saelab's topk / relu / jumprelu / abstopk / batchtopk folders and gives the same encode and decode;
+saelab loads folders SAELens wrote."""
+
+import pytest
+import torch
+
+from saelab.sae import SAE
+
+sae_lens = pytest.importorskip("sae_lens")
+pytestmark = pytest.mark.tl3
+
+
+def _randomize(sae):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n in ["W_enc", "b_enc", "W_dec", "b_dec"]:
+            getattr(sae, n).normal_(0, 0.3)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "abstopk", "batchtopk", "matryoshka"])
+def test_saelens_loads_saelab(arch, tmp_path):
+    sae = _randomize(SAE.create(arch, d_in=24, d_sae=96, k=6, hook_name="blocks.0.hook_resid_post", model_name="tiny"))
+    if arch == "jumprelu":
+        with torch.no_grad():
+            sae.log_threshold.copy_(torch.rand(96).mul(0.3).add(0.05).log())
+    if arch == "batchtopk":
+        sae.threshold.fill_(0.2)
+    sae.eval().save(tmp_path)
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
+    x = torch.randn(50, 24)
+    f_ours, f_theirs = sae.encode(x), theirs.encode(x)
+    torch.testing.assert_close(f_theirs, f_ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs.decode(f_theirs), sae.decode(f_ours), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,cfg_cls,extra", [
+    ("topk", "TopKSAEConfig", {"k": 5}),
+    ("relu", "StandardSAEConfig", {}),
+    ("jumprelu", "JumpReLUSAEConfig", {}),
+])
+def test_saelab_loads_saelens(arch, cfg_cls, extra, tmp_path):
+    cfg = getattr(sae_lens, cfg_cls)(d_in=16, d_sae=64, **extra)
+    theirs = sae_lens.SAE.from_dict(cfg.to_dict()) if hasattr(sae_lens.SAE, "from_dict") else None
+    theirs = sae_lens.SAE.get_sae_class_for_architecture(cfg.architecture())(cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+        if arch == "jumprelu":
+            theirs.threshold.copy_(torch.rand(64) * 0.3)
+    theirs.save_model(str(tmp_path))
+    ours = SAE.load(tmp_path)
+    assert ours.arch == arch
+    x = torch.randn(40, 16)
+    torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x)), rtol=1e-5, atol=1e-5)
