@@ -27,8 +27,20 @@ def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - mir
     return field(**kw)
 
 
+class JSONConfig:
+    """JSON round trip shared by the config dataclasses (unknown keys are ignored on load)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class HarvestConfig:
+class HarvestConfig(JSONConfig):
     """What `saelab harvest` does: which model, hooks, text and how to store the rows."""
 
     hooks: list[str] = _f(
@@ -73,21 +85,13 @@ class HarvestConfig:
             raise SaelabError(f"--shard-rows ({self.shard_rows}) must hold at least one context ({self.context_size})")
         return self
 
-    # ----------------------------------------------------------------- JSON round trip
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HarvestConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
 
 
 @dataclass
-class SAEConfig:
+class SAEConfig(JSONConfig):
     """What an SAE is: its architecture, sizes and the settings of its activation and loss.
 
     Stored as ``saelab`` inside the SAE folder's cfg.json, so a folder alone rebuilds it."""
@@ -139,17 +143,10 @@ class SAEConfig:
             raise SaelabError(f"--matryoshka-k values must end at --k {self.k}: add --matryoshka-k {self.k}")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JSONConfig):
     """How `saelab train` trains: data, budget, optimiser, schedule, checkpoints, logging."""
 
     activations: str = _f("", "a store folder (holds manifest.json) or a RUN folder (one SAE per hook "
@@ -185,13 +182,6 @@ class TrainConfig:
             raise SaelabError(f"--lr-decay must be in [0, 1] (got {self.lr_decay})")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def to_json(cfg, path: pathlib.Path) -> None:

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import SaelabError
-from saelab.config import _f
+from saelab.config import JSONConfig, _f
 from saelab.harvest import plan_shards
 from saelab.store import FORMAT_VERSION, ShardWriter, atomic_write_text, fsync_dir
 
@@ -42,7 +42,7 @@ _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(JSONConfig):
     """What `saelab synthetic` writes: a store of rows built from known (planted) features."""
 
     out: str = _f("", "output store folder (gets manifest.json, shards, truth.npy, truth.json)", required=True)
@@ -82,13 +82,6 @@ class SyntheticConfig:
             raise SaelabError(f"--dtype must be one of {', '.join(_DTYPES)} (got {self.dtype})")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SyntheticConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ------------------------------------------------------------------------- structure
