@@ -17,7 +17,6 @@ Uniform(0.5, 1.5), times a random sign for bidirectional features. Rows are draw
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
