@@ -56,8 +56,9 @@ def test_planted_features_recovered(arch, planted_store, tmp_path):
     from saelab.synthetic import load_truth, mmcs
 
     out = tmp_path / arch
-    train(TrainConfig(activations=str(planted_store), out=str(out), tokens=1_228_800, batch_size=1024, lr=3e-3),
-          SAEConfig(arch=arch, k=5, width=512), progress=False)
+    r = _cli("train", "--activations", str(planted_store), "--out", str(out), "--tokens", "1228800",
+             "--batch-size", "1024", "--lr", "3e-3", "--arch", arch, "--k", "5", "--width", "512", "--quiet")
+    assert r.returncode == 0, r.stderr
     truth, _ = load_truth(planted_store)
     sae = SAE.load(out)
     # AbsTopK may carry a feature with a negated decoder row and negative codes: |cos| counts
@@ -165,3 +166,19 @@ def test_gradient_sae_needs_grads_and_eval_dim_mismatch(small_run, grad_run, tmp
     other = write_synthetic(SyntheticConfig(out=str(tmp_path / "d64"), d=64, n_true=128, rows=4096), progress=False)
     r = _cli("eval", "--sae", str(out), "--activations", str(other), "--quiet")
     assert r.returncode == 2 and "d_in" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_synthetic_cli_and_bf16_autocast(tmp_path):
+    r = _cli("synthetic", "--out", str(tmp_path / "p"), "--d", "32", "--n-true", "64", "--rows", "8192",
+             "--bidirectional", "4", "--quiet")
+    assert r.returncode == 0, r.stderr
+    from saelab.store import ActivationStore
+
+    store = ActivationStore(tmp_path / "p")
+    assert store.d_in == 32 and store.n_rows("all") == 8192 and (tmp_path / "p" / "truth.npy").exists()
+    r = _cli("synthetic", "--out", str(tmp_path / "p"), "--quiet")
+    assert r.returncode == 2 and "exists" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    train(TrainConfig(activations=str(tmp_path / "p"), out=str(tmp_path / "bf16"), tokens=4096, batch_size=512,
+                      autocast="bf16"), SAEConfig(arch="topk", k=4, expansion=4), progress=False)
+    ev = json.loads((tmp_path / "bf16" / "eval.json").read_text())
+    assert ev["fvu"] < 1.5 and ev["l0"] <= 4
