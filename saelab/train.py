@@ -139,6 +139,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         step, scale = int(ck["step"]), float(ck["scale"])
         _truncate_metrics(out / METRICS, step)
     else:
+        _truncate_metrics(out / METRICS, 0)  # a run killed before its first checkpoint starts over
         scale, median = _init_stats(store, skip_bos, tcfg.seed, device)
         with torch.no_grad():
             sae.b_dec.copy_(median * scale)
