@@ -123,6 +123,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     torch.manual_seed(tcfg.seed)
     sae = SAE.registry[cfg.arch](cfg).to(device)
     sae.total_steps = n_steps
+    sae.kernel = tcfg.kernel
     sae.dead_after = min(cfg.dead_tokens, store.n_rows("train"))
     lr = tcfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 16384)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
@@ -225,13 +226,14 @@ def _init_stats(store, skip_bos, seed, device, n: int = 8192) -> tuple[float, to
 
 @torch.no_grad()
 def _metrics(sae, x, outd, step, tcfg, it, t0, tok0) -> dict:
-    x_hat, f = outd["x_hat"].float(), outd["f"]
+    x_hat = outd["x_hat"].float()
+    nz = (outd["f"] != 0) if "f" in outd else (outd["codes"][0] != 0)
     fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
     dt = time.perf_counter() - t0
     rec = {"step": step, "tokens": step * tcfg.batch_size, "epochs": round(it.epochs, 4), "fvu": fvu,
-           "l0": float((f != 0).sum(-1).float().mean()), "dead_frac": float(sae.dead_mask().float().mean()),
+           "l0": float(nz.sum(-1).float().mean()), "dead_frac": float(sae.dead_mask().float().mean()),
            "tokens_per_s": (step * tcfg.batch_size - tok0) / max(dt, 1e-9)}
-    rec.update({k: float(v) for k, v in outd.items() if k not in ("f", "x_hat")})
+    rec.update({k: float(v) for k, v in outd.items() if k not in ("f", "x_hat", "codes")})
     if hasattr(sae, "control"):
         rec["sparsity_coeff"] = sae.control.coeff
     return rec

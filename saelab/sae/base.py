@@ -67,6 +67,7 @@ class SAE(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.long))
         self.dead_after = cfg.dead_tokens  # the trainer caps it at the store's size
         self.total_steps = 1  # the trainer sets it (schedules that depend on the run length)
+        self.kernel = "auto"  # TopK-family encode path in training (saelab.kernels); the trainer sets it
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -98,7 +99,8 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     def loss(self, x: torch.Tensor, step: int = 0, grads: torch.Tensor | None = None) -> dict:
-        """Training loss: ``{"loss": total to backprop, <terms>: 0-d tensors, "f", "x_hat"}``."""
+        """Training loss: ``{"loss": total to backprop, <terms>: 0-d tensors, "x_hat", and the codes:
+        "f" (dense [B, d_sae]) or, from the fused TopK path, "codes" = (values, indices)}``."""
         raise NotImplementedError
 
     def _out(self, x, f, x_hat, **terms) -> dict:
@@ -110,23 +112,27 @@ class SAE(nn.Module):
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_after
 
-    def aux_k_loss(self, x, x_hat, z, signed: bool = False) -> torch.Tensor | None:
+    def aux_k_loss(self, x, x_hat, signed: bool = False) -> torch.Tensor | None:
         """Reconstruct the detached residual error from the top k_aux dead latents (no b_dec),
-        scaled by min(n_dead / k_aux, 1) and the aux coefficient. None when nothing is dead."""
+        scaled by min(n_dead / k_aux, 1) and the aux coefficient. None when nothing is dead.
+        Only the dead latents' pre-activations are computed."""
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.aux_coeff == 0:
             return None
+        from saelab.kernels import sparse_decode
+
         k_aux = self.cfg.k_aux or max(1, self.d_in // 2)
-        score = z.abs() if signed else z
-        score = score.masked_fill(~dead, -math.inf)
+        dead_idx = dead.nonzero().squeeze(1)
+        xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        z = xc @ self.W_enc[:, dead_idx] + self.b_enc[dead_idx]
         kk = min(k_aux, n_dead)
-        idx = score.topk(kk, dim=-1).indices
-        vals = z.gather(-1, idx)
+        local = (z.abs() if signed else z).topk(kk, dim=-1).indices
+        vals = z.gather(-1, local)
         if not signed:
             vals = F.relu(vals)
         err = (x - x_hat).detach()
-        err_hat = torch.einsum("bk,bkd->bd", vals, self.W_dec[idx])
+        err_hat = sparse_decode(vals, dead_idx[local], self.W_dec)
         return self.cfg.aux_coeff * min(n_dead / k_aux, 1.0) * mse(err, err_hat)
 
     @torch.no_grad()
@@ -141,9 +147,15 @@ class SAE(nn.Module):
         """Called by the trainer after each optimizer step: decoder norm, firing counters."""
         if self.constrain_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        f = out["f"]
-        fired = (f != 0).any(0)
-        self.tokens_since_fired += f.shape[0]
+        if "f" in out:
+            f = out["f"]
+            fired, n = (f != 0).any(0), f.shape[0]
+        else:  # sparse codes (values, indices) from the fused path
+            v, i = out["codes"]
+            fired = torch.zeros(self.d_sae, dtype=torch.bool, device=v.device)
+            fired[i[v != 0]] = True
+            n = v.shape[0]
+        self.tokens_since_fired += n
         self.tokens_since_fired[fired] = 0
 
     def sparsity_warmup(self, step: int) -> float:

@@ -30,7 +30,7 @@ class GradientSAE(TopKSAE):
         z = self.pre_acts(x)
         f = self.activation(z, grads)
         x_hat = self.decode(f)
-        return self._out(x, f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, z))
+        return self._out(x, f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat))
 
     def saelens_cfg(self):
         return {**super().saelens_cfg(), "architecture": "topk"}
