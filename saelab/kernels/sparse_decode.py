@@ -13,5 +13,5 @@ import torch.nn.functional as F
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
                   b_dec: torch.Tensor | None = None) -> torch.Tensor:
-    out = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
     return out + b_dec if b_dec is not None else out

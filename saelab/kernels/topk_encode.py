@@ -87,6 +87,7 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, d_values, _d_idx):
         x, W_enc, idx, z_sel = ctx.saved_tensors
         dz = d_values if ctx.signed else d_values * (z_sel > 0).to(d_values.dtype)
+        dz = dz.to(W_enc.dtype)  # under autocast the values may be bf16; weights stay fp32
         B, k = idx.shape
         n = W_enc.shape[1]
         rows = torch.arange(B, device=idx.device).repeat_interleave(k)
@@ -95,9 +96,9 @@ class _TopKEncode(torch.autograd.Function):
                                 check_invariants=False).coalesce()
         dx = dW = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.sparse.mm(S, W_enc.t())
+            dx = torch.sparse.mm(S, W_enc.t()).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dW = torch.sparse.mm(S.t(), x).t()
+            dW = torch.sparse.mm(S.t(), x.to(W_enc.dtype)).t()
         if ctx.needs_input_grad[2]:
             db = torch.zeros(n, dtype=dz.dtype, device=dz.device).index_add_(0, idx.flatten(), dz.flatten())
         return dx, dW, db, None, None, None
