@@ -84,3 +84,24 @@ def test_kernel_choice(monkeypatch):
     assert resolve_kernel("chunked", cpu) == "chunked"  # an explicit choice wins over the variable
     with pytest.raises(SaelabError, match="choose one of"):
         resolve_kernel("fast", cpu)
+
+
+def test_chunked_never_allocates_the_full_preactivation():
+    """Largest single CPU allocation during forward + backward (torch.profiler): the reference
+    needs [B, d_sae]; the chunked path only [B, chunk] and parameter-sized gradients."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, d, n, k = 256, 32, 8192, 8
+    x, W, b = _inputs(5, B, d, n)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    full = B * n * 4
+    largest = {}
+    for kernel in ["reference", "chunked"]:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            v, _ = topk_encode(x, W, b, k, kernel=kernel, chunk=512)
+            (v * v).sum().backward()
+        largest[kernel] = max(e.cpu_memory_usage for e in prof.events())
+        W.grad = b.grad = None
+    assert largest["reference"] >= full  # the measurement can see a [B, d_sae] tensor
+    assert largest["chunked"] <= max(B * 512, d * n) * 4 * 1.1, largest
