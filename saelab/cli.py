@@ -86,12 +86,11 @@ def cmd_demo(args) -> int:
     print(f"wrote {len(stores)} stores:\n" + _summary(stores))
     hook = "blocks.1.hook_resid_post"
     sae_dir = pathlib.Path(args.runs) / "demo-topk"
-    done = (sae_dir / TRAIN_FILE).exists() and json.loads((sae_dir / TRAIN_FILE).read_text()).get("done")
     print(f"demo: training a TopK SAE (k=16, 16× width) on {hook} → {sae_dir}")
     tcfg = TrainConfig(activations=str(stores[hook]), out=str(sae_dir), tokens=args.train_tokens, batch_size=4096)
-    if not done:
-        train(tcfg, SAEConfig(arch="topk", k=16, expansion=16), resume=(sae_dir / TRAIN_FILE).exists(),
-              progress=not args.quiet)
+    # resume continues an interrupted run and returns at once when the run had finished
+    train(tcfg, SAEConfig(arch="topk", k=16, expansion=16), resume=(sae_dir / TRAIN_FILE).exists(),
+          progress=not args.quiet)
     ev = evaluate(sae_dir, str(stores[hook]), "tiny", progress=not args.quiet)
     print(f"{sae_dir}: {_eval_line(ev)}")
     print("next: saelab analyze / saelab app (the feature browser) come with a later release")

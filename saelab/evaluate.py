@@ -26,21 +26,24 @@ DENSE = 0.1
 
 @torch.no_grad()
 def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_bos: bool = True,
-                   max_rows: int = 1 << 17, batch_size: int = 4096, device="cpu", progress: bool = False) -> dict:
+                   max_rows: int = 1 << 17, batch_size: int = 4096, device="cpu", progress: bool = False,
+                   scale: float = 1.0) -> dict:
+    """Reconstruction metrics over the first ``max_rows`` rows of the split (in store order);
+    ``scale`` multiplies the rows first (the trainer evaluates in its normalised units)."""
     split = split or ("holdout" if store.split_shards("holdout") else "train")
+    skip_bos = skip_bos and store.manifest.get("bos_included", False)
     n_avail = store.n_rows(split)
-    if store.manifest.get("bos_included") and skip_bos:
+    if skip_bos:
         n_avail -= n_avail // store.context_size
     n = min(max_rows, n_avail)
     sae = sae.to(device).eval()
-    it = store.batches(batch_size, split=split, tokens=n, seed=0, skip_bos=skip_bos and store.manifest.get(
-        "bos_included", False), device=device, shuffle=False)
+    it = store.batches(batch_size, split=split, tokens=n, seed=0, skip_bos=skip_bos, device=device, shuffle=False)
     sq_err = sum_sq = 0.0
     sum_x = torch.zeros(store.d_in, dtype=torch.float64, device=device)
     fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     l0_sum, rows = 0.0, 0
     for x in tqdm(it, disable=not progress, desc="eval", unit="batch"):
-        x = x[0] if isinstance(x, tuple) else x
+        x = (x[0] if isinstance(x, tuple) else x) * scale
         f = sae.encode(x)
         x_hat = sae.decode(f)
         sq_err += float((x - x_hat).double().pow(2).sum())

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from saelab import SaelabError
 from saelab.config import HarvestConfig
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
-from saelab.models import expand_hooks, hook_layer, load_model, model_info, tokenizer_bos
+from saelab.models import expand_hooks, load_model, model_info, tokenizer_bos
 from saelab.store import FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, read_manifest
 
 RUN_FILE = "harvest.json"
@@ -103,7 +103,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], -1)
 
 
-def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder, stop_at_layer: int | None):
+def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder):
     """Run one batch; returns {hook: (acts [rows, d], grads [rows, d] | None)} on the CPU."""
     rec.acts = {}
     if rec.with_grads:
@@ -114,56 +114,15 @@ def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder, stop_at_layer
             loss.backward()
         return {h: (_flat(t.detach()).cpu(), _flat(t.grad).cpu()) for h, t in rec.acts.items()}
     with torch.no_grad():
-        kwargs = {"stop_at_layer": stop_at_layer} if stop_at_layer is not None else {}
         try:
-            model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks(), **kwargs)
+            model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks())
         except _StopForward:
             pass
     missing = set(rec.hooks) - set(rec.acts)
     if missing:
-        raise SaelabError(f"the model's forward never reached hook(s) {', '.join(sorted(missing))}; "
-                          "it is not computed by this model's forward")
+        raise SaelabError(f"the model's forward never reached hook(s) {', '.join(sorted(missing))}: "
+                          "choose hooks this model computes")
     return {h: (_flat(t).cpu(), None) for h, t in rec.acts.items()}
-
-
-def _prefetch(items, depth: int = 1):
-    """Iterate ``items`` with a thread computing up to ``depth`` items ahead (here: tokenizing
-    the next shard's contexts while the model runs on this one; the fast tokenizer releases
-    the GIL). Exceptions surface in the consumer; leaving the loop early stops the thread."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work():
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-        except BaseException as e:
-            put((None, e))
-            return
-        put((end, None))
-
-    threading.Thread(target=work, daemon=True).start()
-    try:
-        while True:
-            item, err = q.get()
-            if err is not None:
-                raise err
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
 
 
 def _take(contexts, n: int, ctx: int) -> np.ndarray:
@@ -230,13 +189,10 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
     for h in hooks:  # one folder per hook, named exactly by the hook
         if "/" in h or h.startswith("."):
             raise SaelabError(f"hook name {h} cannot name a folder")
-    lowest = [hook_layer(h) for h in hooks]
-    # stop_at_layer=n_layers still runs every block but skips ln_final and the unembedding
-    stop = None if cfg.with_grads or any(l is None for l in lowest) else max(lowest) + 1
 
     # probe one context for each hook's width and layout
     probe_rec = _HookRecorder(hooks, with_grads=False)
-    forward_batch(model, torch.full((1, ctx), bos, dtype=torch.long, device=device), probe_rec, None)
+    forward_batch(model, torch.full((1, ctx), bos, dtype=torch.long, device=device), probe_rec)
     rec = _HookRecorder(hooks, cfg.with_grads)
     probe = {}
     for h, t in probe_rec.acts.items():
@@ -293,8 +249,8 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
     bar = tqdm(total=total_rows, initial=skip * ctx, unit="tok", unit_scale=True, disable=not progress,
                desc=f"harvest {len(hooks)} hook{'s' if len(hooks) > 1 else ''}", dynamic_ncols=True)
     try:
-        shard_tokens = (_take(contexts, n, ctx) for _, n, _ in plan[done:])
-        for (first, n, hold), toks in zip(plan[done:], shard_tokens):
+        for first, n, hold in plan[done:]:
+            toks = _take(contexts, n, ctx)
             if len(toks) != n:
                 raise SaelabError(f"dataset '{cfg.dataset}' ran out after {first + len(toks)} contexts: lower --tokens")
             rows = n * ctx
@@ -302,7 +258,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             gbufs = {h: np.empty((rows, probe[h]["d_in"]), np_dtype) for h in hooks} if cfg.with_grads else {}
             for a in range(0, n, cfg.batch_size):
                 batch = torch.from_numpy(toks[a : a + cfg.batch_size]).long().to(device)
-                res = forward_batch(model, batch, rec, stop)
+                res = forward_batch(model, batch, rec)
                 r0, r1 = a * ctx, (a + len(batch)) * ctx
                 for h, (acts, grads) in res.items():
                     bufs[h][r0:r1] = acts.numpy()

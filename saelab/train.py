@@ -11,6 +11,7 @@ same step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from saelab import SaelabError
 from saelab.config import SAEConfig, TrainConfig
+from saelab.evaluate import evaluate_store
 from saelab.sae import SAE
 from saelab.store import ActivationStore, atomic_write_text, fsync_file, resolve_stores
 
@@ -100,7 +102,7 @@ def sae_config_for(store: ActivationStore, scfg: SAEConfig) -> SAEConfig:
     cfg = SAEConfig.from_dict({**scfg.to_dict(), "d_in": store.d_in, "hook_name": store.hook,
                                "model_name": m.get("model", "")})
     cfg.validate()
-    if getattr(SAE.registry[cfg.arch], "needs_grads", False) and not store.has_grads:
+    if SAE.registry[cfg.arch].needs_grads and not store.has_grads:
         raise SaelabError(f"--arch {cfg.arch} trains on gradients, but {store.path} has none: "
                           "harvest with --with-grads")
     return cfg
@@ -114,7 +116,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     if resume and (out / TRAIN_FILE).exists() and json.loads((out / TRAIN_FILE).read_text()).get("done"):
         return out  # finished earlier
     device = pick_device(tcfg.device)
-    needs_grads = getattr(SAE.registry[cfg.arch], "needs_grads", False)
+    needs_grads = SAE.registry[cfg.arch].needs_grads
     skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
     total_tokens = tcfg.tokens or store.batches(tcfg.batch_size, skip_bos=skip_bos).rows_per_epoch
     n_steps = max(1, total_tokens // tcfg.batch_size)
@@ -150,7 +152,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     logger = _Logger(out, tcfg.log)
     bar = tqdm(total=n_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
                desc=f"train {cfg.arch} {store.hook}")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.autocast == "bf16" else _Null()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.autocast == "bf16" else contextlib.nullcontext()
     t0, tok0 = time.perf_counter(), step * tcfg.batch_size
     sae.train()
     try:
@@ -191,8 +193,6 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     final.load_state_dict(sae.state_dict())
     final.fold_input_scale(scale)
     final.cpu().save(out)
-    from saelab.evaluate import evaluate_store
-
     ev = evaluate_store(final, store, skip_bos=skip_bos, device=device)
     ev.update(epochs=round(it.epochs, 4), steps=n_steps, tokens=total_tokens)
     atomic_write_text(out / "eval.json", json.dumps(ev, indent=2) + "\n")
@@ -201,14 +201,6 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     atomic_write_text(out / TRAIN_FILE, json.dumps(info, indent=2) + "\n")
     (out / CHECKPOINT).unlink(missing_ok=True)
     return out
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _init_stats(store, skip_bos, seed, device, n: int = 8192) -> tuple[float, torch.Tensor]:
@@ -234,24 +226,18 @@ def _metrics(sae, x, outd, step, tcfg, it, t0, tok0) -> dict:
            "l0": float(nz.sum(-1).float().mean()), "dead_frac": float(sae.dead_mask().float().mean()),
            "tokens_per_s": (step * tcfg.batch_size - tok0) / max(dt, 1e-9)}
     rec.update({k: float(v) for k, v in outd.items() if k not in ("f", "x_hat", "codes")})
-    if hasattr(sae, "control"):
+    if sae.control is not None:
         rec["sparsity_coeff"] = sae.control.coeff
     return rec
 
 
-@torch.no_grad()
 def _heldout(sae, store, scale, skip_bos, device, n: int = 8192) -> dict:
+    """Held-out FVU and L0 of the SAE being trained (in its scaled units), on the first n rows."""
     if not store.split_shards("holdout"):
         return {}
-    x = next(iter(store.batches(min(n, store.n_rows("holdout")), split="holdout", seed=0, skip_bos=skip_bos,
-                                device=device, shuffle=False)))
-    x = (x[0] if isinstance(x, tuple) else x) * scale
-    sae.eval()
-    f = sae.encode(x)
-    x_hat = sae.decode(f)
+    ev = evaluate_store(sae, store, "holdout", skip_bos, max_rows=n, device=device, scale=scale)
     sae.train()
-    return {"heldout_fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
-            "heldout_l0": float((f != 0).sum(-1).float().mean())}
+    return {"heldout_fvu": ev["fvu"], "heldout_l0": ev["l0"]}
 
 
 def _checkpoint(out, sae, opt, it, step, n_steps, scale, arch) -> None:

@@ -25,6 +25,8 @@ from torch import nn
 
 from saelab import SaelabError
 from saelab.config import ARCHS, SAEConfig
+from saelab.kernels import sparse_decode
+from saelab.models import hook_layer
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -45,6 +47,8 @@ class SAE(nn.Module):
     constrain_decoder = True
     #: SAELens architecture name written to cfg.json (None: not loadable as-is by SAELens)
     saelens_arch: str | None = None
+    #: trains on stored gradients (the store must be harvested --with-grads)
+    needs_grads = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -68,6 +72,7 @@ class SAE(nn.Module):
         self.dead_after = cfg.dead_tokens  # the trainer caps it at the store's size
         self.total_steps = 1  # the trainer sets it (schedules that depend on the run length)
         self.kernel = "auto"  # TopK-family encode path in training (saelab.kernels); the trainer sets it
+        self.control = None  # target-L0 controller (relu, jumprelu set one), updated after each step
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -103,10 +108,12 @@ class SAE(nn.Module):
         "f" (dense [B, d_sae]) or, from the fused TopK path, "codes" = (values, indices)}``."""
         raise NotImplementedError
 
-    def _out(self, x, f, x_hat, **terms) -> dict:
+    def _out(self, codes, x_hat, **terms) -> dict:
+        """The loss dict: total + the non-None terms, x_hat, and the codes ("f" when dense,
+        "codes" when a (values, indices) pair)."""
         terms = {k: v for k, v in terms.items() if v is not None}
-        total = sum(terms.values())
-        return {"loss": total, **terms, "f": f, "x_hat": x_hat}
+        key = "codes" if isinstance(codes, tuple) else "f"
+        return {"loss": sum(terms.values()), **terms, key: codes, "x_hat": x_hat}
 
     # ------------------------------------------------------------------ training hooks
     def dead_mask(self) -> torch.Tensor:
@@ -120,8 +127,6 @@ class SAE(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.aux_coeff == 0:
             return None
-        from saelab.kernels import sparse_decode
-
         k_aux = self.cfg.k_aux or max(1, self.d_in // 2)
         dead_idx = dead.nonzero().squeeze(1)
         xc = x - self.b_dec if self.apply_b_dec_to_input else x
@@ -157,6 +162,8 @@ class SAE(nn.Module):
             n = v.shape[0]
         self.tokens_since_fired += n
         self.tokens_since_fired[fired] = 0
+        if self.control is not None and self.sparsity_warmup(step) >= 1.0:
+            self.control.update((out["f"] != 0).sum(-1).float().mean())
 
     def sparsity_warmup(self, step: int) -> float:
         n = max(1, int(self.cfg.sparsity_warmup * self.total_steps))
@@ -165,7 +172,8 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ scale folding
     @torch.no_grad()
     def fold_input_scale(self, s: float) -> None:
-        """The SAE was trained on s·x; make it act on raw x (codes unchanged)."""
+        """The SAE was trained on s·x; make it act on raw x. Codes are unchanged, so thresholds
+        (JumpReLU, BatchTopK) stay, and g-SAE scores too (W_dec/s against raw grads s·∇)."""
         self.W_enc *= s
         self.b_dec /= s
         self.W_dec /= s
@@ -189,7 +197,7 @@ class SAE(nn.Module):
             "apply_b_dec_to_input": self.apply_b_dec_to_input, "normalize_activations": "none",
             "reshape_activations": "none", "metadata": meta,
             # flat copies for older readers
-            "model_name": c.model_name, "hook_name": c.hook_name, "hook_layer": _layer_of(c.hook_name),
+            "model_name": c.model_name, "hook_name": c.hook_name, "hook_layer": hook_layer(c.hook_name),
             "hook_head_index": None, "prepend_bos": True, "context_size": None, "dataset_path": None,
             "finetuning_scaling_factor": False, "sae_lens_training_version": None,
         }
@@ -246,11 +254,6 @@ class SAE(nn.Module):
                 p.copy_(w[n].float())
         sae.load_extra_weights(w)
         return sae
-
-
-def _layer_of(hook: str) -> int | None:
-    parts = hook.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
 
 
 def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:

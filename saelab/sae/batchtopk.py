@@ -33,7 +33,7 @@ class BatchTopKSAE(SAE):
         z = self.pre_acts(x)
         f = self.batch_codes(z) if self.training else self.activation(z)
         x_hat = self.decode(f)
-        return self._out(x, f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat))
+        return self._out(f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat))
 
     @torch.no_grad()
     def after_step(self, out, step):

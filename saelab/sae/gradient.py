@@ -5,7 +5,6 @@ gradients (inference on new text), encode falls back to plain TopK on z."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from saelab import SaelabError
@@ -30,11 +29,7 @@ class GradientSAE(TopKSAE):
         z = self.pre_acts(x)
         f = self.activation(z, grads)
         x_hat = self.decode(f)
-        return self._out(x, f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat))
+        return self._out(f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat))
 
     def saelens_cfg(self):
         return {**super().saelens_cfg(), "architecture": "topk"}
-
-    @torch.no_grad()
-    def fold_input_scale(self, s):
-        super().fold_input_scale(s)  # scores are invariant: W_dec/s against raw grads s·∇

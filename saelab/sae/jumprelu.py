@@ -84,13 +84,7 @@ class JumpReluSAE(SAE):
         x_hat = self.decode(f)
         l0 = step_fn(z, theta, self.cfg.bandwidth).sum(-1).mean()
         coeff = self.control.coeff * self.sparsity_warmup(step)
-        return self._out(x, f, x_hat, mse=mse(x, x_hat), l0=coeff * l0)
-
-    @torch.no_grad()
-    def after_step(self, out, step):
-        super().after_step(out, step)
-        if self.sparsity_warmup(step) >= 1.0:
-            self.control.update((out["f"] != 0).sum(-1).float().mean())
+        return self._out(f, x_hat, mse=mse(x, x_hat), l0=coeff * l0)
 
     def extra_weights(self):
         return {"threshold": self.threshold}
@@ -102,7 +96,3 @@ class JumpReluSAE(SAE):
         elif "log_threshold" in w:
             with torch.no_grad():
                 self.log_threshold.copy_(w["log_threshold"].float())
-
-    @torch.no_grad()
-    def fold_input_scale(self, s):
-        super().fold_input_scale(s)  # codes are unchanged, so θ is too

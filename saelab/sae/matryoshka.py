@@ -45,7 +45,7 @@ class MatryoshkaSAE(TopKSAE):
                 f = scatter(v, i, self.d_sae)
                 x_hat = self.decode(f)
                 terms[f"mse_k{ki}"] = wi * mse(x, x_hat)
-        return self._out(x, f, x_hat, **terms, aux=self.aux_k_loss(x, x_hat))
+        return self._out(f, x_hat, **terms, aux=self.aux_k_loss(x, x_hat))
 
     def saelens_cfg(self):
         return {**super().saelens_cfg(), "architecture": "topk"}

@@ -4,7 +4,6 @@ mean L0 reaches ``k`` (architectures are compared at equal L0)."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from saelab.sae.base import SAE, mse
@@ -28,10 +27,4 @@ class ReluSAE(SAE):
         x_hat = self.decode(f)
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         coeff = self.control.coeff * self.sparsity_warmup(step)
-        return self._out(x, f, x_hat, mse=mse(x, x_hat), l1=coeff * l1)
-
-    @torch.no_grad()
-    def after_step(self, out, step):
-        super().after_step(out, step)
-        if self.sparsity_warmup(step) >= 1.0:
-            self.control.update((out["f"] != 0).sum(-1).float().mean())
+        return self._out(f, x_hat, mse=mse(x, x_hat), l1=coeff * l1)

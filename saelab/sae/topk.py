@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from saelab.kernels import sparse_decode, topk_encode
+from saelab.kernels.topk_encode import resolve_kernel
 from saelab.sae.base import SAE, mse
 
 
@@ -37,21 +39,15 @@ class TopKSAE(SAE):
         return scatter(v, i, self.d_sae)
 
     def loss(self, x, step=0, grads=None):
-        from saelab.kernels import sparse_decode, topk_encode
-        from saelab.kernels.topk_encode import resolve_kernel
-
         if resolve_kernel(self.kernel, x.device) == "reference":  # the plain dense path
             f = self.activation(self.pre_acts(x))
             x_hat = self.decode(f)
-            return self._out(x, f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
+            return self._out(f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
         # fused path: no [B, d_sae] tensor in the forward or the backward
         xc = x - self.b_dec if self.apply_b_dec_to_input else x
         v, i = topk_encode(xc, self.W_enc, self.b_enc, self.cfg.k, self.signed, kernel=self.kernel)
         x_hat = sparse_decode(v, i, self.W_dec, self.b_dec)
-        out = self._out(x, None, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
-        del out["f"]
-        out["codes"] = (v.detach(), i)
-        return out
+        return self._out((v.detach(), i), x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
 
     def saelens_cfg(self):
         return {**super().saelens_cfg(), "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
