@@ -1,4 +1,4 @@
-# Quickstart: `make demo` (set up + harvest, train and evaluate a TopK SAE on the bundled tiny model), `make test` (set up + tests).
+# Quickstart: `make demo` (set up + harvest, train and evaluate TopK SAEs on the bundled tiny model), `make test` (set up + tests).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -38,4 +38,4 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_archs.py
 
 clean:
-	rm -rf $(VENV) .venv-tl3 activations/demo runs/demo-topk
+	rm -rf $(VENV) .venv-tl3 activations/demo runs/demo

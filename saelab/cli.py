@@ -74,26 +74,19 @@ def cmd_synthetic(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from saelab.demo import DEMO_HOOKS, DEMO_K, demo_root, ensure_group
     from saelab.evaluate import evaluate
-    from saelab.harvest import RUN_FILE, harvest
-    from saelab.train import TRAIN_FILE, train
 
-    out = pathlib.Path(args.out)
-    cfg = HarvestConfig(hooks=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], out=str(out),
-                        tokens=args.tokens)
-    print(f"demo: harvesting {', '.join(cfg.hooks)} from the bundled tiny model on the bundled corpus → {out}")
-    stores = harvest(cfg, resume=(out / RUN_FILE).exists(), progress=not args.quiet)
-    print(f"wrote {len(stores)} stores:\n" + _summary(stores))
-    hook = "blocks.1.hook_resid_post"
-    sae_dir = pathlib.Path(args.runs) / "demo-topk"
-    print(f"demo: training a TopK SAE (k=16, 16× width) on {hook} → {sae_dir}")
-    tcfg = TrainConfig(activations=str(stores[hook]), out=str(sae_dir), tokens=args.train_tokens, batch_size=4096)
-    # resume continues an interrupted run and returns at once when the run had finished
-    train(tcfg, SAEConfig(arch="topk", k=16, expansion=16), resume=(sae_dir / TRAIN_FILE).exists(),
-          progress=not args.quiet)
-    ev = evaluate(sae_dir, str(stores[hook]), "tiny", progress=not args.quiet)
-    print(f"{sae_dir}: {_eval_line(ev)}")
-    print("next: saelab analyze / saelab app (the feature browser) come with a later release")
+    root = demo_root(args.dir)
+    print(f"demo: harvesting {', '.join(DEMO_HOOKS)} from the bundled tiny model on the bundled corpus, then "
+          f"training one TopK SAE (k={DEMO_K}) per hook → {root / 'activations/demo'}, {root / 'runs/demo'} "
+          "(a finished demo is reused)")
+    demo = ensure_group(root, tokens=args.tokens, train_tokens=args.train_tokens, progress=not args.quiet)
+    print(f"wrote {len(demo.stores)} stores:\n" + _summary(demo.stores))
+    for hook, folder in demo.saes.items():
+        ev = evaluate(folder, str(demo.stores[hook]), "tiny", progress=not args.quiet)
+        print(f"{folder}: {hook}: {_eval_line(ev)}")
+    print(f"SAE group: {demo.group}")
     return 0
 
 
@@ -134,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--quiet", action="store_true", help="no progress bar")
     y.set_defaults(func=cmd_synthetic)
 
-    d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus")
-    d.add_argument("--out", default="activations/demo", help="RUN folder (default: activations/demo)")
+    d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",
+                       description="Harvest the tiny model, train one TopK SAE per residual hook (a group), "
+                                   "evaluate them. Re-running reuses what is finished.")
+    d.add_argument("--dir", default=None, help="where activations/demo and runs/demo go "
+                                               "(default: $SAELAB_DEMO_DIR, else the current folder)")
     d.add_argument("--tokens", type=int, default=None, help="tokens to harvest (default: the whole corpus)")
-    d.add_argument("--runs", default="runs", help="folder for the demo SAE (default: runs)")
-    d.add_argument("--train-tokens", type=int, default=2_000_000, help="SAE training tokens (default: 2M)")
+    d.add_argument("--train-tokens", type=int, default=2_000_000, help="SAE training tokens per hook (default: 2M)")
     d.add_argument("--no-app", action="store_true", help="never open the browser (also implied by CI or no terminal)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)

@@ -49,3 +49,17 @@ def planted_store(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("planted") / "store"
     return write_synthetic(SyntheticConfig(out=str(out), d=64, n_true=256, active=5, rows=131072), progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_group(tiny, tmp_path_factory):
+    """The demo store + TopK SAE group (saelab.demo.ensure_group), built once per test session.
+
+    ``SAELAB_DEMO_DIR`` points at it, so notebooks and CLI subprocesses that call
+    ``ensure_group()`` reuse it instead of building their own."""
+    from saelab.demo import ensure_group
+
+    root = pathlib.Path(os.environ.get("SAELAB_TEST_DEMO_DIR") or tmp_path_factory.mktemp("demo"))
+    demo = ensure_group(root, progress=False, model=tiny)
+    os.environ["SAELAB_DEMO_DIR"] = str(root)
+    return demo

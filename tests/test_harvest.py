@@ -155,11 +155,14 @@ def test_unwritable_out(tmp_path):
 def test_demo_cli_harvests_and_reruns(tmp_path):
     """`saelab demo` (what `make demo` runs, with --no-app as CI implies) writes both stores and
     prints them; running it again reuses the finished run instead of failing."""
-    out = tmp_path / "demo"
+    out = tmp_path / "activations" / "demo"
     for _ in range(2):
-        r = _cli("demo", "--out", str(out), "--tokens", "16384", "--no-app", "--quiet")
+        r = _cli("demo", "--dir", str(tmp_path), "--tokens", "16384", "--train-tokens", "16384", "--no-app", "--quiet")
         assert r.returncode == 0, r.stderr
         assert "blocks.1.hook_resid_post" in r.stdout and "wrote 2 stores" in r.stdout
+        assert "CE-loss recovered" in r.stdout
+    group = json.loads((tmp_path / "runs" / "demo" / "group.json").read_text())
+    assert set(group["hooks"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
     for hook in ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]:
         m = read_manifest(out / hook)
         assert m["complete"] and m["n_tokens"] == 16384
