@@ -1,0 +1,1 @@
+"""Analysis on trained SAEs: feature database, steering, tasks and circuits."""
