@@ -90,6 +90,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_circuit(args) -> int:
+    from saelab.analysis.circuits import circuit
+
+    path, c = circuit(args.task, args.saes, args.out, method=args.method, ig_steps=args.ig_steps,
+                      node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, n=args.n,
+                      seed=args.seed, device=args.device, progress=not args.quiet)
+    f, mv = c["faithfulness"], c["metric_values"]
+    n_lat = sum(1 for x in c["nodes"] if x["kind"] == "latent")
+    print(f"task {c['task']['name']} ({c['task']['n_examples']} examples), method {c['method']}: "
+          f"logit diff full {mv['full']:.3f}, all mean-ablated {mv['empty']:.3f}, circuit {mv['circuit']:.3f}")
+    print(f"faithfulness = {f['nodes']:.3f} (nodes), {f['edges']:.3f} (edges) with {len(c['nodes'])} nodes "
+          f"({n_lat} latents = {100 * c['latent_fraction']:.2f}% of {c['n_latents_total']}, "
+          f"{len(c['nodes']) - n_lat} error nodes) and {len(c['edges'])} edges "
+          f"(node threshold {c['node_threshold']}, edge threshold {c['edge_threshold']})")
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saelab", description="Sparse autoencoder workbench.")
     p.add_argument("--version", action="version", version=f"saelab {__version__}")
@@ -137,6 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-app", action="store_true", help="never open the browser (also implied by CI or no terminal)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("circuit", help="sparse feature circuit of a task over an SAE group",
+                       description="Node effects (attribution patching or integrated gradients) of every SAE latent "
+                                   "and error term, edges between consecutive hooks, faithfulness under mean "
+                                   "ablation; writes a circuit JSON file.")
+    c.add_argument("--task", required=True, help="induction, ioi, or a .jsonl file of "
+                                                 '{"clean", "corrupted", "answer", "wrong"} lines')
+    c.add_argument("--saes", required=True, help="an SAE group folder (runs/GROUP with group.json) or one SAE folder")
+    c.add_argument("--out", default=None, help="circuit file (default: <saes>/circuits/<task>.json)")
+    c.add_argument("--method", choices=["attrib", "ig"], default="attrib",
+                   help="attribution patching (one backward pass) or integrated gradients (default: attrib)")
+    c.add_argument("--ig-steps", type=int, default=10, help="integrated-gradient steps (default: 10)")
+    c.add_argument("--node-threshold", type=float, default=0.1,
+                   help="keep nodes with |effect| above this, in logit-difference units (default: 0.1)")
+    c.add_argument("--edge-threshold", type=float, default=0.01,
+                   help="keep edges with |weight| above this (default: 0.01)")
+    c.add_argument("--n", type=int, default=64, help="task examples (default: 64)")
+    c.add_argument("--seed", type=int, default=0, help="task sampling seed (default: 0)")
+    c.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_circuit)
     return p
 
 

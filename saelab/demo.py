@@ -41,11 +41,14 @@ def demo_root(root: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = None,
-                 train_tokens: int = DEMO_TRAIN_TOKENS, progress: bool = True, model=None) -> DemoGroup:
+                 train_tokens: int = DEMO_TRAIN_TOKENS, progress: bool = True, model=None,
+                 name: str = "demo", hooks: tuple[str, ...] = DEMO_HOOKS) -> DemoGroup:
     """Build (or reuse) the demo store and SAE group; returns their folders.
 
     ``tokens``: rows to harvest (default: the whole bundled train split); ``train_tokens``: per
-    SAE. A group already finished is reused as it is, whatever these say.
+    SAE. A group already finished is reused as it is, whatever these say. ``name`` and ``hooks``
+    build another group the same way (``activations/<name>/``, ``runs/<name>/``), e.g. SAEs on
+    attention and MLP outputs for circuits; the defaults are the demo group.
     """
     from saelab.config import HarvestConfig, SAEConfig, TrainConfig
     from saelab.harvest import RUN_FILE, harvest
@@ -53,20 +56,20 @@ def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = 
     from saelab.train import GROUP_FILE, TRAIN_FILE, train
 
     base = demo_root(root)
-    run, group = base / "activations" / "demo", base / "runs" / "demo"
-    saes = {h: group / h for h in DEMO_HOOKS}
-    stores = {h: run / h for h in DEMO_HOOKS}
-    if (group / GROUP_FILE).exists() and all(_done(saes[h] / TRAIN_FILE) for h in DEMO_HOOKS):
+    run, group = base / "activations" / name, base / "runs" / name
+    saes = {h: group / h for h in hooks}
+    stores = {h: run / h for h in hooks}
+    if (group / GROUP_FILE).exists() and all(_done(saes[h] / TRAIN_FILE) for h in hooks):
         return DemoGroup(base, run, group, saes, stores)
     # resume continues an interrupted harvest and returns the stores at once when it had finished
-    stores = harvest(HarvestConfig(hooks=list(DEMO_HOOKS), out=str(run), tokens=tokens),
+    stores = harvest(HarvestConfig(hooks=list(hooks), out=str(run), tokens=tokens),
                      resume=(run / RUN_FILE).exists(), progress=progress, model=model)
     scfg = SAEConfig(arch="topk", k=DEMO_K, expansion=DEMO_EXPANSION)
-    for h in DEMO_HOOKS:  # one at a time, so an interruption resumes at the SAE it stopped in
+    for h in hooks:  # one at a time, so an interruption resumes at the SAE it stopped in
         tcfg = TrainConfig(activations=str(run), hook=h, out=str(saes[h]), tokens=train_tokens, batch_size=4096)
         train(tcfg, scfg, resume=(saes[h] / TRAIN_FILE).exists(), progress=progress)
-    model_name = json.loads((stores[DEMO_HOOKS[0]] / "manifest.json").read_text()).get("model", "tiny")
-    atomic_write_text(group / GROUP_FILE, json.dumps({"model": model_name, "hooks": {h: h for h in DEMO_HOOKS}},
+    model_name = json.loads((stores[hooks[0]] / "manifest.json").read_text()).get("model", "tiny")
+    atomic_write_text(group / GROUP_FILE, json.dumps({"model": model_name, "hooks": {h: h for h in hooks}},
                                                      indent=2) + "\n")
     return DemoGroup(base, run, group, saes, dict(stores))
 

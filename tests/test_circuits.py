@@ -1,0 +1,167 @@
+"""Sparse feature circuits on the demo SAE group: attribution vs actual patching, integrated-gradient
+convergence, the induction circuit's faithfulness, edges, the circuit file, and CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from saelab import SaelabError
+from saelab.analysis import circuits as C
+from saelab.analysis.tasks import induction_task, logit_diff, make_task
+
+
+@pytest.fixture(scope="module")
+def group(demo_group):
+    return C.load_group(demo_group.group)
+
+
+def _metric_with(model, group, task, hook, f, e):
+    """m with the hook's output rebuilt from these latents and error term (the actual effect of a patch)."""
+    sae = group.saes[hook]
+    with torch.no_grad():
+        x = f @ sae.W_dec + sae.b_dec + e
+        logits, _ = C._run(model, task.clean, {hook: lambda act: x})
+        return float(logit_diff(logits, task).mean())
+
+
+def test_attribution_matches_single_latent_patch(tiny, group):
+    """Linear regime: move one latent a small step towards its corrupted value; the actual change of
+    the metric equals the attribution estimate ε·∇m·(a_clean − a_patch) within 5%."""
+    task = induction_task(tiny, n=4, seed=1)
+    clean = C.node_values(tiny, group, task.clean)
+    patch = C.node_values(tiny, group, task.corrupted)
+    eff = C.attribution_effects(tiny, group, task, clean, patch)
+    m_clean = float(logit_diff(tiny(task.clean), task).mean())
+    eps = 0.02
+    checked = 0
+    for hook in group.hooks:
+        lat, _ = eff[hook]
+        for i in lat.abs().topk(3).indices.tolist():
+            f = clean.f[hook].clone()
+            f[..., i] -= eps * (clean.f[hook][..., i] - patch.f[hook][..., i])   # patch that one latent by ε
+            actual = m_clean - _metric_with(tiny, group, task, hook, f, clean.e[hook])
+            predicted = eps * float(lat[i])
+            assert abs(actual - predicted) <= 0.05 * abs(predicted) + 1e-4, (hook, i, actual, predicted)
+            checked += 1
+        # and the error node the same way
+        e = clean.e[hook] - eps * (clean.e[hook] - patch.e[hook])
+        actual = m_clean - _metric_with(tiny, group, task, hook, clean.f[hook], e)
+        assert abs(actual - eps * eff[hook][1]) <= 0.05 * abs(eps * eff[hook][1]) + 1e-4
+    assert checked == 3 * len(group.hooks)
+
+
+def test_ig_converges_to_exact_difference(tiny, group):
+    """The IG effects at a hook sum to m(clean) − m(that hook patched); the error shrinks with steps.
+    At the last hook (before ln_final) attribution patching is far off, IG is not."""
+    task = induction_task(tiny, n=4, seed=2)
+    clean = C.node_values(tiny, group, task.clean)
+    patch = C.node_values(tiny, group, task.corrupted)
+    hook = group.hooks[-1]
+    m_clean = float(logit_diff(tiny(task.clean), task).mean())
+    exact = m_clean - _metric_with(tiny, group, task, hook, patch.f[hook], patch.e[hook])
+    assert abs(exact) > 1.0
+    errs = []
+    for steps in (1, 4, 16):
+        eff = C.ig_effects(tiny, group, task, clean, patch, steps=steps, hooks=[hook])
+        total = float(eff[hook][0].sum()) + eff[hook][1]
+        errs.append(abs(total - exact))
+    assert errs[2] < errs[0] and errs[2] <= 0.02 * abs(exact), (errs, exact)
+    att = C.attribution_effects(tiny, group, task, clean, patch)
+    assert abs(float(att[hook][0].sum()) + att[hook][1] - exact) > 5 * errs[2]
+
+
+def test_edge_faithfulness_with_all_edges_equals_node_faithfulness(tiny, group):
+    task = induction_task(tiny, n=8, seed=3)
+    clean = C.node_values(tiny, group, task.clean)
+    patch = C.node_values(tiny, group, task.corrupted)
+    eff = C.attribution_effects(tiny, group, task, clean, patch)
+    sel = C.select_nodes(eff, 0.05)
+    means = C.task_means(clean)
+    edges = C.edge_weights(tiny, group, task, clean, patch, sel)
+    n_up = len(sel[group.hooks[0]][0]) + int(sel[group.hooks[0]][1])
+    n_down = len(sel[group.hooks[1]][0]) + int(sel[group.hooks[1]][1])
+    assert len(edges) == n_up * n_down > 0
+    m_nodes = C.ablated_metric(tiny, group, task, means, sel)
+    m_all_edges = C.edge_ablated_metric(tiny, group, task, means, sel, edges, threshold=-1.0)
+    assert m_all_edges == pytest.approx(m_nodes, abs=1e-3)
+    # with no edge kept, each downstream node sees only means upstream: a different (lower) metric
+    m_no_edges = C.edge_ablated_metric(tiny, group, task, means, sel, edges, threshold=float("inf"))
+    assert abs(m_no_edges - m_nodes) > 1e-3
+
+
+def test_cli_induction_circuit(demo_group, tmp_path):
+    out = tmp_path / "circuits" / "induction.json"
+    r = subprocess.run([sys.executable, "-m", "saelab", "circuit", "--task", "induction", "--saes",
+                        str(demo_group.group), "--out", str(out), "--n", "16", "--quiet"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "faithfulness = " in r.stdout
+    c = C.load_circuit(out)
+    assert c["task"] == {"name": "induction", "n_examples": 16, "metric": "logit_diff"}
+    assert c["hooks"] == list(demo_group.saes) and c["model"] == "tiny"
+    assert set(c["saes"]) == set(c["hooks"]) and c["method"] == "attrib"
+    ids = {n["id"] for n in c["nodes"]}
+    assert all(abs(n["effect"]) > c["node_threshold"] for n in c["nodes"])
+    assert all(e["src"] in ids and e["dst"] in ids and abs(e["weight"]) > c["edge_threshold"] for e in c["edges"])
+    assert c["faithfulness"]["node_sweep"] and c["faithfulness"]["edge_sweep"]
+    assert c["metric_values"]["full"] > c["metric_values"]["empty"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "saelab", "circuit", *args, "--quiet"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_cli_errors(demo_group, tmp_path, capsys):
+    """Bad input → one line on stderr, exit 2, no traceback (in-process main(); one case as a subprocess)."""
+    import shutil
+
+    from saelab.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"clean": "When Mia and Tom went", "corrupted": "When Mia and Sam went",
+                               "answer": " extraordinarily", "wrong": " Tom"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    # SAEs from different models: a copy of the group whose second SAE claims another model
+    mixed = tmp_path / "mixed"
+    shutil.copytree(demo_group.group, mixed, ignore=shutil.ignore_patterns("features.h5", "checkpoint.pt", "circuits"))
+    cfg_path = mixed / list(demo_group.saes)[1] / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_name"] = cfg["metadata"]["model_name"] = cfg["saelab"]["model_name"] = "gpt2"
+    cfg_path.write_text(json.dumps(cfg))
+    r = _cli("--task", "induction", "--saes", str(mixed))
+    assert r.returncode == 2 and "different models" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for args, match in [(("--task", str(bad), "--saes", str(demo_group.group)), "not one"),
+                        (("--task", str(empty), "--saes", str(demo_group.group)), "no examples"),
+                        (("--task", "induction", "--saes", str(demo_group.group), "--n", "0"), "at least one"),
+                        (("--task", "induction", "--saes", str(tmp_path)), "neither an SAE group")]:
+        capsys.readouterr()
+        assert main(["circuit", *args, "--quiet", "--device", "cpu"]) == 2, args
+        err = capsys.readouterr().err
+        assert match in err and len(err.strip().splitlines()) == 1 and err.startswith("saelab: error:"), err
+
+
+def test_load_circuit_validation(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"kind": "something else"}))
+    with pytest.raises(SaelabError, match="kind"):
+        C.load_circuit(p)
+    good = {"format_version": 1, "kind": C.KIND, "model": "tiny", "group": "g", "saes": {"h": "p"}, "hooks": ["h"],
+            "task": {"name": "t"}, "method": "attrib", "node_threshold": 0.1, "edge_threshold": 0.01,
+            "nodes": [{"id": "h/1", "hook": "h", "layer": 0, "kind": "latent", "latent": 1, "effect": 0.5}],
+            "edges": [{"src": "h/1", "dst": "h/2", "weight": 0.1}], "faithfulness": {}}
+    p.write_text(json.dumps(good))
+    with pytest.raises(SaelabError, match="not in the circuit"):
+        C.load_circuit(p)
+    good["edges"] = []
+    p.write_text(json.dumps(good))
+    assert C.load_circuit(p)["nodes"][0]["latent"] == 1
+    p.write_text("{broken")
+    with pytest.raises(SaelabError, match="not valid JSON"):
+        C.load_circuit(p)
