@@ -20,7 +20,8 @@ task's examples. Every effect is summed over positions and averaged over example
 * **Edges** (u at hook j → d at hook j+1, both in the circuit): ``Σ ∇_d m · ∂d/∂u · (u_clean − u_patch)``
   — one vector-Jacobian product per downstream node, through the model from hook j to hook j+1 and
   the downstream SAE's encoder (for an error node: ``x − decode(encode(x))``).
-* **Circuit**: nodes with ``|effect| > node_threshold``; edges among them with ``|weight| > edge_threshold``.
+* **Circuit**: nodes with ``|effect| > node_threshold``; edges among them with ``|weight| ≥ edge_threshold``
+  (so threshold 0 keeps every edge, zero-weight ones included).
 * **Faithfulness** ``(m(C) − m(∅)) / (m(M) − m(∅))``: M is the model, ∅ mean-ablates every node at
   every hook, C keeps the circuit's nodes and mean-ablates the rest. Hooks are processed in order
   and each SAE encodes the (already ablated) activation that reaches it. The means are per
@@ -360,14 +361,14 @@ def ablated_metric(model, group, task, means: Means, sel: dict | None) -> float:
 @torch.no_grad()
 def edge_ablated_metric(model, group, task, means: Means, sel: dict, edges: list, threshold: float,
                         batch: int = 1024) -> float:
-    """m when circuit nodes are computed only from their kept parents (|weight| > threshold);
+    """m when circuit nodes are computed only from their kept parents (|weight| ≥ threshold);
     pruned parents and non-circuit nodes enter at their means."""
     dev = _device(model)
     tokens = task.clean.to(dev)
     n = len(task)
     parents: dict[str, set] = {}
     for s, d, w in edges:
-        if abs(w) > threshold:
+        if abs(w) >= threshold:
             parents.setdefault(d, set()).add(s)
     first = group.hooks[0]
     sae0 = group.saes[first]
@@ -427,8 +428,9 @@ def faithfulness(m_c: float, m_empty: float, m_full: float) -> float:
 # ----------------------------------------------------------------------------- the whole pipeline
 def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_steps: int = 10,
                  node_threshold: float = 0.1, edge_threshold: float = 0.01,
-                 node_sweep=NODE_SWEEP, edge_sweep=EDGE_SWEEP, progress: bool = True) -> dict:
-    """Everything ``saelab circuit`` computes, as the circuit-file dict (without paths written)."""
+                 node_sweep=NODE_SWEEP, edge_sweep=EDGE_SWEEP, progress: bool = True, edges: bool = True) -> dict:
+    """Everything ``saelab circuit`` computes, as the circuit-file dict. ``edges=False`` skips the
+    edges and their faithfulness (then ``edges`` is empty and the edge faithfulness None)."""
     if method not in ("attrib", "ig"):
         raise SaelabError(f"--method {method!r}: choose attrib or ig")
     if len(task) == 0:
@@ -456,13 +458,14 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
                       "faithfulness": faithfulness(ablated_metric(model, group, task, means, s), m_empty, m_full)})
     sel = select_nodes(effects, node_threshold)
     m_circuit = ablated_metric(model, group, task, means, sel)
-    all_edges = edge_weights(model, group, task, clean, patch, sel, progress)
+    all_edges = edge_weights(model, group, task, clean, patch, sel, progress) if edges else []
     edge_sweep_out = []
-    for t in tqdm(sorted(set(edge_sweep) | {edge_threshold}, reverse=True), desc="edge sweep", disable=not progress):
+    for t in tqdm(sorted(set(edge_sweep) | {edge_threshold}, reverse=True) if edges else [], desc="edge sweep",
+                  disable=not progress):
         m_e = edge_ablated_metric(model, group, task, means, sel, all_edges, t)
-        edge_sweep_out.append({"threshold": t, "n_edges": sum(abs(w) > t for *_, w in all_edges),
+        edge_sweep_out.append({"threshold": t, "n_edges": sum(abs(w) >= t for *_, w in all_edges),
                                "faithfulness": faithfulness(m_e, m_empty, m_full)})
-    m_edges = next(r for r in edge_sweep_out if r["threshold"] == edge_threshold)["faithfulness"]
+    m_edges = next((r["faithfulness"] for r in edge_sweep_out if r["threshold"] == edge_threshold), None)
 
     nodes = []
     for layer, h in enumerate(group.hooks):
@@ -473,7 +476,7 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
         if sel[h][1]:
             nodes.append({"id": node_id(h, None), "hook": h, "layer": layer, "kind": "error", "latent": None,
                           "effect": float(err)})
-    edges = [{"src": s, "dst": d, "weight": w} for s, d, w in all_edges if abs(w) > edge_threshold]
+    kept = [{"src": s, "dst": d, "weight": w} for s, d, w in all_edges if abs(w) >= edge_threshold]
     n_lat = sum(1 for x in nodes if x["kind"] == "latent")
     out = {
         "format_version": FORMAT_VERSION, "kind": KIND, "model": group.model, "group": str(group.path),
@@ -481,7 +484,7 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
         "task": {"name": task.name, "n_examples": len(task), "metric": "logit_diff"},
         "method": method, **({"ig_steps": ig_steps} if method == "ig" else {}),
         "node_threshold": node_threshold, "edge_threshold": edge_threshold,
-        "nodes": nodes, "edges": edges,
+        "nodes": nodes, "edges": kept,
         "faithfulness": {"nodes": faithfulness(m_circuit, m_empty, m_full), "edges": m_edges,
                          "node_sweep": sweep, "edge_sweep": edge_sweep_out},
         "metric_values": {"full": m_full, "empty": m_empty, "circuit": m_circuit},
