@@ -139,6 +139,17 @@ def test_induction_circuit_within_5_percent_of_latents(induction_circuit):
     assert any(r["n_latents"] <= 0.05 * c["n_latents_total"] for r in ok), c["faithfulness"]["node_sweep"]
 
 
+def test_names_induction_circuit_within_5_percent(tiny, group):
+    """Induction in natural language over corpus names (tokens recur across prompts): faithfulness
+    >= 0.8 with at most 5% of all latents on 64 prompts (measured: 155 latents = 3.8%, 0.87)."""
+    task = make_task("names", tiny, n=64)
+    c = C.find_circuit(tiny, group, task, method="ig", node_threshold=0.02, edges=False, progress=False,
+                       node_sweep=(0.1, 0.05))
+    assert c["faithfulness"]["nodes"] >= 0.8 and c["latent_fraction"] <= 0.05, (c["faithfulness"], c["latent_fraction"])
+    sweep = c["faithfulness"]["node_sweep"]
+    assert sweep[0]["faithfulness"] < c["faithfulness"]["nodes"]   # fewer nodes (threshold 0.1), less faithful
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "saelab", "circuit", *args, "--quiet"], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})

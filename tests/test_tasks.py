@@ -48,6 +48,17 @@ def test_ioi_structure(tiny):
         assert t.prompts[i].split()[-1] == "to" or t.prompts[i].endswith(" to")
 
 
+def test_names_task(tiny):
+    t = make_task("names", tiny, n=32, seed=0)
+    assert t.clean.shape == t.corrupted.shape and t.clean.shape[0] == 32
+    for i in range(32):
+        c, k = t.clean[i].tolist(), t.corrupted[i].tolist()
+        diff = [j for j in range(len(c)) if c[j] != k[j]]
+        assert len(diff) == 1 and c[diff[0]] == t.answer[i] and k[diff[0]] == t.wrong[i]
+        assert c.count(int(t.answer[i])) == 2  # named twice: "When A and B …" and "… to A."
+    assert accuracy(tiny, t) >= 0.9           # the tiny model solves it (measured 98%)
+
+
 def test_logit_diff_and_accuracy(tiny):
     t = make_task("induction", tiny, n=32, seed=0)
     with torch.no_grad():

@@ -29,6 +29,12 @@ Built-in tasks (``make_task(spec, model, n, seed)``):
   ("…, Sam gave the ball to"): no name is repeated, so neither is singled out. Only templates whose
   prompts tokenize to the most common length are used (so every prompt has the same T).
 
+* ``"names"`` — induction in natural language over the same names: "When Jane and Bob went to the
+  park, Bob gave the ball to Jane. Then Bob gave a toy to" → answer " Jane" (named once before after
+  "to"); corrupted = that earlier mention replaced by a third name (" Tom"), which is ``wrong``
+  (the name the corrupted prompt suggests). A task the tiny model solves (98%) with the IOI
+  vocabulary, and whose tokens recur across prompts (unlike random-token induction).
+
 * a path to a ``.jsonl`` file, one object per line: ``{"clean": str, "corrupted": str, "answer": str,
   "wrong": str}``. BOS is prepended; answer and wrong must each be exactly one token (include the
   leading space: " Mia"); clean and corrupted must tokenize to the same length, and every line to the
@@ -91,10 +97,12 @@ def make_task(spec: str, model, n: int = 64, seed: int = 0) -> Task:
         return induction_task(model, n, seed)
     if spec == "ioi":
         return ioi_task(model, n, seed)
+    if spec == "names":
+        return names_task(model, n, seed)
     path = pathlib.Path(spec).expanduser()
     if path.suffix == ".jsonl" or path.exists():
         return jsonl_task(path, model, n)
-    raise SaelabError(f"unknown task {spec!r}: pass induction, ioi, or a .jsonl file of "
+    raise SaelabError(f"unknown task {spec!r}: pass induction, ioi, names, or a .jsonl file of "
                       '{"clean", "corrupted", "answer", "wrong"} lines')
 
 
@@ -208,6 +216,36 @@ def ioi_task(model, n: int = 64, seed: int = 0) -> Task:
         prompts.append(text)
     return Task("ioi", torch.tensor(clean), torch.tensor(corrupted), torch.tensor(answer), torch.tensor(wrong),
                 prompts)
+
+
+NAMES_TEMPLATES = [
+    "When {A} and {B} went to the park, {B} gave the ball to {X}. Then {B} gave a toy to",
+    "When {A} and {B} went to the store, {B} gave a book to {X}. Then {B} gave a hat to",
+]
+
+
+def names_task(model, n: int = 64, seed: int = 0) -> Task:
+    tok = model.tokenizer
+    bos = tokenizer_bos(tok)
+    names = ioi_names(tok)
+    if len(names) < 3:
+        raise SaelabError("fewer than 3 single-token corpus names for this tokenizer: the names task needs 3; "
+                          "use a .jsonl task instead")
+
+    def enc(text):
+        return [bos] + tok.encode(text, add_special_tokens=False)
+
+    lengths = [len(enc(t.format(A=names[0], B=names[1], X=names[0]))) for t in NAMES_TEMPLATES]
+    templates = [t for t, ln in zip(NAMES_TEMPLATES, lengths) if ln == lengths[0]]
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        t = templates[int(torch.randint(len(templates), (1,), generator=g))]
+        a, b, c = (names[j] for j in torch.randperm(len(names), generator=g)[:3].tolist())
+        rows.append((t.format(A=a, B=b, X=a), t.format(A=a, B=b, X=c), a, c))
+    ids = lambda nm: tok.encode(" " + nm, add_special_tokens=False)[0]  # noqa: E731
+    return Task("names", torch.tensor([enc(r[0]) for r in rows]), torch.tensor([enc(r[1]) for r in rows]),
+                torch.tensor([ids(r[2]) for r in rows]), torch.tensor([ids(r[3]) for r in rows]), [r[0] for r in rows])
 
 
 # ----------------------------------------------------------------------------- JSONL
