@@ -165,13 +165,11 @@ def induction_task(model, n: int = 64, seed: int = 0, length: int = INDUCTION_LE
 def _corpus_words() -> frozenset:
     from saelab.models import TINY_DIR
 
-    words: set[str] = set()
     counts: dict[str, int] = {}
     for f in sorted((TINY_DIR / "corpus").rglob("*.txt")):
         for w in re.findall(r"\b[A-Z][a-z]+\b", f.read_text(encoding="utf-8", errors="replace")):
             counts[w] = counts.get(w, 0) + 1
-    words = {w for w, c in counts.items() if c >= MIN_NAME_COUNT}
-    return frozenset(words)
+    return frozenset(w for w, c in counts.items() if c >= MIN_NAME_COUNT)
 
 
 def ioi_names(tokenizer) -> list[str]:
@@ -192,8 +190,7 @@ def ioi_task(model, n: int = 64, seed: int = 0) -> Task:
     def enc(text):
         return [bos] + tok.encode(text, add_special_tokens=False)
 
-    a0, b0 = names[0], names[1]
-    lengths = [len(enc(t.format(A=a0, B=b0))) for t in IOI_TEMPLATES]
+    lengths = [len(enc(t.format(A=names[0], B=names[1]))) for t in IOI_TEMPLATES]
     T = max(set(lengths), key=lambda x: (lengths.count(x), -lengths.index(x)))
     templates = [t for t, ln in zip(IOI_TEMPLATES, lengths) if ln == T]
     name_id = {nm: tok.encode(" " + nm, add_special_tokens=False)[0] for nm in names}
