@@ -73,6 +73,22 @@ def cmd_synthetic(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    import numpy as np
+
+    from saelab.analysis.features import FeatureDB, analyze, sae_folders
+
+    for folder in sae_folders(args.sae):
+        path = analyze(folder, args.activations, tokens=args.tokens, top=args.top, device=args.device,
+                       progress=not args.quiet)
+        with FeatureDB(folder) as db:
+            alive = db.density > 0
+            med = float(np.median(db.density[alive])) if alive.any() else 0.0
+            print(f"wrote {path}: {db.hook}, {db.n_rows:,} rows, {int(alive.sum()):,} of {db.d_sae:,} latents alive "
+                  f"({100 * alive.mean():.1f}%), median density of the alive {med:.2e}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from saelab.demo import DEMO_HOOKS, DEMO_K, demo_root, ensure_group
     from saelab.evaluate import evaluate
@@ -126,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(y, SyntheticConfig)
     y.add_argument("--quiet", action="store_true", help="no progress bar")
     y.set_defaults(func=cmd_synthetic)
+
+    a = sub.add_parser("analyze", help="feature database: density, top/quantile examples, logit effects -> features.h5",
+                       description="One streaming pass over a store through an SAE; writes features.h5 into the SAE "
+                                   "folder (each SAE of a group folder).")
+    a.add_argument("--sae", required=True, help="an SAE folder (saelab or SAELens) or a group folder (group.json)")
+    a.add_argument("--activations", default=None,
+                   help="store or RUN folder (default: the store each SAE was trained on, from its train.json)")
+    a.add_argument("--tokens", type=int, default=None, help="analyse only the first N rows (default: the whole store)")
+    a.add_argument("--top", type=int, default=20, help="top-activating examples kept per latent (default: 20)")
+    a.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_analyze)
 
     d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",
                        description="Harvest the tiny model, train one TopK SAE per residual hook (a group), "

@@ -1,0 +1,1 @@
+"""Analysis over trained SAEs: the feature database (``features``), steering, circuits."""
