@@ -103,7 +103,55 @@ def cmd_demo(args) -> int:
         ev = evaluate(folder, str(demo.stores[hook]), "tiny", progress=not args.quiet)
         print(f"{folder}: {hook}: {_eval_line(ev)}")
     print(f"SAE group: {demo.group}")
-    return 0
+    return _demo_open_app(args, demo.group)
+
+
+def _app_argv(sae: str, port: int, host: str) -> list[str]:
+    """The `streamlit run` command line for the app (fileWatcherType none: watching the venv overflows inotify)."""
+    from saelab.app import HOME
+
+    return [sys.executable, "-m", "streamlit", "run", str(HOME), "--server.headless", "true",
+            "--server.fileWatcherType", "none", "--server.address", host, "--server.port", str(port),
+            "--browser.gatherUsageStats", "false", "--", "--sae", sae]
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SaelabError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass a free --port") from None
+
+
+def cmd_app(args) -> int:
+    from saelab.app import ENV_VAR, resolve_target
+
+    try:
+        import streamlit  # noqa: F401
+        import plotly  # noqa: F401
+    except ImportError:
+        raise SaelabError("the app needs streamlit and plotly: pip install 'saelab[app]'") from None
+    target = resolve_target(args.sae)
+    if not 0 < args.port < 65536:
+        raise SaelabError(f"--port {args.port} is not a TCP port: pass 1..65535")
+    _check_port(args.host, args.port)
+    argv = _app_argv(str(target.path), args.port, args.host)
+    print(f"saelab app: {target.path} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    os.environ[ENV_VAR] = str(target.path)
+    os.execv(sys.executable, argv)  # this process becomes the server: its PID stops it
+
+
+def _demo_open_app(args, group) -> int:
+    """Open the app on the demo group, unless --no-app, $CI, or no terminal (then say how)."""
+    cmd = f"saelab app --sae {group}"
+    if args.no_app or os.environ.get("CI") or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print(f"open the app with: {cmd}")
+        return 0
+    print(f"opening the app: {cmd}")
+    args.sae, args.port, args.host = str(group), 8501, "127.0.0.1"
+    return cmd_app(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-app", action="store_true", help="never open the browser (also implied by CI or no terminal)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_demo)
+    ap = sub.add_parser("app", help="open the feature browser / steering / circuits app (Streamlit)",
+                        description="Serve the Streamlit app on an SAE folder or a group folder.")
+    ap.add_argument("--sae", required=True, help="an SAE folder or a group folder (runs/NAME_OR_GROUP)")
+    ap.add_argument("--port", type=int, default=8501, help="port to serve on (default: 8501)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    ap.set_defaults(func=cmd_app)
     return p
 
 

@@ -173,7 +173,10 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> No
     left, right = st.columns([3, 2])
     with left:
         st.markdown("**Top activations**")
-        examples_block(card.top, card.max_act)
+        examples_block(card.top[:10], card.max_act)
+        if len(card.top) > 10:
+            with st.expander(f"{len(card.top) - 10} more top activations"):
+                examples_block(card.top[10:], card.max_act)
         if card.top_negative:
             st.markdown("**Most negative activations**")
             examples_block(card.top_negative, max(abs(e.value) for e in card.top_negative))
@@ -182,12 +185,13 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> No
                 examples_block(exs, card.max_act)
     with right:
         if card.hist_counts:
+            st.markdown("**Histogram** of the non-zero |activations|")
             e = card.hist_edges
             mids = [(a * b) ** 0.5 if a > 0 else (a + b) / 2 for a, b in zip(e[:-1], e[1:])]
             fig = go.Figure(go.Bar(x=mids, y=card.hist_counts, width=[b - a for a, b in zip(e[:-1], e[1:])],
                                    marker_color="darkorange"))
-            fig.update_layout(height=220, margin=dict(l=10, r=10, t=30, b=10), xaxis_type="log",
-                              title="non-zero |activation| histogram", xaxis_title="|activation|",
+            fig.update_layout(height=220, margin=dict(l=10, r=10, t=10, b=10), xaxis_type="log",
+                              xaxis_title="|activation|",
                               yaxis_title="count")
             st.plotly_chart(fig, key=f"{key}_hist_{latent}")
         lt, lb = st.columns(2)

@@ -78,7 +78,8 @@ st.subheader("Sweep")
 st.caption("one latent over several coefficients (greedy): where steering starts to work (KL, logit shift) "
            "and where it breaks fluency")
 c = st.columns([1, 2, 1])
-sweep_latent = c[0].number_input("Latent", 0, sae.d_sae - 1, latents[0] if latents else 0, key="sweep_latent")
+first = latents[0] if latents and 0 <= latents[0] < sae.d_sae else 0
+sweep_latent = c[0].number_input("Latent", 0, sae.d_sae - 1, first, key="sweep_latent")
 coef_text = c[1].text_input("Coefficients", "0, 2, 5, 10, 20, 40", key="sweep_coefs")
 sweep_mode = c[2].radio("Mode", ["add", "clamp"], horizontal=True, key="sweep_mode")
 if st.button("Run sweep", key="sweep_run"):
