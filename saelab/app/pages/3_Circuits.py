@@ -95,11 +95,11 @@ eff = [shown[i].get("effect") or 0.0 for i in ids]
 fig.add_trace(go.Scatter(
     x=[pos[i][0] for i in ids], y=[pos[i][1] for i in ids], mode="markers+text", customdata=ids,
     text=["err" if shown[i].get("kind") == "error" else str(shown[i]["latent"]) for i in ids],
-    textposition="middle right", showlegend=False,
+    textposition="top center", showlegend=False,
     hovertext=[f"{node_label(shown[i])}<br>effect {eff[k]:+.4f}" for k, i in enumerate(ids)], hoverinfo="text",
     marker=dict(size=[10 + 25 * abs(v) / (max_n or 1) for v in eff],
                 symbol=["square" if shown[i].get("kind") == "error" else "circle" for i in ids],
-                color=eff, colorscale="RdBu", cmid=0, line=dict(width=1, color="#333"),
+                color=eff, colorscale=[[0, "steelblue"], [0.5, "white"], [1, "darkorange"]], cmid=0, line=dict(width=1, color="#333"),
                 colorbar=dict(title="effect"))))
 layers = sorted({p[0] for p in pos.values()})
 hooks = {n.get("layer", 0): n["hook"] for n in shown.values()}
