@@ -61,6 +61,18 @@ def circuit_file(app_group):
 
 
 @pytest.fixture(scope="session")
+def top_latent(app_group, tiny) -> int:
+    """The latent of the block-1 SAE that fires most on PROMPT (computed here, not by the app)."""
+    from saelab.sae.base import SAE
+
+    sae = SAE.load(app_group / HOOK1)
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tiny.to_tokens(PROMPT))
+        acts = sae.encode(cache[HOOK1][0, 1:])  # BOS dropped, as the app does
+    return int(acts.max(0).values.argmax())
+
+
+@pytest.fixture(scope="session")
 def db1(app_group):
     from saelab.analysis.features import FeatureDB
 
@@ -110,12 +122,13 @@ def test_home_lists_the_group(monkeypatch, app_group):
     assert df["features.h5"].all() and (df["d_sae"] == 2048).all()
 
 
-def test_features_by_id_shows_the_card(monkeypatch, app_group, db1):
+def test_features_by_id_shows_the_card(monkeypatch, app_group, db1, top_latent):
+    lat = top_latent
     at = _features(monkeypatch, app_group)
-    at.number_input(key="latent").set_value(401).run()
+    at.number_input(key="latent").set_value(lat).run()
     _ok(at)
-    card = db1.card(401)
-    assert _card_title(at) == "Latent 401"
+    card = db1.card(lat)
+    assert _card_title(at) == f"Latent {lat}"
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["density"] == f"{card.density:.3%}" and metrics["max activation"] == f"{card.max_act:.3f}"
     # the top example's tokens are on the page, each shaded span carrying its activation as a tooltip
@@ -124,18 +137,12 @@ def test_features_by_id_shows_the_card(monkeypatch, app_group, db1):
     assert f'title="{ex.acts[ex.pos]:.3f}"' in html and f"<b>{ex.value:+.2f}</b>" in html
     # clicking a neighbour opens its card
     j = card.neighbours[0][0]
-    at.button(key=f"card_nb_401_{j}").click().run()
+    at.button(key=f"card_nb_{lat}_{j}").click().run()
     assert _card_title(_ok(at)) == f"Latent {j}"
 
 
-def test_features_by_prompt_finds_the_latent_that_fires_most(monkeypatch, app_group, tiny):
-    from saelab.sae.base import SAE
-
-    sae = SAE.load(app_group / HOOK1)
-    with torch.no_grad():
-        _, cache = tiny.run_with_cache(tiny.to_tokens(PROMPT))
-        acts = sae.encode(cache[HOOK1][0, 1:])  # BOS dropped, as the page does
-    want = int(acts.max(0).values.argmax())
+def test_features_by_prompt_finds_the_latent_that_fires_most(monkeypatch, app_group, top_latent):
+    want = top_latent
     at = _features(monkeypatch, app_group)
     at.radio(key="find").set_value("by prompt").run()
     at.text_area(key="find_prompt").set_value(PROMPT).run()
@@ -147,42 +154,43 @@ def test_features_by_prompt_finds_the_latent_that_fires_most(monkeypatch, app_gr
     assert _card_title(_ok(at)) == f"Latent {want}"
 
 
-def test_features_by_token_and_by_density(monkeypatch, app_group, db1):
+def test_features_by_token_and_by_density(monkeypatch, app_group, db1, top_latent):
     import numpy as np
 
-    card = db1.card(401)
-    token = card.logits_top[0][0]  # the token latent 401 promotes most
+    lat = top_latent
+    token = db1.card(lat).logits_top[0][0]  # the token this latent promotes most
     at = _features(monkeypatch, app_group)
     at.radio(key="find").set_value("by token").run()
     at.text_input(key="find_token").set_value(token).run()
     _ok(at)
     keys = [b.key for b in _result_buttons(at, "open_t_")]
-    assert "open_t_401" in keys
+    assert f"open_t_{lat}" in keys
     assert keys == [f"open_t_{j}" for j, _ in db1.by_token(token)]
-    at.button(key="open_t_401").click().run()
-    assert _card_title(_ok(at)) == "Latent 401"
+    at.button(key=f"open_t_{lat}").click().run()
+    assert _card_title(_ok(at)) == f"Latent {lat}"
 
     at.radio(key="find").set_value("by density").run()
     dens = np.asarray(db1.density)
     assert _result_buttons(_ok(at), "open_d_")[0].key == f"open_d_{int(dens.argmax())}"
 
 
-def test_a_saved_label_persists_across_a_reload(monkeypatch, app_group):
+def test_a_saved_label_persists_across_a_reload(monkeypatch, app_group, top_latent):
     from saelab.analysis.features import load_labels
 
+    lat = top_latent
     at = _features(monkeypatch, app_group)
-    at.number_input(key="latent").set_value(401).run()
-    at.text_input(key=f"card_label_{HOOK1}_401").set_value("outdoor places")
+    at.number_input(key="latent").set_value(lat).run()
+    at.text_input(key=f"card_label_{HOOK1}_{lat}").set_value("my label")
     next(b for b in at.button if b.label == "Save label").click().run()
     _ok(at)
-    assert load_labels(app_group / HOOK1) == {401: "outdoor places"}
+    assert load_labels(app_group / HOOK1) == {lat: "my label"}
     # a fresh session (a browser reload) shows it in the card's title and in search results
     at = _features(monkeypatch, app_group)
-    at.number_input(key="latent").set_value(401).run()
-    assert _card_title(_ok(at)) == "Latent 401 — outdoor places"
+    at.number_input(key="latent").set_value(lat).run()
+    assert _card_title(_ok(at)) == f"Latent {lat} — my label"
     at.radio(key="find").set_value("by prompt").run()
     at.text_area(key="find_prompt").set_value(PROMPT).run()
-    assert any(b.label.startswith("#401 — outdoor places") for b in _result_buttons(_ok(at), "open_p_"))
+    assert _result_buttons(_ok(at), "open_p_")[0].label.startswith(f"#{lat} — my label")
 
 
 def test_missing_feature_database_is_a_readable_message(monkeypatch, app_group, tmp_path):
@@ -210,11 +218,11 @@ def test_not_an_sae_folder_is_a_readable_error(monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------------- steering
-def test_steering_changes_the_output_for_a_large_coefficient_and_not_for_zero(monkeypatch, app_group):
+def test_steering_changes_the_output_for_a_large_coefficient_and_not_for_zero(monkeypatch, app_group, top_latent):
     at = _app(monkeypatch, app_group, "pages/2_Steering.py")
     if at.selectbox(key="hook").value != HOOK1:
         at.selectbox(key="hook").set_value(HOOK1).run()
-    at.text_input(key="steer_latents").set_value("401")
+    at.text_input(key="steer_latents").set_value(str(top_latent))
     at.text_area(key="steer_prompt").set_value("Once upon a time there was a little")
     at.number_input(key="steer_max_new").set_value(12)
     at.number_input(key="steer_value").set_value(0.0)
@@ -310,7 +318,7 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, tmp_path):
+def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top_latent, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -336,12 +344,12 @@ def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, tmp
                   "--window-size=1400,1800", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
             opts.add_argument(a)
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-        driver.get(f"{url}/Features?hook={HOOK1}&latent=401")
+        driver.get(f"{url}/Features?hook={HOOK1}&latent={top_latent}")
         body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
         WebDriverWait(driver, 90).until(lambda d: "Top activations" in body(d) and "Neighbours" in body(d))
         text = body(driver)
-        card = db1.card(401)
-        assert "Latent 401" in text and f"{card.density:.3%}" in text and "Promoted tokens" in text
+        card = db1.card(top_latent)
+        assert f"Latent {top_latent}" in text and f"{card.density:.3%}" in text and "Promoted tokens" in text
         assert f"{card.top[0].value:+.2f}" in text
         # hovering a token shows its activation: the spans carry it as a tooltip
         spans = driver.find_elements(By.CSS_SELECTOR, "span[title]")
