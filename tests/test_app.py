@@ -3,7 +3,6 @@ and one real-browser test (headless Chromium via selenium) against a served app.
 
 import json
 import os
-import pathlib
 import shutil
 import signal
 import socket
@@ -318,8 +317,9 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top_latent, tmp_path):
+def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top_latent, circuit_file, tmp_path):
     from selenium import webdriver
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -356,6 +356,14 @@ def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top
         assert spans and f"{card.top[0].acts[card.top[0].pos]:.3f}" in {s.get_attribute("title") for s in spans}
         shot = tmp_path / "features.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        # Circuits: clicking a node in the Plotly graph opens its card (the biggest marker: latent 401)
+        driver.get(f"{url}/Circuits")
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "g.points path.point")) == 4)
+        time.sleep(1)  # let the graph settle before clicking
+        node = max(driver.find_elements(By.CSS_SELECTOR, "g.points path.point"), key=lambda e: e.rect["width"])
+        ActionChains(driver).move_to_element(node).click().perform()
+        WebDriverWait(driver, 60).until(lambda d: "Latent 401" in body(d) and "Top activations" in body(d))
+        driver.save_screenshot(str(tmp_path / "circuits.png"))
     finally:
         if driver is not None:
             driver.quit()

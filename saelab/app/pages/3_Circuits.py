@@ -88,7 +88,8 @@ for e in edges:
     (x0, y0), (x1, y1) = pos[e["src"]], pos[e["dst"]]
     w = e["weight"]
     fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
-                             line=dict(width=1 + 6 * abs(w) / (max_w or 1), color="darkorange" if w > 0 else "steelblue"),
+                             line=dict(width=1 + 6 * abs(w) / (max_w or 1),
+                                       color="darkorange" if w > 0 else "steelblue"),
                              opacity=0.35 + 0.6 * abs(w) / (max_w or 1)))
 ids = list(pos)
 eff = [shown[i].get("effect") or 0.0 for i in ids]
@@ -99,8 +100,8 @@ fig.add_trace(go.Scatter(
     hovertext=[f"{node_label(shown[i])}<br>effect {eff[k]:+.4f}" for k, i in enumerate(ids)], hoverinfo="text",
     marker=dict(size=[10 + 25 * abs(v) / (max_n or 1) for v in eff],
                 symbol=["square" if shown[i].get("kind") == "error" else "circle" for i in ids],
-                color=eff, colorscale=[[0, "steelblue"], [0.5, "white"], [1, "darkorange"]], cmid=0, line=dict(width=1, color="#333"),
-                colorbar=dict(title="effect"))))
+                color=eff, colorscale=[[0, "steelblue"], [0.5, "white"], [1, "darkorange"]], cmid=0,
+                line=dict(width=1, color="#333"), colorbar=dict(title="effect"))))
 layers = sorted({p[0] for p in pos.values()})
 hooks = {n.get("layer", 0): n["hook"] for n in shown.values()}
 fig.update_layout(height=520, margin=dict(l=10, r=10, t=10, b=10), clickmode="event+select",
@@ -124,10 +125,9 @@ if node_id:
         st.info(f"Error node of {n['hook']}: what the SAE does not reconstruct there "
                 f"(effect {n.get('effect') or 0:+.4f}). It has no latent card.")
     else:
-        sae_dir = pathlib.Path((circ.get("saes") or {}).get(n["hook"], "")) if (circ.get("saes") or {}).get(n["hook"]) \
-            else target.saes.get(n["hook"])
-        if sae_dir is None or not sae_dir.is_dir():
-            sae_dir = target.saes.get(n["hook"])
+        # the SAE the circuit names for this hook, else the open folder's SAE at that hook
+        named = (circ.get("saes") or {}).get(n["hook"])
+        sae_dir = pathlib.Path(named) if named and pathlib.Path(named).is_dir() else target.saes.get(n["hook"])
         if sae_dir is None:
             st.error(f"no SAE for hook {n['hook']} in {target.path}: open the app on the circuit's group folder")
         else:
