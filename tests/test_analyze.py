@@ -138,15 +138,15 @@ def test_features_equal_brute_force(topk_sae, resid_store, tiny):
 
 def test_card_reads_only_its_latent(topk_sae):
     with h5py.File(topk_sae / FEATURES_FILE) as f:
-        for name in F.PER_LATENT:
-            assert f[name].chunks == (1,) + f[name].shape[1:], name
+        for name in F.PER_LATENT:  # row-major contiguous: a latent's slice is one byte range
+            assert f[name].chunks is None and f[name].compression is None, name
         own = sum(f[name][0].nbytes for name in F.PER_LATENT)
     db = FeatureDB(topk_sae)
     db.card(0)  # first card may read shared metadata
     for i in (7, db.d_sae - 1, 100):
         before = db.bytes_read
         db.card(i)
-        assert 0 < db.bytes_read - before <= 4 * own, (db.bytes_read - before, own)
+        assert own <= db.bytes_read - before <= 1.5 * own, (db.bytes_read - before, own)
     with pytest.raises(SaelabError, match="out of range"):
         db.card(db.d_sae)
     db.close()
@@ -199,9 +199,6 @@ def test_labels_round_trip(tmp_path):
     raw = json.loads((tmp_path / "labels.json").read_text(encoding="utf-8"))
     assert raw == {"12": "names → «Lily»"}
     assert [p.name for p in tmp_path.iterdir()] == ["labels.json"]  # no temp file left behind
-    r = subprocess.run([sys.executable, "-c", "from saelab.analysis.features import load_labels; import sys; "
-                        f"print(load_labels(sys.argv[1]))", str(tmp_path)], capture_output=True, text=True)
-    assert r.stdout.strip() == "{12: 'names → «Lily»'}"
     (tmp_path / "labels.json").write_text("{not json")
     with pytest.raises(SaelabError, match="not valid JSON"):
         load_labels(tmp_path)
@@ -283,3 +280,19 @@ def test_top_buffer_equals_sort(tmp_path):
         assert set(row[s][row[s] >= 0].tolist()) == set(R[m][K[m].argsort(descending=True)[:cap]].tolist())
         assert torch.equal(v[s][row[s] >= 0], expect)
     assert (row[-5:] == -1).all()
+
+
+def test_saelens_folder(topk_sae, resid_store, tmp_path, tiny):
+    """An SAE folder as SAELens writes it (no saelab config, no train.json): --activations is needed."""
+    lens = tmp_path / "lens"
+    lens.mkdir()
+    cfg = json.loads((topk_sae / "cfg.json").read_text())
+    cfg.pop("saelab")
+    (lens / "cfg.json").write_text(json.dumps(cfg))
+    shutil.copy(topk_sae / "sae_weights.safetensors", lens)
+    with pytest.raises(SaelabError, match="pass --activations"):
+        analyze(lens, model=tiny, progress=False)
+    analyze(lens, resid_store, tokens=1024, model=tiny, progress=False)
+    db = FeatureDB(lens)
+    assert db.hook == RESID and db.n_rows == 1024 - 8
+    db.close()
