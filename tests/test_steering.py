@@ -150,3 +150,20 @@ def test_bad_input_is_a_one_line_error(tiny, sae1):
         steer(tiny, sae1, "  ", [1])
     with pytest.raises(SaelabError, match="mode"):
         Intervention(1, "boost", 1.0)
+
+
+def test_steering_an_sae_on_attention_outputs(tiny):
+    """hook_z activations are [batch, pos, heads, d_head]: the hook flattens the heads; there are no
+    promoted tokens to follow there, so logit_shift is NaN while KL still measures the effect."""
+    import math
+
+    from saelab.analysis.steering import Intervention, prompt_latents, steer
+    from saelab.sae.base import SAE
+
+    torch.manual_seed(0)
+    hook = "blocks.0.attn.hook_z"
+    sae = SAE.create("topk", d_in=tiny.cfg.n_heads * tiny.cfg.d_head, d_sae=256, k=8, hook_name=hook)
+    toks, acts = prompt_latents(tiny, sae, PROMPT)
+    assert acts.shape == (len(toks), 256)
+    r = steer(tiny, sae, PROMPT, [Intervention(3, "add", 20.0)], max_new_tokens=3, temperature=0.0)
+    assert r.metrics["kl"] > 0 and math.isnan(r.metrics["logit_shift"]) and r.metrics["promoted"] == []

@@ -16,7 +16,8 @@ the effect on every run (``metrics``):
 * ``kl``: KL(steered ‖ clean) of the next-token distributions, averaged over the prompt's
   positions (BOS excluded);
 * ``logit_shift``: the mean change of the (per-position centred) logits of the tokens the
-  steered latents promote — the top tokens of W_dec[i] @ W_U — averaged over the prompt;
+  steered latents promote — the top tokens of W_dec[i] @ W_U — averaged over the prompt (NaN
+  for SAEs on hooks outside the residual stream, e.g. ``attn.hook_z``);
 * ``fluency``: the clean model's mean next-token loss on the steered continuation
   (``fluency_clean``: the same on the clean continuation, for reference). Steering that
   works raises ``logit_shift``; steering that breaks the model raises ``fluency``.
@@ -159,8 +160,15 @@ def generate_side_by_side(model, sae, prompt, interventions, *, max_new_tokens: 
     return _decode(model, clean), _decode(model, steered)
 
 
-def promoted_tokens(model, sae, latents: Iterable[int], n: int = 10) -> torch.Tensor:
-    """Token ids the latents' decoder rows promote most: top-n of (Σ_i W_dec[i] / ‖W_dec[i]‖) @ W_U."""
+RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
+                  "hook_embed")
+
+
+def promoted_tokens(model, sae, latents: Iterable[int], n: int = 10) -> torch.Tensor | None:
+    """Token ids the latents' decoder rows promote most: top-n of (Σ_i W_dec[i] / ‖W_dec[i]‖) @ W_U.
+    None when the SAE's hook is not in the residual stream (its rows do not live in W_U's space)."""
+    if not (sae.cfg.hook_name or "").endswith(RESIDUAL_HOOKS) or sae.d_in != model.W_U.shape[0]:
+        return None
     W_dec = sae.W_dec.detach()
     rows = W_dec[list(latents)]
     d = (rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)).sum(0)
@@ -200,12 +208,12 @@ def _run(model, sae, toks, interventions, clean: _Clean, *, max_new_tokens, temp
     lp_c, lp_s = clean.logits.log_softmax(-1), s_logits.log_softmax(-1)
     kl = float((lp_s.exp() * (lp_s - lp_c)).sum(-1)[first:].mean())
     latents = [it.latent for it in interventions]
-    if latents:
-        prom = promoted_tokens(model, sae, latents)
+    prom = promoted_tokens(model, sae, latents) if latents else None
+    if prom is not None:
         shift = float((_centred(s_logits) - _centred(clean.logits))[first:, prom.to(s_logits.device)].mean())
         promoted = [model.tokenizer.decode([int(t)]) for t in prom]
-    else:
-        shift, promoted = 0.0, []
+    else:  # nothing steered, or a hook outside the residual stream: no promoted tokens to follow
+        shift, promoted = (0.0 if not latents else float("nan")), []
     p_c, p_s = lp_c[-1].exp(), lp_s[-1].exp()
     change = p_s - p_c
     ids = torch.cat([change.topk(top_n).indices, (-change).topk(top_n).indices]).unique()

@@ -36,20 +36,25 @@ if mode == "by prompt":
         except SaelabError as e:
             st.error(str(e))
         else:
-            peak = acts.max(0).values
+            signed = bool(getattr(sae, "signed", False))  # AbsTopK: both signs count
+            peak = (acts.abs() if signed else acts).max(0).values
             order = peak.argsort(descending=True)[:12]
             order = [int(j) for j in order if peak[j] > 0]
             if not order:
                 st.info("no latent fires on this text")
             else:
                 z = acts[:, order].detach().numpy()
+                lim = float(abs(z).max()) or 1.0
                 fig = px.imshow(z, x=[ui.latent_name(j, labels) for j in order],
-                                y=[f"{i}: {t!r}" for i, t in enumerate(toks)], color_continuous_scale="Oranges",
+                                y=[f"{i}: {t!r}" for i, t in enumerate(toks)],
+                                color_continuous_scale="RdBu_r" if signed else "Oranges",
+                                zmin=-lim if signed else 0, zmax=lim,
                                 aspect="auto", labels=dict(x="latent", y="token", color="activation"))
                 fig.update_layout(height=min(120 + 22 * len(toks), 700), margin=dict(l=10, r=10, t=10, b=10))
                 fig.update_xaxes(type="category")
                 st.plotly_chart(fig, key="prompt_heatmap")
-                st.caption("latents by their highest activation on the prompt")
+                st.caption("latents by their highest " + ("|activation|" if signed else "activation")
+                           + " on the prompt")
                 result_buttons([(j, float(peak[j])) for j in order], "max {:.2f}", "open_p")
 elif mode == "by token":
     tok = st.text_input("Token", key="find_token", placeholder="e.g. ' park' (leading space matters)")
