@@ -183,6 +183,7 @@ def test_a_saved_label_persists_across_a_reload(monkeypatch, app_group, top_late
     next(b for b in at.button if b.label == "Save label").click().run()
     _ok(at)
     assert load_labels(app_group / HOOK1) == {lat: "my label"}
+    assert _card_title(at) == f"Latent {lat} — my label"
     # a fresh session (a browser reload) shows it in the card's title and in search results
     at = _features(monkeypatch, app_group)
     at.number_input(key="latent").set_value(lat).run()
@@ -373,3 +374,31 @@ def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top
         except subprocess.TimeoutExpired:
             os.kill(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_signed_sae_card_shows_both_signs(monkeypatch, demo_group, tiny, tmp_path):
+    """An AbsTopK SAE (latents fire with either sign): prompt search ranks by |activation| and the
+    card lists the most negative examples too."""
+    from saelab.analysis.features import FeatureDB, analyze
+    from saelab.sae.base import SAE
+
+    torch.manual_seed(0)
+    sae = SAE.create("abstopk", d_in=tiny.cfg.d_model, d_sae=256, k=8, hook_name=HOOK1, model_name="tiny")
+    folder = sae.save(tmp_path / "abstopk")
+    analyze(folder, demo_group.stores[HOOK1], tokens=128 * 32, model=tiny, progress=False)
+    with FeatureDB(folder) as db:
+        lat = next(j for j in range(256) if db.card(j).top_negative)
+        neg = db.card(lat).top_negative[0]
+    at = _app(monkeypatch, folder, "pages/1_Features.py")
+    at.number_input(key="latent").set_value(lat).run()
+    _ok(at)
+    assert any(m.value == "**Most negative activations**" for m in at.markdown)
+    assert f"<b>{neg.value:+.2f}</b>" in "".join(m.value for m in at.markdown)
+    at.radio(key="find").set_value("by prompt").run()
+    at.text_area(key="find_prompt").set_value(PROMPT).run()
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tiny.to_tokens(PROMPT))
+        acts = sae.encode(cache[HOOK1][0, 1:])
+    assert (acts < 0).any()
+    want = int(acts.abs().max(0).values.argmax())
+    assert _result_buttons(_ok(at), "open_p_")[0].key == f"open_p_{want}"

@@ -136,13 +136,7 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> No
         st.error(str(e))
         return
     labs = labels(sae_dir)
-    st.subheader(f"Latent {latent}" + (f" — {labs[latent]}" if latent in labs else ""))
-    c = st.columns(4)
-    c[0].metric("density", f"{card.density:.3%}")
-    c[1].metric("mean activation", f"{card.mean_act:.3f}")
-    c[2].metric("max activation", f"{card.max_act:.3f}")
-    c[3].metric("nesting group", "—" if card.group is None else str(card.group))
-
+    head = st.container()  # filled after the label form, so a label saved in this run shows at once
     with st.form(key=f"{key}_label_form_{latent}", border=False):
         cols = st.columns([4, 1])
         text = cols[0].text_input("Label", value=labs.get(latent, ""), key=f"{key}_label_{sae_dir.name}_{latent}",
@@ -150,9 +144,17 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> No
         if cols[1].form_submit_button("Save label"):
             try:
                 save_label(sae_dir, latent, text)
+                labs = labels(sae_dir)
                 st.success("label saved" if text.strip() else "label removed")
             except SaelabError as e:
                 st.error(str(e))
+    with head:
+        st.subheader(f"Latent {latent}" + (f" — {labs[latent]}" if latent in labs else ""))
+        c = st.columns(4)
+        c[0].metric("density", f"{card.density:.3%}")
+        c[1].metric("mean activation", f"{card.mean_act:.3f}")
+        c[2].metric("max activation", f"{card.max_act:.3f}")
+        c[3].metric("nesting group", "—" if card.group is None else str(card.group))
 
     left, right = st.columns([3, 2])
     with left:
