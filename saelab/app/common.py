@@ -20,6 +20,15 @@ def load_model(name: str):
     return _load(name, device="cpu")
 
 
+@st.cache_resource
+def model_lock():
+    """One lock per server around model runs: steering adds hooks to the shared model, which a
+    concurrent session's clean run must not see."""
+    import threading
+
+    return threading.Lock()
+
+
 @st.cache_resource(show_spinner="loading the SAE…")
 def load_sae(path: str, mtime: float):
     from saelab.sae.base import SAE

@@ -32,7 +32,9 @@ if mode == "by prompt":
         from saelab.analysis.steering import prompt_latents
 
         try:
-            toks, acts = prompt_latents(ui.load_model(target.model), sae, text)
+            model = ui.load_model(target.model)
+            with ui.model_lock():
+                toks, acts = prompt_latents(model, sae, text)
         except SaelabError as e:
             st.error(str(e))
         else:

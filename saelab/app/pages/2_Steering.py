@@ -40,8 +40,9 @@ if st.button("Steer", key="steer_run", type="primary"):
 
     try:
         ivs = [Intervention(j, mode, float(value)) for j in latents]
-        with st.spinner("generating…"):
-            st.session_state["steer_result"] = steer(ui.load_model(target.model), sae, prompt, ivs,
+        model = ui.load_model(target.model)
+        with st.spinner("generating…"), ui.model_lock():
+            st.session_state["steer_result"] = steer(model, sae, prompt, ivs,
                                                      max_new_tokens=int(max_new), temperature=float(temperature),
                                                      seed=int(seed))
     except SaelabError as e:
@@ -89,8 +90,9 @@ if st.button("Run sweep", key="sweep_run"):
 
     try:
         coefs = [float(s) for s in coef_text.replace(",", " ").split()]
-        with st.spinner("sweeping…"):
-            st.session_state["sweep_rows"] = sweep(int(sweep_latent), coefs, model=ui.load_model(target.model),
+        model = ui.load_model(target.model)
+        with st.spinner("sweeping…"), ui.model_lock():
+            st.session_state["sweep_rows"] = sweep(int(sweep_latent), coefs, model=model,
                                                    sae=sae, prompt=prompt, mode=sweep_mode,
                                                    max_new_tokens=min(int(max_new), 20))
     except ValueError:
