@@ -42,20 +42,19 @@ if st.button("Steer", key="steer_run", type="primary"):
         ivs = [Intervention(j, mode, float(value)) for j in latents]
         model = ui.load_model(target.model)
         with st.spinner("generating…"), ui.model_lock():
-            st.session_state["steer_result"] = steer(model, sae, prompt, ivs,
-                                                     max_new_tokens=int(max_new), temperature=float(temperature),
-                                                     seed=int(seed))
+            st.session_state["steer_result"] = prompt, steer(model, sae, prompt, ivs, max_new_tokens=int(max_new),
+                                                             temperature=float(temperature), seed=int(seed))
     except SaelabError as e:
         st.session_state.pop("steer_result", None)
         st.error(str(e))
 
-r = st.session_state.get("steer_result")
-if r is not None:
+if "steer_result" in st.session_state:
+    used_prompt, r = st.session_state["steer_result"]
     left, right = st.columns(2)
     left.markdown("**Clean**")
-    left.code(prompt + r.clean, language=None, wrap_lines=True)
+    left.code(used_prompt + r.clean, language=None, wrap_lines=True)
     right.markdown("**Steered**")
-    right.code(prompt + r.steered, language=None, wrap_lines=True)
+    right.code(used_prompt + r.steered, language=None, wrap_lines=True)
     m = r.metrics
     c = st.columns(3)
     c[0].metric("KL(steered ‖ clean), mean over the prompt", f"{m['kl']:.3f}")
