@@ -349,7 +349,7 @@ def compare(identified: HeadRanking, ablation: HeadRanking, top: int = 3, truth_
     hit = len(pred & truth)
     l0, h0, _ = ablation[0]
     return {"top": top, "truth_frac": truth_frac, "important_heads": sorted(truth), "predicted": identified.heads(top),
-            "precision": hit / len(pred), "recall": hit / len(truth) if truth else float("nan"),
+            "precision": hit / len(pred), "recall": hit / len(truth) if truth else None,
             "ablation_top_head": (l0, h0), "ablation_top_head_rank": identified.rank_of(l0, h0),
             "ablation_top_head_ties": identified.tied_with(l0, h0),
             "identify_s": identified.seconds, "ablation_s": ablation.seconds,
@@ -375,9 +375,10 @@ def report(ident: HeadRanking, abl: HeadRanking | None = None, top: int = 3, tas
     lines += [f"ablation sweep ({abl.info['mode']}-ablate one head's hook_z at {where}: 1 baseline + {len(abl)} "
               f"forwards on {abl.n_examples} clean prompts): {abl.seconds:.3f} s",
               "  top heads by logit-diff drop: " + _fmt_heads(abl, top, "{:.3f}"),
-              f"  precision@{top} {cmp['precision']:.2f}, recall@{top} {cmp['recall']:.2f} (important = drop >= "
-              f"{cmp['truth_frac']:.0%} of the largest: " + ", ".join(f"L{l}H{h}" for l, h in cmp["important_heads"])
-              + ")",
+              (f"  precision@{top} {cmp['precision']:.2f}, recall@{top} {cmp['recall']:.2f} (important = drop >= "
+               f"{cmp['truth_frac']:.0%} of the largest: " + ", ".join(f"L{l}H{h}" for l, h in cmp["important_heads"])
+               + ")") if cmp["important_heads"] else
+              "  precision/recall: n/a (no head's ablation lowers the logit difference: does the model do this task?)",
               f"  the head whose ablation hurts most, L{lh[0]}H{lh[1]}, is #{cmp['ablation_top_head_rank']} of "
               f"{len(ident)} by codes" + (f" (tied with {cmp['ablation_top_head_ties']} other heads)"
                                           if cmp["ablation_top_head_ties"] else ""),
