@@ -21,14 +21,20 @@ def induction(tiny):
 
 @pytest.fixture(scope="module")
 def runs(tiny, induction):
-    """Both methods on the same examples, alternated three times (timings: medians of the three)."""
-    with torch.no_grad():
-        tiny(induction.clean[:1])  # warm-up forward, outside every timing
-    ident, abl, abl_last = [], [], []
-    for _ in range(3):
-        ident.append(H.identify_heads(tiny, induction, N))
-        abl.append(H.ablation_ranking(tiny, induction, N, positions="all"))
-        abl_last.append(H.ablation_ranking(tiny, induction, N, positions="last"))
+    """Both methods on the same examples, alternated three times (timings: medians of the three), both on
+    one torch thread (small forwards: one thread is faster on a busy CPU, for both alike)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            tiny(induction.clean[:1])  # warm-up forward, outside every timing
+        ident, abl, abl_last = [], [], []
+        for _ in range(3):
+            ident.append(H.identify_heads(tiny, induction, N))
+            abl.append(H.ablation_ranking(tiny, induction, N, positions="all"))
+            abl_last.append(H.ablation_ranking(tiny, induction, N, positions="last"))
+    finally:
+        torch.set_num_threads(threads)
     return ident, abl, abl_last
 
 
