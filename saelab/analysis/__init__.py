@@ -1,1 +1,1 @@
-"""Analysis over trained SAEs: the feature database (``features``), steering, circuits."""
+"""Analysis on trained SAEs: the feature database (``features``), steering, tasks and circuits."""

@@ -1,0 +1,273 @@
+"""Tasks for circuit discovery: clean / corrupted prompt pairs with a correct and a wrong answer token.
+
+A ``Task`` holds ``n`` prompts of one token length ``T`` (BOS first). The metric is the logit
+difference ``logit(answer) − logit(wrong)`` at the last position: positive when the model prefers
+the correct answer.
+
+Built-in tasks (``make_task(spec, model, n, seed)``):
+
+* ``"induction"`` — repeated random tokens. Each example draws 2·L distinct random token ids
+  (L = ``INDUCTION_LEN`` = 16; never BOS/EOS/special ids): ``r`` (L tokens) and ``s`` (L tokens).
+
+  - clean     = BOS, r[0..L-1], r[0..M-1]          (the sequence, then its first M = 8 tokens again)
+  - answer    = r[M]                               (the next token of the repeat: induction predicts it)
+  - corrupted = BOS, s[0..L-1], r[0..M-1]          (the earlier copy replaced by other random tokens:
+                                                    the second half no longer repeats anything, so
+                                                    r[M] is not predictable)
+  - wrong     = s[M]                               (the token at the answer's slot of the replaced copy:
+                                                    a random token, distinct from every token of r)
+
+  T = 1 + L + M = 25. Only the first half differs between clean and corrupted, so the effects
+  found by patching are those of the earlier copy (where the induction head looks), not of the
+  current token. ``induction_task(..., corrupt="both")`` also replaces the second half
+  (corrupted = BOS, s, s[0..M-1]; then the corrupted prompt itself suggests ``wrong`` = s[M]).
+
+* ``"ioi"`` — indirect-object identification from ``IOI_TEMPLATES`` over names that are single
+  tokens (with a leading space) and occur in the bundled corpus (``ioi_names``): "When Mia and Tom
+  went to the park, Tom gave the ball to" → answer " Mia", wrong " Tom" (the repeated subject).
+  Both name orders (ABB and BAB) occur. corrupted = the repeated subject replaced by a third name
+  ("…, Sam gave the ball to"): no name is repeated, so neither is singled out. Only templates whose
+  prompts tokenize to the most common length are used (so every prompt has the same T).
+
+* a path to a ``.jsonl`` file, one object per line: ``{"clean": str, "corrupted": str, "answer": str,
+  "wrong": str}``. BOS is prepended; answer and wrong must each be exactly one token (include the
+  leading space: " Mia"); clean and corrupted must tokenize to the same length, and every line to the
+  same length as the first. The first ``n`` lines are used. Errors name the line and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import re
+
+import torch
+
+from saelab import SaelabError
+from saelab.models import tokenizer_bos
+
+INDUCTION_LEN = 16   # L: random tokens in the first copy
+INDUCTION_REPEAT = 8  # M: tokens of the second copy before the one to predict
+
+IOI_TEMPLATES = [
+    "When {A} and {B} went to the park, {B} gave the ball to",
+    "When {A} and {B} went to the store, {B} gave a toy to",
+    "When {A} and {B} were at the house, {B} gave a book to",
+    "Then, {A} and {B} had a lot of fun. {B} said hello to",
+    "{A} and {B} were playing. {B} gave the apple to",
+]
+IOI_CANDIDATE_NAMES = ["Lily", "Tom", "Tim", "Max", "Ben", "Jack", "Sam", "Lucy", "Mom", "Sue", "Anna", "Sarah",
+                       "Jane", "Bob", "Billy", "Mia", "Sally", "Kate", "Joe", "Amy", "Molly", "Mary", "Peter",
+                       "Emma", "Jill", "John"]
+MIN_NAME_COUNT = 10  # a name must occur at least this often in the bundled corpus
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    clean: torch.Tensor       # [n, T] int64 token ids, BOS first; every prompt in a task has the same length T
+    corrupted: torch.Tensor   # [n, T] same shape; differs from clean where the task's information is removed
+    answer: torch.Tensor      # [n] the correct next token id after the last position of clean
+    wrong: torch.Tensor       # [n] the competing token id
+    prompts: list[str] | None = None   # the clean texts, for display
+
+    def __len__(self) -> int:
+        return self.clean.shape[0]
+
+    def subset(self, idx) -> "Task":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        prompts = [self.prompts[i] for i in idx.tolist()] if self.prompts is not None else None
+        return Task(self.name, self.clean[idx], self.corrupted[idx], self.answer[idx], self.wrong[idx], prompts)
+
+
+def make_task(spec: str, model, n: int = 64, seed: int = 0) -> Task:
+    """``spec``: "induction", "ioi", or a path to a .jsonl file (see the module docstring)."""
+    if n < 1:
+        raise SaelabError(f"a task needs at least one example (got n={n}): pass --n 1 or more")
+    spec = str(spec)
+    if spec == "induction":
+        return induction_task(model, n, seed)
+    if spec == "ioi":
+        return ioi_task(model, n, seed)
+    path = pathlib.Path(spec).expanduser()
+    if path.suffix == ".jsonl" or path.exists():
+        return jsonl_task(path, model, n)
+    raise SaelabError(f"unknown task {spec!r}: pass induction, ioi, or a .jsonl file of "
+                      '{"clean", "corrupted", "answer", "wrong"} lines')
+
+
+# ----------------------------------------------------------------------------- metric
+def logit_diff(logits: torch.Tensor, task: Task) -> torch.Tensor:
+    """logit(answer) − logit(wrong) at the last position: [n, T, vocab] → [n]."""
+    last = logits[:, -1, :]
+    return last.gather(-1, task.answer.to(last.device)[:, None])[:, 0] - \
+        last.gather(-1, task.wrong.to(last.device)[:, None])[:, 0]
+
+
+@torch.no_grad()
+def accuracy(model, task: Task, batch_size: int = 64) -> float:
+    """Fraction of clean prompts with logit(answer) > logit(wrong)."""
+    dev = _device(model)
+    hits = 0
+    for a in range(0, len(task), batch_size):
+        part = task.subset(range(a, min(a + batch_size, len(task))))
+        hits += int((logit_diff(model(part.clean.to(dev)), part) > 0).sum())
+    return hits / len(task)
+
+
+# ----------------------------------------------------------------------------- induction
+def _special_ids(tok) -> set[int]:
+    ids = set(int(i) for i in (tok.all_special_ids or []))
+    for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):
+        if t is not None:
+            ids.add(int(t))
+    return ids
+
+
+def induction_task(model, n: int = 64, seed: int = 0, length: int = INDUCTION_LEN, repeat: int = INDUCTION_REPEAT,
+                   corrupt: str = "first") -> Task:
+    """Repeated random tokens (see the module docstring). ``corrupt``: "first" (replace the earlier
+    copy only) or "both" (a fresh random sequence repeated the same way)."""
+    if corrupt not in ("first", "both"):
+        raise SaelabError(f"corrupt={corrupt!r}: choose 'first' or 'both'")
+    if not 0 < repeat < length:
+        raise SaelabError(f"induction repeat {repeat} must be between 1 and length-1 ({length - 1})")
+    tok = model.tokenizer
+    bos = tokenizer_bos(tok)
+    vocab = int(model.cfg.d_vocab)
+    special = _special_ids(tok)
+    allowed = torch.tensor([i for i in range(vocab) if i not in special and i < len(tok)], dtype=torch.long)
+    if len(allowed) < 2 * length:
+        raise SaelabError(f"the vocabulary has only {len(allowed)} ordinary tokens; the induction task needs {2 * length}")
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.stack([allowed[torch.randperm(len(allowed), generator=g)[: 2 * length]] for _ in range(n)])
+    r, s = draws[:, :length], draws[:, length:]
+    b = torch.full((n, 1), bos, dtype=torch.long)
+    clean = torch.cat([b, r, r[:, :repeat]], 1)
+    second = s[:, :repeat] if corrupt == "both" else r[:, :repeat]
+    corrupted = torch.cat([b, s, second], 1)
+    prompts = [tok.decode(row[1:].tolist()) for row in clean]
+    return Task("induction", clean, corrupted, r[:, repeat].clone(), s[:, repeat].clone(), prompts)
+
+
+# ----------------------------------------------------------------------------- IOI
+@functools.lru_cache(maxsize=1)
+def _corpus_words() -> frozenset:
+    from saelab.models import TINY_DIR
+
+    words: set[str] = set()
+    counts: dict[str, int] = {}
+    for f in sorted((TINY_DIR / "corpus").rglob("*.txt")):
+        for w in re.findall(r"\b[A-Z][a-z]+\b", f.read_text(encoding="utf-8", errors="replace")):
+            counts[w] = counts.get(w, 0) + 1
+    words = {w for w, c in counts.items() if c >= MIN_NAME_COUNT}
+    return frozenset(words)
+
+
+def ioi_names(tokenizer) -> list[str]:
+    """Candidate names that are one token with a leading space and occur in the bundled corpus."""
+    words = _corpus_words()
+    return [nm for nm in IOI_CANDIDATE_NAMES
+            if nm in words and len(tokenizer.encode(" " + nm, add_special_tokens=False)) == 1]
+
+
+def ioi_task(model, n: int = 64, seed: int = 0) -> Task:
+    tok = model.tokenizer
+    bos = tokenizer_bos(tok)
+    names = ioi_names(tok)
+    if len(names) < 3:
+        raise SaelabError("fewer than 3 single-token corpus names for this tokenizer: the IOI task needs 3; "
+                          "use a .jsonl task instead")
+
+    def enc(text):
+        return [bos] + tok.encode(text, add_special_tokens=False)
+
+    a0, b0 = names[0], names[1]
+    lengths = [len(enc(t.format(A=a0, B=b0))) for t in IOI_TEMPLATES]
+    T = max(set(lengths), key=lambda x: (lengths.count(x), -lengths.index(x)))
+    templates = [t for t, ln in zip(IOI_TEMPLATES, lengths) if ln == T]
+    name_id = {nm: tok.encode(" " + nm, add_special_tokens=False)[0] for nm in names}
+    g = torch.Generator().manual_seed(seed)
+    clean, corrupted, answer, wrong, prompts = [], [], [], [], []
+    for i in range(n):
+        t = templates[int(torch.randint(len(templates), (1,), generator=g))]
+        a, b, c = (names[j] for j in torch.randperm(len(names), generator=g)[:3].tolist())
+        first, second = (a, b) if i % 2 == 0 else (b, a)  # ABB and BAB orders alternate
+        # slots in order: {A}, {B}, then the second {B} = the repeated subject (b in both orders)
+        text = t.replace("{A}", first, 1).replace("{B}", second, 1).replace("{B}", b, 1)
+        text_c = t.replace("{A}", first, 1).replace("{B}", second, 1).replace("{B}", c, 1)
+        ids, ids_c = enc(text), enc(text_c)
+        if len(ids) != T or len(ids_c) != T:  # names are single tokens, so this cannot happen
+            raise SaelabError(f"IOI prompt {text!r} tokenizes to {len(ids)} tokens, expected {T}")
+        clean.append(ids)
+        corrupted.append(ids_c)
+        answer.append(name_id[a])
+        wrong.append(name_id[b])
+        prompts.append(text)
+    return Task("ioi", torch.tensor(clean), torch.tensor(corrupted), torch.tensor(answer), torch.tensor(wrong),
+                prompts)
+
+
+# ----------------------------------------------------------------------------- JSONL
+def jsonl_task(path, model, n: int = 64) -> Task:
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        raise SaelabError(f"task file {path} does not exist: pass induction, ioi, or an existing .jsonl file")
+    tok = model.tokenizer
+    bos = tokenizer_bos(tok)
+    clean, corrupted, answer, wrong, prompts = [], [], [], [], []
+    T = None
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if len(clean) >= n:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SaelabError(f"{where} is not valid JSON ({e.msg}): one object per line") from None
+            if not isinstance(obj, dict):
+                raise SaelabError(f"{where}: expected a JSON object with clean, corrupted, answer, wrong")
+            missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not isinstance(obj.get(k), str)]
+            if missing:
+                raise SaelabError(f"{where}: missing or non-string {', '.join(missing)}; each line needs "
+                                  '{"clean", "corrupted", "answer", "wrong"} strings')
+            ids = [bos] + tok.encode(obj["clean"], add_special_tokens=False)
+            ids_c = [bos] + tok.encode(obj["corrupted"], add_special_tokens=False)
+            if len(ids) != len(ids_c):
+                raise SaelabError(f"{where}: clean tokenizes to {len(ids)} tokens and corrupted to {len(ids_c)}; "
+                                  "make them the same length (swap words of equal token length)")
+            if T is None:
+                T = len(ids)
+            elif len(ids) != T:
+                raise SaelabError(f"{where}: the prompt tokenizes to {len(ids)} tokens, the first line's to {T}; "
+                                  "every prompt in a task must have the same token length")
+            pair = []
+            for key in ("answer", "wrong"):
+                t = tok.encode(obj[key], add_special_tokens=False)
+                if len(t) != 1:
+                    pieces = [tok.decode([i]) for i in t]
+                    raise SaelabError(f"{where}: {key} {obj[key]!r} is {len(t)} tokens {pieces}, not one; "
+                                      "pick a word that is a single token (usually with its leading space)")
+                pair.append(t[0])
+            clean.append(ids)
+            corrupted.append(ids_c)
+            answer.append(pair[0])
+            wrong.append(pair[1])
+            prompts.append(obj["clean"])
+    if not clean:
+        raise SaelabError(f"task file {path} has no examples: add lines of "
+                          '{"clean", "corrupted", "answer", "wrong"}')
+    return Task(path.stem, torch.tensor(clean), torch.tensor(corrupted), torch.tensor(answer), torch.tensor(wrong),
+                prompts)
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
