@@ -51,7 +51,14 @@ def test_large_coefficient_changes_the_output_and_zero_does_not(tiny, sae1):
     r = steer(tiny, sae1, PROMPT, [Intervention(lat, "add", 40.0)], max_new_tokens=12, temperature=1.0, seed=3)
     assert r.clean == clean and r.steered != clean
     assert r.metrics["kl"] > 0.5 and r.metrics["logit_shift"] > 1.0
-    assert r.metrics["fluency"] > r.metrics["fluency_clean"]
+    # fluency = the clean model's mean loss on each continuation after the prompt (recomputed here)
+    prompt = tiny.to_tokens(PROMPT)[0]
+    for ids, key in [(r.steered_ids, "fluency"), (r.clean_ids, "fluency_clean")]:
+        with torch.no_grad():
+            logits = tiny(torch.cat([prompt, torch.tensor(ids)])[None])[0, len(prompt) - 1 : -1]
+        want = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids))
+        assert abs(r.metrics[key] - float(want)) < 1e-4, (key, r.metrics[key], float(want))
+    assert len(r.steered_ids) == 12 and tiny.tokenizer.decode(r.steered_ids) == r.steered
     # the probability change after the prompt lists rises first, falls last, and they are the real differences
     deltas = [p["delta"] for p in r.prob_change]
     assert deltas == sorted(deltas, reverse=True) and deltas[0] > 0 > deltas[-1]

@@ -61,6 +61,8 @@ class SteerResult:
     steered: str                    # the steered continuation
     metrics: dict                   # kl, logit_shift, fluency, fluency_clean, promoted
     prob_change: list[dict]         # next-token after the prompt: {token, p_clean, p_steered, delta}
+    clean_ids: list[int] = dataclasses.field(default_factory=list)    # the continuations' token ids
+    steered_ids: list[int] = dataclasses.field(default_factory=list)
 
 
 def as_interventions(interventions, mode: str = "add", value: float = 0.0) -> list[Intervention]:
@@ -222,7 +224,7 @@ def _run(model, sae, toks, interventions, clean: _Clean, *, max_new_tokens, temp
              "delta": float(change[t])} for t in ids]
     metrics = {"kl": kl, "logit_shift": shift, "fluency": _loss_on(model, toks, cont),
                "fluency_clean": clean.fluency, "promoted": promoted}
-    return _decode(model, cont), metrics, prob
+    return cont, metrics, prob
 
 
 @torch.no_grad()
@@ -234,10 +236,11 @@ def steer(model, sae, prompt, interventions, *, max_new_tokens: int = 30, temper
     _check(sae, model, interventions)
     toks = _tokens(model, prompt).to(next(model.parameters()).device)
     clean = _Clean(model, toks, max_new_tokens, temperature, seed)
-    text, metrics, prob = _run(model, sae, toks, interventions, clean, max_new_tokens=max_new_tokens,
+    cont, metrics, prob = _run(model, sae, toks, interventions, clean, max_new_tokens=max_new_tokens,
                                temperature=temperature, seed=seed, top_n=top_n)
     return SteerResult(prompt_tokens=model.to_str_tokens(toks[0]), clean=_decode(model, clean.cont),
-                       steered=text, metrics=metrics, prob_change=prob)
+                       steered=_decode(model, cont), metrics=metrics, prob_change=prob,
+                       clean_ids=clean.cont.tolist(), steered_ids=cont.tolist())
 
 
 @torch.no_grad()
@@ -256,8 +259,9 @@ def sweep(latent: int, coefficients: Iterable[float], *, model, sae, prompt, mod
     clean = _Clean(model, toks, max_new_tokens, temperature, seed)
     rows = []
     for c in tqdm(list(coefficients), disable=not progress, desc="sweep", unit="coef"):
-        text, m, _ = _run(model, sae, toks, [Intervention(int(latent), mode, float(c))], clean,
+        cont, m, _ = _run(model, sae, toks, [Intervention(int(latent), mode, float(c))], clean,
                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_n=1)
+        text = _decode(model, cont)
         rows.append({"coefficient": float(c), "kl": m["kl"], "logit_shift": m["logit_shift"],
                      "fluency": m["fluency"], "fluency_clean": m["fluency_clean"], "text": text})
     return rows
