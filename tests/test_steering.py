@@ -155,6 +155,8 @@ def test_bad_input_is_a_one_line_error(tiny, sae1):
         steer(tiny, sae1, PROMPT, [Intervention(sae1.d_sae, "add", 1.0)])
     with pytest.raises(SaelabError, match="empty"):
         steer(tiny, sae1, "  ", [1])
+    with pytest.raises(SaelabError, match="context"):
+        steer(tiny, sae1, "word " * tiny.cfg.n_ctx, [1], max_new_tokens=5)
     with pytest.raises(SaelabError, match="mode"):
         Intervention(1, "boost", 1.0)
 

@@ -123,12 +123,20 @@ def _fwd_hooks(sae, model, interventions):
     return [(_check(sae, model, interventions), steering_hook(sae, interventions))]
 
 
-def _tokens(model, prompt: str | torch.Tensor) -> torch.Tensor:
+def _tokens(model, prompt: str | torch.Tensor, new: int = 0) -> torch.Tensor:
+    """[1, T] token ids (BOS first) of the prompt; SaelabError when empty or when T + ``new``
+    generated tokens exceed the model's context."""
     if isinstance(prompt, torch.Tensor):
-        return prompt.reshape(1, -1).long()
-    if not prompt or not prompt.strip():
+        toks = prompt.reshape(1, -1).long()
+    elif not prompt or not prompt.strip():
         raise SaelabError("the prompt is empty: type some text to steer from")
-    return model.to_tokens(prompt)
+    else:
+        toks = model.to_tokens(prompt)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and toks.shape[1] + max(new, 0) > n_ctx:
+        raise SaelabError(f"the prompt ({toks.shape[1]} tokens) plus {max(new, 0)} new tokens exceeds the model's "
+                          f"context of {n_ctx}: shorten the prompt or ask for fewer new tokens")
+    return toks
 
 
 def _generate(model, tokens: torch.Tensor, fwd_hooks, max_new_tokens: int, temperature: float, seed: int):
@@ -156,7 +164,7 @@ def generate_side_by_side(model, sae, prompt, interventions, *, max_new_tokens: 
                           temperature: float = 1.0, seed: int = 0) -> tuple[str, str]:
     """(clean continuation, steered continuation) of the prompt, drawn with the same seed."""
     interventions = as_interventions(interventions)
-    toks = _tokens(model, prompt).to(next(model.parameters()).device)
+    toks = _tokens(model, prompt, max_new_tokens).to(next(model.parameters()).device)
     clean = _generate(model, toks, [], max_new_tokens, temperature, seed)
     steered = _generate(model, toks, _fwd_hooks(sae, model, interventions), max_new_tokens, temperature, seed)
     return _decode(model, clean), _decode(model, steered)
@@ -234,7 +242,7 @@ def steer(model, sae, prompt, interventions, *, max_new_tokens: int = 30, temper
     (the ``top_n`` biggest rises and falls), and the steering metrics (module docstring)."""
     interventions = as_interventions(interventions)
     _check(sae, model, interventions)
-    toks = _tokens(model, prompt).to(next(model.parameters()).device)
+    toks = _tokens(model, prompt, max_new_tokens).to(next(model.parameters()).device)
     clean = _Clean(model, toks, max_new_tokens, temperature, seed)
     cont, metrics, prob = _run(model, sae, toks, interventions, clean, max_new_tokens=max_new_tokens,
                                temperature=temperature, seed=seed, top_n=top_n)
@@ -254,7 +262,7 @@ def sweep(latent: int, coefficients: Iterable[float], *, model, sae, prompt, mod
 
     if mode not in ("add", "clamp"):
         raise SaelabError(f"sweep mode must be add or clamp, not {mode!r}")
-    toks = _tokens(model, prompt).to(next(model.parameters()).device)
+    toks = _tokens(model, prompt, max_new_tokens).to(next(model.parameters()).device)
     _check(sae, model, [Intervention(int(latent))])
     clean = _Clean(model, toks, max_new_tokens, temperature, seed)
     rows = []
