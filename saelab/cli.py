@@ -73,6 +73,22 @@ def cmd_synthetic(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    import numpy as np
+
+    from saelab.analysis.features import FeatureDB, analyze, sae_folders
+
+    for folder in sae_folders(args.sae):
+        path = analyze(folder, args.activations, tokens=args.tokens, top=args.top, device=args.device,
+                       progress=not args.quiet)
+        with FeatureDB(folder) as db:
+            alive = db.density > 0
+            med = float(np.median(db.density[alive])) if alive.any() else 0.0
+            print(f"wrote {path}: {db.hook}, {db.n_rows:,} rows, {int(alive.sum()):,} of {db.d_sae:,} latents alive "
+                  f"({100 * alive.mean():.1f}%), median density of the alive {med:.2e}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from saelab.demo import DEMO_HOOKS, DEMO_K, demo_root, ensure_group
     from saelab.evaluate import evaluate
@@ -87,6 +103,64 @@ def cmd_demo(args) -> int:
         ev = evaluate(folder, str(demo.stores[hook]), "tiny", progress=not args.quiet)
         print(f"{folder}: {hook}: {_eval_line(ev)}")
     print(f"SAE group: {demo.group}")
+    return _demo_open_app(args, demo.group)
+
+
+def _app_argv(sae: str, port: int, host: str) -> list[str]:
+    """The `streamlit run` command line for the app (fileWatcherType none: watching the venv overflows inotify)."""
+    from saelab.app import HOME
+
+    return [sys.executable, "-m", "streamlit", "run", str(HOME), "--server.headless", "true",
+            "--server.fileWatcherType", "none", "--server.address", host, "--server.port", str(port),
+            "--browser.gatherUsageStats", "false", "--", "--sae", sae]
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SaelabError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass a free --port") from None
+
+
+def cmd_app(args) -> int:
+    from saelab.app import ENV_VAR, resolve_target
+
+    try:
+        import streamlit  # noqa: F401
+        import plotly  # noqa: F401
+    except ImportError:
+        raise SaelabError("the app needs streamlit and plotly: pip install 'saelab[app]'") from None
+    target = resolve_target(args.sae)
+    if not 0 < args.port < 65536:
+        raise SaelabError(f"--port {args.port} is not a TCP port: pass 1..65535")
+    _check_port(args.host, args.port)
+    argv = _app_argv(str(target.path), args.port, args.host)
+    print(f"saelab app: {target.path} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    os.environ[ENV_VAR] = str(target.path)
+    os.execv(sys.executable, argv)  # this process becomes the server: its PID stops it
+
+
+def _demo_open_app(args, group) -> int:
+    """Open the app on the demo group, unless --no-app, $CI, or no terminal (then say how)."""
+    cmd = f"saelab app --sae {group}"
+    if args.no_app or os.environ.get("CI") or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print(f"open the app with: {cmd}")
+        return 0
+    print(f"opening the app: {cmd}")
+    args.sae, args.port, args.host = str(group), 8501, "127.0.0.1"
+    return cmd_app(args)
+
+
+def cmd_heads(args) -> int:
+    from saelab.analysis.heads import run_heads
+
+    _, lines = run_heads(args.task, model=args.model, n=args.n, top=args.top, compare_ablation=args.compare_ablation,
+                         ablation_positions=args.ablation_positions, out=args.out, seed=args.seed,
+                         position=args.position, device=args.device, progress=not args.quiet)
+    print("\n".join(lines))
     return 0
 
 
@@ -145,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--quiet", action="store_true", help="no progress bar")
     y.set_defaults(func=cmd_synthetic)
 
+    a = sub.add_parser("analyze", help="feature database: density, top/quantile examples, logit effects -> features.h5",
+                       description="One streaming pass over a store through an SAE; writes features.h5 into the SAE "
+                                   "folder (each SAE of a group folder).")
+    a.add_argument("--sae", required=True, help="an SAE folder (saelab or SAELens) or a group folder (group.json)")
+    a.add_argument("--activations", default=None,
+                   help="store or RUN folder (default: the store each SAE was trained on, from its train.json)")
+    a.add_argument("--tokens", type=int, default=None, help="analyse only the first N rows (default: the whole store)")
+    a.add_argument("--top", type=int, default=20, help="top-activating examples kept per latent (default: 20)")
+    a.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_analyze)
+
     d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",
                        description="Harvest the tiny model, train one TopK SAE per residual hook (a group), "
                                    "evaluate them. Re-running reuses what is finished.")
@@ -160,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Node effects (attribution patching or integrated gradients) of every SAE latent "
                                    "and error term, edges between consecutive hooks, faithfulness under mean "
                                    "ablation; writes a circuit JSON file.")
-    c.add_argument("--task", required=True, help="induction, ioi, or a .jsonl file of "
+    c.add_argument("--task", required=True, help="induction, ioi, names, or a .jsonl file of "
                                                  '{"clean", "corrupted", "answer", "wrong"} lines')
     c.add_argument("--saes", required=True, help="an SAE group folder (runs/GROUP with group.json) or one SAE folder")
     c.add_argument("--out", default=None, help="circuit file (default: <saes>/circuits/<task>.json)")
@@ -170,12 +256,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--node-threshold", type=float, default=0.1,
                    help="keep nodes with |effect| above this, in logit-difference units (default: 0.1)")
     c.add_argument("--edge-threshold", type=float, default=0.01,
-                   help="keep edges with |weight| above this (default: 0.01)")
+                   help="keep edges with |weight| at least this (default: 0.01)")
     c.add_argument("--n", type=int, default=64, help="task examples (default: 64)")
     c.add_argument("--seed", type=int, default=0, help="task sampling seed (default: 0)")
     c.add_argument("--device", default="auto", help="cpu, cuda or auto")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_circuit)
+
+    ap = sub.add_parser("app", help="open the feature browser / steering / circuits app (Streamlit)",
+                        description="Serve the Streamlit app on an SAE folder or a group folder.")
+    ap.add_argument("--sae", required=True, help="an SAE folder or a group folder (runs/NAME_OR_GROUP)")
+    ap.add_argument("--port", type=int, default=8501, help="port to serve on (default: 8501)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    ap.set_defaults(func=cmd_app)
+
+    hd = sub.add_parser("heads", help="rank attention heads by discrete SAE codes unique to a task's positive examples",
+                        description="Discrete-code head identification (O'Neill & Bui 2024): one small SAE per head "
+                                    "on its hook_z output over n clean (positive) and n corrupted (negative) prompts; "
+                                    "heads ranked by the codes seen only on positives. --compare-ablation also runs "
+                                    "the per-head ablation sweep and compares rankings and run times.")
+    hd.add_argument("--task", required=True, help="induction, ioi, or a .jsonl file of "
+                                                  "{clean, corrupted, answer, wrong} lines")
+    hd.add_argument("--model", default="tiny", help="tiny (bundled), a local Hugging Face folder or a hub name")
+    hd.add_argument("--n", type=int, default=8, help="positive examples (as many negatives) (default: 8)")
+    hd.add_argument("--top", type=int, default=3, help="heads to print and to score precision/recall at (default: 3)")
+    hd.add_argument("--position", choices=["last", "mean"], default="last",
+                    help="which hook_z the codes read: the last position (default) or the mean over positions")
+    hd.add_argument("--compare-ablation", action="store_true",
+                    help="also mean-ablate each head and report precision/recall@top and both run times")
+    hd.add_argument("--ablation-positions", choices=["all", "last"], default="all",
+                    help="ablate each head at every position (default) or only at the last one")
+    hd.add_argument("--seed", type=int, default=0, help="task and SAE seed (default: 0)")
+    hd.add_argument("--out", default=None, help="write the rankings, timings and comparison to this JSON file")
+    hd.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    hd.add_argument("--quiet", action="store_true", help="no progress bar")
+    hd.set_defaults(func=cmd_heads)
     return p
 
 

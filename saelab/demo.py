@@ -42,14 +42,30 @@ def demo_root(root: str | os.PathLike | None = None) -> pathlib.Path:
 
 def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = None,
                  train_tokens: int = DEMO_TRAIN_TOKENS, progress: bool = True, model=None,
-                 name: str = "demo", hooks: tuple[str, ...] = DEMO_HOOKS) -> DemoGroup:
+                 analyze: bool = True, name: str = "demo", hooks: tuple[str, ...] = DEMO_HOOKS) -> DemoGroup:
     """Build (or reuse) the demo store and SAE group; returns their folders.
 
     ``tokens``: rows to harvest (default: the whole bundled train split); ``train_tokens``: per
-    SAE. A group already finished is reused as it is, whatever these say. ``name`` and ``hooks``
+    SAE. A group already finished is reused as it is, whatever these say. ``analyze``: also write
+    each SAE's ``features.h5`` (``saelab analyze``) where it is missing. ``name`` and ``hooks``
     build another group the same way (``activations/<name>/``, ``runs/<name>/``), e.g. SAEs on
     attention and MLP outputs for circuits; the defaults are the demo group.
     """
+    demo = _ensure_trained(root, tokens=tokens, train_tokens=train_tokens, progress=progress, model=model,
+                           name=name, hooks=tuple(hooks))
+    if analyze:
+        from saelab import SaelabError
+        from saelab.analysis.features import FeatureDB, analyze as analyze_sae
+
+        for hook, folder in demo.saes.items():
+            try:
+                FeatureDB(folder).close()  # present and written for this SAE
+            except SaelabError:
+                analyze_sae(folder, demo.stores[hook], model=model, progress=progress)
+    return demo
+
+
+def _ensure_trained(root, *, tokens, train_tokens, progress, model, name="demo", hooks=DEMO_HOOKS) -> DemoGroup:
     from saelab.config import HarvestConfig, SAEConfig, TrainConfig
     from saelab.harvest import RUN_FILE, harvest
     from saelab.store import atomic_write_text

@@ -1,1 +1,1 @@
-"""Analysis on trained SAEs: feature database, steering, tasks and circuits."""
+"""Analysis on trained SAEs: the feature database (``features``), steering, tasks and circuits."""

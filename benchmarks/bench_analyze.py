@@ -1,0 +1,111 @@
+"""``saelab analyze`` on this machine, as ratios measured in one run.
+
+    python benchmarks/bench_analyze.py [--rows 131072] [--reps 3] [--threads 1]
+
+1. Throughput: ``analyze()`` end to end (the streaming pass, logit effects, neighbours, the HDF5
+   write; model preloaded) against a bare pass of the SAE encoder (``sae.encode``) over the same
+   rows read the same way (``ActivationStore.batches(shuffle=False)``). Target: ≥ 0.5. Variants
+   alternate, medians of ``--reps``. SAEs: the demo's TopK SAE (d_in 128, 2048 latents, k 16) and
+   a 16k-latent TopK SAE (k 32) on the same store.
+2. Lazy reads: with the 16k-latent features file, the file bytes FeatureDB reads to open one
+   latent card (after the database is open) over that latent's own stored bytes (the sum of its
+   slices of the per-latent datasets). Target: ≤ 4.
+
+The demo store is built on first use (``saelab.demo.ensure_group``, in ``$SAELAB_DEMO_DIR`` or
+the current folder).
+"""
+
+import argparse
+import pathlib
+import statistics
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import torch
+
+from saelab.analysis import features as F
+from saelab.demo import ensure_group
+from saelab.models import load_model
+from saelab.sae.base import SAE
+from saelab.store import ActivationStore
+
+
+@torch.no_grad()
+def bare_pass(sae, store_path, rows, batch_size=F.BATCH_ROWS):
+    store = ActivationStore(store_path)
+    it = store.batches(batch_size, split="all", tokens=rows, shuffle=False)
+    t0 = time.perf_counter()
+    for x in it:
+        sae.encode(x)
+    dt = time.perf_counter() - t0
+    store.close()
+    return dt
+
+
+def throughput(name, sae_dir, store, rows, reps, model):
+    sae = SAE.load(sae_dir).eval()
+    bare, full = [], []
+    for _ in range(reps):  # alternate the variants
+        bare.append(bare_pass(sae, store, rows))
+        t0 = time.perf_counter()
+        F.analyze(sae_dir, store, tokens=rows, model=model, progress=False, device="cpu")
+        full.append(time.perf_counter() - t0)
+    b, a = statistics.median(bare), statistics.median(full)
+    print(f"| {name} | {rows:,} | {rows / b:,.0f} | {rows / a:,.0f} | {b / a:.2f} |")
+
+
+def lazy_reads(sae_dir, n=20):
+    with h5py.File(sae_dir / F.FEATURES_FILE) as f:
+        d_sae = f.attrs["d_sae"]
+        size = (sae_dir / F.FEATURES_FILE).stat().st_size
+    db = F.FeatureDB(sae_dir)
+    opened = db.bytes_read
+    rng = np.random.default_rng(0)
+    ratios, reads = [], []
+    with h5py.File(sae_dir / F.FEATURES_FILE) as f:
+        for i in rng.choice(d_sae, n, replace=False):
+            own = sum(f[k][i].nbytes for k in F.PER_LATENT if k in f)
+            before = db.bytes_read
+            db.card(int(i))
+            reads.append(db.bytes_read - before)
+            ratios.append(reads[-1] / own)
+    db.close()
+    print(f"\nfeatures file: {d_sae:,} latents, {size / 2**20:.1f} MiB; opening FeatureDB read {opened / 2**10:.0f} KiB "
+          f"(attrs, the [d_sae] arrays, dataset headers)")
+    print("| card reads | bytes read per card (median) | own bytes of the latent | ratio median | ratio max |")
+    print("|---|---|---|---|---|")
+    print(f"| {n} random latents | {statistics.median(reads):,.0f} | {own:,} | {statistics.median(ratios):.2f} | "
+          f"{max(ratios):.2f} |")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=131072, help="rows analysed per run")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: fair on a shared machine)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    demo = ensure_group(analyze=False)
+    hook = "blocks.1.hook_resid_post"
+    store = demo.stores[hook]
+    model = load_model("tiny", device="cpu")
+    print(f"store {store} ({ActivationStore(store).n_rows('all'):,} rows), {torch.get_num_threads()} torch threads")
+    print("| SAE | rows | bare encode pass, rows/s | analyze, rows/s | analyze / bare |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        demo_copy = pathlib.Path(tmp) / "demo_sae"  # analyze writes features.h5: leave the demo's own alone
+        demo_copy.mkdir()
+        for f in ("cfg.json", "sae_weights.safetensors"):
+            (demo_copy / f).write_bytes((demo.saes[hook] / f).read_bytes())
+        throughput("demo TopK, 2,048 latents", demo_copy, store, a.rows, a.reps, model)
+        wide = pathlib.Path(tmp) / "wide"
+        torch.manual_seed(0)
+        SAE.create("topk", d_in=128, d_sae=16384, k=32, hook_name=hook, model_name="tiny").save(wide)
+        throughput("random TopK, 16,384 latents", wide, store, a.rows, a.reps, model)
+        lazy_reads(wide)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""saelab app — home: what is open, and the pages."""
+
+import json
+
+import streamlit as st
+
+from saelab.app import common as ui
+
+target = ui.setup("Home")
+st.title("saelab")
+kind = "SAE group" if target.group else "SAE"
+st.markdown(f"**{kind}** `{target.path}` · model **{target.model}**")
+
+rows = []
+for hook, folder in target.saes.items():
+    cfg = json.loads((folder / "cfg.json").read_text())
+    ev = {}
+    if (folder / "eval.json").is_file():
+        ev = json.loads((folder / "eval.json").read_text())
+    s = cfg.get("saelab") or {}
+    rows.append({"hook": hook, "arch": s.get("arch") or cfg.get("architecture"), "d_sae": cfg.get("d_sae"),
+                 "k": s.get("k") or cfg.get("k"), "FVU": ev.get("fvu"), "L0": ev.get("l0"),
+                 "CE recovered": ev.get("ce_loss_recovered"), "features.h5": (folder / "features.h5").is_file(),
+                 "labels": len(ui.labels(folder))})
+st.dataframe(rows, hide_index=True)
+missing = [h for h, f in target.saes.items() if not (f / "features.h5").is_file()]
+if missing:
+    st.info("The Features page needs a feature database; create it with "
+            f"`saelab analyze --sae {target.group or target.path}` ({', '.join(missing)} lack one).")
+
+st.page_link("pages/1_Features.py", label="Features — find latents by id, prompt, token or density; latent cards")
+st.page_link("pages/2_Steering.py", label="Steering — add / clamp / ablate latents, side-by-side generations, "
+                                          "effect metrics, sweeps")
+st.page_link("pages/3_Circuits.py", label="Circuits — sparse feature circuits as layered graphs")

@@ -1,0 +1,200 @@
+"""What every page shares: the SAE target, cached model/SAE/feature-db loading, the hook selector,
+and the latent card. Thin over saelab.analysis; nothing heavy is computed here."""
+
+from __future__ import annotations
+
+import pathlib
+
+import streamlit as st
+
+from saelab import SaelabError
+from saelab.app import Target, resolve_target, target_from_argv_or_env
+from saelab.app.render import tokens_html
+
+
+# ----------------------------------------------------------------------------- loading (cached)
+@st.cache_resource(show_spinner="loading the model…")
+def load_model(name: str):
+    from saelab.models import load_model as _load
+
+    return _load(name, device="cpu")
+
+
+@st.cache_resource
+def model_lock():
+    """One lock per server around model runs: steering adds hooks to the shared model, which a
+    concurrent session's clean run must not see."""
+    import threading
+
+    return threading.Lock()
+
+
+@st.cache_resource(show_spinner="loading the SAE…")
+def load_sae(path: str, mtime: float):
+    from saelab.sae.base import SAE
+
+    return SAE.load(path).eval()
+
+
+@st.cache_resource(show_spinner="opening the feature database…")
+def _feature_db(path: str, mtime: float):
+    from saelab.analysis.features import FeatureDB
+
+    return FeatureDB(path)
+
+
+def _mtime(p: pathlib.Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def sae(sae_dir: pathlib.Path):
+    return load_sae(str(sae_dir), _mtime(sae_dir / "sae_weights.safetensors"))
+
+
+def feature_db(sae_dir: pathlib.Path, show: bool = True):
+    """The FeatureDB of this SAE, or None after a readable message naming the command to run."""
+    try:
+        from saelab.analysis.features import FEATURES_FILE
+    except ImportError:
+        if show:
+            st.error("This saelab has no feature database module (saelab.analysis.features): update saelab.")
+        return None
+    try:
+        return _feature_db(str(sae_dir), _mtime(sae_dir / FEATURES_FILE))
+    except SaelabError as e:
+        if show:
+            st.info(f"No feature database for this SAE yet — {e}")
+            st.code(f"saelab analyze --sae {sae_dir}", language="bash")
+        return None
+
+
+def labels(sae_dir: pathlib.Path) -> dict[int, str]:
+    try:
+        from saelab.analysis.features import load_labels
+
+        return load_labels(sae_dir)
+    except (ImportError, SaelabError):
+        return {}
+
+
+# ----------------------------------------------------------------------------- target and hook
+def setup(title: str) -> Target:
+    """Page config + the SAE target (from ``--sae`` / $SAELAB_APP_SAE); stops the page with a
+    readable error when there is none."""
+    st.set_page_config(page_title=f"saelab · {title}", layout="wide")
+    try:
+        target = resolve_target(target_from_argv_or_env())
+    except SaelabError as e:
+        st.error(str(e))
+        st.stop()
+    return target
+
+
+def pick_sae(target: Target) -> tuple[str, pathlib.Path]:
+    """(hook, SAE folder): a sidebar selector when the target is a group (also set by ?hook=)."""
+    hooks = list(target.saes)
+    want = st.query_params.get("hook")
+    if "hook" not in st.session_state or st.session_state["hook"] not in hooks:
+        st.session_state["hook"] = want if want in hooks else hooks[-1]
+    if len(hooks) > 1:
+        st.sidebar.selectbox("SAE (hook)", hooks, key="hook")
+    hook = st.session_state["hook"]
+    st.sidebar.caption(f"{target.saes[hook]}\n\nmodel: {target.model}")
+    return hook, target.saes[hook]
+
+
+def selected_latent(default: int = 0) -> int:
+    if "latent" not in st.session_state:
+        q = st.query_params.get("latent")
+        st.session_state["latent"] = int(q) if q is not None and str(q).isdigit() else default
+    return int(st.session_state["latent"])
+
+
+def goto(latent: int) -> None:
+    """Button callback: open this latent's card."""
+    st.session_state["latent"] = int(latent)
+
+
+def latent_name(latent: int, labels: dict[int, str]) -> str:
+    lab = labels.get(int(latent))
+    return f"#{latent}" + (f" — {lab}" if lab else "")
+
+
+# ----------------------------------------------------------------------------- rendering
+def examples_block(examples, scale: float) -> None:
+    if not examples:
+        st.caption("none")
+        return
+    st.markdown("".join(f'<div style="margin:2px 0"><b>{e.value:+.2f}</b> '
+                        f'{tokens_html(e.tokens, e.acts, e.pos, scale)}</div>' for e in examples),
+                unsafe_allow_html=True)
+
+
+def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> None:
+    """The latent card: stats, histogram, examples, logit effects, neighbours, label field."""
+    import plotly.graph_objects as go
+
+    from saelab.analysis.features import save_label
+
+    try:
+        card = db.card(latent)
+    except SaelabError as e:
+        st.error(str(e))
+        return
+    labs = labels(sae_dir)
+    head = st.container()  # filled after the label form, so a label saved in this run shows at once
+    with st.form(key=f"{key}_label_form_{latent}", border=False):
+        cols = st.columns([4, 1])
+        text = cols[0].text_input("Label", value=labs.get(latent, ""), key=f"{key}_label_{sae_dir.name}_{latent}",
+                                  placeholder="what this latent means (saved to labels.json)")
+        if cols[1].form_submit_button("Save label"):
+            try:
+                save_label(sae_dir, latent, text)
+                labs = labels(sae_dir)
+                st.success("label saved" if text.strip() else "label removed")
+            except SaelabError as e:
+                st.error(str(e))
+    with head:
+        st.subheader(f"Latent {latent}" + (f" — {labs[latent]}" if latent in labs else ""))
+        c = st.columns(4)
+        c[0].metric("density", f"{card.density:.3%}")
+        c[1].metric("mean activation", f"{card.mean_act:.3f}")
+        c[2].metric("max activation", f"{card.max_act:.3f}")
+        c[3].metric("nesting group", "—" if card.group is None else str(card.group))
+
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown("**Top activations**")
+        examples_block(card.top[:10], card.max_act)
+        if len(card.top) > 10:
+            with st.expander(f"{len(card.top) - 10} more top activations"):
+                examples_block(card.top[10:], card.max_act)
+        if card.top_negative:
+            st.markdown("**Most negative activations**")
+            examples_block(card.top_negative, max(abs(e.value) for e in card.top_negative))
+        for band, exs in card.quantiles:
+            with st.expander(f"Quantile band {band} ({len(exs)} examples)"):
+                examples_block(exs, card.max_act)
+    with right:
+        if card.hist_counts:
+            st.markdown("**Histogram** of the non-zero |activations|")
+            e = card.hist_edges
+            mids = [(a * b) ** 0.5 if a > 0 else (a + b) / 2 for a, b in zip(e[:-1], e[1:])]
+            fig = go.Figure(go.Bar(x=mids, y=card.hist_counts, width=[b - a for a, b in zip(e[:-1], e[1:])],
+                                   marker_color="darkorange"))
+            fig.update_layout(height=220, margin=dict(l=10, r=10, t=10, b=10), xaxis_type="log",
+                              xaxis_title="|activation|",
+                              yaxis_title="count")
+            st.plotly_chart(fig, key=f"{key}_hist_{latent}")
+        lt, lb = st.columns(2)
+        lt.markdown("**Promoted tokens**")
+        lt.dataframe([{"token": repr(t), "logit": round(v, 3)} for t, v in card.logits_top], hide_index=True)
+        lb.markdown("**Suppressed tokens**")
+        lb.dataframe([{"token": repr(t), "logit": round(v, 3)} for t, v in card.logits_bottom], hide_index=True)
+        st.markdown("**Neighbours** (decoder cosine) — click to open")
+        for j, cos in card.neighbours:
+            st.button(f"{latent_name(j, labs)}  (cos {cos:.2f})", key=f"{key}_nb_{latent}_{j}", on_click=goto,
+                      args=(j,))

@@ -1,0 +1,298 @@
+"""saelab analyze / FeatureDB / labels: the features file against a brute-force computation,
+lazy per-latent reads, bad input, labels, groups, signed and Matryoshka SAEs."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from saelab import SaelabError
+from saelab.analysis import features as F
+from saelab.analysis.features import FEATURES_FILE, FeatureDB, analyze, load_labels, save_label
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESID = "blocks.0.hook_resid_post"
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "saelab", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def train_sae(activations, out, arch="topk", hook=None, **kw):
+    from saelab.config import SAEConfig, TrainConfig
+    from saelab.train import train
+
+    scfg = SAEConfig(arch=arch, k=kw.pop("k", 8), width=kw.pop("width", 256), **kw)
+    tcfg = TrainConfig(activations=str(activations), out=str(out), hook=hook, tokens=4096 * 4, batch_size=1024,
+                       log_every=1000, checkpoint_every=10_000)
+    return train(tcfg, scfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def resid_store(small_run):
+    _, stores = small_run
+    return stores[RESID]
+
+
+@pytest.fixture(scope="session")
+def topk_sae(resid_store, tmp_path_factory):
+    """A TopK SAE trained briefly on the small store, analysed through the CLI (--top 5)."""
+    out = tmp_path_factory.mktemp("an") / "topk"
+    train_sae(resid_store, out)
+    r = cli("analyze", "--sae", out, "--top", 5, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "latents alive" in r.stdout and str(out / FEATURES_FILE) in r.stdout
+    return out
+
+
+def brute_force(sae_dir, store_path):
+    """Dense codes [rows, d_sae] of every non-BOS row of the store (plain sae.encode) and their row ids."""
+    from saelab.sae.base import SAE
+    from saelab.store import ActivationStore
+
+    sae = SAE.load(sae_dir)
+    store = ActivationStore(store_path)
+    n = store.n_rows("all")
+    with torch.no_grad():
+        f = sae.encode(store.rows(np.arange(n)))
+    rows = np.arange(n)
+    keep = rows % store.context_size != 0
+    return sae, store, f[keep].numpy(), rows[keep]
+
+
+def test_features_equal_brute_force(topk_sae, resid_store, tiny):
+    sae, store, f, rows = brute_force(topk_sae, resid_store)
+    db = FeatureDB(topk_sae)
+    assert db.d_sae == sae.d_sae and db.hook == RESID and not db.signed and db.n_rows == len(rows)
+    nz = f != 0
+    np.testing.assert_allclose(db.density, nz.mean(0), rtol=0, atol=1e-12)
+    fired = nz.any(0)
+    assert fired.sum() > 20
+    mean = np.where(fired, f.sum(0) / np.maximum(nz.sum(0), 1), 0)
+    np.testing.assert_allclose(db.mean_act, mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(db.max_act, np.where(fired, f.max(0), 0), rtol=1e-5, atol=1e-6)
+    edges = db.hist_edges
+    Wn = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    cos = (Wn @ Wn.T).numpy()
+    np.fill_diagonal(cos, -np.inf)
+    W_U = tiny.W_U.detach()
+    checked = 0
+    for i in np.nonzero(fired)[0][:: max(1, fired.sum() // 6)]:
+        i = int(i)
+        c = db.card(i)
+        # histogram: counts of non-zero |act| per stored log bin
+        vals = f[nz[:, i], i]
+        counts = np.bincount(np.searchsorted(edges[1:-1], np.abs(vals), side="right"), minlength=len(edges) - 1)
+        lo = np.nonzero(counts)[0][0]
+        assert c.hist_counts == counts[lo : np.nonzero(counts)[0][-1] + 1].tolist()
+        assert c.hist_edges[0] == pytest.approx(edges[lo])
+        # top examples: the same rows and values as sorting the dense codes
+        order = np.argsort(-f[:, i], kind="stable")[: len(c.top)]
+        expect = [(int(rows[j]), float(f[j, i])) for j in order if f[j, i] > 0]
+        assert len(c.top) == min(5, len(vals))
+        assert [e.row for e in c.top] == [r for r, _ in expect]
+        np.testing.assert_allclose([e.value for e in c.top], [v for _, v in expect], rtol=1e-5)
+        for e in c.top + [x for _, band in c.quantiles for x in band]:
+            # the window: the context's tokens around the row, this latent's act on each of them
+            ctx_tokens, p = store.context(e.row)
+            start = p - e.pos
+            ids = ctx_tokens[start : start + len(e.tokens)]
+            assert e.tokens == [db.token_str(int(t)) for t in ids]
+            assert e.acts[e.pos] == pytest.approx(e.value, rel=1e-5)
+            with torch.no_grad():
+                dense = sae.encode(store.rows(np.arange(e.row - p + start, e.row - p + start + len(e.tokens))))
+            np.testing.assert_allclose(e.acts, dense[:, i].numpy(), rtol=1e-4, atol=1e-5)
+        # quantile bands: each example lies in its band of the max
+        for label, band in c.quantiles:
+            lo_f, hi_f = (float(x) for x in label.split(" ")[0].split("–"))
+            for e in band:
+                assert lo_f * c.max_act - 1e-5 <= e.value <= hi_f * c.max_act + 1e-5
+        assert sum(len(b) for _, b in c.quantiles) >= min(len(vals), 3)
+        # logit effects: the decoder row, centred (final LN), through W_U
+        d = sae.W_dec.detach()[i]
+        logits = (d - d.mean()) @ W_U
+        assert [t for t, _ in c.logits_top] == [db.token_str(int(t)) for t in logits.topk(10).indices]
+        np.testing.assert_allclose([v for _, v in c.logits_top], logits.topk(10).values.numpy(), rtol=1e-4, atol=1e-5)
+        assert [t for t, _ in c.logits_bottom] == [db.token_str(int(t)) for t in (-logits).topk(10).indices]
+        # neighbours by decoder cosine
+        nb = np.argsort(-cos[i], kind="stable")[:10]
+        assert [j for j, _ in c.neighbours] == nb.tolist()
+        np.testing.assert_allclose([x for _, x in c.neighbours], cos[i, nb], rtol=1e-5, atol=1e-6)
+        assert c.group is None and c.top_negative == []
+        checked += 1
+    assert checked >= 5
+    # by_token finds a latent through one of its promoted tokens
+    c = db.card(int(np.nonzero(fired)[0][0]))
+    tok = c.logits_top[0][0]
+    assert c.latent in [j for j, _ in db.by_token(tok, n=db.d_sae)]
+    assert db.by_token("no such token at all") == []
+    db.close()
+
+
+def test_card_reads_only_its_latent(topk_sae):
+    with h5py.File(topk_sae / FEATURES_FILE) as f:
+        for name in F.PER_LATENT:  # row-major contiguous: a latent's slice is one byte range
+            assert f[name].chunks is None and f[name].compression is None, name
+        own = sum(f[name][0].nbytes for name in F.PER_LATENT)
+    db = FeatureDB(topk_sae)
+    db.card(0)  # first card may read shared metadata
+    for i in (7, db.d_sae - 1, 100):
+        before = db.bytes_read
+        db.card(i)
+        assert own <= db.bytes_read - before <= 1.5 * own, (db.bytes_read - before, own)
+    with pytest.raises(SaelabError, match="out of range"):
+        db.card(db.d_sae)
+    db.close()
+
+
+def test_bad_input_one_line_errors(topk_sae, resid_store, small_run, tmp_path):
+    not_sae = tmp_path / "empty"
+    not_sae.mkdir()
+    store_z = small_run[1]["blocks.1.attn.hook_z"]
+    for args, words in [
+        (("--sae", not_sae), "not an SAE folder"),
+        (("--sae", tmp_path / "nope"), "no such folder"),
+        (("--sae", topk_sae, "--activations", store_z), "pass --activations with a store of the SAE's hook"),
+    ]:
+        r = cli("analyze", *args, "--quiet", timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert words in r.stderr
+    # a features file from another SAE (other weights, same shape; and other shape) is refused
+    other = tmp_path / "other"
+    shutil.copytree(topk_sae, other)
+    from saelab.sae.base import SAE
+
+    sae = SAE.load(other)
+    with torch.no_grad():
+        sae.W_dec[0] *= 2
+    sae.save(other)
+    with pytest.raises(SaelabError, match="another SAE.*saelab analyze --sae"):
+        FeatureDB(other)
+    wide = tmp_path / "wide"
+    SAE.create("topk", d_in=128, d_sae=512, k=8, hook_name=RESID, model_name="tiny").save(wide)
+    shutil.copy(topk_sae / FEATURES_FILE, wide / FEATURES_FILE)
+    with pytest.raises(SaelabError, match="d_sae 256"):
+        FeatureDB(wide)
+    (wide / FEATURES_FILE).unlink()
+    with pytest.raises(SaelabError, match="missing: run `saelab analyze"):
+        FeatureDB(wide)
+    for e in (pytest.raises(SaelabError),):
+        with e as info:
+            FeatureDB(wide)
+        assert "\n" not in str(info.value)
+
+
+def test_labels_round_trip(tmp_path):
+    assert load_labels(tmp_path) == {}
+    save_label(tmp_path, 5, "  the letter e ")
+    save_label(tmp_path, 12, "names → «Lily»")
+    assert load_labels(tmp_path) == {5: "the letter e", 12: "names → «Lily»"}
+    save_label(tmp_path, 5, "")
+    raw = json.loads((tmp_path / "labels.json").read_text(encoding="utf-8"))
+    assert raw == {"12": "names → «Lily»"}
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.json"]  # no temp file left behind
+    (tmp_path / "labels.json").write_text("{not json")
+    with pytest.raises(SaelabError, match="not valid JSON"):
+        load_labels(tmp_path)
+
+
+def test_group_folder_analyses_each_sae(small_run, tmp_path):
+    cfg, stores = small_run
+    out = tmp_path / "group"
+    train_sae(cfg.out, out)  # one SAE per hook of the RUN folder: a group
+    r = cli("analyze", "--sae", out, "--activations", cfg.out, "--tokens", 1000, "--top", 3, "--quiet")
+    assert r.returncode == 0, r.stderr
+    for hook in stores:
+        db = FeatureDB(out / hook)
+        assert db.hook == hook and db.n_rows == 1024 - 8  # rounded up to whole contexts, BOS left out
+        c = db.card(int(np.argmax(db.density)))
+        assert 1 <= len(c.top) <= 3
+        if hook.endswith("hook_z"):  # not in the residual stream: no logit effects
+            assert c.logits_top == []
+        else:
+            assert len(c.logits_top) == 10
+        db.close()
+
+
+def test_signed_sae_top_negative(resid_store, tmp_path, tiny):
+    out = tmp_path / "abstopk"
+    train_sae(resid_store, out, arch="abstopk")
+    analyze(out, top=4, model=tiny, progress=False)
+    sae, store, f, rows = brute_force(out, resid_store)
+    db = FeatureDB(out)
+    assert db.signed
+    negs = np.nonzero((f < 0).any(0))[0]
+    assert len(negs) > 0
+    for i in negs[:5]:
+        c = db.card(int(i))
+        order = np.argsort(f[:, i], kind="stable")[: len(c.top_negative)]
+        assert [e.row for e in c.top_negative] == [int(rows[j]) for j in order if f[j, i] < 0]
+        assert all(e.value < 0 for e in c.top_negative)
+        assert c.min_act == pytest.approx(float(f[:, i].min()), rel=1e-5)
+        assert "max |act|" in c.quantiles[0][0]
+    db.close()
+
+
+def test_matryoshka_groups(resid_store, tmp_path, tiny):
+    out = tmp_path / "mat"
+    train_sae(resid_store, out, arch="matryoshka", matryoshka_prefixes=[0.25, 0.5, 1.0])
+    analyze(out, top=3, model=tiny, progress=False, tokens=2048)
+    db = FeatureDB(out)
+    assert [db.card(i).group for i in (0, 63, 64, 127, 128, 255)] == [0, 0, 1, 1, 2, 2]
+    db.close()
+
+
+def test_top_buffer_equals_sort(tmp_path):
+    """The batched running top-N (``_TopBuffer``) against a full sort, on random batches with
+    repeated slots, ties to empties and slots that never fill."""
+    g = torch.Generator().manual_seed(0)
+    slots, cap, W = 37, 6, F.WINDOW
+    buf = F._TopBuffer(slots, cap, "cpu")
+    allk, alls, allr = [], [], []
+    r0 = 0
+    for _ in range(12):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        slot = torch.randint(0, slots - 5, (n,), generator=g)  # the last 5 slots stay empty
+        key = torch.randn(n, generator=g)
+        toks = torch.randint(0, 100, (n,), generator=g)
+        batch = F._Batch(torch.empty(0, dtype=torch.long), torch.empty(0), toks, r0, 10**6, slots)  # r0: a context start
+        b = torch.arange(n)
+        buf.offer(slot, key, key, b, slot, batch)
+        allk.append(key)
+        alls.append(slot)
+        allr.append(b + r0)
+        r0 += 10**6
+    k, v, row, tok, _ = buf.sorted()
+    K, S, R = torch.cat(allk), torch.cat(alls), torch.cat(allr)
+    for s in range(slots):
+        m = S == s
+        expect = K[m].sort(descending=True).values[:cap]
+        got = k[s][row[s] >= 0]
+        assert torch.equal(got, expect)
+        assert set(row[s][row[s] >= 0].tolist()) == set(R[m][K[m].argsort(descending=True)[:cap]].tolist())
+        assert torch.equal(v[s][row[s] >= 0], expect)
+    assert (row[-5:] == -1).all()
+
+
+def test_saelens_folder(topk_sae, resid_store, tmp_path, tiny):
+    """An SAE folder as SAELens writes it (no saelab config, no train.json): --activations is needed."""
+    lens = tmp_path / "lens"
+    lens.mkdir()
+    cfg = json.loads((topk_sae / "cfg.json").read_text())
+    cfg.pop("saelab")
+    (lens / "cfg.json").write_text(json.dumps(cfg))
+    shutil.copy(topk_sae / "sae_weights.safetensors", lens)
+    with pytest.raises(SaelabError, match="pass --activations"):
+        analyze(lens, model=tiny, progress=False)
+    analyze(lens, resid_store, tokens=1024, model=tiny, progress=False)
+    db = FeatureDB(lens)
+    assert db.hook == RESID and db.n_rows == 1024 - 8
+    db.close()

@@ -1,0 +1,409 @@
+"""The Streamlit app (saelab/app): every page through Streamlit's AppTest, the `saelab app` command,
+and one real-browser test (headless Chromium via selenium) against a served app."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from saelab.app import HOME
+
+HOOK1 = "blocks.1.hook_resid_post"
+PROMPT = "Once upon a time there was a little girl who went to the park"
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="session")
+def app_group(demo_group, tmp_path_factory):
+    """A private copy of the demo SAE group with a feature database per SAE (analysed here on a
+    slice of the store when the demo has none) and a hand-written circuit file."""
+    from saelab.analysis.features import FEATURES_FILE, analyze
+
+    for hook, folder in demo_group.saes.items():
+        if not (folder / FEATURES_FILE).is_file():
+            analyze(folder, demo_group.stores[hook], tokens=128 * 256, progress=False)
+    group = tmp_path_factory.mktemp("app") / "demo"
+    shutil.copytree(demo_group.group, group, ignore=shutil.ignore_patterns("labels.json", "circuits",
+                                                                            "checkpoint.pt"))
+    return group
+
+
+@pytest.fixture(scope="session")
+def circuit_file(app_group):
+    """A small circuit in the format of INTERFACES.md §3, written by hand."""
+    h0, h1 = "blocks.0.hook_resid_post", HOOK1
+    nodes = [
+        {"id": f"{h0}/5", "hook": h0, "layer": 0, "kind": "latent", "latent": 5, "effect": 0.4},
+        {"id": f"{h0}/error", "hook": h0, "layer": 0, "kind": "error", "latent": None, "effect": 0.02},
+        {"id": f"{h1}/401", "hook": h1, "layer": 1, "kind": "latent", "latent": 401, "effect": 0.9},
+        {"id": f"{h1}/7", "hook": h1, "layer": 1, "kind": "latent", "latent": 7, "effect": -0.1},
+    ]
+    edges = [{"src": f"{h0}/5", "dst": f"{h1}/401", "weight": 0.3},
+             {"src": f"{h0}/error", "dst": f"{h1}/7", "weight": -0.05}]
+    c = {"format_version": 1, "kind": "sparse_feature_circuit", "model": "tiny", "group": str(app_group),
+         "saes": {h: str(app_group / h) for h in (h0, h1)}, "hooks": [h0, h1],
+         "task": {"name": "induction", "n_examples": 8, "metric": "logit_diff"}, "method": "attrib",
+         "node_threshold": 0.05, "edge_threshold": 0.01, "nodes": nodes, "edges": edges,
+         "faithfulness": {"nodes": 0.86, "edges": 0.81}, "metric_values": {"full": 3.1, "empty": 0.2, "circuit": 2.7}}
+    path = app_group / "circuits" / "hand.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(c))
+    return path
+
+
+@pytest.fixture(scope="session")
+def top_latent(app_group, tiny) -> int:
+    """The latent of the block-1 SAE that fires most on PROMPT (computed here, not by the app)."""
+    from saelab.sae.base import SAE
+
+    sae = SAE.load(app_group / HOOK1)
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tiny.to_tokens(PROMPT))
+        acts = sae.encode(cache[HOOK1][0, 1:])  # BOS dropped, as the app does
+    return int(acts.max(0).values.argmax())
+
+
+@pytest.fixture(scope="session")
+def db1(app_group):
+    from saelab.analysis.features import FeatureDB
+
+    db = FeatureDB(app_group / HOOK1)
+    yield db
+    db.close()
+
+
+def _app(monkeypatch, target, page=None):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("SAELAB_APP_SAE", str(target))
+    at = AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    if page:
+        at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _features(monkeypatch, target, hook=HOOK1):
+    at = _app(monkeypatch, target, "pages/1_Features.py")
+    if at.selectbox and at.selectbox(key="hook").value != hook:
+        at.selectbox(key="hook").set_value(hook).run()
+    return at
+
+
+def _ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def _card_title(at) -> str:
+    return next(s.value for s in at.subheader if s.value.startswith("Latent "))
+
+
+def _result_buttons(at, prefix):
+    return [b for b in at.button if (b.key or "").startswith(prefix)]
+
+
+# ----------------------------------------------------------------------------- pages render
+def test_home_lists_the_group(monkeypatch, app_group):
+    at = _ok(_app(monkeypatch, app_group))
+    df = at.dataframe[0].value
+    assert list(df["hook"]) == ["blocks.0.hook_resid_post", HOOK1]
+    assert df["features.h5"].all() and (df["d_sae"] == 2048).all()
+
+
+def test_features_by_id_shows_the_card(monkeypatch, app_group, db1, top_latent):
+    lat = top_latent
+    at = _features(monkeypatch, app_group)
+    at.number_input(key="latent").set_value(lat).run()
+    _ok(at)
+    card = db1.card(lat)
+    assert _card_title(at) == f"Latent {lat}"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["density"] == f"{card.density:.3%}" and metrics["max activation"] == f"{card.max_act:.3f}"
+    # the top example's tokens are on the page, each shaded span carrying its activation as a tooltip
+    html = "".join(m.value for m in at.markdown)
+    ex = card.top[0]
+    assert f'title="{ex.acts[ex.pos]:.3f}"' in html and f"<b>{ex.value:+.2f}</b>" in html
+    # clicking a neighbour opens its card
+    j = card.neighbours[0][0]
+    at.button(key=f"card_nb_{lat}_{j}").click().run()
+    assert _card_title(_ok(at)) == f"Latent {j}"
+
+
+def test_features_by_prompt_finds_the_latent_that_fires_most(monkeypatch, app_group, top_latent):
+    want = top_latent
+    at = _features(monkeypatch, app_group)
+    at.radio(key="find").set_value("by prompt").run()
+    at.text_area(key="find_prompt").set_value(PROMPT).run()
+    _ok(at)
+    found = _result_buttons(at, "open_p_")
+    assert found[0].key == f"open_p_{want}" and found[0].label.startswith(f"#{want}")
+    assert len(at.get("plotly_chart")) >= 1  # the token × latent heatmap
+    found[0].click().run()
+    assert _card_title(_ok(at)) == f"Latent {want}"
+
+
+def test_features_by_token_and_by_density(monkeypatch, app_group, db1, top_latent):
+    import numpy as np
+
+    lat = top_latent
+    token = db1.card(lat).logits_top[0][0]  # the token this latent promotes most
+    at = _features(monkeypatch, app_group)
+    at.radio(key="find").set_value("by token").run()
+    at.text_input(key="find_token").set_value(token).run()
+    _ok(at)
+    keys = [b.key for b in _result_buttons(at, "open_t_")]
+    hits = db1.by_token(token)
+    assert keys == [f"open_t_{j}" for j, _ in hits] and len(hits) >= 1
+    # hand check: every latent listed promotes the token (it is among its card's promoted tokens)
+    assert all(token in [t for t, _ in db1.card(j).logits_top] for j, _ in hits)
+    if lat in dict(hits):
+        assert dict(hits)[lat] == dict(db1.card(lat).logits_top)[token]
+    first = hits[0][0]
+    at.button(key=f"open_t_{first}").click().run()
+    assert _card_title(_ok(at)).startswith(f"Latent {first}")
+
+    at.radio(key="find").set_value("by density").run()
+    dens = np.asarray(db1.density)
+    assert _result_buttons(_ok(at), "open_d_")[0].key == f"open_d_{int(dens.argmax())}"
+
+
+def test_a_saved_label_persists_across_a_reload(monkeypatch, app_group, top_latent):
+    from saelab.analysis.features import load_labels
+
+    lat = top_latent
+    at = _features(monkeypatch, app_group)
+    at.number_input(key="latent").set_value(lat).run()
+    at.text_input(key=f"card_label_{HOOK1}_{lat}").set_value("my label")
+    next(b for b in at.button if b.label == "Save label").click().run()
+    _ok(at)
+    assert load_labels(app_group / HOOK1) == {lat: "my label"}
+    assert _card_title(at) == f"Latent {lat} — my label"
+    # a fresh session (a browser reload) shows it in the card's title and in search results
+    at = _features(monkeypatch, app_group)
+    at.number_input(key="latent").set_value(lat).run()
+    assert _card_title(_ok(at)) == f"Latent {lat} — my label"
+    at.radio(key="find").set_value("by prompt").run()
+    at.text_area(key="find_prompt").set_value(PROMPT).run()
+    assert _result_buttons(_ok(at), "open_p_")[0].label.startswith(f"#{lat} — my label")
+
+
+def test_missing_feature_database_is_a_readable_message(monkeypatch, app_group, tmp_path):
+    sae = tmp_path / "bare"
+    shutil.copytree(app_group / HOOK1, sae, ignore=shutil.ignore_patterns("features.h5"))
+    at = _app(monkeypatch, sae, "pages/1_Features.py")
+    assert not at.exception
+    assert any("saelab analyze" in i.value for i in at.info)
+    assert any(f"saelab analyze --sae {sae}" in c.value for c in at.code)
+    # prompt search needs only the model and the SAE: it still works
+    at.radio(key="find").set_value("by prompt").run()
+    at.text_area(key="find_prompt").set_value(PROMPT).run()
+    assert _result_buttons(_ok(at), "open_p_")
+
+
+def test_not_an_sae_folder_is_a_readable_error(monkeypatch, tmp_path):
+    for page in (None, "pages/1_Features.py", "pages/2_Steering.py", "pages/3_Circuits.py"):
+        from streamlit.testing.v1 import AppTest
+
+        monkeypatch.setenv("SAELAB_APP_SAE", str(tmp_path))
+        at = AppTest.from_file(str(HOME), default_timeout=TIMEOUT).run()
+        if page:
+            at.switch_page(page).run()
+        assert not at.exception and "neither an SAE folder" in at.error[0].value
+
+
+# ----------------------------------------------------------------------------- steering
+def test_steering_changes_the_output_for_a_large_coefficient_and_not_for_zero(monkeypatch, app_group, top_latent):
+    at = _app(monkeypatch, app_group, "pages/2_Steering.py")
+    if at.selectbox(key="hook").value != HOOK1:
+        at.selectbox(key="hook").set_value(HOOK1).run()
+    at.text_input(key="steer_latents").set_value(str(top_latent))
+    at.text_area(key="steer_prompt").set_value("Once upon a time there was a little")
+    at.number_input(key="steer_max_new").set_value(12)
+    at.number_input(key="steer_value").set_value(0.0)
+    at.button(key="steer_run").click().run()
+    _ok(at)
+    clean, steered = at.code[0].value, at.code[1].value
+    assert clean == steered and clean.startswith("Once upon a time there was a little")
+    assert {m.label: m.value for m in at.metric}["KL(steered ‖ clean), mean over the prompt"] == "0.000"
+
+    at.number_input(key="steer_value").set_value(40.0)
+    at.button(key="steer_run").click().run()
+    _ok(at)
+    assert at.code[0].value == clean and at.code[1].value != clean
+    assert float({m.label: m.value for m in at.metric}["KL(steered ‖ clean), mean over the prompt"]) > 0.5
+    assert any(getattr(c, "proto", None) is not None for c in at.get("plotly_chart"))  # probability bars
+
+    at.radio(key="steer_mode").set_value("ablate").run()
+    at.button(key="steer_run").click().run()
+    _ok(at)
+
+    at.text_input(key="sweep_coefs").set_value("0, 10, 40")
+    at.button(key="sweep_run").click().run()
+    rows = _ok(at).dataframe[-1].value
+    assert list(rows["coefficient"]) == [0.0, 10.0, 40.0] and rows["kl"].iloc[0] == 0 < rows["kl"].iloc[2]
+
+
+def test_steering_bad_latent_is_a_readable_error(monkeypatch, app_group):
+    at = _app(monkeypatch, app_group, "pages/2_Steering.py")
+    at.text_input(key="steer_latents").set_value("99999").run()
+    at.button(key="steer_run").click().run()
+    assert not at.exception and "out of range" in at.error[0].value
+    at.text_input(key="steer_latents").set_value("a, b").run()
+    assert not at.exception and "integer ids" in at.error[0].value
+
+
+# ----------------------------------------------------------------------------- circuits
+def test_circuits_page_draws_the_file_and_opens_a_node(monkeypatch, app_group, circuit_file):
+    at = _ok(_app(monkeypatch, app_group, "pages/3_Circuits.py"))
+    assert at.selectbox(key="circuit_file").value == str(circuit_file)
+    assert "4 of 4 nodes, 2 edges shown" in " ".join(c.value for c in at.caption)
+    at.slider(key="edge_threshold").set_value(0.1).run()
+    assert "4 of 4 nodes, 1 edges shown" in " ".join(c.value for c in _ok(at).caption)
+    at.selectbox(key="circuit_node").set_value(f"{HOOK1}/401").run()
+    assert _card_title(_ok(at)).startswith("Latent 401")  # (its label, when a test saved one)
+    at.selectbox(key="circuit_node").set_value("blocks.0.hook_resid_post/error").run()
+    assert any("Error node" in i.value for i in _ok(at).info)
+
+
+def test_circuits_page_without_circuits_or_with_a_bad_file(monkeypatch, app_group, tmp_path):
+    single = tmp_path / "single"
+    shutil.copytree(app_group / HOOK1, single)
+    at = _app(monkeypatch, single, "pages/3_Circuits.py")
+    assert not at.exception and "saelab circuit" in at.info[0].value
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"nodes": 3}')
+    at.text_input(key="circuit_path").set_value(str(bad)).run()
+    assert not at.exception and at.error
+
+
+# ----------------------------------------------------------------------------- the command
+def _saelab(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "saelab", *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_app_command_rejects_bad_folders_and_busy_ports(app_group, tmp_path):
+    r = _saelab("app", "--sae", str(tmp_path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "neither an SAE folder" in r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = _saelab("app", "--sae", str(app_group), "--port", str(s.getsockname()[1]))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "free --port" in r.stderr
+
+
+def test_demo_prints_the_app_command_instead_of_blocking(monkeypatch, capsys, app_group):
+    import argparse
+
+    from saelab.cli import _demo_open_app
+
+    monkeypatch.setenv("CI", "true")
+    assert _demo_open_app(argparse.Namespace(no_app=False), app_group) == 0
+    assert f"saelab app --sae {app_group}" in capsys.readouterr().out
+    monkeypatch.delenv("CI")
+    assert _demo_open_app(argparse.Namespace(no_app=True), app_group) == 0  # --no-app, whatever the terminal
+
+
+# ----------------------------------------------------------------------------- a real browser
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top_latent, circuit_file, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "saelab", "app", "--sae", str(app_group), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):  # the server is up when its health endpoint answers
+            try:
+                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.5)
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = "/usr/bin/chromium"
+        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1800", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+            opts.add_argument(a)
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+        driver.get(f"{url}/Features?hook={HOOK1}&latent={top_latent}")
+        body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        WebDriverWait(driver, 90).until(lambda d: "Top activations" in body(d) and "Neighbours" in body(d))
+        text = body(driver)
+        card = db1.card(top_latent)
+        assert f"Latent {top_latent}" in text and f"{card.density:.3%}" in text and "Promoted tokens" in text
+        assert f"{card.top[0].value:+.2f}" in text
+        # hovering a token shows its activation: the spans carry it as a tooltip
+        spans = driver.find_elements(By.CSS_SELECTOR, "span[title]")
+        assert spans and f"{card.top[0].acts[card.top[0].pos]:.3f}" in {s.get_attribute("title") for s in spans}
+        shot = tmp_path / "features.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        # Circuits: clicking a node in the Plotly graph opens its card (the biggest marker: latent 401)
+        driver.get(f"{url}/Circuits")
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "g.points path.point")) == 4)
+        time.sleep(1)  # let the graph settle before clicking
+        node = max(driver.find_elements(By.CSS_SELECTOR, "g.points path.point"), key=lambda e: e.rect["width"])
+        ActionChains(driver).move_to_element(node).click().perform()
+        WebDriverWait(driver, 60).until(lambda d: "Latent 401" in body(d) and "Top activations" in body(d))
+        driver.save_screenshot(str(tmp_path / "circuits.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        os.kill(server.pid, signal.SIGTERM)  # `saelab app` execs streamlit: this PID is the server
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_signed_sae_card_shows_both_signs(monkeypatch, demo_group, tiny, tmp_path):
+    """An AbsTopK SAE (latents fire with either sign): prompt search ranks by |activation| and the
+    card lists the most negative examples too."""
+    from saelab.analysis.features import FeatureDB, analyze
+    from saelab.sae.base import SAE
+
+    torch.manual_seed(0)
+    sae = SAE.create("abstopk", d_in=tiny.cfg.d_model, d_sae=256, k=8, hook_name=HOOK1, model_name="tiny")
+    folder = sae.save(tmp_path / "abstopk")
+    analyze(folder, demo_group.stores[HOOK1], tokens=128 * 32, model=tiny, progress=False)
+    with FeatureDB(folder) as db:
+        lat = next(j for j in range(256) if db.card(j).top_negative)
+        neg = db.card(lat).top_negative[0]
+    at = _app(monkeypatch, folder, "pages/1_Features.py")
+    at.number_input(key="latent").set_value(lat).run()
+    _ok(at)
+    assert any(m.value == "**Most negative activations**" for m in at.markdown)
+    assert f"<b>{neg.value:+.2f}</b>" in "".join(m.value for m in at.markdown)
+    at.radio(key="find").set_value("by prompt").run()
+    at.text_area(key="find_prompt").set_value(PROMPT).run()
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(tiny.to_tokens(PROMPT))
+        acts = sae.encode(cache[HOOK1][0, 1:])
+    assert (acts < 0).any()
+    want = int(acts.abs().max(0).values.argmax())
+    assert _result_buttons(_ok(at), "open_p_")[0].key == f"open_p_{want}"

@@ -1,0 +1,163 @@
+"""Discrete-code head identification (saelab heads) against the per-head ablation sweep."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from saelab.analysis import heads as H
+from saelab.analysis.tasks import make_task
+
+N = 8  # positive examples (and as many negatives), as the paper's 5-10
+
+
+@pytest.fixture(scope="module")
+def induction(tiny):
+    return make_task("induction", tiny, n=N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, induction):
+    """Both methods on the same examples, alternated three times (timings: medians of the three), both on
+    one torch thread (small forwards: one thread is faster on a busy CPU, for both alike)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            tiny(induction.clean[:1])  # warm-up forward, outside every timing
+        ident, abl, abl_last = [], [], []
+        for _ in range(3):
+            ident.append(H.identify_heads(tiny, induction, N))
+            abl.append(H.ablation_ranking(tiny, induction, N, positions="all"))
+            abl_last.append(H.ablation_ranking(tiny, induction, N, positions="last"))
+    finally:
+        torch.set_num_threads(threads)
+    return ident, abl, abl_last
+
+
+def induction_scores(model, task) -> dict:
+    """Attention from each second-copy token to the token after its first occurrence, per head."""
+    L = (task.clean.shape[1] - 1) * 2 // 3  # T = 1 + L + L/2
+    with torch.no_grad():
+        _, cache = model.run_with_cache(task.clean, names_filter=lambda n: n.endswith("hook_pattern"))
+    out = {}
+    for layer in range(model.cfg.n_layers):
+        p = cache[f"blocks.{layer}.attn.hook_pattern"].mean(0)  # [heads, q, k]
+        for head in range(model.cfg.n_heads):
+            out[(layer, head)] = float(torch.stack([p[head, L + 1 + j, j + 2] for j in range(L // 2 - 1)]).mean())
+    return out
+
+
+def test_batched_saes_equal_separate_trainings():
+    """The batched per-head SAEs (one model, leading head dim) against a loop of one-head trainings."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 12, 16, generator=g) * torch.tensor([0.1, 1.0, 3.0, 10.0, 0.5])[:, None, None]
+    batched = H.train_head_saes(x, d_sae=24, steps=60, seed=3)
+    separate = H.train_head_saes_reference(x, d_sae=24, steps=60, seed=3)
+    with torch.no_grad():
+        fb = batched.encode(x)
+        for gi, one in enumerate(separate):
+            fs = one.encode(x[gi : gi + 1])[0]
+            torch.testing.assert_close(fb[gi], fs, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(batched.W_dec[gi], one.W_dec[0], rtol=1e-4, atol=1e-4)
+        # and the training did something: reconstruction well below the variance of the scaled inputs
+        xs = x * batched.scale[:, None, None]
+        fvu = (batched.decode(fb) - xs).pow(2).sum((1, 2)) / (xs - xs.mean(1, keepdim=True)).pow(2).sum((1, 2))
+    assert float(fvu.max()) < 0.5, fvu
+    assert torch.allclose(batched.W_dec.norm(dim=-1), torch.ones(5, 24), atol=1e-5)
+
+
+def test_codes_and_unique_positive_counts():
+    acts = torch.tensor([[[0.0, 0.0, 0.0], [0.1, 0.5, 0.0], [2.0, 0.5, 0.0], [0.0, 0.0, 0.3]]])
+    assert H.discretise(acts).tolist() == [[3, 1, 0, 2]]  # silent row → d_sae
+    codes = torch.tensor([[1, 2, 3, 1], [5, 5, 5, 5], [1, 2, 3, 4]])
+    pos = torch.tensor([True, True, False, False])
+    counts, frac = H.unique_positive_codes(codes, pos)
+    assert counts.tolist() == [1, 0, 2]
+    assert frac.tolist() == pytest.approx([1 / 3, 0.0, 2 / 4])
+
+
+def test_identification_finds_the_induction_heads(tiny, induction, runs):
+    """Acceptance: the head whose ablation (at the position the task scores) hurts most is in the top 3;
+    the top heads are the induction heads (checked on their attention patterns, independently of both)."""
+    ident, _, abl_last = runs
+    first = ident[0]
+    assert all(r.heads() == first.heads() for r in ident)  # deterministic for a seed
+    lh = abl_last[0].heads(1)[0]
+    print(f"\nbest head by last-position ablation: L{lh[0]}H{lh[1]}, rank by codes: {first.rank_of(*lh)}")
+    assert first.rank_of(*lh) <= 3
+    cmp = H.compare(first, abl_last[0], top=3)
+    assert cmp["precision"] == 1.0
+    ind = induction_scores(tiny, induction)
+    top = first.heads(3)
+    assert all(ind[h] > 0.5 for h in top), {h: round(ind[h], 2) for h in top}
+    # heads the ablation at every position marks important (≥ 25% of the largest drop) include the top 3
+    assert H.compare(first, runs[1][0], top=3)["precision"] == 1.0
+
+
+@pytest.mark.xfail(strict=True, reason="the head whose ablation at every position hurts most is layer 0's "
+                   "previous-token head; its output is the same on clean and corrupted prompts (only the earlier "
+                   "copy's tokens differ), so no code of it is unique to positives (README: Head identification)")
+def test_identification_finds_the_top_head_of_the_all_position_ablation(runs):
+    ident, abl, _ = runs
+    lh = abl[0].heads(1)[0]
+    assert ident[0].rank_of(*lh) <= 3
+
+
+def test_identification_is_faster_than_the_ablation_sweep(runs):
+    ident, abl, _ = runs
+    t_id = statistics.median(r.seconds for r in ident)
+    t_ab = statistics.median(r.seconds for r in abl)
+    per_head = statistics.median(r.info["per_head_s"] for r in abl)
+    print(f"\nidentification {t_id:.3f} s, ablation sweep {t_ab:.3f} s ({per_head * 1000:.1f} ms per head "
+          f"forward), ratio {t_id / t_ab:.2f} (8 heads: the sweep is 9 forwards, identification 1 + SAE training)")
+    assert t_id < t_ab
+
+
+def test_cli_heads(tmp_path):
+    out = tmp_path / "heads.json"
+    r = subprocess.run([sys.executable, "-m", "saelab", "heads", "--task", "induction", "--n", "8", "--top", "3",
+                        "--compare-ablation", "--out", str(out), "--quiet"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    assert "top heads by codes unique to positives: L1H" in r.stdout
+    assert "precision@3" in r.stdout and "ratio" in r.stdout
+    res = json.loads(out.read_text())
+    assert len(res["identify"]["ranking"]) == 8 and len(res["ablation"]["ranking"]) == 8
+    assert res["compare"]["precision"] == 1.0
+    assert res["identify"]["seconds"] > 0 and res["ablation"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("case", ["empty", "multi_token", "n0", "top0", "position"])
+def test_cli_errors(case, tmp_path, capsys):
+    from saelab.cli import main
+
+    f = tmp_path / "task.jsonl"
+    args = ["heads", "--task", str(f), "--quiet"]
+    if case == "empty":
+        f.write_text("")
+        want = "no examples"
+    elif case == "multi_token":
+        f.write_text(json.dumps({"clean": "Tom and Mia went home. Tom gave it to", "corrupted":
+                                 "Tom and Mia went home. Sam gave it to", "answer": " Mia Mia Mia",
+                                 "wrong": " Tom"}) + "\n")
+        want = "not one"
+    elif case == "n0":
+        args = ["heads", "--task", "induction", "--n", "0"]
+        want = "--n 0"
+    elif case == "top0":
+        args = ["heads", "--task", "induction", "--top", "0"]
+        want = "--top 0"
+    else:
+        args = ["heads", "--task", "induction", "--position", "first"]
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        return
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saelab: error:") and "\n" not in err and want in err, err

@@ -1,0 +1,178 @@
+"""Steering through SAE latents on the tiny model with the demo SAEs (saelab.analysis.steering)."""
+
+import pytest
+import torch
+
+from saelab import SaelabError
+
+PROMPT = "Once upon a time there was a little girl who loved to play in the"
+
+
+@pytest.fixture(scope="module")
+def sae1(demo_group):
+    from saelab.sae.base import SAE
+
+    return SAE.load(demo_group.saes["blocks.1.hook_resid_post"])
+
+
+@pytest.fixture(scope="module")
+def sae0(demo_group):
+    from saelab.sae.base import SAE
+
+    return SAE.load(demo_group.saes["blocks.0.hook_resid_post"])
+
+
+def _top_latent(tiny, sae, text=PROMPT):
+    from saelab.analysis.steering import prompt_latents
+
+    _, acts = prompt_latents(tiny, sae, text)
+    return int(acts.max(0).values.argmax()), acts
+
+
+def test_prompt_latents_match_a_manual_encode(tiny, sae1):
+    from saelab.analysis.steering import prompt_latents
+
+    toks, acts = prompt_latents(tiny, sae1, PROMPT)
+    assert toks == tiny.to_str_tokens(PROMPT, prepend_bos=False)
+    _, cache = tiny.run_with_cache(tiny.to_tokens(PROMPT))
+    ref = sae1.encode(cache["blocks.1.hook_resid_post"][0, 1:])
+    assert acts.shape == (len(toks), sae1.d_sae)
+    torch.testing.assert_close(acts, ref)
+    assert ((acts != 0).sum(-1) == sae1.cfg.k).all()
+
+
+def test_large_coefficient_changes_the_output_and_zero_does_not(tiny, sae1):
+    from saelab.analysis.steering import Intervention, generate_side_by_side, steer
+
+    lat, _ = _top_latent(tiny, sae1)
+    clean, same = generate_side_by_side(tiny, sae1, PROMPT, [Intervention(lat, "add", 0.0)], max_new_tokens=12,
+                                        temperature=1.0, seed=3)
+    assert clean == same and len(clean) > 0
+    r = steer(tiny, sae1, PROMPT, [Intervention(lat, "add", 40.0)], max_new_tokens=12, temperature=1.0, seed=3)
+    assert r.clean == clean and r.steered != clean
+    assert r.metrics["kl"] > 0.5 and r.metrics["logit_shift"] > 1.0
+    # fluency = the clean model's mean loss on each continuation after the prompt (recomputed here)
+    prompt = tiny.to_tokens(PROMPT)[0]
+    for ids, key in [(r.steered_ids, "fluency"), (r.clean_ids, "fluency_clean")]:
+        with torch.no_grad():
+            logits = tiny(torch.cat([prompt, torch.tensor(ids)])[None])[0, len(prompt) - 1 : -1]
+        want = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids))
+        assert abs(r.metrics[key] - float(want)) < 1e-4, (key, r.metrics[key], float(want))
+    assert len(r.steered_ids) == 12 and tiny.tokenizer.decode(r.steered_ids) == r.steered
+    # the probability change after the prompt lists rises first, falls last, and they are the real differences
+    deltas = [p["delta"] for p in r.prob_change]
+    assert deltas == sorted(deltas, reverse=True) and deltas[0] > 0 > deltas[-1]
+    assert all(abs(p["p_steered"] - p["p_clean"] - p["delta"]) < 1e-6 for p in r.prob_change)
+    r0 = steer(tiny, sae1, PROMPT, [lat], max_new_tokens=4, temperature=0.0)
+    assert r0.metrics["kl"] == 0.0 and r0.metrics["logit_shift"] == 0.0 and r0.clean == r0.steered
+
+
+def test_add_adds_the_decoder_row_on_every_position_but_bos(sae0):
+    from saelab.analysis.steering import Intervention, steering_hook
+
+    x = torch.randn(2, 5, sae0.d_in)
+    out = steering_hook(sae0, [Intervention(7, "add", 2.5), Intervention(9, "add", -1.0)])(x, None)
+    want = x.clone()
+    want[:, 1:] += 2.5 * sae0.W_dec[7] - sae0.W_dec[9]
+    torch.testing.assert_close(out, want.detach())
+    # a one-position call (a cached generation step) is steered: it is not BOS
+    one = steering_hook(sae0, [Intervention(7, "add", 2.5)])(x[:, :1], None)
+    torch.testing.assert_close(one, (x[:, :1] + 2.5 * sae0.W_dec[7]).detach())
+
+
+def test_clamp_to_the_current_value_is_a_no_op(tiny, sae0):
+    from saelab.analysis.steering import Intervention, steering_hook
+
+    hook = sae0.cfg.hook_name
+    toks = tiny.to_tokens(" park")  # BOS + one token: one steered position
+    _, cache = tiny.run_with_cache(toks)
+    x = cache[hook]
+    f = sae0.encode(x[0, 1:])[0].detach()
+    lat = int(f.argmax())
+    assert f[lat] > 0
+    out = steering_hook(sae0, [Intervention(lat, "clamp", float(f[lat]))])(x, None)
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        clean = tiny(toks)
+        with tiny.hooks(fwd_hooks=[(hook, steering_hook(sae0, [Intervention(lat, "clamp", float(f[lat]))]))]):
+            clamped = tiny(toks)
+    torch.testing.assert_close(clamped, clean, atol=1e-4, rtol=0)
+    # clamping to another value changes exactly that latent's share: x + (v − f_i)·d_i
+    out = steering_hook(sae0, [Intervention(lat, "clamp", 10.0)])(x, None)
+    torch.testing.assert_close(out[0, 1], (x[0, 1] + (10.0 - f[lat]) * sae0.W_dec[lat]).detach())
+
+
+def test_ablation_removes_the_latent_and_keeps_the_error_term(tiny, sae0):
+    """Downstream of the hook the activation is decode(f with f_i = 0) + (x − decode(f)): the
+    latent's contribution is gone, every other latent's and the SAE error are untouched."""
+    from saelab.analysis.steering import Intervention, _fwd_hooks
+
+    hook = sae0.cfg.hook_name
+    lat, acts = _top_latent(tiny, sae0)
+    toks = tiny.to_tokens(PROMPT)
+    seen = {}
+
+    def grab(a, hook):
+        seen["x"] = a.detach().clone()
+        return a
+
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(toks)
+        with tiny.hooks(fwd_hooks=_fwd_hooks(sae0, tiny, [Intervention(lat, "ablate")]) + [(hook, grab)]):
+            tiny(toks)
+    x = cache[hook][0, 1:]
+    f = sae0.encode(x)
+    assert (f[:, lat] > 0).any()
+    f0 = f.clone()
+    f0[:, lat] = 0
+    want = sae0.decode(f0) + (x - sae0.decode(f))
+    torch.testing.assert_close(seen["x"][0, 1:], want.detach(), atol=1e-5, rtol=0)
+    # re-encoding the ablated activation: the latent falls where it fired (the encoder is not the
+    # decoder's exact inverse, so it need not read exactly 0), and nowhere does it rise
+    after = sae0.encode(seen["x"][0, 1:])[:, lat]
+    fired = f[:, lat] > 0
+    assert (after[fired] < 0.5 * f[fired, lat]).all() and (after <= f[:, lat] + 1e-5).all()
+
+
+def test_sweep_kl_grows_with_the_coefficient(tiny, sae1):
+    from saelab.analysis.steering import sweep
+
+    lat, _ = _top_latent(tiny, sae1)
+    coefs = [0, 2, 8, 32]
+    rows = sweep(lat, coefs, model=tiny, sae=sae1, prompt=PROMPT, max_new_tokens=6)
+    assert [r["coefficient"] for r in rows] == coefs
+    kls = [r["kl"] for r in rows]
+    shifts = [r["logit_shift"] for r in rows]
+    assert kls[0] == 0.0 and all(b > a for a, b in zip(kls, kls[1:])), kls
+    assert shifts[0] == 0.0 and shifts[-1] > shifts[1] > 0, shifts
+    assert rows[0]["text"] and rows[0]["fluency"] == rows[0]["fluency_clean"]
+
+
+def test_bad_input_is_a_one_line_error(tiny, sae1):
+    from saelab.analysis.steering import Intervention, steer
+
+    with pytest.raises(SaelabError, match="out of range"):
+        steer(tiny, sae1, PROMPT, [Intervention(sae1.d_sae, "add", 1.0)])
+    with pytest.raises(SaelabError, match="empty"):
+        steer(tiny, sae1, "  ", [1])
+    with pytest.raises(SaelabError, match="context"):
+        steer(tiny, sae1, "word " * tiny.cfg.n_ctx, [1], max_new_tokens=5)
+    with pytest.raises(SaelabError, match="mode"):
+        Intervention(1, "boost", 1.0)
+
+
+def test_steering_an_sae_on_attention_outputs(tiny):
+    """hook_z activations are [batch, pos, heads, d_head]: the hook flattens the heads; there are no
+    promoted tokens to follow there, so logit_shift is NaN while KL still measures the effect."""
+    import math
+
+    from saelab.analysis.steering import Intervention, prompt_latents, steer
+    from saelab.sae.base import SAE
+
+    torch.manual_seed(0)
+    hook = "blocks.0.attn.hook_z"
+    sae = SAE.create("topk", d_in=tiny.cfg.n_heads * tiny.cfg.d_head, d_sae=256, k=8, hook_name=hook)
+    toks, acts = prompt_latents(tiny, sae, PROMPT)
+    assert acts.shape == (len(toks), 256)
+    r = steer(tiny, sae, PROMPT, [Intervention(3, "add", 20.0)], max_new_tokens=3, temperature=0.0)
+    assert r.metrics["kl"] > 0 and math.isnan(r.metrics["logit_shift"]) and r.metrics["promoted"] == []
