@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "ablation; writes a circuit JSON file.")
     c.add_argument("--task", required=True, help="induction, ioi, names, or a .jsonl file of "
                                                  '{"clean", "corrupted", "answer", "wrong"} lines')
-    c.add_argument("--saes", required=True, help="an SAE group folder (runs/GROUP with group.json) or one SAE folder")
+    c.add_argument("--saes", "--sae", dest="saes", required=True,
+                   help="an SAE group folder (runs/GROUP with group.json) or one SAE folder")
     c.add_argument("--out", default=None, help="circuit file (default: <saes>/circuits/<task>.json)")
     c.add_argument("--method", choices=["attrib", "ig"], default="attrib",
                    help="attribution patching (one backward pass) or integrated gradients (default: attrib)")
