@@ -92,6 +92,13 @@ def test_chunked_bf16(signed):
     v, i = topk_encode(x, W, b, 6, signed, kernel="chunked", chunk=64, rows=16)
     assert v.dtype == torch.bfloat16
     check_against_reference(x, W, b, 6, signed, v, i, rtol=2**-7, atol=1e-2, gap=0.03, min_clear=0.3)
+    # fp32 tensors under bf16 autocast: the same as the reference under autocast
+    x, W, b = _inputs(11, 50, 32, 200)
+    with torch.autocast("cpu", torch.bfloat16):
+        v, i = topk_encode(x, W, b, 6, signed, kernel="chunked", chunk=64, rows=16)
+    assert v.dtype == torch.bfloat16
+    bf = [t.bfloat16() for t in (x, W, b)]  # what autocast feeds the GEMM
+    check_against_reference(*bf, 6, signed, v, i, rtol=2**-7, atol=1e-2, gap=0.03, min_clear=0.3)
 
 
 @pytest.mark.triton

@@ -106,19 +106,31 @@ def _chunked_select(x, W_enc, b_enc, k: int, signed: bool, chunk: int, rows: int
     the whole chunk); they are packed into a small padded block and merged by ``topk``."""
     B, n = x.shape[0], W_enc.shape[1]
     out_v = out_i = None
+    # one pre-activation buffer and one mask buffer reused by every block: a fresh allocation of
+    # this size per chunk would be a fresh mmap, i.e. page faults and zeroing on every chunk
+    dtype = torch.promote_types(x.dtype, W_enc.dtype)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):  # cast once, as autocast's addmm would per chunk
+        dtype = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _chunked_select(x.to(dtype), W_enc.to(dtype), b_enc.to(dtype), k, signed, chunk, rows)
+    zbuf = torch.empty(min(rows, B) * min(chunk, n), dtype=dtype, device=x.device)
+    mbuf = torch.empty(zbuf.numel(), dtype=torch.bool, device=x.device)
+    sbuf = torch.empty(zbuf.numel() if signed else 0, dtype=dtype, device=x.device)
     for r0 in range(0, B, rows):
         xb = x[r0:r0 + rows]
         rb = xb.shape[0]
         best_s = best_v = best_i = None
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
-            z = score = None  # free the last block before the GEMM allocates: one [rows, chunk] at a time
-            z = torch.addmm(b_enc[c0:c1], xb, W_enc[:, c0:c1])
-            score = z.abs() if signed else z
+            size = rb * (c1 - c0)
+            z = torch.addmm(b_enc[c0:c1], xb, W_enc[:, c0:c1], out=zbuf[:size].view(rb, c1 - c0))
+            score = torch.abs(z, out=sbuf[:size].view(rb, c1 - c0)) if signed else z
             have = 0 if best_s is None else best_s.shape[1]
             r = c = None
             if have == k:
-                r, c = (score > best_s[:, -1:]).nonzero(as_tuple=True)
+                mask = torch.gt(score, best_s[:, -1:], out=mbuf[:size].view(rb, c1 - c0))
+                r, c = mask.nonzero(as_tuple=True)
                 if r.numel() == 0:
                     continue
                 if r.numel() > rb * (c1 - c0) // 8:  # too many: a dense top-k is cheaper

@@ -92,11 +92,18 @@ def _topk_encode_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr,
 
 
 def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, signed: bool = False,
-                  *, block_b: int = 32, block_n: int = 64, block_d: int = 32, n_split: int | None = None):
+                  *, block_b: int | None = None, block_n: int | None = None, block_d: int | None = None,
+                  n_split: int | None = None):
     """(pre-activation values [B, k] in x's dtype, indices [B, k] int64) of the k best latents,
     best first."""
     B, D = x.shape
     N = W_enc.shape[1]
+    # tensor-core sized tiles on the GPU (untuned: no GPU was available when this was written);
+    # small ones for the interpreter, whose cost grows with the tile
+    gpu = x.is_cuda
+    block_b = block_b or (64 if gpu else 32)
+    block_n = block_n or (128 if gpu else 64)
+    block_d = block_d or (64 if gpu else 32)
     if W_enc.dtype != x.dtype:
         W_enc = W_enc.to(x.dtype)
     row_blocks = triton.cdiv(B, block_b)
