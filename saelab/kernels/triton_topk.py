@@ -104,6 +104,8 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     block_b = block_b or (64 if gpu else 32)
     block_n = block_n or (128 if gpu else 64)
     block_d = block_d or (64 if gpu else 32)
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):  # bf16/fp16 tensor cores, as autocast's matmul
+        x = x.to(torch.get_autocast_dtype("cuda"))
     if W_enc.dtype != x.dtype:
         W_enc = W_enc.to(x.dtype)
     row_blocks = triton.cdiv(B, block_b)
