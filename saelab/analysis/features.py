@@ -342,7 +342,8 @@ class _Accumulator:
         if bos:
             counted = (batch.r0 + b) % batch.ctx != 0
             b, lat, vals = b[counted], lat[counted], vals[counted]
-            n_rows -= -(-batch.n // batch.ctx) if batch.r0 % batch.ctx == 0 else 0
+            first, end = batch.r0, batch.r0 + batch.n  # BOS rows in [first, end): multiples of ctx
+            n_rows -= -(-end // batch.ctx) - -(-first // batch.ctx)
         self.rows += n_rows
         if not len(vals):
             return
@@ -653,6 +654,7 @@ class FeatureDB:
         self.hist_edges = self._f["hist_edges"][:]
         self._ds = {k: self._f[k] for k in PER_LATENT if k in self._f}
         self._vocab: list[str] | None = None
+        self.vocab()  # shared by every card: read once here, so a card reads only its own slices
         self._logit_index = None
 
     # -- plumbing
