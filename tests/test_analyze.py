@@ -309,3 +309,20 @@ def test_demo_group_has_features(demo_group):
             c = db.card(i)
             assert len(c.top) == 20 and c.top[0].value == pytest.approx(c.max_act)
             assert len(c.logits_top) == 10 and db.by_token(c.logits_top[0][0])
+
+
+def test_synthetic_store_without_model(tmp_path):
+    """A planted-feature store has no model: no logit effects, token ids shown as #id."""
+    from saelab.sae.base import SAE
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    store = write_synthetic(SyntheticConfig(out=str(tmp_path / "syn"), d=16, n_true=32, active=3, rows=4096),
+                            progress=False)
+    sae_dir = tmp_path / "sae"
+    SAE.create("relu", d_in=16, d_sae=64, k=4, hook_name="synthetic").save(sae_dir)
+    analyze(sae_dir, store, top=3, progress=False)
+    with FeatureDB(sae_dir) as db:
+        i = int(np.argmax(db.density))
+        c = db.card(i)
+        assert c.logits_top == [] and len(c.top) == 3 and c.density > 0
+        assert not list(sae_dir.glob(".*.tmp"))

@@ -565,20 +565,28 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     }
     final = sae_dir / FEATURES_FILE
     tmp = sae_dir / f".{FEATURES_FILE}.tmp"
+    try:
+        _write(tmp, attrs, small, per, np_(edges).astype(np.float64), vocab)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(sae_dir)
+    return final
+
+
+def _write(tmp: pathlib.Path, attrs: dict, small: dict, per: dict, edges: np.ndarray, vocab: list[str]) -> None:
     with h5py.File(tmp, "w", libver="latest") as f:
         f.attrs.update(attrs)
         for k_, v in small.items():
             f.create_dataset(k_, data=v)
         for k_, v in per.items():  # contiguous, row-major: one latent = one contiguous byte range
             f.create_dataset(k_, data=v)
-        f.create_dataset("hist_edges", data=np_(edges).astype(np.float64))
+        f.create_dataset("hist_edges", data=edges)
         blob = [s.encode("utf-8", "surrogatepass") for s in vocab]
         f.create_dataset("vocab_offsets", data=np.concatenate([[0], np.cumsum([len(s) for s in blob])]).astype(np.int64))
         f.create_dataset("vocab_blob", data=np.frombuffer(b"".join(blob), dtype=np.uint8))
-    fsync_file(tmp)
-    os.replace(tmp, final)
-    fsync_dir(sae_dir)
-    return final
 
 
 def analyze_all(path, activations=None, **kw) -> list[pathlib.Path]:
