@@ -57,7 +57,7 @@ import json
 import math
 import os
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -674,6 +674,7 @@ class FeatureDB:
         self.n_rows: int = int(a["n_rows"])
         self.context_size: int = int(a["context_size"])
         self.before: int = int(a["before"])
+        self.n_bands: int = int(a["n_bands"])
         self.sections: dict = json.loads(a["sections"])
         for k in EAGER:
             setattr(self, k, self._f[k][:])
@@ -740,10 +741,11 @@ class FeatureDB:
         qs = []
         if "quantiles" in self.sections:
             a, _ = self.sections["quantiles"]
-            per = (self.sections["quantiles"][1] - a) // N_BANDS
+            nb = self.n_bands
+            per = (self.sections["quantiles"][1] - a) // nb
             of = "of max |act|" if self.signed else "of max"
-            for band in reversed(range(N_BANDS)):
-                lo, hi = band / N_BANDS, (band + 1) / N_BANDS
+            for band in reversed(range(nb)):
+                lo, hi = band / nb, (band + 1) / nb
                 exs = [self._example(rows[e], vals[e], toks[e], acts[e])
                        for e in range(a + band * per, a + (band + 1) * per) if rows[e] >= 0]
                 qs.append((f"{lo:.2f}–{hi:.2f} {of}", exs))
