@@ -36,6 +36,8 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_harvest.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_archs.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_encode.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analyze.py
 
 clean:
 	rm -rf $(VENV) .venv-tl3 activations/demo runs/demo

@@ -30,7 +30,7 @@ def train_sae(activations, out, arch="topk", hook=None, **kw):
     from saelab.train import train
 
     scfg = SAEConfig(arch=arch, k=kw.pop("k", 8), width=kw.pop("width", 256), **kw)
-    tcfg = TrainConfig(activations=str(activations), out=str(out), hook=hook, tokens=4096 * 4, batch_size=1024,
+    tcfg = TrainConfig(activations=str(activations), out=str(out), hook=hook, tokens=8192, batch_size=1024,
                        log_every=1000, checkpoint_every=10_000)
     return train(tcfg, scfg, progress=False)
 
@@ -158,13 +158,14 @@ def test_bad_input_one_line_errors(topk_sae, resid_store, small_run, tmp_path):
     store_z = small_run[1]["blocks.1.attn.hook_z"]
     for args, words in [
         (("--sae", not_sae), "not an SAE folder"),
-        (("--sae", tmp_path / "nope"), "no such folder"),
         (("--sae", topk_sae, "--activations", store_z), "pass --activations with a store of the SAE's hook"),
     ]:
         r = cli("analyze", *args, "--quiet", timeout=120)
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert words in r.stderr
+    with pytest.raises(SaelabError, match="no such folder"):
+        F.sae_folders(tmp_path / "nope")
     # a features file from another SAE (other weights, same shape; and other shape) is refused
     other = tmp_path / "other"
     shutil.copytree(topk_sae, other)
@@ -296,3 +297,32 @@ def test_saelens_folder(topk_sae, resid_store, tmp_path, tiny):
     db = FeatureDB(lens)
     assert db.hook == RESID and db.n_rows == 1024 - 8
     db.close()
+
+
+def test_demo_group_has_features(demo_group):
+    """ensure_group() analyses each demo SAE, so the app, notebooks and tests find features.h5."""
+    for hook, folder in demo_group.saes.items():
+        with FeatureDB(folder) as db:
+            assert db.hook == hook and db.n_rows > 100_000
+            assert (db.density > 0).mean() > 0.9
+            i = int(np.argmax(db.max_act))
+            c = db.card(i)
+            assert len(c.top) == 20 and c.top[0].value == pytest.approx(c.max_act)
+            assert len(c.logits_top) == 10 and db.by_token(c.logits_top[0][0])
+
+
+def test_synthetic_store_without_model(tmp_path):
+    """A planted-feature store has no model: no logit effects, token ids shown as #id."""
+    from saelab.sae.base import SAE
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    store = write_synthetic(SyntheticConfig(out=str(tmp_path / "syn"), d=16, n_true=32, active=3, rows=4096),
+                            progress=False)
+    sae_dir = tmp_path / "sae"
+    SAE.create("relu", d_in=16, d_sae=64, k=4, hook_name="synthetic").save(sae_dir)
+    analyze(sae_dir, store, top=3, progress=False)
+    with FeatureDB(sae_dir) as db:
+        i = int(np.argmax(db.density))
+        c = db.card(i)
+        assert c.logits_top == [] and len(c.top) == 3 and c.density > 0
+        assert not list(sae_dir.glob(".*.tmp"))

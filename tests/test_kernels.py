@@ -1,8 +1,19 @@
-"""Chunked TopK encode and sparse decode against their plain references, on fresh random inputs.
+"""Chunked and Triton TopK encode and sparse decode against their plain references, on fresh
+random inputs.
 
-Thresholds: values and gradients rtol 1e-4 / atol 1e-5 (fp32; the chunked GEMMs sum in another
-order); indices compared only on rows whose k-th and (k+1)-th pre-activation differ by > 1e-4.
+Thresholds: fp32 values rtol 1e-5 (atol 1e-6), gradients rtol 1e-4 / atol 1e-5 (the chunked
+GEMMs sum in another order); indices compared as sets only on rows whose k-th and (k+1)-th
+scores differ by > 1e-4 (elsewhere every selected score must be ≥ the reference's k-th − 1e-4);
+bf16: values within 2 bf16 ulps (rtol 2⁻⁷), the index gap 0.03 (2 ulps at |z| ≈ 2).
+
+The Triton tests (marker ``triton``) run the kernel under ``TRITON_INTERPRET=1`` on CPU tensors.
+They skip when triton does not import — unless ``SAELAB_REQUIRE_TRITON=1`` (set by .ci/run),
+which turns that skip into a failure so they cannot rot silently.
 """
+
+import importlib
+import os
+import sys
 
 import pytest
 import torch
@@ -12,12 +23,147 @@ from saelab.kernels import sparse_decode, topk_encode, topk_encode_reference
 from saelab.kernels.topk_encode import resolve_kernel
 
 
-def _inputs(seed, B=96, d=48, n=1000):
+def _inputs(seed, B=96, d=48, n=1000, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, d, generator=g)
     W = torch.randn(d, n, generator=g) / d**0.5
     b = torch.randn(n, generator=g) * 0.1
-    return x, W, b
+    return x.to(dtype), W.to(dtype), b.to(dtype)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Run Triton kernels in its interpreter on CPU tensors (the module is (re)imported under it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        if os.environ.get("SAELAB_REQUIRE_TRITON") == "1":
+            pytest.fail(f"triton does not import ({e}) but SAELAB_REQUIRE_TRITON=1: install the dev extra")
+        pytest.skip("triton is not installed")
+    name = "saelab.kernels.triton_topk"
+    mod = importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
+    assert "Interpreted" in type(mod._topk_encode_kernel).__name__, "triton_topk was not built for the interpreter"
+    yield mod
+    sys.modules.pop(name, None)  # the next import outside the interpreter builds the real kernel
+
+
+def check_against_reference(x, W, b, k, signed, v, i, *, rtol=1e-5, atol=1e-6, gap=1e-4, min_clear=0.5):
+    """The checks every path must pass (see the module docstring); scores computed in float64."""
+    z = x.double() @ W.double() + b.double()
+    score = z.abs() if signed else z
+    ranked = score.sort(-1, descending=True).values
+    kth = ranked[:, k - 1]
+    clear = (ranked[:, k - 1] - ranked[:, k]) > gap
+    assert clear.float().mean() > min_clear, "too many near-ties to test anything"
+    assert v.shape == i.shape == (x.shape[0], k)
+    assert all(len(set(r)) == k for r in i.tolist()), "a latent selected twice"
+    mine = score.gather(-1, i)
+    assert (mine >= kth[:, None] - gap).all(), "a selected score below the reference's k-th"
+    ref_i = score.topk(k, dim=-1).indices
+    assert torch.equal(i.sort(-1).values[clear], ref_i.sort(-1).values[clear])
+    expect = z.gather(-1, i) if signed else z.gather(-1, i).clamp_min(0)
+    torch.testing.assert_close(v.double(), expect, rtol=rtol, atol=atol)
+    # best first (matryoshka's k mode takes prefixes)
+    s = v.double().abs() if signed else v.double()
+    assert (s[:, :-1] >= s[:, 1:] - atol - rtol * s[:, 1:].abs()).all()
+    # and the reference's own values agree on the clear rows (as sorted sets: near-equal |z| may swap)
+    vr, ir = topk_encode_reference(x, W, b, k, signed)
+    torch.testing.assert_close(v[clear].double().sort(-1).values, vr[clear].double().sort(-1).values, rtol=max(rtol, 1e-5), atol=max(atol, 1e-6))
+
+
+# (B, d, n, k): B not a multiple of the row block / tile, n not a multiple of the chunk / tile,
+# k = 1 and k close to the tile (triton tiles: 32 rows × 64 latents; chunked: 40 rows × 96 latents)
+SHAPES = [(70, 40, 300, 1), (70, 40, 300, 7), (33, 24, 130, 60)]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_matches_reference_over_shapes(shape, signed):
+    B, d, n, k = shape
+    x, W, b = _inputs(hash((shape, signed)) % 1000, B, d, n)
+    v, i = topk_encode(x, W, b, k, signed, kernel="chunked", chunk=96, rows=40)
+    check_against_reference(x, W, b, k, signed, v, i)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_chunked_bf16(signed):
+    x, W, b = _inputs(11, 50, 32, 200, torch.bfloat16)
+    v, i = topk_encode(x, W, b, 6, signed, kernel="chunked", chunk=64, rows=16)
+    assert v.dtype == torch.bfloat16
+    check_against_reference(x, W, b, 6, signed, v, i, rtol=2**-7, atol=1e-2, gap=0.03, min_clear=0.3)
+    # fp32 tensors under bf16 autocast: the same as the reference under autocast
+    x, W, b = _inputs(11, 50, 32, 200)
+    with torch.autocast("cpu", torch.bfloat16):
+        v, i = topk_encode(x, W, b, 6, signed, kernel="chunked", chunk=64, rows=16)
+    assert v.dtype == torch.bfloat16
+    bf = [t.bfloat16() for t in (x, W, b)]  # what autocast feeds the GEMM
+    check_against_reference(*bf, 6, signed, v, i, rtol=2**-7, atol=1e-2, gap=0.03, min_clear=0.3)
+
+
+@pytest.mark.triton
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_matches_reference_over_shapes(interpreter, shape, signed):
+    B, d, n, k = shape
+    x, W, b = _inputs(hash((shape, signed, 1)) % 1000, B, d, n)
+    v, i = topk_encode(x, W, b, k, signed, kernel="triton")
+    check_against_reference(x, W, b, k, signed, v, i)
+    if k == 7:  # the latent split (several programs per row block, merged by torch.topk) selects the same
+        v2, i2 = interpreter.triton_select(x, W, b, k, signed, n_split=3)
+        assert torch.equal(i2, i) and torch.equal(v2, v)
+
+
+@pytest.mark.triton
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signed", [False, True])
+def test_triton_bf16_and_backward(interpreter, signed):
+    x, W, b = _inputs(12, 40, 32, 200, torch.bfloat16)
+    v, i = topk_encode(x, W, b, 5, signed, kernel="triton")
+    assert v.dtype == torch.bfloat16
+    check_against_reference(x, W, b, 5, signed, v, i, rtol=2**-7, atol=1e-2, gap=0.03, min_clear=0.3)
+    # fp32: the backward (shared with the chunked path) equals autograd through the reference
+    x, W, b = _inputs(13, 40, 32, 200)
+    grads = []
+    for kernel in ["reference", "triton"]:
+        xs, Ws, bs = (t.clone().requires_grad_(True) for t in (x, W, b))
+        v, i = topk_encode(xs, Ws, bs, 5, signed, kernel=kernel)
+        (v * (1 + i.float() / 200)).sum().backward()
+        grads.append((xs.grad, Ws.grad, bs.grad))
+    for a, c in zip(*grads):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_is_never_picked_on_cpu(monkeypatch):
+    monkeypatch.delenv("SAELAB_KERNEL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_kernel("auto", torch.device("cpu")) == "chunked"
+    with pytest.raises(SaelabError, match="needs CUDA tensors") as e:
+        resolve_kernel("triton", torch.device("cpu"))
+    assert "\n" not in str(e.value)
+    x, W, b = _inputs(0, 4, 8, 16)
+    with pytest.raises(SaelabError, match="use --kernel chunked"):
+        topk_encode(x, W, b, 2, kernel="triton")
+    monkeypatch.setenv("SAELAB_KERNEL", "triton")  # the variable is checked the same way
+    with pytest.raises(SaelabError, match="needs CUDA tensors"):
+        resolve_kernel("auto", torch.device("cpu"))
+
+
+def test_gradcheck_float64():
+    """The custom Functions' backward (sparse products, index_add, embedding_bag) in float64."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(5, 20, generator=g, dtype=torch.float64, requires_grad=True)
+    b = (torch.randn(20, generator=g, dtype=torch.float64) * 0.1).requires_grad_(True)
+    for signed in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda x, W, b: topk_encode(x, W, b, 3, signed, kernel="chunked", chunk=7, rows=4)[0], (x, W, b))
+    idx = torch.stack([torch.randperm(20, generator=g)[:3] for _ in range(6)])
+    vals = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    Wd = torch.randn(20, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bd = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, W, b: sparse_decode(v, idx, W, b), (vals, Wd, bd))
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -105,3 +251,71 @@ def test_chunked_never_allocates_the_full_preactivation():
         W.grad = b.grad = None
     assert largest["reference"] >= full  # the measurement can see a [B, d_sae] tensor
     assert largest["chunked"] <= max(B * 512, d * n) * 4 * 1.1, largest
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    out = tmp_path_factory.mktemp("kern") / "store"
+    return write_synthetic(SyntheticConfig(out=str(out), d=32, n_true=96, active=4, rows=8192, shard_rows=4096),
+                           progress=False)
+
+
+@pytest.mark.parametrize("arch", ["topk"])
+def test_fused_and_reference_training_end_with_the_same_weights(arch, tiny_store, tmp_path):
+    """Same seed, same data, 25 steps: the fused path (chunked encode, sparse decode, sparse
+    backward) and the dense reference end within rtol 1e-3 / atol 1e-4 of each other."""
+    from saelab.config import SAEConfig, TrainConfig
+    from saelab.sae.base import SAE
+    from saelab.train import train
+
+    saes = {}
+    for kernel in ["reference", "chunked"]:
+        out = tmp_path / kernel
+        train(TrainConfig(activations=str(tiny_store), out=str(out), tokens=256 * 25, batch_size=256, lr=1e-3,
+                          log_every=20, checkpoint_every=1000, kernel=kernel),
+              SAEConfig(arch=arch, k=6, expansion=4), progress=False)
+        saes[kernel] = SAE.load(out)
+    a, b = saes["reference"], saes["chunked"]
+    assert (a.W_enc - SAE.create(arch, d_in=32, d_sae=128, k=6).W_enc).abs().max() > 1e-2  # it trained
+    for n in ["W_enc", "b_enc", "W_dec", "b_dec"]:
+        torch.testing.assert_close(getattr(b, n), getattr(a, n), rtol=1e-3, atol=1e-4)
+
+
+def test_train_kernel_triton_on_cpu_is_an_error(tiny_store, tmp_path, monkeypatch):
+    from saelab.config import SAEConfig, TrainConfig
+    from saelab.train import train
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SaelabError, match="needs CUDA tensors"):
+        train(TrainConfig(activations=str(tiny_store), out=str(tmp_path / "t"), tokens=1024, batch_size=256,
+                          kernel="triton", device="cpu"), SAEConfig(arch="topk", k=4, expansion=2), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "k"])
+def test_matryoshka_fused_loss_equals_dense(mode):
+    """One fused encode + per-prefix sparse decodes give the dense loss, every term, and its grads."""
+    from saelab.sae.base import SAE
+
+    res = []
+    for kernel in ["reference", "chunked"]:
+        torch.manual_seed(0)
+        sae = SAE.create("matryoshka", d_in=24, d_sae=300, k=8, matryoshka_mode=mode,
+                         matryoshka_weighting="reverse")
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1)
+            sae.b_dec.normal_(0, 0.1)
+        sae.kernel = kernel
+        sae.tokens_since_fired[:40] = 10**9  # some dead latents: aux-k active
+        x = torch.randn(50, 24, generator=torch.Generator().manual_seed(1))
+        out = sae.loss(x)
+        out["loss"].backward()
+        terms = {k: v.detach() for k, v in out.items() if k.startswith(("mse", "aux", "loss"))}
+        res.append((terms, [p.grad for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]))
+    (t_ref, g_ref), (t_fused, g_fused) = res
+    assert t_ref.keys() == t_fused.keys() and len([k for k in t_ref if k.startswith("mse")]) == 3
+    for key in t_ref:
+        torch.testing.assert_close(t_fused[key], t_ref[key], rtol=1e-4, atol=1e-5)
+    for a, c in zip(g_ref, g_fused):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)

@@ -51,12 +51,13 @@ no chunk index to consult (measured with 16k latents: chunked one-latent-per-chu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -342,7 +343,8 @@ class _Accumulator:
         if bos:
             counted = (batch.r0 + b) % batch.ctx != 0
             b, lat, vals = b[counted], lat[counted], vals[counted]
-            n_rows -= -(-batch.n // batch.ctx) if batch.r0 % batch.ctx == 0 else 0
+            first, end = batch.r0, batch.r0 + batch.n  # BOS rows in [first, end): multiples of ctx
+            n_rows -= -(-end // batch.ctx) - -(-first // batch.ctx)
         self.rows += n_rows
         if not len(vals):
             return
@@ -460,6 +462,22 @@ def _vocab(model) -> list[str]:
     return tok.batch_decode([[i] for i in range(n)])
 
 
+@contextlib.contextmanager
+def _one_thread(device):
+    """On CPU, the bookkeeping (many small ops over ~B·k entries) runs single-threaded: measured on
+    a loaded 2-core machine, intra-op threads made it several times slower; the encode GEMM keeps
+    all threads."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @torch.no_grad()
 def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, device="auto",
             progress=True, batch_size: int = BATCH_ROWS) -> pathlib.Path:
@@ -502,7 +520,8 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
         for x in it:
             keys, vals = sparse_codes(sae, x)
             toks = torch.from_numpy(reader.get(r0, r0 + len(x))).to(dev)
-            acc.add(_Batch(keys, vals, toks, r0, ctx, sae.d_sae), bos)
+            with _one_thread(dev):
+                acc.add(_Batch(keys, vals, toks, r0, ctx, sae.d_sae), bos)
             r0 += len(x)
             bar.update(len(x))
     store.close()
@@ -564,20 +583,28 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     }
     final = sae_dir / FEATURES_FILE
     tmp = sae_dir / f".{FEATURES_FILE}.tmp"
+    try:
+        _write(tmp, attrs, small, per, np_(edges).astype(np.float64), vocab)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(sae_dir)
+    return final
+
+
+def _write(tmp: pathlib.Path, attrs: dict, small: dict, per: dict, edges: np.ndarray, vocab: list[str]) -> None:
     with h5py.File(tmp, "w", libver="latest") as f:
         f.attrs.update(attrs)
         for k_, v in small.items():
             f.create_dataset(k_, data=v)
         for k_, v in per.items():  # contiguous, row-major: one latent = one contiguous byte range
             f.create_dataset(k_, data=v)
-        f.create_dataset("hist_edges", data=np_(edges).astype(np.float64))
+        f.create_dataset("hist_edges", data=edges)
         blob = [s.encode("utf-8", "surrogatepass") for s in vocab]
         f.create_dataset("vocab_offsets", data=np.concatenate([[0], np.cumsum([len(s) for s in blob])]).astype(np.int64))
         f.create_dataset("vocab_blob", data=np.frombuffer(b"".join(blob), dtype=np.uint8))
-    fsync_file(tmp)
-    os.replace(tmp, final)
-    fsync_dir(sae_dir)
-    return final
 
 
 def analyze_all(path, activations=None, **kw) -> list[pathlib.Path]:
@@ -647,12 +674,14 @@ class FeatureDB:
         self.n_rows: int = int(a["n_rows"])
         self.context_size: int = int(a["context_size"])
         self.before: int = int(a["before"])
+        self.n_bands: int = int(a["n_bands"])
         self.sections: dict = json.loads(a["sections"])
         for k in EAGER:
             setattr(self, k, self._f[k][:])
         self.hist_edges = self._f["hist_edges"][:]
         self._ds = {k: self._f[k] for k in PER_LATENT if k in self._f}
         self._vocab: list[str] | None = None
+        self.vocab()  # shared by every card: read once here, so a card reads only its own slices
         self._logit_index = None
 
     # -- plumbing
@@ -712,10 +741,11 @@ class FeatureDB:
         qs = []
         if "quantiles" in self.sections:
             a, _ = self.sections["quantiles"]
-            per = (self.sections["quantiles"][1] - a) // N_BANDS
+            nb = self.n_bands
+            per = (self.sections["quantiles"][1] - a) // nb
             of = "of max |act|" if self.signed else "of max"
-            for band in reversed(range(N_BANDS)):
-                lo, hi = band / N_BANDS, (band + 1) / N_BANDS
+            for band in reversed(range(nb)):
+                lo, hi = band / nb, (band + 1) / nb
                 exs = [self._example(rows[e], vals[e], toks[e], acts[e])
                        for e in range(a + band * per, a + (band + 1) * per) if rows[e] >= 0]
                 qs.append((f"{lo:.2f}–{hi:.2f} {of}", exs))

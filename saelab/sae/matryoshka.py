@@ -5,10 +5,17 @@
 * ``k`` mode (MSAE, "Interpreting CLIP with Hierarchical SAEs"): several TopK codes with
   increasing k (default k/4, k/2, k), losses summed with uniform or reverse weights (reverse:
   the smallest k weighs most).
-Inference uses TopK with the largest k."""
+Inference uses TopK with the largest k.
+
+Training takes the fused path by default (as TopK does; ``--kernel reference`` for the dense
+one): one ``topk_encode`` (its (values, indices) come best first), then per prefix a sparse
+decode with the values of latents ≥ m zeroed (prefix mode), or of the first kᵢ columns (k
+mode: the top-kᵢ of a best-first top-k_max are its first kᵢ entries)."""
 
 from __future__ import annotations
 
+from saelab.kernels import sparse_decode, topk_encode
+from saelab.kernels.topk_encode import resolve_kernel
 from saelab.sae.base import mse
 from saelab.sae.topk import TopKSAE, select, scatter
 
@@ -26,7 +33,12 @@ class MatryoshkaSAE(TopKSAE):
         ks = self.cfg.matryoshka_ks or [max(1, k // 4), max(1, k // 2), k]
         return sorted(set(ks))
 
+    def weights(self, n: int) -> list[float]:
+        return [1.0] * n if self.cfg.matryoshka_weighting == "uniform" else [2.0 * (n - i) / (n + 1) for i in range(n)]
+
     def loss(self, x, step=0, grads=None):
+        if resolve_kernel(self.kernel, x.device) != "reference":
+            return self._fused_loss(x)
         z = self.pre_acts(x)
         if self.cfg.matryoshka_mode == "prefix":
             f = self.activation(z)
@@ -38,7 +50,7 @@ class MatryoshkaSAE(TopKSAE):
         else:
             ks = self.ks()
             n = len(ks)
-            w = [1.0] * n if self.cfg.matryoshka_weighting == "uniform" else [2.0 * (n - i) / (n + 1) for i in range(n)]
+            w = self.weights(n)
             terms = {}
             for wi, ki in zip(w, ks):
                 v, i = select(z, ki)
@@ -46,6 +58,23 @@ class MatryoshkaSAE(TopKSAE):
                 x_hat = self.decode(f)
                 terms[f"mse_k{ki}"] = wi * mse(x, x_hat)
         return self._out(f, x_hat, **terms, aux=self.aux_k_loss(x, x_hat))
+
+    def _fused_loss(self, x):
+        """The same loss terms from one fused encode and sparse decodes (no [B, d_sae] tensor)."""
+        xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        terms = {}
+        if self.cfg.matryoshka_mode == "prefix":
+            v, i = topk_encode(xc, self.W_enc, self.b_enc, self.cfg.k, kernel=self.kernel)
+            for m in self.prefixes():
+                x_hat = sparse_decode(v * (i < m).to(v.dtype), i, self.W_dec, self.b_dec)
+                terms[f"mse_{m}"] = mse(x, x_hat)
+        else:
+            ks = self.ks()
+            v, i = topk_encode(xc, self.W_enc, self.b_enc, ks[-1], kernel=self.kernel)  # best first
+            for wi, ki in zip(self.weights(len(ks)), ks):
+                x_hat = sparse_decode(v[:, :ki], i[:, :ki], self.W_dec, self.b_dec)
+                terms[f"mse_k{ki}"] = wi * mse(x, x_hat)
+        return self._out((v.detach(), i), x_hat, **terms, aux=self.aux_k_loss(x, x_hat))
 
     def saelens_cfg(self):
         return {**super().saelens_cfg(), "architecture": "topk"}

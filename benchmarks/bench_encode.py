@@ -1,0 +1,173 @@
+"""Fused TopK encode vs the reference, as ratios measured in one run (the machine may be shared).
+
+    python benchmarks/bench_encode.py [--widths 16384,65536] [--reps 3] [--threads 0]
+
+1. CPU forward (B=4096, d_in=512, k=32): chunked vs reference wall time (variants alternated,
+   medians), with the bare encoder GEMM as the floor.
+2. CPU peak extra memory of the forward: each variant in its own subprocess; its peak RSS
+   (VmHWM, reset once the inputs are allocated) minus its RSS at that point.
+3. CPU training step of a TopK SAE (loss + backward): fused (chunked encode, sparse decode,
+   sparse backward) vs reference (dense), time ratio.
+4. GPU (only when CUDA is present): Triton vs reference, bf16, d_in=768, d_sae=32768, k=32:
+   time and peak allocated memory. Skipped (and said so) otherwise.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from saelab.kernels import topk_encode
+from saelab.sae import SAE
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def inputs(B, d, n, dtype=torch.float32, device="cpu"):
+    """Filled in place, so no temporary raises the peak RSS above the inputs themselves."""
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.empty(B, d, dtype=dtype, device=device).normal_(generator=g)
+    W = torch.empty(d, n, dtype=dtype, device=device).normal_(std=d**-0.5, generator=g)
+    b = torch.empty(n, dtype=dtype, device=device).normal_(std=0.1, generator=g)
+    return x, W, b
+
+
+def reset_peak_rss() -> bool:
+    """Linux: reset the peak RSS (VmHWM) to the current RSS (echo 5 > /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def alternate(variants: dict, reps: int, sync=lambda: None) -> dict:
+    """Median seconds per variant, running the variants in turn (one warm-up each first)."""
+    for fn in variants.values():
+        fn()
+    sync()
+    ts = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in ts.items()}
+
+
+def mem_child(kernel: str, width: int, B: int, d: int, k: int) -> None:
+    """Subprocess body: print the peak RSS growth of one forward over the allocated inputs."""
+    x, W, b = inputs(B, d, width)
+    reset_peak_rss()
+    base = rss_bytes()
+    with torch.no_grad():
+        topk_encode(x, W, b, k, kernel=kernel)
+    peak = peak_rss_bytes()
+    print(json.dumps({"extra": peak - base}))
+
+
+def measure_mem(kernel, width, a) -> int:
+    cmd = [sys.executable, __file__, "--mem-child", kernel, "--widths", str(width), "--batch", str(a.batch),
+           "--d-in", str(a.d_in), "--k", str(a.k)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["extra"]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--widths", default="16384,65536")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--d-in", type=int, default=512)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    widths = [int(w) for w in a.widths.split(",")]
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.mem_child:
+        return mem_child(a.mem_child, widths[0], a.batch, a.d_in, a.k)
+
+    print(f"CPU: B={a.batch}, d_in={a.d_in}, k={a.k}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
+    print("| d_sae | GEMM ms | reference ms | chunked ms | chunked / reference | GEMM / reference "
+          "| peak extra MiB ref | chunked | mem ratio | train step ref ms | fused ms | step ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in widths:
+        x, W, b = inputs(a.batch, a.d_in, n)
+        with torch.no_grad():
+            t = alternate({"gemm": lambda: x @ W,
+                           "reference": lambda: topk_encode(x, W, b, a.k, kernel="reference"),
+                           "chunked": lambda: topk_encode(x, W, b, a.k, kernel="chunked")}, a.reps)
+        del x, W, b
+        mem = {kern: measure_mem(kern, n, a) for kern in ("reference", "chunked")}
+        torch.manual_seed(0)
+        sae = SAE.create("topk", d_in=a.d_in, d_sae=n, k=a.k)
+        xs = torch.randn(a.batch, a.d_in)
+
+        def step(kernel):
+            def fn():
+                sae.kernel = kernel
+                sae.loss(xs)["loss"].backward()
+                sae.zero_grad(set_to_none=True)
+            return fn
+
+        ts = alternate({"reference": step("reference"), "fused": step("chunked")}, a.reps)
+        del sae
+        print(f"| {n} | {t['gemm'] * 1e3:.0f} | {t['reference'] * 1e3:.0f} | {t['chunked'] * 1e3:.0f} "
+              f"| {t['chunked'] / t['reference']:.2f} | {t['gemm'] / t['reference']:.2f} "
+              f"| {mem['reference'] / 2**20:.0f} | {mem['chunked'] / 2**20:.0f} "
+              f"| {mem['chunked'] / max(mem['reference'], 1):.3f} "
+              f"| {ts['reference'] * 1e3:.0f} | {ts['fused'] * 1e3:.0f} | {ts['fused'] / ts['reference']:.2f} |",
+              flush=True)
+
+    if not torch.cuda.is_available():
+        print("GPU section skipped: CUDA is not available on this machine (Triton vs reference not measured)")
+        return
+    from saelab.kernels.topk_encode import triton_available
+    if not triton_available():
+        print("GPU section skipped: triton does not import")
+        return
+    B, d, n, k = a.batch, 768, 32768, 32
+    x, W, b = inputs(B, d, n, torch.bfloat16, "cuda")
+    sync = torch.cuda.synchronize
+    with torch.no_grad():
+        t = alternate({"reference": lambda: topk_encode(x, W, b, k, kernel="reference"),
+                       "triton": lambda: topk_encode(x, W, b, k, kernel="triton")}, max(a.reps, 10), sync)
+        peak = {}
+        for kern in ("reference", "triton"):
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            topk_encode(x, W, b, k, kernel=kern)
+            sync()
+            peak[kern] = torch.cuda.max_memory_allocated() - base
+    print(f"GPU {torch.cuda.get_device_name()}: B={B}, d_in={d}, d_sae={n}, k={k}, bf16")
+    print("| path | ms | speed-up vs reference | peak extra MiB |")
+    print("|---|---|---|---|")
+    for kern in ("reference", "triton"):
+        print(f"| {kern} | {t[kern] * 1e3:.2f} | {t['reference'] / t[kern]:.2f} | {peak[kern] / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

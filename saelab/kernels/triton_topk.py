@@ -1,0 +1,129 @@
+"""The Triton TopK encode: ``triton_select(x, W_enc, b_enc, k, signed) -> (z_sel [B, k], idx [B, k])``.
+
+Imported only where it can run: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the
+tests). ``topk_encode`` applies the ReLU and the sparse backward; this module only selects.
+
+Design: **single-stage running top-k**, with an optional split of the latent dimension.
+Each program owns ``BLOCK_B`` rows and one contiguous range of latents. It walks that range in
+tiles of ``BLOCK_N`` latents; per tile it computes the pre-activations with ``tl.dot``
+(``x`` and ``W_enc`` in their own dtype — bf16/fp16/fp32 — accumulated in fp32, plus ``b_enc``)
+(under the interpreter the tiles are upcast first: its bf16 ``tl.dot`` returns garbage,
+and bf16 products are exact in fp32, so the result is the same) and merges them into a running top-k held in registers (``[BLOCK_B, K_PAD]`` values and
+indices). The merge is rounds of ``max``/``argmax``: while some row's tile maximum beats that
+row's running k-th score, that element replaces the running minimum and is masked out of the
+tile. The first tile costs k rounds; after it a tile needs only as many rounds as the most
+any row of the block gains from it (on random data about k·BLOCK_N/d_sae per row), so the
+selection costs little next to the GEMM. (``tl.sort``/``tl.topk`` would be the other way; they
+cost a full bitonic sort per tile, and are ~400× slower under the interpreter the tests use.)
+
+Why not two-stage (per-tile top-k to global memory, then a torch merge): it writes
+B·k·d_sae/BLOCK_N candidates — with k=32 and BLOCK_N=128 a quarter of the dense pre-activation
+the kernel exists to avoid. Single-stage writes B·k per latent split. Splitting the latents
+over ``n_split`` programs per row block (each writes its own running top-k; a small
+``torch.topk`` over n_split·k candidates merges them) only exists to fill the GPU when
+B/BLOCK_B row blocks are fewer than its SMs; ``n_split=1`` is the pure single-stage kernel.
+
+``signed=True`` (AbsTopK) ranks by |z| and returns z with its sign.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _topk_encode_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr,
+                        B, D, N, n_per_split,
+                        stride_xb, stride_xd, stride_wd, stride_wn,
+                        K: tl.constexpr, K_PAD: tl.constexpr, SIGNED: tl.constexpr, DOT_FP32: tl.constexpr,
+                        PRECISION: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    kcols = tl.arange(0, K_PAD)
+    # running top-k: padded slots hold +inf so they are never the minimum that gets replaced
+    run_s = tl.where(kcols[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BLOCK_B, K_PAD], tl.float32)
+    run_v = tl.zeros([BLOCK_B, K_PAD], tl.float32) + (0.0 if SIGNED else float("-inf"))  # unfilled: never merged
+    run_i = tl.zeros([BLOCK_B, K_PAD], tl.int32)
+    run_min, run_pos = tl.min(run_s, axis=1, return_indices=True)
+
+    n_lo = pid_s * n_per_split
+    n_hi = tl.minimum(n_lo + n_per_split, N)
+    dcols = tl.arange(0, BLOCK_D)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_hi
+        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + dcols
+            xt = tl.load(x_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xd,
+                         mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+            wt = tl.load(w_ptr + dd[:, None] * stride_wd + cols[None, :] * stride_wn,
+                         mask=(dd[:, None] < D) & col_ok[None, :], other=0.0)
+            if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong; bf16 products are exact in fp32
+                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc=acc, input_precision=PRECISION)
+        z = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        score = tl.abs(z) if SIGNED else z
+        score = tl.where(col_ok[None, :], score, float("-inf"))
+        t_max, t_arg = tl.max(score, axis=1, return_indices=True)
+        # merge rounds: each row whose best remaining tile score beats its running k-th swaps it in
+        while tl.max((t_max > run_min).to(tl.int32), axis=0) > 0:
+            take = t_max > run_min
+            hit = cols[None, :] == (n0 + t_arg)[:, None]
+            t_val = tl.sum(tl.where(hit, z, 0.0), axis=1)
+            slot = take[:, None] & (kcols[None, :] == run_pos[:, None])
+            run_s = tl.where(slot, t_max[:, None], run_s)
+            run_v = tl.where(slot, t_val[:, None], run_v)
+            run_i = tl.where(slot, (n0 + t_arg)[:, None], run_i)
+            score = tl.where(hit & take[:, None], float("-inf"), score)
+            run_min, run_pos = tl.min(run_s, axis=1, return_indices=True)
+            t_max, t_arg = tl.max(score, axis=1, return_indices=True)
+
+    out = (rows[:, None] * n_splits + pid_s) * K + kcols[None, :]
+    ok = row_ok[:, None] & (kcols[None, :] < K)
+    tl.store(val_ptr + out, run_v, mask=ok)
+    tl.store(idx_ptr + out, run_i.to(tl.int64), mask=ok)
+
+
+def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, signed: bool = False,
+                  *, block_b: int | None = None, block_n: int | None = None, block_d: int | None = None,
+                  n_split: int | None = None):
+    """(pre-activation values [B, k] in x's dtype, indices [B, k] int64) of the k best latents,
+    best first."""
+    B, D = x.shape
+    N = W_enc.shape[1]
+    # tensor-core sized tiles on the GPU (untuned: no GPU was available when this was written);
+    # small ones for the interpreter, whose cost grows with the tile
+    gpu = x.is_cuda
+    block_b = block_b or (64 if gpu else 32)
+    block_n = block_n or (128 if gpu else 64)
+    block_d = block_d or (64 if gpu else 32)
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):  # bf16/fp16 tensor cores, as autocast's matmul
+        x = x.to(torch.get_autocast_dtype("cuda"))
+    if W_enc.dtype != x.dtype:
+        W_enc = W_enc.to(x.dtype)
+    row_blocks = triton.cdiv(B, block_b)
+    if n_split is None:  # enough programs to fill the GPU (interpreter: 1)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        n_split = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(N, 4 * block_n)))
+    per = triton.cdiv(max(triton.cdiv(N, n_split), k), block_n) * block_n  # each split holds ≥ k latents
+    n_split = triton.cdiv(N, per)
+    vals = torch.empty(B, n_split, k, dtype=torch.float32, device=x.device)
+    idx = torch.empty(B, n_split, k, dtype=torch.int64, device=x.device)
+    _topk_encode_kernel[(row_blocks, n_split)](
+        x, W_enc, b_enc, vals, idx, B, D, N, per,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+        K=k, K_PAD=triton.next_power_of_2(k), SIGNED=signed, DOT_FP32=not x.is_cuda,
+        # fp32 inputs: full fp32 products unless torch itself allows TF32 (the reference's GEMM)
+        PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d)
+    vals, idx = vals.view(B, n_split * k), idx.view(B, n_split * k)
+    # merge the splits (if any) and order best first, as the other paths do: a [B, n_split·k] topk
+    j = (vals.abs() if signed else vals).topk(k, dim=-1).indices
+    return vals.gather(-1, j).to(x.dtype), idx.gather(-1, j)
