@@ -4,7 +4,8 @@
   (topk on the fused path with the aux-k loss over dead latents; relu with its L0 controller).
 * kill -9 of one rank: the survivor prints one line naming --resume, well within the collective
   timeout; ``--resume`` then finishes with the weights of an uninterrupted run.
-* A 2-rank harvest writes the same shards, rows and manifest as a single-process one.
+* A 2-rank harvest (through the ``--nproc 2`` shortcut) writes the same shards, rows and
+  manifest as a single-process one.
 """
 
 import json
@@ -148,7 +149,7 @@ def test_two_rank_harvest_equals_single(tmp_path):
     args = ["harvest", "--hook", "blocks.1.hook_resid_post", "--tokens", str(128 * 40), "--shard-rows", str(128 * 8),
             "--holdout", "0.1", "--batch-size", "8", "--quiet"]
     _run(_saelab(*args, "--out", str(tmp_path / "one")))
-    r = _run(_torchrun(*args, "--out", str(tmp_path / "two")))
+    r = _run(_saelab(*args, "--out", str(tmp_path / "two"), "--nproc", "2"))  # the shortcut: execs torchrun
     assert r.stdout.count("wrote 1 store") == 1  # rank 0 reports
     one = ActivationStore(tmp_path / "one" / "blocks.1.hook_resid_post")
     two = ActivationStore(tmp_path / "two" / "blocks.1.hook_resid_post")
