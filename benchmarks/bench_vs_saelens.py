@@ -155,6 +155,8 @@ class SaelensSide:
 def worker(a) -> dict:
     import torch
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     side_cls = SaelabSide if a.worker == "saelab" else SaelensSide
     if a.phase == "speed":
@@ -207,7 +209,7 @@ def ensure_store(path: pathlib.Path) -> float:
 def run_worker(python, impl, phase, arch, a, scale) -> dict:
     cmd = [python, str(pathlib.Path(__file__).resolve()), "--worker", impl, "--phase", phase, "--arch", arch,
            "--store", str(a.store), "--scale", repr(scale), "--lr", repr(a.lr), "--steps", str(a.steps),
-           "--budget", str(a.budget)]
+           "--budget", str(a.budget), "--threads", str(a.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -230,6 +232,7 @@ def main():
     p.add_argument("--budget-archs", default="topk", help="architectures of the quality comparison")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--skip-speed", action="store_true", help="only the quality comparison")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (default: torch's choice)")
     p.add_argument("--parallel-budget", action="store_true",
                    help="run the two budget trainings at the same time (quicker; their tokens/s then share the CPU)")
     # worker mode
@@ -250,7 +253,8 @@ def main():
     sl_version = subprocess.run([a.saelens_python, "-c", "import sae_lens; print(sae_lens.__version__)"],
                                 capture_output=True, text=True).stdout.strip()
     print(f"saelab vs SAELens {sl_version}; torch {torch.__version__}, {os.cpu_count()} CPUs; d_in {D_IN}, "
-          f"d_sae {D_IN * EXPANSION}, k {K}, batch {BATCH}, lr {a.lr}; medians of {a.reps} alternating runs",
+          f"d_sae {D_IN * EXPANSION}, k {K}, batch {BATCH}, lr {a.lr}, "
+          f"{a.threads or torch.get_num_threads()} thread(s) per process; medians of {a.reps} alternating runs",
           flush=True)
     pythons = {"saelab": sys.executable, "saelens": a.saelens_python}
     speed = {}

@@ -64,7 +64,8 @@ def test_eval_memory_flat_in_store_size(trained, stores):
     sae = trained[1][1]
     kb = {}
     for m, store in stores.items():
-        kb[m] = _peak_kb("eval", "--sae", str(sae), "--activations", str(store), "--quiet")
+        # the lower of two runs: eval's peak varies by ~±5% between identical runs (thread timing)
+        kb[m] = min(_peak_kb("eval", "--sae", str(sae), "--activations", str(store), "--quiet") for _ in range(2))
         rows = json.loads((sae / "eval.json").read_text())["rows"]
         assert rows >= 0.24 * m * ROWS  # the whole held-out quarter of the store was read
     assert kb[4] <= 1.10 * kb[1], kb
