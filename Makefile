@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.saelab-installed
 
-.PHONY: setup demo test test-tl3 bench clean
+.PHONY: setup demo test test-tl3 bench bench-venv clean
 
 setup: $(STAMP)
 
@@ -32,12 +32,22 @@ test-tl3:
 	.venv-tl3/bin/pip install -q -c .venv-tl3/constraints.txt h5py datasets safetensors tqdm einops
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-tl3/bin/python -m pytest -q -m tl3 --timeout=900 tests
 
-bench: setup
+bench: setup bench-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_harvest.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_train.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_archs.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_encode.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_analyze.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_vs_saelens.py --saelens-python .venv-bench/bin/python
+
+# SAELens (pins transformer-lens < 4) in its own environment for the side-by-side benchmark
+bench-venv: .venv-bench/.installed
+.venv-bench/.installed:
+	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
+	.venv-bench/bin/pip install -q $(TORCH)
+	.venv-bench/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv-bench/constraints.txt
+	.venv-bench/bin/pip install -q -c .venv-bench/constraints.txt sae-lens h5py
+	touch $@
 
 clean:
-	rm -rf $(VENV) .venv-tl3 activations/demo runs/demo
+	rm -rf $(VENV) .venv-tl3 .venv-bench activations/demo runs/demo

@@ -27,10 +27,14 @@ def _summary(stores: dict) -> str:
 
 
 def cmd_harvest(args) -> int:
+    from saelab import distributed
     from saelab.harvest import harvest
 
     cfg = from_args(HarvestConfig, args)
-    stores = harvest(cfg, resume=args.resume, progress=not args.quiet)
+    with distributed.session(cfg.device, args.dist_timeout, "the harvest"):
+        stores = harvest(cfg, resume=args.resume, progress=not args.quiet)
+        if not distributed.is_main():
+            return 0
     print(f"wrote {len(stores)} store{'s' if len(stores) != 1 else ''}:\n" + _summary(stores))
     return 0
 
@@ -45,10 +49,14 @@ def _eval_line(ev: dict) -> str:
 
 
 def cmd_train(args) -> int:
+    from saelab import distributed
     from saelab.train import train
 
     tcfg, scfg = from_args(TrainConfig, args), from_args(SAEConfig, args)
-    folders = train(tcfg, scfg, resume=args.resume, progress=not args.quiet)
+    with distributed.session(tcfg.device, args.dist_timeout, "training"):
+        folders = train(tcfg, scfg, resume=args.resume, progress=not args.quiet)
+        if not distributed.is_main():
+            return 0
     for hook, folder in folders.items():
         ev = json.loads((folder / "eval.json").read_text())
         print(f"{folder}: {hook}: {_eval_line(ev)} ({ev.get('epochs', 0):.2f} epochs of the store)")
@@ -182,6 +190,15 @@ def cmd_circuit(args) -> int:
     return 0
 
 
+def _add_distributed_arguments(p) -> None:
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run as N processes: execs `python -m torch.distributed.run --standalone "
+                        "--nproc_per_node N -m saelab ...` (or launch with torchrun yourself)")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a collective may wait for the other ranks before the run stops "
+                        "(default: $SAELAB_DIST_TIMEOUT, else 300)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saelab", description="Sparse autoencoder workbench.")
     p.add_argument("--version", action="version", version=f"saelab {__version__}")
@@ -192,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(h, HarvestConfig)
     h.add_argument("--resume", action="store_true", help="continue an interrupted harvest in --out")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_distributed_arguments(h)
     h.set_defaults(func=cmd_harvest)
 
     t = sub.add_parser("train", help="train SAEs on an activation store (one per hook of a RUN folder)",
@@ -200,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(t, SAEConfig)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_distributed_arguments(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="FVU, L0, dead/dense latents; with --model, CE-loss recovered and KL")
@@ -301,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if (getattr(args, "nproc", None) or 1) > 1 and not os.environ.get("WORLD_SIZE"):
+            from saelab import distributed
+
+            distributed.exec_torchrun(args.nproc, distributed.strip_nproc(sys.argv[1:] if argv is None else argv))
         return args.func(args)
     except SaelabError as e:
         print(f"saelab: error: {e}", file=sys.stderr)

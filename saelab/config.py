@@ -164,6 +164,8 @@ class TrainConfig(JSONConfig):
     seed: int = _f(0, "seed of the init and the batch order; the same seed on the same data gives the same weights")
     include_bos: bool = _f(False, "train on position 0 (BOS) rows too (by default they are skipped: "
                                   "their activations are outliers)")
+    buffer_rows: int = _f(1 << 18, "rows in the shuffle buffer (resident memory ≈ 3 × buffer_rows × d_in × 4 bytes, "
+                                   "whatever the store's size; smaller mixes less)")
     log_every: int = _f(20, "steps between metrics.jsonl lines")
     eval_every: int = _f(0, "steps between held-out FVU/L0 measurements (0: only at the end)")
     checkpoint_every: int = _f(500, "steps between checkpoints (atomic; --resume continues from the last)")
@@ -184,6 +186,8 @@ class TrainConfig(JSONConfig):
             raise SaelabError(f"--lr must be positive (got {self.lr})")
         if not 0 <= self.lr_decay <= 1:
             raise SaelabError(f"--lr-decay must be in [0, 1] (got {self.lr_decay})")
+        if self.buffer_rows < 1:
+            raise SaelabError(f"--buffer-rows must be positive (got {self.buffer_rows})")
         return self
 
 

@@ -5,6 +5,12 @@
 planned up front from the number of contexts, written by a background thread while the
 model computes the next shard, and each enters its manifest only once complete, so a run
 killed at any point resumes (``resume=True``) to exactly the rows of an uninterrupted run.
+
+Under ``torchrun`` (N ranks) the shard plan is the single-process one; rank r takes the
+contiguous shards [r·S/N, (r+1)·S/N) of it (their contexts are a disjoint slice of the token
+stream), writes them as a store of its own in ``<hook>/.rank<r>/``, and after a barrier rank 0
+merges them (renamed into global order, ``first_row`` renumbered) under one manifest: the same
+shards, rows and row numbers as a single-process harvest of the same tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 import os
 import pathlib
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -25,10 +32,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saelab import SaelabError
+from saelab import distributed as dist
 from saelab.config import HarvestConfig
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
 from saelab.models import expand_hooks, load_model, model_info, tokenizer_bos
-from saelab.store import FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, read_manifest
+from saelab.store import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, fsync_dir, read_manifest,
+                          shard_name)
 
 RUN_FILE = "harvest.json"
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -136,13 +145,17 @@ def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, mod
     cfg.validate()
     out = pathlib.Path(cfg.out)
     _check_out(out, resume)
+    dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume:
         saved = json.loads((out / RUN_FILE).read_text())
         changed = {k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k not in ("batch_size", "device")}
         if changed:
             raise SaelabError(f"--resume with different settings ({', '.join(sorted(changed))}) than the run in {out}: "
                               "pass the same flags, or harvest to a new --out")
-    model = model if model is not None else load_model(cfg.model, cfg.device)
+        if saved.get("world_size", 1) != dist.world_size():
+            raise SaelabError(f"--resume with {dist.world_size()} process(es), but the run in {out} used "
+                              f"{saved.get('world_size', 1)}: resume with the same number")
+    model = model if model is not None else load_model(cfg.model, dist.device_for(cfg.device))
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:  # grads are taken w.r.t. activations only
         p.requires_grad_(False)
@@ -200,15 +213,25 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
 
     run_info = {"config": cfg.to_dict(), "hooks": hooks, "n_contexts": n_contexts, "plan": plan,
                 "model_info": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if not resume:
+    rank, world = dist.rank(), dist.world_size()
+    if world > 1:
+        run_info["world_size"] = world
+    if not resume and rank == 0:
         atomic_write_text(out / RUN_FILE, json.dumps(run_info, indent=1) + "\n")
 
+    # this rank's shards: all of them in one process, a contiguous slice of the plan under torchrun
+    mine = plan[len(plan) * rank // world : len(plan) * (rank + 1) // world]
+    folders = {h: out / h if world == 1 else out / h / f".rank{rank}" for h in hooks}
+    if world > 1 and resume and all(_complete(out / h) for h in hooks):
+        dist.barrier()
+        return {h: out / h for h in hooks}  # merged earlier
     writers: dict[str, ShardWriter] = {}
     if resume:
-        done = min((len(read_manifest(out / h)["shards"]) if (out / h / MANIFEST).exists() else 0) for h in hooks)
+        done = min((len(read_manifest(folders[h])["shards"]) if (folders[h] / MANIFEST).exists() else 0)
+                   for h in hooks)
         for h in hooks:
-            if (out / h / MANIFEST).exists():
-                writers[h] = ShardWriter.resume(out / h, done)
+            if (folders[h] / MANIFEST).exists():
+                writers[h] = ShardWriter.resume(folders[h], done)
     else:
         done = 0
     for h in hooks:
@@ -216,7 +239,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             head_layout = None
             if h.endswith("hook_z") and len(probe[h]["shape"]) == 2:
                 head_layout = {"n_heads": probe[h]["shape"][0], "d_head": probe[h]["shape"][1]}
-            writers[h] = ShardWriter(out / h, {
+            writers[h] = ShardWriter(folders[h], {
                 "format_version": FORMAT_VERSION, "model": cfg.model, "hook": h, "d_in": probe[h]["d_in"],
                 "dtype": cfg.dtype, "context_size": ctx, "bos_included": True, "seed": cfg.seed,
                 "dataset": {"name": cfg.dataset, "split": cfg.split, "text_column": text_col},
@@ -226,7 +249,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             })
 
     contexts = iter(pretokenized) if pretokenized is not None else iter_contexts(docs, tokenizer, ctx, bos, text_col)
-    skip = sum(n for _, n, _ in plan[:done])
+    skip = (mine[0][0] if mine else 0) + sum(n for _, n, _ in mine[:done])
     contexts = itertools.islice(contexts, skip, None)
     np_dtype = _DTYPES[cfg.dtype]
 
@@ -245,11 +268,13 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
-    total_rows = n_contexts * ctx
-    bar = tqdm(total=total_rows, initial=skip * ctx, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {len(hooks)} hook{'s' if len(hooks) > 1 else ''}", dynamic_ncols=True)
+    total_rows = sum(n for _, n, _ in mine) * ctx
+    bar = tqdm(total=total_rows, initial=sum(n for _, n, _ in mine[:done]) * ctx, unit="tok", unit_scale=True,
+               disable=not progress or rank != 0, dynamic_ncols=True,
+               desc=f"harvest {len(hooks)} hook{'s' if len(hooks) > 1 else ''}" +
+                    (f" (rank 0 of {world})" if world > 1 else ""))
     try:
-        for first, n, hold in plan[done:]:
+        for first, n, hold in mine[done:]:
             toks = _take(contexts, n, ctx)
             if len(toks) != n:
                 raise SaelabError(f"dataset '{cfg.dataset}' ran out after {first + len(toks)} contexts: lower --tokens")
@@ -276,4 +301,40 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
         raise errors[0]
     for w in writers.values():
         w.finish()
+    if world > 1:
+        dist.barrier()  # every rank's shards are complete
+        if rank == 0:
+            for h in hooks:
+                merge_rank_stores(out / h, world)
+        dist.barrier()
     return {h: out / h for h in hooks}
+
+
+def _complete(folder: pathlib.Path) -> bool:
+    return (folder / MANIFEST).exists() and bool(read_manifest(folder).get("complete"))
+
+
+def merge_rank_stores(folder: pathlib.Path, world: int) -> None:
+    """Merge the per-rank stores ``folder/.rank<r>/`` (r in rank order) into the store ``folder``:
+    shards renamed to global numbers, ``first_row`` renumbered, one manifest. Restartable: a
+    merge killed half-way finds the shards it already moved."""
+    parts = [read_manifest(folder / f".rank{r}") for r in range(world)]
+    m = {**parts[0], "shards": [], "holdout_shards": [], "n_tokens": 0}
+    for r, part in enumerate(parts):
+        hold = set(part["holdout_shards"])
+        for s in part["shards"]:
+            name = shard_name(len(m["shards"]))
+            src, dst = folder / f".rank{r}" / s["file"], folder / name
+            if src.exists():
+                os.replace(src, dst)
+            elif not dst.exists():
+                raise SaelabError(f"shard {src} of rank {r} is missing: harvest again into a new --out")
+            m["shards"].append({**s, "file": name, "first_row": m["n_tokens"]})
+            m["n_tokens"] += s["rows"]
+            if s["file"] in hold:
+                m["holdout_shards"].append(name)
+    m["complete"] = True
+    fsync_dir(folder)
+    atomic_write_text(folder / MANIFEST, json.dumps(m, indent=1) + "\n")
+    for r in range(world):
+        shutil.rmtree(folder / f".rank{r}", ignore_errors=True)

@@ -35,6 +35,30 @@ MANIFEST_KEYS = (
 )
 
 
+# ------------------------------------------------------------------------ memory
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL("libc.so.6").malloc_trim
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        return fn
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc). Streaming buffers of several MB are freed
+    and reallocated all the time; glibc keeps such blocks on its heap once its dynamic mmap
+    threshold has risen, and the heap's free-but-resident pages then grow with the number of
+    buffers served, i.e. with the store's size. Trimming once per buffer keeps RSS flat."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 # ------------------------------------------------------------------------ file safety
 def fsync_dir(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -282,11 +306,15 @@ class ActivationStore:
     def batches(self, batch_size: int, split: str = "train", tokens: int | None = None, seed: int = 0,
                 skip_bos: bool = False, with_grads: bool = False, buffer_rows: int = 1 << 18,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                shuffle: bool = True) -> "BatchIterator":
+                shuffle: bool = True, part: tuple[int, int] = (0, 1)) -> "BatchIterator":
         """An iterator of shuffled batches [batch_size, d_in] (and grads, if asked).
 
         Runs epoch after epoch (reshuffled each epoch) until ``tokens`` rows were served;
-        ``tokens=None`` means one epoch. Memory: about ``buffer_rows`` rows at a time.
+        ``tokens=None`` means one epoch. Memory: about ``buffer_rows`` rows at a time
+        (unshuffled reads use one block of ~4k rows at a time, whatever ``buffer_rows``).
+        ``part=(rank, world)``: every batch is the rank's slice (rows
+        [rank·n/world, (rank+1)·n/world)) of the batch one process would get, so ``world``
+        iterators with the same seed together serve exactly the single-process batches.
         """
         if with_grads and not self.has_grads:
             raise SaelabError(f"store {self.path} has no grads: harvest it again with --with-grads")
@@ -294,7 +322,7 @@ class ActivationStore:
             raise SaelabError(f"store {self.path} has no {split} shards" +
                               (": harvest with --holdout > 0" if split == "holdout" else ""))
         return BatchIterator(self, batch_size, split, tokens, seed, skip_bos, with_grads, buffer_rows,
-                             dtype, device, shuffle)
+                             dtype, device, shuffle, part)
 
 
 class BatchIterator:
@@ -307,13 +335,15 @@ class BatchIterator:
     """
 
     def __init__(self, store: ActivationStore, batch_size, split, tokens, seed, skip_bos, with_grads,
-                 buffer_rows, dtype, device, shuffle):
+                 buffer_rows, dtype, device, shuffle, part=(0, 1)):
         self.store, self.batch_size, self.split = store, batch_size, split
+        self.part = part
         self.seed, self.skip_bos, self.with_grads, self.shuffle = seed, skip_bos, with_grads, shuffle
         self.dtype, self.device = dtype, torch.device(device)
         ctx = store.context_size
         self.block_rows = ctx * max(1, 4096 // ctx)
-        self.blocks_per_group = max(1, buffer_rows // self.block_rows)
+        # unshuffled: nothing to mix, so one block at a time (memory flat in the store's size)
+        self.blocks_per_group = max(1, buffer_rows // self.block_rows) if shuffle else 1
         self._blocks = [
             _Block(i, a, min(a + self.block_rows, store.shards[i]["rows"]))
             for i in store.split_shards(split)
@@ -406,6 +436,9 @@ class BatchIterator:
         while need:
             g, start = self._group_at(self.offset)
             if self._buf is None or self._buf[:2] != (self.epoch, g):
+                if self._buf is not None:
+                    self._buf = None
+                    release_free_memory()
                 self._buf = (self.epoch, g, start, self._group(self.epoch, g))
             a, gr = self._buf[3]
             lo = self.offset - start
@@ -425,6 +458,9 @@ class BatchIterator:
 
     def _to_tensor(self, parts):
         t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        r, world = self.part
+        if world > 1:
+            t = t[len(t) * r // world : len(t) * (r + 1) // world]
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
     @property

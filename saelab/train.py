@@ -7,6 +7,15 @@ the last ``lr_decay`` of the run; gradient clipping; decoder constraint and dead
 through ``sae.after_step``; checkpoints (atomic) with weights, optimiser, schedules, counters and
 the store iterator's state, so ``--resume`` after kill -9 sees the same batches and ends at the
 same step.
+
+Under ``torchrun`` (``saelab.distributed``) the SAE is wrapped in DistributedDataParallel: the
+seed fixes one sequence of global batches of ``batch_size`` rows and rank r trains on rows
+[r·B/N, (r+1)·B/N) of each, each rank's loss is the mean over its slice and DDP averages the
+gradients, so the update is the single-process one (same clipping, same Adam state). Firing
+counters (dead latents), BatchTopK's threshold and the relu/jumprelu L0 controller are
+all-reduced each step, so every rank holds identical weights and statistics; BatchTopK selects
+its k·B/N codes within each rank's slice. Rank 0 alone writes checkpoints, metrics and the
+saved SAE.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import SaelabError
+from saelab import distributed as dist
 from saelab.config import SAEConfig, TrainConfig
 from saelab.evaluate import evaluate_store
 from saelab.sae import SAE
@@ -46,6 +56,7 @@ def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bo
     tcfg.validate()
     stores = resolve_stores(tcfg.activations, tcfg.hook)
     out = pathlib.Path(tcfg.out)
+    progress = progress and dist.is_main()
     if len(stores) == 1:
         return {ActivationStore(stores[0]).hook: train_one(stores[0], out, tcfg, scfg, resume, progress)}
     folders = {}
@@ -53,7 +64,10 @@ def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bo
         hook = ActivationStore(path).hook
         folders[hook] = train_one(path, out / hook, tcfg, scfg, resume, progress)
     model = ActivationStore(stores[0]).manifest.get("model", "")
-    atomic_write_text(out / GROUP_FILE, json.dumps({"model": model, "hooks": {h: h for h in folders}}, indent=2) + "\n")
+    if dist.is_main():
+        atomic_write_text(out / GROUP_FILE, json.dumps({"model": model, "hooks": {h: h for h in folders}},
+                                                       indent=2) + "\n")
+    dist.barrier()
     return folders
 
 
@@ -112,10 +126,15 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
               resume: bool = False, progress: bool = True) -> pathlib.Path:
     store = ActivationStore(path)
     cfg = sae_config_for(store, scfg)
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    if tcfg.batch_size % world:
+        raise SaelabError(f"--batch-size {tcfg.batch_size} does not split evenly over {world} ranks: "
+                          f"pass a multiple of {world}")
     _check_out(out, resume)
+    dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume and (out / TRAIN_FILE).exists() and json.loads((out / TRAIN_FILE).read_text()).get("done"):
         return out  # finished earlier
-    device = pick_device(tcfg.device)
+    device = pick_device(dist.device_for(tcfg.device))
     needs_grads = SAE.registry[cfg.arch].needs_grads
     skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
     total_tokens = tcfg.tokens or store.batches(tcfg.batch_size, skip_bos=skip_bos).rows_per_epoch
@@ -130,7 +149,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     lr = tcfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 16384)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     it = store.batches(tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
-                       with_grads=needs_grads, device=device)
+                       with_grads=needs_grads, device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
     step, scale = 0, None
     if resume and (out / CHECKPOINT).exists():
         ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
@@ -140,16 +159,27 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         opt.load_state_dict(ck["opt"])
         it.load_state_dict(json.loads(ck["iterator"]))
         step, scale = int(ck["step"]), float(ck["scale"])
-        _truncate_metrics(out / METRICS, step)
+        if main:
+            _truncate_metrics(out / METRICS, step)
     else:
-        _truncate_metrics(out / METRICS, 0)  # a run killed before its first checkpoint starts over
-        scale, median = _init_stats(store, skip_bos, tcfg.seed, device)
+        if main:
+            _truncate_metrics(out / METRICS, 0)  # a run killed before its first checkpoint starts over
+        scale, median = _init_stats(store, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
         with torch.no_grad():
             sae.b_dec.copy_(median * scale)
-        atomic_write_text(out / TRAIN_FILE, json.dumps({"train": tcfg.to_dict(), "sae": cfg.to_dict(),
-                                                        "store": str(path), "n_steps": n_steps,
-                                                        "scale": scale, "done": False}, indent=2) + "\n")
-    logger = _Logger(out, tcfg.log)
+        if main:
+            atomic_write_text(out / TRAIN_FILE, json.dumps({"train": tcfg.to_dict(), "sae": cfg.to_dict(),
+                                                            "store": str(path), "n_steps": n_steps, "world_size": world,
+                                                            "scale": scale, "done": False}, indent=2) + "\n")
+    # under torchrun: DDP averages the gradients; statistics are reduced in after_step
+    model = _LossModule(sae)
+    reduce = None
+    if dist.active():
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+        reduce = dist.Reduce()
+    logger = _Logger(out, tcfg.log) if main else None
+    last_ck = step
     bar = tqdm(total=n_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
                desc=f"train {cfg.arch} {store.hook}")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.autocast == "bf16" else contextlib.nullcontext()
@@ -164,29 +194,42 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(step, n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
             with amp:
-                outd = sae.loss(x, step=step, grads=g)
+                outd = model(x, step, g)
             opt.zero_grad(set_to_none=True)
-            outd["loss"].backward()
+            outd["loss"].backward()  # under DDP: returns with the gradients averaged over ranks
             sae.remove_parallel_grads()
             if tcfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
             opt.step()
-            sae.after_step(outd, step)
+            sae.after_step(outd, step, reduce)
             step += 1
             bar.update(1)
             last = step == n_steps
             if step % tcfg.log_every == 0 or last:
-                rec = _metrics(sae, x, outd, step, tcfg, it, t0, tok0)
-                if tcfg.eval_every and (step % tcfg.eval_every == 0 or last):
+                rec = _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce)
+                if main and tcfg.eval_every and (step % tcfg.eval_every == 0 or last):
                     rec.update(_heldout(sae, store, scale, skip_bos, device))
-                logger.write(rec)
+                if main:
+                    logger.write(rec)
                 bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", fvu=f"{rec['fvu']:.3f}",
                                 l0=f"{rec['l0']:.1f}", dead=f"{100 * rec['dead_frac']:.1f}%")
             if step % tcfg.checkpoint_every == 0 and not last:
-                _checkpoint(out, sae, opt, it, step, n_steps, scale, cfg.arch)
+                if main:
+                    _checkpoint(out, sae, opt, it, step, n_steps, scale, cfg.arch)
+                last_ck = step
+    except BaseException as e:
+        if dist.active() and dist.lost(e):
+            where = f"from the checkpoint at step {last_ck}" if last_ck else "from the start (no checkpoint yet)"
+            raise SaelabError(f"rank {rank} of {world}: lost the other ranks at training step {step} of {n_steps} "
+                              f"({dist.short(e)}); rerun the same command with --resume to continue {where}") from None
+        raise
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
+    if not main:  # rank 0 saves and evaluates; the others wait for it
+        dist.barrier()
+        return out
     # fold the scale into a copy and save the SAE that reads raw activations
     sae.eval()
     final = SAE.registry[cfg.arch](cfg)
@@ -200,13 +243,25 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     info.update(done=True, epochs=round(it.epochs, 4))
     atomic_write_text(out / TRAIN_FILE, json.dumps(info, indent=2) + "\n")
     (out / CHECKPOINT).unlink(missing_ok=True)
+    dist.barrier()
     return out
 
 
-def _init_stats(store, skip_bos, seed, device, n: int = 8192) -> tuple[float, torch.Tensor]:
+class _LossModule(torch.nn.Module):
+    """``sae.loss`` as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, sae):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x, step, grads=None):
+        return self.sae.loss(x, step=step, grads=grads)
+
+
+def _init_stats(store, skip_bos, seed, device, n: int = 8192, buffer_rows: int = 1 << 18) -> tuple[float, torch.Tensor]:
     """Scale s with mean ‖s·x‖ = √d_in, and the geometric median of a sample of rows."""
     it = store.batches(min(n, store.n_rows("train")), split="train", seed=seed + 7919, skip_bos=skip_bos,
-                       device=device)
+                       device=device, buffer_rows=buffer_rows)
     x = next(iter(it))
     if isinstance(x, tuple):
         x = x[0]
@@ -217,7 +272,8 @@ def _init_stats(store, skip_bos, seed, device, n: int = 8192) -> tuple[float, to
 
 
 @torch.no_grad()
-def _metrics(sae, x, outd, step, tcfg, it, t0, tok0) -> dict:
+def _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce=None) -> dict:
+    """The step's metrics (under DDP: each averaged over the ranks' slices)."""
     x_hat = outd["x_hat"].float()
     nz = (outd["f"] != 0) if "f" in outd else (outd["codes"][0] != 0)
     fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
@@ -226,6 +282,10 @@ def _metrics(sae, x, outd, step, tcfg, it, t0, tok0) -> dict:
            "l0": float(nz.sum(-1).float().mean()), "dead_frac": float(sae.dead_mask().float().mean()),
            "tokens_per_s": (step * tcfg.batch_size - tok0) / max(dt, 1e-9)}
     rec.update({k: float(v) for k, v in outd.items() if k not in ("f", "x_hat", "codes")})
+    if reduce is not None:
+        keys = [k for k in rec if k not in ("step", "tokens", "epochs", "tokens_per_s", "dead_frac")]
+        avg = reduce.mean(torch.tensor([rec[k] for k in keys], dtype=torch.float64, device=x.device))
+        rec.update({k: float(v) for k, v in zip(keys, avg.tolist())})
     if sae.control is not None:
         rec["sparsity_coeff"] = sae.control.coeff
     return rec

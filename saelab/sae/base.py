@@ -148,8 +148,12 @@ class SAE(nn.Module):
             g -= (g * w).sum(1, keepdim=True) * w
 
     @torch.no_grad()
-    def after_step(self, out: dict, step: int) -> None:
-        """Called by the trainer after each optimizer step: decoder norm, firing counters."""
+    def after_step(self, out: dict, step: int, reduce=None) -> None:
+        """Called by the trainer after each optimizer step: decoder norm, firing counters.
+
+        ``reduce`` (``saelab.distributed.Reduce``) combines the statistics of all ranks under
+        DDP (firing = fired on any rank, tokens = the global batch, L0 = the global mean), so
+        every rank keeps identical counters; None in a single process."""
         if self.constrain_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
         if "f" in out:
@@ -160,10 +164,13 @@ class SAE(nn.Module):
             fired = torch.zeros(self.d_sae, dtype=torch.bool, device=v.device)
             fired[i[v != 0]] = True
             n = v.shape[0]
+        if reduce is not None:
+            fired, n = reduce.any(fired), n * reduce.world
         self.tokens_since_fired += n
         self.tokens_since_fired[fired] = 0
         if self.control is not None and self.sparsity_warmup(step) >= 1.0:
-            self.control.update((out["f"] != 0).sum(-1).float().mean())
+            l0 = (out["f"] != 0).sum(-1).float().mean()
+            self.control.update(reduce.mean(l0) if reduce is not None else l0)
 
     def sparsity_warmup(self, step: int) -> float:
         n = max(1, int(self.cfg.sparsity_warmup * self.total_steps))

@@ -1,5 +1,5 @@
 """BatchTopK SAE (Bussmann et al. 2024): in training keep the k·B largest ReLU(z) over the
-whole batch; a threshold θ (EMA of the smallest kept value per batch) replaces the batch
+whole batch (under DDP: over each rank's slice of the global batch, k·B/N per rank); a threshold θ (EMA of the smallest kept value per batch) replaces the batch
 selection at inference, so a token's code never depends on its batch: f = z·[z > θ].
 Saved for SAELens as a JumpReLU with θ for every latent (as SAELens itself does)."""
 
@@ -36,13 +36,15 @@ class BatchTopKSAE(SAE):
         return self._out(f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat))
 
     @torch.no_grad()
-    def after_step(self, out, step):
-        super().after_step(out, step)
+    def after_step(self, out, step, reduce=None):
+        super().after_step(out, step, reduce)
         f = out["f"]
         pos = f[f > 0]
-        if pos.numel():
+        low = pos.min() if pos.numel() else torch.tensor(float("inf"), device=f.device)
+        if reduce is not None:  # under DDP: the smallest kept value over all ranks' slices
+            low = reduce.min(low)
+        if torch.isfinite(low):
             m = self.cfg.threshold_momentum
-            low = pos.min()
             self.threshold.copy_(low if self.threshold < 0 else m * self.threshold + (1 - m) * low)
 
     def extra_weights(self):

@@ -1,0 +1,165 @@
+"""torchrun-launched training and harvest (gloo on CPU, 2 ranks), driven through the CLI.
+
+* DDP training ends with the weights of a single-process run over the same global batches
+  (topk on the fused path with the aux-k loss over dead latents; relu with its L0 controller).
+* kill -9 of one rank: the survivor prints one line naming --resume, well within the collective
+  timeout; ``--resume`` then finishes with the weights of an uninterrupted run.
+* A 2-rank harvest (through the ``--nproc 2`` shortcut) writes the same shards, rows and
+  manifest as a single-process one.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.sae import SAE
+from saelab.store import ActivationStore
+
+TIMEOUT = 30  # collective timeout of the ranks (seconds)
+BATCH = 512
+# relu's updates are sensitive to rounding (pre-activations at 0 flip), so its comparison is shorter
+STEPS = {"topk": 200, "relu": 60}
+TOL = {"topk": dict(rtol=1e-4, atol=2e-5), "relu": dict(rtol=1e-3, atol=2e-3)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SAELAB_DIST_TIMEOUT": str(TIMEOUT)}
+
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "saelab", *args]
+
+
+def _saelab(*args):
+    return [sys.executable, "-m", "saelab", *args]
+
+
+def _run(cmd, timeout=300):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _train_args(store, out, arch):
+    return ["train", "--activations", str(store), "--out", str(out), "--arch", arch, "--k", "8", "--width", "512",
+            "--batch-size", str(BATCH), "--tokens", str(BATCH * STEPS[arch]), "--lr", "3e-3", "--dead-tokens", "512",
+            "--checkpoint-every", "10", "--log-every", "20", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    out = tmp_path_factory.mktemp("dist") / "planted"
+    return write_synthetic(SyntheticConfig(out=str(out), d=64, n_true=256, active=5, rows=65536), progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(store, tmp_path_factory):
+    """{arch: (single-process folder, 2-rank folder)}: the same flags, seed and global batches."""
+    root = tmp_path_factory.mktemp("ddp")
+    res = {}
+    for arch in ["topk", "relu"]:
+        single, ddp = root / f"{arch}-1", root / f"{arch}-2"
+        _run(_saelab(*_train_args(store, single, arch)))
+        _run(_torchrun(*_train_args(store, ddp, arch)))
+        res[arch] = single, ddp
+    return res
+
+
+def _weights(folder):
+    sae = SAE.load(folder)
+    return {n: getattr(sae, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_two_ranks_equal_one_process(runs, arch):
+    single, ddp = runs[arch]
+    a, b = _weights(single), _weights(ddp)
+    moved = (a["W_enc"] - SAE.create(arch, d_in=64, d_sae=512, k=8).W_enc).abs().max()
+    assert moved > 0.01  # the runs trained
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], **TOL[arch], msg=lambda m: f"{arch} {n}: {m}")
+        assert float((b[n] - a[n]).norm() / a[n].norm()) < 1e-4, (arch, n)
+    # rank 0 alone wrote the metrics: one line per logged step, no checkpoint left
+    m1, m2 = ([json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()] for f in (single, ddp))
+    assert [r["step"] for r in m2] == list(range(20, STEPS[arch] + 1, 20))
+    assert not (ddp / "checkpoint.pt").exists()
+    if arch == "topk":  # latents died and aux-k ran: the dead-latent statistics were exercised
+        assert any("aux" in r for r in m1) and [("aux" in r) for r in m1] == [("aux" in r) for r in m2]
+    else:  # the L0 controller saw the global L0 on both ranks
+        assert abs(m1[-1]["sparsity_coeff"] - m2[-1]["sparsity_coeff"]) < 1e-5 * m1[-1]["sparsity_coeff"]
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    for task in pathlib.Path(f"/proc/{launcher_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                env = pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(child)
+    return None
+
+
+def test_kill9_one_rank_then_resume(runs, store, tmp_path):
+    out = tmp_path / "killed"
+    args = _train_args(store, out, "topk")
+    p = subprocess.Popen(_torchrun(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim = _rank_pid(p.pid, 1)
+    assert victim is not None and p.poll() is None, "the run ended before a rank could be killed"
+    t0 = time.time()
+    os.kill(victim, signal.SIGKILL)
+    _, err = p.communicate(timeout=TIMEOUT + 60)
+    elapsed = time.time() - t0
+    assert p.returncode != 0
+    assert elapsed < TIMEOUT, elapsed  # the survivor did not wait out the collective timeout
+    lines = [line for line in err.splitlines() if line.startswith("saelab: error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert "rank 0 of 2" in lines[0] and "--resume" in lines[0], lines[0]
+    assert (out / "checkpoint.pt").exists() and not (out / "sae_weights.safetensors").exists()
+
+    _run(_torchrun(*args, "--resume"))
+    a, b = _weights(runs["topk"][1]), _weights(out)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_two_rank_harvest_equals_single(tmp_path):
+    args = ["harvest", "--hook", "blocks.1.hook_resid_post", "--tokens", str(128 * 40), "--shard-rows", str(128 * 8),
+            "--holdout", "0.1", "--batch-size", "8", "--quiet"]
+    _run(_saelab(*args, "--out", str(tmp_path / "one")))
+    r = _run(_saelab(*args, "--out", str(tmp_path / "two"), "--nproc", "2"))  # the shortcut: execs torchrun
+    assert r.stdout.count("wrote 1 store") == 1  # rank 0 reports
+    one = ActivationStore(tmp_path / "one" / "blocks.1.hook_resid_post")
+    two = ActivationStore(tmp_path / "two" / "blocks.1.hook_resid_post")
+    assert [s["first_row"] for s in two.shards] == [s["first_row"] for s in one.shards]
+    assert two.manifest["holdout_shards"] == one.manifest["holdout_shards"] and two.manifest["complete"]
+    n = one.n_rows("all")
+    assert two.n_rows("all") == n == 128 * 40
+    a, b = one.rows(np.arange(n)).numpy(), two.rows(np.arange(n)).numpy()
+    # the same rows as a set (and, since shards keep global order, row for row)
+    assert {r.tobytes() for r in a} == {r.tobytes() for r in b}
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(one.tokens(), two.tokens())
+    assert not any(p.name.startswith(".rank") for p in two.path.iterdir())  # per-rank stores merged away
