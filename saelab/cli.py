@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import sys
 import warnings
 
@@ -77,7 +76,7 @@ def cmd_synthetic(args) -> int:
 
     cfg = from_args(SyntheticConfig, args)
     path = write_synthetic(cfg, progress=not args.quiet)
-    print(f"wrote a planted-feature store:\n" + _summary({"synthetic": path}))
+    print("wrote a planted-feature store:\n" + _summary({"synthetic": path}))
     return 0
 
 

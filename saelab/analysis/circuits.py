@@ -207,7 +207,6 @@ def metric_grads(model, group: SAEGroup, task: Task, tokens=None):
 def attribution_effects(model, group, task, clean: _Acts, patch: _Acts):
     """Attribution patching: {hook: (latent effects [d_sae], error effect float)}."""
     _, gx = metric_grads(model, group, task)
-    n = len(task)
     out = {}
     for h in group.hooks:
         sae = group.saes[h]
@@ -225,7 +224,6 @@ def ig_effects(model, group, task, clean: _Acts, patch: _Acts, steps: int = 10, 
         raise SaelabError(f"--ig-steps must be at least 1 (got {steps})")
     dev = _device(model)
     tokens = task.clean.to(dev)
-    n = len(task)
     out = {}
     hooks = list(hooks or group.hooks)
     bar = tqdm(total=steps * len(hooks), desc="integrated gradients", disable=not progress, unit="step")
@@ -269,7 +267,6 @@ def edge_weights(model, group, task, clean: _Acts, patch: _Acts, sel: dict, prog
     """[(src id, dst id, weight)] for every pair of circuit nodes at consecutive hooks."""
     dev = _device(model)
     tokens = task.clean.to(dev)
-    n = len(task)
     _, gx = metric_grads(model, group, task)
     edges = []
     pairs = list(zip(group.hooks[:-1], group.hooks[1:]))

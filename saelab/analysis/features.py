@@ -51,7 +51,6 @@ no chunk index to consult (measured with 16k latents: chunked one-latent-per-chu
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -65,6 +64,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import SaelabError
+from saelab.analysis import one_thread
 
 FEATURES_FILE = "features.h5"
 LABELS_FILE = "labels.json"
@@ -462,22 +462,6 @@ def _vocab(model) -> list[str]:
     return tok.batch_decode([[i] for i in range(n)])
 
 
-@contextlib.contextmanager
-def _one_thread(device):
-    """On CPU, the bookkeeping (many small ops over ~B·k entries) runs single-threaded: measured on
-    a loaded 2-core machine, intra-op threads made it several times slower; the encode GEMM keeps
-    all threads."""
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 @torch.no_grad()
 def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, device="auto",
             progress=True, batch_size: int = BATCH_ROWS) -> pathlib.Path:
@@ -520,7 +504,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
         for x in it:
             keys, vals = sparse_codes(sae, x)
             toks = torch.from_numpy(reader.get(r0, r0 + len(x))).to(dev)
-            with _one_thread(dev):
+            with one_thread(dev):
                 acc.add(_Batch(keys, vals, toks, r0, ctx, sae.d_sae), bos)
             r0 += len(x)
             bar.update(len(x))

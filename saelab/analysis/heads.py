@@ -43,7 +43,6 @@ two is bounded below by about 1 / (1 + n_layers·n_heads) (README "Head identifi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import time
@@ -53,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import SaelabError
+from saelab.analysis import one_thread
 from saelab.analysis.tasks import logit_diff
 
 HOOK = "blocks.{layer}.attn.hook_z"
@@ -199,25 +199,13 @@ class HeadSAEs(torch.nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """These batched products are tiny: one thread is faster, and far faster on a busy CPU (measured on
-    this 2-core machine shared with other jobs: 300 steps in 0.35 s on one thread, 16-44 s on two)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _fit(sae: HeadSAEs, x: torch.Tensor, l1: float, steps: int, lr: float) -> HeadSAEs:
     with torch.no_grad():
         norms = x.norm(dim=-1).mean(-1).clamp_min(1e-8)  # [G]
         sae.scale.copy_(x.shape[-1] ** 0.5 / norms)
         sae.b_dec.copy_((x * sae.scale[:, None, None]).mean(1))
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    with torch.enable_grad(), _one_thread():
+    with torch.enable_grad(), one_thread():
         for _ in range(steps):
             loss = sae.losses(x, l1).sum()  # heads are independent: the sum keeps their gradients apart
             opt.zero_grad(set_to_none=True)

@@ -179,16 +179,23 @@ def ioi_names(tokenizer) -> list[str]:
             if nm in words and len(tokenizer.encode(" " + nm, add_special_tokens=False)) == 1]
 
 
-def ioi_task(model, n: int = 64, seed: int = 0) -> Task:
+def _names_setup(model, task: str):
+    """(tokenizer, enc: text -> BOS + ids, names) for the name tasks; at least 3 names or an error."""
     tok = model.tokenizer
     bos = tokenizer_bos(tok)
     names = ioi_names(tok)
     if len(names) < 3:
-        raise SaelabError("fewer than 3 single-token corpus names for this tokenizer: the IOI task needs 3; "
+        raise SaelabError(f"fewer than 3 single-token corpus names for this tokenizer: the {task} task needs 3; "
                           "use a .jsonl task instead")
 
     def enc(text):
         return [bos] + tok.encode(text, add_special_tokens=False)
+
+    return tok, enc, names
+
+
+def ioi_task(model, n: int = 64, seed: int = 0) -> Task:
+    tok, enc, names = _names_setup(model, "IOI")
 
     lengths = [len(enc(t.format(A=names[0], B=names[1]))) for t in IOI_TEMPLATES]
     T = max(set(lengths), key=lambda x: (lengths.count(x), -lengths.index(x)))
@@ -222,15 +229,7 @@ NAMES_TEMPLATES = [
 
 
 def names_task(model, n: int = 64, seed: int = 0) -> Task:
-    tok = model.tokenizer
-    bos = tokenizer_bos(tok)
-    names = ioi_names(tok)
-    if len(names) < 3:
-        raise SaelabError("fewer than 3 single-token corpus names for this tokenizer: the names task needs 3; "
-                          "use a .jsonl task instead")
-
-    def enc(text):
-        return [bos] + tok.encode(text, add_special_tokens=False)
+    tok, enc, names = _names_setup(model, "names")
 
     lengths = [len(enc(t.format(A=names[0], B=names[1], X=names[0]))) for t in NAMES_TEMPLATES]
     templates = [t for t, ln in zip(NAMES_TEMPLATES, lengths) if ln == lengths[0]]

@@ -15,7 +15,6 @@ architecture has one) — SAELens reads them; ``SAE.load`` also reads SAELens's 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 
