@@ -69,3 +69,21 @@ def test_eval_memory_flat_in_store_size(trained, stores):
         rows = json.loads((sae / "eval.json").read_text())["rows"]
         assert rows >= 0.24 * m * ROWS  # the whole held-out quarter of the store was read
     assert kb[4] <= 1.10 * kb[1], kb
+
+
+def test_analyze_memory_flat_in_store_size(trained, stores, tmp_path):
+    """`saelab analyze` (one streaming pass, per-latent buffers sized by d_sae) over the 4× store
+    peaks within 10% of the same pass over the 1× store."""
+    import shutil
+
+    from saelab.analysis.features import FeatureDB
+
+    kb = {}
+    for m, store in stores.items():
+        sae = tmp_path / f"sae{m}"
+        shutil.copytree(trained[1][1], sae)  # the same SAE, analysed over each store
+        kb[m] = min(_peak_kb("analyze", "--sae", str(sae), "--activations", str(store), "--quiet") for _ in range(2))
+        db = FeatureDB(sae)
+        assert db.n_rows >= 0.99 * m * ROWS * 0.75  # the whole train part (at least) was streamed
+        db.close()
+    assert kb[4] <= 1.10 * kb[1], kb
