@@ -6,6 +6,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton decides interpreter-or-compiler when a function is decorated, and loading a model
+# (transformers) imports triton early: the interpreter tests need it on from the very start.
+# Dispatch never picks Triton on CPU tensors by itself (test_kernels checks that with it unset).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
