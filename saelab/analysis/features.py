@@ -51,11 +51,13 @@ no chunk index to consult (measured with 16k latents: chunked one-latent-per-chu
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import math
 import os
 import pathlib
+import weakref
 from dataclasses import dataclass
 
 import h5py
@@ -613,6 +615,18 @@ class _CountingFile(io.FileIO):
         return data
 
 
+# h5py reads through a Python file object here (to count bytes); closing such a file during
+# interpreter teardown, after the modules it calls back into are gone, crashes the process — so
+# every database still open is closed at exit, while the interpreter is whole.
+_OPEN: "weakref.WeakSet[FeatureDB]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_databases() -> None:
+    for db in list(_OPEN):
+        db.close()
+
+
 class FeatureDB:
     """Read access to ``features.h5``: small [d_sae] arrays eagerly, one latent's slices per ``card``.
 
@@ -628,6 +642,7 @@ class FeatureDB:
         if not self.path.is_file():
             raise SaelabError(f"{self.path} is missing: {fix}")
         self._raw = _CountingFile(self.path, "r")
+        _OPEN.add(self)
         try:
             self._f = h5py.File(self._raw, "r")
         except OSError:
