@@ -189,6 +189,13 @@ def cmd_circuit(args) -> int:
     return 0
 
 
+def _add_run_flags(p, device: bool = True) -> None:
+    """The flags every long-running subcommand shares: --device (unless the config has it) and --quiet."""
+    if device:
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_distributed_arguments(p) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="run as N processes: execs `python -m torch.distributed.run --standalone "
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Record activations at TransformerLens hooks into activations/RUN/<hook>/.")
     add_arguments(h, HarvestConfig)
     h.add_argument("--resume", action="store_true", help="continue an interrupted harvest in --out")
-    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(h, device=False)
     _add_distributed_arguments(h)
     h.set_defaults(func=cmd_harvest)
 
@@ -216,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(t, TrainConfig)
     add_arguments(t, SAEConfig)
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(t, device=False)
     _add_distributed_arguments(t)
     t.set_defaults(func=cmd_train)
 
@@ -225,8 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--activations", default=None, help="store or RUN folder (default: the one it was trained on)")
     e.add_argument("--model", default=None, help="splice the SAE into this model for CE metrics (e.g. tiny)")
     e.add_argument("--contexts", type=int, default=64, help="held-out contexts for the CE metrics (default: 64)")
-    e.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(e)
     e.set_defaults(func=cmd_eval)
 
     from saelab.synthetic import SyntheticConfig
@@ -234,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     y = sub.add_parser("synthetic", help="write a planted-feature store (known ground truth)",
                        description="Write sparse combinations of planted directions as an ordinary store.")
     add_arguments(y, SyntheticConfig)
-    y.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(y, device=False)
     y.set_defaults(func=cmd_synthetic)
 
     a = sub.add_parser("analyze", help="feature database: density, top/quantile examples, logit effects -> features.h5",
@@ -245,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store or RUN folder (default: the store each SAE was trained on, from its train.json)")
     a.add_argument("--tokens", type=int, default=None, help="analyse only the first N rows (default: the whole store)")
     a.add_argument("--top", type=int, default=20, help="top-activating examples kept per latent (default: 20)")
-    a.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    a.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(a)
     a.set_defaults(func=cmd_analyze)
 
     d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",
@@ -257,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tokens", type=int, default=None, help="tokens to harvest (default: the whole corpus)")
     d.add_argument("--train-tokens", type=int, default=2_000_000, help="SAE training tokens per hook (default: 2M)")
     d.add_argument("--no-app", action="store_true", help="never open the browser (also implied by CI or no terminal)")
-    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(d, device=False)
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("circuit", help="sparse feature circuit of a task over an SAE group",
@@ -278,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep edges with |weight| at least this (default: 0.01)")
     c.add_argument("--n", type=int, default=64, help="task examples (default: 64)")
     c.add_argument("--seed", type=int, default=0, help="task sampling seed (default: 0)")
-    c.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(c)
     c.set_defaults(func=cmd_circuit)
 
     ap = sub.add_parser("app", help="open the feature browser / steering / circuits app (Streamlit)",
@@ -307,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ablate each head at every position (default) or only at the last one")
     hd.add_argument("--seed", type=int, default=0, help="task and SAE seed (default: 0)")
     hd.add_argument("--out", default=None, help="write the rankings, timings and comparison to this JSON file")
-    hd.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    hd.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(hd)
     hd.set_defaults(func=cmd_heads)
     return p
 
