@@ -171,6 +171,7 @@ def test_bad_input_one_line_errors(topk_sae, resid_store, small_run, tmp_path):
     shutil.copytree(topk_sae, other)
     from saelab.sae.base import SAE
 
+    FeatureDB(other).close()  # the copy matches (and its weights' hash is now cached in this process)
     sae = SAE.load(other)
     with torch.no_grad():
         sae.W_dec[0] *= 2

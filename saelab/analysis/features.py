@@ -140,7 +140,20 @@ def sae_identity(sae_dir) -> dict:
 
     sae_dir = pathlib.Path(sae_dir)
     cfg = _sae_cfg(sae_dir)
-    return {"sae_sha256": sha256_file(sae_dir / WEIGHTS_FILE), "d_sae": int(cfg["d_sae"]), "d_in": int(cfg["d_in"])}
+    weights = sae_dir / WEIGHTS_FILE
+    try:
+        st = weights.stat()
+    except OSError:
+        raise SaelabError(f"{weights} is missing; point at an SAE folder (cfg.json + {WEIGHTS_FILE})") from None
+    # the weights are written atomically (a new inode per save), so (inode, size, mtime) names one version:
+    # hash each version once per process, not on every open of its features.h5
+    key = (str(weights.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(weights)
+    return {"sae_sha256": _SHA_CACHE[key], "d_sae": int(cfg["d_sae"]), "d_in": int(cfg["d_in"])}
+
+
+_SHA_CACHE: dict[tuple, str] = {}
 
 
 def sae_folders(path) -> list[pathlib.Path]:
