@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --compare-ablation: run both methods this many times, alternated, and report the "
                          "median times (default: 5)")
     hd.add_argument("--threads", type=int, default=1,
-                    help="with --compare-ablation: torch threads for both methods alike; 0 keeps torch's default "
+                    help="torch threads (with --compare-ablation: for both methods alike); 0 keeps torch's default "
                          "(default: 1, faster for these small forwards on a shared CPU)")
     hd.add_argument("--seed", type=int, default=0, help="task and SAE seed (default: 0)")
     hd.add_argument("--out", default=None, help="write the rankings, timings and comparison to this JSON file")

@@ -509,6 +509,8 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
         raise SaelabError(f"--top {top}: pass a positive number of heads")
     if repeats < 1:
         raise SaelabError(f"--repeats {repeats}: pass 1 or more")
+    if threads is not None and threads < 1:
+        raise SaelabError(f"--threads {threads}: pass 1 or more, or 0 for torch's default")
     m = load_model(model, device)
     t = make_task(task, m, n=n, seed=seed)
     with torch.no_grad():  # warm-up: the first forward of a process pays one-off costs neither method should
@@ -518,7 +520,13 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
         ident, abl = timed_rankings(m, t, n, repeats, ablation_positions=ablation_positions, threads=threads,
                                     progress=progress, position=position, seed=seed)
     else:
-        ident = identify_heads(m, t, n, position=position, seed=seed, progress=progress)
+        before = torch.get_num_threads()
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            ident = identify_heads(m, t, n, position=position, seed=seed, progress=progress)
+        finally:
+            torch.set_num_threads(before)
     res = {"task": t.name, "model": model, "identify": ident.to_dict()}
     if abl is not None:
         res.update(ablation=abl.to_dict(), compare=compare(ident, abl, min(top, len(ident))))
