@@ -138,7 +138,7 @@ def test_cli_heads(tmp_path):
     assert res["identify"]["seconds"] > 0 and res["ablation"]["seconds"] > 0
 
 
-@pytest.mark.parametrize("case", ["empty", "multi_token", "n0", "top0", "position"])
+@pytest.mark.parametrize("case", ["empty", "multi_token", "n0", "top0", "repeats0", "threads", "position"])
 def test_cli_errors(case, tmp_path, capsys):
     from saelab.cli import main
 
@@ -158,6 +158,12 @@ def test_cli_errors(case, tmp_path, capsys):
     elif case == "top0":
         args = ["heads", "--task", "induction", "--top", "0"]
         want = "--top 0"
+    elif case == "repeats0":
+        args = ["heads", "--task", "induction", "--compare-ablation", "--repeats", "0"]
+        want = "--repeats 0"
+    elif case == "threads":
+        args = ["heads", "--task", "induction", "--threads", "-2"]
+        want = "--threads -2"
     else:
         args = ["heads", "--task", "induction", "--position", "first"]
         with pytest.raises(SystemExit) as e:
