@@ -1,6 +1,6 @@
 """Head identification (discrete codes) against the per-head ablation sweep: agreement and run time.
 
-    python benchmarks/bench_heads.py [--seeds 5] [--repeats 3] [--shapes 4x8,12x12] [--threads N]
+    python benchmarks/bench_heads.py [--seeds 5] [--repeats 5] [--shapes 4x8,12x12] [--threads N]
 
 Part 1, the tiny model on the induction task, one row per task seed: where the head whose
 ablation hurts most lands in the code ranking (ablating every position, and only the last one),
@@ -26,15 +26,11 @@ from saelab.analysis.tasks import make_task
 from saelab.models import TINY_DIR, load_model
 
 
-def timed(model, task, n, repeats):
+def timed(model, task, n, repeats, threads):
     with torch.no_grad():
         model(task.clean[:1])  # warm-up
-    ident, abl = [], []
-    for _ in range(repeats):  # alternate the two methods
-        ident.append(H.identify_heads(model, task, n))
-        abl.append(H.ablation_ranking(model, task, n))
-    mid = lambda runs: sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]  # noqa: E731  the median run
-    return mid(ident), mid(abl), mid(ident).seconds, mid(abl).seconds
+    ident, abl = H.timed_rankings(model, task, n, repeats, threads=threads)  # alternated; the median runs
+    return ident, abl, ident.seconds, abl.seconds
 
 
 def random_model(layers, heads, folder):
@@ -52,16 +48,16 @@ def random_model(layers, heads, folder):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--shapes", default="4x8,12x12", help="random-weight models for the scaling rows")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for both methods (default: as is)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both methods alike (0: torch's default; default: 1, as saelab heads)")
     a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    threads = a.threads or None
     n = a.n
     tiny = load_model("tiny", "cpu")
-    print(f"torch threads: {torch.get_num_threads()} (SAE training always runs on one)")
+    print(f"torch threads: {threads or torch.get_num_threads()} for both methods (SAE training always runs on one)")
     print(f"\n## tiny model (2 layers x 4 heads), induction, n = {n} positive + {n} negative examples\n")
     print("| seed | codes top 4 | ablation (all positions) top 3 | its top head's rank by codes | "
           "ablation (last position) top 3 | its top head's rank | P@3 / R@3 | P@4 / R@4 | identify s | sweep s | ratio |")
@@ -69,7 +65,7 @@ def main():
     hits_all = hits_last = 0
     for seed in range(a.seeds):
         task = make_task("induction", tiny, n=n, seed=seed)
-        ident, abl, t_id, t_ab = timed(tiny, task, n, a.repeats)
+        ident, abl, t_id, t_ab = timed(tiny, task, n, a.repeats, threads)
         last = H.ablation_ranking(tiny, task, n, positions="last")
         c3, c4 = H.compare(ident, abl, 3), H.compare(ident, abl, 4)
         r_all, r_last = ident.rank_of(*abl.heads(1)[0]), ident.rank_of(*last.heads(1)[0])
@@ -83,8 +79,9 @@ def main():
           f"{hits_last}/{a.seeds} (last position)")
 
     print("\n## scaling: time only (identification / sweep on the same examples)\n")
-    print("| model | heads | n | identify s (forward + SAEs) | sweep s | per head: identify / sweep ms | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | heads | n | identify s (forward + SAEs) | sweep s | per head: identify / sweep ms | ratio | "
+          "forward alone / sweep |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = [("tiny", tiny, n), ("tiny", tiny, 64)]
     with tempfile.TemporaryDirectory() as tmp:
         for shape in [s for s in a.shapes.split(",") if s]:
@@ -92,10 +89,11 @@ def main():
             rows.append((f"random {shape}", random_model(layers, heads, pathlib.Path(tmp) / shape), n))
         for name, model, nn in rows:
             task = make_task("induction", model, n=nn, seed=0)
-            ident, abl, t_id, t_ab = timed(model, task, nn, a.repeats)
+            ident, abl, t_id, t_ab = timed(model, task, nn, a.repeats, threads)
             g = model.cfg.n_layers * model.cfg.n_heads
             print(f"| {name} | {g} | {nn} | {t_id:.3f} ({ident.info['forward_s']:.3f} + {ident.info['train_s']:.3f}) "
-                  f"| {t_ab:.3f} | {t_id / g * 1000:.1f} / {abl.info['per_head_s'] * 1000:.1f} | {t_id / t_ab:.3f} |")
+                  f"| {t_ab:.3f} | {t_id / g * 1000:.1f} / {abl.info['per_head_s'] * 1000:.1f} | {t_id / t_ab:.3f} | "
+                  f"{ident.info['forward_s'] / t_ab:.3f} |")
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ def cmd_heads(args) -> int:
 
     _, lines = run_heads(args.task, model=args.model, n=args.n, top=args.top, compare_ablation=args.compare_ablation,
                          ablation_positions=args.ablation_positions, out=args.out, seed=args.seed,
-                         position=args.position, device=args.device, progress=not args.quiet)
+                         position=args.position, device=args.device, progress=not args.quiet, repeats=args.repeats,
+                         threads=args.threads or None)
     print("\n".join(lines))
     return 0
 
@@ -309,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also mean-ablate each head and report precision/recall@top and both run times")
     hd.add_argument("--ablation-positions", choices=["all", "last"], default="all",
                     help="ablate each head at every position (default) or only at the last one")
+    hd.add_argument("--repeats", type=int, default=5,
+                    help="with --compare-ablation: run both methods this many times, alternated, and report the "
+                         "median times (default: 5)")
+    hd.add_argument("--threads", type=int, default=1,
+                    help="torch threads (with --compare-ablation: for both methods alike); 0 keeps torch's default "
+                         "(default: 1, faster for these small forwards on a shared CPU)")
     hd.add_argument("--seed", type=int, default=0, help="task and SAE seed (default: 0)")
     hd.add_argument("--out", default=None, help="write the rankings, timings and comparison to this JSON file")
     _add_run_flags(hd)

@@ -22,6 +22,11 @@ DEMO_HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 DEMO_K = 16
 DEMO_EXPANSION = 16
 DEMO_TRAIN_TOKENS = 2_000_000
+# the wide group (``ensure_wide_group``): 8x the demo's width on the same stores, for circuits whose nodes are
+# token-specific latents (random-token induction; README "Circuits")
+WIDE_EXPANSION = 128
+WIDE_TRAIN_TOKENS = 1_000_000
+WIDE_LR = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +47,21 @@ def demo_root(root: str | os.PathLike | None = None) -> pathlib.Path:
 
 def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = None,
                  train_tokens: int = DEMO_TRAIN_TOKENS, progress: bool = True, model=None,
-                 analyze: bool = True, name: str = "demo", hooks: tuple[str, ...] = DEMO_HOOKS) -> DemoGroup:
+                 analyze: bool = True, name: str = "demo", hooks: tuple[str, ...] = DEMO_HOOKS,
+                 expansion: int = DEMO_EXPANSION, lr: float | None = None,
+                 activations: str | None = None) -> DemoGroup:
     """Build (or reuse) the demo store and SAE group; returns their folders.
 
     ``tokens``: rows to harvest (default: the whole bundled train split); ``train_tokens``: per
     SAE. A group already finished is reused as it is, whatever these say. ``analyze``: also write
     each SAE's ``features.h5`` (``saelab analyze``) where it is missing. ``name`` and ``hooks``
     build another group the same way (``activations/<name>/``, ``runs/<name>/``), e.g. SAEs on
-    attention and MLP outputs for circuits; the defaults are the demo group.
+    attention and MLP outputs for circuits; the defaults are the demo group. ``expansion`` (d_sae / d_in)
+    and ``lr`` (None: the trainer's default) set its SAEs; ``activations``: the name of the activation run
+    to train on (default: ``name``), e.g. "demo" to reuse the demo's stores instead of harvesting again.
     """
     demo = _ensure_trained(root, tokens=tokens, train_tokens=train_tokens, progress=progress, model=model,
-                           name=name, hooks=tuple(hooks))
+                           name=name, hooks=tuple(hooks), expansion=expansion, lr=lr, activations=activations)
     if analyze:
         from saelab import SaelabError
         from saelab.analysis.features import FeatureDB, analyze as analyze_sae
@@ -65,24 +74,37 @@ def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = 
     return demo
 
 
-def _ensure_trained(root, *, tokens, train_tokens, progress, model, name="demo", hooks=DEMO_HOOKS) -> DemoGroup:
+def ensure_wide_group(root: str | os.PathLike | None = None, *, progress: bool = True, model=None) -> DemoGroup:
+    """The "wide" group: TopK SAEs 8x wider than the demo's (k 16, d_sae 16384 on d_model 128; lr 1e-3,
+    1M tokens each: the same held-out FVU as the demo's SAEs, 0.103 and 0.086) at the demo's hooks,
+    trained on the demo's stores (built first if missing) into ``<root>/runs/wide``. Notebook 02 and
+    tests/test_circuits.py use it for the random-token induction circuit. Not analysed (no features.h5)."""
+    return ensure_group(root, progress=progress, model=model, name="wide", expansion=WIDE_EXPANSION,
+                        train_tokens=WIDE_TRAIN_TOKENS, lr=WIDE_LR, activations="demo", analyze=False)
+
+
+def _ensure_trained(root, *, tokens, train_tokens, progress, model, name="demo", hooks=DEMO_HOOKS,
+                    expansion=DEMO_EXPANSION, lr=None, activations=None) -> DemoGroup:
     from saelab.config import HarvestConfig, SAEConfig, TrainConfig
-    from saelab.harvest import RUN_FILE, harvest
+    from saelab.harvest import RUN_FILE, _complete, harvest
     from saelab.store import atomic_write_text
     from saelab.train import GROUP_FILE, TRAIN_FILE, train
 
     base = demo_root(root)
-    run, group = base / "activations" / name, base / "runs" / name
+    run, group = base / "activations" / (activations or name), base / "runs" / name
     saes = {h: group / h for h in hooks}
     stores = {h: run / h for h in hooks}
     if (group / GROUP_FILE).exists() and all(_done(saes[h] / TRAIN_FILE) for h in hooks):
         return DemoGroup(base, run, group, saes, stores)
-    # resume continues an interrupted harvest and returns the stores at once when it had finished
-    stores = harvest(HarvestConfig(hooks=list(hooks), out=str(run), tokens=tokens),
-                     resume=(run / RUN_FILE).exists(), progress=progress, model=model)
-    scfg = SAEConfig(arch="topk", k=DEMO_K, expansion=DEMO_EXPANSION)
+    if activations and activations != name and all(_complete(stores[h]) for h in hooks):
+        pass  # another group's finished stores (a copied demo folder too, whose harvest.json names its old path)
+    else:  # resume continues an interrupted harvest and returns the stores at once when it had finished
+        stores = harvest(HarvestConfig(hooks=list(hooks), out=str(run), tokens=tokens),
+                         resume=(run / RUN_FILE).exists(), progress=progress, model=model)
+    scfg = SAEConfig(arch="topk", k=DEMO_K, expansion=expansion)
     for h in hooks:  # one at a time, so an interruption resumes at the SAE it stopped in
-        tcfg = TrainConfig(activations=str(run), hook=h, out=str(saes[h]), tokens=train_tokens, batch_size=4096)
+        tcfg = TrainConfig(activations=str(run), hook=h, out=str(saes[h]), tokens=train_tokens, batch_size=4096,
+                           lr=lr)
         train(tcfg, scfg, resume=(saes[h] / TRAIN_FILE).exists(), progress=progress)
     model_name = json.loads((stores[hooks[0]] / "manifest.json").read_text()).get("model", "tiny")
     atomic_write_text(group / GROUP_FILE, json.dumps({"model": model_name, "hooks": {h: h for h in hooks}},

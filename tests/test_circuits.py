@@ -129,14 +129,30 @@ def test_cli_induction_circuit(induction_circuit, demo_group):
     assert f["edges"] < sweep[0.0]
 
 
-@pytest.mark.xfail(strict=True, reason="not met on the tiny model: a faithful (>= 0.8) induction circuit needs "
-                                       "~7% of the latents at 8 prompts and more with more prompts (token-specific "
-                                       "latents); see README 'Circuits'")
-def test_induction_circuit_within_5_percent_of_latents(induction_circuit):
-    """The issue's acceptance criterion: faithfulness >= 0.8 with at most 5% of all SAE latents."""
-    _, c = induction_circuit
-    ok = [r for r in c["faithfulness"]["node_sweep"] if r["faithfulness"] >= 0.8]
-    assert any(r["n_latents"] <= 0.05 * c["n_latents_total"] for r in ok), c["faithfulness"]["node_sweep"]
+@pytest.fixture(scope="module")
+def wide_group(demo_group, tiny):
+    """The wide group (TopK k 16, 2 x 16384 latents at the demo's hooks, trained on the demo's stores; ~2-4 min
+    to build once per test demo folder, then reused by notebook 02)."""
+    from saelab.demo import ensure_wide_group
+
+    return C.load_group(ensure_wide_group(demo_group.root, progress=False, model=tiny).group)
+
+
+def test_induction_circuit_within_5_percent_of_latents(tiny, wide_group):
+    """The issue's acceptance criterion on random-token induction: faithfulness >= 0.8 with at most 5% of all SAE
+    latents, on 16 prompts with the wide SAEs (measured: 1086 latents = 3.3% of 32768 + 2 error nodes -> 0.892).
+    The demo group's 2 x 2048 latents need 12.9% at 16 prompts (README 'Circuits')."""
+    task = make_task("induction", tiny, n=16)
+    c = C.find_circuit(tiny, wide_group, task, method="ig", node_threshold=0.005, edges=False, progress=False,
+                       node_sweep=(0.02, 0.01))
+    n_lat = sum(nd["kind"] == "latent" for nd in c["nodes"])
+    print(f"\nfaithfulness = {c['faithfulness']['nodes']:.3f} with {n_lat} latents "
+          f"({100 * c['latent_fraction']:.2f}% of {c['n_latents_total']}) + "
+          f"{len(c['nodes']) - n_lat} error nodes; sweep {c['faithfulness']['node_sweep']}")
+    assert c["n_latents_total"] == 2 * 16384 and len(c["nodes"]) - n_lat <= 2
+    assert c["faithfulness"]["nodes"] >= 0.8 and c["latent_fraction"] <= 0.05, (c["faithfulness"], c["latent_fraction"])
+    sweep = {r["threshold"]: r for r in c["faithfulness"]["node_sweep"]}
+    assert sweep[0.02]["n_latents"] < n_lat and sweep[0.02]["faithfulness"] < c["faithfulness"]["nodes"]
 
 
 def test_names_induction_circuit_within_5_percent(tiny, group):

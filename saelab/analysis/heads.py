@@ -11,8 +11,10 @@ Identification in Language Models" (2024), at the head level:
 2. A small ReLU SAE per head (``d_sae`` latents, L1 penalty, unit-norm decoder rows) is trained
    full-batch with Adam on those 2n vectors. All heads train at once: a batched SAE whose
    weights carry a leading head dimension (``HeadSAEs``); its loss is the sum of the per-head
-   losses, so every head's SAE gets exactly the gradients it would get alone
-   (``train_head_saes_reference`` is that loop of separate trainings; a test compares them).
+   losses, so every head's SAE gets exactly the gradients it would get alone. ``_fit_fused``
+   writes those gradients and the Adam update out by hand (no autograd, one flat buffer);
+   ``train_head_saes_reference`` is the plain loop of separate autograd trainings, and a test
+   compares the two.
 3. Each example's SAE code is discretised to one integer: the index of its largest latent (the
    paper's argmax), or ``d_sae`` when no latent fires.
 4. Per head, the codes seen on positives but never on negatives are counted; heads are ranked by
@@ -36,14 +38,16 @@ although ablating it at every position hurts the task most (the induction heads'
 ``ablation_ranking`` is the baseline: mean-ablate (or zero-ablate) one head's ``hook_z`` at every
 position (or only the last) of the clean prompts and measure the drop of the mean logit difference;
 one forward per head. ``compare`` gives precision/recall of the identification's top-N against the
-heads the ablation marks as important. Both rankings carry their wall-clock time: the sweep costs
-1 + n_layers·n_heads forwards, identification one forward and the SAE training, so the ratio of the
-two is bounded below by about 1 / (1 + n_layers·n_heads) (README "Head identification").
-"""
+heads the ablation marks as important. Both rankings carry their wall-clock time (``timed_rankings``
+alternates the two and keeps the medians): the sweep costs 1 + n_layers·n_heads full forwards of n
+prompts, identification one forward of 2n prompts stopped after the deepest ``hook_z`` plus ~1 ms of
+SAE training, so the ratio is bounded below by that one forward's share — on the tiny model (8 heads)
+0.060 in multiply-adds, 0.07-0.09 measured (README "Head identification")."""
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 
@@ -57,10 +61,10 @@ from saelab.analysis.tasks import logit_diff
 
 HOOK = "blocks.{layer}.attn.hook_z"
 POSITIONS = ("last", "mean")
-# per-head SAE defaults: on the induction task the top 4 are the same (the 4 induction heads, 4-8 codes ahead
-# of the 5th) for d_sae 16/32, 25-200 full-batch Adam steps, lr 1e-2/3e-2 (5 task seeds each); 50 steps keep
-# the training below the cost of a few forward passes (README "Head identification")
-D_SAE, L1, STEPS, LR = 32, 0.1, 50, 3e-2
+# per-head SAE defaults: on the induction task the top 4 are the 4 induction heads, 5-13 codes ahead of the 5th,
+# for every task seed 0-4 at n = 8 and 16 with 5-50 full-batch Adam steps at lr 3e-2 or 1e-1; 10 steps at 1e-1
+# cost ~1 ms (the fused trainer), a fraction of one forward pass (README "Head identification")
+D_SAE, L1, STEPS, LR = 32, 0.1, 10, 1e-1
 
 
 class HeadRanking(list):
@@ -130,22 +134,40 @@ def _device(model):
 def head_activations(model, tokens: torch.Tensor, position: str = "last", batch_size: int = 64) -> torch.Tensor:
     """Every head's ``hook_z`` output, [N, n_layers * n_heads, d_head] (head g = layer * n_heads + head).
 
-    One forward per batch, stopped right after the deepest ``hook_z`` (saelab.harvest's recorder)."""
-    from saelab.harvest import _HookRecorder, forward_batch
+    One forward per batch, stopped right after the deepest ``hook_z`` (saelab.harvest's ``_StopForward``:
+    the last MLP, ln_final and the unembedding never run); each hook keeps only the position(s) it needs."""
+    from saelab.harvest import _StopForward
 
     if position not in POSITIONS:
         raise SaelabError(f"position '{position}' is not one of {', '.join(POSITIONS)}")
     cfg = model.cfg
     hooks = [HOOK.format(layer=l) for l in range(cfg.n_layers)]
-    rec = _HookRecorder(hooks, with_grads=False)
     dev = _device(model)
+    got: dict[str, torch.Tensor] = {}
+
+    def make(name):
+        def keep(z, hook):
+            got[name] = z[:, -1] if position == "last" else z[:, 1:].mean(1)
+            if len(got) == len(hooks):
+                raise _StopForward
+            return z
+
+        return keep
+
+    fwd_hooks = [(h, make(h)) for h in hooks]
     out = []
     for a in range(0, len(tokens), batch_size):
         t = tokens[a : a + batch_size].to(dev)
-        acts = forward_batch(model, t, rec)
-        z = torch.stack([acts[h][0].view(len(t), t.shape[1], cfg.n_heads, cfg.d_head) for h in hooks], 2)
-        z = z.flatten(2, 3).float()  # [B, T, L*H, d_head]
-        out.append(z[:, -1] if position == "last" else z[:, 1:].mean(1))
+        got.clear()
+        try:
+            model.run_with_hooks(t, fwd_hooks=fwd_hooks)
+        except _StopForward:
+            pass
+        if len(got) < len(hooks):
+            raise SaelabError(f"the model's forward never reached {', '.join(h for h in hooks if h not in got)}: "
+                              "head identification needs every layer's attn.hook_z")
+        z = torch.stack([got[h].reshape(len(t), cfg.n_heads, cfg.d_head) for h in hooks], 1)
+        out.append(z.flatten(1, 2).float())  # [B, L*H, d_head]
     return torch.cat(out)
 
 
@@ -199,11 +221,19 @@ class HeadSAEs(torch.nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
 
-def _fit(sae: HeadSAEs, x: torch.Tensor, l1: float, steps: int, lr: float) -> HeadSAEs:
+def _init_scale(sae: HeadSAEs, x: torch.Tensor) -> torch.Tensor:
+    """Set the per-head input scale (mean ‖x‖ = √d_in) and b_dec (the scaled mean); returns the scaled x."""
     with torch.no_grad():
         norms = x.norm(dim=-1).mean(-1).clamp_min(1e-8)  # [G]
         sae.scale.copy_(x.shape[-1] ** 0.5 / norms)
-        sae.b_dec.copy_((x * sae.scale[:, None, None]).mean(1))
+        xs = x * sae.scale[:, None, None]
+        sae.b_dec.copy_(xs.mean(1))
+    return xs
+
+
+def _fit(sae: HeadSAEs, x: torch.Tensor, l1: float, steps: int, lr: float) -> HeadSAEs:
+    """The plain reference training: autograd on ``sae.losses`` and torch.optim.Adam."""
+    _init_scale(sae, x)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     with torch.enable_grad(), one_thread():
         for _ in range(steps):
@@ -215,10 +245,50 @@ def _fit(sae: HeadSAEs, x: torch.Tensor, l1: float, steps: int, lr: float) -> He
     return sae.eval()
 
 
+@torch.no_grad()
+def _fit_fused(sae: HeadSAEs, x: torch.Tensor, l1: float, steps: int, lr: float,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> HeadSAEs:
+    """The same training as ``_fit`` (same loss, Adam with torch's defaults, decoder rows renormalised
+    after each step) with the gradients written out by hand: ~25 batched ops per step on one flat
+    parameter buffer, no autograd graph and no optimizer object (the reference costs ~0.5 ms per step
+    on these tiny tensors, this ~0.1 ms). ``test_heads.py`` compares the two."""
+    G, N, d = x.shape
+    xs = _init_scale(sae, x)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    grad = torch.empty_like(flat)
+    sizes = [p.numel() for p in params]
+    W_enc, b_enc, W_dec, b_dec = (t.view_as(p) for t, p in zip(flat.split(sizes), params))
+    gW_enc, gb_enc, gW_dec, gb_dec = (t.view_as(p) for t, p in zip(grad.split(sizes), params))
+    m, v = torch.zeros_like(flat), torch.zeros_like(flat)
+    b1, b2 = betas
+    c_err, c_l1 = 2.0 / (N * d), l1 / N  # d(mean squared error)/d err, d(l1 · mean_n Σf)/d f
+    with one_thread():
+        for t in range(1, steps + 1):
+            xc = xs - b_dec[:, None]
+            pre = torch.baddbmm(b_enc[:, None], xc, W_enc)
+            f = pre.clamp_min(0)
+            e = torch.baddbmm(xc, f, W_dec, beta=-1).mul_(c_err)  # (f W_dec + b_dec − xs) · c_err
+            torch.bmm(f.transpose(1, 2), e, out=gW_dec)
+            torch.sum(e, 1, out=gb_dec)
+            df = torch.bmm(e, W_dec.transpose(1, 2)).add_(c_l1).mul_(pre > 0)
+            torch.bmm(xc.transpose(1, 2), df, out=gW_enc)
+            torch.sum(df, 1, out=gb_enc)
+            gb_dec.sub_(torch.bmm(gb_enc[:, None], W_enc.transpose(1, 2))[:, 0])  # b_dec also enters the encoder
+            m.lerp_(grad, 1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+            flat.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+            W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+    for p, val in zip(params, (W_enc, b_enc, W_dec, b_dec)):
+        p.copy_(val)
+    return sae.eval()
+
+
 def train_head_saes(x: torch.Tensor, d_sae: int = D_SAE, l1: float = L1, steps: int = STEPS, lr: float = LR,
                     seed: int = 0) -> HeadSAEs:
-    """Train one SAE per head on x [G, N, d_in], all heads in one batched model."""
-    return _fit(HeadSAEs(x.shape[0], x.shape[-1], d_sae, seed), x, l1, steps, lr)
+    """Train one SAE per head on x [G, N, d_in], all heads in one batched model (hand-written gradients)."""
+    return _fit_fused(HeadSAEs(x.shape[0], x.shape[-1], d_sae, seed), x, l1, steps, lr)
 
 
 def train_head_saes_reference(x: torch.Tensor, d_sae: int = D_SAE, l1: float = L1, steps: int = STEPS,
@@ -332,6 +402,44 @@ def ablation_ranking(model, task, n_examples: int = 8, *, mode: str = "mean", po
                        info=info)
 
 
+def _median_run(runs: list[HeadRanking]) -> HeadRanking:
+    """The run with the median wall time (runs are deterministic for a seed: same rankings), marked with
+    every run's time and how many there were."""
+    mid = sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+    mid.info.update(repeats=len(runs), seconds_runs=[r.seconds for r in runs])
+    return mid
+
+
+def timed_rankings(model, task, n_examples: int = 8, repeats: int = 5, *, ablation_positions: str = "all",
+                   threads: int | None = 1, progress: bool = False, **identify_kw) -> tuple[HeadRanking, HeadRanking]:
+    """Identification and the ablation sweep on the same examples, alternated ``repeats`` times (a busy
+    CPU slows both alike); returns each method's median-time run. Warm the model up before calling.
+
+    ``threads``: torch threads for both methods alike (None: as set). The default 1: forwards of 8-16
+    short prompts gain little from more threads, and on a CPU shared with other work several threads
+    wait on each other (on this 2-core machine, with two other busy processes, a 5 ms forward took
+    ~1 s at 2 threads)."""
+    if repeats < 1:
+        raise SaelabError(f"--repeats {repeats}: pass 1 or more")
+    if threads is not None and threads < 1:
+        raise SaelabError(f"--threads {threads}: pass 1 or more")
+    before = torch.get_num_threads()
+    ident, abl = [], []
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for _ in tqdm(range(repeats), desc="identification / ablation sweep", disable=not progress, leave=False):
+            ident.append(identify_heads(model, task, n_examples, **identify_kw))
+            abl.append(ablation_ranking(model, task, n_examples, positions=ablation_positions))
+    finally:
+        torch.set_num_threads(before)
+    first = ident[0].heads()
+    assert all(r.heads() == first for r in ident), "head identification is deterministic for a seed"
+    ident, abl = _median_run(ident), _median_run(abl)
+    ident.info["threads"] = abl.info["threads"] = threads or before
+    return ident, abl
+
+
 def compare(identified: HeadRanking, ablation: HeadRanking, top: int = 3, truth_frac: float = 0.25) -> dict:
     """Precision / recall of the identification's top-``top`` heads against the ablation's important heads.
 
@@ -350,7 +458,8 @@ def compare(identified: HeadRanking, ablation: HeadRanking, top: int = 3, truth_
             "ablation_top_head": (l0, h0), "ablation_top_head_rank": identified.rank_of(l0, h0),
             "ablation_top_head_ties": identified.tied_with(l0, h0),
             "identify_s": identified.seconds, "ablation_s": ablation.seconds,
-            "time_ratio": identified.seconds / ablation.seconds}
+            "time_ratio": identified.seconds / ablation.seconds,
+            "forward_ratio": identified.info.get("forward_s", float("nan")) / ablation.seconds}
 
 
 def _fmt_heads(ranking: HeadRanking, top: int, fmt: str) -> str:
@@ -381,14 +490,18 @@ def report(ident: HeadRanking, abl: HeadRanking | None = None, top: int = 3, tas
                                           if cmp["ablation_top_head_ties"] else ""),
               f"  time: identification {ident.seconds:.3f} s ({ident.seconds / len(ident) * 1000:.1f} ms per head), "
               f"ablation sweep {abl.seconds:.3f} s ({abl.info['per_head_s'] * 1000:.1f} ms per head); "
-              f"ratio {cmp['time_ratio']:.2f}"]
+              f"ratio {cmp['time_ratio']:.3f} (identification's forward pass alone: {cmp['forward_ratio']:.3f})"
+              + (f"; medians of {ident.info['repeats']} alternated runs" if ident.info.get("repeats", 1) > 1 else "")
+              + (f", {ident.info['threads']} torch thread(s)" if "threads" in ident.info else "")]
     return lines
 
 
 def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_ablation: bool = False,
               ablation_positions: str = "all", out: str | None = None, seed: int = 0, position: str = "last",
-              device: str = "auto", progress: bool = True) -> tuple[dict, list[str]]:
-    """What ``saelab heads`` does: (result dict, report lines); writes ``out`` (JSON, atomically) if given."""
+              device: str = "auto", progress: bool = True, repeats: int = 5,
+              threads: int | None = 1) -> tuple[dict, list[str]]:
+    """What ``saelab heads`` does: (result dict, report lines); writes ``out`` (JSON, atomically) if given.
+    With ``compare_ablation`` both methods run ``repeats`` times, alternated; the times are their medians."""
     from saelab.analysis.tasks import make_task
     from saelab.models import load_model
     from saelab.store import atomic_write_text
@@ -397,15 +510,28 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
         raise SaelabError(f"--n {n}: head identification needs at least one example; pass --n 5 or more")
     if top < 1:
         raise SaelabError(f"--top {top}: pass a positive number of heads")
+    if repeats < 1:
+        raise SaelabError(f"--repeats {repeats}: pass 1 or more")
+    if threads is not None and threads < 1:
+        raise SaelabError(f"--threads {threads}: pass 1 or more, or 0 for torch's default")
     m = load_model(model, device)
     t = make_task(task, m, n=n, seed=seed)
     with torch.no_grad():  # warm-up: the first forward of a process pays one-off costs neither method should
         m(t.clean[:1].to(_device(m)))
-    ident = identify_heads(m, t, n, position=position, seed=seed, progress=progress)
-    res = {"task": t.name, "model": model, "identify": ident.to_dict()}
     abl = None
     if compare_ablation:
-        abl = ablation_ranking(m, t, n, positions=ablation_positions, progress=progress)
+        ident, abl = timed_rankings(m, t, n, repeats, ablation_positions=ablation_positions, threads=threads,
+                                    progress=progress, position=position, seed=seed)
+    else:
+        before = torch.get_num_threads()
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            ident = identify_heads(m, t, n, position=position, seed=seed, progress=progress)
+        finally:
+            torch.set_num_threads(before)
+    res = {"task": t.name, "model": model, "identify": ident.to_dict()}
+    if abl is not None:
         res.update(ablation=abl.to_dict(), compare=compare(ident, abl, min(top, len(ident))))
     lines = report(ident, abl, top, t.name)
     if out:
