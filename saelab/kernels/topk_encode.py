@@ -23,13 +23,15 @@ sends gradient only through the k selected entries:
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from saelab import SaelabError
 
-KERNELS = ("auto", "reference", "chunked", "triton")
+KERNELS = ("auto", "reference", "chunked", "screened", "triton")
 DEFAULT_CHUNK = 4096
 DEFAULT_ROWS = 4096
 
@@ -161,12 +163,193 @@ def _chunked_select(x, W_enc, b_enc, k: int, signed: bool, chunk: int, rows: int
     return out_v, out_i
 
 
+# ---------------------------------------------------------------------------------------------
+# screened: a bf16 screen of every latent, an exact fp32 rescoring of the few that can matter
+# ---------------------------------------------------------------------------------------------
+#
+# Error bound of the screen (the derivation the candidate rule rests on). Write u = 2⁻⁸, the unit
+# roundoff of bf16 (8 significand bits, round to nearest even). The screen rounds x and W_enc to
+# bf16, x̃ = x − e_x and W̃ = W − e_W (e_x, e_W are exact in fp32: the dropped low bits), and the
+# bias b̃ = b − e_b; it computes acc = x̃·W̃_j with fp32 accumulation (products of two bf16 are
+# exact in fp32; oneDNN/cpublas accumulate in fp32), adds b̃ and rounds to bf16 once or twice
+# (we do not rely on which: s = fl(fl(acc) + b̃) is the worse case). Per row i, latent j:
+#   input rounding: x·W_j − x̃·W̃_j = e_x·W̃_j + x̃·e_W,j + e_x·e_W,j
+#       ≤ ‖e_x‖ (Cw + Ce) + ‖x̃‖ Ce                   (Cauchy–Schwarz; Cw = maxⱼ‖W̃_j‖, Ce = maxⱼ‖e_W,j‖)
+#   fp32 accumulation of d products (any order, FMA or not): |acc − x̃·W̃_j| ≤ γ_d ‖x̃‖ Cw,
+#       γ_d = d·2⁻²⁴ / (1 − d·2⁻²⁴)
+#   bias rounding: |e_b| ≤ max|e_b| (computed exactly)
+#   output rounding: two round-to-nearest steps, each ≤ u × its result; bounded through the
+#       screened value itself: ≤ ρ (|s| + max|b̃|), ρ = 2u / (1 − u)²
+# so |s − z| ≤ A_i + ρ|s| with A_i = ‖e_x‖(Cw + Ce) + ‖x̃‖(Ce + γ_d Cw) + max|e_b| + ρ max|b̃|;
+# for signed mode the same holds for ||s| − |z||. A safety factor SCREEN_SAFETY (2) multiplies
+# A_i and ρ. The candidate rule: the screen's k best of row i, with screened k-th score t, have
+# true scores ≥ lo(t) = t − A_i − ρ|t|, so the true k-th score T ≥ lo(t); a latent can be in the
+# true top k only if hi(s_j) = s_j + A_i + ρ|s_j| ≥ lo(t). hi is increasing, so that is one
+# per-row threshold θ_i = hi⁻¹(lo(t)): L = t − ρ|t| − 2A_i, θ = L / (1 + ρ) if L ≥ 0 else
+# L / (1 − ρ). The running k-th screened score only grows over the chunks, so a threshold from
+# it keeps a superset; at the end the candidates are cut to the final θ, rescored exactly in
+# fp32 (torch.sparse.sampled_addmm: one dot product per candidate, no gathered copies) + b, and
+# the exact top k taken among them. Rows with more than ``max_cand`` candidates are recomputed by
+# the exact fp32 chunked path.
+SCREEN_SAFETY = 2.0
+SCREEN_U = 2.0 ** -8
+
+_BF16_CACHE: dict = {}
+
+
+def _bf16_weights(W: torch.Tensor, chunk: int):
+    """(W̃ = bf16(W) contiguous, Cw = max column norm of W̃, Ce = max column norm of W − W̃),
+    cached for this tensor object at this version (an optimizer step bumps ``_version``, so a
+    training step converts once per step; the entry holds a weak reference, never a stale copy)."""
+    ent = _BF16_CACHE.get("W")
+    if ent is not None and ent[0]() is W and ent[1] == (W._version, W.shape, W.stride(), W.data_ptr()):
+        return ent[2]
+    _BF16_CACHE.clear()
+    Wq = W.to(torch.bfloat16).contiguous()
+    cw = ce = 0.0
+    for c0 in range(0, W.shape[1], chunk):  # column blocks: no fp32 temporary of W's size
+        wq = Wq[:, c0:c0 + chunk].float()
+        cw = max(cw, float(wq.norm(dim=0).max()))
+        ce = max(ce, float((W[:, c0:c0 + chunk] - wq).norm(dim=0).max()))
+    out = (Wq, cw, ce)
+    _BF16_CACHE["W"] = (weakref.ref(W), (W._version, W.shape, W.stride(), W.data_ptr()), out)
+    return out
+
+
+def _screen_threshold(t, A, rho):
+    """θ = hi⁻¹(lo(t)) of the derivation above, per row; and a bf16 θ_q ≤ θ, so the per-chunk
+    compare runs in bf16 (an fp32 threshold would promote the whole chunk to fp32) and keeps a
+    superset: θ lowered by 2⁻⁷|θ| (≥ one bf16 ulp) then rounded to nearest stays ≤ θ."""
+    L = t - rho * t.abs() - 2 * A
+    theta = torch.where(L >= 0, L / (1 + rho), L / (1 - rho))
+    theta_q = (theta - theta.abs() * 2.0 ** -7 - 1e-30).to(torch.bfloat16)
+    return theta, theta_q
+
+
+#: candidate statistics of the last screened call (benchmarks and tests read them)
+SCREEN_STATS: dict = {}
+
+
+@torch.no_grad()
+def _screened_select(x, W_enc, b_enc, k: int, signed: bool, chunk: int, rows: int = DEFAULT_ROWS,
+                     max_cand: int | None = None):
+    """Same contract as ``_chunked_select`` (exact fp32 values and indices, best first), fp32 only."""
+    B, d = x.shape
+    n = W_enc.shape[1]
+    if max_cand is None:  # past ~n/32 candidates a row's sampled dot products cost more than its fp32 GEMM
+        max_cand = max(4 * k, n // 32)
+    Wq, cw, ce = _bf16_weights(W_enc, chunk)
+    bq = b_enc.to(torch.bfloat16)
+    e_b = float((b_enc - bq.float()).abs().max())
+    bmax = float(bq.float().abs().max())
+    u = SCREEN_U
+    rho = 2 * u / (1 - u) ** 2
+    gam = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    rho_s = SCREEN_SAFETY * rho
+    out_v = torch.empty(B, k, dtype=x.dtype, device=x.device)
+    out_i = torch.empty(B, k, dtype=torch.long, device=x.device)
+    stats = {"rows": B, "candidates": 0, "fallback_rows": 0, "max_per_row": 0}
+    zbuf = torch.empty(min(rows, B) * min(chunk, n), dtype=torch.bfloat16, device=x.device)
+    for r0 in range(0, B, rows):
+        xb = x[r0:r0 + rows]
+        rb = xb.shape[0]
+        xq = xb.to(torch.bfloat16)
+        xqf = xq.float()
+        nx = xqf.norm(dim=1)
+        nex = (xb - xqf).norm(dim=1)
+        A = SCREEN_SAFETY * (nex * (cw + ce) + nx * (ce + gam * cw) + e_b + rho * bmax)  # [rb]
+        best = None  # running top-k screened scores [rb, k] (fp32)
+        theta = torch.full((rb,), float("-inf"), device=x.device)
+        theta_q = theta.to(torch.bfloat16)
+        cr, cc, cs = [], [], []
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            w = c1 - c0
+            s = torch.addmm(bq[c0:c1], xq, Wq[:, c0:c1], out=zbuf[:rb * w].view(rb, w))
+            if signed:
+                s.abs_()
+            full = best is not None and best.shape[1] == k
+            if not full:  # until k scores are known, the chunk's own top k sets the threshold
+                tk = s.topk(min(k, w), dim=-1).values.float()
+                best = tk if best is None else torch.cat([best, tk], 1).topk(min(k, best.shape[1] + w), dim=-1).values
+                if best.shape[1] == k:
+                    theta, theta_q = _screen_threshold(best[:, -1], A, rho_s)
+            r, c = torch.ge(s, theta_q[:, None]).nonzero(as_tuple=True)
+            if r.numel() == 0:
+                continue
+            sv = s[r, c].float()
+            cr.append(r)
+            cc.append(c + c0)
+            cs.append(sv)
+            if full:  # merge this chunk's candidates (a superset of its entries above the k-th)
+                cnt = torch.bincount(r, minlength=rb)
+                pos = torch.arange(r.numel(), device=x.device) - (cnt.cumsum(0) - cnt)[r]
+                pack = sv.new_full((rb, int(cnt.max())), float("-inf"))
+                pack[r, pos] = sv
+                best = torch.cat([best, pack], dim=1).topk(k, dim=-1).values
+                theta, theta_q = _screen_threshold(best[:, -1], A, rho_s)
+        r = torch.cat(cr)
+        c = torch.cat(cc)
+        keep = torch.cat(cs) >= theta[r]
+        r, c = r[keep], c[keep]
+        cnt = torch.bincount(r, minlength=rb)
+        stats["candidates"] += int(r.numel())
+        stats["max_per_row"] = max(stats["max_per_row"], int(cnt.max()))
+        bad = cnt > max_cand
+        if bool(bad.any()):  # too loose a screen for these rows: exact fp32 for them
+            bad_rows = bad.nonzero().squeeze(1)
+            v, i = _chunked_select(xb[bad_rows], W_enc, b_enc, k, signed, chunk, rows)
+            out_v[r0 + bad_rows] = v
+            out_i[r0 + bad_rows] = i
+            stats["fallback_rows"] += int(bad_rows.numel())
+            ok = ~bad[r]
+            r, c = r[ok], c[ok]
+            cnt = torch.where(bad, 0, cnt)
+        if r.numel() == 0:
+            continue
+        # CSR pattern: rows sorted (a stable sort keeps each row's columns ascending, as the
+        # chunks came in column order), then one exact dot product per entry
+        r, order = r.sort(stable=True)
+        c = c[order]
+        crow = torch.zeros(rb + 1, dtype=torch.long, device=x.device)
+        crow[1:] = cnt.cumsum(0)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, c, torch.zeros(r.numel(), dtype=x.dtype, device=x.device),
+                                              (rb, n), check_invariants=False)
+        z = torch.sparse.sampled_addmm(pattern, xb, W_enc, beta=0.0).values() + b_enc[c]
+        score = z.abs() if signed else z
+        width = int(cnt.max())
+        pos = torch.arange(r.numel(), device=x.device) - crow[:-1][r]
+        ps = z.new_full((rb, width), float("-inf"))
+        ps[r, pos] = score
+        top_s, j = ps.topk(min(k, width), dim=-1)
+        okr = ~bad
+        flat = crow[:-1, None] + j  # position of each pick in the sorted candidate list
+        flat = flat[okr]
+        rows_ok = okr.nonzero().squeeze(1)
+        out_i[r0 + rows_ok] = c[flat]
+        out_v[r0 + rows_ok] = z[flat]
+    SCREEN_STATS.clear()
+    SCREEN_STATS.update(stats)
+    return out_v, out_i
+
+
+def _screenable(x, W_enc, b_enc) -> bool:
+    """The screen's bound is derived for fp32 inputs on CPU without autocast; anything else
+    (fp64 gradchecks, bf16 tensors, autocast, CUDA) takes the exact chunked path."""
+    return (x.dtype == W_enc.dtype == b_enc.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu"))
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k, signed, chunk, path="chunked", rows=DEFAULT_ROWS):
         if path == "triton":
             from saelab.kernels.triton_topk import triton_select
             z_sel, idx = triton_select(x, W_enc, b_enc.contiguous(), k, signed)
+        elif path == "screened" and _screenable(x, W_enc, b_enc):
+            z_sel, idx = _screened_select(x, W_enc, b_enc, k, signed, chunk, rows)
         else:
             z_sel, idx = _chunked_select(x, W_enc, b_enc, k, signed, chunk, rows)
         values = z_sel if signed else F.relu(z_sel)
