@@ -391,7 +391,7 @@ def test_screen_error_bound_holds(d):
         W = torch.randn(d, 256, generator=g) / d**0.5
         W[:, :3] *= 30  # a few columns of large norm
         b = torch.randn(256, generator=g) * scale
-        Wq, cw, ce = _bf16_weights(W, 100)
+        Wq, cw, ce, _ = _bf16_weights(W, 100)
         bq = b.bfloat16()
         s = torch.addmm(bq, x.bfloat16(), Wq).double()
         z = x.double() @ W.double() + b.double()
