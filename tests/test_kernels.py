@@ -462,3 +462,32 @@ def test_eval_ce_splice_fused_equals_dense(tiny):
     assert abs(ev["reference"]["ce_sae"] - ev["reference"]["ce_clean"]) > 1e-3  # the splice changes the output
     for key, val in ev["reference"].items():
         assert ev["chunked"][key] == pytest.approx(val, rel=1e-5, abs=1e-7), key
+
+
+def test_auto_picks_screened_only_where_it_pays(monkeypatch):
+    """auto → screened on a CPU with native bf16 for fp32 weights of ≥ SCREEN_MIN_WEIGHTS entries;
+    an explicit chunked (argument or SAELAB_KERNEL) always wins; bf16 tensors stay chunked."""
+    te = sys.modules["saelab.kernels.topk_encode"]
+    monkeypatch.delenv("SAELAB_KERNEL", raising=False)
+    monkeypatch.setattr(te, "bf16_matmul_fast", lambda: True)
+    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 1000)
+    x, W, b = _inputs(24, 30, 16, 200)
+
+    def screened_ran(**kw):
+        te.SCREEN_STATS.clear()
+        topk_encode(x, W, b, 4, **kw)
+        return bool(te.SCREEN_STATS)
+
+    assert screened_ran()  # auto, 16 × 200 ≥ 1000 weights
+    assert not screened_ran(kernel="chunked")
+    monkeypatch.setenv("SAELAB_KERNEL", "chunked")
+    assert not screened_ran()
+    monkeypatch.delenv("SAELAB_KERNEL")
+    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 10**6)
+    assert not screened_ran()  # too small to pay
+    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(te, "bf16_matmul_fast", lambda: False)
+    assert not screened_ran()  # no native bf16
+    te.SCREEN_STATS.clear()
+    topk_encode(x.bfloat16(), W.bfloat16(), b.bfloat16(), 4, kernel="screened")  # named, but not fp32
+    assert not te.SCREEN_STATS
