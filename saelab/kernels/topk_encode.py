@@ -207,11 +207,10 @@ _BF16_CACHE: dict = {}
 
 
 def _bf16_weights(W: torch.Tensor, chunk: int):
-    """(W̃ = bf16(W) contiguous, Cw = max column norm of W̃, Ce = max column norm of W − W̃,
-    Wᵀ contiguous in fp32 for the rescoring: sampled_addmm would otherwise clone W into that
-    layout on every call), cached for this tensor object at this version (an optimizer step
-    bumps ``_version``, so a training step converts once per step; the entry holds a weak
-    reference, never a stale copy). The cache holds 1.5× W_enc's memory while W_enc lives."""
+    """(W̃ = bf16(W) contiguous, Cw = max column norm of W̃, Ce = max column norm of W − W̃),
+    cached for this tensor object at this version (an optimizer step bumps ``_version``, so a
+    training step converts once per step; the entry holds a weak reference, never a stale copy).
+    The cache holds half of W_enc's memory while W_enc lives."""
     ent = _BF16_CACHE.get("W")
     if ent is not None and ent[0]() is W and ent[1] == (W._version, W.shape, W.stride(), W.data_ptr()):
         return ent[2]
@@ -222,7 +221,7 @@ def _bf16_weights(W: torch.Tensor, chunk: int):
         wq = Wq[:, c0:c0 + chunk].float()
         cw = max(cw, float(wq.norm(dim=0).max()))
         ce = max(ce, float((W[:, c0:c0 + chunk] - wq).norm(dim=0).max()))
-    out = (Wq, cw, ce, W.t().contiguous())
+    out = (Wq, cw, ce)
     _BF16_CACHE["W"] = (weakref.ref(W), (W._version, W.shape, W.stride(), W.data_ptr()), out)
     return out
 
@@ -266,9 +265,9 @@ def _screened_select(x, W_enc, b_enc, k: int, signed: bool, chunk: int, rows: in
     """Same contract as ``_chunked_select`` (exact fp32 values and indices, best first), fp32 only."""
     B, d = x.shape
     n = W_enc.shape[1]
-    if max_cand is None:  # far past ~n/32 candidates a row's dot products cost more than its fp32 GEMM
-        max_cand = max(4 * k, n // 16)
-    Wq, cw, ce, WT = _bf16_weights(W_enc, chunk)
+    if max_cand is None:  # a row's dot products cost more than its fp32 GEMM only past ~n/32 candidates;
+        max_cand = max(4 * k, min(n // 16, 1024))  # the 1024 bounds the packs (≤ rows × 2·max_cand)
+    Wq, cw, ce = _bf16_weights(W_enc, chunk)
     bq = b_enc.to(torch.bfloat16)
     e_b = float((b_enc - bq.float()).abs().max())
     bmax = float(bq.float().abs().max())
@@ -291,7 +290,7 @@ def _screened_select(x, W_enc, b_enc, k: int, signed: bool, chunk: int, rows: in
         best = None  # the k largest witnesses so far [rb, ≤ k] (fp32): a lower bound on the screened k-th
         theta = torch.full((rb,), float("-inf"), device=x.device)
         theta_q = theta.to(torch.bfloat16)
-        cr, cc, cs = [], [], []
+        cand = []  # per chunk: (c0, rows, local columns, screened scores)
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
             w = c1 - c0
@@ -318,69 +317,85 @@ def _screened_select(x, W_enc, b_enc, k: int, signed: bool, chunk: int, rows: in
                 mask = torch.ge(si, theta_q.view(torch.int16)[:, None])
             else:
                 mask = torch.ge(s, theta_q[:, None])
-            r, c = _nonzero2d(mask)
+            r, c = _nonzero2d(mask)  # row-major: rows ascending, columns ascending within a row
             if r.numel():
-                cr.append(r)
-                cc.append(c + c0)
-                cs.append(s[r, c].float())
-        r, order = torch.cat(cr).sort(stable=True)  # rows sorted, each row's columns ascending
-        c = torch.cat(cc)[order]
-        sv = torch.cat(cs)[order]
-        # the exact screened k-th of each row (its top k are among the candidates) → the final θ;
-        # rows already far past the cap skip this (their pack would be wide) and fall back below
-        cnt = torch.bincount(r, minlength=rb)
-        pre_bad = cnt > 4 * max_cand
-        if bool(pre_bad.any()):
-            ok = ~pre_bad[r]
-            r, c, sv = r[ok], c[ok], sv[ok]
-            cnt = torch.where(pre_bad, 0, cnt)
-        width = int(cnt.max()) if r.numel() else 0
-        if width >= k:
-            pos = torch.arange(r.numel(), device=x.device) - (cnt.cumsum(0) - cnt)[r]
-            pack = sv.new_full((rb, width), float("-inf"))
-            pack[r, pos] = sv
-            theta, _ = _screen_threshold(pack.topk(k, dim=-1).values[:, -1], A, rho_s)
-            del pack
-            keep = sv >= theta[r]
-            r, c = r[keep], c[keep]
-        cnt = torch.bincount(r, minlength=rb)
-        stats["candidates"] += int(r.numel())
-        stats["max_per_row"] = max(stats["max_per_row"], int(cnt.max()))
-        bad = (cnt > max_cand) | pre_bad
-        if bool(bad.any()):  # too loose a screen for these rows: exact fp32 for them
-            bad_rows = bad.nonzero().squeeze(1)
-            v, i = _chunked_select(xb[bad_rows], W_enc, b_enc, k, signed, chunk, rows)
-            out_v[r0 + bad_rows] = v
-            out_i[r0 + bad_rows] = i
-            stats["fallback_rows"] += int(bad_rows.numel())
-            ok = ~bad[r]
-            r, c = r[ok], c[ok]
-            cnt = torch.where(bad, 0, cnt)
-        if r.numel() == 0:
-            continue
-        # CSR pattern (rows sorted, columns ascending within a row), one exact dot product per entry
-        crow = torch.zeros(rb + 1, dtype=torch.long, device=x.device)
-        crow[1:] = cnt.cumsum(0)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(crow, c, torch.zeros(r.numel(), dtype=x.dtype, device=x.device),
-                                              (rb, n), check_invariants=False)
-        z = torch.sparse.sampled_addmm(pattern, xb, WT.t(), beta=0.0).values() + b_enc[c]
-        score = z.abs() if signed else z
-        width = int(cnt.max())
-        pos = torch.arange(r.numel(), device=x.device) - crow[:-1][r]
-        ps = z.new_full((rb, width), float("-inf"))
-        ps[r, pos] = score
-        top_s, j = ps.topk(min(k, width), dim=-1)
-        okr = ~bad
-        flat = crow[:-1, None] + j  # position of each pick in the sorted candidate list
-        flat = flat[okr]
-        rows_ok = okr.nonzero().squeeze(1)
-        out_i[r0 + rows_ok] = c[flat]
-        out_v[r0 + rows_ok] = z[flat]
+                cand.append((c0, r, c, s[r, c].float()))
+        _rescore_block(xb, W_enc, b_enc, k, signed, cand, A, rho_s, max_cand, chunk, rows,
+                       out_v[r0:r0 + rb], out_i[r0:r0 + rb], stats)
     SCREEN_STATS.clear()
     SCREEN_STATS.update(stats)
     return out_v, out_i
+
+
+def _pack_positions(rq, cnt_q, offs):
+    """Slots of this chunk's candidates (rows ascending) in a per-row packed layout after the
+    ``offs`` entries each row already holds."""
+    return offs[rq] + torch.arange(rq.numel(), device=rq.device) - (cnt_q.cumsum(0) - cnt_q)[rq]
+
+
+def _rescore_block(xb, W_enc, b_enc, k, signed, cand, A, rho, max_cand, chunk, rows, out_v, out_i, stats):
+    """One row block's end of ``_screened_select``: the final cut at the exact screened k-th,
+    exact fp32 rescoring chunk by chunk, the exact top k; rows past the cap fall back."""
+    rb, dev = xb.shape[0], xb.device
+    total = sum(torch.bincount(r, minlength=rb) for _, r, _, _ in cand)
+    pre_bad = total > 2 * max_cand  # far past the cap before the cut: no wide pack for these
+    # the exact screened k-th of each row (its top k are among the candidates) → the final θ
+    width = int(total.masked_fill(pre_bad, 0).max())
+    theta = torch.full((rb,), float("inf"), device=dev)
+    if width >= k:
+        pack = torch.full((rb, width), float("-inf"), device=dev)
+        offs = torch.zeros(rb, dtype=torch.long, device=dev)
+        for _, r, _, sv in cand:
+            ok = ~pre_bad[r]
+            rq = r[ok]
+            cnt_q = torch.bincount(rq, minlength=rb)
+            pack[rq, _pack_positions(rq, cnt_q, offs)] = sv[ok]
+            offs += cnt_q
+        theta, _ = _screen_threshold(pack.topk(k, dim=-1).values[:, -1], A, rho)
+        del pack
+    keep = [(sv >= theta[r]) & ~pre_bad[r] for _, r, _, sv in cand]
+    cnt = sum(torch.bincount(r[kq], minlength=rb) for (_, r, _, _), kq in zip(cand, keep))
+    bad = pre_bad | (cnt > max_cand)
+    stats["candidates"] += int(cnt.sum())
+    stats["max_per_row"] = max(stats["max_per_row"], int(cnt.max()))
+    if bool(bad.any()):  # too loose a screen for these rows: exact fp32 for them
+        bad_rows = bad.nonzero().squeeze(1)
+        out_v[bad_rows], out_i[bad_rows] = _chunked_select(xb[bad_rows], W_enc, b_enc, k, signed, chunk, rows)
+        stats["fallback_rows"] += int(bad_rows.numel())
+    width = int(cnt.masked_fill(bad, 0).max())
+    if width < k:  # every row fell back
+        return
+    # exact scores of the candidates, chunk by chunk: sampled_addmm (one dot product per CSR
+    # entry) against the chunk's columns transposed to contiguous rows (8 MiB at 4096 × 512;
+    # given W's strided columns it would clone all of W per call)
+    pz = torch.full((rb, width), float("-inf"), device=dev)
+    pv = torch.zeros(rb, width, device=dev)
+    pc = torch.zeros(rb, width, dtype=torch.long, device=dev)
+    offs = torch.zeros(rb, dtype=torch.long, device=dev)
+    for (c0, r, c, _), kq in zip(cand, keep):
+        kq = kq & ~bad[r]
+        rq, cq = r[kq], c[kq]
+        if rq.numel() == 0:
+            continue
+        cnt_q = torch.bincount(rq, minlength=rb)
+        crow = torch.zeros(rb + 1, dtype=torch.long, device=dev)
+        crow[1:] = cnt_q.cumsum(0)
+        w = min(chunk, W_enc.shape[1] - c0)
+        wt = W_enc[:, c0:c0 + w].t().contiguous()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, cq, torch.zeros(rq.numel(), dtype=xb.dtype, device=dev),
+                                              (rb, w), check_invariants=False)
+        z = torch.sparse.sampled_addmm(pattern, xb, wt.t(), beta=0.0).values() + b_enc[c0 + cq]
+        pos = _pack_positions(rq, cnt_q, offs)
+        pz[rq, pos] = z.abs() if signed else z
+        pv[rq, pos] = z
+        pc[rq, pos] = cq + c0
+        offs += cnt_q
+    j = pz.topk(k, dim=-1).indices
+    ok = (~bad).nonzero().squeeze(1)
+    out_v[ok] = pv.gather(1, j)[ok].to(out_v.dtype)
+    out_i[ok] = pc.gather(1, j)[ok]
 
 
 def _screenable(x, W_enc, b_enc) -> bool:
