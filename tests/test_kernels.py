@@ -465,12 +465,14 @@ def test_eval_ce_splice_fused_equals_dense(tiny):
 
 
 def test_auto_picks_screened_only_where_it_pays(monkeypatch):
-    """auto → screened on a CPU with native bf16 for fp32 weights of ≥ SCREEN_MIN_WEIGHTS entries;
-    an explicit chunked (argument or SAELAB_KERNEL) always wins; bf16 tensors stay chunked."""
+    """auto → screened on a CPU with native bf16 for fp32 weights of ≥ SCREEN_MIN_WEIGHTS entries
+    at ≤ SCREEN_MAX_THREADS threads; an explicit chunked (argument or SAELAB_KERNEL) always wins;
+    bf16 tensors stay chunked."""
     te = sys.modules["saelab.kernels.topk_encode"]
     monkeypatch.delenv("SAELAB_KERNEL", raising=False)
     monkeypatch.setattr(te, "bf16_matmul_fast", lambda: True)
     monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads())
     x, W, b = _inputs(24, 30, 16, 200)
 
     def screened_ran(**kw):
@@ -486,6 +488,9 @@ def test_auto_picks_screened_only_where_it_pays(monkeypatch):
     monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 10**6)
     assert not screened_ran()  # too small to pay
     monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads() - 1)
+    assert not screened_ran()  # more threads than it was measured to win with
+    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads())
     monkeypatch.setattr(te, "bf16_matmul_fast", lambda: False)
     assert not screened_ran()  # no native bf16
     te.SCREEN_STATS.clear()

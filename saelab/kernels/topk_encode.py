@@ -16,7 +16,8 @@ Paths, chosen by ``kernel`` (``auto`` reads ``SAELAB_KERNEL``, else picks by dev
   a rigorous per-row error bound kept as a candidate, the candidates rescored exactly in fp32,
   the exact top k taken among them (see ``_screened_select``; exact: same results as chunked).
   ``auto`` picks it over chunked on CPUs with native bf16 (``bf16_matmul_fast``) for fp32
-  tensors with d_in·d_sae ≥ ``SCREEN_MIN_WEIGHTS``; ``kernel="chunked"`` /
+  tensors with d_in·d_sae ≥ ``SCREEN_MIN_WEIGHTS`` while torch runs ≤ ``SCREEN_MAX_THREADS``
+  threads (where it was measured to win); ``kernel="chunked"`` /
   ``SAELAB_KERNEL=chunked`` / ``--kernel chunked`` force the fp32 path. Other dtypes, autocast
   and CUDA run chunked even when screened is named.
 * ``triton`` (CUDA tensors; CPU only under ``TRITON_INTERPRET=1``): ``triton_topk.py``, one kernel
@@ -443,9 +444,14 @@ class _TopKEncode(torch.autograd.Function):
 
 
 #: auto picks screened over chunked from this many encoder weights (d_in·d_sae) up: below it the
-#: screen's bookkeeping outweighs its cheaper GEMM (measured: d_in 128 × 2048 trained demo SAE 1.1×
-#: chunked's time; 512 × 8192 Gaussian 0.62×; see README "Kernels")
+#: screen's bookkeeping outweighs its cheaper GEMM (measured: d_in 128 × 2048 trained demo SAE
+#: 1.0–1.1× chunked's time; 512 × 8192 Gaussian 0.62×; see README "Kernels") ...
 SCREEN_MIN_WEIGHTS = 1 << 22
+#: ... and only while torch runs at most this many threads: single-threaded, screened measured
+#: 0.50–0.57× chunked's forward and 0.50–0.63× its training step; with 2 threads on the (heavily
+#: shared) 2-core machine its many small parallel ops lost to descheduled threads (forward 1.0×,
+#: training step 1.6× chunked). Raise it after measuring on a quiet machine.
+SCREEN_MAX_THREADS = 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -463,10 +469,12 @@ def bf16_matmul_fast() -> bool:
 
 
 def _auto_screen(kernel: str, x, W_enc, b_enc) -> bool:
-    """auto (no explicit kernel, no SAELAB_KERNEL) on a CPU with fast bf16, fp32, large enough."""
+    """auto (no explicit kernel, no SAELAB_KERNEL) on a CPU with fast bf16, fp32, large enough,
+    few enough threads (see SCREEN_MIN_WEIGHTS, SCREEN_MAX_THREADS)."""
     env = os.environ.get("SAELAB_KERNEL", "").strip()
     return (kernel == "auto" and env in ("", "auto") and _screenable(x, W_enc, b_enc)
-            and W_enc.numel() >= SCREEN_MIN_WEIGHTS and bf16_matmul_fast())
+            and W_enc.numel() >= SCREEN_MIN_WEIGHTS and torch.get_num_threads() <= SCREEN_MAX_THREADS
+            and bf16_matmul_fast())
 
 
 def topk_encode(x, W_enc, b_enc, k: int, signed: bool = False, kernel: str = "auto",
