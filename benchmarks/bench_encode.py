@@ -2,12 +2,13 @@
 
     python benchmarks/bench_encode.py [--widths 16384,65536] [--reps 3] [--threads 0]
 
-1. CPU forward (B=4096, d_in=512, k=32): chunked vs reference wall time (variants alternated,
-   medians), with the bare encoder GEMM as the floor.
+1. CPU forward (B=4096, d_in=512, k=32): chunked and screened vs reference wall time (variants
+   alternated, medians), with the bare encoder GEMM (fp32: chunked's floor; bf16: the screen's)
+   and the screened path's candidates per row (random Gaussian inputs and weights).
 2. CPU peak extra memory of the forward: each variant in its own subprocess; its peak RSS
    (VmHWM, reset once the inputs are allocated) minus its RSS at that point.
-3. CPU training step of a TopK SAE (loss + backward): fused (chunked encode, sparse decode,
-   sparse backward) vs reference (dense), time ratio.
+3. CPU training step of a TopK SAE (loss + backward): fused (chunked or screened encode, sparse
+   decode, sparse backward) vs reference (dense), time ratio.
 4. GPU (only when CUDA is present): Triton vs reference, bf16, d_in=768, d_sae=32768, k=32:
    time and peak allocated memory. Skipped (and said so) otherwise.
 """
@@ -25,6 +26,8 @@ import torch
 
 from saelab.kernels import topk_encode
 from saelab.sae import SAE
+
+FUSED = ("chunked", "screened")
 
 
 def rss_bytes() -> int:
@@ -109,18 +112,21 @@ def main():
         return mem_child(a.mem_child, widths[0], a.batch, a.d_in, a.k)
 
     print(f"CPU: B={a.batch}, d_in={a.d_in}, k={a.k}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
-    print("| d_sae | GEMM ms | reference ms | chunked ms | chunked / reference | GEMM / reference "
-          "| peak extra MiB ref | chunked | mem ratio | train step ref ms | fused ms | step ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{os.cpu_count()} cores, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    rows = []
     for n in widths:
         x, W, b = inputs(a.batch, a.d_in, n)
+        xq, Wq = x.bfloat16(), W.bfloat16()
         with torch.no_grad():
-            t = alternate({"gemm": lambda: x @ W,
+            t = alternate({"gemm": lambda: x @ W, "gemm_bf16": lambda: xq @ Wq,
                            "reference": lambda: topk_encode(x, W, b, a.k, kernel="reference"),
-                           "chunked": lambda: topk_encode(x, W, b, a.k, kernel="chunked")}, a.reps)
-        del x, W, b
-        mem = {kern: measure_mem(kern, n, a) for kern in ("reference", "chunked")}
+                           **{f: (lambda f=f: topk_encode(x, W, b, a.k, kernel=f)) for f in FUSED}}, a.reps)
+            topk_encode(x, W, b, a.k, kernel="screened")
+            from saelab.kernels.topk_encode import SCREEN_STATS
+            cand = dict(SCREEN_STATS)
+        del x, W, b, xq, Wq
+        mem = {kern: measure_mem(kern, n, a) for kern in ("reference", *FUSED)}
         torch.manual_seed(0)
         sae = SAE.create("topk", d_in=a.d_in, d_sae=n, k=a.k)
         xs = torch.randn(a.batch, a.d_in)
@@ -132,14 +138,27 @@ def main():
                 sae.zero_grad(set_to_none=True)
             return fn
 
-        ts = alternate({"reference": step("reference"), "fused": step("chunked")}, a.reps)
+        ts = alternate({"reference": step("reference"), **{f: step(f) for f in FUSED}}, a.reps)
         del sae
-        print(f"| {n} | {t['gemm'] * 1e3:.0f} | {t['reference'] * 1e3:.0f} | {t['chunked'] * 1e3:.0f} "
-              f"| {t['chunked'] / t['reference']:.2f} | {t['gemm'] / t['reference']:.2f} "
-              f"| {mem['reference'] / 2**20:.0f} | {mem['chunked'] / 2**20:.0f} "
-              f"| {mem['chunked'] / max(mem['reference'], 1):.3f} "
-              f"| {ts['reference'] * 1e3:.0f} | {ts['fused'] * 1e3:.0f} | {ts['fused'] / ts['reference']:.2f} |",
-              flush=True)
+        rows.append((n, t, cand, mem, ts))
+        ms = lambda v: f"{v * 1e3:.0f}"  # noqa: E731
+        print(f"d_sae {n}: forward ms " + ", ".join(f"{k} {ms(v)}" for k, v in t.items())
+              + f"; screened candidates/row {cand['candidates'] / cand['rows']:.1f} (max {cand['max_per_row']}, "
+              f"fallback rows {cand['fallback_rows']}); peak extra MiB "
+              + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in mem.items())
+              + "; train step ms " + ", ".join(f"{k} {ms(v)}" for k, v in ts.items()), flush=True)
+    print("\n| d_sae | path | forward ms | / reference | floor: GEMM / reference | candidates / row "
+          "| peak extra MiB | / reference | train step ms | / reference |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, t, cand, mem, ts in rows:
+        for path in ("reference", *FUSED):
+            floor = {"reference": "", "chunked": f"{t['gemm'] / t['reference']:.2f} (fp32)",
+                     "screened": f"{t['gemm_bf16'] / t['reference']:.2f} (bf16)"}[path]
+            cpr = f"{cand['candidates'] / cand['rows']:.0f} (fallback rows {cand['fallback_rows']})" \
+                if path == "screened" else ""
+            print(f"| {n} | {path} | {t[path] * 1e3:.0f} | {t[path] / t['reference']:.2f} | {floor} | {cpr} "
+                  f"| {mem[path] / 2**20:.0f} | {mem[path] / max(mem['reference'], 1):.3f} "
+                  f"| {ts[path] * 1e3:.0f} | {ts[path] / ts['reference']:.2f} |")
 
     if not torch.cuda.is_available():
         print("GPU section skipped: CUDA is not available on this machine (Triton vs reference not measured)")

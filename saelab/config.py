@@ -170,9 +170,10 @@ class TrainConfig(JSONConfig):
     eval_every: int = _f(0, "steps between held-out FVU/L0 measurements (0: only at the end)")
     checkpoint_every: int = _f(500, "steps between checkpoints (atomic; --resume continues from the last)")
     kernel: str = _f("auto", "TopK/AbsTopK/Matryoshka training encode: triton (CUDA: fused kernel), chunked "
-                             "(fused: no [batch, d_sae] tensor), or reference (dense torch.topk); auto = the "
+                             "(fused: no [batch, d_sae] tensor), screened (chunked with a bf16 screen and exact "
+                             "fp32 rescoring; CPU), or reference (dense torch.topk); auto = the "
                              "SAELAB_KERNEL variable, else triton on CUDA when triton imports, else chunked",
-                     choices=["auto", "triton", "chunked", "reference"])
+                     choices=["auto", "triton", "chunked", "screened", "reference"])
     autocast: str = _f("none", "mixed precision for the forward (weights stay fp32)", choices=["none", "bf16"])
     log: str = _f("none", "also log to TensorBoard or wandb (if installed)", choices=["none", "tensorboard", "wandb"])
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")

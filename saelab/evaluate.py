@@ -5,7 +5,10 @@
 * ``evaluate_model``: next-token CE of the clean model, with the SAE's reconstruction spliced in
   at its hook, and with that hook zero-ablated; CE-loss recovered =
   (CE_ablate − CE_sae) / (CE_ablate − CE_clean); KL(clean ‖ spliced) per token.
-Streaming: bounded memory whatever the store's size.
+Streaming: bounded memory whatever the store's size. TopK-family SAEs (topk, abstopk,
+matryoshka; gradient without grads) encode through the fused ``topk_encode`` + ``sparse_decode``
+(no [batch, d_sae] tensor) on the path ``kernel`` names (default: the SAE's ``kernel``, i.e. the
+``--kernel`` / ``SAELAB_KERNEL`` / auto dispatch); ``kernel="reference"`` is the dense encode.
 """
 
 from __future__ import annotations
@@ -24,12 +27,37 @@ from saelab.store import ActivationStore, atomic_write_text
 DENSE = 0.1
 
 
+def sparse_codes(sae, x: torch.Tensor, kernel: str | None = None):
+    """(values [B, k], indices [B, k]) of a TopK-family SAE's inference codes through the fused
+    encode, or None when the SAE is not in the family or the path is the dense reference."""
+    from saelab.kernels import topk_encode
+    from saelab.kernels.topk_encode import resolve_kernel
+    from saelab.sae.topk import TopKSAE
+
+    kernel = kernel or getattr(sae, "kernel", "auto")
+    if not isinstance(sae, TopKSAE) or resolve_kernel(kernel, x.device) == "reference":
+        return None
+    xc = x - sae.b_dec if sae.apply_b_dec_to_input else x
+    return topk_encode(xc, sae.W_enc, sae.b_enc, sae.cfg.k, sae.signed, kernel=kernel)
+
+
+def reconstruct(sae, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """x̂ = decode(encode(x)), sparse for the TopK family (see ``sparse_codes``)."""
+    from saelab.kernels import sparse_decode
+
+    codes = sparse_codes(sae, x, kernel)
+    return sae(x) if codes is None else sparse_decode(*codes, sae.W_dec, sae.b_dec)
+
+
 @torch.no_grad()
 def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_bos: bool = True,
                    max_rows: int = 1 << 17, batch_size: int = 4096, device="cpu", progress: bool = False,
-                   scale: float = 1.0) -> dict:
+                   scale: float = 1.0, kernel: str | None = None) -> dict:
     """Reconstruction metrics over the first ``max_rows`` rows of the split (in store order);
-    ``scale`` multiplies the rows first (the trainer evaluates in its normalised units)."""
+    ``scale`` multiplies the rows first (the trainer evaluates in its normalised units);
+    ``kernel``: the TopK-family encode path (module docstring)."""
+    from saelab.kernels import sparse_decode
+
     split = split or ("holdout" if store.split_shards("holdout") else "train")
     skip_bos = skip_bos and store.manifest.get("bos_included", False)
     n_avail = store.n_rows(split)
@@ -44,13 +72,20 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
     l0_sum, rows = 0.0, 0
     for x in tqdm(it, disable=not progress, desc="eval", unit="batch"):
         x = (x[0] if isinstance(x, tuple) else x) * scale
-        f = sae.encode(x)
-        x_hat = sae.decode(f)
+        codes = sparse_codes(sae, x, kernel)
+        if codes is None:
+            f = sae.encode(x)
+            x_hat = sae.decode(f)
+            nz = f != 0
+            fired += nz.sum(0)
+        else:  # values, indices: a zero value (ReLU of a negative pick) is not a firing
+            v, i = codes
+            x_hat = sparse_decode(v, i, sae.W_dec, sae.b_dec)
+            nz = v != 0
+            fired.index_add_(0, i[nz], torch.ones_like(i[nz]))
         sq_err += float((x - x_hat).double().pow(2).sum())
         sum_sq += float(x.double().pow(2).sum())
         sum_x += x.double().sum(0)
-        nz = f != 0
-        fired += nz.sum(0)
         l0_sum += float(nz.sum())
         rows += len(x)
     total_var = sum_sq - float(sum_x.pow(2).sum()) / rows
@@ -62,8 +97,9 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
 
 @torch.no_grad()
 def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_size: int = 16,
-                   progress: bool = False) -> dict:
-    """CE clean / spliced / zero-ablated over these contexts, CE-loss recovered and KL."""
+                   progress: bool = False, kernel: str | None = None) -> dict:
+    """CE clean / spliced / zero-ablated over these contexts, CE-loss recovered and KL
+    (``kernel``: the TopK-family encode path of the splice, module docstring)."""
     hook = sae.cfg.hook_name
     if hook not in model.hook_dict:
         raise SaelabError(f"the SAE reads hook {hook!r}, which model {getattr(model.cfg, 'model_name', '')} "
@@ -79,7 +115,7 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
             new = flat.clone()
             part = flat[:, first:]
             if mode == "sae":
-                rec = sae(part.reshape(-1, part.shape[-1]).float()).to(act.dtype)
+                rec = reconstruct(sae, part.reshape(-1, part.shape[-1]).float(), kernel).to(act.dtype)
                 new[:, first:] = rec.reshape(part.shape)
             else:
                 new[:, first:] = 0

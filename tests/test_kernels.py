@@ -184,12 +184,13 @@ def test_chunked_forward_matches_reference(signed, seed):
     assert (v >= 0).all() if not signed else (v < 0).any()
 
 
+@pytest.mark.parametrize("fused", ["chunked", "screened"])
 @pytest.mark.parametrize("signed", [False, True])
-def test_chunked_backward_matches_autograd_of_reference(signed):
+def test_chunked_backward_matches_autograd_of_reference(signed, fused):
     x, W, b = _inputs(3)
     k = 8
     grads = []
-    for path in ["reference", "chunked"]:
+    for path in ["reference", fused]:
         xs, Ws, bs = (t.clone().requires_grad_(True) for t in (x, W, b))
         v, i = topk_encode(xs, Ws, bs, k, signed, kernel=path, chunk=100)
         up = torch.randn(v.shape, generator=torch.Generator().manual_seed(7))
@@ -228,6 +229,9 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv("SAELAB_KERNEL", "reference")
     assert resolve_kernel("auto", cpu) == "reference"
     assert resolve_kernel("chunked", cpu) == "chunked"  # an explicit choice wins over the variable
+    monkeypatch.setenv("SAELAB_KERNEL", "screened")
+    assert resolve_kernel("auto", cpu) == "screened"
+    assert resolve_kernel("chunked", cpu) == "chunked"
     with pytest.raises(SaelabError, match="choose one of"):
         resolve_kernel("fast", cpu)
 
@@ -262,22 +266,25 @@ def tiny_store(tmp_path_factory):
                            progress=False)
 
 
-@pytest.mark.parametrize("arch", ["topk"])
-def test_fused_and_reference_training_end_with_the_same_weights(arch, tiny_store, tmp_path):
-    """Same seed, same data, 25 steps: the fused path (chunked encode, sparse decode, sparse
-    backward) and the dense reference end within rtol 1e-3 / atol 1e-4 of each other."""
+_TRAINED: dict = {}
+
+
+@pytest.mark.parametrize("arch, fused", [("topk", "chunked"), ("topk", "screened")])
+def test_fused_and_reference_training_end_with_the_same_weights(arch, fused, tiny_store, tmp_path_factory):
+    """Same seed, same data, 25 steps: the fused path (chunked or screened encode, sparse decode,
+    sparse backward) and the dense reference end within rtol 1e-3 / atol 1e-4 of each other."""
     from saelab.config import SAEConfig, TrainConfig
     from saelab.sae.base import SAE
     from saelab.train import train
 
-    saes = {}
-    for kernel in ["reference", "chunked"]:
-        out = tmp_path / kernel
-        train(TrainConfig(activations=str(tiny_store), out=str(out), tokens=256 * 25, batch_size=256, lr=1e-3,
-                          log_every=20, checkpoint_every=1000, kernel=kernel),
-              SAEConfig(arch=arch, k=6, expansion=4), progress=False)
-        saes[kernel] = SAE.load(out)
-    a, b = saes["reference"], saes["chunked"]
+    for kernel in ["reference", fused]:
+        if (arch, kernel) not in _TRAINED:  # the reference run is shared by both fused paths
+            out = tmp_path_factory.mktemp(f"train-{arch}-{kernel}")
+            train(TrainConfig(activations=str(tiny_store), out=str(out), tokens=256 * 25, batch_size=256,
+                              lr=1e-3, log_every=20, checkpoint_every=1000, kernel=kernel),
+                  SAEConfig(arch=arch, k=6, expansion=4), progress=False)
+            _TRAINED[arch, kernel] = SAE.load(out)
+    a, b = _TRAINED[arch, "reference"], _TRAINED[arch, fused]
     assert (a.W_enc - SAE.create(arch, d_in=32, d_sae=128, k=6).W_enc).abs().max() > 1e-2  # it trained
     for n in ["W_enc", "b_enc", "W_dec", "b_dec"]:
         torch.testing.assert_close(getattr(b, n), getattr(a, n), rtol=1e-3, atol=1e-4)
@@ -319,3 +326,173 @@ def test_matryoshka_fused_loss_equals_dense(mode):
         torch.testing.assert_close(t_fused[key], t_ref[key], rtol=1e-4, atol=1e-5)
     for a, c in zip(g_ref, g_fused):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- screened
+# The bf16-screened path (kernel="screened"): exact fp32 results, checked with the same criteria
+# as every path (check_against_reference), on inputs chosen to stress the screen's error bound.
+
+def _screened(x, W, b, k, signed, **kw):
+    from saelab.kernels.topk_encode import SCREEN_STATS, _screened_select
+
+    z, i = _screened_select(x, W, b, k, signed, kw.pop("chunk", 96), kw.pop("rows", 40), **kw)
+    return (z if signed else z.clamp_min(0)), i, dict(SCREEN_STATS)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("shape, scale", [(s, 1.0) for s in SHAPES] + [((130, 64, 1000, 32), 1e-3),
+                                                                      ((130, 64, 1000, 32), 1e3)])
+def test_screened_matches_reference(shape, signed, scale):
+    B, d, n, k = shape
+    x, W, b = _inputs(hash((shape, signed, 2)) % 1000, B, d, n)
+    x, b = x * scale, b * scale  # scores scale with x (and b): the bound must scale too
+    v, i = topk_encode(x, W, b, k, signed, kernel="screened", chunk=96, rows=40)
+    tol = dict(gap=1e-4 * scale, atol=1e-6 * scale)
+    check_against_reference(x, W, b, k, signed, v, i, **tol)
+    from saelab.kernels.topk_encode import SCREEN_STATS
+    assert SCREEN_STATS["rows"] == B and SCREEN_STATS["fallback_rows"] == 0
+    assert k * B <= SCREEN_STATS["candidates"] < n * B  # it screened something out
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_screened_near_ties_the_screen_cannot_separate(signed):
+    """Each latent duplicated 4× with relative perturbations of ~1e-3 (below bf16's 2⁻⁸ ≈ 4e-3,
+    above the tests' 1e-4 gap): the screen sees ties, the exact rescoring must order them."""
+    g = torch.Generator().manual_seed(21)
+    B, d, base, k = 64, 48, 60, 10
+    x = torch.randn(B, d, generator=g)
+    W0 = torch.randn(d, base, generator=g) / d**0.5
+    W = torch.cat([W0 * (1 + 1e-3 * j) + 1e-4 * torch.randn(d, base, generator=g) / d**0.5 for j in range(4)], 1)
+    b = torch.zeros(4 * base)
+    v, i, stats = _screened(x, W, b, k, signed, chunk=70, rows=24)
+    check_against_reference(x, W, b, k, signed, v, i, min_clear=0.8)
+    assert stats["fallback_rows"] < B // 4  # mostly the screened path, not its fallback
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_screened_fallback_rows_are_exact(signed):
+    """A candidate cap below what the screen keeps sends those rows to the exact chunked path."""
+    x, W, b = _inputs(22, 90, 32, 700)
+    v, i, stats = _screened(x, W, b, 8, signed, max_cand=16)
+    assert 0 < stats["fallback_rows"] < 90  # some rows fell back, some did not
+    check_against_reference(x, W, b, 8, signed, v, i)
+
+
+@pytest.mark.parametrize("d", [16, 512, 3000])
+def test_screen_error_bound_holds(d):
+    """The derivation in topk_encode.py, without its safety factor: |s − z| ≤ A_i + ρ|s| for the
+    bf16 screen s against the float64 pre-activation z, on every entry (scaled inputs too)."""
+    from saelab.kernels.topk_encode import SCREEN_U, _bf16_weights
+
+    g = torch.Generator().manual_seed(d)
+    for scale in (1.0, 1e3):
+        x = torch.randn(64, d, generator=g) * scale
+        x[0] *= 1e-4  # a row of tiny norm next to large ones
+        W = torch.randn(d, 256, generator=g) / d**0.5
+        W[:, :3] *= 30  # a few columns of large norm
+        b = torch.randn(256, generator=g) * scale
+        Wq, cw, ce = _bf16_weights(W, 100)
+        bq = b.bfloat16()
+        s = torch.addmm(bq, x.bfloat16(), Wq).double()
+        z = x.double() @ W.double() + b.double()
+        u = SCREEN_U
+        rho = 2 * u / (1 - u) ** 2
+        gam = d * 2.0**-24 / (1 - d * 2.0**-24)
+        xq = x.bfloat16().float()
+        A = ((x - xq).norm(dim=1) * (cw + ce) + xq.norm(dim=1) * (ce + gam * cw)
+             + float((b - bq.float()).abs().max()) + rho * float(bq.float().abs().max())).double()
+        err = (s - z).abs()
+        assert (err <= A[:, None] + rho * s.abs()).all()
+        ratio = (err.amax(1) / A).median()
+        assert ratio > 0.4 / d**0.5  # not vacuous: Cauchy–Schwarz is loose by ~√d on random data
+
+
+def test_screened_sees_weight_updates():
+    """The bf16 copy of W_enc is cached per tensor version: an in-place update (as an optimizer
+    step does) must be seen, and a fresh tensor must not reuse a stale copy."""
+    x, W, b = _inputs(23, 60, 32, 400)
+    for _ in range(2):
+        v, i = topk_encode(x, W, b, 6, kernel="screened", chunk=96, rows=40)
+        check_against_reference(x, W, b, 6, False, v, i)
+        with torch.no_grad():
+            W.mul_(-1).add_(0.05)
+    W2 = torch.randn_like(W)
+    v, i = topk_encode(x, W2, b, 6, kernel="screened", chunk=96, rows=40)
+    check_against_reference(x, W2, b, 6, False, v, i)
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk", "matryoshka"])
+def test_eval_metrics_fused_equal_dense(arch, tiny_store):
+    """evaluate_store: FVU, L0, dead and dense fractions through the fused encode + sparse decode
+    (chunked, screened) equal the dense reference's within 1e-5."""
+    from saelab.evaluate import evaluate_store
+    from saelab.sae.base import SAE
+    from saelab.store import ActivationStore
+
+    torch.manual_seed(0)
+    sae = SAE.create(arch, d_in=32, d_sae=200, k=6)
+    with torch.no_grad():
+        sae.b_enc.normal_(-1.0, 0.3)  # some picks are negative pre-activations (zero values under ReLU)
+        sae.b_dec.normal_(0, 0.1)
+    store = ActivationStore(tiny_store)
+    ev = {kern: evaluate_store(sae, store, max_rows=3000, batch_size=1024, kernel=kern)
+          for kern in ["reference", "chunked", "screened"]}
+    assert 0 < ev["reference"]["l0"] <= 6 and ev["reference"]["rows"] > 0
+    assert (ev["reference"]["l0"] < 6) == (arch != "abstopk")  # zero-valued picks are not firings
+    for kern in ["chunked", "screened"]:
+        assert ev[kern].keys() == ev["reference"].keys()
+        for key, val in ev["reference"].items():
+            if isinstance(val, float):
+                assert ev[kern][key] == pytest.approx(val, rel=1e-5, abs=1e-7), (kern, key)
+            else:
+                assert ev[kern][key] == val
+
+
+def test_eval_ce_splice_fused_equals_dense(tiny):
+    """evaluate_model: the spliced CE / KL through the fused path equal the dense one within 1e-5."""
+    import numpy as np
+
+    from saelab.evaluate import evaluate_model
+    from saelab.sae.base import SAE
+
+    torch.manual_seed(1)
+    sae = SAE.create("topk", d_in=tiny.cfg.d_model, d_sae=512, k=8, hook_name="blocks.0.hook_resid_post")
+    tokens = np.random.default_rng(0).integers(0, tiny.cfg.d_vocab, (4, 24))
+    ev = {kern: evaluate_model(sae, tiny, tokens, batch_size=2, kernel=kern) for kern in ["reference", "chunked"]}
+    assert abs(ev["reference"]["ce_sae"] - ev["reference"]["ce_clean"]) > 1e-3  # the splice changes the output
+    for key, val in ev["reference"].items():
+        assert ev["chunked"][key] == pytest.approx(val, rel=1e-5, abs=1e-7), key
+
+
+def test_auto_picks_screened_only_where_it_pays(monkeypatch):
+    """auto → screened on a CPU with native bf16 for fp32 weights of ≥ SCREEN_MIN_WEIGHTS entries
+    at ≤ SCREEN_MAX_THREADS threads; an explicit chunked (argument or SAELAB_KERNEL) always wins;
+    bf16 tensors stay chunked."""
+    te = sys.modules["saelab.kernels.topk_encode"]
+    monkeypatch.delenv("SAELAB_KERNEL", raising=False)
+    monkeypatch.setattr(te, "bf16_matmul_fast", lambda: True)
+    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads())
+    x, W, b = _inputs(24, 30, 16, 200)
+
+    def screened_ran(**kw):
+        te.SCREEN_STATS.clear()
+        topk_encode(x, W, b, 4, **kw)
+        return bool(te.SCREEN_STATS)
+
+    assert screened_ran()  # auto, 16 × 200 ≥ 1000 weights
+    assert not screened_ran(kernel="chunked")
+    monkeypatch.setenv("SAELAB_KERNEL", "chunked")
+    assert not screened_ran()
+    monkeypatch.delenv("SAELAB_KERNEL")
+    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 10**6)
+    assert not screened_ran()  # too small to pay
+    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads() - 1)
+    assert not screened_ran()  # more threads than it was measured to win with
+    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads())
+    monkeypatch.setattr(te, "bf16_matmul_fast", lambda: False)
+    assert not screened_ran()  # no native bf16
+    te.SCREEN_STATS.clear()
+    topk_encode(x.bfloat16(), W.bfloat16(), b.bfloat16(), 4, kernel="screened")  # named, but not fp32
+    assert not te.SCREEN_STATS
