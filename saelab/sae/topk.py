@@ -33,6 +33,7 @@ class TopKSAE(SAE):
     arch = "topk"
     saelens_arch = "topk"
     signed = False
+    enc_init = 0.1
 
     def activation(self, z, grads=None, k: int | None = None):
         v, i = select(z, k or self.cfg.k, self.signed)
