@@ -106,6 +106,8 @@ class SAEConfig(JSONConfig):
     model_name: str = _f("", "model the activations came from (taken from the store)", cli=False)
     k_aux: int | None = _f(None, "latents in the aux-k loss (TopK family; default d_in/2)")
     aux_coeff: float = _f(1 / 32, "aux-k loss coefficient (TopK family)")
+    enc_init: float | None = _f(None, "init W_enc = enc_init · W_decᵀ (unit-norm decoder rows); default 0.1 for "
+                                      "the TopK family (topk, abstopk, matryoshka, gradient), 1 otherwise")
     dead_tokens: int = _f(10_000_000, "a latent is dead after not firing for this many tokens "
                                       "(capped at the store's training rows)")
     l1_coeff: float | None = _f(None, "relu: fixed L1 coefficient (default: adapted to reach L0 = k)")
@@ -136,6 +138,8 @@ class SAEConfig(JSONConfig):
             raise SaelabError(f"d_in must be positive (got {self.d_in})")
         if self.d_sae < 1:
             raise SaelabError("--width / --expansion must give at least one latent")
+        if self.enc_init is not None and not self.enc_init > 0:
+            raise SaelabError(f"--enc-init must be positive (got {self.enc_init})")
         if not 0 < self.k < self.d_sae:
             raise SaelabError(f"--k {self.k} must be between 1 and the width {self.d_sae} - 1: lower --k or widen the SAE")
         if self.arch == "matryoshka" and self.matryoshka_mode == "k" and self.matryoshka_ks \

@@ -218,6 +218,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
         run_info["world_size"] = world
     if not resume and rank == 0:
         atomic_write_text(out / RUN_FILE, json.dumps(run_info, indent=1) + "\n")
+    dist.barrier()  # no rank writes a shard before the run file exists (else a kill could not be resumed)
 
     # this rank's shards: all of them in one process, a contiguous slice of the plan under torchrun
     mine = plan[len(plan) * rank // world : len(plan) * (rank + 1) // world]

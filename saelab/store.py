@@ -378,27 +378,64 @@ class BatchIterator:
         self._plan_cache = (epoch, groups)
         return groups
 
+    def _owned(self, pos: np.ndarray) -> np.ndarray:
+        """Which stream positions (rows served since the start) fall in this rank's slice of their batch."""
+        r, world = self.part
+        full = self.total // self.batch_size * self.batch_size  # the last, short batch splits by its length
+        n = np.where(pos < full, self.batch_size, self.total - full)
+        o = np.where(pos < full, pos % self.batch_size, pos - full)
+        return (o >= n * r // world) & (o < n * (r + 1) // world)
+
     def _load(self, epoch: int, g: int):
-        blocks, _ = self._plan(epoch)[g]
-        acts, grads = [], []
+        """The group's rows in serving order: all of them in one process; under ``part`` only the
+        rows this rank serves (read, converted and held: about 1/world of the group), with the
+        cumulative count of owned positions to find them by stream position."""
+        groups = self._plan(epoch)
+        blocks, n_rows = groups[g]
         ctx = self.store.context_size
+        perm = np.random.default_rng([self.seed, epoch, g, 1]).permutation(n_rows) if self.shuffle else None
+        cum = None
+        sel = None  # source rows (of the group's sorted concatenation) this rank serves, in serving order
+        if self.part[1] > 1:
+            start = epoch * self.rows_per_epoch + sum(n for _, n in groups[:g])
+            own = self._owned(start + np.arange(n_rows))
+            cum = np.concatenate([[0], np.cumsum(own)])
+            sel = perm[own] if perm is not None else np.flatnonzero(own)
+        take = np.sort(sel) if sel is not None else None
+        acts, grads, base = [], [], 0
         for b in sorted(blocks, key=lambda b: (b.shard, b.start)):  # sequential reads, then permute
+            kept = self._kept(b)
+            if take is not None:
+                lo, hi = np.searchsorted(take, [base, base + kept])
+                mine = take[lo:hi] - base
+                base += kept
+                if len(mine) == 0:
+                    continue
             a = self.store.read(b.shard, b.start, b.stop)
             gr = self.store.read(b.shard, b.start, b.stop, "grads") if self.with_grads else None
             if self.skip_bos:
                 keep = (np.arange(b.start, b.stop) % ctx) != 0
                 a = a[keep]
                 gr = gr[keep] if gr is not None else None
+            if take is not None:
+                a = a[mine]
+                gr = gr[mine] if gr is not None else None
             acts.append(a)
             if gr is not None:
                 grads.append(gr)
-        a = torch.from_numpy(np.concatenate(acts))
-        gr = torch.from_numpy(np.concatenate(grads)) if grads else None
-        if self.shuffle:  # torch's row gather is several times faster than numpy fancy indexing
-            perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, g, 1]).permutation(len(a)))
-            a = a.index_select(0, perm)
-            gr = gr.index_select(0, perm) if gr is not None else None
-        return a, gr
+        empty = np.zeros((0, self.store.d_in), np.float32)
+        a = torch.from_numpy(np.concatenate(acts) if acts else empty)
+        gr = torch.from_numpy(np.concatenate(grads) if grads else empty) if self.with_grads else None
+        if sel is not None:  # sorted reads → serving order
+            order = torch.from_numpy(np.searchsorted(take, sel))
+        elif perm is not None:  # torch's row gather is several times faster than numpy fancy indexing
+            order = torch.from_numpy(perm)
+        else:
+            order = None
+        if order is not None:
+            a = a.index_select(0, order)
+            gr = gr.index_select(0, order) if gr is not None else None
+        return a, gr, cum
 
     def _group_at(self, offset: int) -> tuple[int, int]:
         """(group index, rows before it) for a row offset within the current epoch."""
@@ -432,6 +469,22 @@ class BatchIterator:
         if self.served >= self.total:
             raise StopIteration
         need = min(self.batch_size, self.total - self.served)
+        r, world = self.part
+        if world > 1:  # this rank's slice of the batch: skip to it, serve it, skip past the batch
+            lo, hi = need * r // world, need * (r + 1) // world
+            self._skip(lo)
+            x = self._serve(hi - lo)
+            self._skip(need - hi)
+            return x
+        return self._serve(need)
+
+    def _skip(self, n: int) -> None:
+        self.served += n
+        self.offset += n
+        while self.offset >= self.rows_per_epoch:
+            self.epoch, self.offset = self.epoch + 1, self.offset - self.rows_per_epoch
+
+    def _serve(self, need: int):
         parts_a, parts_g = [], []
         while need:
             g, start = self._group_at(self.offset)
@@ -440,12 +493,13 @@ class BatchIterator:
                     self._buf = None
                     release_free_memory()
                 self._buf = (self.epoch, g, start, self._group(self.epoch, g))
-            a, gr = self._buf[3]
+            a, gr, cum = self._buf[3]
             lo = self.offset - start
-            hi = min(len(a), lo + need)
-            parts_a.append(a[lo:hi])
+            hi = min(len(a) if cum is None else len(cum) - 1, lo + need)
+            ia, ib = (lo, hi) if cum is None else (int(cum[lo]), int(cum[hi]))  # a holds only owned rows
+            parts_a.append(a[ia:ib])
             if gr is not None:
-                parts_g.append(gr[lo:hi])
+                parts_g.append(gr[ia:ib])
             need -= hi - lo
             self.offset += hi - lo
             self.served += hi - lo
@@ -457,10 +511,9 @@ class BatchIterator:
         return x
 
     def _to_tensor(self, parts):
+        if not parts:
+            parts = [torch.zeros(0, self.store.d_in)]
         t = parts[0] if len(parts) == 1 else torch.cat(parts)
-        r, world = self.part
-        if world > 1:
-            t = t[len(t) * r // world : len(t) * (r + 1) // world]
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
     @property

@@ -163,3 +163,36 @@ def test_two_rank_harvest_equals_single(tmp_path):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(one.tokens(), two.tokens())
     assert not any(p.name.startswith(".rank") for p in two.path.iterdir())  # per-rank stores merged away
+
+
+def test_kill9_one_harvest_rank_then_resume(tmp_path):
+    """kill -9 of rank 1 mid-harvest: the run fails with one line naming --resume; ``--resume`` with
+    2 ranks then completes a store equal, row for row, to a single-process harvest."""
+    hook = "blocks.1.hook_resid_post"
+    args = ["harvest", "--hook", hook, "--tokens", str(128 * 80), "--shard-rows", str(128 * 4), "--holdout", "0.1",
+            "--batch-size", "1", "--quiet"]
+    _run(_saelab(*args, "--out", str(tmp_path / "one")))  # the reference
+    out = tmp_path / "killed"
+    p = subprocess.Popen(_torchrun(*args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=_env())
+    rank1 = out / hook / ".rank1"
+    deadline = time.time() + 120
+    while not list(rank1.glob("shard_*.h5")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim = _rank_pid(p.pid, 1)
+    assert victim is not None and p.poll() is None, "the harvest ended before a rank could be killed"
+    os.kill(victim, signal.SIGKILL)
+    _, err = p.communicate(timeout=TIMEOUT + 60)
+    assert p.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("saelab: error:")]
+    assert len(lines) == 1 and "--resume" in lines[0], err[-3000:]
+    assert not (out / hook / "manifest.json").exists()  # nothing merged yet
+
+    _run(_torchrun(*args, "--out", str(out), "--resume"))
+    one, two = ActivationStore(tmp_path / "one" / hook), ActivationStore(out / hook)
+    n = one.n_rows("all")
+    assert two.n_rows("all") == n == 128 * 80 and two.manifest["complete"]
+    a, b = one.rows(np.arange(n)).numpy(), two.rows(np.arange(n)).numpy()
+    assert {r.tobytes() for r in a} == {r.tobytes() for r in b}
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(one.tokens(), two.tokens())

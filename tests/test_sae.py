@@ -119,3 +119,19 @@ def test_topk_family_fused_loss_equals_dense():
             assert int((sae.tokens_since_fired == 0).sum()) > 0
         for a, b in zip(*res):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_init_scale_by_family_and_flag():
+    import pytest
+
+    from saelab import SaelabError
+
+    for arch, scale in [("topk", 0.1), ("abstopk", 0.1), ("matryoshka", 0.1), ("relu", 1.0), ("jumprelu", 1.0),
+                        ("batchtopk", 1.0)]:
+        sae = SAE.create(arch, d_in=16, d_sae=64, k=4)
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+        torch.testing.assert_close(sae.W_enc, scale * sae.W_dec.t(), msg=arch)
+    sae = SAE.create("topk", d_in=16, d_sae=64, k=4, enc_init=0.5)
+    torch.testing.assert_close(sae.W_enc, 0.5 * sae.W_dec.t())
+    with pytest.raises(SaelabError, match="--enc-init"):
+        SAE.create("topk", d_in=16, d_sae=64, k=4, enc_init=0.0)

@@ -57,3 +57,28 @@ def test_skip_bos_and_contexts(store):
     assert torch.equal(got, store.rows(keep))
     toks, pos = store.context(ctx + 5)
     assert pos == 5 and toks.shape == (ctx,) and np.array_equal(toks, store.tokens()[1])
+
+
+@pytest.mark.parametrize("kw", [dict(batch_size=100, buffer_rows=1024, skip_bos=True),
+                                dict(batch_size=97, tokens=2 * 6000 + 13, buffer_rows=2048),
+                                dict(batch_size=50, shuffle=False)])
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_parts_rebuild_the_batches_and_read_only_their_slice(store, kw, world):
+    """part=(r, world): the ranks' batches, concatenated, are the single-process batches (short last
+    batch, epochs, skip_bos, unshuffled included); each rank holds only its rows of a buffer; resume."""
+    one = list(store.batches(seed=5, **kw))
+    its = [store.batches(seed=5, part=(r, world), **kw) for r in range(world)]
+    for i, b in enumerate(one):
+        parts = [next(it) for it in its]
+        assert torch.equal(torch.cat(parts), b), i
+        if i == 0:
+            held = [len(it._buf[3][0]) for it in its]
+            group_rows = its[0]._plan(0)[0][1]
+            assert sum(held) == group_rows and max(held) <= group_rows // world + kw["batch_size"], held
+    assert all(next(it, None) is None for it in its)
+    it = store.batches(seed=5, part=(world - 1, world), **kw)
+    for _ in range(5):
+        next(it)
+    again = store.batches(seed=5, part=(world - 1, world), **kw)
+    again.load_state_dict(it.state_dict())
+    assert torch.equal(next(again), next(it))

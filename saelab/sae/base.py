@@ -48,6 +48,9 @@ class SAE(nn.Module):
     saelens_arch: str | None = None
     #: trains on stored gradients (the store must be harvested --with-grads)
     needs_grads = False
+    #: init W_enc = enc_init · W_decᵀ when cfg.enc_init is None (the TopK family starts smaller:
+    #: README "Performance", why the encoder starts at 0.1)
+    enc_init = 1.0
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -62,7 +65,8 @@ class SAE(nn.Module):
         w = torch.randn(d_sae, d_in)
         w = w / w.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w)
-        self.W_enc = nn.Parameter(w.t().clone())  # init: W_enc = W_decᵀ
+        enc_init = self.enc_init if cfg.enc_init is None else cfg.enc_init
+        self.W_enc = nn.Parameter(w.t() * enc_init)  # init: W_enc = enc_init · W_decᵀ
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.apply_b_dec_to_input = True
