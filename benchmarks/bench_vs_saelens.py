@@ -23,7 +23,7 @@ work slows both alike; the tables report medians.
 
 Each library keeps its own defaults for everything not listed (SAELens: decoder init norm
 0.1, W_enc = W_decᵀ, activations rescaled by decoder norms, aux-k coefficient 1; saelab: unit-norm
-decoder with W_enc = 0.1·W_decᵀ for TopK, aux-k 1/32), b_dec at zero on both (SAELens 6.54's
+decoder with W_enc = 0.3·W_decᵀ for TopK, aux-k 1/32), b_dec at zero on both (SAELens 6.54's
 trainer has no b_dec init; saelab's trainer would start it at the geometric median, which this
 bare loop leaves out on both sides). Within 1M tokens neither side's dead-latent window
 (saelab 10M tokens, SAELens 1000 steps) is reached, so neither aux-k loss is active.

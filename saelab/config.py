@@ -106,7 +106,7 @@ class SAEConfig(JSONConfig):
     model_name: str = _f("", "model the activations came from (taken from the store)", cli=False)
     k_aux: int | None = _f(None, "latents in the aux-k loss (TopK family; default d_in/2)")
     aux_coeff: float = _f(1 / 32, "aux-k loss coefficient (TopK family)")
-    enc_init: float | None = _f(None, "init W_enc = enc_init · W_decᵀ (unit-norm decoder rows); default 0.1 for "
+    enc_init: float | None = _f(None, "init W_enc = enc_init · W_decᵀ (unit-norm decoder rows); default 0.3 for "
                                       "the TopK family (topk, abstopk, matryoshka, gradient), 1 otherwise")
     dead_tokens: int = _f(10_000_000, "a latent is dead after not firing for this many tokens "
                                       "(capped at the store's training rows)")

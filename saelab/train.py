@@ -1,7 +1,7 @@
 """The trainer: a thin loop over ``sae.loss`` streaming shuffled batches from a store.
 
 Per run: activations are scaled by s so that mean ‖s·x‖ = √d_in (s folded back into the saved
-weights, so the saved SAE reads raw activations); init W_enc = enc_init·W_decᵀ (0.1 for the
+weights, so the saved SAE reads raw activations); init W_enc = enc_init·W_decᵀ (0.3 for the
 TopK family, else 1) with unit-norm decoder rows and b_dec at the geometric median of a sample; Adam with LR warm-up and a linear decay over
 the last ``lr_decay`` of the run; gradient clipping; decoder constraint and dead-latent counters
 through ``sae.after_step``; checkpoints (atomic) with weights, optimiser, schedules, counters and

@@ -126,7 +126,7 @@ def test_encoder_init_scale_by_family_and_flag():
 
     from saelab import SaelabError
 
-    for arch, scale in [("topk", 0.1), ("abstopk", 0.1), ("matryoshka", 0.1), ("relu", 1.0), ("jumprelu", 1.0),
+    for arch, scale in [("topk", 0.3), ("abstopk", 0.3), ("matryoshka", 0.3), ("relu", 1.0), ("jumprelu", 1.0),
                         ("batchtopk", 1.0)]:
         sae = SAE.create(arch, d_in=16, d_sae=64, k=4)
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
