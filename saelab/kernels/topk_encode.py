@@ -450,8 +450,10 @@ SCREEN_MIN_WEIGHTS = 1 << 22
 #: ... and only while torch runs at most this many threads: single-threaded, screened measured
 #: 0.50–0.57× chunked's forward and 0.50–0.63× its training step; with 2 threads on the (heavily
 #: shared) 2-core machine its many small parallel ops lost to descheduled threads (forward 1.0×,
-#: training step 1.6× chunked). Raise it after measuring on a quiet machine.
-SCREEN_MAX_THREADS = 1
+#: training step 1.6× chunked). On the quiet machine with 2 threads it won clearly (forward 0.62×
+#: (16k) / 0.55× (64k) chunked's, training step 0.68× / 0.56×; README "Kernels"), so up to 2;
+#: more threads are not measured.
+SCREEN_MAX_THREADS = 2
 
 
 @functools.lru_cache(maxsize=None)
