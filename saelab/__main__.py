@@ -3,4 +3,9 @@
 from saelab.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    from saelab import distributed
+
+    if distributed.launched():
+        distributed.exit_rank(code)
+    raise SystemExit(code)

@@ -42,7 +42,9 @@ def _free_port() -> int:
 
 
 def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SAELAB_DIST_TIMEOUT": str(TIMEOUT)}
+    # PYTHONFAULTHANDLER: a rank that dies on a signal prints every thread's Python stack
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SAELAB_DIST_TIMEOUT": str(TIMEOUT),
+            "PYTHONFAULTHANDLER": "1"}
 
 
 def _torchrun(*args):
