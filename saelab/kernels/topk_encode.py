@@ -87,13 +87,19 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     return kernel
 
 
-def topk_encode_reference(x, W_enc, b_enc, k: int, signed: bool = False):
-    z = x @ W_enc + b_enc
+def select(z: torch.Tensor, k: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [B, k], indices [B, k]) of the TopK rule on a full pre-activation: unsigned, the k largest
+    z with values through ReLU; signed, the k largest |z| with their sign. The one rule of the TopK family
+    (``saelab.sae.topk`` uses it on its dense path) and the ground truth of the fused paths."""
     if signed:
         idx = z.abs().topk(k, dim=-1).indices
         return z.gather(-1, idx), idx
     vals, idx = z.topk(k, dim=-1)
     return F.relu(vals), idx
+
+
+def topk_encode_reference(x, W_enc, b_enc, k: int, signed: bool = False):
+    return select(x @ W_enc + b_enc, k, signed)
 
 
 def _merge(best_s, best_v, best_i, s, v, i, k: int):

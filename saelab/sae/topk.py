@@ -5,28 +5,18 @@ under Adam, the unit-scale encoder moves too slowly relative to its size — the
 the SAELens benchmark stalled at 0.637 from step ~60; 0.1 learns fastest there but leaves a
 quarter of the demo's latents never firing, 0.3 is the measured compromise; README "Performance").
 
-``select(z, k)`` is the one selection rule the TopK family shares (unsigned: the k largest z,
-values through ReLU; signed: the k largest |z|, sign kept) — the reference of the fused
-kernels.
+``select(z, k)`` (from ``saelab.kernels.topk_encode``) is the one selection rule the TopK family
+shares (unsigned: the k largest z, values through ReLU; signed: the k largest |z|, sign kept) —
+the reference of the fused kernels.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from saelab.kernels import sparse_decode, topk_encode
-from saelab.kernels.topk_encode import resolve_kernel
+from saelab.kernels.topk_encode import resolve_kernel, select
 from saelab.sae.base import SAE, mse
-
-
-def select(z: torch.Tensor, k: int, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [B, k], indices [B, k]) of the TopK rule."""
-    if signed:
-        idx = z.abs().topk(k, dim=-1).indices
-        return z.gather(-1, idx), idx
-    vals, idx = z.topk(k, dim=-1)
-    return F.relu(vals), idx
 
 
 def scatter(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
