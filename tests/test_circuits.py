@@ -121,8 +121,13 @@ def test_cli_induction_circuit(induction_circuit, demo_group):
     assert c["edges"] and {n["layer"] for n in c["nodes"]} == {0, 1}
     mv, f = c["metric_values"], c["faithfulness"]
     assert mv["full"] > mv["empty"] + 5
-    # measured: 316 latents (7.7% of 4096) + 2 error nodes → faithfulness 0.87
-    assert f["nodes"] >= 0.8 and c["latent_fraction"] <= 0.10, (f["nodes"], c["latent_fraction"])
+    # The demo SAEs train a little differently on each CPU (GEMM rounding, which kernel path `auto` takes), so
+    # the circuit at one fixed threshold moves: at 0.03, 316 latents (7.7% of 4096) → 0.87 on an Intel CPU with
+    # avx512_bf16, 274 (6.7%) → 0.75 on an AMD EPYC (AVX2); there 0.02 gives 367 (9.0%) → 0.85. What holds on
+    # both: the file's node sweep reaches faithfulness >= 0.8 within 10% of the latents.
+    assert f["nodes"] >= 0.6 and c["latent_fraction"] <= 0.10, (f["nodes"], c["latent_fraction"])
+    total = c["n_latents_total"]
+    assert any(r["faithfulness"] >= 0.8 and r["n_latents"] <= 0.10 * total for r in f["node_sweep"]), f["node_sweep"]
     # keeping every edge among circuit nodes reproduces the node circuit; fewer edges, less faithful
     sweep = {r["threshold"]: r["faithfulness"] for r in f["edge_sweep"]}
     assert sweep[0.0] == pytest.approx(f["nodes"], abs=0.02)
