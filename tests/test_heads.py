@@ -51,8 +51,14 @@ def induction_scores(model, task) -> dict:
     return out
 
 
-def test_batched_saes_equal_separate_trainings():
-    """The batched per-head SAEs (one model, leading head dim) against a loop of one-head trainings."""
+@pytest.mark.parametrize("fused_adam", [True, False])
+def test_batched_saes_equal_separate_trainings(fused_adam, monkeypatch):
+    """The batched per-head SAEs (one model, leading head dim) against a loop of one-head trainings; with torch's
+    fused Adam kernel and with the fallback written in ops."""
+    if not fused_adam:
+        monkeypatch.setattr(H, "_FUSED_ADAM", None)
+    elif H._FUSED_ADAM is None:
+        pytest.skip("this torch has no fused Adam kernel")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 12, 16, generator=g) * torch.tensor([0.1, 1.0, 3.0, 10.0, 0.5])[:, None, None]
     batched = H.train_head_saes(x, d_sae=24, steps=60, seed=3)
