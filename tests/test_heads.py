@@ -115,8 +115,9 @@ def test_identification_finds_the_top_head_of_the_all_position_ablation(runs):
 
 def test_identification_is_faster_than_the_ablation_sweep(runs):
     """Acceptance asks for <= 1/10 of the sweep. On 8 heads the sweep is only 9 forwards and the identification's
-    one (stopped) forward of 2n prompts alone is ~0.08-0.1 of it (README "Head identification": the floor), so
-    the bound asserted is a regression guard with room for a shared CPU; the ratio is printed."""
+    one (stopped) forward of 2n prompts alone is ~0.08-0.12 of it (README "Head identification": the floor; the
+    whole identification 0.09-0.13 with a CI run sharing a 2-core CPU), so the bound asserted is a regression
+    guard with room for a shared CPU; the ratio is printed."""
     ident, abl, _ = runs
     t_id = statistics.median(r.seconds for r in ident)
     t_ab = statistics.median(r.seconds for r in abl)

@@ -41,9 +41,11 @@ position (or only the last) of the clean prompts and measure the drop of the mea
 one forward per head. ``compare`` gives precision/recall of the identification's top-N against the
 heads the ablation marks as important. Both rankings carry their wall-clock time (``timed_rankings``
 alternates the two and keeps the medians): the sweep costs 1 + n_layers·n_heads full forwards of n
-prompts, identification one forward of 2n prompts stopped after the deepest ``hook_z`` plus ~1 ms of
-SAE training, so the ratio is bounded below by that one forward's share — on the tiny model (8 heads)
-0.060 in multiply-adds, 0.07-0.09 measured (README "Head identification")."""
+prompts, identification one forward of 2n prompts stopped after the deepest ``hook_z`` plus ~1.5-3 ms of
+SAE training and scoring, so the ratio is bounded below by that one forward's share — on the tiny model
+(8 heads) 0.060 in multiply-adds, 0.07-0.09 measured on a less busy machine and 0.09-0.12 with a CI run
+sharing this 2-core CPU, where the whole identification measures 0.09-0.13: at the floor, not reliably
+under 1/10 (README "Head identification")."""
 
 from __future__ import annotations
 
@@ -291,7 +293,7 @@ def _fit_fused(sae: HeadSAEs, x: torch.Tensor, l1: float, steps: int, lr: float,
     g_b_enc, g_b_dec, enc_t, corr = g_enc[:, d:], g_dec[:, s:], enc.transpose(1, 2), x.new_empty(G, 1, d + 1)
     corr_d = corr[..., :d]
     b1, b2 = betas
-    step_counts = torch.arange(1.0, steps + 1).unbind()
+    step_counts = torch.arange(1.0, steps + 1, device=x.device).unbind()  # fused Adam reads its step from a tensor
     with one_thread():
         for t in range(steps):
             torch.sub(xs, b_dec, out=xc)
