@@ -160,11 +160,12 @@ def head_activations(model, tokens: torch.Tensor, position: str = "last", batch_
         rows = out[layer * n_heads : (layer + 1) * n_heads]  # [n_heads, N, d_head]
 
         def keep(z, hook):
-            z = z[:, -1] if position == "last" else z[:, 1:].mean(1)
-            rows[:, batch].copy_(z.reshape(len(z), n_heads, d_head).transpose(0, 1))
+            kept = z[:, -1] if position == "last" else z[:, 1:].mean(1)
+            rows[:, batch].copy_(kept.reshape(len(kept), n_heads, d_head).transpose(0, 1))
             seen.add(layer)
             if len(seen) == len(hooks):
                 raise _StopForward
+            return z
 
         return keep
 
