@@ -74,7 +74,7 @@ def main():
         fmt = lambda hs: " ".join(f"L{l}H{h}" for l, h in hs)  # noqa: E731
         print(f"| {seed} | {fmt(ident.heads(4))} | {fmt(abl.heads(3))} | {r_all} | {fmt(last.heads(3))} | {r_last} | "
               f"{c3['precision']:.2f} / {c3['recall']:.2f} | {c4['precision']:.2f} / {c4['recall']:.2f} | "
-              f"{t_id:.3f} | {t_ab:.3f} | {t_id / t_ab:.2f} |")
+              f"{t_id:.3f} | {t_ab:.3f} | {t_id / t_ab:.3f} |")
     print(f"\ntop ablation head within the code top 3: {hits_all}/{a.seeds} (all positions), "
           f"{hits_last}/{a.seeds} (last position)")
 

@@ -51,8 +51,14 @@ def induction_scores(model, task) -> dict:
     return out
 
 
-def test_batched_saes_equal_separate_trainings():
-    """The batched per-head SAEs (one model, leading head dim) against a loop of one-head trainings."""
+@pytest.mark.parametrize("fused_adam", [True, False])
+def test_batched_saes_equal_separate_trainings(fused_adam, monkeypatch):
+    """The batched per-head SAEs (one model, leading head dim) against a loop of one-head trainings; with torch's
+    fused Adam kernel and with the fallback written in ops."""
+    if not fused_adam:
+        monkeypatch.setattr(H, "_FUSED_ADAM", None)
+    elif H._FUSED_ADAM is None:
+        pytest.skip("this torch has no fused Adam kernel")
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 12, 16, generator=g) * torch.tensor([0.1, 1.0, 3.0, 10.0, 0.5])[:, None, None]
     batched = H.train_head_saes(x, d_sae=24, steps=60, seed=3)
@@ -109,8 +115,9 @@ def test_identification_finds_the_top_head_of_the_all_position_ablation(runs):
 
 def test_identification_is_faster_than_the_ablation_sweep(runs):
     """Acceptance asks for <= 1/10 of the sweep. On 8 heads the sweep is only 9 forwards and the identification's
-    one (stopped) forward of 2n prompts alone is ~0.08-0.1 of it (README "Head identification": the floor), so
-    the bound asserted is a regression guard with room for a shared CPU; the ratio is printed."""
+    one (stopped) forward of 2n prompts alone is ~0.08-0.12 of it (README "Head identification": the floor; the
+    whole identification 0.09-0.13 with a CI run sharing a 2-core CPU), so the bound asserted is a regression
+    guard with room for a shared CPU; the ratio is printed."""
     ident, abl, _ = runs
     t_id = statistics.median(r.seconds for r in ident)
     t_ab = statistics.median(r.seconds for r in abl)
@@ -120,7 +127,7 @@ def test_identification_is_faster_than_the_ablation_sweep(runs):
     print(f"\nidentification {t_id * 1000:.1f} ms (forward {t_fw * 1000:.1f} ms, SAEs {t_sae * 1000:.1f} ms), ablation "
           f"sweep {t_ab * 1000:.1f} ms ({per_head * 1000:.1f} ms per head forward), ratio {t_id / t_ab:.3f}, forward "
           f"alone {t_fw / t_ab:.3f} (8 heads: the sweep is 9 forwards, identification 1 + SAE training)")
-    assert t_id < 0.25 * t_ab
+    assert t_id < 0.2 * t_ab
 
 
 def test_cli_heads(tmp_path):

@@ -12,9 +12,10 @@ Identification in Language Models" (2024), at the head level:
    full-batch with Adam on those 2n vectors. All heads train at once: a batched SAE whose
    weights carry a leading head dimension (``HeadSAEs``); its loss is the sum of the per-head
    losses, so every head's SAE gets exactly the gradients it would get alone. ``_fit_fused``
-   writes those gradients and the Adam update out by hand (no autograd, one flat buffer);
-   ``train_head_saes_reference`` is the plain loop of separate autograd trainings, and a test
-   compares the two.
+   writes those gradients out by hand (no autograd; each bias an extra row of its weight matrix, so
+   the products also give the bias gradients; one flat buffer that torch's fused Adam kernel
+   updates); ``train_head_saes_reference`` is the plain loop of separate autograd trainings, and a
+   test compares the two.
 3. Each example's SAE code is discretised to one integer: the index of its largest latent (the
    paper's argmax), or ``d_sae`` when no latent fires.
 4. Per head, the codes seen on positives but never on negatives are counted; heads are ranked by
@@ -40,9 +41,11 @@ position (or only the last) of the clean prompts and measure the drop of the mea
 one forward per head. ``compare`` gives precision/recall of the identification's top-N against the
 heads the ablation marks as important. Both rankings carry their wall-clock time (``timed_rankings``
 alternates the two and keeps the medians): the sweep costs 1 + n_layers·n_heads full forwards of n
-prompts, identification one forward of 2n prompts stopped after the deepest ``hook_z`` plus ~1 ms of
-SAE training, so the ratio is bounded below by that one forward's share — on the tiny model (8 heads)
-0.060 in multiply-adds, 0.07-0.09 measured (README "Head identification")."""
+prompts, identification one forward of 2n prompts stopped after the deepest ``hook_z`` plus ~1.5-3 ms of
+SAE training and scoring, so the ratio is bounded below by that one forward's share — on the tiny model
+(8 heads) 0.060 in multiply-adds, 0.07-0.09 measured on a less busy machine and 0.09-0.12 with a CI run
+sharing this 2-core CPU, where the whole identification measures 0.09-0.13: at the floor, not reliably
+under 1/10 (README "Head identification")."""
 
 from __future__ import annotations
 
@@ -63,8 +66,10 @@ HOOK = "blocks.{layer}.attn.hook_z"
 POSITIONS = ("last", "mean")
 # per-head SAE defaults: on the induction task the top 4 are the 4 induction heads, 5-13 codes ahead of the 5th,
 # for every task seed 0-4 at n = 8 and 16 with 5-50 full-batch Adam steps at lr 3e-2 or 1e-1; 10 steps at 1e-1
-# cost ~1 ms (the fused trainer), a fraction of one forward pass (README "Head identification")
+# cost ~1.5 ms (the fused trainer, setup included; ~3 ms right after the ablation sweep on a loaded 2-core CPU), a
+# fraction of one forward pass (README "Head identification")
 D_SAE, L1, STEPS, LR = 32, 0.1, 10, 1e-1
+_FUSED_ADAM = getattr(torch, "_fused_adam_", None)  # torch's fused Adam kernel (CPU since torch 2.4)
 
 
 class HeadRanking(list):
@@ -132,43 +137,51 @@ def _device(model):
 # ----------------------------------------------------------------------------- activations
 @torch.no_grad()
 def head_activations(model, tokens: torch.Tensor, position: str = "last", batch_size: int = 64) -> torch.Tensor:
-    """Every head's ``hook_z`` output, [N, n_layers * n_heads, d_head] (head g = layer * n_heads + head).
+    """Every head's ``hook_z`` output, [N, n_layers * n_heads, d_head] (head g = layer * n_heads + head): a
+    transposed view of a head-major [n_layers * n_heads, N, d_head] float32 buffer (``.transpose(0, 1)`` gives
+    it back, contiguous).
 
     One forward per batch, stopped right after the deepest ``hook_z`` (saelab.harvest's ``_StopForward``:
-    the last MLP, ln_final and the unembedding never run); each hook keeps only the position(s) it needs."""
+    the last MLP, ln_final and the unembedding never run); each hook copies only the position(s) it needs
+    straight into the buffer."""
     from saelab.harvest import _StopForward
 
     if position not in POSITIONS:
         raise SaelabError(f"position '{position}' is not one of {', '.join(POSITIONS)}")
     cfg = model.cfg
+    n_heads, d_head = cfg.n_heads, cfg.d_head
     hooks = [HOOK.format(layer=l) for l in range(cfg.n_layers)]
     dev = _device(model)
-    got: dict[str, torch.Tensor] = {}
+    out = torch.empty(cfg.n_layers * n_heads, len(tokens), d_head, device=dev)
+    batch = slice(0, 0)  # the rows of the batch running now
+    seen: set[int] = set()
 
-    def make(name):
+    def make(layer):
+        rows = out[layer * n_heads : (layer + 1) * n_heads]  # [n_heads, N, d_head]
+
         def keep(z, hook):
-            got[name] = z[:, -1] if position == "last" else z[:, 1:].mean(1)
-            if len(got) == len(hooks):
+            kept = z[:, -1] if position == "last" else z[:, 1:].mean(1)
+            rows[:, batch].copy_(kept.reshape(len(kept), n_heads, d_head).transpose(0, 1))
+            seen.add(layer)
+            if len(seen) == len(hooks):
                 raise _StopForward
             return z
 
         return keep
 
-    fwd_hooks = [(h, make(h)) for h in hooks]
-    out = []
+    fwd_hooks = [(h, make(l)) for l, h in enumerate(hooks)]
     for a in range(0, len(tokens), batch_size):
-        t = tokens[a : a + batch_size].to(dev)
-        got.clear()
+        batch = slice(a, min(a + batch_size, len(tokens)))
+        seen.clear()
         try:
-            model.run_with_hooks(t, fwd_hooks=fwd_hooks)
+            model.run_with_hooks(tokens[batch].to(dev), fwd_hooks=fwd_hooks)
         except _StopForward:
             pass
-        if len(got) < len(hooks):
-            raise SaelabError(f"the model's forward never reached {', '.join(h for h in hooks if h not in got)}: "
+        if len(seen) < len(hooks):
+            raise SaelabError(f"the model's forward never reached "
+                              f"{', '.join(h for l, h in enumerate(hooks) if l not in seen)}: "
                               "head identification needs every layer's attn.hook_z")
-        z = torch.stack([got[h].reshape(len(t), cfg.n_heads, cfg.d_head) for h in hooks], 1)
-        out.append(z.flatten(1, 2).float())  # [B, L*H, d_head]
-    return torch.cat(out)
+    return out.transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------- batched SAE
@@ -249,40 +262,71 @@ def _fit(sae: HeadSAEs, x: torch.Tensor, l1: float, steps: int, lr: float) -> He
 def _fit_fused(sae: HeadSAEs, x: torch.Tensor, l1: float, steps: int, lr: float,
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> HeadSAEs:
     """The same training as ``_fit`` (same loss, Adam with torch's defaults, decoder rows renormalised
-    after each step) with the gradients written out by hand: ~25 batched ops per step on one flat
-    parameter buffer, no autograd graph and no optimizer object (the reference costs ~0.5 ms per step
-    on these tiny tensors, this ~0.1 ms). ``test_heads.py`` compares the two."""
+    after each step) with the gradients written out by hand.
+
+    Biases ride along as an extra row of their weight matrix (``[W_enc; b_enc]`` times ``[xc, 1]``,
+    ``[W_dec; b_dec]`` times ``[f, 1]``), so the products also give the bias gradients; both augmented
+    matrices lie in one flat buffer that one fused Adam call updates. Every intermediate has a buffer
+    allocated once and every transposed view is made once: 11 ops per step besides Adam and the decoder
+    renormalisation, no autograd graph, no optimizer object. 10 steps on 8 heads × 16 examples × d_head 32,
+    setup included: ~1.5 ms alone on this 2-core CPU under load, against ~2.8-3.1 ms for the previous version
+    (25 ops a step, six of them Adam's, and a ``baddbmm_`` into a strided row that torch ran as a per-head
+    loop). The results agree with ``_fit`` to ~1e-6 (the previous version drifted to 5e-3 on 50 steps);
+    ``test_heads.py`` compares the two."""
     G, N, d = x.shape
+    s = sae.d_sae
     xs = _init_scale(sae, x)
-    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    grad = torch.empty_like(flat)
-    sizes = [p.numel() for p in params]
-    W_enc, b_enc, W_dec, b_dec = (t.view_as(p) for t, p in zip(flat.split(sizes), params))
-    gW_enc, gb_enc, gW_dec, gb_dec = (t.view_as(p) for t, p in zip(grad.split(sizes), params))
-    m, v = torch.zeros_like(flat), torch.zeros_like(flat)
+    n_enc = G * (d + 1) * s
+    flat = torch.cat([torch.cat([sae.W_enc, sae.b_enc[:, None]], 1).reshape(-1),
+                      torch.cat([sae.W_dec, sae.b_dec[:, None]], 1).reshape(-1)])
+    grad, m, v = torch.zeros_like(flat), torch.zeros_like(flat), torch.zeros_like(flat)
+    enc, dec = flat[:n_enc].view(G, d + 1, s), flat[n_enc:].view(G, s + 1, d)  # [W_enc; b_enc], [W_dec; b_dec]
+    g_enc, g_dec = grad[:n_enc].view(G, d + 1, s), grad[n_enc:].view(G, s + 1, d)
+    W_enc, W_dec, b_dec = enc[:, :d], dec[:, :s], dec[:, s:]
+    xc1, f1 = x.new_ones(G, N, d + 1), x.new_ones(G, N, s + 1)  # [xs − b_dec, 1], [f, 1]
+    xc, f = xc1[..., :d], f1[..., :s]
+    pre, act, e, df = (x.new_empty(G, N, k) for k in (s, s, d, s))
+    l1_grad = x.new_full((G, N, s), l1 / N)  # d(l1 · mean_n Σf)/d f
+    c_err = 2.0 / (N * d)  # d(mean squared error)/d err
+    xc1_t, f1_t, W_dec_t = xc1.transpose(1, 2), f1.transpose(1, 2), W_dec.transpose(1, 2)
+    # b_dec's gradient also has the encoder's part, −(Σ_n df) W_encᵀ: a product with all of [W_enc; b_enc]ᵀ
+    # (its last column is not used), as baddbmm_ into g_dec's strided row would fall back to a per-head loop
+    g_b_enc, g_b_dec, enc_t, corr = g_enc[:, d:], g_dec[:, s:], enc.transpose(1, 2), x.new_empty(G, 1, d + 1)
+    corr_d = corr[..., :d]
     b1, b2 = betas
-    c_err, c_l1 = 2.0 / (N * d), l1 / N  # d(mean squared error)/d err, d(l1 · mean_n Σf)/d f
+    step_counts = torch.arange(1.0, steps + 1, device=x.device).unbind()  # fused Adam reads its step from a tensor
     with one_thread():
-        for t in range(1, steps + 1):
-            xc = xs - b_dec[:, None]
-            pre = torch.baddbmm(b_enc[:, None], xc, W_enc)
-            f = pre.clamp_min(0)
-            e = torch.baddbmm(xc, f, W_dec, beta=-1).mul_(c_err)  # (f W_dec + b_dec − xs) · c_err
-            torch.bmm(f.transpose(1, 2), e, out=gW_dec)
-            torch.sum(e, 1, out=gb_dec)
-            df = torch.bmm(e, W_dec.transpose(1, 2)).add_(c_l1).mul_(pre > 0)
-            torch.bmm(xc.transpose(1, 2), df, out=gW_enc)
-            torch.sum(df, 1, out=gb_enc)
-            gb_dec.sub_(torch.bmm(gb_enc[:, None], W_enc.transpose(1, 2))[:, 0])  # b_dec also enters the encoder
-            m.lerp_(grad, 1 - b1)
-            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            denom = (v.sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-            flat.addcdiv_(m, denom, value=-lr / (1 - b1**t))
-            W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
-    for p, val in zip(params, (W_enc, b_enc, W_dec, b_dec)):
+        for t in range(steps):
+            torch.sub(xs, b_dec, out=xc)
+            torch.bmm(xc1, enc, out=pre)
+            torch.clamp_min(pre, 0, out=f)
+            torch.sign(f, out=act)  # ReLU's derivative: 1 where pre > 0, else 0
+            torch.baddbmm(xs, f1, dec, beta=-c_err, alpha=c_err, out=e)  # (f W_dec + b_dec − xs) · c_err
+            torch.bmm(f1_t, e, out=g_dec)  # [f^T e; Σ_n e]
+            torch.baddbmm(l1_grad, e, W_dec_t, out=df).mul_(act)
+            torch.bmm(xc1_t, df, out=g_enc)  # [xc^T df; Σ_n df]
+            torch.bmm(g_b_enc, enc_t, out=corr)
+            g_b_dec.sub_(corr_d)
+            _adam_step(flat, grad, m, v, step_counts[t], lr, b1, b2, eps)
+            W_dec.div_(torch.linalg.vector_norm(W_dec, dim=-1, keepdim=True).clamp_min_(1e-8))
+    for p, val in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), (W_enc, enc[:, d], W_dec, dec[:, s])):
         p.copy_(val)
     return sae.eval()
+
+
+def _adam_step(param, grad, m, v, step, lr, b1, b2, eps):
+    """One Adam update (torch's defaults, no weight decay) of a flat parameter buffer in place; ``step``: a
+    0-d float tensor holding the 1-based step. torch's fused CPU kernel (what ``Adam(fused=True)`` runs, without
+    the optimizer's ~70 µs of bookkeeping: one op, ~22 µs against ~85 µs for the six below on 8.6k parameters)
+    when this torch has it, else the same formula in ops."""
+    if _FUSED_ADAM is not None:
+        _FUSED_ADAM([param], [grad], [m], [v], [], [step], lr=lr, beta1=b1, beta2=b2, weight_decay=0.0, eps=eps,
+                    amsgrad=False, maximize=False)
+        return
+    t = float(step)
+    m.lerp_(grad, 1 - b1)
+    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+    param.addcdiv_(m, v.sqrt().div_(math.sqrt(1 - b2**t)).add_(eps), value=-lr / (1 - b1**t))
 
 
 def train_head_saes(x: torch.Tensor, d_sae: int = D_SAE, l1: float = L1, steps: int = STEPS, lr: float = LR,
@@ -301,8 +345,8 @@ def train_head_saes_reference(x: torch.Tensor, d_sae: int = D_SAE, l1: float = L
 # ----------------------------------------------------------------------------- codes and scores
 def discretise(acts: torch.Tensor) -> torch.Tensor:
     """SAE codes [..., d_sae] → one integer each: the argmax latent, or d_sae when none fires."""
-    code = acts.argmax(-1)
-    return torch.where(acts.amax(-1) > 0, code, torch.full_like(code, acts.shape[-1]))
+    top, code = acts.max(-1)  # the first index of the maximum, as argmax
+    return torch.where(top > 0, code, acts.shape[-1])
 
 
 def unique_positive_codes(codes: torch.Tensor, positive: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -310,9 +354,10 @@ def unique_positive_codes(codes: torch.Tensor, positive: torch.Tensor) -> tuple[
 
     codes [G, N] integers, positive [N] bool."""
     counts, fracs = [], []
+    positive = positive.tolist()
     for row in codes.tolist():
-        pos = {c for c, p in zip(row, positive.tolist()) if p}
-        neg = {c for c, p in zip(row, positive.tolist()) if not p}
+        pos = {c for c, p in zip(row, positive) if p}
+        neg = {c for c, p in zip(row, positive) if not p}
         only = len(pos - neg)
         counts.append(only)
         fracs.append(only / max(len(pos | neg), 1))
@@ -336,7 +381,7 @@ def identify_heads(model, task, n_examples: int = 8, *, d_sae: int = D_SAE, l1: 
     x = head_activations(model, torch.cat([task.clean, task.corrupted]), position)  # [2n, G, d_head]
     t1 = time.perf_counter()
     bar.update()
-    x = x.transpose(0, 1).contiguous()  # [G, 2n, d_head]
+    x = x.transpose(0, 1).contiguous()  # [G, 2n, d_head] (head_activations' buffer: no copy)
     sae = train_head_saes(x, d_sae=d_sae, l1=l1, steps=steps, lr=lr, seed=seed)
     t2 = time.perf_counter()
     bar.update()
