@@ -1,6 +1,6 @@
 """Fused TopK encode vs the reference, as ratios measured in one run (the machine may be shared).
 
-    python benchmarks/bench_encode.py [--widths 16384,65536] [--reps 3] [--threads 0]
+    python benchmarks/bench_encode.py [--widths 16384,65536] [--reps 3] [--threads 0] [--gpu-only]
 
 1. CPU forward (B=4096, d_in=512, k=32): chunked and screened vs reference wall time (variants
    alternated, medians), with the bare encoder GEMM (fp32: chunked's floor; bf16: the screen's)
@@ -9,8 +9,9 @@
    (VmHWM, reset once the inputs are allocated) minus its RSS at that point.
 3. CPU training step of a TopK SAE (loss + backward): fused (chunked or screened encode, sparse
    decode, sparse backward) vs reference (dense), time ratio.
-4. GPU (only when CUDA is present): Triton vs reference, bf16, d_in=768, d_sae=32768, k=32:
-   time and peak allocated memory. Skipped (and said so) otherwise.
+4. GPU (only when CUDA is present): Triton and the chunked torch path vs reference, bf16, d_in=768,
+   d_sae=32768, k=32: forward time, peak allocated memory, TopK training step time. Skipped (and said
+   so) otherwise; ``--gpu-only`` runs only this section (benchmarks/device_check.sh).
 """
 
 import argparse
@@ -103,6 +104,7 @@ def main():
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--gpu-only", action="store_true", help="only section 4 (the GPU); benchmarks/device_check.sh")
     p.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     widths = [int(w) for w in a.widths.split(",")]
@@ -110,7 +112,13 @@ def main():
         torch.set_num_threads(a.threads)
     if a.mem_child:
         return mem_child(a.mem_child, widths[0], a.batch, a.d_in, a.k)
+    if not a.gpu_only:
+        cpu_sections(a, widths)
+    gpu_section(a)
 
+
+def cpu_sections(a, widths):
+    """Sections 1-3: forward time, peak memory, training step on this CPU."""
     print(f"CPU: B={a.batch}, d_in={a.d_in}, k={a.k}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"load average {os.getloadavg()[0]:.1f} at start")
@@ -160,6 +168,11 @@ def main():
                   f"| {mem[path] / 2**20:.0f} | {mem[path] / max(mem['reference'], 1):.3f} "
                   f"| {ts[path] * 1e3:.0f} | {ts[path] / ts['reference']:.2f} |")
 
+
+
+def gpu_section(a):
+    """Section 4: Triton vs the dense reference (and the chunked torch path) on the GPU, bf16 at the issue's
+    shape: forward time and peak memory, and a TopK SAE training step (loss + backward)."""
     if not torch.cuda.is_available():
         print("GPU section skipped: CUDA is not available on this machine (Triton vs reference not measured)")
         return
@@ -170,22 +183,37 @@ def main():
     B, d, n, k = a.batch, 768, 32768, 32
     x, W, b = inputs(B, d, n, torch.bfloat16, "cuda")
     sync = torch.cuda.synchronize
+    paths = ("reference", "chunked", "triton")
     with torch.no_grad():
-        t = alternate({"reference": lambda: topk_encode(x, W, b, k, kernel="reference"),
-                       "triton": lambda: topk_encode(x, W, b, k, kernel="triton")}, max(a.reps, 10), sync)
+        t = alternate({kern: (lambda kern=kern: topk_encode(x, W, b, k, kernel=kern)) for kern in paths},
+                      max(a.reps, 10), sync)
         peak = {}
-        for kern in ("reference", "triton"):
+        for kern in paths:
             sync()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             topk_encode(x, W, b, k, kernel=kern)
             sync()
             peak[kern] = torch.cuda.max_memory_allocated() - base
-    print(f"GPU {torch.cuda.get_device_name()}: B={B}, d_in={d}, d_sae={n}, k={k}, bf16")
-    print("| path | ms | speed-up vs reference | peak extra MiB |")
-    print("|---|---|---|---|")
-    for kern in ("reference", "triton"):
-        print(f"| {kern} | {t[kern] * 1e3:.2f} | {t['reference'] / t[kern]:.2f} | {peak[kern] / 2**20:.1f} |")
+    del x, W, b
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=d, d_sae=n, k=k).cuda().bfloat16()
+    xs = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
+
+    def step(kernel):
+        def fn():
+            sae.kernel = kernel
+            sae.loss(xs)["loss"].backward()
+            sae.zero_grad(set_to_none=True)
+        return fn
+
+    ts = alternate({kern: step(kern) for kern in paths}, max(a.reps, 10), sync)
+    print(f"GPU {torch.cuda.get_device_name()}: B={B}, d_in={d}, d_sae={n}, k={k}, bf16, torch {torch.__version__}")
+    print("| path | forward ms | forward speed-up vs reference | peak extra MiB | train step ms | step speed-up |")
+    print("|---|---|---|---|---|---|")
+    for kern in paths:
+        print(f"| {kern} | {t[kern] * 1e3:.2f} | {t['reference'] / t[kern]:.2f} | {peak[kern] / 2**20:.1f} "
+              f"| {ts[kern] * 1e3:.2f} | {ts['reference'] / ts[kern]:.2f} |")
 
 
 if __name__ == "__main__":

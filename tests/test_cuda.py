@@ -1,0 +1,101 @@
+"""The fused TopK encode, its backward and the trainer on a CUDA device, with Triton's compiler.
+
+Skipped where there is no CUDA device (CI has none: the kernel's logic is tested there in the
+Triton interpreter, tests/test_kernels.py). On a GPU machine:
+
+    TRITON_INTERPRET=0 python -m pytest -q -m cuda tests/test_cuda.py
+
+(``benchmarks/device_check.sh`` runs this, the GPU section of ``bench_encode.py`` and a torchrun
+training on nccl in one go.) Thresholds are tests/test_kernels.py's (its module docstring):
+fp32 values rtol 1e-5, bf16 values 2 bf16 ulps, gradients rtol 1e-4.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from saelab.kernels import topk_encode
+from test_kernels import SHAPES, check_against_reference
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CI has none)")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled():
+    """The kernel built by Triton's compiler (the conftest turns the interpreter on unless told otherwise)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("TRITON_INTERPRET=1 runs the kernel in the interpreter: run these with TRITON_INTERPRET=0")
+    from saelab.kernels.topk_encode import resolve_kernel
+
+    assert resolve_kernel("auto", torch.device("cuda")) == "triton", "auto does not pick triton on CUDA"
+    from saelab.kernels import triton_topk
+
+    assert "Interpreted" not in type(triton_topk._topk_encode_kernel).__name__
+
+
+def _inputs(seed, B, d, n, dtype=torch.float32):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(B, d, generator=g, device="cuda")
+    W = torch.randn(d, n, generator=g, device="cuda") / d**0.5
+    b = torch.randn(n, generator=g, device="cuda") * 0.1
+    return x.to(dtype), W.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("shape", SHAPES + [(1000, 256, 5000, 32)])
+def test_triton_cuda_fp32(shape, signed):
+    B, d, n, k = shape
+    x, W, b = _inputs(hash((shape, signed)) % 1000, B, d, n)
+    v, i = topk_encode(x, W, b, k, signed, kernel="triton")
+    assert v.is_cuda and v.dtype == torch.float32
+    check_against_reference(x, W, b, k, signed, v, i)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_triton_cuda_bf16_issue_shape(signed):
+    """The issue's benchmark shape: B 4096, d_in 768, d_sae 32768, k 32, bf16 (tensor cores)."""
+    x, W, b = _inputs(7, 4096, 768, 32768, torch.bfloat16)
+    v, i = topk_encode(x, W, b, 32, signed, kernel="triton")
+    assert v.dtype == torch.bfloat16
+    check_against_reference(x, W, b, 32, signed, v, i, rtol=2**-7, atol=1e-2, gap=0.03, min_clear=0.3)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_triton_cuda_backward(signed):
+    """The sparse backward on CUDA equals autograd through the dense reference."""
+    x, W, b = _inputs(13, 300, 64, 2000)
+    grads = []
+    for kernel in ["reference", "triton"]:
+        xs, Ws, bs = (t.clone().requires_grad_(True) for t in (x, W, b))
+        v, i = topk_encode(xs, Ws, bs, 16, signed, kernel=kernel)
+        (v * (1 + i.float() / 2000)).sum().backward()
+        grads.append((xs.grad, Ws.grad, bs.grad))
+    for a, c in zip(*grads):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+def test_train_on_cuda_triton_vs_reference(tmp_path):
+    """`saelab train --device cuda` with the Triton encode (auto) and with the dense reference, from the same
+    seed on the same planted store: both finish, and their held-out FVU agree within 5% relative (their
+    trajectories part only where near-ties select differently)."""
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    store = write_synthetic(SyntheticConfig(out=str(tmp_path / "planted"), d=64, n_true=256, active=5, rows=65536),
+                            progress=False)
+    fvu = {}
+    for kernel in ["auto", "reference"]:
+        out = tmp_path / kernel
+        r = subprocess.run([sys.executable, "-m", "saelab", "train", "--activations", str(store), "--out", str(out),
+                            "--arch", "topk", "--k", "8", "--width", "1024", "--batch-size", "1024",
+                            "--tokens", str(1024 * 200), "--lr", "3e-3", "--device", "cuda", "--kernel", kernel,
+                            "--quiet"], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "TRITON_INTERPRET": "0"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        fvu[kernel] = json.loads((out / "eval.json").read_text())["fvu"]
+    assert fvu["auto"] < 0.5, fvu
+    assert abs(fvu["auto"] - fvu["reference"]) <= 0.05 * fvu["reference"], fvu
