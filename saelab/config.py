@@ -193,6 +193,11 @@ class TrainConfig(JSONConfig):
             raise SaelabError(f"--lr-decay must be in [0, 1] (got {self.lr_decay})")
         if self.buffer_rows < 1:
             raise SaelabError(f"--buffer-rows must be positive (got {self.buffer_rows})")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise SaelabError(f"--log-every and --checkpoint-every must be positive (got {self.log_every}, "
+                              f"{self.checkpoint_every})")
+        if self.eval_every < 0:
+            raise SaelabError(f"--eval-every must be 0 (only at the end) or positive (got {self.eval_every})")
         return self
 
 

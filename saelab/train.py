@@ -108,6 +108,18 @@ def _check_out(out: pathlib.Path, resume: bool) -> None:
         raise SaelabError(f"--out {out} cannot be created ({e.strerror}); choose a folder you can write to") from None
 
 
+# flags that may differ on --resume: where things are, where it runs and how often it reports
+_RESUME_FREE = {"activations", "out", "hook", "device", "log", "log_every", "eval_every", "checkpoint_every", "kernel"}
+
+
+def _check_resume_settings(out: pathlib.Path, saved: dict, tcfg: TrainConfig, cfg: SAEConfig) -> None:
+    changed = sorted({k for k, v in tcfg.to_dict().items() if k not in _RESUME_FREE and saved["train"].get(k) != v}
+                     | {k for k, v in cfg.to_dict().items() if saved["sae"].get(k) != v})
+    if changed:
+        raise SaelabError(f"--resume with different settings ({', '.join(changed)}) than the run in {out}: "
+                          "pass the same flags, or train to a new --out")
+
+
 def sae_config_for(store: ActivationStore, scfg: SAEConfig) -> SAEConfig:
     m = store.manifest
     if scfg.d_in and scfg.d_in != store.d_in:
@@ -132,8 +144,11 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
                           f"pass a multiple of {world}")
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
-    if resume and (out / TRAIN_FILE).exists() and json.loads((out / TRAIN_FILE).read_text()).get("done"):
-        return out  # finished earlier
+    if resume and (out / TRAIN_FILE).exists():
+        saved = json.loads((out / TRAIN_FILE).read_text())
+        _check_resume_settings(out, saved, tcfg, cfg)
+        if saved.get("done"):
+            return out  # finished earlier
     device = pick_device(dist.device_for(tcfg.device))
     needs_grads = SAE.registry[cfg.arch].needs_grads
     skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
@@ -205,9 +220,10 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             step += 1
             bar.update(1)
             last = step == n_steps
-            if step % tcfg.log_every == 0 or last:
+            evaluate_now = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or last)
+            if step % tcfg.log_every == 0 or last or evaluate_now:
                 rec = _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce)
-                if main and tcfg.eval_every and (step % tcfg.eval_every == 0 or last):
+                if main and evaluate_now:
                     rec.update(_heldout(sae, store, scale, skip_bos, device))
                 if main:
                     logger.write(rec)

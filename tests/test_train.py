@@ -182,3 +182,51 @@ def test_synthetic_cli_and_bf16_autocast(tmp_path):
                       autocast="bf16"), SAEConfig(arch="topk", k=4, expansion=4), progress=False)
     ev = json.loads((tmp_path / "bf16" / "eval.json").read_text())
     assert ev["fvu"] < 1.5 and ev["l0"] <= 4
+
+
+@pytest.fixture
+def tiny_planted(tmp_path):
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    return write_synthetic(SyntheticConfig(out=str(tmp_path / "planted"), d=16, n_true=32, active=3, rows=8192,
+                                           shard_rows=2048, holdout=0.25), progress=False)
+
+
+@pytest.mark.parametrize("flag", ["--log-every", "--checkpoint-every", "--eval-every"])
+def test_train_step_intervals_must_be_positive(flag, tiny_planted, tmp_path):
+    from saelab.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["train", "--activations", str(tiny_planted), "--k", "4", "--width", "32", "--batch-size", "256",
+               "--out", str(out), "--quiet", flag, "0" if flag != "--eval-every" else "-1"])
+    assert rc == 2 and not out.exists()
+
+
+def test_resume_with_other_settings_is_refused(tiny_planted, tmp_path, capsys):
+    from saelab.cli import main
+
+    out = tmp_path / "o"
+    args = ["train", "--activations", str(tiny_planted), "--k", "4", "--width", "32", "--batch-size", "256",
+            "--tokens", str(256 * 8), "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    info = json.loads((out / "train.json").read_text())
+    info["done"] = False  # as if it had been killed
+    (out / "train.json").write_text(json.dumps(info))
+    weights = (out / "sae_weights.safetensors").read_bytes()
+    capsys.readouterr()
+    for change in (["--width", "64"], ["--k", "2"], ["--lr", "1e-2"]):
+        assert main([*args, *change, "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "different settings" in err, err
+        assert change[0][2:] in err, err
+    assert (out / "sae_weights.safetensors").read_bytes() == weights
+    # the flags that do not change the run may differ
+    assert main([*args, "--resume", "--log-every", "5", "--checkpoint-every", "3"]) == 0
+
+
+def test_eval_every_is_not_limited_to_log_steps(tiny_planted, tmp_path):
+    out = tmp_path / "o"
+    train(TrainConfig(activations=str(tiny_planted), out=str(out), tokens=256 * 30, batch_size=256, log_every=20,
+                      eval_every=10), SAEConfig(arch="topk", k=4, width=32), progress=False)
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "heldout_fvu" in r] == [10, 20, 30]
