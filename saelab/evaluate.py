@@ -149,6 +149,8 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     from saelab.store import resolve_stores
     from saelab.train import TRAIN_FILE, pick_device
 
+    if n_contexts < 1:
+        raise SaelabError(f"--contexts must be positive (got {n_contexts})")
     sae_path = pathlib.Path(sae_path)
     sae = SAE.load(sae_path)
     dev = pick_device(device)
@@ -164,6 +166,9 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
         if store.d_in != sae.d_in:
             raise SaelabError(f"the SAE's d_in {sae.d_in} differs from the store's d_in {store.d_in} "
                               f"({store.path}): pass the store of hook {sae.cfg.hook_name}")
+        if sae.cfg.hook_name and store.hook != sae.cfg.hook_name:
+            raise SaelabError(f"store {store.path} holds {store.hook} but the SAE reads {sae.cfg.hook_name}: "
+                              "pass --activations with a store of the SAE's hook")
         res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
     if model_name:
         from saelab.models import load_model

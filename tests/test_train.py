@@ -230,3 +230,21 @@ def test_eval_every_is_not_limited_to_log_steps(tiny_planted, tmp_path):
                       eval_every=10), SAEConfig(arch="topk", k=4, width=32), progress=False)
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "heldout_fvu" in r] == [10, 20, 30]
+
+
+def test_eval_refuses_another_hooks_store_and_zero_contexts(small_run, tmp_path, capsys):
+    from saelab.cli import main
+
+    _, stores = small_run
+    out = tmp_path / "s"
+    train(TrainConfig(activations=str(stores["blocks.0.hook_resid_post"]), out=str(out), tokens=2048,
+                      batch_size=1024), SAEConfig(arch="topk", k=4, width=64), progress=False)
+    before = (out / "eval.json").read_text()
+    capsys.readouterr()
+    # blocks.1.attn.hook_z has the same width (4 heads × 32) but is another hook
+    for extra, needle in ((["--activations", str(stores["blocks.1.attn.hook_z"])], "the SAE reads"),
+                          (["--model", "tiny", "--contexts", "0"], "--contexts")):
+        assert main(["eval", "--sae", str(out), *extra, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert (out / "eval.json").read_text() == before
