@@ -833,6 +833,10 @@ def save_label(sae_dir, latent: int, text: str) -> None:
     sae_dir = pathlib.Path(sae_dir)
     if not sae_dir.is_dir():
         raise SaelabError(f"{sae_dir}: no such SAE folder")
+    cfg = sae_dir / "cfg.json"
+    d_sae = json.loads(cfg.read_text()).get("d_sae") if cfg.is_file() else None
+    if d_sae and not 0 <= int(latent) < d_sae:
+        raise SaelabError(f"latent {latent} is out of range: this SAE has latents 0..{d_sae - 1}")
     labels = load_labels(sae_dir)
     text = (text or "").strip()
     if text:
