@@ -248,3 +248,23 @@ def test_eval_refuses_another_hooks_store_and_zero_contexts(small_run, tmp_path,
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
     assert (out / "eval.json").read_text() == before
+
+
+def test_incomplete_store_is_refused(tiny_planted, tmp_path, capsys):
+    """A store whose writer was interrupted (manifest "complete": false) is not trained, evaluated or analysed."""
+    from saelab.cli import main
+
+    sae = tmp_path / "s"
+    args = ["--k", "4", "--width", "32", "--batch-size", "256", "--tokens", "2048", "--quiet"]
+    assert main(["train", "--activations", str(tiny_planted), "--out", str(sae), *args]) == 0
+    m = json.loads((tiny_planted / "manifest.json").read_text())
+    (tiny_planted / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+    capsys.readouterr()
+    for cmd in (["train", "--activations", str(tiny_planted), "--out", str(tmp_path / "o"), *args],
+                ["train", "--activations", str(tiny_planted.parent), "--out", str(tmp_path / "o"), *args],
+                ["eval", "--sae", str(sae), "--quiet"],
+                ["analyze", "--sae", str(sae), "--activations", str(tiny_planted), "--quiet"]):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err.strip()
+        assert "is incomplete" in err and "--resume" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -172,7 +172,7 @@ def sae_folders(path) -> list[pathlib.Path]:
 
 
 def _resolve_store(sae_dir: pathlib.Path, sae, activations):
-    from saelab.store import MANIFEST, ActivationStore, resolve_stores
+    from saelab.store import MANIFEST, ActivationStore, check_complete, resolve_stores
 
     hook = sae.cfg.hook_name or None
     if activations is None:
@@ -185,7 +185,7 @@ def _resolve_store(sae_dir: pathlib.Path, sae, activations):
             raise SaelabError(f"the store {activations} this SAE was trained on is gone: pass --activations STORE_OR_RUN")
     p = pathlib.Path(activations)
     if (p / MANIFEST).exists():
-        path = p
+        path = check_complete(p)
     else:
         stores = resolve_stores(p, hook)
         if len(stores) > 1:
