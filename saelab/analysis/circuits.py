@@ -190,6 +190,10 @@ def node_values(model, group: SAEGroup, tokens) -> _Acts:
     _, got = _run(model, tokens, {}, stop_at=group.hooks[-1], capture=group.hooks)
     f, e = {}, {}
     for h in group.hooks:
+        if got[h].ndim != 3 or got[h].shape[-1] != group.saes[h].d_in:
+            raise SaelabError(f"hook {h} gives {list(got[h].shape[2:])} per position, not the {group.saes[h].d_in} "
+                              f"features SAE {group.folders[h]} reads (e.g. attn.hook_z: one vector per head): "
+                              "circuits need SAEs on hooks with one vector per position, e.g. hook_attn_out")
         f[h], e[h] = _split(group.saes[h], got[h].float())
     return _Acts(f, e)
 
@@ -522,6 +526,9 @@ def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, nod
 
     group = load_group(saes)
     if model is None:
+        if group.model == "synthetic":
+            raise SaelabError(f"{group.path}: these SAEs were trained on a synthetic store, which no model computes: "
+                              "pass SAEs trained on a model's activations")
         model = load_model(group.model, pick_device(device))
     _check_model(model, group)
     task = make_task(task_spec, model, n=n, seed=seed)
