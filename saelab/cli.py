@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("saelab: interrupted (resume with --resume)", file=sys.stderr)
+        print("saelab: interrupted" + (" (resume with --resume)" if hasattr(args, "resume") else ""), file=sys.stderr)
         return 130
 
 

@@ -336,3 +336,17 @@ def test_synthetic_store_without_model(tmp_path):
         c = db.card(i)
         assert c.logits_top == [] and len(c.top) == 3 and c.density > 0
         assert not list(sae_dir.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("cmd,resumable", [(["analyze", "--sae", "X"], False), (["train", "--activations", "X",
+                                                                                 "--out", "Y"], True)])
+def test_ctrl_c_message_names_resume_only_where_it_exists(cmd, resumable, monkeypatch, capsys):
+    from saelab import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_analyze" if cmd[0] == "analyze" else "cmd_train", interrupted)
+    assert cli.main(cmd) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saelab: interrupted") and ("--resume" in err) == resumable, err
