@@ -132,6 +132,7 @@ def test_flipped_byte_detected_before_rows_served(small_run, tmp_path):
     (["--hook", "blocks.0.hook_resid_pots"], "did you mean blocks.0.hook_resid_post"),
     (["--hook", "blocks.0.hook_resid_post", "--tokens", "100000000"], "provides"),
     (["--hook", "blocks.0.hook_resid_post", "--dataset", "/no/such/file.txt"], "--dataset"),
+    (["--hook", "blocks.0.attn.hook_pattern", "--tokens", "2048", "--context-size", "16"], "per-position hook"),
 ])
 def test_errors_are_one_line(tmp_path, args, needle):
     r = _cli("harvest", *args, "--out", str(tmp_path / "o"), "--quiet")
