@@ -268,3 +268,17 @@ def test_incomplete_store_is_refused(tiny_planted, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "is incomplete" in err and "--resume" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_a_group_folder_names_its_sae_folders(small_run, tmp_path, capsys):
+    from saelab.cli import main
+
+    cfg, _ = small_run
+    group = tmp_path / "g"
+    train(TrainConfig(activations=cfg.out, out=str(group), tokens=1024, batch_size=1024),
+          SAEConfig(arch="topk", k=4, width=64), progress=False)
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(group), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is an SAE group" in err and str(group / "blocks.0.hook_resid_post") in err, err
+    assert len(err.splitlines()) == 1, err
