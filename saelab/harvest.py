@@ -148,7 +148,7 @@ def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, mod
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume:
         saved = json.loads((out / RUN_FILE).read_text())
-        changed = {k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k not in ("batch_size", "device")}
+        changed = {k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k not in ("batch_size", "device", "out")}
         if changed:
             raise SaelabError(f"--resume with different settings ({', '.join(sorted(changed))}) than the run in {out}: "
                               "pass the same flags, or harvest to a new --out")
