@@ -282,3 +282,19 @@ def test_eval_of_a_group_folder_names_its_sae_folders(small_run, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "is an SAE group" in err and str(group / "blocks.0.hook_resid_post") in err, err
     assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra", [["--arch", "jumprelu", "--bandwidth", "0"],
+                                   ["--arch", "batchtopk", "--threshold-momentum", "2"],
+                                   ["--arch", "matryoshka", "--matryoshka-prefix", "1.5"],
+                                   ["--arch", "matryoshka", "--matryoshka-mode", "k", "--matryoshka-k", "0",
+                                    "--matryoshka-k", "4"]])
+def test_out_of_range_architecture_settings_are_one_line(extra, tiny_planted, tmp_path, capsys):
+    from saelab.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["train", "--activations", str(tiny_planted), "--k", "4", "--width", "32", "--batch-size", "256",
+               "--tokens", "2048", "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and extra[-2] in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
