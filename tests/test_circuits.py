@@ -247,3 +247,10 @@ def test_circuit_refuses_hook_z_and_synthetic_saes(small_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+    for flag in ("--node-threshold", "--edge-threshold"):
+        out = tmp_path / "neg.json"
+        assert main(["circuit", "--task", "induction", "--saes", str(tmp_path / "z"), "--n", "4", "--out", str(out),
+                     flag, "-1", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "must be at least 0" in err and len(err.splitlines()) == 1, err
+        assert not out.exists()

@@ -433,6 +433,9 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
     edges and their faithfulness (then ``edges`` is empty and the edge faithfulness None)."""
     if method not in ("attrib", "ig"):
         raise SaelabError(f"--method {method!r}: choose attrib or ig")
+    if not (node_threshold >= 0 and edge_threshold >= 0):
+        raise SaelabError(f"--node-threshold and --edge-threshold must be at least 0 (got {node_threshold}, "
+                          f"{edge_threshold}); 0 keeps every node or edge")
     if len(task) == 0:
         raise SaelabError("the task has no examples: pass a task with at least one prompt")
     _check_model(model, group)
