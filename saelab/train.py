@@ -113,8 +113,9 @@ _RESUME_FREE = {"activations", "out", "hook", "device", "log", "log_every", "eva
 
 
 def _check_resume_settings(out: pathlib.Path, saved: dict, tcfg: TrainConfig, cfg: SAEConfig) -> None:
-    changed = sorted({k for k, v in tcfg.to_dict().items() if k not in _RESUME_FREE and saved["train"].get(k) != v}
-                     | {k for k, v in cfg.to_dict().items() if saved["sae"].get(k) != v})
+    train, sae = saved.get("train", {}), saved.get("sae", {})  # keys a run's older saelab did not write are skipped
+    changed = sorted({k for k, v in tcfg.to_dict().items() if k not in _RESUME_FREE and k in train and train[k] != v}
+                     | {k for k, v in cfg.to_dict().items() if k in sae and sae[k] != v})
     if changed:
         raise SaelabError(f"--resume with different settings ({', '.join(changed)}) than the run in {out}: "
                           "pass the same flags, or train to a new --out")
