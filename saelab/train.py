@@ -59,6 +59,13 @@ def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bo
     progress = progress and dist.is_main()
     if len(stores) == 1:
         return {ActivationStore(stores[0]).hook: train_one(stores[0], out, tcfg, scfg, resume, progress)}
+    seen: dict[str, pathlib.Path] = {}
+    for path in stores:
+        hook = ActivationStore(path).hook
+        if hook in seen:
+            raise SaelabError(f"stores {seen[hook]} and {path} both hold hook {hook}, and a group has one SAE per "
+                              "hook: pass --activations with one store folder")
+        seen[hook] = path
     folders = {}
     for path in stores:
         hook = ActivationStore(path).hook

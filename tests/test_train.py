@@ -298,3 +298,20 @@ def test_out_of_range_architecture_settings_are_one_line(extra, tiny_planted, tm
     err = capsys.readouterr().err.strip()
     assert rc == 2 and extra[-2] in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_group_of_two_stores_of_one_hook_is_refused(tiny_planted, tmp_path, capsys):
+    import shutil
+
+    from saelab.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(tiny_planted, run / "a")
+    shutil.copytree(tiny_planted, run / "b")
+    out = tmp_path / "g"
+    assert main(["train", "--activations", str(run), "--k", "4", "--width", "32", "--batch-size", "256",
+                 "--tokens", "2048", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "both hold hook synthetic" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
