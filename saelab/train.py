@@ -192,7 +192,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             sae.b_dec.copy_(median * scale)
         if main:
             atomic_write_text(out / TRAIN_FILE, json.dumps({"train": tcfg.to_dict(), "sae": cfg.to_dict(),
-                                                            "store": str(path), "n_steps": n_steps, "world_size": world,
+                                                            "store": str(path.resolve()), "n_steps": n_steps, "world_size": world,
                                                             "scale": scale, "done": False}, indent=2) + "\n")
     # under torchrun: DDP averages the gradients; statistics are reduced in after_step
     model = _LossModule(sae)

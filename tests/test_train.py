@@ -315,3 +315,17 @@ def test_group_of_two_stores_of_one_hook_is_refused(tiny_planted, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "both hold hook synthetic" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_sae_trained_from_a_relative_path_is_evaluated_from_anywhere(tiny_planted, tmp_path, monkeypatch, capsys):
+    from saelab.cli import main
+
+    monkeypatch.chdir(tiny_planted.parent)
+    assert main(["train", "--activations", tiny_planted.name, "--k", "4", "--width", "32", "--batch-size", "256",
+                 "--tokens", "2048", "--out", "s", "--quiet"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    for cmd in ("eval", "analyze"):
+        assert main([cmd, "--sae", str(tiny_planted.parent / "s"), "--quiet"]) == 0, capsys.readouterr().err
