@@ -160,6 +160,8 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     store = None
     if activations or info.get("store"):
         src = pathlib.Path(activations or info["store"])
+        if not activations and not src.exists():
+            raise SaelabError(f"the store {src} this SAE was trained on is gone: pass --activations STORE_OR_RUN")
         # a store folder is taken as given (a d_in mismatch is reported below); a RUN folder by hook
         paths = resolve_stores(src, None if (src / "manifest.json").exists() else (sae.cfg.hook_name or None))
         store = ActivationStore(paths[0])

@@ -329,3 +329,16 @@ def test_sae_trained_from_a_relative_path_is_evaluated_from_anywhere(tiny_plante
     capsys.readouterr()
     for cmd in ("eval", "analyze"):
         assert main([cmd, "--sae", str(tiny_planted.parent / "s"), "--quiet"]) == 0, capsys.readouterr().err
+
+
+def test_eval_when_the_training_store_is_gone(tiny_planted, tmp_path, capsys):
+    from saelab.cli import main
+
+    assert main(["train", "--activations", str(tiny_planted), "--k", "4", "--width", "32", "--batch-size", "256",
+                 "--tokens", "2048", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    tiny_planted.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is gone: pass --activations" in err and "harvest first" not in err, err
+    assert main(["eval", "--sae", str(tmp_path / "s"), "--activations", str(tmp_path / "moved"), "--quiet"]) == 0
