@@ -128,6 +128,9 @@ def _check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
+        except socket.gaierror as e:
+            raise SaelabError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass a valid --host, e.g. "
+                              "127.0.0.1") from None
         except OSError as e:
             raise SaelabError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass a free --port") from None
 
