@@ -128,6 +128,9 @@ def _check_port(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
+        except socket.gaierror as e:
+            raise SaelabError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass a valid --host, e.g. "
+                              "127.0.0.1") from None
         except OSError as e:
             raise SaelabError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass a free --port") from None
 
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saelab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("saelab: interrupted (resume with --resume)", file=sys.stderr)
+        print("saelab: interrupted" + (" (resume with --resume)" if hasattr(args, "resume") else ""), file=sys.stderr)
         return 130
 
 

@@ -142,6 +142,12 @@ class SAEConfig(JSONConfig):
             raise SaelabError(f"--enc-init must be positive (got {self.enc_init})")
         if not 0 < self.k < self.d_sae:
             raise SaelabError(f"--k {self.k} must be between 1 and the width {self.d_sae} - 1: lower --k or widen the SAE")
+        if not self.bandwidth > 0 or not 0 <= self.threshold_momentum < 1:
+            raise SaelabError(f"--bandwidth must be positive and --threshold-momentum in [0, 1) (got {self.bandwidth}, "
+                              f"{self.threshold_momentum})")
+        if not all(0 < p <= 1 for p in self.matryoshka_prefixes) or not all(k >= 1 for k in self.matryoshka_ks):
+            raise SaelabError(f"--matryoshka-prefix values must be fractions in (0, 1] and --matryoshka-k values at "
+                              f"least 1 (got {self.matryoshka_prefixes}, {self.matryoshka_ks})")
         if self.arch == "matryoshka" and self.matryoshka_mode == "k" and self.matryoshka_ks \
                 and max(self.matryoshka_ks) != self.k:
             raise SaelabError(f"--matryoshka-k values must end at --k {self.k}: add --matryoshka-k {self.k}")
@@ -193,6 +199,11 @@ class TrainConfig(JSONConfig):
             raise SaelabError(f"--lr-decay must be in [0, 1] (got {self.lr_decay})")
         if self.buffer_rows < 1:
             raise SaelabError(f"--buffer-rows must be positive (got {self.buffer_rows})")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise SaelabError(f"--log-every and --checkpoint-every must be positive (got {self.log_every}, "
+                              f"{self.checkpoint_every})")
+        if self.eval_every < 0:
+            raise SaelabError(f"--eval-every must be 0 (only at the end) or positive (got {self.eval_every})")
         return self
 
 

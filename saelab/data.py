@@ -51,7 +51,13 @@ def load_documents(name: str = "tiny", split: str = "train", text_column: str = 
         files = _local_files(path)
         builder = _BUILDERS[files[0].suffix]
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+        except Exception as e:  # malformed json/csv/parquet raise many types (often chained)
+            cause = e.__cause__ or e
+            why = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else type(cause).__name__
+            raise SaelabError(f"could not read {path} as {builder} ({why}): fix the file or pass another --dataset") \
+                from None
         if builder == "text":
             ds = ds.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
             text_column = "text"
@@ -101,19 +107,27 @@ def iter_contexts(
         pending, n_pending = [rest], len(rest)
 
 
+def _texts(batch: list, text_column: str) -> list[str]:
+    bad = next((t for t in batch if not isinstance(t, str)), "")
+    if not isinstance(bad, str):
+        raise SaelabError(f"column '{text_column}' holds a non-text value ({type(bad).__name__} {str(bad)[:40]!r}): "
+                          "fix those rows or pass the --text-column that holds the text")
+    return batch
+
+
 def _batches(docs, text_column: str, n: int) -> Iterator[list[str]]:
     if hasattr(docs, "iter") and not hasattr(docs, "_ex_iterable"):  # map-style Dataset
         for b in docs.iter(batch_size=n):
-            yield b[text_column]
+            yield _texts(b[text_column], text_column)
         return
     buf: list[str] = []
     for row in docs:
         buf.append(row[text_column])
         if len(buf) == n:
-            yield buf
+            yield _texts(buf, text_column)
             buf = []
     if buf:
-        yield buf
+        yield _texts(buf, text_column)
 
 
 def count_contexts(docs, tokenizer, context_size: int, bos: int, text_column: str = "text",

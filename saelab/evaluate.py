@@ -149,6 +149,8 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     from saelab.store import resolve_stores
     from saelab.train import TRAIN_FILE, pick_device
 
+    if n_contexts < 1:
+        raise SaelabError(f"--contexts must be positive (got {n_contexts})")
     sae_path = pathlib.Path(sae_path)
     sae = SAE.load(sae_path)
     dev = pick_device(device)
@@ -158,12 +160,17 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     store = None
     if activations or info.get("store"):
         src = pathlib.Path(activations or info["store"])
+        if not activations and not src.exists():
+            raise SaelabError(f"the store {src} this SAE was trained on is gone: pass --activations STORE_OR_RUN")
         # a store folder is taken as given (a d_in mismatch is reported below); a RUN folder by hook
         paths = resolve_stores(src, None if (src / "manifest.json").exists() else (sae.cfg.hook_name or None))
         store = ActivationStore(paths[0])
         if store.d_in != sae.d_in:
             raise SaelabError(f"the SAE's d_in {sae.d_in} differs from the store's d_in {store.d_in} "
                               f"({store.path}): pass the store of hook {sae.cfg.hook_name}")
+        if sae.cfg.hook_name and store.hook != sae.cfg.hook_name:
+            raise SaelabError(f"store {store.path} holds {store.hook} but the SAE reads {sae.cfg.hook_name}: "
+                              "pass --activations with a store of the SAE's hook")
         res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
     if model_name:
         from saelab.models import load_model

@@ -148,7 +148,7 @@ def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, mod
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume:
         saved = json.loads((out / RUN_FILE).read_text())
-        changed = {k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k not in ("batch_size", "device")}
+        changed = {k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k not in ("batch_size", "device", "out")}
         if changed:
             raise SaelabError(f"--resume with different settings ({', '.join(sorted(changed))}) than the run in {out}: "
                               "pass the same flags, or harvest to a new --out")
@@ -209,6 +209,10 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
     rec = _HookRecorder(hooks, cfg.with_grads)
     probe = {}
     for h, t in probe_rec.acts.items():
+        if t.ndim < 3 or tuple(t.shape[:2]) != (1, ctx) or (t.ndim == 4 and tuple(t.shape[2:]) == (ctx, ctx)):
+            raise SaelabError(f"hook {h} gives {list(t.shape)} for one context of {ctx} tokens, not one vector per "
+                              "position (attention scores/patterns are per pair of positions): choose a "
+                              "per-position hook, e.g. attn.hook_z or hook_attn_out")
         probe[h] = dict(d_in=int(np.prod(t.shape[2:])), shape=list(t.shape[2:]))
 
     run_info = {"config": cfg.to_dict(), "hooks": hooks, "n_contexts": n_contexts, "plan": plan,

@@ -113,6 +113,14 @@ def read_manifest(folder: pathlib.Path) -> dict:
     return m
 
 
+def check_complete(store: pathlib.Path) -> pathlib.Path:
+    """The store folder, if its writer finished; an interrupted harvest's store is refused."""
+    if read_manifest(store).get("complete") is False:
+        raise SaelabError(f"store {store} is incomplete (its writer was interrupted or is still running): finish it "
+                          "with `saelab harvest --resume` and the same flags, or write it again")
+    return store
+
+
 def resolve_stores(path: str | os.PathLike, hook: str | None = None) -> list[pathlib.Path]:
     """Store folders for ``--activations``: a store folder itself, or a RUN folder's stores."""
     p = pathlib.Path(path)
@@ -121,7 +129,7 @@ def resolve_stores(path: str | os.PathLike, hook: str | None = None) -> list[pat
     if (p / MANIFEST).exists():
         if hook is not None and read_manifest(p)["hook"] != hook:
             raise SaelabError(f"store {p} holds hook {read_manifest(p)['hook']}, not {hook}")
-        return [p]
+        return [check_complete(p)]
     stores = sorted(d for d in p.iterdir() if (d / MANIFEST).exists())
     if not stores:
         raise SaelabError(f"{p} holds no store (no */{MANIFEST}): pass a folder written by `saelab harvest`")
@@ -129,8 +137,8 @@ def resolve_stores(path: str | os.PathLike, hook: str | None = None) -> list[pat
         picked = [d for d in stores if d.name == hook]
         if not picked:
             raise SaelabError(f"{p} has no store for hook {hook}; it has {', '.join(d.name for d in stores)}")
-        return picked
-    return stores
+        stores = picked
+    return [check_complete(d) for d in stores]
 
 
 # ----------------------------------------------------------------------------- writing

@@ -59,6 +59,13 @@ def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bo
     progress = progress and dist.is_main()
     if len(stores) == 1:
         return {ActivationStore(stores[0]).hook: train_one(stores[0], out, tcfg, scfg, resume, progress)}
+    seen: dict[str, pathlib.Path] = {}
+    for path in stores:
+        hook = ActivationStore(path).hook
+        if hook in seen:
+            raise SaelabError(f"stores {seen[hook]} and {path} both hold hook {hook}, and a group has one SAE per "
+                              "hook: pass --activations with one store folder")
+        seen[hook] = path
     folders = {}
     for path in stores:
         hook = ActivationStore(path).hook
@@ -108,6 +115,19 @@ def _check_out(out: pathlib.Path, resume: bool) -> None:
         raise SaelabError(f"--out {out} cannot be created ({e.strerror}); choose a folder you can write to") from None
 
 
+# flags that may differ on --resume: where things are, where it runs and how often it reports
+_RESUME_FREE = {"activations", "out", "hook", "device", "log", "log_every", "eval_every", "checkpoint_every", "kernel"}
+
+
+def _check_resume_settings(out: pathlib.Path, saved: dict, tcfg: TrainConfig, cfg: SAEConfig) -> None:
+    train, sae = saved.get("train", {}), saved.get("sae", {})  # keys a run's older saelab did not write are skipped
+    changed = sorted({k for k, v in tcfg.to_dict().items() if k not in _RESUME_FREE and k in train and train[k] != v}
+                     | {k for k, v in cfg.to_dict().items() if k in sae and sae[k] != v})
+    if changed:
+        raise SaelabError(f"--resume with different settings ({', '.join(changed)}) than the run in {out}: "
+                          "pass the same flags, or train to a new --out")
+
+
 def sae_config_for(store: ActivationStore, scfg: SAEConfig) -> SAEConfig:
     m = store.manifest
     if scfg.d_in and scfg.d_in != store.d_in:
@@ -132,8 +152,11 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
                           f"pass a multiple of {world}")
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
-    if resume and (out / TRAIN_FILE).exists() and json.loads((out / TRAIN_FILE).read_text()).get("done"):
-        return out  # finished earlier
+    if resume and (out / TRAIN_FILE).exists():
+        saved = json.loads((out / TRAIN_FILE).read_text())
+        _check_resume_settings(out, saved, tcfg, cfg)
+        if saved.get("done"):
+            return out  # finished earlier
     device = pick_device(dist.device_for(tcfg.device))
     needs_grads = SAE.registry[cfg.arch].needs_grads
     skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
@@ -169,7 +192,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             sae.b_dec.copy_(median * scale)
         if main:
             atomic_write_text(out / TRAIN_FILE, json.dumps({"train": tcfg.to_dict(), "sae": cfg.to_dict(),
-                                                            "store": str(path), "n_steps": n_steps, "world_size": world,
+                                                            "store": str(path.resolve()), "n_steps": n_steps, "world_size": world,
                                                             "scale": scale, "done": False}, indent=2) + "\n")
     # under torchrun: DDP averages the gradients; statistics are reduced in after_step
     model = _LossModule(sae)
@@ -205,9 +228,10 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             step += 1
             bar.update(1)
             last = step == n_steps
-            if step % tcfg.log_every == 0 or last:
+            evaluate_now = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or last)
+            if step % tcfg.log_every == 0 or last or evaluate_now:
                 rec = _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce)
-                if main and tcfg.eval_every and (step % tcfg.eval_every == 0 or last):
+                if main and evaluate_now:
                     rec.update(_heldout(sae, store, scale, skip_bos, device))
                 if main:
                     logger.write(rec)

@@ -206,6 +206,15 @@ def test_labels_round_trip(tmp_path):
         load_labels(tmp_path)
 
 
+def test_label_of_a_latent_the_sae_does_not_have_is_refused(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps({"d_sae": 16, "d_in": 4}))
+    save_label(tmp_path, 15, "last one")
+    for bad in (16, -1):
+        with pytest.raises(SaelabError, match=r"out of range: this SAE has latents 0\.\.15"):
+            save_label(tmp_path, bad, "nowhere")
+    assert load_labels(tmp_path) == {15: "last one"}
+
+
 def test_group_folder_analyses_each_sae(small_run, tmp_path):
     cfg, stores = small_run
     out = tmp_path / "group"
@@ -327,3 +336,17 @@ def test_synthetic_store_without_model(tmp_path):
         c = db.card(i)
         assert c.logits_top == [] and len(c.top) == 3 and c.density > 0
         assert not list(sae_dir.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("cmd,resumable", [(["analyze", "--sae", "X"], False), (["train", "--activations", "X",
+                                                                                 "--out", "Y"], True)])
+def test_ctrl_c_message_names_resume_only_where_it_exists(cmd, resumable, monkeypatch, capsys):
+    from saelab import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_analyze" if cmd[0] == "analyze" else "cmd_train", interrupted)
+    assert cli.main(cmd) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saelab: interrupted") and ("--resume" in err) == resumable, err

@@ -407,3 +407,13 @@ def test_signed_sae_card_shows_both_signs(monkeypatch, demo_group, tiny, tmp_pat
     assert (acts < 0).any()
     want = int(acts.abs().max(0).values.argmax())
     assert _result_buttons(_ok(at), "open_p_")[0].key == f"open_p_{want}"
+
+
+def test_app_command_names_host_for_an_unknown_host(tmp_path, capsys):
+    from saelab.cli import main
+    from saelab.sae.base import SAE
+
+    SAE.create("topk", d_in=8, d_sae=16, k=2, hook_name="blocks.0.hook_resid_post", model_name="tiny").save(tmp_path)
+    assert main(["app", "--sae", str(tmp_path), "--host", "999.1.1.1", "--port", "8599"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pass a valid --host" in err and len(err.splitlines()) == 1, err

@@ -225,3 +225,32 @@ def test_load_circuit_validation(tmp_path):
     p.write_text("{broken")
     with pytest.raises(SaelabError, match="not valid JSON"):
         C.load_circuit(p)
+
+
+def test_circuit_refuses_hook_z_and_synthetic_saes(small_run, tmp_path, capsys):
+    from saelab.cli import main
+    from saelab.config import SAEConfig, TrainConfig
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+    from saelab.train import train
+
+    _, stores = small_run
+    syn = write_synthetic(SyntheticConfig(out=str(tmp_path / "planted"), d=16, n_true=32, active=3, rows=4096),
+                          progress=False)
+    for name, store, needle in (("z", stores["blocks.1.attn.hook_z"], "one vector per position"),
+                                ("syn", syn, "synthetic store")):
+        train(TrainConfig(activations=str(store), out=str(tmp_path / name), tokens=2048, batch_size=1024),
+              SAEConfig(arch="topk", k=4, width=64), progress=False)
+        capsys.readouterr()
+        out = tmp_path / f"{name}.json"
+        assert main(["circuit", "--task", "induction", "--saes", str(tmp_path / name), "--n", "4", "--out", str(out),
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
+    for flag in ("--node-threshold", "--edge-threshold"):
+        out = tmp_path / "neg.json"
+        assert main(["circuit", "--task", "induction", "--saes", str(tmp_path / "z"), "--n", "4", "--out", str(out),
+                     flag, "-1", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "must be at least 0" in err and len(err.splitlines()) == 1, err
+        assert not out.exists()

@@ -28,3 +28,19 @@ def test_jsonl_column_packing_and_seed(tiny, tmp_path):
     assert np.array_equal(ctxs, again) and not np.array_equal(ctxs, other)
     with pytest.raises(SaelabError, match="--text-column"):
         load_documents(str(f), text_column="text")
+
+
+@pytest.mark.parametrize("lines,needle", [
+    (['{"text": "a b c d e f g h"}', "not json"], "could not read"),
+    (['{"text": "a b c d e f g h"}', '{"txt": "no text column on this row"}'], "non-text value"),
+    (['{"text": "a b c d e f g h"}', '{"text": 5}'], "non-text value"),
+])
+def test_harvest_of_a_malformed_local_file_is_one_line(lines, needle, tmp_path, capsys):
+    from saelab.cli import main
+
+    f = tmp_path / "docs.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    rc = main(["harvest", "--hook", "blocks.0.hook_resid_post", "--dataset", str(f), "--context-size", "4",
+               "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err

@@ -132,6 +132,7 @@ def test_flipped_byte_detected_before_rows_served(small_run, tmp_path):
     (["--hook", "blocks.0.hook_resid_pots"], "did you mean blocks.0.hook_resid_post"),
     (["--hook", "blocks.0.hook_resid_post", "--tokens", "100000000"], "provides"),
     (["--hook", "blocks.0.hook_resid_post", "--dataset", "/no/such/file.txt"], "--dataset"),
+    (["--hook", "blocks.0.attn.hook_pattern", "--tokens", "2048", "--context-size", "16"], "per-position hook"),
 ])
 def test_errors_are_one_line(tmp_path, args, needle):
     r = _cli("harvest", *args, "--out", str(tmp_path / "o"), "--quiet")
@@ -167,3 +168,14 @@ def test_demo_cli_harvests_and_reruns(tmp_path):
         m = read_manifest(out / hook)
         assert m["complete"] and m["n_tokens"] == 16384
         assert ActivationStore(out / hook).n_rows("all") == 16384
+
+
+def test_resume_accepts_the_same_out_written_differently(tmp_path, monkeypatch, capsys):
+    from saelab.cli import main
+
+    args = ["harvest", "--hook", "blocks.0.hook_resid_post", "--tokens", str(16 * 8), "--context-size", "16",
+            "--shard-rows", "64", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    monkeypatch.chdir(tmp_path)
+    for out in (str(tmp_path / "run") + "/", "run", "./run"):
+        assert main([*args, "--out", out, "--resume"]) == 0, capsys.readouterr().err

@@ -176,3 +176,15 @@ def test_steering_an_sae_on_attention_outputs(tiny):
     assert acts.shape == (len(toks), 256)
     r = steer(tiny, sae, PROMPT, [Intervention(3, "add", 20.0)], max_new_tokens=3, temperature=0.0)
     assert r.metrics["kl"] > 0 and math.isnan(r.metrics["logit_shift"]) and r.metrics["promoted"] == []
+
+
+def test_nonfinite_value_and_bad_generation_settings_are_one_line(tiny):
+    from saelab.analysis.steering import Intervention, steer
+    from saelab.sae.base import SAE
+
+    sae = SAE.create("topk", d_in=128, d_sae=256, k=4, hook_name="blocks.0.hook_resid_post", model_name="tiny")
+    with pytest.raises(SaelabError, match="not a finite number"):
+        steer(tiny, sae, PROMPT, [Intervention(1, "add", float("nan"))], max_new_tokens=2)
+    for kw in ({"max_new_tokens": 0}, {"max_new_tokens": 2, "temperature": -1.0}):
+        with pytest.raises(SaelabError, match="max_new_tokens must be at least 1 and temperature at least 0"):
+            steer(tiny, sae, PROMPT, [Intervention(1, "add", 1.0)], **kw)

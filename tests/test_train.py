@@ -182,3 +182,163 @@ def test_synthetic_cli_and_bf16_autocast(tmp_path):
                       autocast="bf16"), SAEConfig(arch="topk", k=4, expansion=4), progress=False)
     ev = json.loads((tmp_path / "bf16" / "eval.json").read_text())
     assert ev["fvu"] < 1.5 and ev["l0"] <= 4
+
+
+@pytest.fixture
+def tiny_planted(tmp_path):
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    return write_synthetic(SyntheticConfig(out=str(tmp_path / "planted"), d=16, n_true=32, active=3, rows=8192,
+                                           shard_rows=2048, holdout=0.25), progress=False)
+
+
+@pytest.mark.parametrize("flag", ["--log-every", "--checkpoint-every", "--eval-every"])
+def test_train_step_intervals_must_be_positive(flag, tiny_planted, tmp_path):
+    from saelab.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["train", "--activations", str(tiny_planted), "--k", "4", "--width", "32", "--batch-size", "256",
+               "--out", str(out), "--quiet", flag, "0" if flag != "--eval-every" else "-1"])
+    assert rc == 2 and not out.exists()
+
+
+def test_resume_with_other_settings_is_refused(tiny_planted, tmp_path, capsys):
+    from saelab.cli import main
+
+    out = tmp_path / "o"
+    args = ["train", "--activations", str(tiny_planted), "--k", "4", "--width", "32", "--batch-size", "256",
+            "--tokens", str(256 * 8), "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    info = json.loads((out / "train.json").read_text())
+    info["done"] = False  # as if it had been killed
+    (out / "train.json").write_text(json.dumps(info))
+    weights = (out / "sae_weights.safetensors").read_bytes()
+    capsys.readouterr()
+    for change in (["--width", "64"], ["--k", "2"], ["--lr", "1e-2"]):
+        assert main([*args, *change, "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "different settings" in err, err
+        assert change[0][2:] in err, err
+    assert (out / "sae_weights.safetensors").read_bytes() == weights
+    # the flags that do not change the run may differ
+    assert main([*args, "--resume", "--log-every", "5", "--checkpoint-every", "3"]) == 0
+
+
+def test_eval_every_is_not_limited_to_log_steps(tiny_planted, tmp_path):
+    out = tmp_path / "o"
+    train(TrainConfig(activations=str(tiny_planted), out=str(out), tokens=256 * 30, batch_size=256, log_every=20,
+                      eval_every=10), SAEConfig(arch="topk", k=4, width=32), progress=False)
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "heldout_fvu" in r] == [10, 20, 30]
+
+
+def test_eval_refuses_another_hooks_store_and_zero_contexts(small_run, tmp_path, capsys):
+    from saelab.cli import main
+
+    _, stores = small_run
+    out = tmp_path / "s"
+    train(TrainConfig(activations=str(stores["blocks.0.hook_resid_post"]), out=str(out), tokens=2048,
+                      batch_size=1024), SAEConfig(arch="topk", k=4, width=64), progress=False)
+    before = (out / "eval.json").read_text()
+    capsys.readouterr()
+    # blocks.1.attn.hook_z has the same width (4 heads × 32) but is another hook
+    for extra, needle in ((["--activations", str(stores["blocks.1.attn.hook_z"])], "the SAE reads"),
+                          (["--model", "tiny", "--contexts", "0"], "--contexts")):
+        assert main(["eval", "--sae", str(out), *extra, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert (out / "eval.json").read_text() == before
+
+
+def test_incomplete_store_is_refused(tiny_planted, tmp_path, capsys):
+    """A store whose writer was interrupted (manifest "complete": false) is not trained, evaluated or analysed."""
+    from saelab.cli import main
+
+    sae = tmp_path / "s"
+    args = ["--k", "4", "--width", "32", "--batch-size", "256", "--tokens", "2048", "--quiet"]
+    assert main(["train", "--activations", str(tiny_planted), "--out", str(sae), *args]) == 0
+    m = json.loads((tiny_planted / "manifest.json").read_text())
+    (tiny_planted / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+    capsys.readouterr()
+    for cmd in (["train", "--activations", str(tiny_planted), "--out", str(tmp_path / "o"), *args],
+                ["train", "--activations", str(tiny_planted.parent), "--out", str(tmp_path / "o"), *args],
+                ["eval", "--sae", str(sae), "--quiet"],
+                ["analyze", "--sae", str(sae), "--activations", str(tiny_planted), "--quiet"]):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err.strip()
+        assert "is incomplete" in err and "--resume" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_a_group_folder_names_its_sae_folders(small_run, tmp_path, capsys):
+    from saelab.cli import main
+
+    cfg, _ = small_run
+    group = tmp_path / "g"
+    train(TrainConfig(activations=cfg.out, out=str(group), tokens=1024, batch_size=1024),
+          SAEConfig(arch="topk", k=4, width=64), progress=False)
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(group), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is an SAE group" in err and str(group / "blocks.0.hook_resid_post") in err, err
+    assert len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra", [["--arch", "jumprelu", "--bandwidth", "0"],
+                                   ["--arch", "batchtopk", "--threshold-momentum", "2"],
+                                   ["--arch", "matryoshka", "--matryoshka-prefix", "1.5"],
+                                   ["--arch", "matryoshka", "--matryoshka-mode", "k", "--matryoshka-k", "0",
+                                    "--matryoshka-k", "4"]])
+def test_out_of_range_architecture_settings_are_one_line(extra, tiny_planted, tmp_path, capsys):
+    from saelab.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["train", "--activations", str(tiny_planted), "--k", "4", "--width", "32", "--batch-size", "256",
+               "--tokens", "2048", "--out", str(out), "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and extra[-2] in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_group_of_two_stores_of_one_hook_is_refused(tiny_planted, tmp_path, capsys):
+    import shutil
+
+    from saelab.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(tiny_planted, run / "a")
+    shutil.copytree(tiny_planted, run / "b")
+    out = tmp_path / "g"
+    assert main(["train", "--activations", str(run), "--k", "4", "--width", "32", "--batch-size", "256",
+                 "--tokens", "2048", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "both hold hook synthetic" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_sae_trained_from_a_relative_path_is_evaluated_from_anywhere(tiny_planted, tmp_path, monkeypatch, capsys):
+    from saelab.cli import main
+
+    monkeypatch.chdir(tiny_planted.parent)
+    assert main(["train", "--activations", tiny_planted.name, "--k", "4", "--width", "32", "--batch-size", "256",
+                 "--tokens", "2048", "--out", "s", "--quiet"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    for cmd in ("eval", "analyze"):
+        assert main([cmd, "--sae", str(tiny_planted.parent / "s"), "--quiet"]) == 0, capsys.readouterr().err
+
+
+def test_eval_when_the_training_store_is_gone(tiny_planted, tmp_path, capsys):
+    from saelab.cli import main
+
+    assert main(["train", "--activations", str(tiny_planted), "--k", "4", "--width", "32", "--batch-size", "256",
+                 "--tokens", "2048", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    tiny_planted.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is gone: pass --activations" in err and "harvest first" not in err, err
+    assert main(["eval", "--sae", str(tmp_path / "s"), "--activations", str(tmp_path / "moved"), "--quiet"]) == 0

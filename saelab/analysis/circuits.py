@@ -190,6 +190,10 @@ def node_values(model, group: SAEGroup, tokens) -> _Acts:
     _, got = _run(model, tokens, {}, stop_at=group.hooks[-1], capture=group.hooks)
     f, e = {}, {}
     for h in group.hooks:
+        if got[h].ndim != 3 or got[h].shape[-1] != group.saes[h].d_in:
+            raise SaelabError(f"hook {h} gives {list(got[h].shape[2:])} per position, not the {group.saes[h].d_in} "
+                              f"features SAE {group.folders[h]} reads (e.g. attn.hook_z: one vector per head): "
+                              "circuits need SAEs on hooks with one vector per position, e.g. hook_attn_out")
         f[h], e[h] = _split(group.saes[h], got[h].float())
     return _Acts(f, e)
 
@@ -429,6 +433,9 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
     edges and their faithfulness (then ``edges`` is empty and the edge faithfulness None)."""
     if method not in ("attrib", "ig"):
         raise SaelabError(f"--method {method!r}: choose attrib or ig")
+    if not (node_threshold >= 0 and edge_threshold >= 0):
+        raise SaelabError(f"--node-threshold and --edge-threshold must be at least 0 (got {node_threshold}, "
+                          f"{edge_threshold}); 0 keeps every node or edge")
     if len(task) == 0:
         raise SaelabError("the task has no examples: pass a task with at least one prompt")
     _check_model(model, group)
@@ -522,6 +529,9 @@ def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, nod
 
     group = load_group(saes)
     if model is None:
+        if group.model == "synthetic":
+            raise SaelabError(f"{group.path}: these SAEs were trained on a synthetic store, which no model computes: "
+                              "pass SAEs trained on a model's activations")
         model = load_model(group.model, pick_device(device))
     _check_model(model, group)
     task = make_task(task_spec, model, n=n, seed=seed)

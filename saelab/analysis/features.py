@@ -172,7 +172,7 @@ def sae_folders(path) -> list[pathlib.Path]:
 
 
 def _resolve_store(sae_dir: pathlib.Path, sae, activations):
-    from saelab.store import MANIFEST, ActivationStore, resolve_stores
+    from saelab.store import MANIFEST, ActivationStore, check_complete, resolve_stores
 
     hook = sae.cfg.hook_name or None
     if activations is None:
@@ -185,7 +185,7 @@ def _resolve_store(sae_dir: pathlib.Path, sae, activations):
             raise SaelabError(f"the store {activations} this SAE was trained on is gone: pass --activations STORE_OR_RUN")
     p = pathlib.Path(activations)
     if (p / MANIFEST).exists():
-        path = p
+        path = check_complete(p)
     else:
         stores = resolve_stores(p, hook)
         if len(stores) > 1:
@@ -833,6 +833,10 @@ def save_label(sae_dir, latent: int, text: str) -> None:
     sae_dir = pathlib.Path(sae_dir)
     if not sae_dir.is_dir():
         raise SaelabError(f"{sae_dir}: no such SAE folder")
+    cfg = sae_dir / "cfg.json"
+    d_sae = json.loads(cfg.read_text()).get("d_sae") if cfg.is_file() else None
+    if d_sae and not 0 <= int(latent) < d_sae:
+        raise SaelabError(f"latent {latent} is out of range: this SAE has latents 0..{d_sae - 1}")
     labels = load_labels(sae_dir)
     text = (text or "").strip()
     if text:

@@ -30,6 +30,7 @@ on each of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -52,6 +53,8 @@ class Intervention:
     def __post_init__(self):
         if self.mode not in MODES:
             raise SaelabError(f"unknown steering mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if not math.isfinite(float(self.value)):
+            raise SaelabError(f"steering value {self.value} of latent {self.latent} is not a finite number: pass one")
 
 
 @dataclasses.dataclass
@@ -242,6 +245,9 @@ def steer(model, sae, prompt, interventions, *, max_new_tokens: int = 30, temper
     (the ``top_n`` biggest rises and falls), and the steering metrics (module docstring)."""
     interventions = as_interventions(interventions)
     _check(sae, model, interventions)
+    if max_new_tokens < 1 or not temperature >= 0:
+        raise SaelabError(f"max_new_tokens must be at least 1 and temperature at least 0 (0: greedy); got "
+                          f"{max_new_tokens} and {temperature}")
     toks = _tokens(model, prompt, max_new_tokens).to(next(model.parameters()).device)
     clean = _Clean(model, toks, max_new_tokens, temperature, seed)
     cont, metrics, prob = _run(model, sae, toks, interventions, clean, max_new_tokens=max_new_tokens,

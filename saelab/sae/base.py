@@ -238,6 +238,10 @@ class SAE(nn.Module):
         from safetensors.torch import load_file
 
         path = pathlib.Path(path)
+        if (path / "group.json").is_file() and not (path / CFG_FILE).is_file():
+            hooks = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
+            raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
+                              f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
         if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
                               "pass a folder written by saelab train or SAELens")
