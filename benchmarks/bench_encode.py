@@ -78,6 +78,15 @@ def alternate(variants: dict, reps: int, sync=lambda: None) -> dict:
     return {name: statistics.median(v) for name, v in ts.items()}
 
 
+def train_step(sae, xs, kernel):
+    """One TopK training step's compute (loss + backward) with the given encode path, as a callable."""
+    def fn():
+        sae.kernel = kernel
+        sae.loss(xs)["loss"].backward()
+        sae.zero_grad(set_to_none=True)
+    return fn
+
+
 def mem_child(kernel: str, width: int, B: int, d: int, k: int) -> None:
     """Subprocess body: print the peak RSS growth of one forward over the allocated inputs."""
     x, W, b = inputs(B, d, width)
@@ -138,15 +147,7 @@ def cpu_sections(a, widths):
         torch.manual_seed(0)
         sae = SAE.create("topk", d_in=a.d_in, d_sae=n, k=a.k)
         xs = torch.randn(a.batch, a.d_in)
-
-        def step(kernel):
-            def fn():
-                sae.kernel = kernel
-                sae.loss(xs)["loss"].backward()
-                sae.zero_grad(set_to_none=True)
-            return fn
-
-        ts = alternate({"reference": step("reference"), **{f: step(f) for f in FUSED}}, a.reps)
+        ts = alternate({kern: train_step(sae, xs, kern) for kern in ("reference", *FUSED)}, a.reps)
         del sae
         rows.append((n, t, cand, mem, ts))
         ms = lambda v: f"{v * 1e3:.0f}"  # noqa: E731
@@ -199,15 +200,7 @@ def gpu_section(a):
     torch.manual_seed(0)
     sae = SAE.create("topk", d_in=d, d_sae=n, k=k).cuda().bfloat16()
     xs = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
-
-    def step(kernel):
-        def fn():
-            sae.kernel = kernel
-            sae.loss(xs)["loss"].backward()
-            sae.zero_grad(set_to_none=True)
-        return fn
-
-    ts = alternate({kern: step(kern) for kern in paths}, max(a.reps, 10), sync)
+    ts = alternate({kern: train_step(sae, xs, kern) for kern in paths}, max(a.reps, 10), sync)
     print(f"GPU {torch.cuda.get_device_name()}: B={B}, d_in={d}, d_sae={n}, k={k}, bf16, torch {torch.__version__}")
     print("| path | forward ms | forward speed-up vs reference | peak extra MiB | train step ms | step speed-up |")
     print("|---|---|---|---|---|---|")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from saelab.kernels import topk_encode
-from test_kernels import SHAPES, check_against_reference
+from test_kernels import SHAPES, check_against_reference, check_backward_against_reference
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CI has none)")]
@@ -68,15 +68,7 @@ def test_triton_cuda_bf16_issue_shape(signed):
 @pytest.mark.parametrize("signed", [False, True])
 def test_triton_cuda_backward(signed):
     """The sparse backward on CUDA equals autograd through the dense reference."""
-    x, W, b = _inputs(13, 300, 64, 2000)
-    grads = []
-    for kernel in ["reference", "triton"]:
-        xs, Ws, bs = (t.clone().requires_grad_(True) for t in (x, W, b))
-        v, i = topk_encode(xs, Ws, bs, 16, signed, kernel=kernel)
-        (v * (1 + i.float() / 2000)).sum().backward()
-        grads.append((xs.grad, Ws.grad, bs.grad))
-    for a, c in zip(*grads):
-        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+    check_backward_against_reference(*_inputs(13, 300, 64, 2000), 16, signed, "triton")
 
 
 def test_train_on_cuda_triton_vs_reference(tmp_path):
