@@ -16,6 +16,12 @@ from typing import Any
 
 from saelab import SaelabError
 
+# the files of an SAE folder (saelab train, SAELens) and of a group folder (one SAE per hook)
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+TRAIN_FILE = "train.json"  # the training settings and the store's absolute path
+GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
+
 
 def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - mirrors argparse
     """A dataclass field whose metadata carries the CLI help (and optional flag settings)."""
@@ -254,3 +260,42 @@ def from_args(cls, ns):
             v = f.default_factory()
         values[f.name] = v
     return cls(**values)
+
+
+def read_group(path: str | pathlib.Path) -> tuple[str | None, dict[str, pathlib.Path]] | None:
+    """A group folder's (model name or None, {hook: SAE folder}) from its group.json; None when
+    ``path`` holds no group.json. A malformed group file is a one-line error."""
+    path = pathlib.Path(path)
+    f = path / GROUP_FILE
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+        hooks, model = meta["hooks"], meta.get("model")
+        if not isinstance(hooks, dict) or not all(isinstance(v, str) for v in hooks.values()) \
+                or not (model is None or isinstance(model, str)):
+            raise TypeError
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        raise SaelabError(f"{f} is not a valid group file ({{\"model\": ..., \"hooks\": {{hook: folder}}}}): "
+                          "re-run saelab train on the RUN folder") from None
+    return model or None, {h: path / sub for h, sub in hooks.items()}
+
+
+def read_sae_cfg(path: str | pathlib.Path) -> dict:
+    """The parsed cfg.json of an SAE folder (saelab or SAELens); a one-line error when ``path`` is
+    no SAE folder (missing, no cfg.json or weights, unreadable JSON)."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise SaelabError(f"{path}: no such folder; pass an SAE folder written by saelab train or SAELens")
+    if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
+                          "pass a folder written by saelab train or SAELens, or a group folder")
+    try:
+        raw = json.loads((path / CFG_FILE).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise SaelabError(f"{path / CFG_FILE} is not readable ({e}); re-save the SAE") from None
+    except json.JSONDecodeError as e:
+        raise SaelabError(f"{path / CFG_FILE} is not valid JSON ({e.msg}); re-save the SAE") from None
+    if not isinstance(raw, dict):
+        raise SaelabError(f"{path / CFG_FILE} is not an SAE config (a JSON object); re-save the SAE")
+    return raw

@@ -88,7 +88,8 @@ def _ensure_trained(root, *, tokens, train_tokens, progress, model, name="demo",
     from saelab.config import HarvestConfig, SAEConfig, TrainConfig
     from saelab.harvest import RUN_FILE, _complete, harvest
     from saelab.store import atomic_write_text
-    from saelab.train import GROUP_FILE, TRAIN_FILE, train
+    from saelab.config import GROUP_FILE, TRAIN_FILE
+    from saelab.train import train
 
     base = demo_root(root)
     run, group = base / "activations" / (activations or name), base / "runs" / name

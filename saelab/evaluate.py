@@ -146,8 +146,9 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
              device: str = "auto", progress: bool = True, write: bool = True) -> dict:
     """What `saelab eval` does: store metrics, and CE metrics when a model is given; writes eval.json."""
     from saelab.sae import SAE
-    from saelab.store import resolve_stores
-    from saelab.train import TRAIN_FILE, pick_device
+    from saelab.config import TRAIN_FILE
+    from saelab.store import store_for_sae
+    from saelab.train import pick_device
 
     if n_contexts < 1:
         raise SaelabError(f"--contexts must be positive (got {n_contexts})")
@@ -157,20 +158,8 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     info = json.loads((sae_path / TRAIN_FILE).read_text()) if (sae_path / TRAIN_FILE).exists() else {}
     skip_bos = not info.get("train", {}).get("include_bos", False)
     res: dict = {}
-    store = None
-    if activations or info.get("store"):
-        src = pathlib.Path(activations or info["store"])
-        if not activations and not src.exists():
-            raise SaelabError(f"the store {src} this SAE was trained on is gone: pass --activations STORE_OR_RUN")
-        # a store folder is taken as given (a d_in mismatch is reported below); a RUN folder by hook
-        paths = resolve_stores(src, None if (src / "manifest.json").exists() else (sae.cfg.hook_name or None))
-        store = ActivationStore(paths[0])
-        if store.d_in != sae.d_in:
-            raise SaelabError(f"the SAE's d_in {sae.d_in} differs from the store's d_in {store.d_in} "
-                              f"({store.path}): pass the store of hook {sae.cfg.hook_name}")
-        if sae.cfg.hook_name and store.hook != sae.cfg.hook_name:
-            raise SaelabError(f"store {store.path} holds {store.hook} but the SAE reads {sae.cfg.hook_name}: "
-                              "pass --activations with a store of the SAE's hook")
+    store = store_for_sae(sae_path, sae, activations, required=False)
+    if store is not None:
         res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
     if model_name:
         from saelab.models import load_model

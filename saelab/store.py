@@ -141,6 +141,38 @@ def resolve_stores(path: str | os.PathLike, hook: str | None = None) -> list[pat
     return [check_complete(d) for d in stores]
 
 
+def store_for_sae(sae_dir: str | os.PathLike, sae, activations: str | os.PathLike | None = None,
+                  required: bool = True) -> "ActivationStore | None":
+    """The store an SAE is evaluated or analysed on: ``activations`` (a store folder, or a RUN
+    folder whose store of the SAE's hook is taken), else the store its train.json names. Without
+    either: a one-line error, or None when not ``required``. A store of another hook or width, or
+    a RUN folder of several stores for an SAE that names no hook, is refused."""
+    from saelab.config import TRAIN_FILE
+
+    sae_dir = pathlib.Path(sae_dir)
+    hook = sae.cfg.hook_name or None
+    if activations is None:
+        try:
+            activations = json.loads((sae_dir / TRAIN_FILE).read_text())["store"]
+        except (OSError, ValueError, KeyError, TypeError):
+            if not required:
+                return None
+            raise SaelabError(f"{sae_dir} has no {TRAIN_FILE} naming the store it was trained on: "
+                              "pass --activations STORE_OR_RUN") from None
+        if not pathlib.Path(activations).exists():
+            raise SaelabError(f"the store {activations} this SAE was trained on is gone: pass --activations STORE_OR_RUN")
+    p = pathlib.Path(activations)
+    # a store folder is taken as given (a hook or width mismatch is reported below); a RUN folder by hook
+    stores = resolve_stores(p, None if (p / MANIFEST).exists() else hook)
+    if len(stores) > 1:
+        raise SaelabError(f"{p} holds {len(stores)} stores and the SAE names no hook: pass one store folder")
+    store = ActivationStore(stores[0])
+    if store.d_in != sae.d_in or (hook and store.hook != hook):
+        raise SaelabError(f"store {store.path} holds {store.hook} (d_in {store.d_in}) but the SAE reads "
+                          f"{hook or '?'} (d_in {sae.d_in}): pass --activations with a store of the SAE's hook")
+    return store
+
+
 # ----------------------------------------------------------------------------- writing
 class ShardWriter:
     """Writes the shards and manifest of one store; each shard enters the manifest complete."""

@@ -32,15 +32,13 @@ from tqdm.auto import tqdm
 
 from saelab import SaelabError
 from saelab import distributed as dist
-from saelab.config import SAEConfig, TrainConfig
 from saelab.evaluate import evaluate_store
 from saelab.sae import SAE
+from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig
 from saelab.store import ActivationStore, atomic_write_text, fsync_file, resolve_stores
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-TRAIN_FILE = "train.json"
-GROUP_FILE = "group.json"
 
 
 def pick_device(name: str) -> torch.device:

@@ -284,6 +284,49 @@ def test_eval_of_a_group_folder_names_its_sae_folders(small_run, tmp_path, capsy
     assert len(err.splitlines()) == 1, err
 
 
+def test_eval_and_analyze_pick_the_store_of_the_sae_hook(small_run, tmp_path, capsys):
+    """eval and analyze resolve --activations alike (saelab.store.store_for_sae): a RUN folder gives
+    the store of the SAE's hook; for an SAE that names no hook, a RUN folder of several stores is a
+    one-line error in both (eval used to take the first store)."""
+    from saelab.cli import main
+
+    cfg, _ = small_run
+    sae_dir = tmp_path / "s"
+    train(TrainConfig(activations=cfg.out, hook="blocks.1.attn.hook_z", out=str(sae_dir), tokens=1024,
+                      batch_size=1024), SAEConfig(arch="topk", k=4, width=64), progress=False)
+    capsys.readouterr()
+    for cmd in ("eval", "analyze"):
+        assert main([cmd, "--sae", str(sae_dir), "--activations", cfg.out, "--quiet"]) == 0, capsys.readouterr().err
+    assert json.loads((sae_dir / "eval.json").read_text())["fvu"] < 1
+    anon = SAE.load(sae_dir)
+    anon.cfg.hook_name = ""
+    anon.save(tmp_path / "anon")
+    capsys.readouterr()
+    for cmd in ("eval", "analyze"):
+        assert main([cmd, "--sae", str(tmp_path / "anon"), "--activations", cfg.out, "--quiet"]) == 2, cmd
+        err = capsys.readouterr().err.strip()
+        assert "holds 2 stores and the SAE names no hook" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_malformed_group_file_is_one_line_everywhere(tmp_path, capsys):
+    """analyze, circuit and the app read group.json through one parser (saelab.config.read_group)."""
+    from saelab.analysis.circuits import load_group
+    from saelab.analysis.features import sae_folders
+    from saelab.app import resolve_target
+    from saelab.cli import main
+    from saelab import SaelabError
+
+    for bad in ('{"hooks": ["blocks.0.hook_resid_post"]}', '{"model": 3, "hooks": {}}', "[1]", "{not json"):
+        (tmp_path / "group.json").write_text(bad)
+        for read in (sae_folders, load_group, resolve_target):
+            with pytest.raises(SaelabError, match="is not a valid group file"):
+                read(tmp_path)
+    capsys.readouterr()
+    assert main(["analyze", "--sae", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a valid group file" in err and "re-run saelab train" in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("extra", [["--arch", "jumprelu", "--bandwidth", "0"],
                                    ["--arch", "batchtopk", "--threshold-momentum", "2"],
                                    ["--arch", "matryoshka", "--matryoshka-prefix", "1.5"],

@@ -80,18 +80,13 @@ def load_group(path, device="cpu") -> SAEGroup:
     """A group folder (``group.json``) or one SAE folder. Every SAE must come from one model."""
     from saelab.models import hook_layer
     from saelab.sae import SAE
-    from saelab.train import GROUP_FILE
+    from saelab.config import CFG_FILE, read_group
 
     path = pathlib.Path(path).expanduser().resolve()
-    if (path / GROUP_FILE).is_file():
-        try:
-            meta = json.loads((path / GROUP_FILE).read_text())
-            folders = {h: path / f for h, f in meta["hooks"].items()}
-        except (ValueError, KeyError, AttributeError, TypeError):
-            raise SaelabError(f"{path / GROUP_FILE} is not a valid group file ({{model, hooks: {{hook: folder}}}}): "
-                              "re-run saelab train on the RUN folder") from None
-        model = meta.get("model")
-    elif (path / "cfg.json").is_file():
+    group = read_group(path)
+    if group is not None:
+        model, folders = group
+    elif (path / CFG_FILE).is_file():
         folders, model = None, None
     else:
         raise SaelabError(f"{path} is neither an SAE group (group.json) nor an SAE folder (cfg.json): "

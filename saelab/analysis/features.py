@@ -119,27 +119,13 @@ class LatentCard:
 
 
 # ============================================================================ helpers
-def _sae_cfg(sae_dir: pathlib.Path) -> dict:
-    from saelab.sae.base import CFG_FILE, WEIGHTS_FILE
-
-    if not sae_dir.is_dir():
-        raise SaelabError(f"--sae {sae_dir}: no such folder; pass an SAE folder written by saelab train or SAELens")
-    if not (sae_dir / CFG_FILE).is_file() or not (sae_dir / WEIGHTS_FILE).is_file():
-        raise SaelabError(f"{sae_dir} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
-                          "pass a folder written by saelab train or SAELens, or a group folder")
-    try:
-        return json.loads((sae_dir / CFG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise SaelabError(f"{sae_dir / CFG_FILE} is not valid JSON ({e.msg}); re-save the SAE") from None
-
-
 def sae_identity(sae_dir) -> dict:
     """{"sae_sha256", "d_sae", "d_in"} of an SAE folder (what features.h5 must match)."""
-    from saelab.sae.base import WEIGHTS_FILE
+    from saelab.config import WEIGHTS_FILE, read_sae_cfg
     from saelab.store import sha256_file
 
     sae_dir = pathlib.Path(sae_dir)
-    cfg = _sae_cfg(sae_dir)
+    cfg = read_sae_cfg(sae_dir)
     weights = sae_dir / WEIGHTS_FILE
     try:
         st = weights.stat()
@@ -158,44 +144,13 @@ _SHA_CACHE: dict[tuple, str] = {}
 
 def sae_folders(path) -> list[pathlib.Path]:
     """The SAE folders of ``--sae``: a group folder's SAEs (group.json), else the folder itself."""
-    from saelab.train import GROUP_FILE
+    from saelab.config import read_group, read_sae_cfg
 
-    path = pathlib.Path(path)
-    if (path / GROUP_FILE).is_file():
-        try:
-            hooks = json.loads((path / GROUP_FILE).read_text())["hooks"]
-        except (ValueError, KeyError, TypeError):
-            raise SaelabError(f"{path / GROUP_FILE} is not a saelab group file: pass one SAE folder instead") from None
-        return [path / folder for folder in hooks.values()]
-    _sae_cfg(path)
-    return [path]
-
-
-def _resolve_store(sae_dir: pathlib.Path, sae, activations):
-    from saelab.store import MANIFEST, ActivationStore, check_complete, resolve_stores
-
-    hook = sae.cfg.hook_name or None
-    if activations is None:
-        try:
-            activations = json.loads((sae_dir / "train.json").read_text())["store"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise SaelabError(f"{sae_dir} has no train.json naming the store it was trained on: "
-                              "pass --activations STORE_OR_RUN") from None
-        if not pathlib.Path(activations).exists():
-            raise SaelabError(f"the store {activations} this SAE was trained on is gone: pass --activations STORE_OR_RUN")
-    p = pathlib.Path(activations)
-    if (p / MANIFEST).exists():
-        path = check_complete(p)
-    else:
-        stores = resolve_stores(p, hook)
-        if len(stores) > 1:
-            raise SaelabError(f"{p} holds {len(stores)} stores and the SAE names no hook: pass one store folder")
-        path = stores[0]
-    store = ActivationStore(path)
-    if store.d_in != sae.d_in or (hook and store.hook != hook):
-        raise SaelabError(f"store {path} holds {store.hook} (d_in {store.d_in}) but the SAE reads {hook or '?'} "
-                          f"(d_in {sae.d_in}): pass --activations with a store of the SAE's hook")
-    return store
+    group = read_group(path)
+    if group is not None:
+        return list(group[1].values())
+    read_sae_cfg(path)
+    return [pathlib.Path(path)]
 
 
 class _TokenReader:
@@ -486,8 +441,8 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     strings (default: load the store's model; none for synthetic stores)."""
     from saelab.models import load_model, pick_device
     from saelab.sae.base import SAE
-    from saelab.store import fsync_dir, fsync_file
-    from saelab.train import GROUP_FILE
+    from saelab.config import GROUP_FILE
+    from saelab.store import fsync_dir, fsync_file, store_for_sae
 
     sae_dir = pathlib.Path(sae_dir)
     if (sae_dir / GROUP_FILE).is_file():
@@ -500,7 +455,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     ident = sae_identity(sae_dir)
     dev = torch.device(pick_device(device))
     sae = SAE.load(sae_dir, device=dev).eval()
-    store = _resolve_store(sae_dir, sae, activations)
+    store = store_for_sae(sae_dir, sae, activations)
     signed = bool(getattr(sae, "signed", False))
     name = store.manifest.get("model") or sae.cfg.model_name
     if model is None and name and name != "synthetic":

@@ -9,12 +9,12 @@ installed package alone — with ``pip install -e .`` and with a regular install
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import sys
 
 from saelab import SaelabError
+from saelab.config import CFG_FILE, WEIGHTS_FILE, read_group, read_sae_cfg
 
 APP_DIR = pathlib.Path(__file__).resolve().parent
 HOME = APP_DIR / "Home.py"
@@ -36,14 +36,11 @@ class Target:
 
 
 def _is_sae(p: pathlib.Path) -> bool:
-    return (p / "cfg.json").is_file() and (p / "sae_weights.safetensors").is_file()
+    return (p / CFG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
 
 
 def _sae_cfg(p: pathlib.Path) -> dict:
-    try:
-        raw = json.loads((p / "cfg.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SaelabError(f"{p / 'cfg.json'} is not readable JSON ({e}): re-save the SAE") from None
+    raw = read_sae_cfg(p)
     meta = raw.get("metadata") or {}
     return {"hook": raw.get("hook_name") or meta.get("hook_name") or p.name,
             "model": raw.get("model_name") or meta.get("model_name") or "tiny"}
@@ -56,16 +53,13 @@ def resolve_target(path) -> Target:
         raise SaelabError(f"no SAE given: start the app with `saelab app --sae runs/NAME_OR_GROUP` "
                           f"(or set {ENV_VAR})")
     p = pathlib.Path(path).expanduser().resolve()
-    if (p / "group.json").is_file():
-        try:
-            g = json.loads((p / "group.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SaelabError(f"{p / 'group.json'} is not readable JSON ({e}): re-run saelab train") from None
-        saes = {h: (p / sub) for h, sub in (g.get("hooks") or {}).items()}
+    group = read_group(p)
+    if group is not None:
+        model, saes = group
         saes = {h: f for h, f in saes.items() if _is_sae(f)}
         if not saes:
             raise SaelabError(f"group {p} lists no finished SAE folder: finish training it (saelab train --resume)")
-        return Target(p, p, saes, g.get("model") or _sae_cfg(next(iter(saes.values())))["model"])
+        return Target(p, p, saes, model or _sae_cfg(next(iter(saes.values())))["model"])
     if _is_sae(p):
         c = _sae_cfg(p)
         return Target(p, None, {c["hook"]: p}, c["model"])

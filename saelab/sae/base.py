@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from saelab import SaelabError
-from saelab.config import ARCHS, SAEConfig
+from saelab.config import ARCHS, CFG_FILE, GROUP_FILE, TRAIN_FILE, WEIGHTS_FILE, SAEConfig, read_sae_cfg  # noqa: F401
 from saelab.kernels import sparse_decode
 from saelab.models import hook_layer
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
 SAVED_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
@@ -238,17 +236,11 @@ class SAE(nn.Module):
         from safetensors.torch import load_file
 
         path = pathlib.Path(path)
-        if (path / "group.json").is_file() and not (path / CFG_FILE).is_file():
+        if (path / GROUP_FILE).is_file() and not (path / CFG_FILE).is_file():
             hooks = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
             raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
                               f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
-        if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-            raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
-                              "pass a folder written by saelab train or SAELens")
-        try:
-            raw = json.loads((path / CFG_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise SaelabError(f"{path / CFG_FILE} is not valid JSON ({e.msg}); re-save the SAE") from None
+        raw = read_sae_cfg(path)
         w = load_file(str(path / WEIGHTS_FILE), device=str(device))
         if "saelab" in raw:
             cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
@@ -285,3 +277,4 @@ def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:
     return SAEConfig(arch=names[arch], d_in=int(raw["d_in"]), width=d_sae, k=int(min(k, d_sae - 1)),
                      hook_name=meta.get("hook_name") or raw.get("hook_name") or "",
                      model_name=meta.get("model_name") or raw.get("model_name") or "")
+
