@@ -69,22 +69,14 @@ def _train_args(store, out, arch):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from saelab.synthetic import SyntheticConfig, write_synthetic
-
-    out = tmp_path_factory.mktemp("dist") / "planted"
-    return write_synthetic(SyntheticConfig(out=str(out), d=64, n_true=256, active=5, rows=65536), progress=False)
-
-
-@pytest.fixture(scope="module")
-def runs(store, tmp_path_factory):
+def runs(planted_store, tmp_path_factory):
     """{arch: (single-process folder, 2-rank folder)}: the same flags, seed and global batches."""
     root = tmp_path_factory.mktemp("ddp")
     res = {}
     for arch in ["topk", "relu"]:
         single, ddp = root / f"{arch}-1", root / f"{arch}-2"
-        _run(_saelab(*_train_args(store, single, arch)))
-        _run(_torchrun(*_train_args(store, ddp, arch)))
+        _run(_saelab(*_train_args(planted_store, single, arch)))
+        _run(_torchrun(*_train_args(planted_store, ddp, arch)))
         res[arch] = single, ddp
     return res
 
@@ -125,9 +117,9 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_kill9_one_rank_then_resume(runs, store, tmp_path):
+def test_kill9_one_rank_then_resume(runs, planted_store, tmp_path):
     out = tmp_path / "killed"
-    args = _train_args(store, out, "topk")
+    args = _train_args(planted_store, out, "topk")
     p = subprocess.Popen(_torchrun(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and p.poll() is None and time.time() < deadline:
