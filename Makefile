@@ -20,7 +20,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/saelab demo $(if $(CI),--no-app,)
 
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -x --timeout=900 tests
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -x --timeout=900 --durations=30 tests
 
 # TransformerLens 3.9 (what SAELens pins) in its own environment: model loading, harvest and SAELens-interop tests
 test-tl3:
