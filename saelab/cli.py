@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc", None) is not None and args.nproc < 1:
+            raise SaelabError(f"--nproc {args.nproc}: pass 1 or more processes (or leave it out for one)")
         if (getattr(args, "nproc", None) or 1) > 1 and not os.environ.get("WORLD_SIZE"):
             from saelab import distributed
 

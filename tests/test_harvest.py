@@ -179,3 +179,19 @@ def test_resume_accepts_the_same_out_written_differently(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     for out in (str(tmp_path / "run") + "/", "run", "./run"):
         assert main([*args, "--out", out, "--resume"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--hook", "blocks.0.hook_resid_post", "--nproc", "0"], "--nproc 0"),
+    (["--hook", "blocks.0.hook_resid_post", "--nproc", "-2"], "--nproc -2"),
+    (["--hook", "blocks.0.hook_resid_post", "--hook", "blocks.1.hook_resid_post", "--hook",
+      "blocks.0.hook_resid_post"], "--hook blocks.0.hook_resid_post is given more than once"),
+])
+def test_bad_values_refused_before_anything_is_written(tmp_path, capsys, args, needle):
+    from saelab.cli import main
+
+    out = tmp_path / "o"
+    assert main(["harvest", *args, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and err.startswith("saelab: error:"), err
+    assert not out.exists()

@@ -288,7 +288,9 @@ def test_eval_of_a_group_folder_names_its_sae_folders(small_run, tmp_path, capsy
                                    ["--arch", "batchtopk", "--threshold-momentum", "2"],
                                    ["--arch", "matryoshka", "--matryoshka-prefix", "1.5"],
                                    ["--arch", "matryoshka", "--matryoshka-mode", "k", "--matryoshka-k", "0",
-                                    "--matryoshka-k", "4"]])
+                                    "--matryoshka-k", "4"],
+                                   ["--k-aux", "33"], ["--k-aux", "0"], ["--dead-tokens", "0"],
+                                   ["--dead-tokens", "-5"], ["--nproc", "0"]])
 def test_out_of_range_architecture_settings_are_one_line(extra, tiny_planted, tmp_path, capsys):
     from saelab.cli import main
 
@@ -342,3 +344,13 @@ def test_eval_when_the_training_store_is_gone(tiny_planted, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "is gone: pass --activations" in err and "harvest first" not in err, err
     assert main(["eval", "--sae", str(tmp_path / "s"), "--activations", str(tmp_path / "moved"), "--quiet"]) == 0
+
+
+def test_kernel_help_says_what_auto_picks():
+    """--kernel's help names every path auto can take, screened included (kernels.topk_encode._auto_screen)."""
+    from saelab.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    kernel = next(a for a in train_parser._actions if a.dest == "kernel")
+    auto = kernel.help.split("auto =", 1)[1]
+    assert "triton" in auto and "screened" in auto and "chunked" in auto, kernel.help
