@@ -195,3 +195,30 @@ def test_bad_values_refused_before_anything_is_written(tmp_path, capsys, args, n
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and err.startswith("saelab: error:"), err
     assert not out.exists()
+
+
+def test_resume_accepts_a_local_dataset_written_differently(tmp_path, monkeypatch, capsys):
+    """--dataset of a local file is recorded absolute, so a relative and an absolute spelling are one
+    dataset on --resume; a run recorded with a relative path (older saelab) resumes from the same folder."""
+    from saelab.cli import main
+
+    words = "the cat sat on a mat and then it ran to the park where a dog was".split()
+    text = "\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(40)) for i in range(30))
+    (tmp_path / "data.txt").write_text(text)
+    (tmp_path / "other.txt").write_text(text.upper())
+    monkeypatch.chdir(tmp_path)
+    args = ["harvest", "--hook", "blocks.0.hook_resid_post", "--tokens", str(16 * 8), "--context-size", "16",
+            "--shard-rows", "64", "--out", "run", "--quiet"]
+    assert main([*args, "--dataset", "data.txt"]) == 0, capsys.readouterr().err
+    run_file = tmp_path / "run" / "harvest.json"
+    info = json.loads(run_file.read_text())
+    assert info["config"]["dataset"] == str(tmp_path.resolve() / "data.txt")
+    assert main([*args, "--dataset", str(tmp_path / "data.txt"), "--resume"]) == 0, capsys.readouterr().err
+    info["config"]["dataset"] = "data.txt"  # as an older saelab recorded it
+    run_file.write_text(json.dumps(info))
+    for spelling in ("data.txt", "./data.txt", str(tmp_path / "data.txt")):
+        assert main([*args, "--dataset", spelling, "--resume"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*args, "--dataset", "other.txt", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different settings (dataset)" in err and len(err.splitlines()) == 1, err
