@@ -354,3 +354,33 @@ def test_kernel_help_says_what_auto_picks():
     kernel = next(a for a in train_parser._actions if a.dest == "kernel")
     auto = kernel.help.split("auto =", 1)[1]
     assert "triton" in auto and "screened" in auto and "chunked" in auto, kernel.help
+
+
+def test_resume_on_another_store_is_refused_a_moved_one_accepted(tiny_planted, tmp_path, capsys):
+    """train.json records the store by content: --resume on a different store of the same shape is a one-line
+    error; the same store moved elsewhere resumes; a train.json without the record (older saelab) resumes."""
+    import shutil
+
+    from saelab.cli import main
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    other = write_synthetic(SyntheticConfig(out=str(tmp_path / "other"), d=16, n_true=32, active=3, rows=8192,
+                                            shard_rows=2048, holdout=0.25, seed=1), progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_planted, moved)
+    out = tmp_path / "o"
+    args = ["train", "--k", "4", "--width", "32", "--batch-size", "256", "--tokens", str(256 * 8), "--out", str(out),
+            "--quiet"]
+    assert main([*args, "--activations", str(tiny_planted)]) == 0
+    info = json.loads((out / "train.json").read_text())
+    assert info["store_identity"]["n_tokens"] == 8192
+    info["done"] = False  # as if it had been killed
+    (out / "train.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main([*args, "--activations", str(other), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another store" in err and "checksums differ" in err and len(err.splitlines()) == 1, err
+    assert main([*args, "--activations", str(moved), "--resume"]) == 0, capsys.readouterr().err
+    del info["store_identity"]
+    (out / "train.json").write_text(json.dumps(info))
+    assert main([*args, "--activations", str(other), "--resume"]) == 0, capsys.readouterr().err
