@@ -37,8 +37,8 @@ from saelab import distributed as dist
 from saelab.config import HarvestConfig
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
 from saelab.models import expand_hooks, load_model, model_info, tokenizer_bos
-from saelab.store import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, fsync_dir, read_manifest,
-                          shard_name)
+from saelab.store import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, fsync_dir,
+                          no_empty_folder_left, read_manifest, shard_name)
 
 RUN_FILE = "harvest.json"
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -155,6 +155,11 @@ def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, mod
     """Run the harvest described by cfg; returns {hook: store folder}."""
     cfg.validate()
     cfg = dataclasses.replace(cfg, dataset=dataset_key(cfg.dataset))
+    with no_empty_folder_left(cfg.out):  # a run that fails before writing leaves no empty --out behind
+        return _checked_harvest(cfg, resume, progress, model)
+
+
+def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) -> dict[str, pathlib.Path]:
     out = pathlib.Path(cfg.out)
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it

@@ -35,7 +35,7 @@ from saelab import distributed as dist
 from saelab.config import SAEConfig, TrainConfig
 from saelab.evaluate import evaluate_store
 from saelab.sae import SAE
-from saelab.store import ActivationStore, atomic_write_text, fsync_file, resolve_stores
+from saelab.store import ActivationStore, atomic_write_text, fsync_file, no_empty_folder_left, resolve_stores
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -54,6 +54,11 @@ def pick_device(name: str) -> torch.device:
 def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bool = True) -> dict[str, pathlib.Path]:
     """Train one SAE per selected store; returns {hook: SAE folder}."""
     tcfg.validate()
+    with no_empty_folder_left(tcfg.out):  # a run that fails before writing leaves no empty --out behind
+        return _train(tcfg, scfg, resume, progress)
+
+
+def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
     stores = resolve_stores(tcfg.activations, tcfg.hook)
     out = pathlib.Path(tcfg.out)
     progress = progress and dist.is_main()

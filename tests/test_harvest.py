@@ -139,6 +139,7 @@ def test_errors_are_one_line(tmp_path, args, needle):
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()  # a failed run leaves no empty --out behind
 
 
 def test_unwritable_out(tmp_path):
@@ -222,3 +223,17 @@ def test_resume_accepts_a_local_dataset_written_differently(tmp_path, monkeypatc
     assert main([*args, "--dataset", "other.txt", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert "different settings (dataset)" in err and len(err.splitlines()) == 1, err
+
+
+def test_failed_harvest_leaves_no_new_folder(tmp_path, capsys):
+    """A run failing after --out was created (here: an unknown hook, found once the model is loaded) removes
+    the folders it created and left empty, missing parents included; an existing empty --out stays."""
+    from saelab.cli import main
+
+    args = ["harvest", "--hook", "blocks.0.hook_resid_pots", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a" / "b" / "o")]) == 2
+    assert "did you mean" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--out", str(tmp_path / "empty")]) == 2
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())

@@ -384,3 +384,25 @@ def test_resume_on_another_store_is_refused_a_moved_one_accepted(tiny_planted, t
     del info["store_identity"]
     (out / "train.json").write_text(json.dumps(info))
     assert main([*args, "--activations", str(other), "--resume"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs --device cuda to fail")
+def test_failed_train_leaves_no_new_folder(tiny_planted, tmp_path, capsys):
+    """A run failing after --out was created (here: --device cuda without CUDA) leaves no empty folder,
+    neither for one SAE nor for a group (a RUN folder of two stores)."""
+    import shutil
+
+    from saelab.cli import main
+
+    run = tmp_path / "run"
+    for name in ("a", "b"):
+        shutil.copytree(tiny_planted, run / name)
+    m = json.loads((run / "b" / "manifest.json").read_text())
+    (run / "b" / "manifest.json").write_text(json.dumps({**m, "hook": "synthetic_b"}))
+    args = ["train", "--k", "4", "--width", "32", "--batch-size", "256", "--tokens", "2048", "--device", "cuda",
+            "--quiet"]
+    for acts, out in ((tiny_planted, tmp_path / "x" / "o"), (run, tmp_path / "g")):
+        assert main([*args, "--activations", str(acts), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "CUDA is not available" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "g").exists()
