@@ -178,9 +178,11 @@ def cmd_heads(args) -> int:
 def cmd_circuit(args) -> int:
     from saelab.analysis.circuits import circuit
 
+    replaced = []
     path, c = circuit(args.task, args.saes, args.out, method=args.method, ig_steps=args.ig_steps,
                       node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, n=args.n,
-                      seed=args.seed, device=args.device, progress=not args.quiet)
+                      seed=args.seed, device=args.device, progress=not args.quiet,
+                      before_write=lambda p: replaced.append(p.is_file()))
     f, mv = c["faithfulness"], c["metric_values"]
     n_lat = sum(1 for x in c["nodes"] if x["kind"] == "latent")
     print(f"task {c['task']['name']} ({c['task']['n_examples']} examples), method {c['method']}: "
@@ -189,7 +191,7 @@ def cmd_circuit(args) -> int:
           f"({n_lat} latents = {100 * c['latent_fraction']:.2f}% of {c['n_latents_total']}, "
           f"{len(c['nodes']) - n_lat} error nodes) and {len(c['edges'])} edges "
           f"(node threshold {c['node_threshold']}, edge threshold {c['edge_threshold']})")
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (" (replaced the existing file)" if any(replaced) else ""))
     return 0
 
 
@@ -277,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  '{"clean", "corrupted", "answer", "wrong"} lines')
     c.add_argument("--saes", "--sae", dest="saes", required=True,
                    help="an SAE group folder (runs/GROUP with group.json) or one SAE folder")
-    c.add_argument("--out", default=None, help="circuit file (default: <saes>/circuits/<task>.json)")
+    c.add_argument("--out", default=None, help="circuit file (default: <saes>/circuits/<task>.json); an existing "
+                                               "file is replaced (atomically), and the output says so")
     c.add_argument("--method", choices=["attrib", "ig"], default="attrib",
                    help="attribution patching (one backward pass) or integrated gradients (default: attrib)")
     c.add_argument("--ig-steps", type=int, default=10, help="integrated-gradient steps (default: 10)")
@@ -320,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch threads (with --compare-ablation: for both methods alike); 0 keeps torch's default "
                          "(default: 1, faster for these small forwards on a shared CPU)")
     hd.add_argument("--seed", type=int, default=0, help="task and SAE seed (default: 0)")
-    hd.add_argument("--out", default=None, help="write the rankings, timings and comparison to this JSON file")
+    hd.add_argument("--out", default=None, help="write the rankings, timings and comparison to this JSON file "
+                                                "(an existing file is replaced, atomically, and the output says so)")
     _add_run_flags(hd)
     hd.set_defaults(func=cmd_heads)
     return p
@@ -332,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "nproc", None) is not None and args.nproc < 1:
+            raise SaelabError(f"--nproc {args.nproc}: pass 1 or more processes (or leave it out for one)")
         if (getattr(args, "nproc", None) or 1) > 1 and not os.environ.get("WORLD_SIZE"):
             from saelab import distributed
 

@@ -53,7 +53,8 @@ class HarvestConfig(JSONConfig):
         [],
         "TransformerLens hook name to record, e.g. blocks.1.hook_resid_post; repeat the flag for "
         "several (one pass of the model serves all); a glob such as 'blocks.*.hook_resid_post' "
-        "expands to every matching hook",
+        "expands to every matching hook (a hook matched by a glob and also named, or by two globs, is "
+        "recorded once; the same name given twice is an error)",
         flag="--hook",
         required=True,
     )
@@ -79,6 +80,9 @@ class HarvestConfig(JSONConfig):
     def validate(self) -> "HarvestConfig":
         if not self.hooks:
             raise SaelabError("no hook given: pass --hook NAME (e.g. --hook blocks.0.hook_resid_post)")
+        twice = sorted({h for h in self.hooks if self.hooks.count(h) > 1})
+        if twice:
+            raise SaelabError(f"--hook {twice[0]} is given more than once: pass each hook once")
         if self.context_size < 2:
             raise SaelabError(f"--context-size must be at least 2 (got {self.context_size})")
         if self.tokens is not None and self.tokens < self.context_size:
@@ -146,6 +150,12 @@ class SAEConfig(JSONConfig):
             raise SaelabError("--width / --expansion must give at least one latent")
         if self.enc_init is not None and not self.enc_init > 0:
             raise SaelabError(f"--enc-init must be positive (got {self.enc_init})")
+        if self.k_aux is not None and not 1 <= self.k_aux <= self.d_sae:
+            raise SaelabError(f"--k-aux {self.k_aux} must be between 1 and the width {self.d_sae}: lower it, or drop "
+                              "it for the default d_in/2")
+        if self.dead_tokens < 1:
+            raise SaelabError(f"--dead-tokens must be positive (got {self.dead_tokens}): pass the number of tokens "
+                              "without firing after which a latent counts as dead")
         if not 0 < self.k < self.d_sae:
             raise SaelabError(f"--k {self.k} must be between 1 and the width {self.d_sae} - 1: lower --k or widen the SAE")
         if not self.bandwidth > 0 or not 0 <= self.threshold_momentum < 1:
@@ -188,7 +198,9 @@ class TrainConfig(JSONConfig):
     kernel: str = _f("auto", "TopK/AbsTopK/Matryoshka training encode: triton (CUDA: fused kernel), chunked "
                              "(fused: no [batch, d_sae] tensor), screened (chunked with a bf16 screen and exact "
                              "fp32 rescoring; CPU), or reference (dense torch.topk); auto = the "
-                             "SAELAB_KERNEL variable, else triton on CUDA when triton imports, else chunked",
+                             "SAELAB_KERNEL variable, else triton on CUDA when triton imports, else screened "
+                             "on a CPU with native bf16 (avx512_bf16/AMX) for fp32 SAEs of at least 2^22 (≈4.2M) "
+                             "encoder weights (d_in × d_sae) while torch runs at most 2 threads, else chunked",
                      choices=["auto", "triton", "chunked", "screened", "reference"])
     autocast: str = _f("none", "mixed precision for the forward (weights stay fp32)", choices=["none", "bf16"])
     log: str = _f("none", "also log to TensorBoard or wandb (if installed)", choices=["none", "tensorboard", "wandb"])

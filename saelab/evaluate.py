@@ -37,6 +37,7 @@ def sparse_codes(sae, x: torch.Tensor, kernel: str | None = None):
     kernel = kernel or getattr(sae, "kernel", "auto")
     if not isinstance(sae, TopKSAE) or resolve_kernel(kernel, x.device) == "reference":
         return None
+    sae.check_input(x)
     xc = x - sae.b_dec if sae.apply_b_dec_to_input else x
     return topk_encode(xc, sae.W_enc, sae.b_enc, sae.cfg.k, sae.signed, kernel=kernel)
 

@@ -15,6 +15,7 @@ shards, rows and row numbers as a single-process harvest of the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -36,8 +37,8 @@ from saelab import distributed as dist
 from saelab.config import HarvestConfig
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
 from saelab.models import expand_hooks, load_model, model_info, tokenizer_bos
-from saelab.store import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, fsync_dir, read_manifest,
-                          shard_name)
+from saelab.store import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, fsync_dir,
+                          no_empty_folder_left, read_manifest, shard_name)
 
 RUN_FILE = "harvest.json"
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -52,6 +53,16 @@ def plan_shards(n_contexts: int, holdout: float, shard_contexts: int) -> list[tu
     plan = [(a, min(shard_contexts, n_train - a), False) for a in range(0, n_train, shard_contexts)]
     plan += [(a, min(shard_contexts, n_contexts - a), True) for a in range(n_train, n_contexts, shard_contexts)]
     return plan
+
+
+def dataset_key(name: str) -> str:
+    """How a run records ``--dataset``: a local file or folder that exists as its absolute resolved
+    path (so ``data/x.txt`` and ``/home/me/data/x.txt`` are one dataset on ``--resume``, whatever the
+    working folder); ``tiny`` and hub names as given."""
+    if name == "tiny":  # the bundled corpus, even where a folder named tiny exists
+        return name
+    path = pathlib.Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 def _check_out(out: pathlib.Path, resume: bool) -> None:
@@ -143,12 +154,22 @@ def _take(contexts, n: int, ctx: int) -> np.ndarray:
 def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, model=None) -> dict[str, pathlib.Path]:
     """Run the harvest described by cfg; returns {hook: store folder}."""
     cfg.validate()
+    cfg = dataclasses.replace(cfg, dataset=dataset_key(cfg.dataset))
+    with no_empty_folder_left(cfg.out):  # a run that fails before writing leaves no empty --out behind
+        return _checked_harvest(cfg, resume, progress, model)
+
+
+def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) -> dict[str, pathlib.Path]:
     out = pathlib.Path(cfg.out)
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume:
         saved = json.loads((out / RUN_FILE).read_text())
-        changed = {k for k, v in cfg.to_dict().items() if saved["config"].get(k) != v and k not in ("batch_size", "device", "out")}
+        recorded = dict(saved["config"])
+        if isinstance(recorded.get("dataset"), str):  # a run of an older saelab may hold a relative path
+            recorded["dataset"] = dataset_key(recorded["dataset"])
+        changed = {k for k, v in cfg.to_dict().items()
+                   if recorded.get(k) != v and k not in ("batch_size", "device", "out")}
         if changed:
             raise SaelabError(f"--resume with different settings ({', '.join(sorted(changed))}) than the run in {out}: "
                               "pass the same flags, or harvest to a new --out")

@@ -13,6 +13,7 @@ name → fsync → rename) and their sha256 is checked the first time a reader o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -66,6 +67,32 @@ def fsync_dir(path: pathlib.Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def no_empty_folder_left(folder: str | os.PathLike):
+    """Run the body; if it raises, remove the folders it created at or under ``folder`` (its missing
+    parents included) that are still empty, so a run failing before it wrote anything leaves no trace.
+    A folder that held anything beforehand is never touched; ``rmdir`` removes only empty folders."""
+    folder = pathlib.Path(folder).expanduser().absolute()
+    top, keep_top = None, False
+    p = folder
+    while not p.exists() and p != p.parent:  # the topmost folder this run may create
+        top, p = p, p.parent
+    if top is None and folder.is_dir() and not any(folder.iterdir()):
+        top, keep_top = folder, True  # it existed, empty: remove only what is created inside it
+    try:
+        yield
+    except BaseException:
+        if top is not None and top.is_dir():
+            for dirpath, _, _ in os.walk(top, topdown=False):
+                if keep_top and pathlib.Path(dirpath) == top:
+                    continue
+                try:
+                    os.rmdir(dirpath)
+                except OSError:  # not empty (or not ours to remove): keep it
+                    pass
+        raise
 
 
 def fsync_file(path: pathlib.Path) -> None:

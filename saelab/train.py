@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from saelab import SaelabError
 from saelab import distributed as dist
+from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig
 from saelab.evaluate import evaluate_store
 from saelab.sae import SAE
-from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig
-from saelab.store import ActivationStore, atomic_write_text, fsync_file, resolve_stores
+from saelab.store import ActivationStore, atomic_write_text, fsync_file, no_empty_folder_left, resolve_stores
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -52,6 +52,11 @@ def pick_device(name: str) -> torch.device:
 def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bool = True) -> dict[str, pathlib.Path]:
     """Train one SAE per selected store; returns {hook: SAE folder}."""
     tcfg.validate()
+    with no_empty_folder_left(tcfg.out):  # a run that fails before writing leaves no empty --out behind
+        return _train(tcfg, scfg, resume, progress)
+
+
+def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
     stores = resolve_stores(tcfg.activations, tcfg.hook)
     out = pathlib.Path(tcfg.out)
     progress = progress and dist.is_main()
@@ -126,6 +131,32 @@ def _check_resume_settings(out: pathlib.Path, saved: dict, tcfg: TrainConfig, cf
                           "pass the same flags, or train to a new --out")
 
 
+def store_identity(store: ActivationStore) -> dict:
+    """What a run's store is, by content rather than by path (a store may move between a run and its
+    ``--resume``): model, hook, width, rows, and one digest of every shard's rows and checksum in order."""
+    import hashlib
+
+    m = store.manifest
+    shards = [[s.get("rows"), s.get("sha256"), s.get("file") in m.get("holdout_shards", [])] for s in m["shards"]]
+    digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    return {"model": m.get("model", ""), "hook": m.get("hook", ""), "d_in": m.get("d_in"),
+            "n_tokens": m.get("n_tokens"), "shards_sha256": digest}
+
+
+def _check_resume_store(out: pathlib.Path, saved: dict, store: ActivationStore) -> None:
+    """The store on --resume must hold the rows the run started on (train.json of an older saelab: not checked)."""
+    was = saved.get("store_identity")
+    if not was:
+        return
+    now = store_identity(store)
+    diff = [f"{k} {was.get(k)!r} → {now[k]!r}" if k != "shards_sha256" else "its shards' checksums differ"
+            for k in now if was.get(k) != now[k]]
+    if diff:
+        raise SaelabError(f"--resume on another store than the run in {out} was trained on ({store.path}: "
+                          f"{'; '.join(diff)}): pass --activations of the run's store (it may have moved), "
+                          "or train to a new --out")
+
+
 def sae_config_for(store: ActivationStore, scfg: SAEConfig) -> SAEConfig:
     m = store.manifest
     if scfg.d_in and scfg.d_in != store.d_in:
@@ -153,6 +184,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     if resume and (out / TRAIN_FILE).exists():
         saved = json.loads((out / TRAIN_FILE).read_text())
         _check_resume_settings(out, saved, tcfg, cfg)
+        _check_resume_store(out, saved, store)
         if saved.get("done"):
             return out  # finished earlier
     device = pick_device(dist.device_for(tcfg.device))
@@ -190,7 +222,9 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             sae.b_dec.copy_(median * scale)
         if main:
             atomic_write_text(out / TRAIN_FILE, json.dumps({"train": tcfg.to_dict(), "sae": cfg.to_dict(),
-                                                            "store": str(path.resolve()), "n_steps": n_steps, "world_size": world,
+                                                            "store": str(path.resolve()),
+                                                            "store_identity": store_identity(store),
+                                                            "n_steps": n_steps, "world_size": world,
                                                             "scale": scale, "done": False}, indent=2) + "\n")
     # under torchrun: DDP averages the gradients; statistics are reduced in after_step
     model = _LossModule(sae)

@@ -254,3 +254,31 @@ def test_circuit_refuses_hook_z_and_synthetic_saes(small_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "must be at least 0" in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_cli_circuit_out_replaces_an_existing_file_and_says_so(small_run, tmp_path, capsys):
+    """--out: an existing file is replaced atomically (no temporary left) and the output says so; a folder is
+    refused before the work."""
+    from saelab.cli import main
+    from saelab.config import SAEConfig, TrainConfig
+    from saelab.train import train
+
+    _, stores = small_run
+    train(TrainConfig(activations=str(stores["blocks.0.hook_resid_post"]), out=str(tmp_path / "s"), tokens=2048,
+                      batch_size=1024), SAEConfig(arch="topk", k=4, width=64), progress=False)
+    res = tmp_path / "res"
+    res.mkdir()
+    out = res / "c.json"
+    out.write_text("old")
+    args = ["circuit", "--task", "induction", "--saes", str(tmp_path / "s"), "--n", "4", "--quiet", "--device", "cpu"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert f"wrote {out} (replaced the existing file)" in capsys.readouterr().out
+    assert C.load_circuit(out)["task"]["name"] == "induction"
+    assert [p.name for p in res.iterdir()] == ["c.json"]
+    out.unlink()
+    assert main([*args, "--out", str(out)]) == 0
+    assert "replaced" not in capsys.readouterr().out and out.is_file()
+    assert main([*args, "--out", str(res)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a folder" in err and len(err.splitlines()) == 1, err

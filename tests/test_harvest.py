@@ -139,6 +139,7 @@ def test_errors_are_one_line(tmp_path, args, needle):
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()  # a failed run leaves no empty --out behind
 
 
 def test_unwritable_out(tmp_path):
@@ -179,3 +180,60 @@ def test_resume_accepts_the_same_out_written_differently(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     for out in (str(tmp_path / "run") + "/", "run", "./run"):
         assert main([*args, "--out", out, "--resume"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--hook", "blocks.0.hook_resid_post", "--nproc", "0"], "--nproc 0"),
+    (["--hook", "blocks.0.hook_resid_post", "--nproc", "-2"], "--nproc -2"),
+    (["--hook", "blocks.0.hook_resid_post", "--hook", "blocks.1.hook_resid_post", "--hook",
+      "blocks.0.hook_resid_post"], "--hook blocks.0.hook_resid_post is given more than once"),
+])
+def test_bad_values_refused_before_anything_is_written(tmp_path, capsys, args, needle):
+    from saelab.cli import main
+
+    out = tmp_path / "o"
+    assert main(["harvest", *args, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and err.startswith("saelab: error:"), err
+    assert not out.exists()
+
+
+def test_resume_accepts_a_local_dataset_written_differently(tmp_path, monkeypatch, capsys):
+    """--dataset of a local file is recorded absolute, so a relative and an absolute spelling are one
+    dataset on --resume; a run recorded with a relative path (older saelab) resumes from the same folder."""
+    from saelab.cli import main
+
+    words = "the cat sat on a mat and then it ran to the park where a dog was".split()
+    text = "\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(40)) for i in range(30))
+    (tmp_path / "data.txt").write_text(text)
+    (tmp_path / "other.txt").write_text(text.upper())
+    monkeypatch.chdir(tmp_path)
+    args = ["harvest", "--hook", "blocks.0.hook_resid_post", "--tokens", str(16 * 8), "--context-size", "16",
+            "--shard-rows", "64", "--out", "run", "--quiet"]
+    assert main([*args, "--dataset", "data.txt"]) == 0, capsys.readouterr().err
+    run_file = tmp_path / "run" / "harvest.json"
+    info = json.loads(run_file.read_text())
+    assert info["config"]["dataset"] == str(tmp_path.resolve() / "data.txt")
+    assert main([*args, "--dataset", str(tmp_path / "data.txt"), "--resume"]) == 0, capsys.readouterr().err
+    info["config"]["dataset"] = "data.txt"  # as an older saelab recorded it
+    run_file.write_text(json.dumps(info))
+    for spelling in ("data.txt", "./data.txt", str(tmp_path / "data.txt")):
+        assert main([*args, "--dataset", spelling, "--resume"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*args, "--dataset", "other.txt", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different settings (dataset)" in err and len(err.splitlines()) == 1, err
+
+
+def test_failed_harvest_leaves_no_new_folder(tmp_path, capsys):
+    """A run failing after --out was created (here: an unknown hook, found once the model is loaded) removes
+    the folders it created and left empty, missing parents included; an existing empty --out stays."""
+    from saelab.cli import main
+
+    args = ["harvest", "--hook", "blocks.0.hook_resid_pots", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a" / "b" / "o")]) == 2
+    assert "did you mean" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()
+    assert main([*args, "--out", str(tmp_path / "empty")]) == 2
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())

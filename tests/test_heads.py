@@ -145,7 +145,7 @@ def test_cli_heads(tmp_path):
     assert res["identify"]["seconds"] > 0 and res["ablation"]["seconds"] > 0
 
 
-@pytest.mark.parametrize("case", ["empty", "multi_token", "n0", "top0", "repeats0", "threads", "position"])
+@pytest.mark.parametrize("case", ["empty", "multi_token", "n0", "top0", "repeats0", "threads", "position", "out_dir"])
 def test_cli_errors(case, tmp_path, capsys):
     from saelab.cli import main
 
@@ -168,6 +168,9 @@ def test_cli_errors(case, tmp_path, capsys):
     elif case == "repeats0":
         args = ["heads", "--task", "induction", "--compare-ablation", "--repeats", "0"]
         want = "--repeats 0"
+    elif case == "out_dir":
+        args = ["heads", "--task", "induction", "--out", str(tmp_path)]
+        want = "is a folder"
     elif case == "threads":
         args = ["heads", "--task", "induction", "--threads", "-2"]
         want = "--threads -2"
@@ -180,3 +183,17 @@ def test_cli_errors(case, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("saelab: error:") and "\n" not in err and want in err, err
+
+
+def test_cli_heads_out_replaces_an_existing_file_and_says_so(tmp_path, capsys):
+    from saelab.cli import main
+
+    out = tmp_path / "heads.json"
+    out.write_text("old")
+    assert main(["heads", "--task", "induction", "--n", "4", "--out", str(out), "--quiet"]) == 0
+    assert f"wrote {out} (replaced the existing file)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["task"] == "induction"
+    assert [p.name for p in tmp_path.iterdir()] == ["heads.json"]  # no temporary file left
+    out.unlink()
+    assert main(["heads", "--task", "induction", "--n", "4", "--out", str(out), "--quiet"]) == 0
+    assert "replaced" not in capsys.readouterr().out and out.is_file()

@@ -135,3 +135,34 @@ def test_encoder_init_scale_by_family_and_flag():
     torch.testing.assert_close(sae.W_enc, 0.5 * sae.W_dec.t())
     with pytest.raises(SaelabError, match="--enc-init"):
         SAE.create("topk", d_in=16, d_sae=64, k=4, enc_init=0.0)
+
+
+def test_wrong_input_width_is_a_saelab_error_on_every_encode_path():
+    """x [B, d_in ± 1] → SaelabError naming d_in and the hook (dense encode, the fused/chunked/screened
+    training paths, the evaluator's sparse codes, topk_encode itself), never a raw matmul RuntimeError."""
+    import pytest
+
+    from saelab import SaelabError
+    from saelab.evaluate import sparse_codes
+    from saelab.kernels import topk_encode
+
+    x = torch.randn(5, 17)
+    for arch in ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]:
+        sae = SAE.create(arch, d_in=16, d_sae=64, k=4, hook_name="blocks.0.hook_resid_post")
+        loss = lambda x, sae=sae: sae.loss(x, grads=torch.randn_like(x))  # noqa: E731 (g-SAE needs grads)
+        for call in (sae.encode, sae, loss):
+            with pytest.raises(SaelabError, match=r"hook blocks\.0\.hook_resid_post with d_in 16.*last dimension 17"):
+                call(x)
+        for kernel in ["chunked", "screened"]:
+            sae.kernel = kernel
+            with pytest.raises(SaelabError, match="d_in 16"):
+                loss(x)
+            if arch in ("topk", "abstopk", "matryoshka"):
+                with pytest.raises(SaelabError, match="d_in 16"):
+                    sparse_codes(sae, x, kernel)
+    with pytest.raises(SaelabError, match="d_in 16"):
+        topk_encode(x, torch.randn(16, 64), torch.zeros(64), 4)
+    sae = SAE.create("topk", d_in=16, d_sae=64, k=4)
+    with pytest.raises(SaelabError, match="this SAE reads its hook with d_in 16"):  # no hook recorded
+        sae.encode(torch.randn(3, 15))
+    assert sae.encode(torch.randn(3, 16)).shape == (3, 64)

@@ -331,7 +331,9 @@ def test_a_malformed_group_file_is_one_line_everywhere(tmp_path, capsys):
                                    ["--arch", "batchtopk", "--threshold-momentum", "2"],
                                    ["--arch", "matryoshka", "--matryoshka-prefix", "1.5"],
                                    ["--arch", "matryoshka", "--matryoshka-mode", "k", "--matryoshka-k", "0",
-                                    "--matryoshka-k", "4"]])
+                                    "--matryoshka-k", "4"],
+                                   ["--k-aux", "33"], ["--k-aux", "0"], ["--dead-tokens", "0"],
+                                   ["--dead-tokens", "-5"], ["--nproc", "0"]])
 def test_out_of_range_architecture_settings_are_one_line(extra, tiny_planted, tmp_path, capsys):
     from saelab.cli import main
 
@@ -385,3 +387,65 @@ def test_eval_when_the_training_store_is_gone(tiny_planted, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "is gone: pass --activations" in err and "harvest first" not in err, err
     assert main(["eval", "--sae", str(tmp_path / "s"), "--activations", str(tmp_path / "moved"), "--quiet"]) == 0
+
+
+def test_kernel_help_says_what_auto_picks():
+    """--kernel's help names every path auto can take, screened included (kernels.topk_encode._auto_screen)."""
+    from saelab.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    kernel = next(a for a in train_parser._actions if a.dest == "kernel")
+    auto = kernel.help.split("auto =", 1)[1]
+    assert "triton" in auto and "screened" in auto and "chunked" in auto, kernel.help
+
+
+def test_resume_on_another_store_is_refused_a_moved_one_accepted(tiny_planted, tmp_path, capsys):
+    """train.json records the store by content: --resume on a different store of the same shape is a one-line
+    error; the same store moved elsewhere resumes; a train.json without the record (older saelab) resumes."""
+    import shutil
+
+    from saelab.cli import main
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    other = write_synthetic(SyntheticConfig(out=str(tmp_path / "other"), d=16, n_true=32, active=3, rows=8192,
+                                            shard_rows=2048, holdout=0.25, seed=1), progress=False)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_planted, moved)
+    out = tmp_path / "o"
+    args = ["train", "--k", "4", "--width", "32", "--batch-size", "256", "--tokens", str(256 * 8), "--out", str(out),
+            "--quiet"]
+    assert main([*args, "--activations", str(tiny_planted)]) == 0
+    info = json.loads((out / "train.json").read_text())
+    assert info["store_identity"]["n_tokens"] == 8192
+    info["done"] = False  # as if it had been killed
+    (out / "train.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main([*args, "--activations", str(other), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another store" in err and "checksums differ" in err and len(err.splitlines()) == 1, err
+    assert main([*args, "--activations", str(moved), "--resume"]) == 0, capsys.readouterr().err
+    del info["store_identity"]
+    (out / "train.json").write_text(json.dumps(info))
+    assert main([*args, "--activations", str(other), "--resume"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs --device cuda to fail")
+def test_failed_train_leaves_no_new_folder(tiny_planted, tmp_path, capsys):
+    """A run failing after --out was created (here: --device cuda without CUDA) leaves no empty folder,
+    neither for one SAE nor for a group (a RUN folder of two stores)."""
+    import shutil
+
+    from saelab.cli import main
+
+    run = tmp_path / "run"
+    for name in ("a", "b"):
+        shutil.copytree(tiny_planted, run / name)
+    m = json.loads((run / "b" / "manifest.json").read_text())
+    (run / "b" / "manifest.json").write_text(json.dumps({**m, "hook": "synthetic_b"}))
+    args = ["train", "--k", "4", "--width", "32", "--batch-size", "256", "--tokens", "2048", "--device", "cuda",
+            "--quiet"]
+    for acts, out in ((tiny_planted, tmp_path / "x" / "o"), (run, tmp_path / "g")):
+        assert main([*args, "--activations", str(acts), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "CUDA is not available" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "g").exists()

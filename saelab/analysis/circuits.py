@@ -516,9 +516,11 @@ def _finite(obj):
 
 
 def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, node_threshold=0.1,
-            edge_threshold=0.01, n=64, seed=0, model=None, device="auto", progress=True) -> tuple[pathlib.Path, dict]:
+            edge_threshold=0.01, n=64, seed=0, model=None, device="auto", progress=True,
+            before_write=None) -> tuple[pathlib.Path, dict]:
     """What ``saelab circuit`` does: load the group and its model, build the task, find the circuit,
-    write it (default ``<group>/circuits/<task name>.json``)."""
+    write it (default ``<group>/circuits/<task name>.json``; atomically, replacing an existing file).
+    ``before_write(path)`` is called just before the file is written (the CLI notes a replaced file)."""
     from saelab.analysis.tasks import make_task
     from saelab.models import load_model, pick_device
 
@@ -530,9 +532,13 @@ def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, nod
         model = load_model(group.model, pick_device(device))
     _check_model(model, group)
     task = make_task(task_spec, model, n=n, seed=seed)
+    out = pathlib.Path(out).expanduser() if out else group.path / "circuits" / f"{task.name}.json"
+    if out.is_dir():  # found before the work, not when writing
+        raise SaelabError(f"--out {out} is a folder: pass a file path, e.g. {out / (task.name + '.json')}")
     c = find_circuit(model, group, task, method=method, ig_steps=ig_steps, node_threshold=node_threshold,
                      edge_threshold=edge_threshold, progress=progress)
-    out = pathlib.Path(out) if out else group.path / "circuits" / f"{task.name}.json"
+    if before_write is not None:
+        before_write(out)
     return write_circuit(c, out), c
 
 

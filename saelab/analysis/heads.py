@@ -559,6 +559,8 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
         raise SaelabError(f"--repeats {repeats}: pass 1 or more")
     if threads is not None and threads < 1:
         raise SaelabError(f"--threads {threads}: pass 1 or more, or 0 for torch's default")
+    if out and pathlib.Path(out).is_dir():  # found before the work, not when writing
+        raise SaelabError(f"--out {out} is a folder: pass a file path, e.g. {pathlib.Path(out) / 'heads.json'}")
     m = load_model(model, device)
     t = make_task(task, m, n=n, seed=seed)
     with torch.no_grad():  # warm-up: the first forward of a process pays one-off costs neither method should
@@ -581,10 +583,11 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
     lines = report(ident, abl, top, t.name)
     if out:
         path = pathlib.Path(out)
+        replaced = path.is_file()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(res, indent=2) + "\n")
         except OSError as e:
             raise SaelabError(f"--out {path}: cannot write it ({e.strerror}); choose a writable path") from None
-        lines.append(f"wrote {path}")
+        lines.append(f"wrote {path}" + (" (replaced the existing file)" if replaced else ""))
     return res, lines

@@ -488,6 +488,9 @@ def _auto_screen(kernel: str, x, W_enc, b_enc) -> bool:
 def topk_encode(x, W_enc, b_enc, k: int, signed: bool = False, kernel: str = "auto",
                 chunk: int = DEFAULT_CHUNK, rows: int = DEFAULT_ROWS):
     """(values [B, k], indices [B, k]) of the TopK rule; see the module docstring."""
+    if x.ndim != 2 or x.shape[1] != W_enc.shape[0]:
+        raise SaelabError(f"topk_encode: x has shape {list(x.shape)}, but W_enc [{W_enc.shape[0]}, {W_enc.shape[1]}] "
+                          f"needs rows of d_in {W_enc.shape[0]}: pass x shaped [batch, {W_enc.shape[0]}]")
     path = resolve_kernel(kernel, x.device)
     if path == "chunked" and _auto_screen(kernel, x, W_enc, b_enc):
         path = "screened"

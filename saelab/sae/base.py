@@ -86,7 +86,16 @@ class SAE(nn.Module):
         return SAE.registry[arch](SAEConfig(arch=arch, **kw))
 
     # ------------------------------------------------------------------ forward
+    def check_input(self, x: torch.Tensor) -> None:
+        """A SaelabError (not a raw matmul error) when x's last dimension is not d_in."""
+        if x.ndim == 0 or x.shape[-1] != self.d_in:
+            got = "a 0-d tensor" if x.ndim == 0 else f"last dimension {x.shape[-1]} (shape {list(x.shape)})"
+            hook = f"hook {self.cfg.hook_name}" if self.cfg.hook_name else "its hook"
+            raise SaelabError(f"this SAE reads {hook} with d_in {self.d_in}, but the input has {got}: "
+                              f"pass activations of that hook, shaped [..., {self.d_in}]")
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc

@@ -61,6 +61,7 @@ class MatryoshkaSAE(TopKSAE):
 
     def _fused_loss(self, x):
         """The same loss terms from one fused encode and sparse decodes (no [B, d_sae] tensor)."""
+        self.check_input(x)
         xc = x - self.b_dec if self.apply_b_dec_to_input else x
         terms = {}
         if self.cfg.matryoshka_mode == "prefix":

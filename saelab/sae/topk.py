@@ -39,6 +39,7 @@ class TopKSAE(SAE):
             x_hat = self.decode(f)
             return self._out(f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
         # fused path: no [B, d_sae] tensor in the forward or the backward
+        self.check_input(x)
         xc = x - self.b_dec if self.apply_b_dec_to_input else x
         v, i = topk_encode(xc, self.W_enc, self.b_enc, self.cfg.k, self.signed, kernel=self.kernel)
         x_hat = sparse_decode(v, i, self.W_dec, self.b_dec)
