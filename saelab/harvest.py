@@ -55,10 +55,11 @@ def plan_shards(n_contexts: int, holdout: float, shard_contexts: int) -> list[tu
     return plan
 
 
-def dataset_key(name: str) -> str:
-    """How a run records ``--dataset``: a local file or folder that exists as its absolute resolved
-    path (so ``data/x.txt`` and ``/home/me/data/x.txt`` are one dataset on ``--resume``, whatever the
-    working folder); ``tiny`` and hub names as given."""
+def local_key(name: str) -> str:
+    """How a run records ``--dataset`` and ``--model``: a local file or folder that exists as its
+    absolute resolved path (so ``data/x.txt`` and ``/home/me/data/x.txt`` are one dataset on
+    ``--resume``, and the manifest's model loads from any working folder); ``tiny`` and hub names
+    as given."""
     if name == "tiny":  # the bundled corpus, even where a folder named tiny exists
         return name
     path = pathlib.Path(name).expanduser()
@@ -154,7 +155,7 @@ def _take(contexts, n: int, ctx: int) -> np.ndarray:
 def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, model=None) -> dict[str, pathlib.Path]:
     """Run the harvest described by cfg; returns {hook: store folder}."""
     cfg.validate()
-    cfg = dataclasses.replace(cfg, dataset=dataset_key(cfg.dataset))
+    cfg = dataclasses.replace(cfg, dataset=local_key(cfg.dataset), model=local_key(cfg.model))
     with no_empty_folder_left(cfg.out):  # a run that fails before writing leaves no empty --out behind
         return _checked_harvest(cfg, resume, progress, model)
 
@@ -166,8 +167,9 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
     if resume:
         saved = json.loads((out / RUN_FILE).read_text())
         recorded = dict(saved["config"])
-        if isinstance(recorded.get("dataset"), str):  # a run of an older saelab may hold a relative path
-            recorded["dataset"] = dataset_key(recorded["dataset"])
+        for key in ("dataset", "model"):  # a run of an older saelab may hold a relative path
+            if isinstance(recorded.get(key), str):
+                recorded[key] = local_key(recorded[key])
         changed = {k for k, v in cfg.to_dict().items()
                    if recorded.get(k) != v and k not in ("batch_size", "device", "out")}
         if changed:

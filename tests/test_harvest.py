@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -223,6 +224,22 @@ def test_resume_accepts_a_local_dataset_written_differently(tmp_path, monkeypatc
     assert main([*args, "--dataset", "other.txt", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert "different settings (dataset)" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_local_model_folder_is_recorded_absolute(tmp_path, monkeypatch, capsys):
+    """--model of a local folder is recorded as its absolute path (the manifest's model then loads from
+    any working folder), and a relative and an absolute spelling are one model on --resume."""
+    from saelab.cli import main
+    from saelab.models import TINY_DIR
+    from saelab.store import read_manifest
+
+    (tmp_path / "m").symlink_to(TINY_DIR, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    args = ["harvest", "--hook", "blocks.0.hook_resid_post", "--tokens", str(16 * 8), "--context-size", "16",
+            "--shard-rows", "64", "--out", "run", "--quiet"]
+    assert main([*args, "--model", "m"]) == 0, capsys.readouterr().err
+    assert read_manifest(tmp_path / "run" / "blocks.0.hook_resid_post")["model"] == str(pathlib.Path(TINY_DIR).resolve())
+    assert main([*args, "--model", str(TINY_DIR), "--resume"]) == 0, capsys.readouterr().err
 
 
 def test_failed_harvest_leaves_no_new_folder(tmp_path, capsys):
