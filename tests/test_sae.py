@@ -166,3 +166,16 @@ def test_wrong_input_width_is_a_saelab_error_on_every_encode_path():
     with pytest.raises(SaelabError, match="this SAE reads its hook with d_in 16"):  # no hook recorded
         sae.encode(torch.randn(3, 15))
     assert sae.encode(torch.randn(3, 16)).shape == (3, 64)
+
+
+def test_encode_decode_forward_take_batch_by_position_activations():
+    """What a hook gives ([batch, pos, d_in]) encodes, decodes and reconstructs like its rows
+    flattened, for every architecture (the TopK family's scatter once assumed [B, d_in])."""
+    x = torch.randn(3, 7, 16)
+    for arch in ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]:
+        sae = SAE.create(arch, d_in=16, d_sae=64, k=4).eval()
+        f = sae.encode(x)
+        assert f.shape == (3, 7, 64), arch
+        torch.testing.assert_close(f, sae.encode(x.reshape(-1, 16)).reshape(3, 7, 64), rtol=1e-6, atol=1e-6)
+        assert sae.decode(f).shape == sae(x).shape == (3, 7, 16), arch
+        torch.testing.assert_close(sae(x), sae(x.reshape(-1, 16)).reshape(3, 7, 16), rtol=1e-5, atol=1e-6)

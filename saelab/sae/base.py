@@ -104,7 +104,8 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor, grads: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense codes f [B, d_sae] as used at inference (independent of the rest of the batch)."""
+        """Dense codes f [..., d_sae] of x [..., d_in] (rows, or [batch, pos] from a hook) as used at
+        inference (independent of the rest of the batch)."""
         return self.activation(self.pre_acts(x), grads)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:

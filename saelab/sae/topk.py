@@ -20,7 +20,8 @@ from saelab.sae.base import SAE, mse
 
 
 def scatter(values: torch.Tensor, indices: torch.Tensor, d_sae: int) -> torch.Tensor:
-    return torch.zeros(values.shape[0], d_sae, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
+    """Dense codes [..., d_sae] from (values, indices) [..., k]: any leading dims ([batch, pos] too)."""
+    return torch.zeros(*values.shape[:-1], d_sae, dtype=values.dtype, device=values.device).scatter(-1, indices, values)
 
 
 class TopKSAE(SAE):
