@@ -170,7 +170,8 @@ def test_wrong_input_width_is_a_saelab_error_on_every_encode_path():
 
 def test_encode_decode_forward_take_batch_by_position_activations():
     """What a hook gives ([batch, pos, d_in]) encodes, decodes and reconstructs like its rows
-    flattened, for every architecture (the TopK family's scatter once assumed [B, d_in])."""
+    flattened, for every architecture (the TopK family's scatter once assumed [B, d_in]); a float64
+    input encodes as its float32 copy (it used to be a matmul dtype error)."""
     x = torch.randn(3, 7, 16)
     for arch in ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]:
         sae = SAE.create(arch, d_in=16, d_sae=64, k=4).eval()
@@ -179,3 +180,6 @@ def test_encode_decode_forward_take_batch_by_position_activations():
         torch.testing.assert_close(f, sae.encode(x.reshape(-1, 16)).reshape(3, 7, 64), rtol=1e-6, atol=1e-6)
         assert sae.decode(f).shape == sae(x).shape == (3, 7, 16), arch
         torch.testing.assert_close(sae(x), sae(x.reshape(-1, 16)).reshape(3, 7, 16), rtol=1e-5, atol=1e-6)
+        f64 = sae.encode(x.double())  # numpy's float64 (and half) inputs are taken in the SAE's dtype
+        assert f64.dtype == torch.float32
+        torch.testing.assert_close(f64, f, rtol=0, atol=0)

@@ -96,6 +96,8 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.dtype != self.W_enc.dtype:  # e.g. float64 from numpy, half from a half model: the SAE's dtype
+            x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc
