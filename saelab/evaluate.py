@@ -156,7 +156,11 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     sae_path = pathlib.Path(sae_path)
     sae = SAE.load(sae_path)
     dev = pick_device(device)
-    info = json.loads((sae_path / TRAIN_FILE).read_text()) if (sae_path / TRAIN_FILE).exists() else {}
+    try:
+        info = json.loads((sae_path / TRAIN_FILE).read_text()) if (sae_path / TRAIN_FILE).exists() else {}
+    except (OSError, ValueError):
+        raise SaelabError(f"{sae_path / TRAIN_FILE} is damaged (not readable JSON): restore it, or delete it "
+                          "and pass --activations STORE_OR_RUN") from None
     skip_bos = not info.get("train", {}).get("include_bos", False)
     res: dict = {}
     store = store_for_sae(sae_path, sae, activations, required=False)

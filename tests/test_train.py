@@ -308,6 +308,17 @@ def test_eval_and_analyze_pick_the_store_of_the_sae_hook(small_run, tmp_path, ca
         assert "holds 2 stores and the SAE names no hook" in err and len(err.splitlines()) == 1, err
 
 
+def test_eval_with_a_damaged_train_json_is_one_line(tmp_path, capsys):
+    from saelab.cli import main
+
+    SAE.create("topk", d_in=16, d_sae=64, k=4, hook_name="blocks.0.hook_resid_post").save(tmp_path / "s")
+    (tmp_path / "s" / "train.json").write_text('{"store": ')
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.json is damaged" in err and "--activations" in err and len(err.splitlines()) == 1, err
+
+
 def test_a_malformed_group_file_is_one_line_everywhere(tmp_path, capsys):
     """analyze, circuit and the app read group.json through one parser (saelab.config.read_group)."""
     from saelab.analysis.circuits import load_group
