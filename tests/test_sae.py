@@ -1,7 +1,9 @@
 """Architecture-level checks of the pitfalls the reference libraries hit."""
 
+import pytest
 import torch
 
+from saelab import SaelabError
 from saelab.sae import SAE
 from saelab.sae.jumprelu import jumprelu, step_fn
 from saelab.sae.topk import select
@@ -183,3 +185,15 @@ def test_encode_decode_forward_take_batch_by_position_activations():
         f64 = sae.encode(x.double())  # numpy's float64 (and half) inputs are taken in the SAE's dtype
         assert f64.dtype == torch.float32
         torch.testing.assert_close(f64, f, rtol=0, atol=0)
+
+
+def test_decode_casts_float64_codes_and_rejects_a_wrong_width():
+    """decode takes codes in another dtype (float64 from numpy) as the SAE's dtype and gives a
+    one-line SaelabError for a wrong width (both were raw matmul errors)."""
+    sae = SAE.create("topk", d_in=16, d_sae=64, k=4).eval()
+    f = sae.encode(torch.randn(2, 5, 16))
+    out = sae.decode(f.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, sae.decode(f), rtol=0, atol=0)
+    with pytest.raises(SaelabError, match="d_sae 64 latents.*last dimension 16"):
+        sae.decode(torch.randn(3, 16))

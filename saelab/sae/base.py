@@ -111,6 +111,14 @@ class SAE(nn.Module):
         return self.activation(self.pre_acts(x), grads)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """x_hat [..., d_in] of codes f [..., d_sae]; f in another dtype (float64 from numpy, half)
+        is cast to the SAE's, a wrong width is a SaelabError."""
+        if f.ndim == 0 or f.shape[-1] != self.d_sae:
+            got = "a 0-d tensor" if f.ndim == 0 else f"last dimension {f.shape[-1]} (shape {list(f.shape)})"
+            raise SaelabError(f"this SAE has d_sae {self.d_sae} latents, but the codes passed to decode have {got}: "
+                              f"pass codes from sae.encode, shaped [..., {self.d_sae}]")
+        if f.dtype != self.W_dec.dtype:
+            f = f.to(self.W_dec.dtype)
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
