@@ -188,3 +188,36 @@ def test_nonfinite_value_and_bad_generation_settings_are_one_line(tiny):
     for kw in ({"max_new_tokens": 0}, {"max_new_tokens": 2, "temperature": -1.0}):
         with pytest.raises(SaelabError, match="max_new_tokens must be at least 1 and temperature at least 0"):
             steer(tiny, sae, PROMPT, [Intervention(1, "add", 1.0)], **kw)
+
+
+def test_prompt_and_latent_spellings_a_notebook_uses(tiny, sae1):
+    """A batch of prompts is one line (a list of strings was an AttributeError; a [2, T] token
+    tensor was silently flattened into one sequence), generate_side_by_side takes a list of
+    strings, and latent ids may be numpy ints, 0-d tensors or (latent, mode, value) tuples."""
+    import numpy as np
+
+    from saelab.analysis.steering import Intervention, as_interventions, generate_side_by_side, prompt_latents, steer
+
+    two = ["Once upon a time", "The dog ran"]
+    with pytest.raises(SaelabError, match="one prompt at a time: got a list of 2"):
+        steer(tiny, sae1, two, 5, max_new_tokens=2)
+    with pytest.raises(SaelabError, match=r"one prompt at a time: got token ids of shape \[2, "):
+        generate_side_by_side(tiny, sae1, tiny.to_tokens(two), 5, max_new_tokens=2)
+    with pytest.raises(SaelabError, match="one prompt at a time"):
+        prompt_latents(tiny, sae1, two)
+    with pytest.raises(SaelabError, match="token ids must be integers"):
+        prompt_latents(tiny, sae1, tiny.to_tokens(two[0]).float())
+    pairs = generate_side_by_side(tiny, sae1, two, [Intervention(5, "add", 5.0)], max_new_tokens=3, temperature=0)
+    assert pairs == [generate_side_by_side(tiny, sae1, p, [Intervention(5, "add", 5.0)], max_new_tokens=3,
+                                           temperature=0) for p in two]
+    assert prompt_latents(tiny, sae1, [two[0]])[0] == prompt_latents(tiny, sae1, two[0])[0]
+    ids = tiny.to_tokens(two[0])[0].tolist()
+    torch.testing.assert_close(prompt_latents(tiny, sae1, ids)[1], prompt_latents(tiny, sae1, two[0])[1])
+    ref = [Intervention(5, "add", 2.0)]
+    assert as_interventions(np.int64(5), "add", 2) == ref
+    assert as_interventions(torch.tensor(5), "add", 2) == ref
+    assert as_interventions(torch.tensor([5]), "add", 2) == ref
+    assert as_interventions((5, "add", 2.0)) == ref == as_interventions([(np.int64(5), "add", 2)])
+    assert Intervention(torch.tensor(5), "add", 2).latent == 5
+    with pytest.raises(SaelabError, match="a latent id must be an int"):
+        Intervention("5", "add", 2.0)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Sequence
 
@@ -51,10 +52,12 @@ class Intervention:
     value: float = 0.0
 
     def __post_init__(self):
+        object.__setattr__(self, "latent", _latent_id(self.latent))  # numpy ints, 0-d tensors
         if self.mode not in MODES:
             raise SaelabError(f"unknown steering mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if not math.isfinite(float(self.value)):
             raise SaelabError(f"steering value {self.value} of latent {self.latent} is not a finite number: pass one")
+        object.__setattr__(self, "value", float(self.value))
 
 
 @dataclasses.dataclass
@@ -68,13 +71,35 @@ class SteerResult:
     steered_ids: list[int] = dataclasses.field(default_factory=list)
 
 
+def _latent_id(x) -> int:
+    """An int latent id from an int, a numpy integer or a one-element tensor."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_floating_point():
+            raise SaelabError(f"a latent id must be one integer, got a tensor of shape {list(x.shape)} "
+                              f"and dtype {x.dtype}: pass an int (or a list of ints)")
+        return int(x.item())
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    raise SaelabError(f"a latent id must be an int, got {type(x).__name__} {x!r}: pass an int, "
+                      "a list of ints or Intervention(latent, mode, value)")
+
+
 def as_interventions(interventions, mode: str = "add", value: float = 0.0) -> list[Intervention]:
-    """Accepts Intervention objects, latent ids (given ``mode``/``value``), or a mix."""
-    if isinstance(interventions, (int, Intervention)):
+    """Accepts Intervention objects, latent ids (given ``mode``/``value``; ints, numpy ints or a
+    tensor of ids), ``(latent, mode, value)`` tuples, or a mix."""
+    if isinstance(interventions, (numbers.Integral, Intervention, tuple)) or (
+            isinstance(interventions, torch.Tensor) and interventions.ndim == 0):
         interventions = [interventions]
+    elif isinstance(interventions, torch.Tensor):
+        interventions = interventions.reshape(-1)
     out = []
     for it in interventions:
-        out.append(it if isinstance(it, Intervention) else Intervention(int(it), mode, value))
+        if isinstance(it, Intervention):
+            out.append(it)
+        elif isinstance(it, tuple):
+            out.append(Intervention(_latent_id(it[0]), *it[1:]))
+        else:
+            out.append(Intervention(_latent_id(it), mode, value))
     return out
 
 
@@ -127,10 +152,25 @@ def _fwd_hooks(sae, model, interventions):
 
 
 def _tokens(model, prompt: str | torch.Tensor, new: int = 0) -> torch.Tensor:
-    """[1, T] token ids (BOS first) of the prompt; SaelabError when empty or when T + ``new``
-    generated tokens exceed the model's context."""
+    """[1, T] token ids (BOS first) of the prompt (a string, a list of one string, or token ids
+    [T] / [1, T] as a tensor or a list of ints); SaelabError for a batch of several prompts, an
+    empty prompt, or when T + ``new`` generated tokens exceed the model's context."""
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, numbers.Integral) for p in prompt):
+        prompt = torch.tensor(prompt)
+    if isinstance(prompt, (list, tuple)) and len(prompt) == 1:
+        prompt = prompt[0]
     if isinstance(prompt, torch.Tensor):
+        if prompt.ndim > 2 or (prompt.ndim == 2 and prompt.shape[0] != 1):
+            raise SaelabError(f"one prompt at a time: got token ids of shape {list(prompt.shape)}; pass [T] or "
+                              "[1, T] (loop over a batch, or give generate_side_by_side a list of strings)")
+        if prompt.is_floating_point():
+            raise SaelabError(f"token ids must be integers, got a {prompt.dtype} tensor: pass model.to_tokens(text)")
         toks = prompt.reshape(1, -1).long()
+    elif isinstance(prompt, (list, tuple)):
+        raise SaelabError(f"one prompt at a time: got a {type(prompt).__name__} of {len(prompt)}; loop over the "
+                          "prompts (generate_side_by_side takes a list of strings)")
+    elif not isinstance(prompt, str):
+        raise SaelabError(f"the prompt must be a string or token ids, got {type(prompt).__name__}")
     elif not prompt or not prompt.strip():
         raise SaelabError("the prompt is empty: type some text to steer from")
     else:
@@ -165,7 +205,11 @@ def _decode(model, ids: torch.Tensor) -> str:
 @torch.no_grad()
 def generate_side_by_side(model, sae, prompt, interventions, *, max_new_tokens: int = 30,
                           temperature: float = 1.0, seed: int = 0) -> tuple[str, str]:
-    """(clean continuation, steered continuation) of the prompt, drawn with the same seed."""
+    """(clean continuation, steered continuation) of the prompt, drawn with the same seed; for a
+    list of several prompt strings, a list of such pairs (one per prompt, each run on its own)."""
+    if isinstance(prompt, (list, tuple)) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+        return [generate_side_by_side(model, sae, p, interventions, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, seed=seed) for p in prompt]
     interventions = as_interventions(interventions)
     toks = _tokens(model, prompt, max_new_tokens).to(next(model.parameters()).device)
     clean = _generate(model, toks, [], max_new_tokens, temperature, seed)
