@@ -49,11 +49,22 @@ def resolve_model(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def pick_device(device: str = "auto") -> str:
+def pick_device(device: str | torch.device = "auto") -> str:
+    """The device string for ``device`` ("auto": cuda when available, else cpu); a torch.device is
+    taken as its string, an unknown spelling (e.g. "gpu") is a one-line SaelabError."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise SaelabError(f"device must be a string such as 'cpu', 'cuda', 'cuda:0' or 'auto', "
+                          f"not {type(device).__name__} {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaelabError(f"--device {device} asked for, but CUDA is not available: use --device cpu")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SaelabError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
     return device
 
 

@@ -53,3 +53,21 @@ def test_train_script_runs(tmp_path):
                      "--d-model", "32", "--heads", "2", "--out", str(tmp_path)])
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
     assert final["heldout_loss"] > 0
+
+
+def test_load_model_takes_a_torch_device_and_names_a_bad_one():
+    """load_model(device=torch.device("cpu")) works (it was an AttributeError on .startswith); an
+    unknown device string is a one-line SaelabError, not an error from deep inside the load."""
+    import pytest
+    import torch
+
+    from saelab import SaelabError
+    from saelab.models import load_model, pick_device
+
+    assert pick_device(torch.device("cpu")) == "cpu"
+    with pytest.raises(SaelabError, match="unknown device 'gpu'"):
+        pick_device("gpu")
+    with pytest.raises(SaelabError, match="device must be a string"):
+        load_model("tiny", device=0)
+    model = load_model("tiny", device=torch.device("cpu"))
+    assert next(model.parameters()).device.type == "cpu"
