@@ -282,3 +282,23 @@ def test_cli_circuit_out_replaces_an_existing_file_and_says_so(small_run, tmp_pa
     assert main([*args, "--out", str(res)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is a folder" in err and len(err.splitlines()) == 1, err
+
+
+def test_find_circuit_takes_a_group_folder_and_a_task_spec(tiny, group, demo_group, tmp_path):
+    """find_circuit(model, "<group folder>", "<task>.jsonl") works as with load_group / make_task
+    (a folder was AttributeError 'str' object has no attribute 'model'; a task name: '... clean');
+    any other type is a one-line SaelabError."""
+    path = tmp_path / "ioi.jsonl"
+    rows = [{"clean": "When Mary and John went to the store, John gave a drink to",
+             "corrupted": "When Mary and John went to the store, Mary gave a drink to", "answer": " Mary", "wrong": " John"},
+            {"clean": "When Tom and Anna went to the park, Anna gave a ball to",
+             "corrupted": "When Tom and Anna went to the park, Tom gave a ball to", "answer": " Tom", "wrong": " Anna"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(edges=False, node_sweep=(), progress=False)
+    ref = C.find_circuit(tiny, group, make_task(str(path), tiny), **kw)
+    got = C.find_circuit(tiny, str(demo_group.group), path, **kw)
+    assert got["nodes"] == ref["nodes"] and got["faithfulness"]["nodes"] == ref["faithfulness"]["nodes"]
+    with pytest.raises(SaelabError, match="task must be a Task"):
+        C.find_circuit(tiny, group, [1, 2], **kw)
+    with pytest.raises(SaelabError, match="group must be an SAE group folder"):
+        C.find_circuit(tiny, 3, path, **kw)

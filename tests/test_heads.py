@@ -197,3 +197,17 @@ def test_cli_heads_out_replaces_an_existing_file_and_says_so(tmp_path, capsys):
     out.unlink()
     assert main(["heads", "--task", "induction", "--n", "4", "--out", str(out), "--quiet"]) == 0
     assert "replaced" not in capsys.readouterr().out and out.is_file()
+
+
+def test_identify_heads_and_ablation_take_a_task_name(tiny):
+    """identify_heads / ablation_ranking(model, "induction") build the task as `saelab heads` does
+    (make_task(name, model, n=n_examples)); they were AttributeError 'str' object has no attribute 'subset'."""
+    from saelab import SaelabError
+
+    task = make_task("induction", tiny, n=4)
+    ref = H.identify_heads(tiny, task, n_examples=4, steps=20)
+    got = H.identify_heads(tiny, "induction", n_examples=4, steps=20)
+    assert got.heads() == ref.heads() and (got.scores == ref.scores).all()
+    assert H.ablation_ranking(tiny, "induction", n_examples=4).heads() == H.ablation_ranking(tiny, task, 4).heads()
+    with pytest.raises(SaelabError, match="task must be a Task"):
+        H.identify_heads(tiny, [1, 2], n_examples=4)

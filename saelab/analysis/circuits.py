@@ -425,7 +425,20 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
                  node_threshold: float = 0.1, edge_threshold: float = 0.01,
                  node_sweep=NODE_SWEEP, edge_sweep=EDGE_SWEEP, progress: bool = True, edges: bool = True) -> dict:
     """Everything ``saelab circuit`` computes, as the circuit-file dict. ``edges=False`` skips the
-    edges and their faithfulness (then ``edges`` is empty and the edge faithfulness None)."""
+    edges and their faithfulness (then ``edges`` is empty and the edge faithfulness None).
+    ``group`` may be a group folder (loaded with ``load_group``) and ``task`` a built-in task name or a
+    .jsonl path (built with ``make_task(task, model)``: 64 examples, seed 0, as ``saelab circuit``)."""
+    if isinstance(group, (str, pathlib.Path)):
+        group = load_group(group)
+    if isinstance(task, (str, pathlib.Path)):
+        from saelab.analysis.tasks import make_task
+
+        task = make_task(task, model)
+    if not isinstance(group, SAEGroup):
+        raise SaelabError(f"group must be an SAE group folder or load_group(folder), not {type(group).__name__}")
+    if not hasattr(task, "clean"):
+        raise SaelabError(f"task must be a Task (saelab.analysis.tasks.make_task), a built-in task name or a "
+                          f".jsonl path, not {type(task).__name__}")
     if method not in ("attrib", "ig"):
         raise SaelabError(f"--method {method!r}: choose attrib or ig")
     if not (node_threshold >= 0 and edge_threshold >= 0):

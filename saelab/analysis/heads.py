@@ -114,11 +114,20 @@ def _ranking(scores: np.ndarray, tiebreak: np.ndarray | None = None) -> list[tup
     return [(l, h, float(scores[l, h])) for _, _, l, h in sorted(keys)]
 
 
-def _slice_task(task, n: int | None):
+def _slice_task(task, n: int | None, model=None):
+    """The task's first ``n`` examples; a task name or .jsonl path (str or Path) is built with
+    ``make_task(task, model, n)`` first, as ``saelab heads`` does."""
+    if n is not None and n < 1:
+        raise SaelabError(f"n_examples={n}: head identification needs at least one example; pass 5 or more")
+    if isinstance(task, (str, pathlib.Path)) and model is not None:
+        from saelab.analysis.tasks import make_task
+
+        task = make_task(task, model, n=64 if n is None else n)
+    if not hasattr(task, "subset"):
+        raise SaelabError(f"task must be a Task (saelab.analysis.tasks.make_task), a built-in task name or a "
+                          f".jsonl path, not {type(task).__name__}")
     if n is None:
         return task
-    if n < 1:
-        raise SaelabError(f"n_examples={n}: head identification needs at least one example; pass 5 or more")
     return task.subset(range(min(n, len(task))))
 
 
@@ -372,7 +381,7 @@ def identify_heads(model, task, n_examples: int = 8, *, d_sae: int = D_SAE, l1: 
     ``task``: a ``saelab.analysis.tasks.Task`` (its first ``n_examples`` clean prompts are the
     positives, the matching corrupted prompts the negatives). Returns a HeadRanking whose score
     is the number of codes unique to positives (``info["fraction"]`` the normalised variant)."""
-    task = _slice_task(task, n_examples)
+    task = _slice_task(task, n_examples, model)
     _check_task(task)
     cfg = model.cfg
     n = len(task.clean)
@@ -413,7 +422,7 @@ def ablation_ranking(model, task, n_examples: int = 8, *, mode: str = "mean", po
     if positions not in ("all", "last"):
         raise SaelabError(f"ablation positions '{positions}' is not one of all, last")
     sl = slice(None) if positions == "all" else slice(-1, None)
-    task = _slice_task(task, n_examples)
+    task = _slice_task(task, n_examples, model)
     _check_task(task)
     cfg = model.cfg
     dev = _device(model)
