@@ -299,6 +299,10 @@ def read_sae_cfg(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path)
     if not path.is_dir():
         raise SaelabError(f"{path}: no such folder; pass an SAE folder written by saelab train or SAELens")
+    if (path / GROUP_FILE).is_file() and not (path / CFG_FILE).is_file():
+        hooks = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
+        raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
+                          f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
                           "pass a folder written by saelab train or SAELens, or a group folder")

@@ -350,3 +350,13 @@ def test_ctrl_c_message_names_resume_only_where_it_exists(cmd, resumable, monkey
     assert cli.main(cmd) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("saelab: interrupted") and ("--resume" in err) == resumable, err
+
+
+def test_feature_db_on_a_group_folder_names_its_sae_folders(demo_group):
+    """FeatureDB("runs/GROUP") says it is a group and lists the SAE folders to pass (it said "not an
+    SAE folder ... or a group folder", as if a group folder were accepted)."""
+    from saelab.analysis.features import FeatureDB
+
+    with pytest.raises(SaelabError, match="is an SAE group, not one SAE") as e:
+        FeatureDB(demo_group.group)
+    assert str(demo_group.saes["blocks.0.hook_resid_post"]) in str(e.value)
