@@ -197,3 +197,17 @@ def test_decode_casts_float64_codes_and_rejects_a_wrong_width():
     torch.testing.assert_close(out, sae.decode(f), rtol=0, atol=0)
     with pytest.raises(SaelabError, match="d_sae 64 latents.*last dimension 16"):
         sae.decode(torch.randn(3, 16))
+
+
+def test_encode_decode_take_numpy_arrays_and_lists():
+    """sae.encode / decode / forward take a numpy array (float64 by default) or a nested list as the
+    tensor it holds (they were AttributeError 'numpy.ndarray' object has no attribute 'to')."""
+    import numpy as np
+
+    sae = SAE.create("relu", d_in=16, d_sae=64).eval()
+    x = np.random.default_rng(0).standard_normal((3, 16))
+    ref = sae.encode(torch.tensor(x, dtype=torch.float32))
+    torch.testing.assert_close(sae.encode(x), ref)
+    torch.testing.assert_close(sae.encode(x.tolist()), ref)
+    torch.testing.assert_close(sae.decode(ref.detach().numpy().astype(np.float64)), sae.decode(ref))
+    torch.testing.assert_close(sae(x), sae(torch.tensor(x, dtype=torch.float32)))

@@ -95,6 +95,8 @@ class SAE(nn.Module):
                               f"pass activations of that hook, shaped [..., {self.d_in}]")
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # a numpy array or nested list: as a tensor on the SAE's device
+            x = torch.as_tensor(x, device=self.W_enc.device)
         self.check_input(x)
         if x.dtype != self.W_enc.dtype:  # e.g. float64 from numpy, half from a half model: the SAE's dtype
             x = x.to(self.W_enc.dtype)
@@ -112,7 +114,9 @@ class SAE(nn.Module):
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """x_hat [..., d_in] of codes f [..., d_sae]; f in another dtype (float64 from numpy, half)
-        is cast to the SAE's, a wrong width is a SaelabError."""
+        is cast to the SAE's (a numpy array or list is taken as a tensor), a wrong width is a SaelabError."""
+        if not isinstance(f, torch.Tensor):
+            f = torch.as_tensor(f, device=self.W_dec.device)
         if f.ndim == 0 or f.shape[-1] != self.d_sae:
             got = "a 0-d tensor" if f.ndim == 0 else f"last dimension {f.shape[-1]} (shape {list(f.shape)})"
             raise SaelabError(f"this SAE has d_sae {self.d_sae} latents, but the codes passed to decode have {got}: "
