@@ -221,3 +221,21 @@ def test_prompt_and_latent_spellings_a_notebook_uses(tiny, sae1):
     assert Intervention(torch.tensor(5), "add", 2).latent == 5
     with pytest.raises(SaelabError, match="a latent id must be an int"):
         Intervention("5", "add", 2.0)
+
+
+def test_an_sae_that_does_not_fit_the_model_is_one_line(tiny):
+    """An SAE of the wrong width at an existing hook (add mode was a raw broadcasting RuntimeError),
+    or one with no hook recorded (it said "reads hook ''"), gives a one-line SaelabError; sweep takes
+    a single coefficient."""
+    from saelab.analysis.steering import generate_side_by_side, steer, sweep
+    from saelab.sae.base import SAE
+
+    narrow = SAE.create("topk", d_in=64, d_sae=128, k=4, hook_name="blocks.0.hook_resid_post")
+    with pytest.raises(SaelabError, match="this SAE has d_in 64, but hook blocks.0.hook_resid_post gives 128"):
+        steer(tiny, narrow, "Once upon a time", 5, max_new_tokens=1)
+    with pytest.raises(SaelabError, match="no hook recorded"):
+        generate_side_by_side(tiny, SAE.create("topk", d_in=128, d_sae=128, k=4), "Once upon a time", 5,
+                              max_new_tokens=1)
+    sae = SAE.create("topk", d_in=128, d_sae=128, k=4, hook_name="blocks.0.hook_resid_post")
+    rows = sweep(5, 2.0, model=tiny, sae=sae, prompt="Once upon a time", max_new_tokens=1)
+    assert [r["coefficient"] for r in rows] == [2.0]

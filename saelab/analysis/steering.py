@@ -105,6 +105,9 @@ def as_interventions(interventions, mode: str = "add", value: float = 0.0) -> li
 
 def _check(sae, model, interventions: Sequence[Intervention]) -> str:
     hook = sae.cfg.hook_name
+    if not hook:
+        raise SaelabError("this SAE has no hook recorded (cfg.hook_name is empty): set sae.cfg.hook_name to the "
+                          "hook it reads, e.g. 'blocks.1.hook_resid_post'")
     if hook not in model.hook_dict:
         raise SaelabError(f"the SAE reads hook {hook!r}, which this model does not have: "
                           "load the model the SAE was trained on")
@@ -126,6 +129,9 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
     def fn(act, hook):
         shape = act.shape
         flat = act.reshape(shape[0], shape[1], -1)
+        if flat.shape[-1] != sae.d_in:  # not a raw broadcasting error from the first add
+            raise SaelabError(f"this SAE has d_in {sae.d_in}, but hook {sae.cfg.hook_name} gives {flat.shape[-1]} per "
+                              "position: load the model the SAE was trained on")
         first = 1 if (skip_bos and shape[1] > 1) else 0
         part = flat[:, first:].float()
         delta = torch.zeros_like(part)
@@ -312,12 +318,15 @@ def sweep(latent: int, coefficients: Iterable[float], *, model, sae, prompt, mod
 
     if mode not in ("add", "clamp"):
         raise SaelabError(f"sweep mode must be add or clamp, not {mode!r}")
+    if isinstance(coefficients, (numbers.Real, torch.Tensor)) and not (
+            isinstance(coefficients, torch.Tensor) and coefficients.ndim > 0):
+        coefficients = [coefficients]  # one coefficient
     toks = _tokens(model, prompt, max_new_tokens).to(next(model.parameters()).device)
-    _check(sae, model, [Intervention(int(latent))])
+    _check(sae, model, [Intervention(latent)])
     clean = _Clean(model, toks, max_new_tokens, temperature, seed)
     rows = []
     for c in tqdm(list(coefficients), disable=not progress, desc="sweep", unit="coef"):
-        cont, m, _ = _run(model, sae, toks, [Intervention(int(latent), mode, float(c))], clean,
+        cont, m, _ = _run(model, sae, toks, [Intervention(latent, mode, float(c))], clean,
                           max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_n=1)
         text = _decode(model, cont)
         rows.append({"coefficient": float(c), "kl": m["kl"], "logit_shift": m["logit_shift"],
