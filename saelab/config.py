@@ -277,7 +277,7 @@ def from_args(cls, ns):
 def read_group(path: str | pathlib.Path) -> tuple[str | None, dict[str, pathlib.Path]] | None:
     """A group folder's (model name or None, {hook: SAE folder}) from its group.json; None when
     ``path`` holds no group.json. A malformed group file is a one-line error."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     f = path / GROUP_FILE
     if not f.is_file():
         return None
@@ -296,7 +296,7 @@ def read_group(path: str | pathlib.Path) -> tuple[str | None, dict[str, pathlib.
 def read_sae_cfg(path: str | pathlib.Path) -> dict:
     """The parsed cfg.json of an SAE folder (saelab or SAELens); a one-line error when ``path`` is
     no SAE folder (missing, no cfg.json or weights, unreadable JSON)."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     if not path.is_dir():
         raise SaelabError(f"{path}: no such folder; pass an SAE folder written by saelab train or SAELens")
     if (path / GROUP_FILE).is_file() and not (path / CFG_FILE).is_file():

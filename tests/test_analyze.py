@@ -360,3 +360,17 @@ def test_feature_db_on_a_group_folder_names_its_sae_folders(demo_group):
     with pytest.raises(SaelabError, match="is an SAE group, not one SAE") as e:
         FeatureDB(demo_group.group)
     assert str(demo_group.saes["blocks.0.hook_resid_post"]) in str(e.value)
+
+
+def test_sae_folders_may_be_spelled_with_a_tilde(demo_group, monkeypatch):
+    """SAE.load("~/runs/…") and FeatureDB("~/runs/…") expand the home folder, as load_group and
+    write_circuit already did (they said "no such folder")."""
+    from saelab.analysis.features import FeatureDB
+    from saelab.sae.base import SAE
+
+    sae_dir = demo_group.saes["blocks.1.hook_resid_post"]
+    monkeypatch.setenv("HOME", str(sae_dir.parent))
+    tilde = "~/" + sae_dir.name
+    assert SAE.load(tilde).d_sae == SAE.load(sae_dir).d_sae
+    with FeatureDB(tilde) as db:
+        assert db.d_sae == SAE.load(sae_dir).d_sae

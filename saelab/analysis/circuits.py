@@ -558,7 +558,7 @@ def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, nod
 # ----------------------------------------------------------------------------- reading
 def load_circuit(path) -> dict:
     """Read and validate a circuit file; SaelabError naming the problem."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
     try:
         c = json.loads(path.read_text())
     except OSError as e:

@@ -124,7 +124,7 @@ def sae_identity(sae_dir) -> dict:
     from saelab.config import WEIGHTS_FILE, read_sae_cfg
     from saelab.store import sha256_file
 
-    sae_dir = pathlib.Path(sae_dir)
+    sae_dir = pathlib.Path(sae_dir).expanduser()
     cfg = read_sae_cfg(sae_dir)
     weights = sae_dir / WEIGHTS_FILE
     try:
@@ -444,7 +444,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     from saelab.config import GROUP_FILE
     from saelab.store import fsync_dir, fsync_file, store_for_sae
 
-    sae_dir = pathlib.Path(sae_dir)
+    sae_dir = pathlib.Path(sae_dir).expanduser()
     if (sae_dir / GROUP_FILE).is_file():
         raise SaelabError(f"{sae_dir} is a group folder: analyse it with `saelab analyze --sae {sae_dir}` "
                           "(or analyze() each of its SAE folders)")
@@ -603,7 +603,7 @@ class FeatureDB:
     """
 
     def __init__(self, sae_dir):
-        self.sae_dir = pathlib.Path(sae_dir)
+        self.sae_dir = pathlib.Path(sae_dir).expanduser()
         self.path = self.sae_dir / FEATURES_FILE
         fix = f"run `saelab analyze --sae {self.sae_dir}`"
         ident = sae_identity(self.sae_dir)

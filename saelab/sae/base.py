@@ -241,7 +241,7 @@ class SAE(nn.Module):
 
         from saelab.store import atomic_write_text, fsync_dir, fsync_file
 
-        path = pathlib.Path(path)
+        path = pathlib.Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         weights = {n: getattr(self, n).detach().float().contiguous().cpu() for n in SAVED_PARAMS}
         weights.update({k: v.detach().float().contiguous().cpu() for k, v in self.extra_weights().items()})
@@ -259,7 +259,7 @@ class SAE(nn.Module):
         """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu)."""
         from safetensors.torch import load_file
 
-        path = pathlib.Path(path)
+        path = pathlib.Path(path).expanduser()
         if (path / GROUP_FILE).is_file() and not (path / CFG_FILE).is_file():
             hooks = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
             raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
