@@ -211,3 +211,16 @@ def test_identify_heads_and_ablation_take_a_task_name(tiny):
     assert H.ablation_ranking(tiny, "induction", n_examples=4).heads() == H.ablation_ranking(tiny, task, 4).heads()
     with pytest.raises(SaelabError, match="task must be a Task"):
         H.identify_heads(tiny, [1, 2], n_examples=4)
+
+
+def test_rank_of_a_head_the_model_lacks_is_one_line(tiny):
+    """HeadRanking.rank_of / tied_with of a (layer, head) outside the model: SaelabError naming the
+    ranges (was a bare StopIteration)."""
+    from saelab import SaelabError
+
+    r = H.ablation_ranking(tiny, make_task("induction", tiny, n=2), 2)
+    assert r.rank_of(*r.heads(1)[0]) == 1
+    with pytest.raises(SaelabError, match=r"no head \(9, 9\).*layers 0\.\.1 and heads 0\.\.3"):
+        r.rank_of(9, 9)
+    with pytest.raises(SaelabError, match=r"no head \(0, 7\)"):
+        r.tied_with(0, 7)

@@ -110,3 +110,19 @@ def test_unknown_task(tiny, tmp_path):
         make_task("nosuchtask", tiny)
     with pytest.raises(SaelabError, match="does not exist"):
         make_task(str(tmp_path / "missing.jsonl"), tiny)
+
+
+def test_task_helpers_take_notebook_spellings(tiny):
+    """accuracy(model, "induction") builds the task (was AttributeError 'str' … 'subset'); make_task
+    takes n=4.0 (was a TypeError); task.subset past its end is a one-line error (was an IndexError)."""
+    from saelab import SaelabError
+    from saelab.analysis.tasks import accuracy, make_task
+
+    task = make_task("induction", tiny, n=4.0)
+    assert len(task) == 4
+    assert accuracy(tiny, "induction") == accuracy(tiny, make_task("induction", tiny))
+    with pytest.raises(SaelabError, match="has 4 examples .*pass indices below 4"):
+        task.subset(range(10))
+    with pytest.raises(SaelabError, match="whole number"):
+        make_task("induction", tiny, n=2.5)
+    assert len(task.subset([-1])) == 1

@@ -92,13 +92,21 @@ class HeadRanking(list):
     def rank_of(self, layer: int, head: int) -> int:
         """1-based rank of a head by score, ties sharing the best rank (1 + heads with a higher score):
         the code counts are integers up to n, so several heads can tie."""
-        score = next(s for l, h, s in self if (l, h) == (layer, head))
+        score = self._score(layer, head)
         return 1 + sum(s > score for _, _, s in self)
 
     def tied_with(self, layer: int, head: int) -> int:
         """How many other heads have exactly this head's score."""
-        score = next(s for l, h, s in self if (l, h) == (layer, head))
+        score = self._score(layer, head)
         return sum(s == score for _, _, s in self) - 1
+
+    def _score(self, layer: int, head: int):
+        for l, h, s in self:
+            if (l, h) == (layer, head):
+                return s
+        n_l, n_h = 1 + max(l for l, _, _ in self), 1 + max(h for _, h, _ in self)
+        raise SaelabError(f"no head ({layer}, {head}) in this ranking: the model has layers 0..{n_l - 1} and "
+                          f"heads 0..{n_h - 1}; pass (layer, head) in those ranges")
 
     def to_dict(self) -> dict:
         return {"method": self.method, "seconds": self.seconds, "n_examples": self.n_examples,

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import pathlib
 import re
 
@@ -84,12 +85,19 @@ class Task:
 
     def subset(self, idx) -> "Task":
         idx = torch.as_tensor(idx, dtype=torch.long)
+        if idx.numel() and not (-len(self) <= int(idx.min()) and int(idx.max()) < len(self)):
+            raise SaelabError(f"task '{self.name}' has {len(self)} examples (0..{len(self) - 1}); "
+                              f"the subset asks for {int(idx.min())}..{int(idx.max())}: pass indices below {len(self)}")
         prompts = [self.prompts[i] for i in idx.tolist()] if self.prompts is not None else None
         return Task(self.name, self.clean[idx], self.corrupted[idx], self.answer[idx], self.wrong[idx], prompts)
 
 
 def make_task(spec: str, model, n: int = 64, seed: int = 0) -> Task:
     """``spec``: "induction", "ioi", or a path to a .jsonl file (see the module docstring)."""
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, numbers.Integral):
+        raise SaelabError(f"n must be a whole number of examples, not {type(n).__name__} {n!r}")
     if n < 1:
         raise SaelabError(f"a task needs at least one example (got n={n}): pass --n 1 or more")
     spec = str(spec)
@@ -116,7 +124,10 @@ def logit_diff(logits: torch.Tensor, task: Task) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy(model, task: Task, batch_size: int = 64) -> float:
-    """Fraction of clean prompts with logit(answer) > logit(wrong)."""
+    """Fraction of clean prompts with logit(answer) > logit(wrong); ``task`` a Task, or a task name /
+    .jsonl path built with ``make_task(task, model)``."""
+    if isinstance(task, (str, pathlib.Path)):
+        task = make_task(task, model)
     dev = _device(model)
     hits = 0
     for a in range(0, len(task), batch_size):
