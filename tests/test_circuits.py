@@ -299,6 +299,6 @@ def test_find_circuit_takes_a_group_folder_and_a_task_spec(tiny, group, demo_gro
     got = C.find_circuit(tiny, str(demo_group.group), path, **kw)
     assert got["nodes"] == ref["nodes"] and got["faithfulness"]["nodes"] == ref["faithfulness"]["nodes"]
     with pytest.raises(SaelabError, match="task must be a Task"):
-        C.find_circuit(tiny, group, [1, 2], **kw)
+        C.find_circuit(tiny, group, 3, **kw)
     with pytest.raises(SaelabError, match="group must be an SAE group folder"):
         C.find_circuit(tiny, 3, path, **kw)

@@ -210,7 +210,7 @@ def test_identify_heads_and_ablation_take_a_task_name(tiny):
     assert got.heads() == ref.heads() and (got.scores == ref.scores).all()
     assert H.ablation_ranking(tiny, "induction", n_examples=4).heads() == H.ablation_ranking(tiny, task, 4).heads()
     with pytest.raises(SaelabError, match="task must be a Task"):
-        H.identify_heads(tiny, [1, 2], n_examples=4)
+        H.identify_heads(tiny, 3, n_examples=4)
 
 
 def test_rank_of_a_head_the_model_lacks_is_one_line(tiny):

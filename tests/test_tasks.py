@@ -126,3 +126,23 @@ def test_task_helpers_take_notebook_spellings(tiny):
     with pytest.raises(SaelabError, match="whole number"):
         make_task("induction", tiny, n=2.5)
     assert len(task.subset([-1])) == 1
+
+
+def test_make_task_takes_rows_built_in_python(tiny, tmp_path):
+    """make_task(rows, model) with a list of {"clean", "corrupted", "answer", "wrong"} dicts equals the
+    same rows written as .jsonl (a list was str()-ed into a path: OSError "File name too long"); bad rows get
+    the .jsonl checks, located as rows[i]; lines past n are still not parsed."""
+    from saelab import SaelabError
+    from saelab.analysis.tasks import make_task
+
+    rows = [{"clean": "When Mary and John went to the store, John gave a drink to",
+             "corrupted": "When Mary and John went to the store, Mary gave a drink to", "answer": " Mary",
+             "wrong": " John"}] * 3
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    a, b = make_task(rows, tiny), make_task(str(path), tiny, n=3)
+    assert a.name == "custom" and torch.equal(a.clean, b.clean) and torch.equal(a.answer, b.answer)
+    with pytest.raises(SaelabError, match=r"rows\[1\]: missing or non-string wrong"):
+        make_task([rows[0], {**rows[0], "wrong": None}], tiny)
+    with pytest.raises(SaelabError, match="the rows has no examples|has no examples"):
+        make_task([], tiny)

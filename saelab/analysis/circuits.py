@@ -430,7 +430,7 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
     .jsonl path (built with ``make_task(task, model)``: 64 examples, seed 0, as ``saelab circuit``)."""
     if isinstance(group, (str, pathlib.Path)):
         group = load_group(group)
-    if isinstance(task, (str, pathlib.Path)):
+    if isinstance(task, (str, pathlib.Path, list)):
         from saelab.analysis.tasks import make_task
 
         task = make_task(task, model)

@@ -127,7 +127,7 @@ def _slice_task(task, n: int | None, model=None):
     ``make_task(task, model, n)`` first, as ``saelab heads`` does."""
     if n is not None and n < 1:
         raise SaelabError(f"n_examples={n}: head identification needs at least one example; pass 5 or more")
-    if isinstance(task, (str, pathlib.Path)) and model is not None:
+    if isinstance(task, (str, pathlib.Path, list)) and model is not None:
         from saelab.analysis.tasks import make_task
 
         task = make_task(task, model, n=64 if n is None else n)

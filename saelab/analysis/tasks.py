@@ -93,13 +93,16 @@ class Task:
 
 
 def make_task(spec: str, model, n: int = 64, seed: int = 0) -> Task:
-    """``spec``: "induction", "ioi", or a path to a .jsonl file (see the module docstring)."""
+    """``spec``: "induction", "ioi", "names", a path to a .jsonl file (see the module docstring), or
+    a list of the same ``{"clean", "corrupted", "answer", "wrong"}`` dicts (task name "custom")."""
     if isinstance(n, float) and n.is_integer():
         n = int(n)
     if not isinstance(n, numbers.Integral):
         raise SaelabError(f"n must be a whole number of examples, not {type(n).__name__} {n!r}")
     if n < 1:
         raise SaelabError(f"a task needs at least one example (got n={n}): pass --n 1 or more")
+    if isinstance(spec, (list, tuple)):  # rows built in Python: {"clean", "corrupted", "answer", "wrong"} dicts
+        return rows_task(spec, model, n)
     spec = str(spec)
     if spec == "induction":
         return induction_task(model, n, seed)
@@ -126,7 +129,7 @@ def logit_diff(logits: torch.Tensor, task: Task) -> torch.Tensor:
 def accuracy(model, task: Task, batch_size: int = 64) -> float:
     """Fraction of clean prompts with logit(answer) > logit(wrong); ``task`` a Task, or a task name /
     .jsonl path built with ``make_task(task, model)``."""
-    if isinstance(task, (str, pathlib.Path)):
+    if isinstance(task, (str, pathlib.Path, list)):
         task = make_task(task, model)
     dev = _device(model)
     hits = 0
@@ -260,54 +263,72 @@ def jsonl_task(path, model, n: int = 64) -> Task:
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
         raise SaelabError(f"task file {path} does not exist: pass induction, ioi, or an existing .jsonl file")
+
+    def lines():
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SaelabError(f"{where} is not valid JSON ({e.msg}): one object per line") from None
+                yield where, obj
+
+    return _rows_task(path.stem, lines(), model, n, f"task file {path}")
+
+
+def rows_task(rows, model, n: int = 64, name: str = "custom") -> Task:
+    """A task from a list of ``{"clean", "corrupted", "answer", "wrong"}`` dicts, checked as a .jsonl
+    file's lines are (``make_task(rows, model)`` calls this)."""
+    return _rows_task(name, ((f"rows[{i}]", obj) for i, obj in enumerate(rows)), model, n, "the rows")
+
+
+def _rows_task(name: str, items, model, n: int, source: str) -> Task:
     tok = model.tokenizer
     bos = tokenizer_bos(tok)
     clean, corrupted, answer, wrong, prompts = [], [], [], [], []
     T = None
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if len(clean) >= n:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SaelabError(f"{where} is not valid JSON ({e.msg}): one object per line") from None
-            if not isinstance(obj, dict):
-                raise SaelabError(f"{where}: expected a JSON object with clean, corrupted, answer, wrong")
-            missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not isinstance(obj.get(k), str)]
-            if missing:
-                raise SaelabError(f"{where}: missing or non-string {', '.join(missing)}; each line needs "
-                                  '{"clean", "corrupted", "answer", "wrong"} strings')
-            ids = [bos] + tok.encode(obj["clean"], add_special_tokens=False)
-            ids_c = [bos] + tok.encode(obj["corrupted"], add_special_tokens=False)
-            if len(ids) != len(ids_c):
-                raise SaelabError(f"{where}: clean tokenizes to {len(ids)} tokens and corrupted to {len(ids_c)}; "
-                                  "make them the same length (swap words of equal token length)")
-            if T is None:
-                T = len(ids)
-            elif len(ids) != T:
-                raise SaelabError(f"{where}: the prompt tokenizes to {len(ids)} tokens, the first line's to {T}; "
-                                  "every prompt in a task must have the same token length")
-            pair = []
-            for key in ("answer", "wrong"):
-                t = tok.encode(obj[key], add_special_tokens=False)
-                if len(t) != 1:
-                    pieces = [tok.decode([i]) for i in t]
-                    raise SaelabError(f"{where}: {key} {obj[key]!r} is {len(t)} tokens {pieces}, not one; "
-                                      "pick a word that is a single token (usually with its leading space)")
-                pair.append(t[0])
-            clean.append(ids)
-            corrupted.append(ids_c)
-            answer.append(pair[0])
-            wrong.append(pair[1])
-            prompts.append(obj["clean"])
+    items = iter(items)
+    while len(clean) < n:  # lines past the n-th are not read (nor parsed)
+        item = next(items, None)
+        if item is None:
+            break
+        where, obj = item
+        if not isinstance(obj, dict):
+            raise SaelabError(f"{where}: expected a JSON object with clean, corrupted, answer, wrong")
+        missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not isinstance(obj.get(k), str)]
+        if missing:
+            raise SaelabError(f"{where}: missing or non-string {', '.join(missing)}; each line needs "
+                              '{"clean", "corrupted", "answer", "wrong"} strings')
+        ids = [bos] + tok.encode(obj["clean"], add_special_tokens=False)
+        ids_c = [bos] + tok.encode(obj["corrupted"], add_special_tokens=False)
+        if len(ids) != len(ids_c):
+            raise SaelabError(f"{where}: clean tokenizes to {len(ids)} tokens and corrupted to {len(ids_c)}; "
+                              "make them the same length (swap words of equal token length)")
+        if T is None:
+            T = len(ids)
+        elif len(ids) != T:
+            raise SaelabError(f"{where}: the prompt tokenizes to {len(ids)} tokens, the first line's to {T}; "
+                              "every prompt in a task must have the same token length")
+        pair = []
+        for key in ("answer", "wrong"):
+            t = tok.encode(obj[key], add_special_tokens=False)
+            if len(t) != 1:
+                pieces = [tok.decode([i]) for i in t]
+                raise SaelabError(f"{where}: {key} {obj[key]!r} is {len(t)} tokens {pieces}, not one; "
+                                  "pick a word that is a single token (usually with its leading space)")
+            pair.append(t[0])
+        clean.append(ids)
+        corrupted.append(ids_c)
+        answer.append(pair[0])
+        wrong.append(pair[1])
+        prompts.append(obj["clean"])
     if not clean:
-        raise SaelabError(f"task file {path} has no examples: add lines of "
+        raise SaelabError(f"{source} has no examples: add lines of "
                           '{"clean", "corrupted", "answer", "wrong"}')
-    return Task(path.stem, torch.tensor(clean), torch.tensor(corrupted), torch.tensor(answer), torch.tensor(wrong),
+    return Task(name, torch.tensor(clean), torch.tensor(corrupted), torch.tensor(answer), torch.tensor(wrong),
                 prompts)
 
 
