@@ -211,3 +211,12 @@ def test_encode_decode_take_numpy_arrays_and_lists():
     torch.testing.assert_close(sae.encode(x.tolist()), ref)
     torch.testing.assert_close(sae.decode(ref.detach().numpy().astype(np.float64)), sae.decode(ref))
     torch.testing.assert_close(sae(x), sae(torch.tensor(x, dtype=torch.float32)))
+
+
+def test_input_on_another_device_is_one_line():
+    """x on another device than the SAE (a GPU model's cache with an SAE left on the CPU) is a
+    one-line SaelabError naming sae.to(...) (was the matmul's device error); "meta" stands in for
+    a second device on a CPU-only machine."""
+    sae = SAE.create("topk", d_in=16, d_sae=64, k=4)
+    with pytest.raises(SaelabError, match=r"the input is on meta but this SAE is on cpu: .*sae.to\('meta'\)"):
+        sae.encode(torch.zeros(2, 16, device="meta"))

@@ -239,3 +239,19 @@ def test_an_sae_that_does_not_fit_the_model_is_one_line(tiny):
     sae = SAE.create("topk", d_in=128, d_sae=128, k=4, hook_name="blocks.0.hook_resid_post")
     rows = sweep(5, 2.0, model=tiny, sae=sae, prompt="Once upon a time", max_new_tokens=1)
     assert [r["coefficient"] for r in rows] == [2.0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_clamp_with_the_sae_on_the_cpu_and_the_model_on_the_gpu():
+    """clamp/ablate encode on the SAE's own device (add already moved W_dec): an SAE left on the CPU
+    steers a model loaded on the GPU (clamp was a device-mismatch error)."""
+    from saelab.analysis.steering import Intervention, steer
+    from saelab.models import load_model
+    from saelab.sae.base import SAE
+
+    model = load_model("tiny", device="cuda")
+    sae = SAE.create("topk", d_in=model.cfg.d_model, d_sae=64, k=4, hook_name="blocks.0.hook_resid_post")
+    r = steer(model, sae, "Once upon a time", [Intervention(3, "clamp", 5.0), Intervention(4, "ablate")],
+              max_new_tokens=2, temperature=0)
+    assert r.metrics["kl"] >= 0

@@ -141,7 +141,9 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
         if sets:
             idx = torch.tensor([it.latent for it in sets], device=part.device)
             target = torch.tensor([0.0 if it.mode == "ablate" else it.value for it in sets], device=part.device)
-            f = sae.encode(part.reshape(-1, part.shape[-1]))[:, idx].reshape(*part.shape[:2], len(sets))
+            dev = sae.W_enc.device  # an SAE left on the CPU steers a model on the GPU too
+            f = sae.encode(part.reshape(-1, part.shape[-1]).to(dev))[:, idx.to(dev)].to(part.device)
+            f = f.reshape(*part.shape[:2], len(sets))
             delta = delta + (target - f) @ W_dec[idx]
         new = flat.clone()
         new[:, first:] = (part + delta).to(act.dtype)

@@ -98,6 +98,9 @@ class SAE(nn.Module):
         if not isinstance(x, torch.Tensor):  # a numpy array or nested list: as a tensor on the SAE's device
             x = torch.as_tensor(x, device=self.W_enc.device)
         self.check_input(x)
+        if x.device != self.W_enc.device:  # else a raw "expected all tensors on the same device" from the matmul
+            raise SaelabError(f"the input is on {x.device} but this SAE is on {self.W_enc.device}: move one, "
+                              f"e.g. sae.to('{x.device}') or x.to('{self.W_enc.device}')")
         if x.dtype != self.W_enc.dtype:  # e.g. float64 from numpy, half from a half model: the SAE's dtype
             x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
