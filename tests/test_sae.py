@@ -220,3 +220,13 @@ def test_input_on_another_device_is_one_line():
     sae = SAE.create("topk", d_in=16, d_sae=64, k=4)
     with pytest.raises(SaelabError, match=r"the input is on meta but this SAE is on cpu: .*sae.to\('meta'\)"):
         sae.encode(torch.zeros(2, 16, device="meta"))
+
+
+def test_hook_z_activations_with_a_heads_dimension_name_the_flatten():
+    """An attn.hook_z activation [batch, pos, n_heads, d_head] given to an SAE trained on the flattened
+    heads names x.flatten(-2) (the message said only "last dimension 8")."""
+    sae = SAE.create("topk", d_in=32, d_sae=64, k=4, hook_name="blocks.0.attn.hook_z")
+    x = torch.randn(2, 5, 4, 8)
+    with pytest.raises(SaelabError, match=r"heads × d_head.*x\.flatten\(-2\)"):
+        sae.encode(x)
+    assert sae.encode(x.flatten(-2)).shape == (2, 5, 64)

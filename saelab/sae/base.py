@@ -91,6 +91,9 @@ class SAE(nn.Module):
         if x.ndim == 0 or x.shape[-1] != self.d_in:
             got = "a 0-d tensor" if x.ndim == 0 else f"last dimension {x.shape[-1]} (shape {list(x.shape)})"
             hook = f"hook {self.cfg.hook_name}" if self.cfg.hook_name else "its hook"
+            if x.ndim >= 2 and x.shape[-2] * x.shape[-1] == self.d_in:  # hook_z's [..., n_heads, d_head]
+                raise SaelabError(f"this SAE reads {hook} with d_in {self.d_in} = heads × d_head, but the input has "
+                                  f"shape {list(x.shape)}: flatten the heads, x.flatten(-2)")
             raise SaelabError(f"this SAE reads {hook} with d_in {self.d_in}, but the input has {got}: "
                               f"pass activations of that hook, shaped [..., {self.d_in}]")
 
