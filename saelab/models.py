@@ -68,12 +68,17 @@ def pick_device(device: str | torch.device = "auto") -> str:
     return device
 
 
-def load_model(name: str = "tiny", device: str = "auto", dtype: torch.dtype = torch.float32):
+def load_model(name: str = "tiny", device: str = "auto", dtype: torch.dtype | str = torch.float32):
     """A TransformerLens model (bridge in compatibility mode, or HookedTransformer on TL 3).
 
     Raises SaelabError with a one-line fix when the name is neither a local folder nor
     loadable from the hub (e.g. offline).
     """
+    if isinstance(dtype, str):  # "bfloat16", "float16", "torch.float32", as TransformerLens accepts
+        dt = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise SaelabError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16 (or a torch.dtype)")
+        dtype = dt
     path, local = resolve_model(name)
     device = pick_device(device)
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -71,3 +71,27 @@ def test_load_model_takes_a_torch_device_and_names_a_bad_one():
         load_model("tiny", device=0)
     model = load_model("tiny", device=torch.device("cpu"))
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_dtype_strings_and_sae_load_devices_are_taken_or_named(demo_group):
+    """load_model(dtype="bfloat16") works as in TransformerLens (was a TypeError from .to); SAE.load
+    with device "cuda" on a machine without CUDA, or a misspelt device, is a one-line SaelabError
+    (were a pin_memory RuntimeError and a SafetensorError)."""
+    import pytest
+    import torch
+
+    from saelab import SaelabError
+    from saelab.models import load_model
+    from saelab.sae.base import SAE
+
+    model = load_model("tiny", device="cpu", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(SaelabError, match="unknown dtype 'int8'"):
+        load_model("tiny", device="cpu", dtype="int8")
+    sae_dir = demo_group.saes["blocks.1.hook_resid_post"]
+    assert SAE.load(sae_dir, device=torch.device("cpu")).W_dec.device.type == "cpu"
+    with pytest.raises(SaelabError, match="unknown device 'gpu'"):
+        SAE.load(sae_dir, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SaelabError, match="CUDA is not available"):
+            SAE.load(sae_dir, device="cuda")

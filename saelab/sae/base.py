@@ -271,6 +271,9 @@ class SAE(nn.Module):
             raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
                               f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
         raw = read_sae_cfg(path)
+        from saelab.models import pick_device
+
+        device = pick_device(device)  # "cuda" without CUDA, or "gpu": a one-line error, not a loader traceback
         w = load_file(str(path / WEIGHTS_FILE), device=str(device))
         if "saelab" in raw:
             cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
