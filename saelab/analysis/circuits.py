@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import SaelabError
-from saelab.analysis.tasks import Task, logit_diff
+from saelab.analysis.tasks import Task, as_task, logit_diff
 
 FORMAT_VERSION = 1
 KIND = "sparse_feature_circuit"
@@ -430,15 +430,9 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
     .jsonl path (built with ``make_task(task, model)``: 64 examples, seed 0, as ``saelab circuit``)."""
     if isinstance(group, (str, pathlib.Path)):
         group = load_group(group)
-    if isinstance(task, (str, pathlib.Path, list)):
-        from saelab.analysis.tasks import make_task
-
-        task = make_task(task, model)
+    task = as_task(task, model)
     if not isinstance(group, SAEGroup):
         raise SaelabError(f"group must be an SAE group folder or load_group(folder), not {type(group).__name__}")
-    if not hasattr(task, "clean"):
-        raise SaelabError(f"task must be a Task (saelab.analysis.tasks.make_task), a built-in task name or a "
-                          f".jsonl path, not {type(task).__name__}")
     if method not in ("attrib", "ig"):
         raise SaelabError(f"--method {method!r}: choose attrib or ig")
     if not (node_threshold >= 0 and edge_threshold >= 0):

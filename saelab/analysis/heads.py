@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from saelab import SaelabError
 from saelab.analysis import one_thread
-from saelab.analysis.tasks import logit_diff
+from saelab.analysis.tasks import as_task, logit_diff
 
 HOOK = "blocks.{layer}.attn.hook_z"
 POSITIONS = ("last", "mean")
@@ -122,18 +122,12 @@ def _ranking(scores: np.ndarray, tiebreak: np.ndarray | None = None) -> list[tup
     return [(l, h, float(scores[l, h])) for _, _, l, h in sorted(keys)]
 
 
-def _slice_task(task, n: int | None, model=None):
+def _slice_task(task, n: int | None, model):
     """The task's first ``n`` examples; a task name or .jsonl path (str or Path) is built with
     ``make_task(task, model, n)`` first, as ``saelab heads`` does."""
     if n is not None and n < 1:
         raise SaelabError(f"n_examples={n}: head identification needs at least one example; pass 5 or more")
-    if isinstance(task, (str, pathlib.Path, list)) and model is not None:
-        from saelab.analysis.tasks import make_task
-
-        task = make_task(task, model, n=64 if n is None else n)
-    if not hasattr(task, "subset"):
-        raise SaelabError(f"task must be a Task (saelab.analysis.tasks.make_task), a built-in task name or a "
-                          f".jsonl path, not {type(task).__name__}")
+    task = as_task(task, model, n=64 if n is None else n)
     if n is None:
         return task
     return task.subset(range(min(n, len(task))))

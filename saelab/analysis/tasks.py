@@ -125,12 +125,22 @@ def logit_diff(logits: torch.Tensor, task: Task) -> torch.Tensor:
         last.gather(-1, task.wrong.to(last.device)[:, None])[:, 0]
 
 
+def as_task(task, model, n: int = 64) -> Task:
+    """``task`` as a Task: a Task as it is; a built-in task name, a .jsonl path or a list of row dicts
+    built with ``make_task(task, model, n)`` (seed 0, as the CLI builds it); anything else a one-line error."""
+    if isinstance(task, (str, pathlib.Path, list)):
+        task = make_task(task, model, n=n)
+    if not isinstance(task, Task):
+        raise SaelabError(f"task must be a Task (saelab.analysis.tasks.make_task), a built-in task name or a "
+                          f".jsonl path, not {type(task).__name__}")
+    return task
+
+
 @torch.no_grad()
 def accuracy(model, task: Task, batch_size: int = 64) -> float:
     """Fraction of clean prompts with logit(answer) > logit(wrong); ``task`` a Task, or a task name /
     .jsonl path built with ``make_task(task, model)``."""
-    if isinstance(task, (str, pathlib.Path, list)):
-        task = make_task(task, model)
+    task = as_task(task, model)
     dev = _device(model)
     hits = 0
     for a in range(0, len(task), batch_size):
