@@ -266,11 +266,7 @@ class SAE(nn.Module):
         from safetensors.torch import load_file
 
         path = pathlib.Path(path).expanduser()
-        if (path / GROUP_FILE).is_file() and not (path / CFG_FILE).is_file():
-            hooks = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
-            raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
-                              f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
-        raw = read_sae_cfg(path)
+        raw = read_sae_cfg(path)  # a group folder, a missing folder or a bad cfg.json: a one-line error
         from saelab.models import pick_device
 
         device = pick_device(device)  # "cuda" without CUDA, or "gpu": a one-line error, not a loader traceback
