@@ -34,6 +34,7 @@ from saelab import SaelabError
 from saelab import distributed as dist
 from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig
 from saelab.evaluate import evaluate_store
+from saelab.models import pick_device as device_name
 from saelab.sae import SAE
 from saelab.store import ActivationStore, atomic_write_text, fsync_file, no_empty_folder_left, resolve_stores
 
@@ -41,12 +42,9 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SaelabError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return torch.device(name)
+def pick_device(name: str | torch.device) -> torch.device:
+    """``saelab.models.pick_device`` (auto, and one-line errors for CUDA missing or a bad spelling) as a torch.device."""
+    return torch.device(device_name(name))
 
 
 def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bool = True) -> dict[str, pathlib.Path]:
@@ -62,17 +60,14 @@ def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> 
     progress = progress and dist.is_main()
     if len(stores) == 1:
         return {ActivationStore(stores[0]).hook: train_one(stores[0], out, tcfg, scfg, resume, progress)}
-    seen: dict[str, pathlib.Path] = {}
+    by_hook: dict[str, pathlib.Path] = {}
     for path in stores:
         hook = ActivationStore(path).hook
-        if hook in seen:
-            raise SaelabError(f"stores {seen[hook]} and {path} both hold hook {hook}, and a group has one SAE per "
+        if hook in by_hook:
+            raise SaelabError(f"stores {by_hook[hook]} and {path} both hold hook {hook}, and a group has one SAE per "
                               "hook: pass --activations with one store folder")
-        seen[hook] = path
-    folders = {}
-    for path in stores:
-        hook = ActivationStore(path).hook
-        folders[hook] = train_one(path, out / hook, tcfg, scfg, resume, progress)
+        by_hook[hook] = path
+    folders = {hook: train_one(path, out / hook, tcfg, scfg, resume, progress) for hook, path in by_hook.items()}
     model = ActivationStore(stores[0]).manifest.get("model", "")
     if dist.is_main():
         atomic_write_text(out / GROUP_FILE, json.dumps({"model": model, "hooks": {h: h for h in folders}},
