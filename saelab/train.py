@@ -177,7 +177,13 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume and (out / TRAIN_FILE).exists():
-        saved = json.loads((out / TRAIN_FILE).read_text())
+        try:
+            saved = json.loads((out / TRAIN_FILE).read_text())
+            if not isinstance(saved, dict):
+                raise ValueError
+        except (OSError, ValueError):
+            raise SaelabError(f"--resume: {out / TRAIN_FILE} is damaged (not a readable JSON object): restore it, "
+                              f"or train again into a new --out") from None
         _check_resume_settings(out, saved, tcfg, cfg)
         _check_resume_store(out, saved, store)
         if saved.get("done"):

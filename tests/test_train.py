@@ -220,6 +220,15 @@ def test_resume_with_other_settings_is_refused(tiny_planted, tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "different settings" in err, err
         assert change[0][2:] in err, err
     assert (out / "sae_weights.safetensors").read_bytes() == weights
+    # a damaged train.json is one line, and leaves the run as it was
+    good = (out / "train.json").read_text()
+    for bad in ('{"train": ', "[1, 2]"):
+        (out / "train.json").write_text(bad)
+        assert main([*args, "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "train.json is damaged" in err and "--out" in err, err
+        assert (out / "sae_weights.safetensors").read_bytes() == weights
+    (out / "train.json").write_text(good)
     # the flags that do not change the run may differ
     assert main([*args, "--resume", "--log-every", "5", "--checkpoint-every", "3"]) == 0
 
