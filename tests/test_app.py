@@ -173,6 +173,16 @@ def test_features_by_token_and_by_density(monkeypatch, app_group, db1, top_laten
     at.button(key=f"open_t_{first}").click().run()
     assert _card_title(_ok(at)).startswith(f"Latent {first}")
 
+    # a string of several tokens is named as such, with vocabulary entries like it
+    words = token.strip() + " and then some more"
+    assert not db1.in_vocab(words) and db1.by_token(words) == []
+    like = db1.similar_tokens(words)
+    assert like and all(words.startswith(t.strip()) or t.strip().startswith(words) for t in like)
+    assert db1.in_vocab(like[0])
+    at.text_input(key="find_token").set_value(words).run()
+    msg = " ".join(i.value for i in _ok(at).info)
+    assert "is not one token" in msg and repr(like[0]) in msg, msg
+
     at.radio(key="find").set_value("by density").run()
     dens = np.asarray(db1.density)
     assert _result_buttons(_ok(at), "open_d_")[0].key == f"open_d_{int(dens.argmax())}"

@@ -762,6 +762,25 @@ class FeatureDB:
         latents = latents[np.argsort(-score[latents], kind="stable")][:n]
         return [(int(j), float(score[j])) for j in latents]
 
+    def in_vocab(self, token: str) -> bool:
+        """Whether ``token`` is one vocabulary entry (exactly, or ignoring surrounding spaces), as ``by_token``
+        matches it."""
+        stripped = token.strip()
+        return any(s == token or (stripped and s.strip() == stripped) for s in self.vocab())
+
+    def similar_tokens(self, text: str, n: int = 5) -> list[str]:
+        """Up to ``n`` vocabulary entries for a string that is not one: those that start with it (spaces
+        ignored), shortest first, then those it starts with, longest first (the first token of a
+        multi-token string)."""
+        t = text.strip()
+        if not t:
+            return []
+        vocab = [s for s in self.vocab() if s.strip()]
+        starts = sorted({s for s in vocab if s.strip().startswith(t)}, key=lambda s: (len(s.strip()), s))
+        prefixes = sorted({s for s in vocab if t.startswith(s.strip()) and s not in starts},
+                          key=lambda s: (-len(s.strip()), s))
+        return (starts + prefixes)[:n]
+
 
 # ============================================================================ labels
 def load_labels(sae_dir) -> dict[int, str]:

@@ -62,8 +62,12 @@ elif mode == "by token":
     tok = st.text_input("Token", key="find_token", placeholder="e.g. ' park' (leading space matters)")
     if tok and db is not None:
         hits = db.by_token(tok, n=20)
-        if not hits:
-            st.info(f"no latent promotes {tok!r} among its top tokens (or the token is not in the vocabulary)")
+        if not hits and not db.in_vocab(tok):
+            like = db.similar_tokens(tok)
+            st.info(f"{tok!r} is not one token of this model's vocabulary"
+                    + (": try " + ", ".join(repr(t) for t in like) if like else ""))
+        elif not hits:
+            st.info(f"no latent promotes {tok!r} among its top tokens")
         result_buttons(hits, "logit {:+.2f}", "open_t")
 elif mode == "by density" and db is not None:
     c1, c2 = st.columns(2)
