@@ -51,9 +51,12 @@ def resolve_model(name: str) -> tuple[str, bool]:
 
 def pick_device(device: str | torch.device = "auto") -> str:
     """The device string for ``device`` ("auto": cuda when available, else cpu); a torch.device is
-    taken as its string, an unknown spelling (e.g. "gpu") is a one-line SaelabError."""
+    taken as its string and an int N as "cuda:N" (as torch reads it); an unknown spelling (e.g. "gpu") is a
+    one-line SaelabError."""
     if isinstance(device, torch.device):
         device = str(device)
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        device = f"cuda:{device}"
     if not isinstance(device, str):
         raise SaelabError(f"device must be a string such as 'cpu', 'cuda', 'cuda:0' or 'auto', "
                           f"not {type(device).__name__} {device!r}")

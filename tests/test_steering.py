@@ -219,6 +219,9 @@ def test_prompt_and_latent_spellings_a_notebook_uses(tiny, sae1):
     assert as_interventions(torch.tensor([5]), "add", 2) == ref
     assert as_interventions((5, "add", 2.0)) == ref == as_interventions([(np.int64(5), "add", 2)])
     assert Intervention(torch.tensor(5), "add", 2).latent == 5
+    assert Intervention(5, "Add", 2.0) == ref[0] and Intervention(5, " CLAMP", 1.0).mode == "clamp"
+    with pytest.raises(SaelabError, match="unknown steering mode 'boost'"):
+        Intervention(5, "boost", 2.0)
     with pytest.raises(SaelabError, match="a latent id must be an int"):
         Intervention("5", "add", 2.0)
 

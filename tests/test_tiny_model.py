@@ -68,7 +68,12 @@ def test_load_model_takes_a_torch_device_and_names_a_bad_one():
     with pytest.raises(SaelabError, match="unknown device 'gpu'"):
         pick_device("gpu")
     with pytest.raises(SaelabError, match="device must be a string"):
-        load_model("tiny", device=0)
+        load_model("tiny", device=1.5)
+    if not torch.cuda.is_available():  # an int is a CUDA index, as in torch
+        with pytest.raises(SaelabError, match="--device cuda:0 asked for, but CUDA is not available"):
+            load_model("tiny", device=0)
+    else:
+        assert pick_device(0) == "cuda:0"
     model = load_model("tiny", device=torch.device("cpu"))
     assert next(model.parameters()).device.type == "cpu"
 

@@ -53,6 +53,8 @@ class Intervention:
 
     def __post_init__(self):
         object.__setattr__(self, "latent", _latent_id(self.latent))  # numpy ints, 0-d tensors
+        if isinstance(self.mode, str):
+            object.__setattr__(self, "mode", self.mode.strip().lower())  # "Clamp", "ADD"
         if self.mode not in MODES:
             raise SaelabError(f"unknown steering mode {self.mode!r}: choose one of {', '.join(MODES)}")
         if not math.isfinite(float(self.value)):
@@ -318,6 +320,7 @@ def sweep(latent: int, coefficients: Iterable[float], *, model, sae, prompt, mod
     computed once; greedy decoding by default so rows differ only by the coefficient."""
     from tqdm.auto import tqdm
 
+    mode = mode.strip().lower() if isinstance(mode, str) else mode
     if mode not in ("add", "clamp"):
         raise SaelabError(f"sweep mode must be add or clamp, not {mode!r}")
     if isinstance(coefficients, (numbers.Real, torch.Tensor)) and not (
