@@ -52,13 +52,14 @@ def test_group_from_run_folder(grad_run, tmp_path):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu", "abstopk", "matryoshka"])
 def test_planted_features_recovered(arch, planted_store, tmp_path):
-    """MMCS ≥ 0.9 on d=64, 256 planted features, ~5 active, within 1.2M tokens (~10 s each)."""
+    """MMCS ≥ 0.9 on d=64, 256 planted features, ~5 active, within 1.2M tokens (~10 s each). Through main() in
+    this process: test_each_arch_trains_from_cli runs every architecture through the installed entry point."""
+    from saelab.cli import main
     from saelab.synthetic import load_truth, mmcs
 
     out = tmp_path / arch
-    r = _cli("train", "--activations", str(planted_store), "--out", str(out), "--tokens", "1228800",
-             "--batch-size", "1024", "--lr", "3e-3", "--arch", arch, "--k", "5", "--width", "512", "--quiet")
-    assert r.returncode == 0, r.stderr
+    assert main(["train", "--activations", str(planted_store), "--out", str(out), "--tokens", "1228800",
+                 "--batch-size", "1024", "--lr", "3e-3", "--arch", arch, "--k", "5", "--width", "512", "--quiet"]) == 0
     truth, _ = load_truth(planted_store)
     sae = SAE.load(out)
     # AbsTopK may carry a feature with a negated decoder row and negative codes: |cos| counts
