@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "on its hook_z output over n clean (positive) and n corrupted (negative) prompts; "
                                     "heads ranked by the codes seen only on positives. --compare-ablation also runs "
                                     "the per-head ablation sweep and compares rankings and run times.")
-    hd.add_argument("--task", required=True, help="induction, ioi, or a .jsonl file of "
+    hd.add_argument("--task", required=True, help="induction, ioi, names, or a .jsonl file of "
                                                   "{clean, corrupted, answer, wrong} lines")
     hd.add_argument("--model", default="tiny", help="tiny (bundled), a local Hugging Face folder or a hub name")
     hd.add_argument("--n", type=int, default=8, help="positive examples (as many negatives) (default: 8)")

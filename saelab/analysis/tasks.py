@@ -272,7 +272,7 @@ def names_task(model, n: int = 64, seed: int = 0) -> Task:
 def jsonl_task(path, model, n: int = 64) -> Task:
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
-        raise SaelabError(f"task file {path} does not exist: pass induction, ioi, or an existing .jsonl file")
+        raise SaelabError(f"task file {path} does not exist: pass induction, ioi, names, or an existing .jsonl file")
 
     def lines():
         with open(path, encoding="utf-8") as fh:
