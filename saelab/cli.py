@@ -96,6 +96,20 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    from saelab.hub import fetch_sae
+
+    out, sae, fetched = fetch_sae(args.sae, args.out, revision=args.revision, progress=not args.quiet)
+    c = sae.cfg
+    print(f"{'fetched' if fetched else 'already fetched'} {args.sae} into {out}: {c.arch}, d_in {sae.d_in}, "
+          f"{sae.d_sae:,} latents, hook {c.hook_name or '?'}, model {c.model_name or '?'}")
+    if c.hook_name:
+        model = c.model_name or "MODEL"
+        print(f"next: saelab harvest --model {model} --hook {c.hook_name} --out activations/{out.name}\n"
+              f"      saelab analyze --sae {out} --activations activations/{out.name}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from saelab.demo import DEMO_HOOKS, DEMO_K, demo_root, ensure_group
     from saelab.evaluate import evaluate
@@ -327,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(an existing file is replaced, atomically, and the output says so)")
     _add_run_flags(hd)
     hd.set_defaults(func=cmd_heads)
+    f = sub.add_parser("fetch", help="download a pretrained SAE (SAELens layout) from the Hugging Face hub",
+                       description="Download ORG/REPO/SUBFOLDER's cfg.json and sae_weights.safetensors from the "
+                                   "Hugging Face hub (its cache, login and HF_HUB_OFFLINE apply), check that saelab "
+                                   "loads them, and write them with source.json into --out: an SAE folder for "
+                                   "analyze, eval, the app and steering.")
+    f.add_argument("sae", help="ORG/REPO/SUBFOLDER, e.g. jbloom/GPT2-Small-SAEs-Reformatted/blocks.8.hook_resid_pre")
+    f.add_argument("--out", default=None, help="the SAE folder to write (default: runs/<repo name>/<subfolder>); "
+                                               "rerunning into a folder that holds the same SAE does nothing")
+    f.add_argument("--revision", default=None, help="branch, tag or commit (default: the repo's main)")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_fetch)
+
     return p
 
 

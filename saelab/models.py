@@ -95,7 +95,7 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: torch.dtype | st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if tl_major() >= 4:
-                model = _boot_bridge(path, device, dtype)
+                model = _boot_bridge(path if local else hub_name(path), device, dtype)
             else:
                 model = _hooked_transformer(path, local, device, dtype)
     except SaelabError:
@@ -113,6 +113,20 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: torch.dtype | st
     model.eval()
     model.saelab_name = name
     return model
+
+
+def hub_name(name: str) -> str:
+    """The Hugging Face id of a TransformerLens model alias ("gpt2-small" → "gpt2", "pythia-70m" →
+    "EleutherAI/pythia-70m"; the names SAELens configs record), as HookedTransformer.from_pretrained
+    resolves them; any other name is returned as it is. TransformerLens 4's bridge loads by HF id only."""
+    try:
+        from transformer_lens.supported_models import get_official_model_name
+    except ImportError:  # TransformerLens 3: HookedTransformer resolves aliases itself
+        return name
+    try:
+        return get_official_model_name(name)
+    except Exception:  # not an alias (a ValueError): a hub id as it is
+        return name
 
 
 def _boot_bridge(path: str, device: str, dtype: torch.dtype):

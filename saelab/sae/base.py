@@ -302,8 +302,13 @@ def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:
                           "supported; fold the normalisation into the weights first")
     meta = raw.get("metadata") or {}
     k = raw.get("k") or (raw.get("architecture_kwargs") or {}).get("k") or 1
-    d_sae = int(raw["d_sae"])
-    return SAEConfig(arch=names[arch], d_in=int(raw["d_in"]), width=d_sae, k=int(min(k, d_sae - 1)),
-                     hook_name=meta.get("hook_name") or raw.get("hook_name") or "",
+    try:  # older SAELens configs may give the width only as d_in × expansion_factor
+        d_in = int(raw["d_in"])
+        d_sae = int(raw.get("d_sae") or d_in * int(raw["expansion_factor"]))
+    except (KeyError, TypeError, ValueError):
+        raise SaelabError(f"{path / 'cfg.json'} gives no usable d_in and d_sae (or expansion_factor): "
+                          "not an SAE config saelab can read") from None
+    return SAEConfig(arch=names[arch], d_in=d_in, width=d_sae, k=int(min(k, d_sae - 1)),
+                     hook_name=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
                      model_name=meta.get("model_name") or raw.get("model_name") or "")
 

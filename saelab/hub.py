@@ -1,0 +1,159 @@
+"""Fetch a pretrained SAE from the Hugging Face hub into an ordinary SAE folder.
+
+``fetch_sae("ORG/REPO/SUBFOLDER", out)`` downloads the subfolder's ``cfg.json`` and
+``sae_weights.safetensors`` (the SAELens layout that SAELens releases and ``saelab train`` both
+write) through ``huggingface_hub`` (its cache, token and offline mode apply), checks that saelab
+loads them (``SAE.load``: a supported architecture, shapes that match the config), and only then
+moves them into ``out`` together with ``source.json`` (repo, subfolder, the revision asked for and
+the commit it resolved to). ``out`` is then an SAE folder like any other: ``saelab analyze --sae
+out --activations STORE`` (a store of the SAE's model and hook), ``saelab eval``, the app, steering.
+
+A failure leaves nothing behind: the files are gathered in a hidden sibling folder, fsynced and
+renamed into place. Fetching into a folder that already holds the same SAE (same repo, subfolder
+and commit) is a no-op, so a notebook may call it every time.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import shutil
+
+from saelab import SaelabError
+from saelab.config import CFG_FILE, WEIGHTS_FILE
+from saelab.store import atomic_write_text, fsync_dir, fsync_file
+
+SOURCE_FILE = "source.json"
+HUB_PREFIX = "hf://"
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``ORG/REPO[/SUBFOLDER…]`` (optionally ``hf://``-prefixed) → (repo id, subfolder or "")."""
+    s = str(spec).strip().removeprefix(HUB_PREFIX)
+    parts = [x for x in s.strip("/").split("/") if x]
+    if len(parts) < 2:
+        raise SaelabError(f"{spec!r} is not a hub SAE: pass ORG/REPO/SUBFOLDER (the folder holding {CFG_FILE} and "
+                          f"{WEIGHTS_FILE}), e.g. jbloom/GPT2-Small-SAEs-Reformatted/blocks.8.hook_resid_pre")
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def default_out(spec: str) -> pathlib.Path:
+    """runs/<repo name>/<subfolder> (runs/<repo name> when the SAE sits at the repo's root)."""
+    repo, sub = parse_spec(spec)
+    return pathlib.Path("runs") / repo.split("/")[1] / sub if sub else pathlib.Path("runs") / repo.split("/")[1]
+
+
+def _errors():
+    """huggingface_hub's exception classes (``errors`` since 0.23; ``utils`` before)."""
+    try:
+        from huggingface_hub import errors as e
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        from huggingface_hub import utils as e
+    return e
+
+
+def _download(repo: str, filename: str, revision: str | None, cache_dir) -> pathlib.Path:
+    from huggingface_hub import hf_hub_download
+
+    e = _errors()
+    where = f"{repo}" + (f"@{revision}" if revision else "")
+    try:
+        return pathlib.Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir))
+    except e.LocalEntryNotFoundError:
+        raise SaelabError(f"{where}: {filename} is not in the local Hugging Face cache and the hub cannot be "
+                          "reached (offline, or HF_HUB_OFFLINE=1): connect and fetch again") from None
+    except e.GatedRepoError:
+        raise SaelabError(f"{where} is gated: accept its terms on huggingface.co and log in (`hf auth login`)") from None
+    except e.RepositoryNotFoundError:
+        raise SaelabError(f"hub repo {repo} not found (or private: log in with `hf auth login`)") from None
+    except e.RevisionNotFoundError:
+        raise SaelabError(f"{repo} has no revision {revision!r}: pass a branch, tag or commit it has") from None
+    except e.EntryNotFoundError:
+        raise SaelabError(f"{where} has no {filename}: pass the subfolder that holds {CFG_FILE} and "
+                          f"{WEIGHTS_FILE} (ORG/REPO/SUBFOLDER){_folders_hint(repo, revision)}") from None
+    except e.HFValidationError as err:
+        raise SaelabError(f"{repo!r} is not a hub repo id ({str(err).split(':')[0]}): pass ORG/REPO/SUBFOLDER") from None
+    except e.HfHubHTTPError as err:
+        raise SaelabError(f"{where}: the hub answered {str(err).splitlines()[0]}: retry later") from None
+
+
+def _folders_hint(repo: str, revision: str | None) -> str:
+    """'; it has: a, b, c' listing the repo's folders that hold a cfg.json (online only; '' otherwise)."""
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(repo, revision=revision)
+    except Exception:  # offline, or anything else: the hint is optional
+        return ""
+    folders = sorted({f.rsplit("/", 1)[0] if "/" in f else "." for f in files if f.rsplit("/", 1)[-1] == CFG_FILE})
+    if not folders:
+        return f"; it holds no {CFG_FILE} at all"
+    more = f" (+{len(folders) - 6} more)" if len(folders) > 6 else ""
+    return f"; it has: {', '.join(folders[:6])}{more}"
+
+
+def _commit_of(path: pathlib.Path) -> str | None:
+    """The commit a cached file belongs to (.../snapshots/<commit>/...), or None."""
+    parts = path.parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def read_source(folder) -> dict | None:
+    p = pathlib.Path(folder) / SOURCE_FILE
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, progress: bool = True):
+    """Download the hub SAE ``spec`` (ORG/REPO/SUBFOLDER) into the folder ``out`` (default
+    ``default_out(spec)``); returns (out, loaded SAE, fetched: False when ``out`` already held it).
+    See the module docstring."""
+    from saelab.sae.base import SAE
+    from saelab.store import no_empty_folder_left
+
+    repo, sub = parse_spec(spec)
+    out = pathlib.Path(out).expanduser() if out is not None else default_out(spec)
+    if out.exists() and not out.is_dir():
+        raise SaelabError(f"--out {out} is a file: pass a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        had = read_source(out)
+        if had and (had.get("repo_id"), had.get("subfolder"), had.get("revision")) == (repo, sub, revision):
+            return out, SAE.load(out), False  # fetched before (delete the folder to fetch again)
+        raise SaelabError(f"--out {out} already exists and holds something else: choose a new --out")
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    with no_empty_folder_left(out.parent):
+        names = {f: f"{sub}/{f}" if sub else f for f in (CFG_FILE, WEIGHTS_FILE)}
+        files = {f: _download(repo, name, revision, cache_dir) for f, name in names.items()}
+        source = {"repo_id": repo, "subfolder": sub, "revision": revision, "commit": _commit_of(files[WEIGHTS_FILE]),
+                  "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.fetching-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for f, src in files.items():
+                shutil.copyfile(src, tmp / f)  # the cache's symlinks resolve to their blobs
+                fsync_file(tmp / f)
+            try:
+                sae = SAE.load(tmp)
+            except SaelabError as err:
+                why = str(err).replace(f"{tmp}: ", "").replace(f"{tmp}/", "").replace(str(tmp), "the fetched folder")
+                raise SaelabError(f"{spec}: {why}") from None
+            atomic_write_text(tmp / SOURCE_FILE, json.dumps(source, indent=2) + "\n")
+            fsync_dir(tmp)
+            if out.is_dir():
+                out.rmdir()  # an empty folder made beforehand
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out, sae, True

@@ -1,0 +1,139 @@
+"""saelab fetch: a pretrained SAE from the Hugging Face hub into an SAE folder, offline against a
+hand-built hub cache (the layout huggingface_hub reads: refs/main → snapshots/<commit>/… → blobs)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saelab import SaelabError
+from saelab.sae.base import SAE
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+REPO = "someone/tiny-saes"
+HOOK = "blocks.0.hook_resid_post"
+
+
+def _put(cache, repo, path, data: bytes):
+    """One file of a cached repo snapshot, stored as huggingface_hub stores it (a symlink to a blob)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(COMMIT)
+    blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = root / "snapshots" / COMMIT / path
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+def _saelens_sae(cache, tmp_path, sub=HOOK, arch="standard", old=False):
+    """A SAELens-format SAE (no saelab block in cfg.json) in the cache; returns its weights. ``old``: the
+    config as older SAELens wrote it (hook_point, expansion_factor instead of d_sae, no architecture)."""
+    torch.manual_seed(0)
+    w = {"W_enc": torch.randn(128, 256), "b_enc": torch.randn(256), "W_dec": torch.randn(256, 128),
+         "b_dec": torch.randn(128)}
+    save_file(w, tmp_path / "w.safetensors")
+    cfg = {"architecture": arch, "d_in": 128, "d_sae": 256, "hook_name": HOOK, "model_name": "tiny", "dtype": "float32",
+           "apply_b_dec_to_input": True, "normalize_activations": "none"}
+    if old:
+        cfg = {"d_in": 128, "expansion_factor": 2, "hook_point": HOOK, "model_name": "tiny", "dtype": "torch.float32"}
+    _put(cache, REPO, f"{sub}/cfg.json", json.dumps(cfg).encode())
+    _put(cache, REPO, f"{sub}/sae_weights.safetensors", (tmp_path / "w.safetensors").read_bytes())
+    return w
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_fetch_from_the_cli_writes_an_sae_folder_and_reruns(tmp_path, small_run, capsys):
+    cache = tmp_path / "hub"
+    w = _saelens_sae(cache, tmp_path)
+    out = tmp_path / "runs" / "fetched"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    for want in ("fetched", "already fetched"):
+        r = subprocess.run([sys.executable, "-m", "saelab", "fetch", f"hf://{REPO}/{HOOK}", "--out", str(out),
+                            "--quiet"], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"{want} hf://{REPO}/{HOOK} into {out}: relu, d_in 128, 256 latents, hook {HOOK}")
+        assert f"saelab analyze --sae {out}" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors", "source.json"]
+    assert not any(p.is_symlink() for p in out.iterdir())  # real files, not links into the cache
+    src = json.loads((out / "source.json").read_text())
+    assert (src["repo_id"], src["subfolder"], src["commit"]) == (REPO, HOOK, COMMIT)
+    sae = SAE.load(out)
+    assert sae.cfg.hook_name == HOOK and sae.arch == "relu"
+    for name, t in w.items():
+        torch.testing.assert_close(getattr(sae, name).detach(), t, rtol=0, atol=0)
+    assert [p.name for p in out.parent.iterdir()] == ["fetched"]  # no temporary folder left
+    # the fetched folder is an SAE folder like any other: analyze it on a store of its hook (the printed next step)
+    from saelab.analysis.features import FeatureDB
+    from saelab.cli import main
+
+    _, stores = small_run
+    assert main(["analyze", "--sae", str(out), "--activations", str(stores[HOOK].parent), "--quiet"]) == 0
+    with FeatureDB(out) as db:
+        assert db.d_sae == 256 and db.hook == HOOK and db.n_rows > 0
+
+
+def test_fetch_reads_an_old_saelens_config_and_defaults_out(hub_cache, tmp_path, monkeypatch):
+    from saelab.hub import default_out, fetch_sae
+
+    _saelens_sae(hub_cache, tmp_path, sub="saes/layer0", old=True)
+    monkeypatch.chdir(tmp_path)
+    out, sae, fetched = fetch_sae(f"{REPO}/saes/layer0", progress=False)
+    assert fetched and out == default_out(f"{REPO}/saes/layer0") == tmp_path.joinpath("runs/tiny-saes/saes/layer0").relative_to(tmp_path)
+    assert sae.cfg.hook_name == HOOK and sae.arch == "relu" and sae.d_sae == 256
+
+
+@pytest.mark.parametrize("spec,setup,needle", [
+    ("someone", None, "is not a hub SAE: pass ORG/REPO/SUBFOLDER"),
+    (f"{REPO}/blocks.9.hook_resid_post", "good", "not in the local Hugging Face cache"),
+    (f"{REPO}/{HOOK}", "gated", "SAELens architecture 'gated' is not supported"),
+    ("bad id!!/x/y", None, "is not a hub repo id"),
+    (f"{REPO}/{HOOK}", "taken", "already exists and holds something else"),
+])
+def test_fetch_errors_are_one_line_and_leave_nothing(hub_cache, tmp_path, capsys, spec, setup, needle):
+    from saelab.cli import main
+
+    if setup in ("good", "taken"):
+        _saelens_sae(hub_cache, tmp_path)
+    elif setup == "gated":
+        _saelens_sae(hub_cache, tmp_path, arch="gated")
+    out = tmp_path / "runs" / "x"
+    if setup == "taken":
+        out.mkdir(parents=True)
+        (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["fetch", spec, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    if setup == "taken":
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    else:
+        assert not (tmp_path / "runs").exists()  # neither --out, nor its parents, nor a temporary folder
+
+
+def test_transformer_lens_aliases_map_to_hub_ids():
+    """SAELens configs record TransformerLens aliases ("gpt2-small"); TransformerLens 4's bridge loads HF ids."""
+    from saelab.models import hub_name, tl_major
+
+    if tl_major() < 4:
+        assert hub_name("gpt2-small") == "gpt2-small"  # HookedTransformer resolves aliases itself
+        return
+    assert hub_name("gpt2-small") == "gpt2"
+    assert hub_name("pythia-70m") == "EleutherAI/pythia-70m"
+    assert hub_name("someone/not-an-alias") == "someone/not-an-alias"
