@@ -97,16 +97,26 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from saelab.hub import fetch_sae
+    from saelab.hub import fetch_group, fetch_sae
 
-    out, sae, fetched = fetch_sae(args.sae, args.out, revision=args.revision, progress=not args.quiet)
-    c = sae.cfg
-    print(f"{'fetched' if fetched else 'already fetched'} {args.sae} into {out}: {c.arch}, d_in {sae.d_in}, "
-          f"{sae.d_sae:,} latents, hook {c.hook_name or '?'}, model {c.model_name or '?'}")
-    if c.hook_name:
-        model = c.model_name or "MODEL"
-        print(f"next: saelab harvest --model {model} --hook {c.hook_name} --out activations/{out.name}\n"
-              f"      saelab analyze --sae {out} --activations activations/{out.name}")
+    if len(args.sae) == 1:
+        out, sae, fetched = fetch_sae(args.sae[0], args.out, revision=args.revision, progress=not args.quiet)
+        saes = {sae.cfg.hook_name: (out, sae)}
+    else:
+        out, by_hook, fetched = fetch_group(args.sae, args.out, revision=args.revision, progress=not args.quiet)
+        saes = {h: (out / h, sae) for h, sae in by_hook.items()}
+    print(f"{'fetched' if fetched else 'already fetched'} into {out}:")
+    for hook, (folder, sae) in saes.items():
+        c = sae.cfg
+        print(f"  {folder}: {c.arch}, d_in {sae.d_in}, {sae.d_sae:,} latents, hook {hook or '?'}, "
+              f"model {c.model_name or '?'}")
+    hooks = [h for h in saes if h]
+    if hooks:
+        model = next(iter(saes.values()))[1].cfg.model_name or "MODEL"
+        print(f"next: saelab harvest --model {model} {' '.join('--hook ' + h for h in hooks)} "
+              f"--out activations/{out.name}\n"
+              f"      saelab analyze --sae {out} --activations activations/{out.name}"
+              + (f"\n      saelab circuit --task induction --saes {out}" if len(saes) > 1 else ""))
     return 0
 
 
@@ -346,9 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Hugging Face hub (its cache, login and HF_HUB_OFFLINE apply), check that saelab "
                                    "loads them, and write them with source.json into --out: an SAE folder for "
                                    "analyze, eval, the app and steering.")
-    f.add_argument("sae", help="ORG/REPO/SUBFOLDER, e.g. jbloom/GPT2-Small-SAEs-Reformatted/blocks.8.hook_resid_pre")
-    f.add_argument("--out", default=None, help="the SAE folder to write (default: runs/<repo name>/<subfolder>); "
-                                               "rerunning into a folder that holds the same SAE does nothing")
+    f.add_argument("sae", nargs="+", help="ORG/REPO/SUBFOLDER, e.g. jbloom/GPT2-Small-SAEs-Reformatted/"
+                                          "blocks.8.hook_resid_pre; several (one model, one per hook) make a group")
+    f.add_argument("--out", default=None, help="the SAE folder to write (default: runs/<repo name>/<subfolder>), or "
+                                               "with several SAEs the group folder (required); rerunning into a "
+                                               "folder that holds the same SAEs does nothing")
     f.add_argument("--revision", default=None, help="branch, tag or commit (default: the repo's main)")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fetch)

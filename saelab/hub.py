@@ -8,9 +8,13 @@ moves them into ``out`` together with ``source.json`` (repo, subfolder, the revi
 the commit it resolved to). ``out`` is then an SAE folder like any other: ``saelab analyze --sae
 out --activations STORE`` (a store of the SAE's model and hook), ``saelab eval``, the app, steering.
 
-A failure leaves nothing behind: the files are gathered in a hidden sibling folder, fsynced and
-renamed into place. Fetching into a folder that already holds the same SAE (same repo, subfolder
-and commit) is a no-op, so a notebook may call it every time.
+Several SAEs of one model, one per hook (``fetch_group``, ``saelab fetch SPEC SPEC … --out GROUP``),
+make a group folder (``GROUP/<hook>/`` + ``group.json``) as ``saelab train`` writes one, for
+``saelab circuit``, the app and ``analyze``.
+
+A failure leaves nothing behind: the files are gathered in hidden folders, fsynced, checked and
+only then renamed into place. Fetching into a folder that already holds the same SAE (or group)
+from the same repo, subfolder and revision is a no-op, so a notebook may call it every time.
 """
 
 from __future__ import annotations
@@ -109,6 +113,48 @@ def read_source(folder) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
+def _quiet_bars(progress: bool) -> None:
+    if not progress:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path):
+    """Download ``spec`` into the new folder ``tmp`` (fsynced, source.json written) and load it; returns the SAE.
+    On any failure ``tmp`` is removed and the error, one line, names ``spec`` (not the hidden folder)."""
+    from saelab.sae.base import SAE
+
+    repo, sub = parse_spec(spec)
+    names = {f: f"{sub}/{f}" if sub else f for f in (CFG_FILE, WEIGHTS_FILE)}
+    files = {f: _download(repo, name, revision, cache_dir) for f, name in names.items()}
+    source = {"repo_id": repo, "subfolder": sub, "revision": revision, "commit": _commit_of(files[WEIGHTS_FILE]),
+              "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f, src in files.items():
+            shutil.copyfile(src, tmp / f)  # the cache's symlinks resolve to their blobs
+            fsync_file(tmp / f)
+        try:
+            sae = SAE.load(tmp)
+        except SaelabError as err:
+            why = str(err).replace(f"{tmp}: ", "").replace(f"{tmp}/", "").replace(str(tmp), "the fetched folder")
+            raise SaelabError(f"{spec}: {why}") from None
+        atomic_write_text(tmp / SOURCE_FILE, json.dumps(source, indent=2) + "\n")
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sae
+
+
+def _holds(folder: pathlib.Path, spec: str, revision: str | None) -> bool:
+    """Whether ``folder`` holds ``spec`` fetched before at the same revision."""
+    had = read_source(folder)
+    return bool(had) and (had.get("repo_id"), had.get("subfolder"), had.get("revision")) == (*parse_spec(spec), revision)
+
+
 def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, progress: bool = True):
     """Download the hub SAE ``spec`` (ORG/REPO/SUBFOLDER) into the folder ``out`` (default
     ``default_out(spec)``); returns (out, loaded SAE, fetched: False when ``out`` already held it).
@@ -116,39 +162,19 @@ def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, 
     from saelab.sae.base import SAE
     from saelab.store import no_empty_folder_left
 
-    repo, sub = parse_spec(spec)
+    parse_spec(spec)
     out = pathlib.Path(out).expanduser() if out is not None else default_out(spec)
     if out.exists() and not out.is_dir():
         raise SaelabError(f"--out {out} is a file: pass a folder path")
     if out.is_dir() and any(out.iterdir()):
-        had = read_source(out)
-        if had and (had.get("repo_id"), had.get("subfolder"), had.get("revision")) == (repo, sub, revision):
+        if _holds(out, spec, revision):
             return out, SAE.load(out), False  # fetched before (delete the folder to fetch again)
         raise SaelabError(f"--out {out} already exists and holds something else: choose a new --out")
-    if not progress:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+    _quiet_bars(progress)
     with no_empty_folder_left(out.parent):
-        names = {f: f"{sub}/{f}" if sub else f for f in (CFG_FILE, WEIGHTS_FILE)}
-        files = {f: _download(repo, name, revision, cache_dir) for f, name in names.items()}
-        source = {"repo_id": repo, "subfolder": sub, "revision": revision, "commit": _commit_of(files[WEIGHTS_FILE]),
-                  "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.fetching-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        sae = _stage(spec, revision, cache_dir, tmp)
         try:
-            for f, src in files.items():
-                shutil.copyfile(src, tmp / f)  # the cache's symlinks resolve to their blobs
-                fsync_file(tmp / f)
-            try:
-                sae = SAE.load(tmp)
-            except SaelabError as err:
-                why = str(err).replace(f"{tmp}: ", "").replace(f"{tmp}/", "").replace(str(tmp), "the fetched folder")
-                raise SaelabError(f"{spec}: {why}") from None
-            atomic_write_text(tmp / SOURCE_FILE, json.dumps(source, indent=2) + "\n")
-            fsync_dir(tmp)
             if out.is_dir():
                 out.rmdir()  # an empty folder made beforehand
             os.replace(tmp, out)
@@ -157,3 +183,62 @@ def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out, sae, True
+
+
+def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=None, progress: bool = True):
+    """Download several hub SAEs of one model, one per hook, into the group folder ``out``
+    (``out/<hook>/`` + ``group.json``, as ``saelab train`` writes a group: circuits, the app and analyze
+    take it). All are downloaded and checked before any is moved into place; a failure leaves nothing.
+    Returns (out, {hook: SAE}, fetched: False when ``out`` already held this group)."""
+    from saelab.config import GROUP_FILE, read_group
+    from saelab.sae.base import SAE
+    from saelab.store import no_empty_folder_left
+
+    specs = list(specs)
+    if out is None:
+        raise SaelabError("several SAEs make a group: pass --out GROUP_FOLDER")
+    keys = [parse_spec(s) for s in specs]
+    for i, k in enumerate(keys):
+        if k in keys[:i]:
+            raise SaelabError(f"{specs[i]} is given twice: pass each SAE once")
+    out = pathlib.Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SaelabError(f"--out {out} is a file: pass a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        group = read_group(out)
+        if group and len(group[1]) == len(specs) and all(
+                any(_holds(f, s, revision) for f in group[1].values()) for s in specs):
+            return out, {h: SAE.load(f) for h, f in group[1].items()}, False
+        raise SaelabError(f"--out {out} already exists and holds something else: choose a new --out")
+    _quiet_bars(progress)
+    with no_empty_folder_left(out):
+        out.mkdir(parents=True, exist_ok=True)
+        staged: list[tuple[str, pathlib.Path, object]] = []
+        placed: list[pathlib.Path] = []
+        try:
+            for i, spec in enumerate(specs):
+                tmp = out / f".fetching-{os.getpid()}-{i}"
+                staged.append((spec, tmp, _stage(spec, revision, cache_dir, tmp)))
+            by_hook: dict[str, str] = {}
+            for spec, _, sae in staged:
+                hook = sae.cfg.hook_name
+                if not hook:
+                    raise SaelabError(f"{spec} records no hook: a group holds one SAE per hook; fetch it alone")
+                if hook in by_hook:
+                    raise SaelabError(f"{by_hook[hook]} and {spec} both read {hook}: a group holds one SAE per hook")
+                by_hook[hook] = spec
+            models = sorted({sae.cfg.model_name or "?" for _, _, sae in staged})
+            if len(models) > 1:
+                raise SaelabError(f"these SAEs come from different models ({', '.join(models)}): a group is of one "
+                                  "model; fetch them into separate groups")
+            for _, tmp, sae in staged:
+                os.replace(tmp, out / sae.cfg.hook_name)
+                placed.append(out / sae.cfg.hook_name)
+            atomic_write_text(out / GROUP_FILE, json.dumps(
+                {"model": models[0] if models[0] != "?" else "", "hooks": {h: h for h in by_hook}}, indent=2) + "\n")
+            fsync_dir(out)
+        except BaseException:
+            for folder in [tmp for _, tmp, _ in staged] + placed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+    return out, {sae.cfg.hook_name: sae for _, _, sae in staged}, True

@@ -32,14 +32,14 @@ def _put(cache, repo, path, data: bytes):
     link.symlink_to(os.path.relpath(blob, link.parent))
 
 
-def _saelens_sae(cache, tmp_path, sub=HOOK, arch="standard", old=False):
+def _saelens_sae(cache, tmp_path, sub=HOOK, arch="standard", old=False, hook=HOOK, model="tiny"):
     """A SAELens-format SAE (no saelab block in cfg.json) in the cache; returns its weights. ``old``: the
     config as older SAELens wrote it (hook_point, expansion_factor instead of d_sae, no architecture)."""
     torch.manual_seed(0)
     w = {"W_enc": torch.randn(128, 256), "b_enc": torch.randn(256), "W_dec": torch.randn(256, 128),
          "b_dec": torch.randn(128)}
     save_file(w, tmp_path / "w.safetensors")
-    cfg = {"architecture": arch, "d_in": 128, "d_sae": 256, "hook_name": HOOK, "model_name": "tiny", "dtype": "float32",
+    cfg = {"architecture": arch, "d_in": 128, "d_sae": 256, "hook_name": hook, "model_name": model, "dtype": "float32",
            "apply_b_dec_to_input": True, "normalize_activations": "none"}
     if old:
         cfg = {"d_in": 128, "expansion_factor": 2, "hook_point": HOOK, "model_name": "tiny", "dtype": "torch.float32"}
@@ -68,7 +68,8 @@ def test_fetch_from_the_cli_writes_an_sae_folder_and_reruns(tmp_path, small_run,
         r = subprocess.run([sys.executable, "-m", "saelab", "fetch", f"hf://{REPO}/{HOOK}", "--out", str(out),
                             "--quiet"], capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.startswith(f"{want} hf://{REPO}/{HOOK} into {out}: relu, d_in 128, 256 latents, hook {HOOK}")
+        assert r.stdout.startswith(f"{want} into {out}:\n  {out}: relu, d_in 128, 256 latents, hook {HOOK}, "
+                                   "model tiny\n"), r.stdout
         assert f"saelab analyze --sae {out}" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors", "source.json"]
     assert not any(p.is_symlink() for p in out.iterdir())  # real files, not links into the cache
@@ -137,3 +138,52 @@ def test_transformer_lens_aliases_map_to_hub_ids():
     assert hub_name("gpt2-small") == "gpt2"
     assert hub_name("pythia-70m") == "EleutherAI/pythia-70m"
     assert hub_name("someone/not-an-alias") == "someone/not-an-alias"
+
+
+HOOK1 = "blocks.1.hook_resid_post"
+
+
+def test_several_saes_make_a_group_that_circuits_read(hub_cache, tmp_path, capsys):
+    from saelab.analysis.circuits import load_group
+    from saelab.cli import main
+    from saelab.config import read_group
+
+    _saelens_sae(hub_cache, tmp_path)
+    _saelens_sae(hub_cache, tmp_path, sub="l1", hook=HOOK1)
+    out = tmp_path / "runs" / "grp"
+    args = ["fetch", f"{REPO}/{HOOK}", f"{REPO}/l1", "--out", str(out), "--quiet"]
+    for want in ("fetched", "already fetched"):
+        capsys.readouterr()
+        assert main(args) == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"{want} into {out}:") and f"--hook {HOOK} --hook {HOOK1}" in text, text
+    model, hooks = read_group(out)
+    assert model == "tiny" and hooks == {HOOK: out / HOOK, HOOK1: out / HOOK1}
+    assert sorted(p.name for p in out.iterdir()) == sorted([HOOK, HOOK1, "group.json"])  # no hidden leftovers
+    group = load_group(out)  # what saelab circuit --saes reads
+    assert group.model == "tiny" and group.hooks == [HOOK, HOOK1] and group.n_latents == 512
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("same hook", "both read blocks.0.hook_resid_post"),
+    ("two models", "different models (other, tiny)"),
+    ("one missing", "not in the local Hugging Face cache"),
+    ("no out", "several SAEs make a group: pass --out"),
+    ("twice", "is given twice"),
+])
+def test_group_errors_are_one_line_and_leave_nothing(hub_cache, tmp_path, capsys, case, needle):
+    from saelab.cli import main
+
+    _saelens_sae(hub_cache, tmp_path)
+    second = {"same hook": "again", "two models": "other", "one missing": "nowhere", "no out": "other",
+              "twice": HOOK}[case]
+    if case in ("same hook", "two models", "no out"):
+        _saelens_sae(hub_cache, tmp_path, sub=second, hook=HOOK if case == "same hook" else HOOK1,
+                     model="other" if case == "two models" else "tiny")
+    out = tmp_path / "runs" / "grp"
+    capsys.readouterr()
+    assert main(["fetch", f"{REPO}/{HOOK}", f"{REPO}/{second}", *([] if case == "no out" else ["--out", str(out)]),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
