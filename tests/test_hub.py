@@ -143,8 +143,9 @@ def test_transformer_lens_aliases_map_to_hub_ids():
 HOOK1 = "blocks.1.hook_resid_post"
 
 
-def test_several_saes_make_a_group_that_circuits_read(hub_cache, tmp_path, capsys):
-    from saelab.analysis.circuits import load_group
+def test_several_saes_make_a_group_that_circuits_read(hub_cache, tmp_path, capsys, tiny):
+    from saelab.analysis.circuits import find_circuit, load_group
+    from saelab.analysis.tasks import make_task
     from saelab.cli import main
     from saelab.config import read_group
 
@@ -162,6 +163,10 @@ def test_several_saes_make_a_group_that_circuits_read(hub_cache, tmp_path, capsy
     assert sorted(p.name for p in out.iterdir()) == sorted([HOOK, HOOK1, "group.json"])  # no hidden leftovers
     group = load_group(out)  # what saelab circuit --saes reads
     assert group.model == "tiny" and group.hooks == [HOOK, HOOK1] and group.n_latents == 512
+    # SAELens ReLU SAEs (random here) splice in exactly, error terms included: keeping every node is the full model
+    c = find_circuit(tiny, out, make_task("induction", tiny, n=8), node_threshold=0.0, edges=False, node_sweep=(),
+                     progress=False)
+    assert c["n_latents_total"] == 512 and abs(c["faithfulness"]["nodes"] - 1.0) < 1e-3, c["faithfulness"]
 
 
 @pytest.mark.parametrize("case,needle", [
