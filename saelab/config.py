@@ -21,6 +21,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 TRAIN_FILE = "train.json"  # the training settings and the store's absolute path
 GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
+SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revision, commit, fetched}
 
 
 def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - mirrors argparse
@@ -291,6 +292,16 @@ def read_group(path: str | pathlib.Path) -> tuple[str | None, dict[str, pathlib.
         raise SaelabError(f"{f} is not a valid group file ({{\"model\": ..., \"hooks\": {{hook: folder}}}}): "
                           "re-run saelab train on the RUN folder") from None
     return model or None, {h: path / sub for h, sub in hooks.items()}
+
+
+def read_source(folder: str | pathlib.Path) -> dict | None:
+    """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, fetched}; see
+    ``saelab fetch``), or None when it has none (or an unreadable one)."""
+    try:
+        raw = json.loads((pathlib.Path(folder).expanduser() / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def read_sae_cfg(path: str | pathlib.Path) -> dict:

@@ -26,10 +26,9 @@ import pathlib
 import shutil
 
 from saelab import SaelabError
-from saelab.config import CFG_FILE, WEIGHTS_FILE
+from saelab.config import CFG_FILE, SOURCE_FILE, WEIGHTS_FILE, read_source
 from saelab.store import atomic_write_text, fsync_dir, fsync_file
 
-SOURCE_FILE = "source.json"
 HUB_PREFIX = "hf://"
 
 
@@ -102,15 +101,6 @@ def _commit_of(path: pathlib.Path) -> str | None:
     """The commit a cached file belongs to (.../snapshots/<commit>/...), or None."""
     parts = path.parts
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
-
-
-def read_source(folder) -> dict | None:
-    p = pathlib.Path(folder) / SOURCE_FILE
-    try:
-        raw = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
 
 
 def _quiet_bars(progress: bool) -> None:

@@ -119,6 +119,24 @@ def test_home_lists_the_group(monkeypatch, app_group):
     df = at.dataframe[0].value
     assert list(df["hook"]) == ["blocks.0.hook_resid_post", HOOK1]
     assert df["features.h5"].all() and (df["d_sae"] == 2048).all()
+    assert list(df["source"]) == ["trained here"] * 2
+
+
+def test_home_names_a_fetched_sae_source_and_the_store_analyze_needs(monkeypatch, tmp_path):
+    """An SAE from `saelab fetch` (source.json, no train.json, no features.h5): Home shows its hub origin and
+    the analyze command with the --activations it needs (it names no store)."""
+    import json
+
+    from saelab.sae.base import SAE
+
+    folder = tmp_path / "fetched"
+    SAE.create("relu", d_in=128, d_sae=256, hook_name=HOOK1, model_name="tiny").save(folder)
+    (folder / "source.json").write_text(json.dumps({"repo_id": "someone/saes", "subfolder": HOOK1, "revision": None,
+                                                    "commit": "0123456789abcdef0123456789abcdef01234567"}))
+    at = _ok(_app(monkeypatch, folder))
+    assert list(at.dataframe[0].value["source"]) == [f"hub: someone/saes/{HOOK1}@0123456"]
+    info = " ".join(i.value for i in at.info)
+    assert f"saelab analyze --sae {folder} --activations STORE_OR_RUN" in info, info
 
 
 def test_features_by_id_shows_the_card(monkeypatch, app_group, db1, top_latent):

@@ -5,6 +5,17 @@ import json
 import streamlit as st
 
 from saelab.app import common as ui
+from saelab.config import TRAIN_FILE, read_source
+
+
+def _source(folder) -> str:
+    """Where an SAE came from: the hub repo/subfolder@commit of a fetched one, else trained here."""
+    src = read_source(folder)
+    if src:
+        sub = f"/{src['subfolder']}" if src.get("subfolder") else ""
+        return f"hub: {src.get('repo_id')}{sub}@{(src.get('commit') or src.get('revision') or 'main')[:7]}"
+    return "trained here" if (folder / TRAIN_FILE).is_file() else "local folder"
+
 
 target = ui.setup("Home")
 st.title("saelab")
@@ -21,12 +32,14 @@ for hook, folder in target.saes.items():
     rows.append({"hook": hook, "arch": s.get("arch") or cfg.get("architecture"), "d_sae": cfg.get("d_sae"),
                  "k": s.get("k") or cfg.get("k"), "FVU": ev.get("fvu"), "L0": ev.get("l0"),
                  "CE recovered": ev.get("ce_loss_recovered"), "features.h5": (folder / "features.h5").is_file(),
-                 "labels": len(ui.labels(folder))})
+                 "labels": len(ui.labels(folder)), "source": _source(folder)})
 st.dataframe(rows, hide_index=True)
 missing = [h for h, f in target.saes.items() if not (f / "features.h5").is_file()]
 if missing:
+    # an SAE not trained here (fetched, or SAELens-written) names no store: analyze needs one of its hook
+    store = "" if all((target.saes[h] / TRAIN_FILE).is_file() for h in missing) else " --activations STORE_OR_RUN"
     st.info("The Features page needs a feature database; create it with "
-            f"`saelab analyze --sae {target.group or target.path}` ({', '.join(missing)} lack one).")
+            f"`saelab analyze --sae {target.group or target.path}{store}` ({', '.join(missing)} lack one).")
 
 st.page_link("pages/1_Features.py", label="Features — find latents by id, prompt, token or density; latent cards")
 st.page_link("pages/2_Steering.py", label="Steering — add / clamp / ablate latents, side-by-side generations, "
