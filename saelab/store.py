@@ -184,8 +184,11 @@ def store_for_sae(sae_dir: str | os.PathLike, sae, activations: str | os.PathLik
         except (OSError, ValueError, KeyError, TypeError):
             if not required:
                 return None
+            model = getattr(sae.cfg, "model_name", "") or ""
+            hint = (f" (harvest one with: saelab harvest --model {model} --hook {hook} --out activations/NAME)"
+                    if model and hook else "")
             raise SaelabError(f"{sae_dir} has no {TRAIN_FILE} naming the store it was trained on: "
-                              "pass --activations STORE_OR_RUN") from None
+                              f"pass --activations STORE_OR_RUN{hint}") from None
         if not pathlib.Path(activations).exists():
             raise SaelabError(f"the store {activations} this SAE was trained on is gone: pass --activations STORE_OR_RUN")
     p = pathlib.Path(activations)

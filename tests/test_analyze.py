@@ -301,8 +301,10 @@ def test_saelens_folder(topk_sae, resid_store, tmp_path, tiny):
     cfg.pop("saelab")
     (lens / "cfg.json").write_text(json.dumps(cfg))
     shutil.copy(topk_sae / "sae_weights.safetensors", lens)
-    with pytest.raises(SaelabError, match="pass --activations"):
+    with pytest.raises(SaelabError, match="pass --activations") as e:
         analyze(lens, model=tiny, progress=False)
+    model = cfg.get("model_name") or cfg.get("metadata", {}).get("model_name")
+    assert f"saelab harvest --model {model} --hook {RESID} --out activations/" in str(e.value), str(e.value)
     analyze(lens, resid_store, tokens=1024, model=tiny, progress=False)
     db = FeatureDB(lens)
     assert db.hook == RESID and db.n_rows == 1024 - 8
