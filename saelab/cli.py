@@ -97,8 +97,16 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from saelab.hub import fetch_group, fetch_sae
+    from saelab.hub import fetch_group, fetch_sae, list_hub_saes
 
+    if args.list:
+        for repo in args.sae:
+            folders, online = list_hub_saes(repo, revision=args.revision)
+            print(f"{repo}: {len(folders)} SAE folder{'s' * (len(folders) != 1)}"
+                  + ("" if online else " in the local cache (offline: only what was downloaded before)"))
+            for f in folders:
+                print(f"  {f}")
+        return 0
     if len(args.sae) == 1:
         out, sae, fetched = fetch_sae(args.sae[0], args.out, revision=args.revision, progress=not args.quiet)
         saes = {sae.cfg.hook_name: (out, sae)}
@@ -362,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "with several SAEs the group folder (required); rerunning into a "
                                                "folder that holds the same SAEs does nothing")
     f.add_argument("--revision", default=None, help="branch, tag or commit (default: the repo's main)")
+    f.add_argument("--list", action="store_true", help="list the SAE folders (cfg.json + weights) of each ORG/REPO "
+                                                       "instead of fetching")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fetch)
 

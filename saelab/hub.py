@@ -19,10 +19,12 @@ from the same repo, subfolder and revision is a no-op, so a notebook may call it
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import pathlib
+import re
 import shutil
 
 from saelab import SaelabError
@@ -57,16 +59,18 @@ def _errors():
     return e
 
 
-def _download(repo: str, filename: str, revision: str | None, cache_dir) -> pathlib.Path:
-    from huggingface_hub import hf_hub_download
-
+@contextlib.contextmanager
+def _hub_errors(repo: str, revision: str | None, filename: str | None = None):
+    """huggingface_hub's errors for ``repo`` (and ``filename`` in it) as one-line SaelabErrors naming the fix."""
     e = _errors()
     where = f"{repo}" + (f"@{revision}" if revision else "")
+    what = filename or "its file list"
     try:
-        return pathlib.Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir))
+        yield
     except e.LocalEntryNotFoundError:
-        raise SaelabError(f"{where}: {filename} is not in the local Hugging Face cache and the hub cannot be "
-                          "reached (offline, or HF_HUB_OFFLINE=1): connect and fetch again") from None
+        cached = _folders_hint(repo, revision, "; cached: ") if filename else ""
+        raise SaelabError(f"{where}: {what} is not in the local Hugging Face cache and the hub cannot be "
+                          f"reached (offline, or HF_HUB_OFFLINE=1): connect and fetch again{cached}") from None
     except e.GatedRepoError:
         raise SaelabError(f"{where} is gated: accept its terms on huggingface.co and log in (`hf auth login`)") from None
     except e.RepositoryNotFoundError:
@@ -82,19 +86,62 @@ def _download(repo: str, filename: str, revision: str | None, cache_dir) -> path
         raise SaelabError(f"{where}: the hub answered {str(err).splitlines()[0]}: retry later") from None
 
 
-def _folders_hint(repo: str, revision: str | None) -> str:
-    """'; it has: a, b, c' listing the repo's folders that hold a cfg.json (online only; '' otherwise)."""
-    try:
-        from huggingface_hub import list_repo_files
+def _download(repo: str, filename: str, revision: str | None, cache_dir) -> pathlib.Path:
+    from huggingface_hub import hf_hub_download
 
-        files = list_repo_files(repo, revision=revision)
-    except Exception:  # offline, or anything else: the hint is optional
+    with _hub_errors(repo, revision, filename):
+        return pathlib.Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir))
+
+
+def _repo_files(repo: str, revision: str | None, cache_dir) -> tuple[list[str], bool]:
+    """(the repo's file paths, whether they come from the hub). Offline (HF_HUB_OFFLINE), the files of its
+    cached snapshot: only those downloaded before."""
+    from huggingface_hub import constants, list_repo_files
+
+    if not constants.HF_HUB_OFFLINE:
+        with _hub_errors(repo, revision):
+            return list_repo_files(repo, revision=revision), True
+    root = pathlib.Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    ref = revision or "main"
+    commit = ref if re.fullmatch(r"[0-9a-f]{40}", ref) else None
+    if commit is None and (root / "refs" / ref).is_file():
+        commit = (root / "refs" / ref).read_text().strip()
+    snap = root / "snapshots" / (commit or "-")
+    if not snap.is_dir():
+        raise SaelabError(f"{repo}{'@' + revision if revision else ''} is not in the local Hugging Face cache and "
+                          "the hub cannot be reached (HF_HUB_OFFLINE=1): connect and list again")
+    return sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()), False
+
+
+def sae_folders(files) -> list[str]:
+    """The folders (repo-relative; "" for the root) among file paths that hold both cfg.json and the weights."""
+    by_folder: dict[str, set[str]] = {}
+    for f in files:
+        folder, _, name = f.rpartition("/")
+        by_folder.setdefault(folder, set()).add(name)
+    return sorted(d for d, names in by_folder.items() if {CFG_FILE, WEIGHTS_FILE} <= names)
+
+
+def list_hub_saes(repo: str, revision: str | None = None, cache_dir=None) -> tuple[list[str], bool]:
+    """(the SAE folders of hub repo ``repo`` — each an ORG/REPO/SUBFOLDER ``fetch`` takes —, whether the list
+    comes from the hub rather than the local cache)."""
+    repo, sub = parse_spec(repo)
+    files, online = _repo_files(repo, revision, cache_dir)
+    if sub:
+        files = [f for f in files if f.startswith(sub.rstrip("/") + "/")]
+    return [f"{repo}/{d}" if d else repo for d in sae_folders(files)], online
+
+
+def _folders_hint(repo: str, revision: str | None, lead: str = "; it has: ") -> str:
+    """'; it has: a, b, c' listing the repo's SAE folders, when they can be listed ('' otherwise)."""
+    try:
+        folders = [f.removeprefix(repo + "/") for f in list_hub_saes(repo, revision)[0]]
+    except Exception:  # the hint is optional
         return ""
-    folders = sorted({f.rsplit("/", 1)[0] if "/" in f else "." for f in files if f.rsplit("/", 1)[-1] == CFG_FILE})
     if not folders:
-        return f"; it holds no {CFG_FILE} at all"
+        return "" if lead != "; it has: " else f"; it holds no folder with {CFG_FILE} and {WEIGHTS_FILE}"
     more = f" (+{len(folders) - 6} more)" if len(folders) > 6 else ""
-    return f"; it has: {', '.join(folders[:6])}{more}"
+    return f"{lead}{', '.join(folders[:6])}{more}"
 
 
 def _commit_of(path: pathlib.Path) -> str | None:

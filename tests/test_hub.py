@@ -192,3 +192,40 @@ def test_group_errors_are_one_line_and_leave_nothing(hub_cache, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_list_names_the_sae_folders_of_a_repo(hub_cache, tmp_path, capsys, monkeypatch):
+    """--list: from the hub (here a stand-in for list_repo_files) or, offline, from the cached snapshot;
+    only folders with both files count; a missing subfolder's error names the cached ones."""
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    from saelab.cli import main
+
+    _saelens_sae(hub_cache, tmp_path)
+    _saelens_sae(hub_cache, tmp_path, sub="l1", hook=HOOK1)
+    _put(hub_cache, REPO, "notes/cfg.json", b"{}")  # a cfg.json without weights is no SAE folder
+    capsys.readouterr()
+    assert main(["fetch", "--list", REPO]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{REPO}: 2 SAE folders in the local cache (offline: only what was downloaded before)",
+        f"  {REPO}/{HOOK}", f"  {REPO}/l1"]
+    assert main(["fetch", f"{REPO}/missing", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"connect and fetch again; cached: {HOOK}, l1")
+
+    online = ["README.md", "a/cfg.json", "a/sae_weights.safetensors", "a/sparsity.safetensors", "b/cfg.json",
+              "deep/x/cfg.json", "deep/x/sae_weights.safetensors"]
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: online)
+    assert main(["fetch", "--list", "other/repo", "hf://other/repo/deep"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "other/repo: 2 SAE folders", "  other/repo/a", "  other/repo/deep/x",
+        "hf://other/repo/deep: 1 SAE folder", "  other/repo/deep/x"]
+
+
+def test_list_offline_of_an_uncached_repo_is_one_line(hub_cache, capsys):
+    from saelab.cli import main
+
+    assert main(["fetch", "--list", "nobody/nothing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nobody/nothing is not in the local Hugging Face cache" in err and len(err.splitlines()) == 1, err
