@@ -144,6 +144,18 @@ def _folders_hint(repo: str, revision: str | None, lead: str = "; it has: ") -> 
     return f"{lead}{', '.join(folders[:6])}{more}"
 
 
+def cached_sae_folder(spec: str, revision: str | None = None, cache_dir=None) -> pathlib.Path:
+    """The folder of the Hugging Face cache's snapshot that holds ``spec``'s cfg.json and weights, downloading
+    them first when they are not cached (what ``SAE.load("hf://…")`` reads). Read-only: the cache's files."""
+    return _download_sae(spec, revision, cache_dir)[CFG_FILE].parent
+
+
+def _download_sae(spec: str, revision: str | None, cache_dir) -> dict[str, pathlib.Path]:
+    """{cfg.json, weights file name: its path in the hub cache} for ``spec`` (downloaded when not cached)."""
+    repo, sub = parse_spec(spec)
+    return {f: _download(repo, f"{sub}/{f}" if sub else f, revision, cache_dir) for f in (CFG_FILE, WEIGHTS_FILE)}
+
+
 def _commit_of(path: pathlib.Path) -> str | None:
     """The commit a cached file belongs to (.../snapshots/<commit>/...), or None."""
     parts = path.parts
@@ -163,8 +175,7 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path):
     from saelab.sae.base import SAE
 
     repo, sub = parse_spec(spec)
-    names = {f: f"{sub}/{f}" if sub else f for f in (CFG_FILE, WEIGHTS_FILE)}
-    files = {f: _download(repo, name, revision, cache_dir) for f, name in names.items()}
+    files = _download_sae(spec, revision, cache_dir)
     source = {"repo_id": repo, "subfolder": sub, "revision": revision, "commit": _commit_of(files[WEIGHTS_FILE]),
               "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     shutil.rmtree(tmp, ignore_errors=True)

@@ -229,3 +229,13 @@ def test_list_offline_of_an_uncached_repo_is_one_line(hub_cache, capsys):
     assert main(["fetch", "--list", "nobody/nothing"]) == 2
     err = capsys.readouterr().err.strip()
     assert "nobody/nothing is not in the local Hugging Face cache" in err and len(err.splitlines()) == 1, err
+
+
+def test_sae_load_reads_hf_specs_from_the_cache(hub_cache, tmp_path):
+    """SAE.load("hf://ORG/REPO/SUBFOLDER") loads straight from the hub cache (as SAELens's from_pretrained)."""
+    w = _saelens_sae(hub_cache, tmp_path)
+    sae = SAE.load(f"hf://{REPO}/{HOOK}")
+    assert sae.cfg.hook_name == HOOK and sae.d_sae == 256
+    torch.testing.assert_close(sae.W_enc.detach(), w["W_enc"], rtol=0, atol=0)
+    with pytest.raises(SaelabError, match="is not in the local Hugging Face cache"):
+        SAE.load(f"hf://{REPO}/blocks.5.hook_resid_post")

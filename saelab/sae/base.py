@@ -262,9 +262,15 @@ class SAE(nn.Module):
 
     @staticmethod
     def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
-        """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu)."""
+        """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu); ``"hf://ORG/REPO/SUBFOLDER"``
+        reads one straight from the Hugging Face hub's cache (downloading it first; ``saelab fetch`` makes a
+        folder of it instead, which analyze can write into)."""
         from safetensors.torch import load_file
 
+        if str(path).startswith("hf://"):
+            from saelab.hub import cached_sae_folder
+
+            path = cached_sae_folder(str(path))
         path = pathlib.Path(path).expanduser()
         raw = read_sae_cfg(path)  # a group folder, a missing folder or a bad cfg.json: a one-line error
         from saelab.models import pick_device
