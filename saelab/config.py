@@ -278,6 +278,7 @@ def from_args(cls, ns):
 def read_group(path: str | pathlib.Path) -> tuple[str | None, dict[str, pathlib.Path]] | None:
     """A group folder's (model name or None, {hook: SAE folder}) from its group.json; None when
     ``path`` holds no group.json. A malformed group file is a one-line error."""
+    check_local_sae(path)
     path = pathlib.Path(path).expanduser()
     f = path / GROUP_FILE
     if not f.is_file():
@@ -304,9 +305,19 @@ def read_source(folder: str | pathlib.Path) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
+def check_local_sae(path) -> None:
+    """A one-line error for a hub spec (``hf://ORG/REPO/SUBFOLDER``) where a folder is needed: commands write
+    next to the SAE (features.h5, eval.json), so ``saelab fetch`` must make a folder of it first."""
+    if str(path).startswith(("hf://", "hf:/")):
+        spec = "hf://" + str(path).split(":", 1)[1].lstrip("/")
+        raise SaelabError(f"{spec} is a hub SAE; this needs a folder: saelab fetch {spec} --out runs/NAME, then pass "
+                          "runs/NAME (SAE.load reads hf:// directly)")
+
+
 def read_sae_cfg(path: str | pathlib.Path) -> dict:
     """The parsed cfg.json of an SAE folder (saelab or SAELens); a one-line error when ``path`` is
     no SAE folder (missing, no cfg.json or weights, unreadable JSON)."""
+    check_local_sae(path)
     path = pathlib.Path(path).expanduser()
     if not path.is_dir():
         raise SaelabError(f"{path}: no such folder; pass an SAE folder written by saelab train or SAELens")

@@ -147,12 +147,14 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
              device: str = "auto", progress: bool = True, write: bool = True) -> dict:
     """What `saelab eval` does: store metrics, and CE metrics when a model is given; writes eval.json."""
     from saelab.sae import SAE
-    from saelab.config import TRAIN_FILE
+    from saelab.config import TRAIN_FILE, check_local_sae
     from saelab.store import store_for_sae
     from saelab.train import pick_device
 
     if n_contexts < 1:
         raise SaelabError(f"--contexts must be positive (got {n_contexts})")
+    if write:
+        check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
     sae = SAE.load(sae_path)
     dev = pick_device(device)

@@ -239,3 +239,19 @@ def test_sae_load_reads_hf_specs_from_the_cache(hub_cache, tmp_path):
     torch.testing.assert_close(sae.W_enc.detach(), w["W_enc"], rtol=0, atol=0)
     with pytest.raises(SaelabError, match="is not in the local Hugging Face cache"):
         SAE.load(f"hf://{REPO}/blocks.5.hook_resid_post")
+
+
+@pytest.mark.parametrize("argv", [["analyze", "--sae"], ["eval", "--sae"], ["circuit", "--task", "induction", "--saes"],
+                                  ["app", "--sae"]])
+def test_commands_that_write_next_to_the_sae_name_fetch_for_a_hub_spec(hub_cache, tmp_path, capsys, monkeypatch,
+                                                                       argv):
+    from saelab.cli import main
+
+    _saelens_sae(hub_cache, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    spec = f"hf://{REPO}/{HOOK}"
+    capsys.readouterr()
+    assert main([*argv, spec, "--quiet"] if argv[0] != "app" else [*argv, spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"saelab fetch {spec} --out runs/NAME" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "hf:").exists()  # no stray local folder named after the spec

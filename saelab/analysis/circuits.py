@@ -80,8 +80,9 @@ def load_group(path, device="cpu") -> SAEGroup:
     """A group folder (``group.json``) or one SAE folder. Every SAE must come from one model."""
     from saelab.models import hook_layer
     from saelab.sae import SAE
-    from saelab.config import CFG_FILE, read_group
+    from saelab.config import CFG_FILE, check_local_sae, read_group
 
+    check_local_sae(path)
     path = pathlib.Path(path).expanduser().resolve()
     group = read_group(path)
     if group is not None:

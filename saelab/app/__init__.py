@@ -14,7 +14,7 @@ import pathlib
 import sys
 
 from saelab import SaelabError
-from saelab.config import CFG_FILE, WEIGHTS_FILE, read_group, read_sae_cfg
+from saelab.config import CFG_FILE, WEIGHTS_FILE, check_local_sae, read_group, read_sae_cfg
 
 APP_DIR = pathlib.Path(__file__).resolve().parent
 HOME = APP_DIR / "Home.py"
@@ -52,6 +52,7 @@ def resolve_target(path) -> Target:
     if path is None or str(path).strip() == "":
         raise SaelabError(f"no SAE given: start the app with `saelab app --sae runs/NAME_OR_GROUP` "
                           f"(or set {ENV_VAR})")
+    check_local_sae(path)  # the app writes labels next to the SAE: a hub spec must be fetched first
     p = pathlib.Path(path).expanduser().resolve()
     group = read_group(p)
     if group is not None:
