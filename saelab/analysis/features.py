@@ -747,10 +747,7 @@ class FeatureDB:
         effect. Exact token-string match first (" the"), else ignoring surrounding spaces."""
         if "logit_top_ids" not in self._ds:
             return []
-        vocab = self.vocab()
-        ids = [i for i, s in enumerate(vocab) if s == token]
-        if not ids:
-            ids = [i for i, s in enumerate(vocab) if s.strip() == token.strip() and token.strip()]
+        ids = self._token_ids(token)
         if not ids:
             return []
         if self._logit_index is None:
@@ -762,11 +759,19 @@ class FeatureDB:
         latents = latents[np.argsort(-score[latents], kind="stable")][:n]
         return [(int(j), float(score[j])) for j in latents]
 
+    def _token_ids(self, token: str) -> list[int]:
+        """The vocabulary ids of ``token``: its exact entry, else the entries equal to it ignoring surrounding
+        spaces ([] for none)."""
+        vocab = self.vocab()
+        ids = [i for i, s in enumerate(vocab) if s == token]
+        if not ids and token.strip():
+            ids = [i for i, s in enumerate(vocab) if s.strip() == token.strip()]
+        return ids
+
     def in_vocab(self, token: str) -> bool:
         """Whether ``token`` is one vocabulary entry (exactly, or ignoring surrounding spaces), as ``by_token``
         matches it."""
-        stripped = token.strip()
-        return any(s == token or (stripped and s.strip() == stripped) for s in self.vocab())
+        return bool(self._token_ids(token))
 
     def similar_tokens(self, text: str, n: int = 5) -> list[str]:
         """Up to ``n`` vocabulary entries for a string that is not one: those that start with it (spaces
