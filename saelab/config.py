@@ -22,6 +22,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 TRAIN_FILE = "train.json"  # the training settings and the store's absolute path
 GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
 SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revision, commit, fetched}
+HUB_PREFIX = "hf://"  # an SAE on the Hugging Face hub: hf://ORG/REPO/SUBFOLDER
 
 
 def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - mirrors argparse
@@ -305,11 +306,20 @@ def read_source(folder: str | pathlib.Path) -> dict | None:
     return raw if isinstance(raw, dict) else None
 
 
+def hub_spec(path) -> str | None:
+    """``hf://ORG/REPO/SUBFOLDER`` when ``path`` names an SAE on the hub (also as a pathlib.Path, which folds
+    the double slash), else None."""
+    text = str(path)
+    if not text.startswith(("hf://", "hf:/")):
+        return None
+    return HUB_PREFIX + text.split(":", 1)[1].lstrip("/")
+
+
 def check_local_sae(path) -> None:
     """A one-line error for a hub spec (``hf://ORG/REPO/SUBFOLDER``) where a folder is needed: commands write
     next to the SAE (features.h5, eval.json), so ``saelab fetch`` must make a folder of it first."""
-    if str(path).startswith(("hf://", "hf:/")):
-        spec = "hf://" + str(path).split(":", 1)[1].lstrip("/")
+    spec = hub_spec(path)
+    if spec:
         raise SaelabError(f"{spec} is a hub SAE; this needs a folder: saelab fetch {spec} --out runs/NAME, then pass "
                           "runs/NAME (SAE.load reads hf:// directly)")
 

@@ -28,10 +28,8 @@ import re
 import shutil
 
 from saelab import SaelabError
-from saelab.config import CFG_FILE, SOURCE_FILE, WEIGHTS_FILE, read_source
+from saelab.config import CFG_FILE, HUB_PREFIX, SOURCE_FILE, WEIGHTS_FILE, read_source
 from saelab.store import atomic_write_text, fsync_dir, fsync_file
-
-HUB_PREFIX = "hf://"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

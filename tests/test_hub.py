@@ -255,3 +255,11 @@ def test_commands_that_write_next_to_the_sae_name_fetch_for_a_hub_spec(hub_cache
     err = capsys.readouterr().err.strip()
     assert f"saelab fetch {spec} --out runs/NAME" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "hf:").exists()  # no stray local folder named after the spec
+
+
+def test_sae_load_takes_a_hub_spec_as_a_path_too(hub_cache, tmp_path):
+    """pathlib folds hf://… into hf:/…; SAE.load reads it as the same hub SAE (not as a missing local folder)."""
+    import pathlib
+
+    _saelens_sae(hub_cache, tmp_path)
+    assert SAE.load(pathlib.Path(f"hf://{REPO}/{HOOK}")).cfg.hook_name == HOOK

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from saelab import SaelabError
-from saelab.config import ARCHS, CFG_FILE, GROUP_FILE, TRAIN_FILE, WEIGHTS_FILE, SAEConfig, read_sae_cfg  # noqa: F401
+from saelab.config import (ARCHS, CFG_FILE, GROUP_FILE, TRAIN_FILE, WEIGHTS_FILE, SAEConfig,  # noqa: F401
+                           hub_spec, read_sae_cfg)
 from saelab.kernels import sparse_decode
 from saelab.models import hook_layer
 
@@ -267,10 +268,11 @@ class SAE(nn.Module):
         folder of it instead, which analyze can write into)."""
         from safetensors.torch import load_file
 
-        if str(path).startswith("hf://"):
+        spec = hub_spec(path)
+        if spec:
             from saelab.hub import cached_sae_folder
 
-            path = cached_sae_folder(str(path))
+            path = cached_sae_folder(spec)
         path = pathlib.Path(path).expanduser()
         raw = read_sae_cfg(path)  # a group folder, a missing folder or a bad cfg.json: a one-line error
         from saelab.models import pick_device
