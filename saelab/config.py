@@ -296,6 +296,21 @@ def read_group(path: str | pathlib.Path) -> tuple[str | None, dict[str, pathlib.
     return model or None, {h: path / sub for h, sub in hooks.items()}
 
 
+def read_train_info(folder: str | pathlib.Path, fix: str) -> dict:
+    """A run folder's train.json as a dict ({} when it has none); a damaged one (unreadable, not JSON, not a
+    JSON object) is a one-line error ending in ``fix``."""
+    path = pathlib.Path(folder).expanduser() / TRAIN_FILE
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        raise SaelabError(f"{path} is damaged (not a readable JSON object): restore it, or {fix}")
+    return info
+
+
 def read_source(folder: str | pathlib.Path) -> dict | None:
     """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, fetched}; see
     ``saelab fetch``), or None when it has none (or an unreadable one)."""

@@ -147,7 +147,7 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
              device: str = "auto", progress: bool = True, write: bool = True) -> dict:
     """What `saelab eval` does: store metrics, and CE metrics when a model is given; writes eval.json."""
     from saelab.sae import SAE
-    from saelab.config import TRAIN_FILE, check_local_sae
+    from saelab.config import check_local_sae, read_train_info
     from saelab.store import store_for_sae
     from saelab.train import pick_device
 
@@ -158,11 +158,7 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     sae_path = pathlib.Path(sae_path)
     sae = SAE.load(sae_path)
     dev = pick_device(device)
-    try:
-        info = json.loads((sae_path / TRAIN_FILE).read_text()) if (sae_path / TRAIN_FILE).exists() else {}
-    except (OSError, ValueError):
-        raise SaelabError(f"{sae_path / TRAIN_FILE} is damaged (not readable JSON): restore it, or delete it "
-                          "and pass --activations STORE_OR_RUN") from None
+    info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)
     res: dict = {}
     store = store_for_sae(sae_path, sae, activations, required=False)

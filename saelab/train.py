@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from saelab import SaelabError
 from saelab import distributed as dist
-from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig
+from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig, read_train_info
 from saelab.evaluate import evaluate_store
 from saelab.models import pick_device as device_name
 from saelab.sae import SAE
@@ -177,13 +177,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume and (out / TRAIN_FILE).exists():
-        try:
-            saved = json.loads((out / TRAIN_FILE).read_text())
-            if not isinstance(saved, dict):
-                raise ValueError
-        except (OSError, ValueError):
-            raise SaelabError(f"--resume: {out / TRAIN_FILE} is damaged (not a readable JSON object): restore it, "
-                              f"or train again into a new --out") from None
+        saved = read_train_info(out, "train again into a new --out")
         _check_resume_settings(out, saved, tcfg, cfg)
         _check_resume_store(out, saved, store)
         if saved.get("done"):
