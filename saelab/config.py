@@ -276,6 +276,11 @@ def from_args(cls, ns):
     return cls(**values)
 
 
+def group_json(model: str, hooks) -> str:
+    """The text of a group.json for SAE folders named after their hooks (``read_group`` reads it back)."""
+    return json.dumps({"model": model, "hooks": {h: h for h in hooks}}, indent=2) + "\n"
+
+
 def read_group(path: str | pathlib.Path) -> tuple[str | None, dict[str, pathlib.Path]] | None:
     """A group folder's (model name or None, {hook: SAE folder}) from its group.json; None when
     ``path`` holds no group.json. A malformed group file is a one-line error."""

@@ -236,7 +236,7 @@ def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=No
     (``out/<hook>/`` + ``group.json``, as ``saelab train`` writes a group: circuits, the app and analyze
     take it). All are downloaded and checked before any is moved into place; a failure leaves nothing.
     Returns (out, {hook: SAE}, fetched: False when ``out`` already held this group)."""
-    from saelab.config import GROUP_FILE, read_group
+    from saelab.config import GROUP_FILE, group_json, read_group
     from saelab.sae.base import SAE
     from saelab.store import no_empty_folder_left
 
@@ -273,15 +273,14 @@ def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=No
                 if hook in by_hook:
                     raise SaelabError(f"{by_hook[hook]} and {spec} both read {hook}: a group holds one SAE per hook")
                 by_hook[hook] = spec
-            models = sorted({sae.cfg.model_name or "?" for _, _, sae in staged})
+            models = sorted({sae.cfg.model_name for _, _, sae in staged})
             if len(models) > 1:
-                raise SaelabError(f"these SAEs come from different models ({', '.join(models)}): a group is of one "
-                                  "model; fetch them into separate groups")
+                raise SaelabError(f"these SAEs come from different models ({', '.join(m or '?' for m in models)}): "
+                                  "a group is of one model; fetch them into separate groups")
             for _, tmp, sae in staged:
                 os.replace(tmp, out / sae.cfg.hook_name)
                 placed.append(out / sae.cfg.hook_name)
-            atomic_write_text(out / GROUP_FILE, json.dumps(
-                {"model": models[0] if models[0] != "?" else "", "hooks": {h: h for h in by_hook}}, indent=2) + "\n")
+            atomic_write_text(out / GROUP_FILE, group_json(models[0], by_hook))
             fsync_dir(out)
         except BaseException:
             for folder in [tmp for _, tmp, _ in staged] + placed:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from saelab import SaelabError
 from saelab import distributed as dist
-from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig, read_train_info
+from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig, group_json, read_train_info
 from saelab.evaluate import evaluate_store
 from saelab.models import pick_device as device_name
 from saelab.sae import SAE
@@ -70,8 +70,7 @@ def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> 
     folders = {hook: train_one(path, out / hook, tcfg, scfg, resume, progress) for hook, path in by_hook.items()}
     model = ActivationStore(stores[0]).manifest.get("model", "")
     if dist.is_main():
-        atomic_write_text(out / GROUP_FILE, json.dumps({"model": model, "hooks": {h: h for h in folders}},
-                                                       indent=2) + "\n")
+        atomic_write_text(out / GROUP_FILE, group_json(model, folders))
     dist.barrier()
     return folders
 
