@@ -66,7 +66,7 @@ def _hub_errors(repo: str, revision: str | None, filename: str | None = None):
     try:
         yield
     except e.LocalEntryNotFoundError:
-        cached = _folders_hint(repo, revision, "; cached: ") if filename else ""
+        cached = _folders_hint(repo, revision, "; cached: ", none="") if filename else ""
         raise SaelabError(f"{where}: {what} is not in the local Hugging Face cache and the hub cannot be "
                           f"reached (offline, or HF_HUB_OFFLINE=1): connect and fetch again{cached}") from None
     except e.GatedRepoError:
@@ -130,14 +130,15 @@ def list_hub_saes(repo: str, revision: str | None = None, cache_dir=None) -> tup
     return [f"{repo}/{d}" if d else repo for d in sae_folders(files)], online
 
 
-def _folders_hint(repo: str, revision: str | None, lead: str = "; it has: ") -> str:
-    """'; it has: a, b, c' listing the repo's SAE folders, when they can be listed ('' otherwise)."""
+def _folders_hint(repo: str, revision: str | None, lead: str = "; it has: ",
+                  none: str = f"; it holds no folder with {CFG_FILE} and {WEIGHTS_FILE}") -> str:
+    """``lead`` + the repo's SAE folders (a, b, c), ``none`` when it has none, '' when they cannot be listed."""
     try:
         folders = [f.removeprefix(repo + "/") for f in list_hub_saes(repo, revision)[0]]
     except Exception:  # the hint is optional
         return ""
     if not folders:
-        return "" if lead != "; it has: " else f"; it holds no folder with {CFG_FILE} and {WEIGHTS_FILE}"
+        return none
     more = f" (+{len(folders) - 6} more)" if len(folders) > 6 else ""
     return f"{lead}{', '.join(folders[:6])}{more}"
 
