@@ -359,18 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(an existing file is replaced, atomically, and the output says so)")
     _add_run_flags(hd)
     hd.set_defaults(func=cmd_heads)
-    f = sub.add_parser("fetch", help="download a pretrained SAE (SAELens layout) from the Hugging Face hub",
-                       description="Download ORG/REPO/SUBFOLDER's cfg.json and sae_weights.safetensors from the "
-                                   "Hugging Face hub (its cache, login and HF_HUB_OFFLINE apply), check that saelab "
-                                   "loads them, and write them with source.json into --out: an SAE folder for "
-                                   "analyze, eval, the app and steering.")
+    f = sub.add_parser("fetch", help="download a pretrained SAE (SAELens, Gemma Scope or sparsify layout) from the "
+                                     "Hugging Face hub",
+                       description="Download the SAE in ORG/REPO/SUBFOLDER from the Hugging Face hub (its cache, login "
+                                   "and HF_HUB_OFFLINE apply): SAELens's cfg.json + sae_weights.safetensors, Gemma "
+                                   "Scope's params.npz or EleutherAI sparsify's cfg.json + sae.safetensors. saelab "
+                                   "checks that it loads (converting the latter two) and writes it with source.json "
+                                   "into --out: an SAE folder for analyze, eval, the app and steering.")
     f.add_argument("sae", nargs="+", help="ORG/REPO/SUBFOLDER, e.g. jbloom/GPT2-Small-SAEs-Reformatted/"
-                                          "blocks.8.hook_resid_pre; several (one model, one per hook) make a group")
+                                          "blocks.8.hook_resid_pre or google/gemma-scope-2b-pt-res/layer_20/width_16k/"
+                                          "average_l0_71; several (one model, one per hook) make a group")
     f.add_argument("--out", default=None, help="the SAE folder to write (default: runs/<repo name>/<subfolder>), or "
                                                "with several SAEs the group folder (required); rerunning into a "
                                                "folder that holds the same SAEs does nothing")
     f.add_argument("--revision", default=None, help="branch, tag or commit (default: the repo's main)")
-    f.add_argument("--list", action="store_true", help="list the SAE folders (cfg.json + weights) of each ORG/REPO "
+    f.add_argument("--list", action="store_true", help="list the SAE folders (in any of those layouts) of each ORG/REPO "
                                                        "instead of fetching")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fetch)

@@ -21,7 +21,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 TRAIN_FILE = "train.json"  # the training settings and the store's absolute path
 GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
-SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revision, commit, fetched}
+SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revision, commit, format, fetched}
 HUB_PREFIX = "hf://"  # an SAE on the Hugging Face hub: hf://ORG/REPO/SUBFOLDER
 
 
@@ -317,7 +317,7 @@ def read_train_info(folder: str | pathlib.Path, fix: str) -> dict:
 
 
 def read_source(folder: str | pathlib.Path) -> dict | None:
-    """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, fetched}; see
+    """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, format, fetched}; see
     ``saelab fetch``), or None when it has none (or an unreadable one)."""
     try:
         raw = json.loads((pathlib.Path(folder).expanduser() / SOURCE_FILE).read_text())

@@ -5,7 +5,9 @@
 write) through ``huggingface_hub`` (its cache, token and offline mode apply), checks that saelab
 loads them (``SAE.load``: a supported architecture, shapes that match the config), and only then
 moves them into ``out`` together with ``source.json`` (repo, subfolder, the revision asked for and
-the commit it resolved to). ``out`` is then an SAE folder like any other: ``saelab analyze --sae
+the commit it resolved to). SAEs released in other layouts — Gemma Scope's ``params.npz``, EleutherAI
+sparsify's ``cfg.json`` + ``sae.safetensors`` — are converted (``saelab.formats``) and written as saelab
+writes an SAE (``source.json`` records the layout they came in). ``out`` is then an SAE folder like any other: ``saelab analyze --sae
 out --activations STORE`` (a store of the SAE's model and hook), ``saelab eval``, the app, steering.
 
 Several SAEs of one model, one per hook (``fetch_group``, ``saelab fetch SPEC SPEC … --out GROUP``),
@@ -58,15 +60,16 @@ def _errors():
 
 
 @contextlib.contextmanager
-def _hub_errors(repo: str, revision: str | None, filename: str | None = None):
-    """huggingface_hub's errors for ``repo`` (and ``filename`` in it) as one-line SaelabErrors naming the fix."""
+def _hub_errors(repo: str, revision: str | None, folder: str | None = None):
+    """huggingface_hub's errors for ``repo`` (reading the SAE in ``folder``, "" for the root; None: listing the
+    repo) as one-line SaelabErrors naming the fix."""
     e = _errors()
     where = f"{repo}" + (f"@{revision}" if revision else "")
-    what = filename or "its file list"
+    what = "its file list" if folder is None else f"the SAE in {folder or 'its root'}"
     try:
         yield
     except e.LocalEntryNotFoundError:
-        cached = _folders_hint(repo, revision, "; cached: ", none="") if filename else ""
+        cached = _folders_hint(repo, revision, "; cached: ", none="") if folder is not None else ""
         raise SaelabError(f"{where}: {what} is not in the local Hugging Face cache and the hub cannot be "
                           f"reached (offline, or HF_HUB_OFFLINE=1): connect and fetch again{cached}") from None
     except e.GatedRepoError:
@@ -76,19 +79,20 @@ def _hub_errors(repo: str, revision: str | None, filename: str | None = None):
     except e.RevisionNotFoundError:
         raise SaelabError(f"{repo} has no revision {revision!r}: pass a branch, tag or commit it has") from None
     except e.EntryNotFoundError:
-        raise SaelabError(f"{where} has no {filename}: pass the subfolder that holds {CFG_FILE} and "
-                          f"{WEIGHTS_FILE} (ORG/REPO/SUBFOLDER){_folders_hint(repo, revision)}") from None
+        from saelab.formats import LAYOUT_HELP
+
+        raise SaelabError(f"{where} has no SAE in {folder or 'its root'} ({LAYOUT_HELP}): pass ORG/REPO/SUBFOLDER "
+                          f"of a folder that holds one{_folders_hint(repo, revision)}") from None
     except e.HFValidationError as err:
         raise SaelabError(f"{repo!r} is not a hub repo id ({str(err).split(':')[0]}): pass ORG/REPO/SUBFOLDER") from None
     except e.HfHubHTTPError as err:
         raise SaelabError(f"{where}: the hub answered {str(err).splitlines()[0]}: retry later") from None
 
 
-def _download(repo: str, filename: str, revision: str | None, cache_dir) -> pathlib.Path:
-    from huggingface_hub import hf_hub_download
+def _offline() -> bool:
+    from huggingface_hub import constants
 
-    with _hub_errors(repo, revision, filename):
-        return pathlib.Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir))
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _repo_files(repo: str, revision: str | None, cache_dir) -> tuple[list[str], bool]:
@@ -96,7 +100,7 @@ def _repo_files(repo: str, revision: str | None, cache_dir) -> tuple[list[str], 
     cached snapshot: only those downloaded before."""
     from huggingface_hub import constants, list_repo_files
 
-    if not constants.HF_HUB_OFFLINE:
+    if not _offline():
         with _hub_errors(repo, revision):
             return list_repo_files(repo, revision=revision), True
     root = pathlib.Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
@@ -112,12 +116,15 @@ def _repo_files(repo: str, revision: str | None, cache_dir) -> tuple[list[str], 
 
 
 def sae_folders(files) -> list[str]:
-    """The folders (repo-relative; "" for the root) among file paths that hold both cfg.json and the weights."""
+    """The folders (repo-relative; "" for the root) among file paths that hold an SAE in a layout saelab reads
+    (saelab.formats.LAYOUTS: cfg.json + the weights, or Gemma Scope's params.npz, or sparsify's)."""
+    from saelab.formats import layout_of
+
     by_folder: dict[str, set[str]] = {}
     for f in files:
         folder, _, name = f.rpartition("/")
         by_folder.setdefault(folder, set()).add(name)
-    return sorted(d for d, names in by_folder.items() if {CFG_FILE, WEIGHTS_FILE} <= names)
+    return sorted(d for d, names in by_folder.items() if layout_of(names))
 
 
 def list_hub_saes(repo: str, revision: str | None = None, cache_dir=None) -> tuple[list[str], bool]:
@@ -131,7 +138,7 @@ def list_hub_saes(repo: str, revision: str | None = None, cache_dir=None) -> tup
 
 
 def _folders_hint(repo: str, revision: str | None, lead: str = "; it has: ",
-                  none: str = f"; it holds no folder with {CFG_FILE} and {WEIGHTS_FILE}") -> str:
+                  none: str = "; it holds no SAE folder saelab reads") -> str:
     """``lead`` + the repo's SAE folders (a, b, c), ``none`` when it has none, '' when they cannot be listed."""
     try:
         folders = [f.removeprefix(repo + "/") for f in list_hub_saes(repo, revision)[0]]
@@ -143,16 +150,83 @@ def _folders_hint(repo: str, revision: str | None, lead: str = "; it has: ",
     return f"{lead}{', '.join(folders[:6])}{more}"
 
 
-def cached_sae_folder(spec: str, revision: str | None = None, cache_dir=None) -> pathlib.Path:
-    """The folder of the Hugging Face cache's snapshot that holds ``spec``'s cfg.json and weights, downloading
-    them first when they are not cached (what ``SAE.load("hf://…")`` reads). Read-only: the cache's files."""
-    return _download_sae(spec, revision, cache_dir)[CFG_FILE].parent
+def _probe(repo: str, filename: str, revision: str | None, cache_dir) -> pathlib.Path | None:
+    """``filename``'s path in the hub cache (downloaded when not cached), or None when the repo has no such file
+    (or, offline, when it is not cached). Other hub errors are one-line SaelabErrors."""
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(repo, revision, filename.rpartition("/")[0]):
+        try:
+            return pathlib.Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir))
+        except _errors().EntryNotFoundError:  # LocalEntryNotFoundError (offline, not cached) is one too
+            return None
 
 
-def _download_sae(spec: str, revision: str | None, cache_dir) -> dict[str, pathlib.Path]:
-    """{cfg.json, weights file name: its path in the hub cache} for ``spec`` (downloaded when not cached)."""
+def _download_sae(spec: str, revision: str | None, cache_dir) -> tuple[str, dict[str, pathlib.Path]]:
+    """(layout, {file name: its path in the hub cache}) of ``spec``'s SAE, downloading what is not cached: the
+    SAELens layout (cfg.json + sae_weights.safetensors) first, then sparsify's (cfg.json + sae.safetensors),
+    then Gemma Scope's (params.npz). None of them: the error of the SAELens file that is missing."""
+    from saelab.formats import LAYOUTS
+
     repo, sub = parse_spec(spec)
-    return {f: _download(repo, f"{sub}/{f}" if sub else f, revision, cache_dir) for f in (CFG_FILE, WEIGHTS_FILE)}
+    name = (lambda f: f"{sub}/{f}" if sub else f)
+    found: dict[str, pathlib.Path | None] = {}
+    for layout, files in LAYOUTS.items():
+        for f in files:
+            if f not in found:
+                found[f] = _probe(repo, name(f), revision, cache_dir)
+            if found[f] is None:
+                break
+        else:
+            return layout, {f: found[f] for f in files}
+    if found.get(CFG_FILE) is not None:
+        raise SaelabError(f"{repo}/{sub} has {CFG_FILE} but no weights ({LAYOUTS['saelens'][1]} or "
+                          f"{LAYOUTS['sparsify'][1]}){' in the local cache (offline)' if _offline() else ''}: "
+                          "pass the folder of an SAE" + _folders_hint(repo, revision))
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(repo, revision, sub):  # the error that fits: not cached (offline), no such file
+        hf_hub_download(repo, name(CFG_FILE), revision=revision, cache_dir=cache_dir)
+    raise SaelabError(f"{spec}: {CFG_FILE} could not be read from the hub cache: fetch again")  # pragma: no cover
+
+
+def _sparsify_run_cfg(repo: str, sub: str, revision: str | None, cache_dir) -> dict:
+    """sparsify's run config.json one folder above the hookpoint folder ({} when it has none)."""
+    from saelab.formats import SPARSIFY_RUN_CFG
+
+    parent = sub.rstrip("/").rpartition("/")[0]
+    path = _probe(repo, f"{parent}/{SPARSIFY_RUN_CFG}" if parent else SPARSIFY_RUN_CFG, revision, cache_dir)
+    try:
+        cfg = json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _read_hub_sae(spec: str, revision: str | None, cache_dir):
+    """(layout, {file name: cached path}, SAE) of ``spec``: the SAE converted from another layout (saelab.formats),
+    or None for the SAELens layout, whose cached folder ``SAE.load`` reads as it is."""
+    from saelab.formats import convert
+
+    layout, files = _download_sae(spec, revision, cache_dir)
+    if layout == "saelens":
+        return layout, files, None
+    repo, sub = parse_spec(spec)
+    run_cfg = _sparsify_run_cfg(repo, sub, revision, cache_dir) if layout == "sparsify" else None
+    return layout, files, convert(layout, files, repo, sub, run_cfg)
+
+
+def load_hub_sae(spec: str, device="cpu", revision: str | None = None, cache_dir=None):
+    """The SAE of hub spec ``spec`` read straight from the Hugging Face cache (downloaded first when not cached),
+    in any layout saelab reads (what ``SAE.load("hf://…")`` does)."""
+    from saelab.sae.base import SAE
+
+    layout, files, sae = _read_hub_sae(spec, revision, cache_dir)
+    if sae is None:
+        return SAE.load(files[CFG_FILE].parent, device)
+    from saelab.models import pick_device
+
+    return sae.to(pick_device(device))
 
 
 def _commit_of(path: pathlib.Path) -> str | None:
@@ -174,15 +248,18 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path):
     from saelab.sae.base import SAE
 
     repo, sub = parse_spec(spec)
-    files = _download_sae(spec, revision, cache_dir)
-    source = {"repo_id": repo, "subfolder": sub, "revision": revision, "commit": _commit_of(files[WEIGHTS_FILE]),
-              "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    layout, files, converted = _read_hub_sae(spec, revision, cache_dir)
+    source = {"repo_id": repo, "subfolder": sub, "revision": revision, "commit": _commit_of(next(iter(files.values()))),
+              "format": layout, "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for f, src in files.items():
-            shutil.copyfile(src, tmp / f)  # the cache's symlinks resolve to their blobs
-            fsync_file(tmp / f)
+        if converted is None:
+            for f, src in files.items():
+                shutil.copyfile(src, tmp / f)  # the cache's symlinks resolve to their blobs
+                fsync_file(tmp / f)
+        else:
+            converted.save(tmp)  # cfg.json + sae_weights.safetensors, as saelab train writes them
         try:
             sae = SAE.load(tmp)
         except SaelabError as err:

@@ -122,9 +122,11 @@ def test_home_lists_the_group(monkeypatch, app_group):
     assert list(df["source"]) == ["trained here"] * 2
 
 
-def test_home_names_a_fetched_sae_source_and_the_store_analyze_needs(monkeypatch, tmp_path):
-    """An SAE from `saelab fetch` (source.json, no train.json, no features.h5): Home shows its hub origin and
-    the analyze command with the --activations it needs (it names no store)."""
+@pytest.mark.parametrize("fmt,shown", [(None, ""), ("saelens", ""), ("gemma-scope", " (gemma-scope)")])
+def test_home_names_a_fetched_sae_source_and_the_store_analyze_needs(monkeypatch, tmp_path, fmt, shown):
+    """An SAE from `saelab fetch` (source.json, no train.json, no features.h5): Home shows its hub origin (and the
+    layout it was converted from; stop-15 source.json files have no format) and the analyze command with the
+    --activations it needs (it names no store)."""
     import json
 
     from saelab.sae.base import SAE
@@ -132,9 +134,10 @@ def test_home_names_a_fetched_sae_source_and_the_store_analyze_needs(monkeypatch
     folder = tmp_path / "fetched"
     SAE.create("relu", d_in=128, d_sae=256, hook_name=HOOK1, model_name="tiny").save(folder)
     (folder / "source.json").write_text(json.dumps({"repo_id": "someone/saes", "subfolder": HOOK1, "revision": None,
-                                                    "commit": "0123456789abcdef0123456789abcdef01234567"}))
+                                                    "commit": "0123456789abcdef0123456789abcdef01234567",
+                                                    **({"format": fmt} if fmt else {})}))
     at = _ok(_app(monkeypatch, folder))
-    assert list(at.dataframe[0].value["source"]) == [f"hub: someone/saes/{HOOK1}@0123456"]
+    assert list(at.dataframe[0].value["source"]) == [f"hub: someone/saes/{HOOK1}@0123456{shown}"]
     info = " ".join(i.value for i in at.info)
     assert f"saelab analyze --sae {folder} --activations STORE_OR_RUN" in info, info
 

@@ -56,3 +56,28 @@ def test_saelab_loads_saelens(arch, cfg_cls, extra, tmp_path):
     x = torch.randn(40, 16)
     torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours(x), theirs.decode(theirs.encode(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_saelens_loads_a_converted_gemma_scope_sae(tmp_path):
+    """A Gemma Scope params.npz converted by saelab.formats and saved: SAELens reads it (b_dec not subtracted from
+    the input) and gives Gemma Scope's own encode, f = ReLU(z)·[z > θ] with z = x W_enc + b_enc."""
+    import numpy as np
+
+    from saelab.formats import gemma_scope_sae
+
+    rng = np.random.default_rng(0)
+    p = {"W_enc": rng.normal(size=(16, 64)).astype(np.float32) / 4, "W_dec": rng.normal(size=(64, 16)).astype(np.float32),
+         "b_enc": rng.normal(size=64).astype(np.float32) / 4, "b_dec": rng.normal(size=16).astype(np.float32),
+         "threshold": rng.uniform(0.2, 1.0, size=64).astype(np.float32)}
+    np.savez(tmp_path / "params.npz", **p)
+    gemma_scope_sae(tmp_path / "params.npz", "google/gemma-scope-2b-pt-res", "layer_3/width_16k/average_l0_7").save(
+        tmp_path / "sae")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"), device="cpu")
+    x = rng.normal(size=(40, 16)).astype(np.float32) * 2
+    z = x @ p["W_enc"] + p["b_enc"]
+    f = np.maximum(z, 0) * (z > p["threshold"])
+    with torch.no_grad():
+        f_theirs = theirs.encode(torch.from_numpy(x))
+        torch.testing.assert_close(f_theirs, torch.from_numpy(f), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs.decode(f_theirs), torch.from_numpy(f @ p["W_dec"] + p["b_dec"]), rtol=1e-5,
+                                   atol=1e-4)

@@ -9,11 +9,13 @@ from saelab.config import TRAIN_FILE, read_source
 
 
 def _source(folder) -> str:
-    """Where an SAE came from: the hub repo/subfolder@commit of a fetched one, else trained here."""
+    """Where an SAE came from: the hub repo/subfolder@commit of a fetched one (and the layout it was converted
+    from, when not SAELens's), else trained here."""
     src = read_source(folder)
     if src:
         sub = f"/{src['subfolder']}" if src.get("subfolder") else ""
-        return f"hub: {src.get('repo_id')}{sub}@{(src.get('commit') or src.get('revision') or 'main')[:7]}"
+        fmt = f" ({src['format']})" if src.get("format") not in (None, "saelens") else ""
+        return f"hub: {src.get('repo_id')}{sub}@{(src.get('commit') or src.get('revision') or 'main')[:7]}{fmt}"
     return "trained here" if (folder / TRAIN_FILE).is_file() else "local folder"
 
 

@@ -264,15 +264,16 @@ class SAE(nn.Module):
     @staticmethod
     def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
         """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu); ``"hf://ORG/REPO/SUBFOLDER"``
-        reads one straight from the Hugging Face hub's cache (downloading it first; ``saelab fetch`` makes a
-        folder of it instead, which analyze can write into)."""
+        reads one straight from the Hugging Face hub's cache, downloading it first, in the SAELens layout or
+        Gemma Scope's or sparsify's (saelab.formats); ``saelab fetch`` makes a folder of it instead, which
+        analyze can write into."""
         from safetensors.torch import load_file
 
         spec = hub_spec(path)
         if spec:
-            from saelab.hub import cached_sae_folder
+            from saelab.hub import load_hub_sae
 
-            path = cached_sae_folder(spec)
+            return load_hub_sae(spec, device)
         path = pathlib.Path(path).expanduser()
         raw = read_sae_cfg(path)  # a group folder, a missing folder or a bad cfg.json: a one-line error
         from saelab.models import pick_device

@@ -1,0 +1,184 @@
+"""Pretrained SAEs stored in other releases' layouts, read into saelab SAEs.
+
+saelab and SAELens folders hold ``cfg.json`` + ``sae_weights.safetensors``. Two widely used releases
+store their SAEs otherwise; ``saelab fetch`` reads them through this module and writes an ordinary
+SAE folder (which SAELens then reads too):
+
+* **Gemma Scope** (``google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}``): one
+  ``layer_L/width_W/average_l0_N/params.npz`` per SAE with ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``,
+  ``b_enc``, ``b_dec`` and ``threshold``. JumpReLU, ``f = ReLU(z)·[z > θ]`` with ``z = x W_enc + b_enc``:
+  b_dec is *not* subtracted from the input. The file records neither model nor hook; they come from the repo
+  name (size, pt/it; res → ``blocks.L.hook_resid_post``, mlp → ``blocks.L.hook_mlp_out``, att →
+  ``blocks.L.attn.hook_z`` with the heads flattened) and the folder's ``layer_L``.
+* **EleutherAI sparsify** (e.g. ``EleutherAI/sae-pythia-70m-32k``): one ``<hookpoint>/`` folder per SAE with
+  ``cfg.json`` (``d_in``, ``num_latents`` or ``expansion_factor``, ``k``, …) and ``sae.safetensors``
+  (``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec [d_sae, d_in]``, ``b_dec``). TopK,
+  ``f = TopK(ReLU((x − b_dec) encoder.weightᵀ + encoder.bias))``. The hookpoint is a Hugging Face module name:
+  ``layers.L`` (the block's output, ``blocks.L.hook_resid_post``) or ``layers.L.mlp`` (``blocks.L.hook_mlp_out``);
+  the model is the ``model`` of the run's ``config.json`` beside the hookpoint folders, when there is one.
+
+Only arrays are read (numpy's npz with ``allow_pickle=False``, safetensors): no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import torch
+
+from saelab import SaelabError
+from saelab.config import CFG_FILE, WEIGHTS_FILE
+
+GEMMA_SCOPE_FILE = "params.npz"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+SPARSIFY_RUN_CFG = "config.json"  # sparsify's run config, one folder above the hookpoint folders
+
+#: layout name → the files of one SAE folder in it (the first is the one to report when none is there)
+LAYOUTS = {
+    "saelens": (CFG_FILE, WEIGHTS_FILE),
+    "sparsify": (CFG_FILE, SPARSIFY_WEIGHTS),
+    "gemma-scope": (GEMMA_SCOPE_FILE,),
+}
+LAYOUT_HELP = (f"{CFG_FILE} + {WEIGHTS_FILE} for SAELens and saelab, {GEMMA_SCOPE_FILE} for Gemma Scope, or "
+               f"{CFG_FILE} + {SPARSIFY_WEIGHTS} for EleutherAI sparsify")
+
+
+def layout_of(names) -> str | None:
+    """The layout whose files are all among ``names`` (file names of one folder), or None."""
+    names = set(names)
+    return next((lay for lay, files in LAYOUTS.items() if set(files) <= names), None)
+
+
+def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, run_cfg: dict | None = None):
+    """The saelab SAE (on the CPU) of one downloaded SAE in ``layout`` ("gemma-scope" or "sparsify");
+    ``files``: file name → its path; ``run_cfg``: sparsify's run config.json, when there is one."""
+    if layout == "gemma-scope":
+        return gemma_scope_sae(files[GEMMA_SCOPE_FILE], repo, sub)
+    if layout == "sparsify":
+        return sparsify_sae(files[CFG_FILE], files[SPARSIFY_WEIGHTS], repo, sub, (run_cfg or {}).get("model") or "")
+    raise ValueError(f"no converter for layout {layout!r}")
+
+
+def _build(where: str, arch: str, w: dict[str, torch.Tensor], *, k: int, hook: str, model: str,
+           apply_b_dec: bool):
+    """An SAE of ``arch`` holding the weights ``w`` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec,
+    optionally threshold), each shape checked against the others."""
+    from saelab.sae.base import SAE
+
+    d_in, d_sae = w["W_enc"].shape
+    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}
+    for name, t in w.items():
+        if tuple(t.shape) != want[name]:
+            raise SaelabError(f"{where}: {name} has shape {tuple(t.shape)} but W_enc {(d_in, d_sae)} needs "
+                              f"{want[name]}; the files do not belong together")
+    sae = SAE.create(arch, d_in=int(d_in), d_sae=int(d_sae), k=int(min(max(k, 1), d_sae - 1)), hook_name=hook,
+                     model_name=model)
+    sae.apply_b_dec_to_input = apply_b_dec
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(w[name].float())
+    if "threshold" in w:
+        sae.load_extra_weights({"threshold": w["threshold"]})
+    return sae
+
+
+# ---------------------------------------------------------------------------------------------- Gemma Scope
+_GEMMA_REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)\b", re.I)
+_GEMMA_HOOK = {"res": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_out", "att": "blocks.{L}.attn.hook_z"}
+
+
+def gemma_scope_target(repo: str, sub: str) -> tuple[str, str]:
+    """(model, hook) of the Gemma Scope SAE ``repo``/``sub``, from the repo name and the folder's layer_L."""
+    m = _GEMMA_REPO.search(repo)
+    if not m:
+        raise SaelabError(f"{repo}/{sub} holds {GEMMA_SCOPE_FILE} but {repo} is not a Gemma Scope repo saelab knows "
+                          "(google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}): the model and hook cannot be told")
+    size, kind, site = (g.lower() for g in m.groups())
+    if site == "transcoders":
+        raise SaelabError(f"{repo} holds transcoders (they read the MLP's input and write its output), not SAEs of "
+                          "one hook: saelab does not load transcoders; fetch from a -res, -mlp or -att repo")
+    layer = re.search(r"(?:^|/)layer_(\d+)(?:/|$)", sub)
+    if not layer:
+        raise SaelabError(f"{repo}/{sub}: no layer_L folder in the path, so the hook cannot be told"
+                          + ("; the embedding SAEs are not supported" if "embedding" in sub else "")
+                          + ": fetch a layer_L/width_W/average_l0_N folder")
+    model = f"google/gemma-2-{size}" + ("-it" if kind == "it" else "")
+    return model, _GEMMA_HOOK[site].format(L=int(layer.group(1)))
+
+
+def gemma_scope_sae(npz: pathlib.Path, repo: str, sub: str):
+    """A Gemma Scope ``params.npz`` as a saelab JumpReLU SAE (b_dec not subtracted from the input)."""
+    import numpy as np
+
+    model, hook = gemma_scope_target(repo, sub)
+    where = f"{repo}/{sub}/{GEMMA_SCOPE_FILE}"
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, ValueError) as err:
+        raise SaelabError(f"{where} is not a readable npz file ({str(err).splitlines()[0]}): fetch it again") from None
+    w = {}
+    for name, a in arrays.items():
+        key = "W_" + name[2:] if name.startswith("w_") else name  # some files spell w_enc, w_dec
+        if key in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            w[key] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold") if n not in w]
+    if missing:
+        raise SaelabError(f"{where} lacks {', '.join(missing)}: not a Gemma Scope SAE file")
+    l0 = re.search(r"average_l0_(\d+)", sub)
+    return _build(where, "jumprelu", w, k=int(l0.group(1)) if l0 else 1, hook=hook, model=model, apply_b_dec=False)
+
+
+# ---------------------------------------------------------------------------------------------- sparsify
+def sparsify_hook(sub: str) -> str:
+    """The TransformerLens hook of a sparsify hookpoint folder (its last path part, a Hugging Face module name)."""
+    name = sub.rstrip("/").rpartition("/")[2]
+    m = re.fullmatch(r"(?:layers|h)[._](\d+)(\.mlp)?", name)
+    if not m:
+        raise SaelabError(f"sparsify hookpoint {name!r} maps to no TransformerLens hook saelab knows (it reads "
+                          "layers.L → blocks.L.hook_resid_post and layers.L.mlp → blocks.L.hook_mlp_out)")
+    return f"blocks.{int(m.group(1))}." + ("hook_mlp_out" if m.group(2) else "hook_resid_post")
+
+
+def sparsify_sae(cfg_path: pathlib.Path, weights: pathlib.Path, repo: str, sub: str, model: str = ""):
+    """An EleutherAI sparsify ``cfg.json`` + ``sae.safetensors`` (of hookpoint folder ``sub`` in hub repo ``repo``)
+    as a saelab TopK SAE."""
+    from safetensors.torch import load_file
+
+    hook = sparsify_hook(sub)
+    where = "/".join(x for x in (repo, sub) if x)
+    try:
+        cfg = json.loads(pathlib.Path(cfg_path).read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as err:
+        raise SaelabError(f"{where}/{CFG_FILE} is not a sparsify config ({err}): fetch it again") from None
+    if cfg.get("transcode"):
+        raise SaelabError(f"{where} is a sparsify transcoder (it predicts one hook from another): saelab loads SAEs "
+                          "of one hook only")
+    if cfg.get("activation", "topk") != "topk" or cfg.get("signed"):
+        raise SaelabError(f"{where}: sparsify activation {cfg.get('activation')!r}"
+                          f"{' (signed)' if cfg.get('signed') else ''} is not supported (supported: topk)")
+    try:
+        raw = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise SaelabError(f"{where}/{SPARSIFY_WEIGHTS} is not a readable safetensors file "
+                          f"({str(err).splitlines()[0]}): fetch it again") from None
+    extra = sorted(set(raw) & {"W_skip", "in_norm", "out_norm"})
+    if cfg.get("skip_connection") or extra:
+        raise SaelabError(f"{where}: a sparsify SAE with {', '.join(extra) or 'a skip connection'} is not supported: "
+                          "saelab's SAEs reconstruct from the latents alone")
+    missing = [n for n in ("encoder.weight", "W_dec", "b_dec") if n not in raw]
+    if missing:
+        raise SaelabError(f"{where}/{SPARSIFY_WEIGHTS} lacks {', '.join(missing)}: not a sparsify SAE file")
+    enc = raw["encoder.weight"]  # [d_sae, d_in] (nn.Linear)
+    d_sae, d_in = enc.shape
+    w_dec = raw["W_dec"]
+    if tuple(w_dec.shape) == (d_in, d_sae) and d_in != d_sae:  # stored the other way round
+        w_dec = w_dec.t()
+    w = {"W_enc": enc.t(), "b_enc": raw.get("encoder.bias", torch.zeros(d_sae)), "W_dec": w_dec, "b_dec": raw["b_dec"]}
+    if "k" not in cfg:
+        raise SaelabError(f"{where}/{CFG_FILE} gives no k: not a sparsify TopK config")
+    return _build(f"{where}/{SPARSIFY_WEIGHTS}", "topk", w, k=int(cfg["k"]), hook=hook, model=model, apply_b_dec=True)

@@ -1,0 +1,228 @@
+"""Gemma Scope's and EleutherAI sparsify's SAE layouts (saelab.formats), fetched offline from a hand-built hub
+cache and checked against plain re-implementations of each release's own encode/decode on fresh random inputs."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save
+
+from saelab import SaelabError
+from saelab.sae.base import SAE
+from tests.test_hub import COMMIT, _put
+
+GEMMA = "google/gemma-scope-2b-pt-res"
+GEMMA_SUB = "layer_3/width_16k/average_l0_7"
+SPARSIFY = "EleutherAI/sae-tiny-8x"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _gemma(cache, repo=GEMMA, sub=GEMMA_SUB, d_in=24, d_sae=96, seed=0, drop=None):
+    """A Gemma Scope params.npz in the cache; returns its arrays."""
+    rng = np.random.default_rng(seed)
+    p = {"W_enc": rng.normal(size=(d_in, d_sae)).astype(np.float32) / 4,
+         "W_dec": rng.normal(size=(d_sae, d_in)).astype(np.float32),
+         "b_enc": rng.normal(size=d_sae).astype(np.float32) / 4,
+         "b_dec": rng.normal(size=d_in).astype(np.float32),
+         "threshold": rng.uniform(0.2, 1.0, size=d_sae).astype(np.float32)}
+    if drop:
+        p.pop(drop)
+    buf = io.BytesIO()
+    np.savez(buf, **p)
+    _put(cache, repo, f"{sub}/params.npz", buf.getvalue())
+    return p
+
+
+def _gemma_reference(p, x):
+    """Gemma Scope's JumpReLU as its release describes it: f = ReLU(z)·[z > θ], z = x W_enc + b_enc."""
+    z = x @ p["W_enc"] + p["b_enc"]
+    f = np.maximum(z, 0) * (z > p["threshold"])
+    return f, f @ p["W_dec"] + p["b_dec"]
+
+
+def _sparsify(cache, sub="layers.1", d_in=24, d_sae=192, k=8, cfg=None, run_cfg=True, extra=None):
+    """A sparsify hookpoint folder (cfg.json + sae.safetensors) and the run's config.json; returns the weights."""
+    torch.manual_seed(1)
+    w = {"encoder.weight": torch.randn(d_sae, d_in) / 4, "encoder.bias": torch.randn(d_sae) / 4,
+         "W_dec": torch.randn(d_sae, d_in), "b_dec": torch.randn(d_in), **(extra or {})}
+    _put(cache, SPARSIFY, f"{sub}/sae.safetensors", save(w))
+    c = {"expansion_factor": 8, "normalize_decoder": True, "num_latents": 0, "k": k, "multi_topk": False,
+         "skip_connection": False, "d_in": d_in, **(cfg or {})}
+    _put(cache, SPARSIFY, f"{sub}/cfg.json", json.dumps(c).encode())
+    if run_cfg:
+        _put(cache, SPARSIFY, "config.json", json.dumps({"model": "EleutherAI/pythia-70m", "k": k}).encode())
+    return w
+
+
+def _sparsify_reference(w, x, k):
+    """sparsify's TopK: f = TopK(ReLU((x − b_dec) encoder.weightᵀ + encoder.bias)), x̂ = f W_dec + b_dec."""
+    z = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+    v, i = z.topk(k, dim=-1)
+    f = torch.zeros_like(z).scatter(-1, i, v)
+    return f, f @ w["W_dec"] + w["b_dec"]
+
+
+def test_gemma_scope_is_fetched_into_a_jumprelu_folder_that_matches_its_encode(hub_cache, tmp_path, capsys):
+    from saelab.cli import main
+
+    p = _gemma(hub_cache)
+    out = tmp_path / "runs" / "gs"
+    assert main(["fetch", f"{GEMMA}/{GEMMA_SUB}", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert f"{out}: jumprelu, d_in 24, 96 latents, hook blocks.3.hook_resid_post, model google/gemma-2-2b" in text
+    assert "saelab harvest --model google/gemma-2-2b --hook blocks.3.hook_resid_post" in text, text
+    assert sorted(x.name for x in out.iterdir()) == ["cfg.json", "sae_weights.safetensors", "source.json"]
+    src = json.loads((out / "source.json").read_text())
+    assert (src["repo_id"], src["subfolder"], src["commit"], src["format"]) == (GEMMA, GEMMA_SUB, COMMIT, "gemma-scope")
+    cfg = json.loads((out / "cfg.json").read_text())  # what SAELens reads: b_dec is not subtracted from the input
+    assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"] is False and cfg["d_sae"] == 96
+    x = np.random.default_rng(7).normal(size=(64, 24)).astype(np.float32) * 2
+    f_ref, x_hat_ref = _gemma_reference(p, x)
+    assert 0 < (f_ref > 0).mean() < 0.9  # the thresholds cut: a non-trivial check
+    for sae in (SAE.load(out), SAE.load(f"hf://{GEMMA}/{GEMMA_SUB}")):
+        assert sae.arch == "jumprelu" and sae.apply_b_dec_to_input is False and sae.cfg.k == 7
+        with torch.no_grad():
+            f = sae.encode(torch.from_numpy(x)).numpy()
+            x_hat = sae(torch.from_numpy(x)).numpy()
+        assert ((f > 0) == (f_ref > 0)).all()
+        np.testing.assert_allclose(f, f_ref, rtol=1e-5, atol=1e-5)
+        assert np.abs(x_hat - x_hat_ref).max() <= 1e-5 * np.abs(x_hat_ref).max()
+
+
+@pytest.mark.parametrize("repo,sub,model,hook", [
+    ("google/gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71", "google/gemma-2-2b", "blocks.20.hook_resid_post"),
+    ("google/gemma-scope-9b-it-res", "layer_9/width_131k/average_l0_121", "google/gemma-2-9b-it",
+     "blocks.9.hook_resid_post"),
+    ("google/gemma-scope-2b-pt-mlp", "layer_0/width_65k/average_l0_8", "google/gemma-2-2b", "blocks.0.hook_mlp_out"),
+    ("google/gemma-scope-27b-pt-att", "layer_12/width_16k/average_l0_50", "google/gemma-2-27b",
+     "blocks.12.attn.hook_z"),
+])
+def test_gemma_scope_model_and_hook_come_from_the_repo_and_folder(repo, sub, model, hook):
+    from saelab.formats import gemma_scope_target
+
+    assert gemma_scope_target(repo, sub) == (model, hook)
+
+
+def test_sparsify_is_fetched_into_a_topk_folder_that_matches_its_encode(hub_cache, tmp_path):
+    from saelab.hub import fetch_sae
+
+    w = _sparsify(hub_cache)
+    out, sae, fetched = fetch_sae(f"{SPARSIFY}/layers.1", tmp_path / "sp", progress=False)
+    assert fetched and sae.arch == "topk" and sae.cfg.k == 8 and sae.apply_b_dec_to_input is True
+    assert (sae.cfg.hook_name, sae.cfg.model_name) == ("blocks.1.hook_resid_post", "EleutherAI/pythia-70m")
+    assert json.loads((out / "source.json").read_text())["format"] == "sparsify"
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(3)) * 2
+    f_ref, x_hat_ref = _sparsify_reference(w, x, 8)
+    for s in (SAE.load(out), SAE.load(f"hf://{SPARSIFY}/layers.1")):
+        with torch.no_grad():
+            f, x_hat = s.encode(x), s(x)
+        assert torch.equal(f != 0, f_ref != 0)
+        torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-5)
+        assert (x_hat - x_hat_ref).abs().max() <= 1e-5 * x_hat_ref.abs().max()
+
+
+def test_sparsify_without_a_run_config_names_no_model_and_mlp_hookpoints_map(hub_cache, tmp_path):
+    from saelab.hub import fetch_sae
+
+    _sparsify(hub_cache, sub="layers.2.mlp", run_cfg=False)
+    _, sae, _ = fetch_sae(f"{SPARSIFY}/layers.2.mlp", tmp_path / "sp", progress=False)
+    assert (sae.cfg.hook_name, sae.cfg.model_name) == ("blocks.2.hook_mlp_out", "")
+
+
+def test_list_and_groups_take_the_other_layouts(hub_cache, tmp_path, capsys):
+    from saelab.cli import main
+    from saelab.config import read_group
+
+    _gemma(hub_cache)
+    _gemma(hub_cache, sub="layer_5/width_16k/average_l0_9", seed=1)
+    _put(hub_cache, GEMMA, "README.md", b"not an SAE")
+    capsys.readouterr()
+    assert main(["fetch", "--list", GEMMA]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [f"  {GEMMA}/{GEMMA_SUB}",
+                                                        f"  {GEMMA}/layer_5/width_16k/average_l0_9"]
+    out = tmp_path / "grp"
+    assert main(["fetch", f"{GEMMA}/{GEMMA_SUB}", f"{GEMMA}/layer_5/width_16k/average_l0_9", "--out", str(out),
+                 "--quiet"]) == 0
+    model, hooks = read_group(out)
+    assert model == "google/gemma-2-2b" and sorted(hooks) == ["blocks.3.hook_resid_post", "blocks.5.hook_resid_post"]
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("transcoders", "holds transcoders"),
+    ("unknown repo", "is not a Gemma Scope repo saelab knows"),
+    ("no layer", "no layer_L folder in the path"),
+    ("npz lacks threshold", "lacks threshold: not a Gemma Scope SAE file"),
+    ("sparsify transcoder", "is a sparsify transcoder"),
+    ("sparsify hookpoint", "sparsify hookpoint 'layers.1.self_attn' maps to no TransformerLens hook"),
+    ("sparsify skip", "W_skip is not supported"),
+    ("sparsify groupmax", "sparsify activation 'groupmax' is not supported"),
+    ("sparsify shapes", "the files do not belong together"),
+    ("nothing there", "has no SAE in layer_9 (cfg.json + sae_weights.safetensors for SAELens and saelab, params.npz"),
+    ("weights missing", "has cfg.json but no weights (sae_weights.safetensors or sae.safetensors) in the local cache"),
+])
+def test_other_layout_errors_are_one_line_and_leave_nothing(hub_cache, tmp_path, capsys, monkeypatch, case, needle):
+    import huggingface_hub
+
+    from saelab.cli import main
+
+    spec = {
+        "transcoders": ("google/gemma-scope-2b-pt-transcoders", GEMMA_SUB),
+        "unknown repo": ("someone/my-saes", "layer_1"),
+        "no layer": (GEMMA, "embedding/width_4k/average_l0_6"),
+        "npz lacks threshold": (GEMMA, GEMMA_SUB),
+        "nothing there": (GEMMA, "layer_9"),
+        "weights missing": ("someone/half", "l0"),
+    }.get(case, (SPARSIFY, "layers.1.self_attn" if case == "sparsify hookpoint" else "layers.1"))
+    if case == "weights missing":
+        _put(hub_cache, "someone/half", "l0/cfg.json", b"{}")
+    elif case == "npz lacks threshold":
+        _gemma(hub_cache, drop="threshold")
+    elif spec[0] != SPARSIFY:
+        _gemma(hub_cache, repo=spec[0], sub=spec[1])
+    else:
+        _sparsify(hub_cache, sub=spec[1], cfg={"transcode": case == "sparsify transcoder",
+                                               "activation": "groupmax" if case == "sparsify groupmax" else "topk"},
+                  extra={"sparsify skip": {"W_skip": torch.zeros(24, 24)},
+                         "sparsify shapes": {"W_dec": torch.zeros(190, 24)}}.get(case))  # shapes: widths disagree
+    if case == "nothing there":  # the hint lists what the repo has, from the hub's file list
+        import huggingface_hub.constants as c
+
+        monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: [f"{GEMMA_SUB}/params.npz"])
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", _missing)
+    out = tmp_path / "runs" / "x"
+    capsys.readouterr()
+    assert main(["fetch", f"{spec[0]}/{spec[1]}", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    if case == "nothing there":
+        assert err.endswith(f"; it has: {GEMMA_SUB}"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def _missing(repo, filename, **kw):
+    """A stand-in for the hub's download of a file the repo does not have."""
+    from saelab.hub import _errors
+
+    raise _errors().EntryNotFoundError(f"404 {filename}")
+
+
+def test_sparsify_reference_load_rejects_a_bad_config(tmp_path):
+    """The converter on its own: a cfg.json that is not an object is a one-line error, not an AttributeError."""
+    from saelab.formats import sparsify_sae
+
+    (tmp_path / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(SaelabError, match="is not a sparsify config"):
+        sparsify_sae(tmp_path / "cfg.json", tmp_path / "sae.safetensors", "", "layers.0")
