@@ -64,24 +64,16 @@ def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, ru
 def _build(where: str, arch: str, w: dict[str, torch.Tensor], *, k: int, hook: str, model: str,
            apply_b_dec: bool):
     """An SAE of ``arch`` holding the weights ``w`` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec,
-    optionally threshold), each shape checked against the others."""
+    optionally threshold), its shape taken from W_enc and every other tensor checked against it."""
+    from saelab.config import SAEConfig
     from saelab.sae.base import SAE
 
-    d_in, d_sae = w["W_enc"].shape
-    want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,)}
-    for name, t in w.items():
-        if tuple(t.shape) != want[name]:
-            raise SaelabError(f"{where}: {name} has shape {tuple(t.shape)} but W_enc {(d_in, d_sae)} needs "
-                              f"{want[name]}; the files do not belong together")
-    sae = SAE.create(arch, d_in=int(d_in), d_sae=int(d_sae), k=int(min(max(k, 1), d_sae - 1)), hook_name=hook,
-                     model_name=model)
-    sae.apply_b_dec_to_input = apply_b_dec
-    with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(w[name].float())
-    if "threshold" in w:
-        sae.load_extra_weights({"threshold": w["threshold"]})
-    return sae
+    d_in, d_sae = (int(n) for n in w["W_enc"].shape)
+    if "threshold" in w and tuple(w["threshold"].shape) != (d_sae,):
+        raise SaelabError(f"{where}: threshold has shape {tuple(w['threshold'].shape)} but d_sae {d_sae} needs "
+                          f"{(d_sae,)}; the files do not belong together")
+    cfg = SAEConfig(arch=arch, d_in=d_in, width=d_sae, k=min(max(k, 1), d_sae - 1), hook_name=hook, model_name=model)
+    return SAE.from_weights(cfg, w, where, apply_b_dec_to_input=apply_b_dec)
 
 
 # ---------------------------------------------------------------------------------------------- Gemma Scope

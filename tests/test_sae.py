@@ -230,3 +230,55 @@ def test_hook_z_activations_with_a_heads_dimension_name_the_flatten():
     with pytest.raises(SaelabError, match=r"heads × d_head.*x\.flatten\(-2\)"):
         sae.encode(x)
     assert sae.encode(x.flatten(-2)).shape == (2, 5, 64)
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu", "batchtopk"])
+def test_load_builds_from_the_weights_without_a_random_init(arch, tmp_path, monkeypatch):
+    """SAE.load hands the file's tensors to SAE.from_weights: no random init of W_enc / W_dec (it would cost as much
+    as the load), every saved tensor back exactly, the training counters zero, and the SAE trains on."""
+    sae = SAE.create(arch, d_in=24, d_sae=96, k=6, hook_name="blocks.0.hook_resid_post", model_name="tiny")
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.3)  # as estimated in training (an untrained one's -1 is saved as 0)
+    sae.save(tmp_path)
+
+    def no_randn(*a, **kw):
+        raise AssertionError("SAE.load ran a random init")
+
+    monkeypatch.setattr(torch, "randn", no_randn)
+    back = SAE.load(tmp_path)
+    monkeypatch.undo()
+    assert type(back) is type(sae) and back.apply_b_dec_to_input
+    for name, t in sae.state_dict().items():
+        if name != "tokens_since_fired":
+            torch.testing.assert_close(back.state_dict()[name], t, rtol=0, atol=0, msg=name)
+    assert back.tokens_since_fired.eq(0).all()
+    assert all(p.is_contiguous() and p.dtype == torch.float32 for p in back.parameters())
+    out = back.loss(torch.randn(32, 24))  # trainable: gradients reach the loaded parameters
+    out["loss"].backward()
+    assert back.W_enc.grad is not None and back.W_enc.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("width", "W_enc has shape (24, 96) but d_in 24 and d_sae 64 need (24, 64); the files do not belong together"),
+    ("no b_dec", "lacks b_dec: not an SAE weights file"),
+])
+def test_load_of_mismatched_files_is_one_line(case, needle, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    SAE.create("topk", d_in=24, d_sae=96, k=6).save(tmp_path)
+    if case == "width":  # cfg.json of another width than the weights
+        cfg = json.loads((tmp_path / "cfg.json").read_text())
+        cfg["saelab"]["width"] = cfg["d_sae"] = 64
+        (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    else:
+        w = load_file(tmp_path / "sae_weights.safetensors")
+        del w["b_dec"]
+        save_file(w, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(SaelabError) as e:
+        SAE.load(tmp_path)
+    assert needle in str(e.value) and str(tmp_path / "sae_weights.safetensors") in str(e.value), str(e.value)

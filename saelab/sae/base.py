@@ -14,6 +14,7 @@ architecture has one) — SAELens reads them; ``SAE.load`` also reads SAELens's 
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import pathlib
@@ -29,6 +30,8 @@ from saelab.kernels import sparse_decode
 from saelab.models import hook_layer
 
 SAVED_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+#: set while SAE.from_weights builds an SAE whose weights come next: W_enc and W_dec start uninitialised
+_NO_INIT = contextvars.ContextVar("saelab_sae_no_init", default=False)
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -61,11 +64,15 @@ class SAE(nn.Module):
         self.cfg = cfg.validate()
         d_in, d_sae = cfg.d_in, cfg.d_sae
         self.d_in, self.d_sae = d_in, d_sae
-        w = torch.randn(d_sae, d_in)
-        w = w / w.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w)
-        enc_init = self.enc_init if cfg.enc_init is None else cfg.enc_init
-        self.W_enc = nn.Parameter(w.t() * enc_init)  # init: W_enc = enc_init · W_decᵀ
+        if _NO_INIT.get():  # SAE.from_weights: the weights replace these (no pages touched, no time spent)
+            self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+            self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        else:
+            w = torch.randn(d_sae, d_in)
+            w = w / w.norm(dim=1, keepdim=True)
+            self.W_dec = nn.Parameter(w)
+            enc_init = self.enc_init if cfg.enc_init is None else cfg.enc_init
+            self.W_enc = nn.Parameter(w.t() * enc_init)  # init: W_enc = enc_init · W_decᵀ
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.apply_b_dec_to_input = True
@@ -284,18 +291,37 @@ class SAE(nn.Module):
             cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
         else:
             cfg = _cfg_from_saelens(raw, path)
-        sae = SAE.registry[cfg.arch](cfg).to(device)
-        sae.apply_b_dec_to_input = bool(raw.get("apply_b_dec_to_input", True))
+        return SAE.from_weights(cfg, w, str(path / WEIGHTS_FILE), device,
+                                apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
+
+    @staticmethod
+    def from_weights(cfg: SAEConfig, w: dict[str, torch.Tensor], where: str = "the weights",
+                     device: str | torch.device | None = None, apply_b_dec_to_input: bool = True) -> "SAE":
+        """An SAE of ``cfg`` holding the weights ``w`` (W_enc, b_enc, W_dec, b_dec, and what the architecture's
+        ``load_extra_weights`` reads, e.g. JumpReLU's threshold), on ``device`` (default: w's). The tensors become
+        the parameters (as float32), with no random init first: that init would cost as much time and memory
+        as the weights themselves, so loading a wide SAE needs its size once, not twice. A missing tensor or a
+        shape that does not fit ``cfg`` is a one-line SaelabError naming ``where``."""
         missing = [n for n in SAVED_PARAMS if n not in w]
         if missing:
-            raise SaelabError(f"{path / WEIGHTS_FILE} lacks {', '.join(missing)}: not an SAE weights file")
+            raise SaelabError(f"{where} lacks {', '.join(missing)}: not an SAE weights file")
+        want = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
+                "b_dec": (cfg.d_in,)}
+        for n, shape in want.items():
+            if tuple(w[n].shape) != shape:
+                raise SaelabError(f"{where}: {n} has shape {tuple(w[n].shape)} but d_in {cfg.d_in} and d_sae "
+                                  f"{cfg.d_sae} need {shape}; the files do not belong together")
+        device = w["W_enc"].device if device is None else torch.device(device)
+        token = _NO_INIT.set(True)
+        try:
+            sae = SAE.registry[cfg.arch](cfg)
+        finally:
+            _NO_INIT.reset(token)
         with torch.no_grad():
             for n in SAVED_PARAMS:
-                p = getattr(sae, n)
-                if tuple(w[n].shape) != tuple(p.shape):
-                    raise SaelabError(f"{path}: {n} has shape {tuple(w[n].shape)}, cfg.json says "
-                                      f"{tuple(p.shape)}; the folder's files do not belong together")
-                p.copy_(w[n].float())
+                getattr(sae, n).data = w[n].to(device=device, dtype=torch.float32).contiguous()
+        sae = sae.to(device)  # the rest (biases of other architectures, buffers) is small
+        sae.apply_b_dec_to_input = apply_b_dec_to_input
         sae.load_extra_weights(w)
         return sae
 

@@ -1,0 +1,82 @@
+"""Loading a wide SAE: SAE.load (the file's tensors become the parameters, SAE.from_weights) vs the plain
+path it replaced (build the SAE with its random init, then copy the file's tensors in), as ratios measured in
+one run. Each load runs in a fresh subprocess (medians of --reps, the two alternated); memory is the peak RSS
+growth over the load (VmHWM after minus RSS before), so the page cache of the file does not count.
+
+    python benchmarks/bench_load.py [--d-in 2304] [--width 32768] [--arch jumprelu] [--reps 3]
+
+The default shape is a Gemma Scope 2B 32k SAE (d_in 2304): 604 MB of float32 weights.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import json, os, sys, time
+import torch
+from safetensors.torch import load_file
+from saelab.sae.base import SAE, SAVED_PARAMS, read_sae_cfg
+from saelab.config import SAEConfig, WEIGHTS_FILE
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
+folder, how = sys.argv[1], sys.argv[2]
+before = rss()
+t = time.perf_counter()
+if how == "SAE.load":
+    sae = SAE.load(folder)
+else:  # the plain path: random init, then copy the file's tensors in
+    raw = read_sae_cfg(folder)
+    cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
+    sae = SAE.registry[cfg.arch](cfg)
+    w = load_file(os.path.join(folder, WEIGHTS_FILE))
+    with torch.no_grad():
+        for n in SAVED_PARAMS:
+            getattr(sae, n).copy_(w[n])
+    sae.load_extra_weights(w)
+    del w
+sae.encode(torch.randn(8, sae.d_in))  # touch the encoder: the SAE is usable
+print(json.dumps({"s": time.perf_counter() - t, "peak": hwm() - before}))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--d-in", type=int, default=2304)
+    ap.add_argument("--width", type=int, default=32768)
+    ap.add_argument("--arch", default="jumprelu")
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    from saelab.sae.base import SAE
+
+    with tempfile.TemporaryDirectory() as d:
+        SAE.create(a.arch, d_in=a.d_in, d_sae=a.width, k=64).save(d)
+        mb = a.d_in * a.width * 2 * 4 / 1e6
+        runs = {"plain (init + copy)": [], "SAE.load": []}
+        for _ in range(a.reps):
+            for how in runs:
+                out = subprocess.run([sys.executable, "-c", CHILD, d, how], capture_output=True, text=True, check=True)
+                runs[how].append(json.loads(out.stdout))
+    print(f"load of a {a.arch} SAE, d_in {a.d_in}, {a.width:,} latents ({mb:,.0f} MB of W_enc + W_dec), "
+          f"medians of {a.reps} fresh processes\n")
+    print("| path | load + one encode (s) | peak RSS growth (MB) | time / plain | memory / plain |")
+    print("|---|---|---|---|---|")
+    med = {h: (statistics.median(r["s"] for r in rs), statistics.median(r["peak"] for r in rs) / 1e6)
+           for h, rs in runs.items()}
+    base = med["plain (init + copy)"]
+    for h, (s, m) in med.items():
+        print(f"| {h} | {s:.2f} | {m:,.0f} | {s / base[0]:.2f} | {m / base[1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
