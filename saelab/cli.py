@@ -368,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "into --out: an SAE folder for analyze, eval, the app and steering.")
     f.add_argument("sae", nargs="+", help="ORG/REPO/SUBFOLDER, e.g. jbloom/GPT2-Small-SAEs-Reformatted/"
                                           "blocks.8.hook_resid_pre or google/gemma-scope-2b-pt-res/layer_20/width_16k/"
-                                          "average_l0_71; several (one model, one per hook) make a group")
+                                          "average_l0_71, or a local folder in one of these layouts (an existing "
+                                          "folder wins over a hub spec of the same name); several (one model, one "
+                                          "per hook) make a group")
     f.add_argument("--out", default=None, help="the SAE folder to write (default: runs/<repo name>/<subfolder>), or "
                                                "with several SAEs the group folder (required); rerunning into a "
                                                "folder that holds the same SAEs does nothing")

@@ -21,7 +21,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 TRAIN_FILE = "train.json"  # the training settings and the store's absolute path
 GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
-SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revision, commit, format, fetched}
+SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revision, commit | path, format, fetched}
 HUB_PREFIX = "hf://"  # an SAE on the Hugging Face hub: hf://ORG/REPO/SUBFOLDER
 
 
@@ -317,7 +317,8 @@ def read_train_info(folder: str | pathlib.Path, fix: str) -> dict:
 
 
 def read_source(folder: str | pathlib.Path) -> dict | None:
-    """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, format, fetched}; see
+    """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, format, fetched}, or {path,
+    format, fetched} for one fetched from a local folder; see
     ``saelab fetch``), or None when it has none (or an unreadable one)."""
     try:
         raw = json.loads((pathlib.Path(folder).expanduser() / SOURCE_FILE).read_text())
@@ -356,6 +357,12 @@ def read_sae_cfg(path: str | pathlib.Path) -> dict:
         raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
                           f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        from saelab.formats import layout_of
+
+        layout = layout_of(p.name for p in path.iterdir() if p.is_file())
+        if layout:  # Gemma Scope's or sparsify's layout: fetch converts it
+            raise SaelabError(f"{path} holds an SAE in {layout}'s layout, not saelab's: convert it once with "
+                              f"`saelab fetch {path} --out runs/NAME` and pass runs/NAME")
         raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
                           "pass a folder written by saelab train or SAELens, or a group folder")
     try:

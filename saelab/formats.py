@@ -82,18 +82,22 @@ _GEMMA_HOOK = {"res": "blocks.{L}.hook_resid_post", "mlp": "blocks.{L}.hook_mlp_
 
 
 def gemma_scope_target(repo: str, sub: str) -> tuple[str, str]:
-    """(model, hook) of the Gemma Scope SAE ``repo``/``sub``, from the repo name and the folder's layer_L."""
-    m = _GEMMA_REPO.search(repo)
+    """(model, hook) of the Gemma Scope SAE ``repo``/``sub``, from the repo name and the folder's layer_L. A local
+    folder passes repo "" and its path as ``sub``: the repo name is looked for in the path (the Hugging Face cache's
+    ``models--google--gemma-scope-2b-pt-res/…`` has it)."""
+    where = "/".join(x for x in (repo, sub) if x)
+    m = _GEMMA_REPO.search(where)
     if not m:
-        raise SaelabError(f"{repo}/{sub} holds {GEMMA_SCOPE_FILE} but {repo} is not a Gemma Scope repo saelab knows "
+        whose = f"{repo} is not a Gemma Scope repo saelab knows" if repo else "its path names no Gemma Scope repo"
+        raise SaelabError(f"{where} holds {GEMMA_SCOPE_FILE} but {whose} "
                           "(google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}): the model and hook cannot be told")
     size, kind, site = (g.lower() for g in m.groups())
     if site == "transcoders":
-        raise SaelabError(f"{repo} holds transcoders (they read the MLP's input and write its output), not SAEs of "
-                          "one hook: saelab does not load transcoders; fetch from a -res, -mlp or -att repo")
+        raise SaelabError(f"{repo or where} holds transcoders (they read the MLP's input and write its output), not "
+                          "SAEs of one hook: saelab does not load transcoders; fetch from a -res, -mlp or -att repo")
     layer = re.search(r"(?:^|/)layer_(\d+)(?:/|$)", sub)
     if not layer:
-        raise SaelabError(f"{repo}/{sub}: no layer_L folder in the path, so the hook cannot be told"
+        raise SaelabError(f"{where}: no layer_L folder in the path, so the hook cannot be told"
                           + ("; the embedding SAEs are not supported" if "embedding" in sub else "")
                           + ": fetch a layer_L/width_W/average_l0_N folder")
     model = f"google/gemma-2-{size}" + ("-it" if kind == "it" else "")
@@ -105,7 +109,7 @@ def gemma_scope_sae(npz: pathlib.Path, repo: str, sub: str):
     import numpy as np
 
     model, hook = gemma_scope_target(repo, sub)
-    where = f"{repo}/{sub}/{GEMMA_SCOPE_FILE}"
+    where = "/".join(x for x in (repo, sub, GEMMA_SCOPE_FILE) if x)
     try:
         with np.load(npz, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}

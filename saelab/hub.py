@@ -30,7 +30,7 @@ import re
 import shutil
 
 from saelab import SaelabError
-from saelab.config import CFG_FILE, HUB_PREFIX, SOURCE_FILE, WEIGHTS_FILE, read_source
+from saelab.config import CFG_FILE, HUB_PREFIX, SOURCE_FILE, WEIGHTS_FILE, hub_spec, read_source
 from saelab.store import atomic_write_text, fsync_dir, fsync_file
 
 
@@ -45,7 +45,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def default_out(spec: str) -> pathlib.Path:
-    """runs/<repo name>/<subfolder> (runs/<repo name> when the SAE sits at the repo's root)."""
+    """runs/<repo name>/<subfolder> (runs/<repo name> when the SAE sits at the repo's root); runs/<folder name>
+    for a local folder."""
+    local = local_folder(spec)
+    if local:
+        return pathlib.Path("runs") / local.name
     repo, sub = parse_spec(spec)
     return pathlib.Path("runs") / repo.split("/")[1] / sub if sub else pathlib.Path("runs") / repo.split("/")[1]
 
@@ -190,17 +194,45 @@ def _download_sae(spec: str, revision: str | None, cache_dir) -> tuple[str, dict
     raise SaelabError(f"{spec}: {CFG_FILE} could not be read from the hub cache: fetch again")  # pragma: no cover
 
 
-def _sparsify_run_cfg(repo: str, sub: str, revision: str | None, cache_dir) -> dict:
-    """sparsify's run config.json one folder above the hookpoint folder ({} when it has none)."""
-    from saelab.formats import SPARSIFY_RUN_CFG
-
-    parent = sub.rstrip("/").rpartition("/")[0]
-    path = _probe(repo, f"{parent}/{SPARSIFY_RUN_CFG}" if parent else SPARSIFY_RUN_CFG, revision, cache_dir)
+def _json_object(path: pathlib.Path | None) -> dict:
+    """The JSON object in ``path``; {} when there is none (no path, unreadable, not an object)."""
     try:
         cfg = json.loads(path.read_text()) if path else {}
     except (OSError, ValueError):
         return {}
     return cfg if isinstance(cfg, dict) else {}
+
+
+def _sparsify_run_cfg(repo: str, sub: str, revision: str | None, cache_dir) -> dict:
+    """sparsify's run config.json one folder above the hookpoint folder ({} when it has none)."""
+    from saelab.formats import SPARSIFY_RUN_CFG
+
+    parent = sub.rstrip("/").rpartition("/")[0]
+    return _json_object(_probe(repo, f"{parent}/{SPARSIFY_RUN_CFG}" if parent else SPARSIFY_RUN_CFG, revision,
+                               cache_dir))
+
+
+def local_folder(spec) -> pathlib.Path | None:
+    """``spec`` as an existing local folder (absolute), else None (an ``hf://`` spec never is one): ``fetch`` takes
+    a local SAE folder too, converting Gemma Scope's and sparsify's layouts as it does for the hub."""
+    if hub_spec(spec):
+        return None
+    path = pathlib.Path(spec).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+def _read_local_sae(folder: pathlib.Path):
+    """(layout, {file name: path}, SAE converted from another layout or None) of the local SAE folder ``folder``."""
+    from saelab.formats import LAYOUT_HELP, LAYOUTS, SPARSIFY_RUN_CFG, convert, layout_of
+
+    layout = layout_of(p.name for p in folder.iterdir() if p.is_file())
+    if layout is None:
+        raise SaelabError(f"{folder} holds no SAE saelab reads ({LAYOUT_HELP}): pass the folder of one")
+    files = {f: folder / f for f in LAYOUTS[layout]}
+    if layout == "saelens":
+        return layout, files, None
+    run_cfg = _json_object(folder.parent / SPARSIFY_RUN_CFG) if layout == "sparsify" else None
+    return layout, files, convert(layout, files, "", folder.as_posix(), run_cfg)
 
 
 def _read_hub_sae(spec: str, revision: str | None, cache_dir):
@@ -247,10 +279,18 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path):
     On any failure ``tmp`` is removed and the error, one line, names ``spec`` (not the hidden folder)."""
     from saelab.sae.base import SAE
 
-    repo, sub = parse_spec(spec)
-    layout, files, converted = _read_hub_sae(spec, revision, cache_dir)
-    source = {"repo_id": repo, "subfolder": sub, "revision": revision, "commit": _commit_of(next(iter(files.values()))),
-              "format": layout, "fetched": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    local = local_folder(spec)
+    if local:
+        if revision:
+            raise SaelabError(f"--revision applies to hub SAEs, and {spec} is a local folder: drop --revision")
+        layout, files, converted = _read_local_sae(local)
+        source = {"path": str(local), "format": layout, "fetched": now}
+    else:
+        repo, sub = parse_spec(spec)
+        layout, files, converted = _read_hub_sae(spec, revision, cache_dir)
+        source = {"repo_id": repo, "subfolder": sub, "revision": revision,
+                  "commit": _commit_of(next(iter(files.values()))), "format": layout, "fetched": now}
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -273,10 +313,20 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path):
     return sae
 
 
+def _key(spec: str) -> tuple:
+    """What names ``spec``'s SAE: (repo id, subfolder), or (the local folder,)."""
+    local = local_folder(spec)
+    return (str(local),) if local else parse_spec(spec)
+
+
 def _holds(folder: pathlib.Path, spec: str, revision: str | None) -> bool:
-    """Whether ``folder`` holds ``spec`` fetched before at the same revision."""
+    """Whether ``folder`` holds ``spec`` fetched before (at the same revision)."""
     had = read_source(folder)
-    return bool(had) and (had.get("repo_id"), had.get("subfolder"), had.get("revision")) == (*parse_spec(spec), revision)
+    if not had:
+        return False
+    if "path" in had:
+        return (had["path"],) == _key(spec)
+    return (had.get("repo_id"), had.get("subfolder"), had.get("revision")) == (*_key(spec), revision)
 
 
 def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, progress: bool = True):
@@ -286,7 +336,7 @@ def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, 
     from saelab.sae.base import SAE
     from saelab.store import no_empty_folder_left
 
-    parse_spec(spec)
+    _key(spec)  # a malformed hub spec: its one-line error before anything else
     out = pathlib.Path(out).expanduser() if out is not None else default_out(spec)
     if out.exists() and not out.is_dir():
         raise SaelabError(f"--out {out} is a file: pass a folder path")
@@ -321,7 +371,7 @@ def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=No
     specs = list(specs)
     if out is None:
         raise SaelabError("several SAEs make a group: pass --out GROUP_FOLDER")
-    keys = [parse_spec(s) for s in specs]
+    keys = [_key(s) for s in specs]
     for i, k in enumerate(keys):
         if k in keys[:i]:
             raise SaelabError(f"{specs[i]} is given twice: pass each SAE once")

@@ -122,8 +122,17 @@ def test_home_lists_the_group(monkeypatch, app_group):
     assert list(df["source"]) == ["trained here"] * 2
 
 
-@pytest.mark.parametrize("fmt,shown", [(None, ""), ("saelens", ""), ("gemma-scope", " (gemma-scope)")])
-def test_home_names_a_fetched_sae_source_and_the_store_analyze_needs(monkeypatch, tmp_path, fmt, shown):
+HUB_SOURCE = {"repo_id": "someone/saes", "subfolder": HOOK1, "revision": None,
+              "commit": "0123456789abcdef0123456789abcdef01234567"}
+
+
+@pytest.mark.parametrize("source,shown", [
+    (HUB_SOURCE, f"hub: someone/saes/{HOOK1}@0123456"),
+    ({**HUB_SOURCE, "format": "saelens"}, f"hub: someone/saes/{HOOK1}@0123456"),
+    ({**HUB_SOURCE, "format": "gemma-scope"}, f"hub: someone/saes/{HOOK1}@0123456 (gemma-scope)"),
+    ({"path": "/data/run/layers.1", "format": "sparsify"}, "local: /data/run/layers.1 (sparsify)"),
+])
+def test_home_names_a_fetched_sae_source_and_the_store_analyze_needs(monkeypatch, tmp_path, source, shown):
     """An SAE from `saelab fetch` (source.json, no train.json, no features.h5): Home shows its hub origin (and the
     layout it was converted from; stop-15 source.json files have no format) and the analyze command with the
     --activations it needs (it names no store)."""
@@ -133,11 +142,9 @@ def test_home_names_a_fetched_sae_source_and_the_store_analyze_needs(monkeypatch
 
     folder = tmp_path / "fetched"
     SAE.create("relu", d_in=128, d_sae=256, hook_name=HOOK1, model_name="tiny").save(folder)
-    (folder / "source.json").write_text(json.dumps({"repo_id": "someone/saes", "subfolder": HOOK1, "revision": None,
-                                                    "commit": "0123456789abcdef0123456789abcdef01234567",
-                                                    **({"format": fmt} if fmt else {})}))
+    (folder / "source.json").write_text(json.dumps(source))
     at = _ok(_app(monkeypatch, folder))
-    assert list(at.dataframe[0].value["source"]) == [f"hub: someone/saes/{HOOK1}@0123456{shown}"]
+    assert list(at.dataframe[0].value["source"]) == [shown]
     info = " ".join(i.value for i in at.info)
     assert f"saelab analyze --sae {folder} --activations STORE_OR_RUN" in info, info
 

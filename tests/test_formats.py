@@ -31,6 +31,15 @@ def hub_cache(tmp_path, monkeypatch):
 
 def _gemma(cache, repo=GEMMA, sub=GEMMA_SUB, d_in=24, d_sae=96, seed=0, drop=None):
     """A Gemma Scope params.npz in the cache; returns its arrays."""
+    p = _gemma_arrays(d_in, d_sae, seed, drop)
+    buf = io.BytesIO()
+    np.savez(buf, **p)
+    _put(cache, repo, f"{sub}/params.npz", buf.getvalue())
+    return p
+
+
+def _gemma_arrays(d_in, d_sae, seed=0, drop=None):
+    """Random Gemma Scope arrays (thresholds that cut a fair share of the codes); ``drop``: one left out."""
     rng = np.random.default_rng(seed)
     p = {"W_enc": rng.normal(size=(d_in, d_sae)).astype(np.float32) / 4,
          "W_dec": rng.normal(size=(d_sae, d_in)).astype(np.float32),
@@ -39,9 +48,6 @@ def _gemma(cache, repo=GEMMA, sub=GEMMA_SUB, d_in=24, d_sae=96, seed=0, drop=Non
          "threshold": rng.uniform(0.2, 1.0, size=d_sae).astype(np.float32)}
     if drop:
         p.pop(drop)
-    buf = io.BytesIO()
-    np.savez(buf, **p)
-    _put(cache, repo, f"{sub}/params.npz", buf.getvalue())
     return p
 
 
@@ -226,3 +232,46 @@ def test_sparsify_reference_load_rejects_a_bad_config(tmp_path):
     (tmp_path / "cfg.json").write_text("[1, 2]")
     with pytest.raises(SaelabError, match="is not a sparsify config"):
         sparsify_sae(tmp_path / "cfg.json", tmp_path / "sae.safetensors", "", "layers.0")
+
+
+def test_local_folders_in_other_layouts_are_fetched_too(tmp_path, capsys):
+    """A sparsify run trained here, or a Gemma Scope file downloaded by hand: `saelab fetch FOLDER --out` converts
+    it (model and hook from the run's config.json / the path); SAE.load of the raw folder names that command."""
+    from saelab.cli import main
+
+    src = tmp_path / "sparsify-run"
+    (src / "layers.0").mkdir(parents=True)
+    torch.manual_seed(2)
+    w = {"encoder.weight": torch.randn(96, 24), "encoder.bias": torch.randn(96), "W_dec": torch.randn(96, 24),
+         "b_dec": torch.randn(24)}
+    (src / "layers.0" / "sae.safetensors").write_bytes(save(w))
+    (src / "layers.0" / "cfg.json").write_text(json.dumps({"d_in": 24, "num_latents": 96, "k": 4}))
+    (src / "config.json").write_text(json.dumps({"model": "tiny"}))
+    with pytest.raises(SaelabError, match=r"holds an SAE in sparsify's layout, not saelab's: convert it once with "
+                                          r"`saelab fetch .*layers.0 --out runs/NAME`"):
+        SAE.load(src / "layers.0")
+    out = tmp_path / "runs" / "mine"
+    for want in ("fetched", "already fetched"):
+        capsys.readouterr()
+        assert main(["fetch", str(src / "layers.0"), "--out", str(out), "--quiet"]) == 0
+        assert capsys.readouterr().out.startswith(f"{want} into {out}:\n  {out}: topk, d_in 24, 96 latents, "
+                                                  "hook blocks.0.hook_resid_post, model tiny")
+    assert json.loads((out / "source.json").read_text())["path"] == str((src / "layers.0").resolve())
+    x = torch.randn(16, 24)
+    torch.testing.assert_close(SAE.load(out)(x), _sparsify_reference(w, x, 4)[1], rtol=1e-5, atol=1e-4)
+
+    gs = tmp_path / "models--google--gemma-scope-9b-pt-mlp" / "snapshots" / COMMIT / "layer_7" / "width_16k" / "average_l0_11"
+    gs.mkdir(parents=True)
+    np.savez(gs / "params.npz", **_gemma_arrays(16, 32))
+    assert main(["fetch", str(gs), "--out", str(tmp_path / "runs" / "gs"), "--quiet"]) == 0
+    sae = SAE.load(tmp_path / "runs" / "gs")
+    assert (sae.cfg.model_name, sae.cfg.hook_name, sae.arch) == ("google/gemma-2-9b", "blocks.7.hook_mlp_out", "jumprelu")
+
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["fetch", str(empty), "--out", str(tmp_path / "runs" / "e")]) == 2
+    assert "holds no SAE saelab reads" in capsys.readouterr().err
+    assert main(["fetch", str(gs), "--revision", "v1", "--out", str(tmp_path / "runs" / "r")]) == 2
+    assert "--revision applies to hub SAEs" in capsys.readouterr().err
+    assert sorted(x.name for x in (tmp_path / "runs").iterdir()) == ["gs", "mine"]  # the failures left nothing

@@ -13,8 +13,10 @@ def _source(folder) -> str:
     from, when not SAELens's), else trained here."""
     src = read_source(folder)
     if src:
-        sub = f"/{src['subfolder']}" if src.get("subfolder") else ""
         fmt = f" ({src['format']})" if src.get("format") not in (None, "saelens") else ""
+        if src.get("path"):  # fetched from a local folder
+            return f"local: {src['path']}{fmt}"
+        sub = f"/{src['subfolder']}" if src.get("subfolder") else ""
         return f"hub: {src.get('repo_id')}{sub}@{(src.get('commit') or src.get('revision') or 'main')[:7]}{fmt}"
     return "trained here" if (folder / TRAIN_FILE).is_file() else "local folder"
 
