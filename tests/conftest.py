@@ -67,3 +67,16 @@ def demo_group(tiny, tmp_path_factory):
     demo = ensure_group(root, progress=False, model=tiny)
     os.environ["SAELAB_DEMO_DIR"] = str(root)
     return demo
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face hub cache, offline (HF_HUB_OFFLINE): tests of saelab fetch fill it by hand
+    (tests/test_hub.py's _put writes files as huggingface_hub stores them)."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    return cache

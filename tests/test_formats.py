@@ -18,17 +18,6 @@ GEMMA_SUB = "layer_3/width_16k/average_l0_7"
 SPARSIFY = "EleutherAI/sae-tiny-8x"
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as c
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def _gemma(cache, repo=GEMMA, sub=GEMMA_SUB, d_in=24, d_sae=96, seed=0, drop=None):
     """A Gemma Scope params.npz in the cache; returns its arrays."""
     p = _gemma_arrays(d_in, d_sae, seed, drop)

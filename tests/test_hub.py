@@ -48,17 +48,6 @@ def _saelens_sae(cache, tmp_path, sub=HOOK, arch="standard", old=False, hook=HOO
     return w
 
 
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    import huggingface_hub.constants as c
-
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_fetch_from_the_cli_writes_an_sae_folder_and_reruns(tmp_path, small_run, capsys):
     cache = tmp_path / "hub"
     w = _saelens_sae(cache, tmp_path)
