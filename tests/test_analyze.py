@@ -215,7 +215,7 @@ def test_label_of_a_latent_the_sae_does_not_have_is_refused(tmp_path):
     assert load_labels(tmp_path) == {15: "last one"}
 
 
-def test_group_folder_analyses_each_sae(small_run, tmp_path):
+def test_group_folder_analyses_each_sae(small_run, tmp_path, tiny):
     cfg, stores = small_run
     out = tmp_path / "group"
     train_sae(cfg.out, out)  # one SAE per hook of the RUN folder: a group
@@ -226,10 +226,17 @@ def test_group_folder_analyses_each_sae(small_run, tmp_path):
         assert db.hook == hook and db.n_rows == 1024 - 8  # rounded up to whole contexts, BOS left out
         c = db.card(int(np.argmax(db.density)))
         assert 1 <= len(c.top) <= 3
-        if hook.endswith("hook_z"):  # not in the residual stream: no logit effects
-            assert c.logits_top == []
-        else:
-            assert len(c.logits_top) == 10
+        assert len(c.logits_top) == 10  # hook_z too: through its layer's W_O
+        if hook.endswith("attn.hook_z"):  # the decoder row per head through W_O, summed, centred, through W_U
+            from saelab.sae.base import SAE
+
+            W_O = tiny.blocks[int(hook.split(".")[1])].attn.W_O.detach()  # [n_heads, d_head, d_model]
+            d = SAE.load(out / hook).W_dec.detach()[c.latent].reshape(W_O.shape[0], W_O.shape[1])
+            r = torch.einsum("hd,hdm->m", d, W_O)
+            logits = (r - r.mean()) @ tiny.W_U.detach()
+            assert [t for t, _ in c.logits_top] == [db.token_str(int(t)) for t in logits.topk(10).indices]
+            np.testing.assert_allclose([v for _, v in c.logits_top], logits.topk(10).values.numpy(), rtol=1e-4,
+                                       atol=1e-5)
         db.close()
 
 

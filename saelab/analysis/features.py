@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from saelab import SaelabError
 from saelab.analysis import one_thread
+from saelab.models import hook_layer
 
 FEATURES_FILE = "features.h5"
 LABELS_FILE = "labels.json"
@@ -366,12 +367,22 @@ class _Accumulator:
 
 def _unembed(model, sae) -> torch.Tensor | None:
     """[d_in, vocab]: the direct path from the SAE's hook to the logits (through the final LN's
-    scale and centring), or None when the hook is not in the residual stream."""
+    scale and centring); for ``attn.hook_z`` (heads flattened head-major, as harvest stores them)
+    first through that layer's W_O, as attention-SAE work reads a latent's direct logit effect.
+    None when the hook reaches the residual stream by no fixed linear map (hook_q, MLP pre-acts, …)."""
     hook = sae.cfg.hook_name or ""
-    if model is None or not any(hook.endswith(h) for h in RESIDUAL_HOOKS):
+    if model is None:
+        return None
+    W_O = None
+    if hook.endswith("attn.hook_z") and hook_layer(hook) is not None:
+        W_O = model.blocks[hook_layer(hook)].attn.W_O.detach().float()  # [n_heads, d_head, d_model]
+        W_O = W_O.reshape(-1, W_O.shape[-1])  # [n_heads · d_head, d_model], head-major as the store's rows
+        if W_O.shape[0] != sae.d_in:
+            return None
+    elif not any(hook.endswith(h) for h in RESIDUAL_HOOKS):
         return None
     W_U = model.W_U.detach().float()
-    if W_U.shape[0] != sae.d_in:
+    if W_U.shape[0] != (sae.d_in if W_O is None else W_O.shape[1]):
         return None
     ln = getattr(model, "ln_final", None)
     w = getattr(ln, "w", None)
@@ -382,7 +393,7 @@ def _unembed(model, sae) -> torch.Tensor | None:
     center = getattr(model.cfg, "normalization_type", None) in ("LN", "LNPre")
     if center:  # LayerNorm centres its input: d ↦ d − mean(d) ≡ W_U ↦ (I − 11ᵀ/d) W_U
         W_U = W_U - W_U.mean(0, keepdim=True)
-    return W_U
+    return W_U if W_O is None else W_O.to(W_U.device) @ W_U
 
 
 @torch.no_grad()
