@@ -162,19 +162,29 @@ def test_bad_input_is_a_one_line_error(tiny, sae1):
 
 
 def test_steering_an_sae_on_attention_outputs(tiny):
-    """hook_z activations are [batch, pos, heads, d_head]: the hook flattens the heads; there are no
-    promoted tokens to follow there, so logit_shift is NaN while KL still measures the effect."""
+    """hook_z activations are [batch, pos, heads, d_head]: the hook flattens the heads. The promoted tokens
+    follow the latent's direct path through the layer's W_O, and adding the latent raises their logits; a hook
+    with no direct path to the logits (hook_q) has none to follow, so logit_shift is NaN while KL still measures
+    the effect."""
     import math
 
     from saelab.analysis.steering import Intervention, prompt_latents, steer
     from saelab.sae.base import SAE
 
     torch.manual_seed(0)
-    hook = "blocks.0.attn.hook_z"
-    sae = SAE.create("topk", d_in=tiny.cfg.n_heads * tiny.cfg.d_head, d_sae=256, k=8, hook_name=hook)
+    d = tiny.cfg.n_heads * tiny.cfg.d_head
+    hook = "blocks.1.attn.hook_z"
+    sae = SAE.create("topk", d_in=d, d_sae=256, k=8, hook_name=hook)
     toks, acts = prompt_latents(tiny, sae, PROMPT)
     assert acts.shape == (len(toks), 256)
     r = steer(tiny, sae, PROMPT, [Intervention(3, "add", 20.0)], max_new_tokens=3, temperature=0.0)
+    W_O = tiny.blocks[1].attn.W_O.detach()
+    direct = torch.einsum("hd,hdm->m", (sae.W_dec[3] / sae.W_dec[3].norm()).detach().reshape(W_O.shape[:2]), W_O)
+    expect = ((direct - direct.mean()) @ tiny.W_U.detach()).topk(10).indices
+    assert r.metrics["promoted"] == [tiny.tokenizer.decode([int(t)]) for t in expect]
+    assert r.metrics["kl"] > 0 and r.metrics["logit_shift"] > 0, r.metrics
+    q = SAE.create("topk", d_in=d, d_sae=256, k=8, hook_name="blocks.0.attn.hook_q")
+    r = steer(tiny, q, PROMPT, [Intervention(3, "add", 20.0)], max_new_tokens=3, temperature=0.0)
     assert r.metrics["kl"] > 0 and math.isnan(r.metrics["logit_shift"]) and r.metrics["promoted"] == []
 
 

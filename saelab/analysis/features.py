@@ -365,7 +365,7 @@ class _Accumulator:
         return tuple(torch.cat([p[i] for p in parts], 1) for i in range(4))
 
 
-def _unembed(model, sae) -> torch.Tensor | None:
+def direct_logit_path(model, sae) -> torch.Tensor | None:
     """[d_in, vocab]: the direct path from the SAE's hook to the logits (through the final LN's
     scale and centring); for ``attn.hook_z`` (heads flattened head-major, as harvest stores them)
     first through that layer's W_O, as attention-SAE work reads a latent's direct logit effect.
@@ -492,7 +492,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     store.close()
 
     W_dec = sae.W_dec.detach()
-    W_U = _unembed(model, sae)
+    W_U = direct_logit_path(model, sae)
     lt = logit_effects(W_dec, W_U) if W_U is not None else None
     nb_ids, nb_cos = neighbours(W_dec)
     groups = nesting_groups(sae)

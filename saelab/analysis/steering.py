@@ -16,8 +16,9 @@ the effect on every run (``metrics``):
 * ``kl``: KL(steered ‖ clean) of the next-token distributions, averaged over the prompt's
   positions (BOS excluded);
 * ``logit_shift``: the mean change of the (per-position centred) logits of the tokens the
-  steered latents promote — the top tokens of W_dec[i] @ W_U — averaged over the prompt (NaN
-  for SAEs on hooks outside the residual stream, e.g. ``attn.hook_z``);
+  steered latents promote — the top tokens of W_dec[i] through the direct path to the logits
+  (centred W_U; for ``attn.hook_z`` first W_O) — averaged over the prompt (NaN for SAEs on hooks
+  with no such path, e.g. ``attn.hook_q``);
 * ``fluency``: the clean model's mean next-token loss on the steered continuation
   (``fluency_clean``: the same on the clean continuation, for reference). Steering that
   works raises ``logit_shift``; steering that breaks the model raises ``fluency``.
@@ -227,20 +228,18 @@ def generate_side_by_side(model, sae, prompt, interventions, *, max_new_tokens: 
     return _decode(model, clean), _decode(model, steered)
 
 
-RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
-                  "hook_embed")
-
-
 def promoted_tokens(model, sae, latents: Iterable[int], n: int = 10) -> torch.Tensor | None:
-    """Token ids the latents' decoder rows promote most: top-n of (Σ_i W_dec[i] / ‖W_dec[i]‖) @ W_U.
-    None when the SAE's hook is not in the residual stream (its rows do not live in W_U's space)."""
-    if not (sae.cfg.hook_name or "").endswith(RESIDUAL_HOOKS) or sae.d_in != model.W_U.shape[0]:
+    """Token ids the latents' decoder rows promote most: top-n of (Σ_i W_dec[i] / ‖W_dec[i]‖) through the direct
+    path from the SAE's hook to the logits (``features.direct_logit_path``: the final LayerNorm's centring, W_U; for
+    ``attn.hook_z`` first W_O). None when the hook has no such path (its rows do not reach W_U linearly)."""
+    from saelab.analysis.features import direct_logit_path
+
+    path = direct_logit_path(model, sae)
+    if path is None:
         return None
-    W_dec = sae.W_dec.detach()
-    rows = W_dec[list(latents)]
+    rows = sae.W_dec.detach()[list(latents)]
     d = (rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)).sum(0)
-    W_U = model.W_U.detach()
-    return (d.to(W_U.device, W_U.dtype) @ W_U).topk(n).indices
+    return (d.to(path.device, path.dtype) @ path).topk(n).indices
 
 
 def _centred(logits: torch.Tensor) -> torch.Tensor:
@@ -279,7 +278,7 @@ def _run(model, sae, toks, interventions, clean: _Clean, *, max_new_tokens, temp
     if prom is not None:
         shift = float((_centred(s_logits) - _centred(clean.logits))[first:, prom.to(s_logits.device)].mean())
         promoted = [model.tokenizer.decode([int(t)]) for t in prom]
-    else:  # nothing steered, or a hook outside the residual stream: no promoted tokens to follow
+    else:  # nothing steered, or a hook with no direct path to the logits: no promoted tokens to follow
         shift, promoted = (0.0 if not latents else float("nan")), []
     p_c, p_s = lp_c[-1].exp(), lp_s[-1].exp()
     change = p_s - p_c

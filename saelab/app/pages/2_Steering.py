@@ -60,7 +60,7 @@ if "steer_result" in st.session_state:
     c[0].metric("KL(steered ‖ clean), mean over the prompt", f"{m['kl']:.3f}")
     shift = m["logit_shift"]
     c[1].metric("logit shift of promoted tokens", "—" if shift != shift else f"{shift:+.3f}",
-                help=None if shift == shift else "no promoted tokens: the SAE's hook is not in the residual stream")
+                help=None if shift == shift else "no promoted tokens: the SAE's hook has no direct path to the logits")
     c[2].metric("fluency: clean loss on steered text", f"{m['fluency']:.3f}",
                 delta=f"{m['fluency'] - m['fluency_clean']:+.3f} vs clean text", delta_color="inverse")
     if m["promoted"]:
