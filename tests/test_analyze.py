@@ -237,6 +237,13 @@ def test_group_folder_analyses_each_sae(small_run, tmp_path, tiny):
             assert [t for t, _ in c.logits_top] == [db.token_str(int(t)) for t in logits.topk(10).indices]
             np.testing.assert_allclose([v for _, v in c.logits_top], logits.topk(10).values.numpy(), rtol=1e-4,
                                        atol=1e-5)
+            # the heads the decoder row lives in: each head's share of its squared norm, largest first
+            share = (d ** 2).sum(-1) / (d ** 2).sum()
+            want = sorted(((f"L1H{h}", float(x)) for h, x in enumerate(share)), key=lambda t: -t[1])
+            assert [h for h, _ in c.heads] == [h for h, _ in want]
+            np.testing.assert_allclose([x for _, x in c.heads], [x for _, x in want], rtol=1e-5)
+        else:
+            assert c.heads == []
         db.close()
 
 

@@ -168,6 +168,32 @@ def test_features_by_id_shows_the_card(monkeypatch, app_group, db1, top_latent):
     assert _card_title(_ok(at)) == f"Latent {j}"
 
 
+def test_card_of_an_attention_sae_names_its_heads(monkeypatch, small_run, tmp_path):
+    """An SAE on attn.hook_z: the card lists the heads its decoder row lives in, as features.h5 records them."""
+    import torch
+
+    from saelab.analysis.features import FeatureDB, analyze
+    from saelab.sae.base import SAE
+
+    _, stores = small_run
+    hook = "blocks.1.attn.hook_z"
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=128, d_sae=64, k=4, hook_name=hook, model_name="tiny")
+    with torch.no_grad():  # latent 3 lives mostly in head 2
+        sae.W_dec[3] = 0.1
+        sae.W_dec[3, 64:96] = 1.0
+    folder = tmp_path / "attn"
+    sae.save(folder)
+    analyze(folder, stores[hook], tokens=512, progress=False)
+    with FeatureDB(folder) as db:
+        heads = db.card(3).heads
+    assert heads[0][0] == "L1H2" and heads[0][1] > 0.8
+    at = _features(monkeypatch, folder, hook=hook)
+    at.number_input(key="latent").set_value(3).run()
+    text = " ".join(m.value for m in _ok(at).markdown)
+    assert f"**Heads** (share of the decoder row's squared norm): L1H2 {heads[0][1]:.0%}" in text, text
+
+
 def test_features_by_prompt_finds_the_latent_that_fires_most(monkeypatch, app_group, top_latent):
     want = top_latent
     at = _features(monkeypatch, app_group)

@@ -42,7 +42,8 @@ no chunk index to consult (measured with 16k latents: chunked one-latent-per-chu
   ex_vals [d_sae, E], ex_tokens [d_sae, E, W] int32 token ids (−1 = past the context's end),
   ex_acts [d_sae, E, W], hist [d_sae, N_BINS] int64, logit_top_ids / logit_top /
   logit_bottom_ids / logit_bottom [d_sae, N_LOGITS], neighbours / neighbour_cos
-  [d_sae, N_NEIGHBOURS]. Window j of example e starts at context position
+  [d_sae, N_NEIGHBOURS]; for ``hook_z`` SAEs head_share [d_sae, n_heads] (attr n_heads): each
+  head's share of the decoder row's squared norm. Window j of example e starts at context position
   max(0, p − before) for p = row % context_size, so the example's own token is at index
   min(p, before).
 * shared: hist_edges [N_BINS + 1]; vocab_blob (uint8, UTF-8) + vocab_offsets [V + 1]: the token
@@ -58,7 +59,7 @@ import math
 import os
 import pathlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
@@ -84,7 +85,7 @@ BATCH_ROWS = 4096
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
                   "hook_embed")
 PER_LATENT = ("ex_rows", "ex_vals", "ex_tokens", "ex_acts", "hist", "logit_top_ids", "logit_top",
-              "logit_bottom_ids", "logit_bottom", "neighbours", "neighbour_cos")
+              "logit_bottom_ids", "logit_bottom", "neighbours", "neighbour_cos", "head_share")
 EAGER = ("density", "mean_act", "max_act", "min_act", "count", "group")
 
 
@@ -117,6 +118,7 @@ class LatentCard:
     group: int | None  # matryoshka nesting group index, else None
     min_act: float = 0.0  # smallest activation (negative only for signed SAEs)
     count: int = 0  # rows where the latent fired
+    heads: list[tuple[str, float]] = field(default_factory=list)  # hook_z SAEs: ("L1H2", share), largest first
 
 
 # ============================================================================ helpers
@@ -428,6 +430,26 @@ def neighbours(W_dec: torch.Tensor, k: int = N_NEIGHBOURS, chunk: int = 1024):
     return torch.cat(ids), torch.cat(cos)
 
 
+def head_shares(W_dec: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[d_sae, n_heads]: each head's share of every decoder row's squared norm, for an SAE on
+    ``attn.hook_z`` with the heads flattened head-major (as harvest stores them). A latent whose
+    row lives in one head's slice has share 1 there: the head it reads from and writes through."""
+    sq = W_dec.detach().float().reshape(W_dec.shape[0], n_heads, -1).pow(2).sum(-1)
+    return sq / sq.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _head_layout(store, sae, model) -> dict | None:
+    """{"n_heads", "layer"} when the SAE reads attn.hook_z with its heads flattened, else None."""
+    hook = sae.cfg.hook_name or store.hook
+    if not hook.endswith("attn.hook_z"):
+        return None
+    n_heads = (store.manifest.get("head_layout") or {}).get("n_heads") or getattr(getattr(model, "cfg", None),
+                                                                                 "n_heads", None)
+    if not n_heads or sae.d_in % int(n_heads):
+        return None
+    return {"n_heads": int(n_heads), "layer": hook_layer(hook)}
+
+
 def nesting_groups(sae) -> np.ndarray | None:
     """Matryoshka (prefix mode): the index of the smallest nested prefix holding each latent."""
     if getattr(sae, "arch", "") != "matryoshka" or sae.cfg.matryoshka_mode != "prefix":
@@ -496,6 +518,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     lt = logit_effects(W_dec, W_U) if W_U is not None else None
     nb_ids, nb_cos = neighbours(W_dec)
     groups = nesting_groups(sae)
+    heads = _head_layout(store, sae, model)
     q_rows, q_vals, q_tok, q_act = acc.quantiles()
 
     def np_(t):
@@ -539,12 +562,16 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     if lt is not None:
         per.update(logit_top_ids=np_(lt[0]).astype(np.int32), logit_top=np_(lt[1]),
                    logit_bottom_ids=np_(lt[2]).astype(np.int32), logit_bottom=np_(lt[3]))
+    if heads is not None:
+        per["head_share"] = np_(head_shares(W_dec, heads["n_heads"])).astype(np.float32)
     vocab = _vocab(model)
     attrs = {
         "format_version": FORMAT_VERSION, **ident, "hook": store.hook, "model": name or "",
         "arch": sae.arch, "signed": signed, "store": str(store.path), "n_rows": acc.rows, "context_size": ctx,
         "before": BEFORE, "after": AFTER, "top": int(top), "n_bands": N_BANDS, "per_band": PER_BAND,
         "sections": json.dumps(sections), "bos_excluded": bos,
+        **({"n_heads": heads["n_heads"], "head_layer": -1 if heads["layer"] is None else heads["layer"]}
+           if heads is not None else {}),
     }
     final = sae_dir / FEATURES_FILE
     tmp = sae_dir / f".{FEATURES_FILE}.tmp"
@@ -654,6 +681,7 @@ class FeatureDB:
         self.before: int = int(a["before"])
         self.n_bands: int = int(a["n_bands"])
         self.sections: dict = json.loads(a["sections"])
+        self.head_layer: int | None = int(a["head_layer"]) if "head_layer" in a and a["head_layer"] >= 0 else None
         for k in EAGER:
             setattr(self, k, self._f[k][:])
         self.hist_edges = self._f["hist_edges"][:]
@@ -736,6 +764,10 @@ class FeatureDB:
         else:
             lt = lb = []
         g = int(self.group[i])
+        heads = []
+        if "head_share" in d:  # hook_z SAEs: the heads the decoder row lives in, largest share first
+            L = f"L{self.head_layer}" if self.head_layer is not None else ""
+            heads = sorted(((f"{L}H{h}", float(x)) for h, x in enumerate(d["head_share"])), key=lambda t: -t[1])
         return LatentCard(
             latent=i, density=float(self.density[i]), mean_act=float(self.mean_act[i]), max_act=float(self.max_act[i]),
             hist_edges=[float(e) for e in self.hist_edges[lo : hi + 1]] if hi else [],
@@ -743,7 +775,7 @@ class FeatureDB:
             top=examples("top"), top_negative=examples("top_negative"), quantiles=qs,
             logits_top=lt, logits_bottom=lb,
             neighbours=[(int(j), float(c)) for j, c in zip(d["neighbours"], d["neighbour_cos"])],
-            group=g if g >= 0 else None, min_act=float(self.min_act[i]), count=int(self.count[i]),
+            group=g if g >= 0 else None, min_act=float(self.min_act[i]), count=int(self.count[i]), heads=heads,
         )
 
     def _example(self, row, value, tok, act) -> Example:

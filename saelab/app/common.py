@@ -189,6 +189,9 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> No
                               xaxis_title="|activation|",
                               yaxis_title="count")
             st.plotly_chart(fig, key=f"{key}_hist_{latent}")
+        if card.heads:  # an attention SAE: the heads its decoder row lives in
+            st.markdown("**Heads** (share of the decoder row's squared norm): "
+                        + " · ".join(f"{h} {x:.0%}" for h, x in card.heads[:4] if x >= 0.01))
         lt, lb = st.columns(2)
         lt.markdown("**Promoted tokens**")
         lt.dataframe([{"token": repr(t), "logit": round(v, 3)} for t, v in card.logits_top], hide_index=True)
