@@ -375,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "with several SAEs the group folder (required); rerunning into a "
                                                "folder that holds the same SAEs does nothing")
     f.add_argument("--revision", default=None, help="branch, tag or commit (default: the repo's main)")
-    f.add_argument("--list", action="store_true", help="list the SAE folders (in any of those layouts) of each ORG/REPO "
-                                                       "instead of fetching")
+    f.add_argument("--list", action="store_true", help="list the SAE folders (in any of those layouts) of each "
+                                                       "ORG/REPO (or local folder) instead of fetching")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_fetch)
 

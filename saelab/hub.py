@@ -133,7 +133,11 @@ def sae_folders(files) -> list[str]:
 
 def list_hub_saes(repo: str, revision: str | None = None, cache_dir=None) -> tuple[list[str], bool]:
     """(the SAE folders of hub repo ``repo`` — each an ORG/REPO/SUBFOLDER ``fetch`` takes —, whether the list
-    comes from the hub rather than the local cache)."""
+    is complete: from the hub, not the local cache). For a local folder: the SAE folders under it (complete)."""
+    local = local_folder(repo)
+    if local:
+        files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+        return [str(local / d) if d else str(local) for d in sae_folders(files)], True
     repo, sub = parse_spec(repo)
     files, online = _repo_files(repo, revision, cache_dir)
     if sub:

@@ -239,6 +239,9 @@ def test_local_folders_in_other_layouts_are_fetched_too(tmp_path, capsys):
     with pytest.raises(SaelabError, match=r"holds an SAE in sparsify's layout, not saelab's: convert it once with "
                                           r"`saelab fetch .*layers.0 --out runs/NAME`"):
         SAE.load(src / "layers.0")
+    capsys.readouterr()
+    assert main(["fetch", "--list", str(src)]) == 0  # the SAE folders under a local folder
+    assert capsys.readouterr().out.splitlines() == [f"{src}: 1 SAE folder", f"  {(src / 'layers.0').resolve()}"]
     out = tmp_path / "runs" / "mine"
     for want in ("fetched", "already fetched"):
         capsys.readouterr()
