@@ -148,20 +148,31 @@ def _device(model):
     return next(model.parameters()).device
 
 
+#: hooks whose activations are [batch, pos, heads, d_head]: SAEs read them with the heads flattened (head-major,
+#: as harvest stores them), so every fn and capture below sees [batch, pos, heads · d_head]
+PER_HEAD_HOOKS = ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result")
+
+
 def _run(model, tokens, hooks: dict, stop_at: str | None = None, capture=()):
     """Run with ``hooks`` {name: fn(x) -> x}; capture the activations named in ``capture`` (after the
-    fn); stop right after hook ``stop_at`` (then the logits are None)."""
+    fn); stop right after hook ``stop_at`` (then the logits are None). Per-head hooks (PER_HEAD_HOOKS)
+    are seen flattened, [n, T, heads · d_head], and given back to the model in its own shape."""
     got = {}
 
     def make(name, fn):
+        per_head = name.endswith(PER_HEAD_HOOKS)
+
         def hook_fn(x, hook):
+            shape = x.shape
+            if per_head and x.ndim == 4:
+                x = x.flatten(-2)
             if fn is not None:
                 x = fn(x)
             if name in capture:
                 got[name] = x
             if name == stop_at:
                 raise _Stop
-            return x
+            return x.reshape(shape)
         return hook_fn
 
     names = set(hooks) | set(capture) | ({stop_at} if stop_at else set())
@@ -188,8 +199,8 @@ def node_values(model, group: SAEGroup, tokens) -> _Acts:
     for h in group.hooks:
         if got[h].ndim != 3 or got[h].shape[-1] != group.saes[h].d_in:
             raise SaelabError(f"hook {h} gives {list(got[h].shape[2:])} per position, not the {group.saes[h].d_in} "
-                              f"features SAE {group.folders[h]} reads (e.g. attn.hook_z: one vector per head): "
-                              "circuits need SAEs on hooks with one vector per position, e.g. hook_attn_out")
+                              f"features SAE {group.folders[h]} reads: circuits need SAEs on hooks with one vector "
+                              "per position (or per-head hooks such as attn.hook_z, read with the heads flattened)")
         f[h], e[h] = _split(group.saes[h], got[h].float())
     return _Acts(f, e)
 
