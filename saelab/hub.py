@@ -7,8 +7,10 @@ loads them (``SAE.load``: a supported architecture, shapes that match the config
 moves them into ``out`` together with ``source.json`` (repo, subfolder, the revision asked for and
 the commit it resolved to). SAEs released in other layouts — Gemma Scope's ``params.npz``, EleutherAI
 sparsify's ``cfg.json`` + ``sae.safetensors`` — are converted (``saelab.formats``) and written as saelab
-writes an SAE (``source.json`` records the layout they came in). ``out`` is then an SAE folder like any other: ``saelab analyze --sae
-out --activations STORE`` (a store of the SAE's model and hook), ``saelab eval``, the app, steering.
+writes an SAE (``source.json`` records the layout they came in). A local folder in any of these layouts
+is taken too (``source.json`` then records its path). ``out`` is then an SAE folder like any other:
+``saelab analyze --sae out --activations STORE`` (a store of the SAE's model and hook), ``saelab eval``,
+the app, steering.
 
 Several SAEs of one model, one per hook (``fetch_group``, ``saelab fetch SPEC SPEC … --out GROUP``),
 make a group folder (``GROUP/<hook>/`` + ``group.json``) as ``saelab train`` writes one, for
