@@ -108,10 +108,15 @@ def cmd_fetch(args) -> int:
                 print(f"  {f}")
         return 0
     if len(args.sae) == 1:
-        out, sae, fetched = fetch_sae(args.sae[0], args.out, revision=args.revision, progress=not args.quiet)
+        out, sae, fetched = fetch_sae(args.sae[0], args.out, revision=args.revision, progress=not args.quiet,
+                                      model=args.model, hook=args.hook)
         saes = {sae.cfg.hook_name: (out, sae)}
     else:
-        out, by_hook, fetched = fetch_group(args.sae, args.out, revision=args.revision, progress=not args.quiet)
+        if args.hook is not None:
+            raise SaelabError("--hook names one SAE's hook: fetch several SAEs without it (a group holds one per "
+                              "hook), or fetch each alone with its --hook")
+        out, by_hook, fetched = fetch_group(args.sae, args.out, revision=args.revision, progress=not args.quiet,
+                                            model=args.model)
         saes = {h: (out / h, sae) for h, sae in by_hook.items()}
     print(f"{'fetched' if fetched else 'already fetched'} into {out}:")
     for hook, (folder, sae) in saes.items():
@@ -375,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "with several SAEs the group folder (required); rerunning into a "
                                                "folder that holds the same SAEs does nothing")
     f.add_argument("--revision", default=None, help="branch, tag or commit (default: the repo's main)")
+    f.add_argument("--model", default=None, help="record this model instead of the one the SAE names (for SAEs "
+                                                 "that name none, e.g. a sparsify run without its config.json)")
+    f.add_argument("--hook", default=None, help="record this TransformerLens hook instead of the one the SAE names "
+                                                "(one SAE only)")
     f.add_argument("--list", action="store_true", help="list the SAE folders (in any of those layouts) of each "
                                                        "ORG/REPO (or local folder) instead of fetching")
     f.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -280,8 +280,35 @@ def _quiet_bars(progress: bool) -> None:
         disable_progress_bars()
 
 
-def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path):
+def _target(model: str | None, hook: str | None) -> dict | None:
+    """The --model / --hook given to fetch ({"model", "hook"}, None where not given), or None for neither."""
+    if hook is not None and "hook" not in hook:
+        raise SaelabError(f"--hook {hook!r} is not a TransformerLens hook name: pass e.g. blocks.3.hook_resid_post")
+    if model is None and hook is None:
+        return None
+    return {"model": model, "hook": hook}
+
+
+def _retarget(cfg_path: pathlib.Path, target: dict) -> None:
+    """Set the model and/or hook an SAE's cfg.json records (its flat fields, SAELens's metadata block and
+    saelab's own block), rewriting the file atomically."""
+    from saelab.models import hook_layer
+
+    raw = json.loads(cfg_path.read_text())
+    for block in (raw, raw.get("metadata"), raw.get("saelab")):
+        if isinstance(block, dict):
+            if target["model"] is not None:
+                block["model_name"] = target["model"]
+            if target["hook"] is not None:
+                block["hook_name"] = target["hook"]
+    if target["hook"] is not None and "hook_layer" in raw:
+        raw["hook_layer"] = hook_layer(target["hook"])
+    atomic_write_text(cfg_path, json.dumps(raw, indent=2) + "\n")
+
+
+def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path, target: dict | None = None):
     """Download ``spec`` into the new folder ``tmp`` (fsynced, source.json written) and load it; returns the SAE.
+    ``target``: the model and/or hook to record instead of the ones the SAE came with (``_target``).
     On any failure ``tmp`` is removed and the error, one line, names ``spec`` (not the hidden folder)."""
     from saelab.sae.base import SAE
 
@@ -297,6 +324,8 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path):
         layout, files, converted = _read_hub_sae(spec, revision, cache_dir)
         source = {"repo_id": repo, "subfolder": sub, "revision": revision,
                   "commit": _commit_of(next(iter(files.values()))), "format": layout, "fetched": now}
+    if target:
+        source["target"] = target
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -306,6 +335,8 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path):
                 fsync_file(tmp / f)
         else:
             converted.save(tmp)  # cfg.json + sae_weights.safetensors, as saelab train writes them
+        if target:
+            _retarget(tmp / CFG_FILE, target)
         try:
             sae = SAE.load(tmp)
         except SaelabError as err:
@@ -325,35 +356,38 @@ def _key(spec: str) -> tuple:
     return (str(local),) if local else parse_spec(spec)
 
 
-def _holds(folder: pathlib.Path, spec: str, revision: str | None) -> bool:
-    """Whether ``folder`` holds ``spec`` fetched before (at the same revision)."""
+def _holds(folder: pathlib.Path, spec: str, revision: str | None, target: dict | None = None) -> bool:
+    """Whether ``folder`` holds ``spec`` fetched before (at the same revision, with the same --model / --hook)."""
     had = read_source(folder)
-    if not had:
+    if not had or had.get("target") != target:
         return False
     if "path" in had:
         return (had["path"],) == _key(spec)
     return (had.get("repo_id"), had.get("subfolder"), had.get("revision")) == (*_key(spec), revision)
 
 
-def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, progress: bool = True):
-    """Download the hub SAE ``spec`` (ORG/REPO/SUBFOLDER) into the folder ``out`` (default
-    ``default_out(spec)``); returns (out, loaded SAE, fetched: False when ``out`` already held it).
+def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, progress: bool = True,
+              model: str | None = None, hook: str | None = None):
+    """Download the hub SAE ``spec`` (ORG/REPO/SUBFOLDER, or a local folder) into the folder ``out`` (default
+    ``default_out(spec)``); returns (out, loaded SAE, fetched: False when ``out`` already held it). ``model`` /
+    ``hook``: record these instead of what the SAE came with (one that records none, or a wrong one).
     See the module docstring."""
     from saelab.sae.base import SAE
     from saelab.store import no_empty_folder_left
 
     _key(spec)  # a malformed hub spec: its one-line error before anything else
+    target = _target(model, hook)
     out = pathlib.Path(out).expanduser() if out is not None else default_out(spec)
     if out.exists() and not out.is_dir():
         raise SaelabError(f"--out {out} is a file: pass a folder path")
     if out.is_dir() and any(out.iterdir()):
-        if _holds(out, spec, revision):
+        if _holds(out, spec, revision, target):
             return out, SAE.load(out), False  # fetched before (delete the folder to fetch again)
         raise SaelabError(f"--out {out} already exists and holds something else: choose a new --out")
     _quiet_bars(progress)
     with no_empty_folder_left(out.parent):
         tmp = out.parent / f".{out.name}.fetching-{os.getpid()}"
-        sae = _stage(spec, revision, cache_dir, tmp)
+        sae = _stage(spec, revision, cache_dir, tmp, target)
         try:
             if out.is_dir():
                 out.rmdir()  # an empty folder made beforehand
@@ -365,16 +399,19 @@ def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, 
     return out, sae, True
 
 
-def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=None, progress: bool = True):
+def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=None, progress: bool = True,
+                model: str | None = None):
     """Download several hub SAEs of one model, one per hook, into the group folder ``out``
     (``out/<hook>/`` + ``group.json``, as ``saelab train`` writes a group: circuits, the app and analyze
     take it). All are downloaded and checked before any is moved into place; a failure leaves nothing.
+    ``model``: record this model for every SAE instead of what they came with.
     Returns (out, {hook: SAE}, fetched: False when ``out`` already held this group)."""
     from saelab.config import GROUP_FILE, group_json, read_group
     from saelab.sae.base import SAE
     from saelab.store import no_empty_folder_left
 
     specs = list(specs)
+    target = _target(model, None)
     if out is None:
         raise SaelabError("several SAEs make a group: pass --out GROUP_FOLDER")
     keys = [_key(s) for s in specs]
@@ -387,7 +424,7 @@ def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=No
     if out.is_dir() and any(out.iterdir()):
         group = read_group(out)
         if group and len(group[1]) == len(specs) and all(
-                any(_holds(f, s, revision) for f in group[1].values()) for s in specs):
+                any(_holds(f, s, revision, target) for f in group[1].values()) for s in specs):
             return out, {h: SAE.load(f) for h, f in group[1].items()}, False
         raise SaelabError(f"--out {out} already exists and holds something else: choose a new --out")
     _quiet_bars(progress)
@@ -398,7 +435,7 @@ def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=No
         try:
             for i, spec in enumerate(specs):
                 tmp = out / f".fetching-{os.getpid()}-{i}"
-                staged.append((spec, tmp, _stage(spec, revision, cache_dir, tmp)))
+                staged.append((spec, tmp, _stage(spec, revision, cache_dir, tmp, target)))
             by_hook: dict[str, str] = {}
             for spec, _, sae in staged:
                 hook = sae.cfg.hook_name

@@ -267,3 +267,44 @@ def test_local_folders_in_other_layouts_are_fetched_too(tmp_path, capsys):
     assert main(["fetch", str(gs), "--revision", "v1", "--out", str(tmp_path / "runs" / "r")]) == 2
     assert "--revision applies to hub SAEs" in capsys.readouterr().err
     assert sorted(x.name for x in (tmp_path / "runs").iterdir()) == ["gs", "mine"]  # the failures left nothing
+
+
+def test_model_and_hook_overrides_are_recorded_and_part_of_what_was_fetched(hub_cache, tmp_path, capsys):
+    """--model / --hook: an SAE that names no model (sparsify without its run config) or the wrong hook gets the
+    ones given, in every block of cfg.json SAELens and saelab read; a rerun with other ones is refused."""
+    from saelab.cli import main
+    from saelab.config import read_group
+
+    _sparsify(hub_cache, sub="layers.1", run_cfg=False)
+    _sparsify(hub_cache, sub="layers.2", run_cfg=False)
+    out = tmp_path / "runs" / "sp"
+    args = ["fetch", f"{SPARSIFY}/layers.1", "--out", str(out), "--model", "EleutherAI/pythia-70m", "--hook",
+            "blocks.1.hook_resid_pre", "--quiet"]
+    for want in ("fetched", "already fetched"):
+        capsys.readouterr()
+        assert main(args) == 0
+        assert capsys.readouterr().out.startswith(f"{want} into {out}:\n  {out}: topk, d_in 24, 192 latents, hook "
+                                                  "blocks.1.hook_resid_pre, model EleutherAI/pythia-70m")
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert (cfg["model_name"], cfg["hook_name"], cfg["hook_layer"]) == ("EleutherAI/pythia-70m",
+                                                                        "blocks.1.hook_resid_pre", 1)
+    assert cfg["metadata"]["hook_name"] == cfg["saelab"]["hook_name"] == "blocks.1.hook_resid_pre"
+    assert json.loads((out / "source.json").read_text())["target"] == {"model": "EleutherAI/pythia-70m",
+                                                                       "hook": "blocks.1.hook_resid_pre"}
+    sae = SAE.load(out)
+    assert (sae.cfg.model_name, sae.cfg.hook_name) == ("EleutherAI/pythia-70m", "blocks.1.hook_resid_pre")
+    assert main([*args[:-3], "--quiet"]) == 2  # the same SAE without the --hook: not what the folder holds
+    assert "already exists and holds something else" in capsys.readouterr().err
+    # a group of SAEs that name no model: --model gives the group one
+    grp = tmp_path / "runs" / "grp"
+    assert main(["fetch", f"{SPARSIFY}/layers.1", f"{SPARSIFY}/layers.2", "--out", str(grp), "--model", "tiny",
+                 "--quiet"]) == 0
+    assert read_group(grp)[0] == "tiny"
+    for bad, needle in ((["--hook", "blocks.1.hook_resid_post"], "--hook names one SAE's hook"),
+                        (["--hook", "resid"], "is not a TransformerLens hook name")):
+        capsys.readouterr()
+        specs = [f"{SPARSIFY}/layers.1"] + ([f"{SPARSIFY}/layers.2"] if "one SAE" in needle else [])
+        assert main(["fetch", *specs, "--out", str(tmp_path / "runs" / "bad"), *bad, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "bad").exists()

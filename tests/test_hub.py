@@ -252,3 +252,17 @@ def test_sae_load_takes_a_hub_spec_as_a_path_too(hub_cache, tmp_path):
 
     _saelens_sae(hub_cache, tmp_path)
     assert SAE.load(pathlib.Path(f"hf://{REPO}/{HOOK}")).cfg.hook_name == HOOK
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_model_and_hook_overrides_rewrite_a_saelens_config(hub_cache, tmp_path, old):
+    """--model / --hook on a SAELens folder (copied as it is otherwise): cfg.json records them, whichever fields its
+    SAELens version used (metadata block, flat fields, an old hook_point)."""
+    from saelab.hub import fetch_sae
+
+    w = _saelens_sae(hub_cache, tmp_path, old=old)
+    out, sae, _ = fetch_sae(f"{REPO}/{HOOK}", tmp_path / "o", progress=False, model="gpt2", hook=HOOK1)
+    assert (sae.cfg.model_name, sae.cfg.hook_name) == ("gpt2", HOOK1)
+    back = SAE.load(out)
+    assert (back.cfg.model_name, back.cfg.hook_name) == ("gpt2", HOOK1)
+    torch.testing.assert_close(back.W_enc.detach(), w["W_enc"], rtol=0, atol=0)  # the weights untouched
