@@ -220,11 +220,18 @@ def _sparsify_run_cfg(repo: str, sub: str, revision: str | None, cache_dir) -> d
 
 def local_folder(spec) -> pathlib.Path | None:
     """``spec`` as an existing local folder (absolute), else None (an ``hf://`` spec never is one): ``fetch`` takes
-    a local SAE folder too, converting Gemma Scope's and sparsify's layouts as it does for the hub."""
+    a local SAE folder too, converting Gemma Scope's and sparsify's layouts as it does for the hub. A spec that can
+    only be a local path (absolute, ./, ../, ~, or an existing file) but is no folder is a one-line error."""
     if hub_spec(spec):
         return None
     path = pathlib.Path(spec).expanduser()
-    return path.resolve() if path.is_dir() else None
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise SaelabError(f"{spec} is a file: pass the folder that holds the SAE (or ORG/REPO/SUBFOLDER on the hub)")
+    if str(spec).startswith(("/", "./", "../", "~")):
+        raise SaelabError(f"{spec}: no such folder (a hub SAE is ORG/REPO/SUBFOLDER, or hf://ORG/REPO/SUBFOLDER)")
+    return None
 
 
 def _read_local_sae(folder: pathlib.Path):

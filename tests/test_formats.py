@@ -266,6 +266,11 @@ def test_local_folders_in_other_layouts_are_fetched_too(tmp_path, capsys):
     assert "holds no SAE saelab reads" in capsys.readouterr().err
     assert main(["fetch", str(gs), "--revision", "v1", "--out", str(tmp_path / "runs" / "r")]) == 2
     assert "--revision applies to hub SAEs" in capsys.readouterr().err
+    for path, needle in ((gs / "params.npz", "is a file: pass the folder that holds the SAE"),
+                         (tmp_path / "nowhere" / "x", "no such folder (a hub SAE is ORG/REPO/SUBFOLDER")):
+        assert main(["fetch", str(path), "--out", str(tmp_path / "runs" / "r")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
     assert sorted(x.name for x in (tmp_path / "runs").iterdir()) == ["gs", "mine"]  # the failures left nothing
 
 
