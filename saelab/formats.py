@@ -51,13 +51,17 @@ def layout_of(names) -> str | None:
     return next((lay for lay, files in LAYOUTS.items() if set(files) <= names), None)
 
 
-def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, run_cfg: dict | None = None):
+def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, run_cfg: dict | None = None,
+            target: dict | None = None):
     """The saelab SAE (on the CPU) of one downloaded SAE in ``layout`` ("gemma-scope" or "sparsify");
-    ``files``: file name → its path; ``run_cfg``: sparsify's run config.json, when there is one."""
+    ``files``: file name → its path; ``run_cfg``: sparsify's run config.json, when there is one; ``target``:
+    {"model", "hook"} given by the user (fetch --model / --hook; None where not given), used as they are."""
+    model, hook = (target or {}).get("model"), (target or {}).get("hook")
     if layout == "gemma-scope":
-        return gemma_scope_sae(files[GEMMA_SCOPE_FILE], repo, sub)
+        return gemma_scope_sae(files[GEMMA_SCOPE_FILE], repo, sub, model, hook)
     if layout == "sparsify":
-        return sparsify_sae(files[CFG_FILE], files[SPARSIFY_WEIGHTS], repo, sub, (run_cfg or {}).get("model") or "")
+        return sparsify_sae(files[CFG_FILE], files[SPARSIFY_WEIGHTS], repo, sub,
+                            model or (run_cfg or {}).get("model") or "", hook)
     raise ValueError(f"no converter for layout {layout!r}")
 
 
@@ -90,7 +94,8 @@ def gemma_scope_target(repo: str, sub: str) -> tuple[str, str]:
     if not m:
         whose = f"{repo} is not a Gemma Scope repo saelab knows" if repo else "its path names no Gemma Scope repo"
         raise SaelabError(f"{where} holds {GEMMA_SCOPE_FILE} but {whose} "
-                          "(google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}): the model and hook cannot be told")
+                          "(google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}): the model and hook cannot be told; "
+                          "pass them, --model and --hook")
     size, kind, site = (g.lower() for g in m.groups())
     if site == "transcoders":
         raise SaelabError(f"{repo or where} holds transcoders (they read the MLP's input and write its output), not "
@@ -99,16 +104,19 @@ def gemma_scope_target(repo: str, sub: str) -> tuple[str, str]:
     if not layer:
         raise SaelabError(f"{where}: no layer_L folder in the path, so the hook cannot be told"
                           + ("; the embedding SAEs are not supported" if "embedding" in sub else "")
-                          + ": fetch a layer_L/width_W/average_l0_N folder")
+                          + ": fetch a layer_L/width_W/average_l0_N folder, or pass --hook")
     model = f"google/gemma-2-{size}" + ("-it" if kind == "it" else "")
     return model, _GEMMA_HOOK[site].format(L=int(layer.group(1)))
 
 
-def gemma_scope_sae(npz: pathlib.Path, repo: str, sub: str):
-    """A Gemma Scope ``params.npz`` as a saelab JumpReLU SAE (b_dec not subtracted from the input)."""
+def gemma_scope_sae(npz: pathlib.Path, repo: str, sub: str, model: str | None = None, hook: str | None = None):
+    """A Gemma Scope ``params.npz`` as a saelab JumpReLU SAE (b_dec not subtracted from the input). ``model`` and
+    ``hook``, when both given, are taken as they are (else told from the repo name and folder)."""
     import numpy as np
 
-    model, hook = gemma_scope_target(repo, sub)
+    if not (model and hook):
+        model_told, hook_told = gemma_scope_target(repo, sub)
+        model, hook = model or model_told, hook or hook_told
     where = "/".join(x for x in (repo, sub, GEMMA_SCOPE_FILE) if x)
     try:
         with np.load(npz, allow_pickle=False) as z:
@@ -134,16 +142,17 @@ def sparsify_hook(sub: str) -> str:
     m = re.fullmatch(r"(?:layers|h)[._](\d+)(\.mlp)?", name)
     if not m:
         raise SaelabError(f"sparsify hookpoint {name!r} maps to no TransformerLens hook saelab knows (it reads "
-                          "layers.L → blocks.L.hook_resid_post and layers.L.mlp → blocks.L.hook_mlp_out)")
+                          "layers.L → blocks.L.hook_resid_post and layers.L.mlp → blocks.L.hook_mlp_out): pass --hook")
     return f"blocks.{int(m.group(1))}." + ("hook_mlp_out" if m.group(2) else "hook_resid_post")
 
 
-def sparsify_sae(cfg_path: pathlib.Path, weights: pathlib.Path, repo: str, sub: str, model: str = ""):
+def sparsify_sae(cfg_path: pathlib.Path, weights: pathlib.Path, repo: str, sub: str, model: str = "",
+                 hook: str | None = None):
     """An EleutherAI sparsify ``cfg.json`` + ``sae.safetensors`` (of hookpoint folder ``sub`` in hub repo ``repo``)
-    as a saelab TopK SAE."""
+    as a saelab TopK SAE; ``hook``: this one instead of the hookpoint's."""
     from safetensors.torch import load_file
 
-    hook = sparsify_hook(sub)
+    hook = hook or sparsify_hook(sub)
     where = "/".join(x for x in (repo, sub) if x)
     try:
         cfg = json.loads(pathlib.Path(cfg_path).read_text())

@@ -234,8 +234,9 @@ def local_folder(spec) -> pathlib.Path | None:
     return None
 
 
-def _read_local_sae(folder: pathlib.Path):
-    """(layout, {file name: path}, SAE converted from another layout or None) of the local SAE folder ``folder``."""
+def _read_local_sae(folder: pathlib.Path, target: dict | None = None):
+    """(layout, {file name: path}, SAE converted from another layout or None) of the local SAE folder ``folder``;
+    ``target``: fetch's --model / --hook, which the conversion takes instead of telling them itself."""
     from saelab.formats import LAYOUT_HELP, LAYOUTS, SPARSIFY_RUN_CFG, convert, layout_of
 
     layout = layout_of(p.name for p in folder.iterdir() if p.is_file())
@@ -245,12 +246,13 @@ def _read_local_sae(folder: pathlib.Path):
     if layout == "saelens":
         return layout, files, None
     run_cfg = _json_object(folder.parent / SPARSIFY_RUN_CFG) if layout == "sparsify" else None
-    return layout, files, convert(layout, files, "", folder.as_posix(), run_cfg)
+    return layout, files, convert(layout, files, "", folder.as_posix(), run_cfg, target)
 
 
-def _read_hub_sae(spec: str, revision: str | None, cache_dir):
-    """(layout, {file name: cached path}, SAE) of ``spec``: the SAE converted from another layout (saelab.formats),
-    or None for the SAELens layout, whose cached folder ``SAE.load`` reads as it is."""
+def _read_hub_sae(spec: str, revision: str | None, cache_dir, target: dict | None = None):
+    """(layout, {file name: cached path}, SAE) of ``spec``: the SAE converted from another layout (saelab.formats;
+    ``target``: fetch's --model / --hook, taken as they are), or None for the SAELens layout, whose cached folder
+    ``SAE.load`` reads as it is."""
     from saelab.formats import convert
 
     layout, files = _download_sae(spec, revision, cache_dir)
@@ -258,7 +260,7 @@ def _read_hub_sae(spec: str, revision: str | None, cache_dir):
         return layout, files, None
     repo, sub = parse_spec(spec)
     run_cfg = _sparsify_run_cfg(repo, sub, revision, cache_dir) if layout == "sparsify" else None
-    return layout, files, convert(layout, files, repo, sub, run_cfg)
+    return layout, files, convert(layout, files, repo, sub, run_cfg, target)
 
 
 def load_hub_sae(spec: str, device="cpu", revision: str | None = None, cache_dir=None):
@@ -324,11 +326,11 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path, target
     if local:
         if revision:
             raise SaelabError(f"--revision applies to hub SAEs, and {spec} is a local folder: drop --revision")
-        layout, files, converted = _read_local_sae(local)
+        layout, files, converted = _read_local_sae(local, target)
         source = {"path": str(local), "format": layout, "fetched": now}
     else:
         repo, sub = parse_spec(spec)
-        layout, files, converted = _read_hub_sae(spec, revision, cache_dir)
+        layout, files, converted = _read_hub_sae(spec, revision, cache_dir, target)
         source = {"repo_id": repo, "subfolder": sub, "revision": revision,
                   "commit": _commit_of(next(iter(files.values()))), "format": layout, "fetched": now}
     if target:

@@ -313,3 +313,26 @@ def test_model_and_hook_overrides_are_recorded_and_part_of_what_was_fetched(hub_
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_overrides_let_the_converters_take_what_they_cannot_tell(hub_cache, tmp_path, capsys):
+    """A params.npz whose path names no Gemma Scope repo, a sparsify hookpoint with no TransformerLens hook saelab
+    knows: the one-line errors name --model / --hook, and with them the SAE is fetched."""
+    from saelab.cli import main
+
+    bare = tmp_path / "downloads" / "my-sae"
+    bare.mkdir(parents=True)
+    np.savez(bare / "params.npz", **_gemma_arrays(16, 32))
+    _sparsify(hub_cache, sub="layers.1.self_attn")
+    for spec, needle, extra, hook in (
+            (str(bare), "pass them, --model and --hook", ["--model", "google/gemma-2-2b", "--hook",
+                                                         "blocks.4.hook_resid_post"], "blocks.4.hook_resid_post"),
+            (f"{SPARSIFY}/layers.1.self_attn", "): pass --hook", ["--hook", "blocks.1.hook_attn_out"],
+             "blocks.1.hook_attn_out")):
+        out = tmp_path / "runs" / hook
+        capsys.readouterr()
+        assert main(["fetch", spec, "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        assert main(["fetch", spec, "--out", str(out), *extra, "--quiet"]) == 0
+        assert SAE.load(out).cfg.hook_name == hook
