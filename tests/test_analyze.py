@@ -138,9 +138,11 @@ def test_features_equal_brute_force(topk_sae, resid_store, tiny):
 
 def test_card_reads_only_its_latent(topk_sae):
     with h5py.File(topk_sae / FEATURES_FILE) as f:
-        for name in F.PER_LATENT:  # row-major contiguous: a latent's slice is one byte range
+        names = [n for n in F.PER_LATENT if n in f]
+        assert set(F.PER_LATENT) - set(names) == {"head_share"}  # attn.hook_z SAEs only
+        for name in names:  # row-major contiguous: a latent's slice is one byte range
             assert f[name].chunks is None and f[name].compression is None, name
-        own = sum(f[name][0].nbytes for name in F.PER_LATENT)
+        own = sum(f[name][0].nbytes for name in names)
     db = FeatureDB(topk_sae)
     db.card(0)  # first card may read shared metadata
     for i in (7, db.d_sae - 1, 100):
@@ -238,6 +240,8 @@ def test_group_folder_analyses_each_sae(small_run, tmp_path, tiny):
             np.testing.assert_allclose([v for _, v in c.logits_top], logits.topk(10).values.numpy(), rtol=1e-4,
                                        atol=1e-5)
             # the heads the decoder row lives in: each head's share of its squared norm, largest first
+            with h5py.File(out / hook / FEATURES_FILE) as f:  # stored like every per-latent array
+                assert f["head_share"].shape == (db.d_sae, W_O.shape[0]) and f["head_share"].chunks is None
             share = (d ** 2).sum(-1) / (d ** 2).sum()
             want = sorted(((f"L1H{h}", float(x)) for h, x in enumerate(share)), key=lambda t: -t[1])
             assert [h for h, _ in c.heads] == [h for h, _ in want]
