@@ -148,24 +148,18 @@ def _device(model):
     return next(model.parameters()).device
 
 
-#: hooks whose activations are [batch, pos, heads, d_head]: SAEs read them with the heads flattened (head-major,
-#: as harvest stores them), so every fn and capture below sees [batch, pos, heads · d_head]
-PER_HEAD_HOOKS = ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result")
-
-
 def _run(model, tokens, hooks: dict, stop_at: str | None = None, capture=()):
     """Run with ``hooks`` {name: fn(x) -> x}; capture the activations named in ``capture`` (after the
-    fn); stop right after hook ``stop_at`` (then the logits are None). Per-head hooks (PER_HEAD_HOOKS)
-    are seen flattened, [n, T, heads · d_head], and given back to the model in its own shape."""
+    fn); stop right after hook ``stop_at`` (then the logits are None). Every activation is seen as
+    [n, T, features], as harvest stores it and evaluate and steering splice it (attn.hook_z: the heads
+    flattened head-major), and given back to the model in its own shape."""
     got = {}
 
     def make(name, fn):
-        per_head = name.endswith(PER_HEAD_HOOKS)
-
         def hook_fn(x, hook):
             shape = x.shape
-            if per_head and x.ndim == 4:
-                x = x.flatten(-2)
+            if x.ndim > 3:
+                x = x.reshape(shape[0], shape[1], -1)
             if fn is not None:
                 x = fn(x)
             if name in capture:
