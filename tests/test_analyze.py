@@ -394,3 +394,29 @@ def test_sae_folders_may_be_spelled_with_a_tilde(demo_group, monkeypatch):
     assert SAE.load(tilde).d_sae == SAE.load(sae_dir).d_sae
     with FeatureDB(tilde) as db:
         assert db.d_sae == SAE.load(sae_dir).d_sae
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"])
+def test_direct_logits_equal_the_materialised_path(hook):
+    """features.direct_logits (steering: a few directions, no [d_in, vocab] matrix) and direct_logit_path (analyze:
+    every latent) are one map, checked on random weights with an unfolded LayerNorm scale and centring:
+    (centre(d W_O) · w) @ W_U, relative error ≤ 1e-5."""
+    from types import SimpleNamespace
+
+    from saelab.analysis.features import direct_logit_path, direct_logits
+    from saelab.sae.base import SAE
+
+    g = torch.Generator().manual_seed(0)
+    n_heads, d_head, d_model, vocab = 4, 8, 32, 50
+    W_O = torch.randn(n_heads, d_head, d_model, generator=g)
+    attn = SimpleNamespace(attn=SimpleNamespace(W_O=W_O))
+    model = SimpleNamespace(blocks=[attn, attn], W_U=torch.randn(d_model, vocab, generator=g),
+                            ln_final=SimpleNamespace(w=torch.rand(d_model, generator=g) + 0.5),
+                            cfg=SimpleNamespace(normalization_type="LN"))
+    d_in = n_heads * d_head if hook.endswith("hook_z") else d_model
+    sae = SAE.create("topk", d_in=d_in, d_sae=16, k=2, hook_name=hook)
+    d = torch.randn(3, d_in, generator=g)
+    r = d @ W_O.reshape(-1, d_model) if hook.endswith("hook_z") else d
+    want = ((r - r.mean(-1, keepdim=True)) * model.ln_final.w) @ model.W_U
+    for got in (direct_logits(model, sae, d), d @ direct_logit_path(model, sae)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

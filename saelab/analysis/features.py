@@ -367,35 +367,69 @@ class _Accumulator:
         return tuple(torch.cat([p[i] for p in parts], 1) for i in range(4))
 
 
-def direct_logit_path(model, sae) -> torch.Tensor | None:
-    """[d_in, vocab]: the direct path from the SAE's hook to the logits (through the final LN's
-    scale and centring); for ``attn.hook_z`` (heads flattened head-major, as harvest stores them)
-    first through that layer's W_O, as attention-SAE work reads a latent's direct logit effect.
+def _direct_path_parts(model, sae):
+    """The pieces of the direct path from the SAE's hook to the logits: (W_O [d_in, d_model] for ``attn.hook_z``
+    (heads flattened head-major, as harvest stores them) else None, the final LN's scale [d_model] when
+    compatibility mode has not folded it else None, whether the final LN centres its input, W_U [d_model, vocab]);
     None when the hook reaches the residual stream by no fixed linear map (hook_q, MLP pre-acts, …)."""
     hook = sae.cfg.hook_name or ""
     if model is None:
         return None
     W_O = None
     if hook.endswith("attn.hook_z") and hook_layer(hook) is not None:
-        W_O = model.blocks[hook_layer(hook)].attn.W_O.detach().float()  # [n_heads, d_head, d_model]
+        W_O = model.blocks[hook_layer(hook)].attn.W_O.detach()  # [n_heads, d_head, d_model]
         W_O = W_O.reshape(-1, W_O.shape[-1])  # [n_heads · d_head, d_model], head-major as the store's rows
         if W_O.shape[0] != sae.d_in:
             return None
     elif not any(hook.endswith(h) for h in RESIDUAL_HOOKS):
         return None
-    W_U = model.W_U.detach().float()
+    W_U = model.W_U.detach()
     if W_U.shape[0] != (sae.d_in if W_O is None else W_O.shape[1]):
         return None
     ln = getattr(model, "ln_final", None)
     w = getattr(ln, "w", None)
     if w is None:
         w = getattr(getattr(ln, "_original_component", None), "weight", None)
+    scale = None
     if w is not None and not torch.allclose(w.float(), torch.ones_like(w.float())):
-        W_U = w.detach().float()[:, None] * W_U  # not folded by compatibility mode: apply the scale
+        scale = w.detach()  # not folded by compatibility mode: applied here
     center = getattr(model.cfg, "normalization_type", None) in ("LN", "LNPre")
+    return W_O, scale, center, W_U
+
+
+def direct_logit_path(model, sae) -> torch.Tensor | None:
+    """[d_in, vocab]: the direct path from the SAE's hook to the logits (through the final LN's
+    scale and centring); for ``attn.hook_z`` first through that layer's W_O, as attention-SAE work
+    reads a latent's direct logit effect. None when the hook has none (``_direct_path_parts``).
+    For every latent at once (analyze); ``direct_logits`` applies it to a few directions."""
+    parts = _direct_path_parts(model, sae)
+    if parts is None:
+        return None
+    W_O, scale, center, W_U = parts
+    W_U = W_U.float()
+    if scale is not None:
+        W_U = scale.float()[:, None] * W_U
     if center:  # LayerNorm centres its input: d ↦ d − mean(d) ≡ W_U ↦ (I − 11ᵀ/d) W_U
         W_U = W_U - W_U.mean(0, keepdim=True)
-    return W_U if W_O is None else W_O.to(W_U.device) @ W_U
+    return W_U if W_O is None else W_O.float().to(W_U.device) @ W_U
+
+
+def direct_logits(model, sae, d: torch.Tensor) -> torch.Tensor | None:
+    """The direct path applied to directions ``d`` [..., d_in] → [..., vocab] (the same map as
+    ``direct_logit_path``), without forming a [d_in, vocab] matrix: W_O, then the centring and the
+    scale on the d_model side, then W_U. None when the hook has no direct path."""
+    parts = _direct_path_parts(model, sae)
+    if parts is None:
+        return None
+    W_O, scale, center, W_U = parts
+    r = d.to(W_U.device, torch.float32)
+    if W_O is not None:
+        r = r @ W_O.float()
+    if center:
+        r = r - r.mean(-1, keepdim=True)
+    if scale is not None:
+        r = r * scale.float()
+    return r.to(W_U.dtype) @ W_U
 
 
 @torch.no_grad()
