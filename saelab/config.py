@@ -316,15 +316,23 @@ def read_train_info(folder: str | pathlib.Path, fix: str) -> dict:
     return info
 
 
+def read_json_object(path: str | pathlib.Path | None) -> dict | None:
+    """The JSON object in the file ``path``, or None when there is none (no path, a missing or unreadable file,
+    not JSON, not an object): for optional files whose absence is no error."""
+    if path is None:
+        return None
+    try:
+        raw = json.loads(pathlib.Path(path).expanduser().read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def read_source(folder: str | pathlib.Path) -> dict | None:
     """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, format, fetched}, or {path,
     format, fetched} for one fetched from a local folder; see
     ``saelab fetch``), or None when it has none (or an unreadable one)."""
-    try:
-        raw = json.loads((pathlib.Path(folder).expanduser() / SOURCE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
+    return read_json_object(pathlib.Path(folder).expanduser() / SOURCE_FILE)
 
 
 def hub_spec(path) -> str | None:
@@ -357,9 +365,9 @@ def read_sae_cfg(path: str | pathlib.Path) -> dict:
         raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
                           f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        from saelab.formats import layout_of
+        from saelab.formats import folder_layout
 
-        layout = layout_of(p.name for p in path.iterdir() if p.is_file())
+        layout = folder_layout(path)
         if layout:  # Gemma Scope's or sparsify's layout: fetch converts it
             raise SaelabError(f"{path} holds an SAE in {layout}'s layout, not saelab's: convert it once with "
                               f"`saelab fetch {path} --out runs/NAME` and pass runs/NAME")

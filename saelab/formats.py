@@ -51,6 +51,11 @@ def layout_of(names) -> str | None:
     return next((lay for lay, files in LAYOUTS.items() if set(files) <= names), None)
 
 
+def folder_layout(folder: pathlib.Path) -> str | None:
+    """The layout of the SAE in the local folder ``folder`` (``layout_of`` its files), or None."""
+    return layout_of(p.name for p in folder.iterdir() if p.is_file())
+
+
 def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, run_cfg: dict | None = None,
             target: dict | None = None):
     """The saelab SAE (on the CPU) of one downloaded SAE in ``layout`` ("gemma-scope" or "sparsify");

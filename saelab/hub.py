@@ -32,7 +32,7 @@ import re
 import shutil
 
 from saelab import SaelabError
-from saelab.config import CFG_FILE, HUB_PREFIX, SOURCE_FILE, WEIGHTS_FILE, hub_spec, read_source
+from saelab.config import CFG_FILE, HUB_PREFIX, SOURCE_FILE, WEIGHTS_FILE, hub_spec, read_json_object, read_source
 from saelab.store import atomic_write_text, fsync_dir, fsync_file
 
 
@@ -118,7 +118,12 @@ def _repo_files(repo: str, revision: str | None, cache_dir) -> tuple[list[str], 
     if not snap.is_dir():
         raise SaelabError(f"{repo}{'@' + revision if revision else ''} is not in the local Hugging Face cache and "
                           "the hub cannot be reached (HF_HUB_OFFLINE=1): connect and list again")
-    return sorted(p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()), False
+    return _files_under(snap), False
+
+
+def _files_under(root: pathlib.Path) -> list[str]:
+    """The paths (relative to ``root``, sorted) of the files under the folder ``root``."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
 def sae_folders(files) -> list[str]:
@@ -138,8 +143,7 @@ def list_hub_saes(repo: str, revision: str | None = None, cache_dir=None) -> tup
     is complete: from the hub, not the local cache). For a local folder: the SAE folders under it (complete)."""
     local = local_folder(repo)
     if local:
-        files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
-        return [str(local / d) if d else str(local) for d in sae_folders(files)], True
+        return [str(local / d) if d else str(local) for d in sae_folders(_files_under(local))], True
     repo, sub = parse_spec(repo)
     files, online = _repo_files(repo, revision, cache_dir)
     if sub:
@@ -200,22 +204,13 @@ def _download_sae(spec: str, revision: str | None, cache_dir) -> tuple[str, dict
     raise SaelabError(f"{spec}: {CFG_FILE} could not be read from the hub cache: fetch again")  # pragma: no cover
 
 
-def _json_object(path: pathlib.Path | None) -> dict:
-    """The JSON object in ``path``; {} when there is none (no path, unreadable, not an object)."""
-    try:
-        cfg = json.loads(path.read_text()) if path else {}
-    except (OSError, ValueError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
-
-
 def _sparsify_run_cfg(repo: str, sub: str, revision: str | None, cache_dir) -> dict:
     """sparsify's run config.json one folder above the hookpoint folder ({} when it has none)."""
     from saelab.formats import SPARSIFY_RUN_CFG
 
     parent = sub.rstrip("/").rpartition("/")[0]
-    return _json_object(_probe(repo, f"{parent}/{SPARSIFY_RUN_CFG}" if parent else SPARSIFY_RUN_CFG, revision,
-                               cache_dir))
+    return read_json_object(_probe(repo, f"{parent}/{SPARSIFY_RUN_CFG}" if parent else SPARSIFY_RUN_CFG, revision,
+                                   cache_dir)) or {}
 
 
 def local_folder(spec) -> pathlib.Path | None:
@@ -237,15 +232,15 @@ def local_folder(spec) -> pathlib.Path | None:
 def _read_local_sae(folder: pathlib.Path, target: dict | None = None):
     """(layout, {file name: path}, SAE converted from another layout or None) of the local SAE folder ``folder``;
     ``target``: fetch's --model / --hook, which the conversion takes instead of telling them itself."""
-    from saelab.formats import LAYOUT_HELP, LAYOUTS, SPARSIFY_RUN_CFG, convert, layout_of
+    from saelab.formats import LAYOUT_HELP, LAYOUTS, SPARSIFY_RUN_CFG, convert, folder_layout
 
-    layout = layout_of(p.name for p in folder.iterdir() if p.is_file())
+    layout = folder_layout(folder)
     if layout is None:
         raise SaelabError(f"{folder} holds no SAE saelab reads ({LAYOUT_HELP}): pass the folder of one")
     files = {f: folder / f for f in LAYOUTS[layout]}
     if layout == "saelens":
         return layout, files, None
-    run_cfg = _json_object(folder.parent / SPARSIFY_RUN_CFG) if layout == "sparsify" else None
+    run_cfg = read_json_object(folder.parent / SPARSIFY_RUN_CFG) if layout == "sparsify" else None
     return layout, files, convert(layout, files, "", folder.as_posix(), run_cfg, target)
 
 
