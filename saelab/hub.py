@@ -164,31 +164,36 @@ def _folders_hint(repo: str, revision: str | None, lead: str = "; it has: ",
     return f"{lead}{', '.join(folders[:6])}{more}"
 
 
-def _probe(repo: str, filename: str, revision: str | None, cache_dir) -> pathlib.Path | None:
+def _probe(repo: str, filename: str, revision: str | None, cache_dir, misses: dict | None = None):
     """``filename``'s path in the hub cache (downloaded when not cached), or None when the repo has no such file
-    (or, offline, when it is not cached). Other hub errors are one-line SaelabErrors."""
+    (or, offline, when it is not cached; ``misses`` then keeps huggingface_hub's error under ``filename``).
+    Other hub errors are one-line SaelabErrors."""
     from huggingface_hub import hf_hub_download
 
     with _hub_errors(repo, revision, filename.rpartition("/")[0]):
         try:
             return pathlib.Path(hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir))
-        except _errors().EntryNotFoundError:  # LocalEntryNotFoundError (offline, not cached) is one too
+        except _errors().EntryNotFoundError as err:  # LocalEntryNotFoundError (offline, not cached) is one too
+            if misses is not None:
+                misses[filename] = err
             return None
 
 
 def _download_sae(spec: str, revision: str | None, cache_dir) -> tuple[str, dict[str, pathlib.Path]]:
     """(layout, {file name: its path in the hub cache}) of ``spec``'s SAE, downloading what is not cached: the
     SAELens layout (cfg.json + sae_weights.safetensors) first, then sparsify's (cfg.json + sae.safetensors),
-    then Gemma Scope's (params.npz). None of them: the error of the SAELens file that is missing."""
+    then Gemma Scope's (params.npz). None of them: the error of cfg.json's miss (or, when it is there, of the
+    weights that are not)."""
     from saelab.formats import LAYOUTS
 
     repo, sub = parse_spec(spec)
     name = (lambda f: f"{sub}/{f}" if sub else f)
     found: dict[str, pathlib.Path | None] = {}
+    misses: dict[str, Exception] = {}
     for layout, files in LAYOUTS.items():
         for f in files:
             if f not in found:
-                found[f] = _probe(repo, name(f), revision, cache_dir)
+                found[f] = _probe(repo, name(f), revision, cache_dir, misses)
             if found[f] is None:
                 break
         else:
@@ -197,11 +202,8 @@ def _download_sae(spec: str, revision: str | None, cache_dir) -> tuple[str, dict
         raise SaelabError(f"{repo}/{sub} has {CFG_FILE} but no weights ({LAYOUTS['saelens'][1]} or "
                           f"{LAYOUTS['sparsify'][1]}){' in the local cache (offline)' if _offline() else ''}: "
                           "pass the folder of an SAE" + _folders_hint(repo, revision))
-    from huggingface_hub import hf_hub_download
-
-    with _hub_errors(repo, revision, sub):  # the error that fits: not cached (offline), no such file
-        hf_hub_download(repo, name(CFG_FILE), revision=revision, cache_dir=cache_dir)
-    raise SaelabError(f"{spec}: {CFG_FILE} could not be read from the hub cache: fetch again")  # pragma: no cover
+    with _hub_errors(repo, revision, sub):  # cfg.json's own miss: not cached (offline), or no such file
+        raise misses[name(CFG_FILE)]
 
 
 def _sparsify_run_cfg(repo: str, sub: str, revision: str | None, cache_dir) -> dict:
@@ -337,10 +339,10 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path, target
             for f, src in files.items():
                 shutil.copyfile(src, tmp / f)  # the cache's symlinks resolve to their blobs
                 fsync_file(tmp / f)
+            if target:  # a converted SAE took the target when it was built
+                _retarget(tmp / CFG_FILE, target)
         else:
             converted.save(tmp)  # cfg.json + sae_weights.safetensors, as saelab train writes them
-        if target:
-            _retarget(tmp / CFG_FILE, target)
         try:
             sae = SAE.load(tmp)
         except SaelabError as err:
