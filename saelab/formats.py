@@ -171,6 +171,8 @@ def sparsify_sae(cfg_path: pathlib.Path, weights: pathlib.Path, repo: str, sub: 
     if cfg.get("activation", "topk") != "topk" or cfg.get("signed"):
         raise SaelabError(f"{where}: sparsify activation {cfg.get('activation')!r}"
                           f"{' (signed)' if cfg.get('signed') else ''} is not supported (supported: topk)")
+    if "k" not in cfg:  # the config is checked whole before the weights are read
+        raise SaelabError(f"{where}/{CFG_FILE} gives no k: not a sparsify TopK config")
     try:
         raw = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types for a damaged file
@@ -189,6 +191,4 @@ def sparsify_sae(cfg_path: pathlib.Path, weights: pathlib.Path, repo: str, sub: 
     if tuple(w_dec.shape) == (d_in, d_sae) and d_in != d_sae:  # stored the other way round
         w_dec = w_dec.t()
     w = {"W_enc": enc.t(), "b_enc": raw.get("encoder.bias", torch.zeros(d_sae)), "W_dec": w_dec, "b_dec": raw["b_dec"]}
-    if "k" not in cfg:
-        raise SaelabError(f"{where}/{CFG_FILE} gives no k: not a sparsify TopK config")
     return _build(f"{where}/{SPARSIFY_WEIGHTS}", "topk", w, k=int(cfg["k"]), hook=hook, model=model, apply_b_dec=True)
