@@ -112,7 +112,7 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
     def splice(mode):
         def fn(act, hook):
             shape = act.shape
-            flat = act.reshape(shape[0], shape[1], -1)
+            flat = act.flatten(2)  # [n, T, features]: hook_z heads flattened head-major
             new = flat.clone()
             part = flat[:, first:]
             if mode == "sae":

@@ -397,13 +397,14 @@ def test_sae_folders_may_be_spelled_with_a_tilde(demo_group, monkeypatch):
 
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"])
-def test_direct_logits_equal_the_materialised_path(hook):
-    """features.direct_logits (steering: a few directions, no [d_in, vocab] matrix) and direct_logit_path (analyze:
-    every latent) are one map, checked on random weights with an unfolded LayerNorm scale and centring:
-    (centre(d W_O) · w) @ W_U, relative error ≤ 1e-5."""
+def test_direct_logits_and_logit_effects_follow_the_formula(hook):
+    """features.direct_logits (steering: a few directions) and logit_effects (analyze: every latent, in chunks of
+    latents, no [d_in, vocab] matrix) are the one map (centre(d W_O) · w) @ W_U, checked on random weights with an
+    unfolded LayerNorm scale and centring: relative error ≤ 1e-5, and logit_effects' top/bottom ids and values are
+    those of the explicit [d_sae, vocab] matrix, whatever the chunking."""
     from types import SimpleNamespace
 
-    from saelab.analysis.features import direct_logit_path, direct_logits
+    from saelab.analysis.features import direct_logits, logit_effects
     from saelab.sae.base import SAE
 
     g = torch.Generator().manual_seed(0)
@@ -414,9 +415,23 @@ def test_direct_logits_equal_the_materialised_path(hook):
                             ln_final=SimpleNamespace(w=torch.rand(d_model, generator=g) + 0.5),
                             cfg=SimpleNamespace(normalization_type="LN"))
     d_in = n_heads * d_head if hook.endswith("hook_z") else d_model
-    sae = SAE.create("topk", d_in=d_in, d_sae=16, k=2, hook_name=hook)
+    sae = SAE.create("topk", d_in=d_in, d_sae=37, k=2, hook_name=hook)
+
+    def formula(d):
+        r = d @ W_O.reshape(-1, d_model) if hook.endswith("hook_z") else d
+        return ((r - r.mean(-1, keepdim=True)) * model.ln_final.w) @ model.W_U
+
     d = torch.randn(3, d_in, generator=g)
-    r = d @ W_O.reshape(-1, d_model) if hook.endswith("hook_z") else d
-    want = ((r - r.mean(-1, keepdim=True)) * model.ln_final.w) @ model.W_U
-    for got in (direct_logits(model, sae, d), d @ direct_logit_path(model, sae)):
-        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    want = formula(d)
+    got = direct_logits(model, sae, d)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+    L = formula(sae.W_dec.detach())  # [d_sae, vocab]
+    tol = 1e-5 * L.abs().max()
+    for budget in (vocab, 7 * vocab, 1 << 25):  # 1 latent per chunk, 7 (a ragged last chunk), all at once
+        top_ids, top, bottom_ids, bottom = logit_effects(model, sae, k=5, budget=budget)
+        assert top_ids.shape == (37, 5) and bottom.shape == (37, 5)
+        assert (top - L.topk(5, dim=1).values).abs().max() <= tol
+        assert (bottom - L.topk(5, dim=1, largest=False).values).abs().max() <= tol
+        assert (L.gather(1, top_ids) - top).abs().max() <= tol  # the ids name those values
+        assert (L.gather(1, bottom_ids) - bottom).abs().max() <= tol

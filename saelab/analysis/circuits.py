@@ -158,8 +158,7 @@ def _run(model, tokens, hooks: dict, stop_at: str | None = None, capture=()):
     def make(name, fn):
         def hook_fn(x, hook):
             shape = x.shape
-            if x.ndim > 3:
-                x = x.reshape(shape[0], shape[1], -1)
+            x = x.flatten(2)
             if fn is not None:
                 x = fn(x)
             if name in capture:

@@ -397,30 +397,9 @@ def _direct_path_parts(model, sae):
     return W_O, scale, center, W_U
 
 
-def direct_logit_path(model, sae) -> torch.Tensor | None:
-    """[d_in, vocab]: the direct path from the SAE's hook to the logits (through the final LN's
-    scale and centring); for ``attn.hook_z`` first through that layer's W_O, as attention-SAE work
-    reads a latent's direct logit effect. None when the hook has none (``_direct_path_parts``).
-    For every latent at once (analyze); ``direct_logits`` applies it to a few directions."""
-    parts = _direct_path_parts(model, sae)
-    if parts is None:
-        return None
-    W_O, scale, center, W_U = parts
-    W_U = W_U.float()
-    if scale is not None:
-        W_U = scale.float()[:, None] * W_U
-    if center:  # LayerNorm centres its input: d ↦ d − mean(d) ≡ W_U ↦ (I − 11ᵀ/d) W_U
-        W_U = W_U - W_U.mean(0, keepdim=True)
-    return W_U if W_O is None else W_O.float().to(W_U.device) @ W_U
-
-
-def direct_logits(model, sae, d: torch.Tensor) -> torch.Tensor | None:
-    """The direct path applied to directions ``d`` [..., d_in] → [..., vocab] (the same map as
-    ``direct_logit_path``), without forming a [d_in, vocab] matrix: W_O, then the centring and the
-    scale on the d_model side, then W_U. None when the hook has no direct path."""
-    parts = _direct_path_parts(model, sae)
-    if parts is None:
-        return None
+def _apply_direct_path(parts, d: torch.Tensor) -> torch.Tensor:
+    """``parts`` (``_direct_path_parts``) applied to directions ``d`` [..., d_in] → [..., vocab]: W_O, then the
+    centring (LayerNorm: d ↦ d − mean(d)) and the scale on the d_model side, then W_U."""
     W_O, scale, center, W_U = parts
     r = d.to(W_U.device, torch.float32)
     if W_O is not None:
@@ -432,18 +411,37 @@ def direct_logits(model, sae, d: torch.Tensor) -> torch.Tensor | None:
     return r.to(W_U.dtype) @ W_U
 
 
+def direct_logits(model, sae, d: torch.Tensor) -> torch.Tensor | None:
+    """The direct path from the SAE's hook to the logits (through the final LN's scale and centring; for
+    ``attn.hook_z`` first through that layer's W_O, as attention-SAE work reads a latent's direct logit effect)
+    applied to directions ``d`` [..., d_in] → [..., vocab], without forming a [d_in, vocab] matrix. None when
+    the hook has no direct path (``_direct_path_parts``)."""
+    parts = _direct_path_parts(model, sae)
+    return None if parts is None else _apply_direct_path(parts, d)
+
+
 @torch.no_grad()
-def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, k: int = N_LOGITS, chunk: int = 1024):
-    """(top ids, top values, bottom ids, bottom values) [d_sae, k] of W_dec @ W_U."""
-    k = min(k, W_U.shape[1])
+def logit_effects(model, sae, k: int = N_LOGITS, budget: int = 1 << 25):
+    """(top ids, top values, bottom ids, bottom values) [d_sae, k] of every latent's direct logit effect
+    (``direct_logits`` of its decoder row), or None when the hook has no direct path.
+
+    Latents go in chunks of ``budget // vocab`` rows (at least 1): one chunk's [rows, vocab] float32 logits
+    (128 MiB at the default) are the only vocabulary-wide temporary; no [d_in, vocab] matrix is formed, which
+    for a Gemma-2 vocabulary (256k) would be 2.4 GB next to the model's own W_U."""
+    parts = _direct_path_parts(model, sae)
+    if parts is None:
+        return None
+    W_dec = sae.W_dec.detach()
+    vocab = parts[3].shape[1]
+    k = min(k, vocab)
+    chunk = max(1, budget // vocab)
     out = [[], [], [], []]
-    W_U = W_U.to(W_dec.device)
     for c0 in range(0, W_dec.shape[0], chunk):
-        L = W_dec[c0 : c0 + chunk].float() @ W_U
+        L = _apply_direct_path(parts, W_dec[c0 : c0 + chunk]).float()
         tv, ti = L.topk(k, dim=1)
         bv, bi = L.topk(k, dim=1, largest=False)
         for lst, t in zip(out, (ti, tv, bi, bv)):
-            lst.append(t)
+            lst.append(t.to(W_dec.device))
     return tuple(torch.cat(t) for t in out)
 
 
@@ -548,8 +546,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     store.close()
 
     W_dec = sae.W_dec.detach()
-    W_U = direct_logit_path(model, sae)
-    lt = logit_effects(W_dec, W_U) if W_U is not None else None
+    lt = logit_effects(model, sae)
     nb_ids, nb_cos = neighbours(W_dec)
     groups = nesting_groups(sae)
     heads = _head_layout(store, sae, model)

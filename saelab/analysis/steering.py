@@ -131,7 +131,7 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
 
     def fn(act, hook):
         shape = act.shape
-        flat = act.reshape(shape[0], shape[1], -1)
+        flat = act.flatten(2)  # [n, T, features]: hook_z heads flattened head-major
         if flat.shape[-1] != sae.d_in:  # not a raw broadcasting error from the first add
             raise SaelabError(f"this SAE has d_in {sae.d_in}, but hook {sae.cfg.hook_name} gives {flat.shape[-1]} per "
                               "position: load the model the SAE was trained on")
