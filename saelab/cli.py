@@ -96,6 +96,16 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from saelab.app.export import export_html
+
+    out, n = export_html(args.sae, args.out, latents=args.latents, sample=args.sample, seed=args.seed,
+                         progress=not args.quiet)
+    size = out.stat().st_size
+    print(f"wrote {out}: {n} latent card{'s' * (n != 1)}, {size / 2**20:.1f} MiB (open it in any browser)")
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from saelab.hub import fetch_group, fetch_sae, list_hub_saes
 
@@ -296,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--top", type=int, default=20, help="top-activating examples kept per latent (default: 20)")
     _add_run_flags(a)
     a.set_defaults(func=cmd_analyze)
+
+    x = sub.add_parser("export", help="latent cards as one self-contained HTML file (no server needed)",
+                       description="Write the feature cards of chosen latents (default: a random sample of the alive "
+                                   "ones) from features.h5 into one HTML file that any browser opens offline.")
+    x.add_argument("--sae", required=True, help="an analysed SAE folder, or a group folder (every SAE in it)")
+    x.add_argument("--out", required=True, help="the HTML file to write, e.g. cards.html")
+    x.add_argument("--latents", default=None, help="latent ids and ranges, e.g. 3,17,100-120 (default: --sample)")
+    x.add_argument("--sample", type=int, default=50,
+                   help="without --latents: this many random latents that fired, per SAE (default: 50)")
+    x.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
+    x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",
                        description="Harvest the tiny model, train one TopK SAE per residual hook (a group), "

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import html
 
+#: the styles ``tokens_html(..., classed=True)`` leaves to a stylesheet (``saelab export`` writes it once)
+TOKENS_CSS = (".tw{font-family:monospace;font-size:0.85em;line-height:1.9;white-space:normal}"
+              ".tw span{border-radius:2px;padding:0 1px}.tw .at{outline:1.5px solid #333}")
 
-def tokens_html(tokens: list[str], acts: list[float], pos: int | None, scale: float) -> str:
+
+def tokens_html(tokens: list[str], acts: list[float], pos: int | None, scale: float, classed: bool = False) -> str:
     """Tokens as inline spans shaded by activation (orange positive, blue negative); hovering one
-    shows its value; the example's own token is outlined."""
+    shows its value; the example's own token is outlined. ``classed``: the styles every span shares come
+    from ``TOKENS_CSS`` (class ``tw``) instead of each span's own style attribute, for a page of many windows."""
     out = []
     scale = scale if scale and scale > 0 else max((abs(a) for a in acts), default=1.0) or 1.0
     for i, (t, a) in enumerate(zip(tokens, acts)):
         alpha = min(abs(a) / scale, 1.0)
         rgb = "255,140,0" if a >= 0 else "30,120,255"
-        border = "outline:1.5px solid #333;" if i == pos else ""
+        shade = f"background:rgba({rgb},{alpha:.2f});" if alpha >= 0.005 else ""  # else it would print as 0.00
         text = html.escape(t).replace("\n", "↵").replace(" ", "&nbsp;") or "&nbsp;"
-        out.append(f'<span title="{a:.3f}" style="background:rgba({rgb},{alpha:.2f});{border}'
-                   f'border-radius:2px;padding:0 1px">{text}</span>')
+        if classed:
+            style = f' style="{shade}"' if shade else ""
+            out.append(f'<span title="{a:.3f}"{" class=at" if i == pos else ""}{style}>{text}</span>')
+        else:
+            border = "outline:1.5px solid #333;" if i == pos else ""
+            out.append(f'<span title="{a:.3f}" style="{shade}{border}border-radius:2px;padding:0 1px">{text}</span>')
+    if classed:
+        return '<div class="tw">' + "".join(out) + "</div>"
     return ('<div style="font-family:monospace;font-size:0.85em;line-height:1.9;white-space:normal">'
             + "".join(out) + "</div>")

@@ -1,0 +1,198 @@
+"""Latent cards as one self-contained HTML file (``saelab export``): what the app's Features page shows for a
+set of latents, readable in any browser with no server, no network and no JavaScript, to share or archive.
+
+For each SAE (one folder, or every SAE of a group folder) it reads the feature database (``features.h5``,
+written by ``saelab analyze``) and the labels (``labels.json``), and writes, per chosen latent: the label,
+density, mean / max activation, fire count, nesting group, attention heads; the histogram of non-zero
+|activations| (inline SVG); the top examples as token windows shaded by activation (hover a token for its
+value: the app's ``tokens_html``), the most negative ones for signed SAEs, and the quantile bands (folded,
+``<details>``); promoted and suppressed tokens; the decoder neighbours, linked when they are in the file.
+An index at the top lists every exported latent. Latents are chosen by ``latents`` (ids and ranges,
+``"3,17,100-120"``) or, by default, a seeded random sample of the alive ones (what a reader judging an SAE's
+interpretability wants: not the handful that fire most).
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import pathlib
+import re
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from saelab import SaelabError, __version__
+from saelab.app.render import TOKENS_CSS, tokens_html
+
+SAMPLE = 50
+N_TOP_SHOWN = 10  # top examples shown open; the rest are folded
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 12px}
+h1{font-size:1.5em}h2{font-size:1.25em;margin:0 0 4px}h3{font-size:1em;margin:12px 0 4px}
+.meta{color:#555;font-size:.9em}.card{border:1px solid #ddd;border-radius:6px;padding:12px 16px;margin:18px 0}
+.cols{display:flex;gap:24px;flex-wrap:wrap}.left{flex:3;min-width:420px}.right{flex:2;min-width:300px}
+.ex{margin:2px 0;display:flex;gap:8px;align-items:baseline}.ex b{min-width:3.5em;flex:none}
+table{border-collapse:collapse;font-size:.9em}
+td,th{padding:1px 8px;text-align:left;border-bottom:1px solid #eee}code{font-size:.95em}
+summary{cursor:pointer;color:#444;margin:4px 0}a{color:#0b5cad}h2.sae{margin-top:28px}
+"""
+
+
+def parse_latents(spec: str, d_sae: int) -> list[int]:
+    """``"3,17,100-120"`` → sorted unique ids, each checked against ``d_sae``; a one-line error otherwise."""
+    out: set[int] = set()
+    for part in (p.strip() for p in str(spec).split(",")):
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise SaelabError(f"--latents {spec!r}: {part!r} is not a latent id or a range like 100-120")
+        a, b = int(m[1]), int(m[2] if m[2] is not None else m[1])
+        if b < a:
+            raise SaelabError(f"--latents {spec!r}: the range {part} runs backwards; write {b}-{a}")
+        if b >= d_sae:
+            raise SaelabError(f"--latents {spec!r}: latent {b} is out of range: this SAE has latents 0..{d_sae - 1}")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def sample_alive(density: np.ndarray, n: int, seed: int = 0) -> list[int]:
+    """``n`` latents drawn without replacement from those that fired (all of them when fewer), sorted."""
+    if n < 1:
+        raise SaelabError(f"--sample {n}: pass 1 or more")
+    alive = np.flatnonzero(density > 0)
+    if len(alive) <= n:
+        return alive.tolist()
+    return sorted(np.random.default_rng(seed).choice(alive, size=n, replace=False).tolist())
+
+
+def _hist_svg(edges: list[float], counts: list[int], w: int = 320, h: int = 90) -> str:
+    """Bars of the log-binned histogram (equal widths: the bins are equal in log |activation|)."""
+    if not counts:
+        return '<p class="meta">never fired</p>'
+    top = max(counts) or 1
+    bw = w / len(counts)
+    bars = "".join(f'<rect x="{i * bw:.1f}" y="{h - h * c / top:.1f}" width="{max(bw - 0.5, 0.5):.1f}" '
+                   f'height="{h * c / top:.1f}" fill="darkorange"><title>{a:.3g}–{b:.3g}: {c:,}</title></rect>'
+                   for i, (a, b, c) in enumerate(zip(edges[:-1], edges[1:], counts)))
+    return (f'<svg width="{w}" height="{h + 16}" role="img" aria-label="histogram">{bars}'
+            f'<text x="0" y="{h + 13}" font-size="11">{edges[0]:.3g}</text>'
+            f'<text x="{w}" y="{h + 13}" font-size="11" text-anchor="end">{edges[-1]:.3g}</text></svg>')
+
+
+def _examples(examples, scale: float) -> str:
+    if not examples:
+        return '<p class="meta">none</p>'
+    return "".join(f'<div class="ex"><b>{e.value:+.2f}</b>'
+                   f"{tokens_html(e.tokens, e.acts, e.pos, scale, classed=True)}</div>" for e in examples)
+
+
+def _tokens_table(rows: list[tuple[str, float]]) -> str:
+    if not rows:
+        return '<p class="meta">none (this hook has no direct path to the logits)</p>'
+    return ("<table><tr><th>token</th><th>logit</th></tr>"
+            + "".join(f"<tr><td><code>{html.escape(repr(t))}</code></td><td>{v:+.3f}</td></tr>" for t, v in rows)
+            + "</table>")
+
+
+def anchor(sae_name: str, latent: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', sae_name)}-{latent}"
+
+
+def card_html(card, sae_name: str, label: str, exported: set[int]) -> str:
+    """One latent's section; ``exported``: the latents of this SAE in the file (neighbours link to them)."""
+    i = card.latent
+    facts = [f"density {card.density:.3%}", f"fired on {card.count:,} rows", f"mean {card.mean_act:.3f}",
+             f"max {card.max_act:.3f}"]
+    if card.min_act < 0:
+        facts.append(f"min {card.min_act:.3f}")
+    if card.group is not None:
+        facts.append(f"nesting group {card.group}")
+    if card.heads:
+        facts.append("heads " + " · ".join(f"{h} {x:.0%}" for h, x in card.heads[:4] if x >= 0.01))
+    scale = card.max_act if card.max_act > 0 else 0.0
+    left = [f"<h3>Top activations</h3>{_examples(card.top[:N_TOP_SHOWN], scale)}"]
+    if len(card.top) > N_TOP_SHOWN:
+        left.append(f"<details><summary>{len(card.top) - N_TOP_SHOWN} more top activations</summary>"
+                    f"{_examples(card.top[N_TOP_SHOWN:], scale)}</details>")
+    if card.top_negative:
+        left.append("<h3>Most negative activations</h3>"
+                    + _examples(card.top_negative, max(abs(e.value) for e in card.top_negative)))
+    for band, exs in card.quantiles:
+        left.append(f"<details><summary>Quantile band {html.escape(band)} ({len(exs)} examples)</summary>"
+                    f"{_examples(exs, scale)}</details>")
+    nbs = []
+    for j, cos in card.neighbours:
+        name = f"#{j}"
+        nbs.append(f'<a href="#{anchor(sae_name, j)}">{name}</a> ({cos:.2f})' if j in exported
+                   else f"{name} ({cos:.2f})")
+    right = [f"<h3>Histogram of non-zero |activations|</h3>{_hist_svg(card.hist_edges, card.hist_counts)}",
+             f"<h3>Promoted tokens</h3>{_tokens_table(card.logits_top)}",
+             f"<h3>Suppressed tokens</h3>{_tokens_table(card.logits_bottom)}",
+             "<h3>Neighbours (decoder cosine)</h3><p>" + " · ".join(nbs) + "</p>"]
+    title = f"Latent {i}" + (f" — {html.escape(label)}" if label else "")
+    return (f'<section class="card" id="{anchor(sae_name, i)}"><h2>{title}</h2>'
+            f'<p class="meta">{" · ".join(facts)}</p><div class="cols"><div class="left">{"".join(left)}</div>'
+            f'<div class="right">{"".join(right)}</div></div></section>')
+
+
+def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed: int = 0,
+                progress: bool = False) -> tuple[pathlib.Path, int]:
+    """Write the cards of ``sae`` (an SAE folder or a group folder) to the HTML file ``out``; returns
+    (out, number of cards). ``latents``: ids and ranges for every SAE; else ``sample`` random alive latents
+    per SAE (``seed``). The file appears whole or not at all (temp name, fsync, rename)."""
+    from saelab.analysis.features import FeatureDB, load_labels, sae_folders
+    from saelab.store import atomic_write_text
+
+    out = pathlib.Path(out).expanduser()
+    if out.is_dir():
+        raise SaelabError(f"--out {out} is a folder: pass a file name, e.g. {out / 'cards.html'}")
+    plan = []  # (folder, latent ids): every bad --latents / --sample / missing database refused before any work
+    for folder in sae_folders(sae):
+        with FeatureDB(folder) as db:
+            plan.append((folder, parse_latents(latents, db.d_sae) if latents is not None
+                         else sample_alive(db.density, sample, seed)))
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:  # an unwritable --out fails now, not after the cards are built
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+        tmp.unlink()
+    except OSError as e:
+        raise SaelabError(f"--out {out} cannot be written ({e.strerror or e}): choose a file you can write") from None
+    parts, index = [], []
+    for folder, ids in plan:
+        with FeatureDB(folder) as db:
+            labels = load_labels(folder)
+            name = folder.name
+            exported = set(ids)
+            head = (f'<h2 class="sae" id="{anchor(name, "sae")}">{html.escape(db.hook)}</h2><p class="meta">'
+                    f"{html.escape(str(folder))} · {html.escape(db.arch)} · "
+                    f"{db.d_sae:,} latents over d_in {db.d_in} · "
+                    f"model {html.escape(db.model or '—')} · {db.n_rows:,} rows analysed · "
+                    f"{int((db.density > 0).sum()):,} latents alive · {len(ids)} shown "
+                    + ("(chosen)" if latents is not None else f"(random alive, seed {seed})") + "</p>")
+            cards, rows = [], []
+            for i in tqdm(ids, desc=f"export {db.hook}", disable=not progress, leave=False):
+                card = db.card(i)
+                lab = labels.get(i, "")
+                cards.append(card_html(card, name, lab, exported))
+                top = html.escape(repr(card.logits_top[0][0])) if card.logits_top else "—"
+                rows.append(f'<tr><td><a href="#{anchor(name, i)}">{i}</a></td><td>{html.escape(lab)}</td>'
+                            f"<td>{card.density:.3%}</td><td>{card.max_act:.3f}</td><td><code>{top}</code></td></tr>")
+            index.append(f'<h3><a href="#{anchor(name, "sae")}">{html.escape(db.hook)}</a></h3><table><tr>'
+                         "<th>latent</th><th>label</th><th>density</th><th>max</th><th>top promoted token</th></tr>"
+                         + "".join(rows) + "</table>")
+            parts.append(head + "".join(cards))
+    n = sum(len(ids) for _, ids in plan)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    title = f"saelab latent cards: {html.escape(str(pathlib.Path(sae)))}"
+    doc = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+           f"<style>{_CSS}{TOKENS_CSS}</style></head><body><h1>{title}</h1>"
+           f'<p class="meta">{n} latents from {len(plan)} SAE{"s" * (len(plan) != 1)} · written {now} by '
+           f"saelab {__version__} · shading: orange positive, blue negative, relative to the latent's max; "
+           "hover a token for its activation</p>" + "".join(index) + "".join(parts) + "</body></html>\n")
+    try:
+        atomic_write_text(out, doc)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SaelabError(f"--out {out} cannot be written ({e.strerror or e}): choose a file you can write") from None
+    return out, n
