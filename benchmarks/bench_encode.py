@@ -17,23 +17,16 @@
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
+from procmem import peak_rss_bytes, reset_peak_rss, rss_bytes, run_child
 from saelab.kernels import topk_encode
 from saelab.sae import SAE
 
 FUSED = ("chunked", "screened")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def inputs(B, d, n, dtype=torch.float32, device="cpu"):
@@ -43,24 +36,6 @@ def inputs(B, d, n, dtype=torch.float32, device="cpu"):
     W = torch.empty(d, n, dtype=dtype, device=device).normal_(std=d**-0.5, generator=g)
     b = torch.empty(n, dtype=dtype, device=device).normal_(std=0.1, generator=g)
     return x, W, b
-
-
-def reset_peak_rss() -> bool:
-    """Linux: reset the peak RSS (VmHWM) to the current RSS (echo 5 > /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def alternate(variants: dict, reps: int, sync=lambda: None) -> dict:
@@ -99,10 +74,8 @@ def mem_child(kernel: str, width: int, B: int, d: int, k: int) -> None:
 
 
 def measure_mem(kernel, width, a) -> int:
-    cmd = [sys.executable, __file__, "--mem-child", kernel, "--widths", str(width), "--batch", str(a.batch),
-           "--d-in", str(a.d_in), "--k", str(a.k)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["extra"]
+    return run_child([__file__, "--mem-child", kernel, "--widths", str(width), "--batch", str(a.batch),
+                      "--d-in", str(a.d_in), "--k", str(a.k)])["extra"]
 
 
 def main():

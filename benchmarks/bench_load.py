@@ -9,29 +9,21 @@ The default shape is a Gemma Scope 2B 32k SAE (d_in 2304): 604 MB of float32 wei
 """
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
+
+from procmem import run_child
 
 CHILD = r"""
 import json, os, sys, time
+from procmem import peak_rss_bytes, rss_bytes
 import torch
 from safetensors.torch import load_file
 from saelab.sae.base import SAE, SAVED_PARAMS, read_sae_cfg
 from saelab.config import SAEConfig, WEIGHTS_FILE
 
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-def hwm():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
-
 folder, how = sys.argv[1], sys.argv[2]
-before = rss()
+before = rss_bytes()
 t = time.perf_counter()
 if how == "SAE.load":
     sae = SAE.load(folder)
@@ -46,7 +38,7 @@ else:  # the plain path: random init, then copy the file's tensors in
     sae.load_extra_weights(w)
     del w
 sae.encode(torch.randn(8, sae.d_in))  # touch the encoder: the SAE is usable
-print(json.dumps({"s": time.perf_counter() - t, "peak": hwm() - before}))
+print(json.dumps({"s": time.perf_counter() - t, "peak": peak_rss_bytes() - before}))
 """
 
 
@@ -65,8 +57,7 @@ def main():
         runs = {"plain (init + copy)": [], "SAE.load": []}
         for _ in range(a.reps):
             for how in runs:
-                out = subprocess.run([sys.executable, "-c", CHILD, d, how], capture_output=True, text=True, check=True)
-                runs[how].append(json.loads(out.stdout))
+                runs[how].append(run_child(["-c", CHILD, d, how]))
     print(f"load of a {a.arch} SAE, d_in {a.d_in}, {a.width:,} latents ({mb:,.0f} MB of W_enc + W_dec), "
           f"medians of {a.reps} fresh processes\n")
     print("| path | load + one encode (s) | peak RSS growth (MB) | time / plain | memory / plain |")

@@ -12,25 +12,17 @@ Both paths give the same top token per latent (checked here, ≥ 99% allowing fl
 """
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
+
+from procmem import run_child
 
 CHILD = r"""
 import json, os, sys, time
+from procmem import peak_rss_bytes, rss_bytes
 from types import SimpleNamespace
 import torch
 from saelab.analysis.features import logit_effects, N_LOGITS
 from saelab.sae.base import SAE
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-def hwm():
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
 
 how, hook, d_model, vocab, d_sae, n_heads, d_head, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:9])
 torch.set_num_threads(threads)
@@ -42,7 +34,7 @@ model = SimpleNamespace(blocks=[attn] * 2, W_U=torch.randn(d_model, vocab, gener
 d_in = n_heads * d_head if hook.endswith("hook_z") else d_model
 torch.manual_seed(0)
 sae = SAE.create("topk", d_in=d_in, d_sae=d_sae, k=8, hook_name=hook)
-before = rss()
+before = rss_bytes()
 t = time.perf_counter()
 if how == "chunked":
     top_ids = logit_effects(sae=sae, model=model)[0]
@@ -58,7 +50,7 @@ else:  # the materialised path: the centred W_U (and W_O @ it), then chunks of 1
             L.topk(N_LOGITS, dim=1, largest=False)
         top_ids = torch.cat(tops)
 s = time.perf_counter() - t
-print(json.dumps({"s": s, "peak": hwm() - before, "top1": top_ids[:, 0].tolist()}))
+print(json.dumps({"s": s, "peak": peak_rss_bytes() - before, "top1": top_ids[:, 0].tolist()}))
 """
 
 SHAPES = {  # name: (hook, d_model, vocab, d_sae, n_heads, d_head)
@@ -68,9 +60,7 @@ SHAPES = {  # name: (hook, d_model, vocab, d_sae, n_heads, d_head)
 
 
 def run(how, shape, threads):
-    out = subprocess.run([sys.executable, "-c", CHILD, how, *map(str, shape), str(threads)], capture_output=True,
-                         text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(["-c", CHILD, how, *map(str, shape), str(threads)])
 
 
 def main():

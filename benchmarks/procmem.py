@@ -1,0 +1,49 @@
+"""Process memory for the benchmarks that run each variant in a fresh process and report its peak RSS growth:
+readings of this process (Linux /proc; ``ru_maxrss`` where there is none) and the runner of such a child.
+
+A child imports this module by name (``from procmem import ...``): ``run_child`` puts this folder on its path."""
+
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def rss_bytes() -> int:
+    """Resident set size now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size (VmHWM) since the start or the last ``reset_peak_rss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Linux: reset the peak RSS (VmHWM) to the current RSS (echo 5 > /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(args: list[str]) -> dict:
+    """Run ``python *args`` (a script and its flags, or ``-c CODE ...``) with this folder importable; its last
+    line of output, JSON, is the result."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
