@@ -162,6 +162,9 @@ def test_features_by_id_shows_the_card(monkeypatch, app_group, db1, top_latent):
     html = "".join(m.value for m in at.markdown)
     ex = card.top[0]
     assert f'title="{ex.acts[ex.pos]:.3f}"' in html and f"<b>{ex.value:+.2f}</b>" in html
+    # the card can be downloaded as one HTML file (saelab.app.export.card_document, tested in test_export)
+    dl = at.get("download_button")
+    assert [d.proto.label for d in dl] == ["Download this card (HTML)"] and dl[0].proto.url.endswith(".html")
     # clicking a neighbour opens its card
     j = card.neighbours[0][0]
     at.button(key=f"card_nb_{lat}_{j}").click().run()

@@ -109,6 +109,24 @@ def test_cli_writes_the_chosen_cards_as_featuredb_reads_them(sae_copy, tmp_path)
         assert not list(out.parent.glob(".*tmp"))
 
 
+def test_card_document_is_one_whole_card(sae_copy):
+    """What the app's download button serves: a whole page holding exactly that latent's card."""
+    from saelab.analysis.features import FeatureDB
+    from saelab.app.export import card_document
+
+    with FeatureDB(sae_copy) as db:
+        latent = int(db.density.argmax())
+        card = db.card(latent)
+        doc = card_document(db, card, label="a & b")
+    assert doc.startswith("<!doctype html>") and doc.rstrip().endswith("</html>")
+    page = _Page(doc)
+    assert list(page.sections) == [f"{HOOK1}-{latent}"]
+    text = "".join(page.sections[f"{HOOK1}-{latent}"])
+    assert f"Latent {latent} — a & b" in text and f"density {card.density:.3%}" in text
+    assert f"{card.top[0].acts[card.top[0].pos]:.3f}" in page.titles
+    assert not page.hrefs  # neighbours not in the file are not links
+
+
 def test_sample_is_alive_seeded_and_covers_every_sae_of_a_group(demo_group, tmp_path):
     from saelab.analysis.features import FeatureDB
     from saelab.app.export import export_html

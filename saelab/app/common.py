@@ -138,6 +138,7 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> No
     import plotly.graph_objects as go
 
     from saelab.analysis.features import save_label
+    from saelab.app.export import card_document
 
     try:
         card = db.card(latent)
@@ -164,6 +165,10 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> No
         c[1].metric("mean activation", f"{card.mean_act:.3f}")
         c[2].metric("max activation", f"{card.max_act:.3f}")
         c[3].metric("nesting group", "—" if card.group is None else str(card.group))
+        st.download_button("Download this card (HTML)", data=card_document(db, card, labs.get(latent, "")),
+                           file_name=f"{sae_dir.name}-latent-{latent}.html", mime="text/html",
+                           key=f"{key}_download_{latent}",
+                           help="one self-contained file that any browser opens offline (saelab export for many)")
 
     left, right = st.columns([3, 2])
     with left:

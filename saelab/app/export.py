@@ -135,6 +135,25 @@ def card_html(card, sae_name: str, label: str, exported: set[int]) -> str:
             f'<div class="right">{"".join(right)}</div></div></section>')
 
 
+def _page(title: str, what: str, body: str) -> str:
+    """The whole document: head and stylesheet, ``title``, one line of what is in it, then ``body``."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    title = html.escape(title)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_CSS}{TOKENS_CSS}</style></head><body><h1>{title}</h1>"
+            f'<p class="meta">{what} · written {now} by saelab {__version__} · shading: orange positive, blue '
+            "negative, relative to the latent's max; hover a token for its activation</p>" + body + "</body></html>\n")
+
+
+def card_document(db, card, label: str = "") -> str:
+    """One latent's card as a whole HTML document (the app's download button), from an open FeatureDB."""
+    name = db.sae_dir.name
+    return _page(f"{db.hook}: latent {card.latent}",
+                 f"{html.escape(str(db.sae_dir))} · {html.escape(db.arch)} · {db.d_sae:,} latents · "
+                 f"model {html.escape(db.model or '—')} · {db.n_rows:,} rows analysed",
+                 card_html(card, name, label, {card.latent}))
+
+
 def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed: int = 0,
                 progress: bool = False) -> tuple[pathlib.Path, int]:
     """Write the cards of ``sae`` (an SAE folder or a group folder) to the HTML file ``out``; returns
@@ -183,13 +202,8 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
                          + "".join(rows) + "</table>")
             parts.append(head + "".join(cards))
     n = sum(len(ids) for _, ids in plan)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    title = f"saelab latent cards: {html.escape(str(pathlib.Path(sae)))}"
-    doc = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-           f"<style>{_CSS}{TOKENS_CSS}</style></head><body><h1>{title}</h1>"
-           f'<p class="meta">{n} latents from {len(plan)} SAE{"s" * (len(plan) != 1)} · written {now} by '
-           f"saelab {__version__} · shading: orange positive, blue negative, relative to the latent's max; "
-           "hover a token for its activation</p>" + "".join(index) + "".join(parts) + "</body></html>\n")
+    doc = _page(f"saelab latent cards: {pathlib.Path(sae)}",
+                f'{n} latents from {len(plan)} SAE{"s" * (len(plan) != 1)}', "".join(index) + "".join(parts))
     try:
         atomic_write_text(out, doc)
     except OSError as e:
