@@ -188,9 +188,13 @@ def test_card_of_an_attention_sae_names_its_heads(monkeypatch, small_run, tmp_pa
     folder = tmp_path / "attn"
     sae.save(folder)
     analyze(folder, stores[hook], tokens=512, progress=False)
+    from saelab.app.export import card_document
+
     with FeatureDB(folder) as db:
         heads = db.card(3).heads
+        doc = card_document(db, db.card(3))  # the downloaded / exported card names the head too
     assert heads[0][0] == "L1H2" and heads[0][1] > 0.8
+    assert f"heads L1H2 {heads[0][1]:.0%}" in doc
     at = _features(monkeypatch, folder, hook=hook)
     at.number_input(key="latent").set_value(3).run()
     text = " ".join(m.value for m in _ok(at).markdown)
@@ -458,9 +462,13 @@ def test_signed_sae_card_shows_both_signs(monkeypatch, demo_group, tiny, tmp_pat
     sae = SAE.create("abstopk", d_in=tiny.cfg.d_model, d_sae=256, k=8, hook_name=HOOK1, model_name="tiny")
     folder = sae.save(tmp_path / "abstopk")
     analyze(folder, demo_group.stores[HOOK1], tokens=128 * 32, model=tiny, progress=False)
+    from saelab.app.export import card_document
+
     with FeatureDB(folder) as db:
         lat = next(j for j in range(256) if db.card(j).top_negative)
         neg = db.card(lat).top_negative[0]
+        doc = card_document(db, db.card(lat))  # the downloaded / exported card has both signs too
+    assert "<h3>Most negative activations</h3>" in doc and f"<b>{neg.value:+.2f}</b>" in doc
     at = _app(monkeypatch, folder, "pages/1_Features.py")
     at.number_input(key="latent").set_value(lat).run()
     _ok(at)
