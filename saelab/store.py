@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pathlib
 import threading
@@ -100,16 +101,65 @@ def fsync_file(path: pathlib.Path) -> None:
         os.fsync(f.fileno())
 
 
+def temp_name(path: pathlib.Path) -> pathlib.Path:
+    """The hidden name a file is written under before its rename (``atomic_write_text``)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
     """Write text to path so that readers see the old or the new file, never half of one."""
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def _unwritable(flag: str, path: pathlib.Path, e: OSError) -> SaelabError:
+    return SaelabError(f"{flag} {path} cannot be written ({e.strerror or e}): choose a file you can write")
+
+
+def check_output(path, flag: str = "--out", example: str = "out.json") -> pathlib.Path:
+    """A command's output file, checked before its work: not a folder, its folder made, and writable (its temp
+    name created and removed); a one-line SaelabError naming ``flag`` otherwise."""
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        raise SaelabError(f"{flag} {path} is a folder: pass a file name, e.g. {path / example}")
+    tmp = temp_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+        tmp.unlink()
+    except OSError as e:
+        raise _unwritable(flag, path, e) from None
+    return path
+
+
+def write_output(path, text: str, flag: str = "--out") -> pathlib.Path:
+    """``atomic_write_text`` for a command's output file (its folder made); an OSError is a one-line
+    SaelabError naming ``flag``, with no temp file left."""
+    path = pathlib.Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError as e:
+        temp_name(path).unlink(missing_ok=True)
+        raise _unwritable(flag, path, e) from None
+    return path
+
+
+def finite_json(obj):
+    """``obj`` with every NaN / inf float as None (JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def sha256_file(path: pathlib.Path, block: int = 1 << 22) -> str:
@@ -236,7 +286,7 @@ class ShardWriter:
         ctx = self.manifest["context_size"]
         assert tokens.shape == (rows // ctx, ctx) and rows % ctx == 0, "shards hold whole contexts"
         name = shard_name(len(self.manifest["shards"]))
-        tmp = self.folder / f".{name}.tmp"
+        tmp = temp_name(self.folder / name)
         chunk_rows = max(1, min(rows, (1 << 20) // (d_in * activations.itemsize)))
         with h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
             f.create_dataset("activations", data=activations, chunks=(chunk_rows, d_in))

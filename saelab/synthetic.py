@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from saelab import SaelabError
 from saelab.config import JSONConfig, _f
 from saelab.harvest import plan_shards
-from saelab.store import FORMAT_VERSION, ShardWriter, atomic_write_text, fsync_dir
+from saelab.store import FORMAT_VERSION, ShardWriter, atomic_write_text, fsync_dir, temp_name
 
 CONTEXT_SIZE = 128  # rows per "context": the store's unit of shards and held-out splits
 CHILD_RATE = 0.5  # P(child fires | its parent fires)
@@ -163,7 +163,7 @@ def stream(cfg: SyntheticConfig, n: int, gen: torch.Generator, directions: torch
 
 # ------------------------------------------------------------------------------ writer
 def _save_npy(path: pathlib.Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_name(path)
     with open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         f.flush()

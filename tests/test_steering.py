@@ -268,3 +268,79 @@ def test_clamp_with_the_sae_on_the_cpu_and_the_model_on_the_gpu():
     r = steer(model, sae, "Once upon a time", [Intervention(3, "clamp", 5.0), Intervention(4, "ablate")],
               max_new_tokens=2, temperature=0)
     assert r.metrics["kl"] >= 0
+
+
+# ----------------------------------------------------------------------------- saelab steer
+def test_cli_steer_prints_what_the_library_gives_and_writes_json(tiny, sae1, demo_group, tmp_path):
+    """`saelab steer` in a subprocess, on the demo group with --hook: the continuations and metrics it prints and
+    writes are those of steering.steer on the same settings."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from saelab.analysis.steering import Intervention, steer
+
+    lat, _ = _top_latent(tiny, sae1)
+    out = tmp_path / "runs" / "steer.json"  # its folder does not exist yet
+    r = subprocess.run([sys.executable, "-m", "saelab", "steer", "--sae", str(demo_group.group), "--hook",
+                        "blocks.1.hook_resid_post", "--prompt", PROMPT, "--steer", f"{lat}:add:40", "--tokens", "8",
+                        "--seed", "3", "--json", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    want = steer(tiny, sae1, PROMPT, [Intervention(lat, "add", 40.0)], max_new_tokens=8, temperature=1.0, seed=3,
+                 top_n=5)  # the command lists the 5 biggest rises and falls
+    assert want.steered != want.clean
+    assert f"clean:   {want.clean!r}" in r.stdout and f"steered: {want.steered!r}" in r.stdout
+    assert f"KL {want.metrics['kl']:.3f} · logit shift of the promoted tokens {want.metrics['logit_shift']:+.3f}" \
+        in r.stdout
+    assert f"wrote {out}" in r.stdout
+    got = json.loads(out.read_text())
+    assert got["clean"] == want.clean and got["steered"] == want.steered and got["hook"] == "blocks.1.hook_resid_post"
+    assert got["interventions"] == [{"latent": lat, "mode": "add", "value": 40.0}] and got["model"] == "tiny"
+    assert abs(got["metrics"]["kl"] - want.metrics["kl"]) < 1e-6 and got["prob_change"] == want.prob_change
+
+
+def test_cli_sweep_rows_start_from_the_clean_run(demo_group, tiny, sae1, tmp_path, capsys):
+    import json
+
+    from saelab.cli import main
+
+    lat, _ = _top_latent(tiny, sae1)
+    out = tmp_path / "sweep.json"
+    assert main(["steer", "--sae", str(demo_group.saes["blocks.1.hook_resid_post"]), "--prompt", PROMPT,
+                 "--steer", str(lat), "--sweep", "0,40", "--tokens", "6", "--json", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["coefficient"] for r in rows] == [0.0, 40.0]
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0.5 and rows[0]["text"] != rows[1]["text"]
+    assert "(greedy, seed 0)" in text and f"{rows[1]['text']!r}" in text
+    assert rows[0]["fluency"] == rows[0]["fluency_clean"]  # coefficient 0 is the clean greedy continuation
+
+
+def test_cli_steer_bad_input_is_one_line(demo_group, tmp_path, capsys):
+    from saelab.cli import main
+
+    sae = str(demo_group.saes["blocks.1.hook_resid_post"])
+    cases = [
+        (["--sae", sae], "nothing to steer"),
+        (["--sae", sae, "--steer", "x"], "write LATENT:MODE:VALUE"),
+        (["--sae", sae, "--steer", "5:zap:1"], "unknown mode 'zap'"),
+        (["--sae", sae, "--steer", "5:add"], "add needs a value"),
+        (["--sae", sae, "--steer", "5:clamp:big"], "'big' is not a number"),
+        (["--sae", sae, "--steer", "99999:add:1"], "latent 99999 is out of range"),
+        (["--sae", str(demo_group.group), "--steer", "5:add:1"], "is a group of 2 SAEs: pass --hook"),
+        (["--sae", str(demo_group.group), "--hook", "blocks.7.hook_z", "--steer", "5:add:1"], "is not in"),
+        (["--sae", sae, "--steer", "5", "--sweep", "0,x"], "numbers separated by commas"),
+        (["--sae", sae, "--steer", "5", "--steer", "6", "--sweep", "0,1"], "--sweep takes one --steer"),
+        (["--sae", sae, "--steer", "5:ablate", "--sweep", "0,1"], "varies an add or clamp value"),
+        (["--sae", sae, "--steer", "5:add:1", "--tokens", "0"], "--tokens 0: pass 1 or more"),
+        (["--sae", sae, "--steer", "5:add:1", "--temperature", "-1"], "--temperature -1.0: pass 0"),
+        (["--sae", sae, "--steer", "5:add:1", "--json", "/proc/x.json"], "--json /proc/x.json cannot be written"),
+        (["--sae", sae, "--steer", "5:add:1", "--json", str(tmp_path)], "is a folder: pass a file name"),
+    ]
+    for args, msg in cases:
+        assert main(["steer", "--prompt", PROMPT, "--quiet", *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("saelab: error:") and msg in err[0], (args, err)
+    assert list(tmp_path.iterdir()) == []

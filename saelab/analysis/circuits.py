@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 
 import torch
@@ -505,26 +504,10 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
 
 
 def write_circuit(circuit: dict, path) -> pathlib.Path:
-    from saelab.store import atomic_write_text
+    """The circuit as JSON (NaN as null), atomically; its folder made."""
+    from saelab.store import finite_json, write_output
 
-    path = pathlib.Path(path).expanduser()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(_finite(circuit), indent=1) + "\n")
-    except OSError as e:
-        raise SaelabError(f"cannot write {path} ({e.strerror}): choose an --out you can write to") from None
-    return path
-
-
-def _finite(obj):
-    """NaN/inf → None (JSON has no NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
+    return write_output(path, json.dumps(finite_json(circuit), indent=1) + "\n")
 
 
 def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, node_threshold=0.1,
@@ -535,6 +518,7 @@ def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, nod
     ``before_write(path)`` is called just before the file is written (the CLI notes a replaced file)."""
     from saelab.analysis.tasks import make_task
     from saelab.models import load_model, pick_device
+    from saelab.store import check_output
 
     group = load_group(saes)
     if model is None:
@@ -544,9 +528,8 @@ def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, nod
         model = load_model(group.model, pick_device(device))
     _check_model(model, group)
     task = make_task(task_spec, model, n=n, seed=seed)
-    out = pathlib.Path(out).expanduser() if out else group.path / "circuits" / f"{task.name}.json"
-    if out.is_dir():  # found before the work, not when writing
-        raise SaelabError(f"--out {out} is a folder: pass a file path, e.g. {out / (task.name + '.json')}")
+    # an --out that is a folder or cannot be written is found before the work, not when writing
+    out = check_output(out or group.path / "circuits" / f"{task.name}.json", "--out", f"{task.name}.json")
     c = find_circuit(model, group, task, method=method, ig_steps=ig_steps, node_threshold=node_threshold,
                      edge_threshold=edge_threshold, progress=progress)
     if before_write is not None:

@@ -507,7 +507,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     from saelab.models import load_model, pick_device
     from saelab.sae.base import SAE
     from saelab.config import GROUP_FILE
-    from saelab.store import fsync_dir, fsync_file, store_for_sae
+    from saelab.store import fsync_dir, fsync_file, store_for_sae, temp_name
 
     sae_dir = pathlib.Path(sae_dir).expanduser()
     if (sae_dir / GROUP_FILE).is_file():
@@ -605,7 +605,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
            if heads is not None else {}),
     }
     final = sae_dir / FEATURES_FILE
-    tmp = sae_dir / f".{FEATURES_FILE}.tmp"
+    tmp = temp_name(final)
     try:
         _write(tmp, attrs, small, per, np_(edges).astype(np.float64), vocab)
     except BaseException:

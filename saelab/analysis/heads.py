@@ -560,7 +560,7 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
     With ``compare_ablation`` both methods run ``repeats`` times, alternated; the times are their medians."""
     from saelab.analysis.tasks import make_task
     from saelab.models import load_model
-    from saelab.store import atomic_write_text
+    from saelab.store import check_output, finite_json, write_output
 
     if n < 1:
         raise SaelabError(f"--n {n}: head identification needs at least one example; pass --n 5 or more")
@@ -570,8 +570,9 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
         raise SaelabError(f"--repeats {repeats}: pass 1 or more")
     if threads is not None and threads < 1:
         raise SaelabError(f"--threads {threads}: pass 1 or more, or 0 for torch's default")
-    if out and pathlib.Path(out).is_dir():  # found before the work, not when writing
-        raise SaelabError(f"--out {out} is a folder: pass a file path, e.g. {pathlib.Path(out) / 'heads.json'}")
+    if out:  # an --out that is a folder or cannot be written is found before the work, not when writing
+        replaced = pathlib.Path(out).expanduser().is_file()
+        out = check_output(out, "--out", "heads.json")
     m = load_model(model, device)
     t = make_task(task, m, n=n, seed=seed)
     with torch.no_grad():  # warm-up: the first forward of a process pays one-off costs neither method should
@@ -593,12 +594,6 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
         res.update(ablation=abl.to_dict(), compare=compare(ident, abl, min(top, len(ident))))
     lines = report(ident, abl, top, t.name)
     if out:
-        path = pathlib.Path(out)
-        replaced = path.is_file()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(res, indent=2) + "\n")
-        except OSError as e:
-            raise SaelabError(f"--out {path}: cannot write it ({e.strerror}); choose a writable path") from None
+        path = write_output(out, json.dumps(finite_json(res), indent=2) + "\n")
         lines.append(f"wrote {path}" + (" (replaced the existing file)" if replaced else ""))
     return res, lines

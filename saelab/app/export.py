@@ -160,23 +160,14 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
     (out, number of cards). ``latents``: ids and ranges for every SAE; else ``sample`` random alive latents
     per SAE (``seed``). The file appears whole or not at all (temp name, fsync, rename)."""
     from saelab.analysis.features import FeatureDB, load_labels, sae_folders
-    from saelab.store import atomic_write_text
+    from saelab.store import check_output, write_output
 
-    out = pathlib.Path(out).expanduser()
-    if out.is_dir():
-        raise SaelabError(f"--out {out} is a folder: pass a file name, e.g. {out / 'cards.html'}")
     plan = []  # (folder, latent ids): every bad --latents / --sample / missing database refused before any work
     for folder in sae_folders(sae):
         with FeatureDB(folder) as db:
             plan.append((folder, parse_latents(latents, db.d_sae) if latents is not None
                          else sample_alive(db.density, sample, seed)))
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:  # an unwritable --out fails now, not after the cards are built
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.touch()
-        tmp.unlink()
-    except OSError as e:
-        raise SaelabError(f"--out {out} cannot be written ({e.strerror or e}): choose a file you can write") from None
+    out = check_output(out, "--out", "cards.html")  # an unwritable --out fails now, not after the cards are built
     parts, index = [], []
     for folder, ids in plan:
         with FeatureDB(folder) as db:
@@ -204,9 +195,4 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
     n = sum(len(ids) for _, ids in plan)
     doc = _page(f"saelab latent cards: {pathlib.Path(sae)}",
                 f'{n} latents from {len(plan)} SAE{"s" * (len(plan) != 1)}', "".join(index) + "".join(parts))
-    try:
-        atomic_write_text(out, doc)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SaelabError(f"--out {out} cannot be written ({e.strerror or e}): choose a file you can write") from None
-    return out, n
+    return write_output(out, doc), n
