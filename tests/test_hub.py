@@ -266,3 +266,24 @@ def test_model_and_hook_overrides_rewrite_a_saelens_config(hub_cache, tmp_path, 
     back = SAE.load(out)
     assert (back.cfg.model_name, back.cfg.hook_name) == ("gpt2", HOOK1)
     torch.testing.assert_close(back.W_enc.detach(), w["W_enc"], rtol=0, atol=0)  # the weights untouched
+
+
+def test_steer_reads_a_hub_sae_without_fetching_it(hub_cache, tmp_path, capsys, monkeypatch, tiny):
+    """`saelab steer --sae hf://…` steers with an SAE straight from the hub cache (nothing is written next to it)
+    and the model its cfg.json names; --hook with a hub spec is a one-line error."""
+    import json
+
+    from saelab.cli import main
+
+    _saelens_sae(hub_cache, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    spec, out = f"hf://{REPO}/{HOOK}", tmp_path / "steer.json"
+    args = ["steer", "--sae", spec, "--prompt", "Once upon a time", "--steer", "3:add:20", "--tokens", "4", "--quiet"]
+    assert main([*args, "--json", str(out)]) == 0, capsys.readouterr().err
+    got = json.loads(out.read_text())
+    assert got["sae"] == spec and got["hook"] == HOOK and got["model"] == "tiny" and got["metrics"]["kl"] > 0
+    assert not (tmp_path / "hf:").exists()
+    capsys.readouterr()
+    assert main([*args, "--hook", HOOK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "drop --hook" in err, err

@@ -374,10 +374,24 @@ def parse_intervention(spec: str, value_needed: bool = True) -> Intervention:
 
 
 def _pick_sae(path, hook: str | None):
-    """(SAE folder, model name) of ``--sae`` (an SAE folder, or a group folder with ``--hook`` when it has several)."""
+    """(the SAE's folder or hub spec, the loaded SAE, the model it names) of ``--sae``: an SAE folder, a group folder
+    (with ``--hook`` when it has several SAEs), or ``hf://ORG/REPO/SUBFOLDER`` (read from the hub or its cache:
+    steering writes nothing next to the SAE, so it needs no ``saelab fetch`` first)."""
     from saelab.app import resolve_target
+    from saelab.config import hub_spec
+    from saelab.sae.base import SAE
 
-    target = resolve_target(path)
+    spec = hub_spec(path)
+    if spec:
+        if hook is not None:
+            raise SaelabError(f"--hook picks an SAE of a group folder, and {spec} is one SAE: drop --hook")
+        loaded = SAE.load(spec, device="cpu")
+        return spec, loaded, loaded.cfg.model_name
+    folder, model = _pick_folder(resolve_target(path), hook)
+    return folder, SAE.load(folder, device="cpu"), model
+
+
+def _pick_folder(target, hook: str | None):
     if hook is not None:
         if hook not in target.saes:
             raise SaelabError(f"--hook {hook} is not in {target.path}: it has {', '.join(target.saes)}")
@@ -406,7 +420,6 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
     import json
 
     from saelab.models import load_model
-    from saelab.sae.base import SAE
     from saelab.store import check_output, finite_json, write_output
 
     if not steers:
@@ -429,15 +442,16 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
         temperature = 1.0 if coefs is None else 0.0
     if coefs is not None and interventions[0].mode == "ablate":
         raise SaelabError("--sweep varies an add or clamp value: --steer LATENT:add or LATENT:clamp")
-    folder, model_name = _pick_sae(sae, hook)
     if json_out is not None:  # an unwritable --json fails now, not after the generations
         json_out = check_output(json_out, "--json", "steer.json")
-    loaded = SAE.load(folder, device="cpu")
+    folder, loaded, model_name = _pick_sae(sae, hook)
     for it in interventions:  # before the model loads: a big model takes a while
         if not 0 <= it.latent < loaded.d_sae:
             raise SaelabError(f"--steer: latent {it.latent} is out of range: this SAE has latents "
                               f"0..{loaded.d_sae - 1}")
     name = model or model_name
+    if not name:
+        raise SaelabError(f"{folder} names no model: pass --model (e.g. gpt2)")
     lm = load_model(name, device=device)
     head = f"{loaded.cfg.hook_name} of {name} ({folder})"
     if coefs is not None:
