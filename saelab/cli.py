@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "steered continuations, KL, the logit shift of the tokens the latents promote, "
                                     "fluency and the next-token probability changes (--sweep: one row per "
                                     "coefficient).")
-    st.add_argument("--sae", required=True, help="an SAE folder, or a group folder with --hook")
+    st.add_argument("--sae", required=True,
+                    help="an SAE folder, a group folder with --hook, or a hub SAE hf://ORG/REPO/SUBFOLDER")
     st.add_argument("--prompt", required=True, help="the text to continue")
     st.add_argument("--steer", action="append", default=[], metavar="LATENT:MODE[:VALUE]",
                     help="e.g. 401:add:5, 401:clamp:2.5, 401:ablate; repeat for several latents")
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--sample", type=int, default=50,
                    help="without --latents: this many random latents that fired, per SAE (default: 50)")
     x.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
-    x.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_flags(x, device=False)
     x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",
