@@ -2,6 +2,7 @@
 lazy per-latent reads, bad input, labels, groups, signed and Matryoshka SAEs."""
 
 import json
+import math
 import pathlib
 import shutil
 import subprocess
@@ -394,6 +395,23 @@ def test_sae_folders_may_be_spelled_with_a_tilde(demo_group, monkeypatch):
     assert SAE.load(tilde).d_sae == SAE.load(sae_dir).d_sae
     with FeatureDB(tilde) as db:
         assert db.d_sae == SAE.load(sae_dir).d_sae
+
+
+def test_neighbours_are_the_same_whatever_the_chunking():
+    """features.neighbours against the full [d_sae, d_sae] cosine matrix (self excluded), with one latent per
+    chunk, a ragged last chunk, and all latents at once."""
+    from saelab.analysis.features import neighbours
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(53, 16, generator=g) * torch.rand(53, 1, generator=g)  # rows of unequal norms
+    Wn = W / W.norm(dim=1, keepdim=True)
+    S = Wn @ Wn.T
+    S.fill_diagonal_(-math.inf)
+    want_cos, want_ids = S.topk(10, dim=1)
+    for budget in (53, 8 * 53, 1 << 25):
+        ids, cos = neighbours(W, k=10, budget=budget)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(cos, want_cos, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"])

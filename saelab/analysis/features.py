@@ -446,11 +446,14 @@ def logit_effects(model, sae, k: int = N_LOGITS, budget: int = 1 << 25):
 
 
 @torch.no_grad()
-def neighbours(W_dec: torch.Tensor, k: int = N_NEIGHBOURS, chunk: int = 1024):
-    """(ids, cosines) [d_sae, k] of the nearest other latents by decoder cosine."""
+def neighbours(W_dec: torch.Tensor, k: int = N_NEIGHBOURS, budget: int = 1 << 25):
+    """(ids, cosines) [d_sae, k] of the nearest other latents by decoder cosine. Latents go in chunks of
+    ``budget // d_sae`` rows (at least 1), so one chunk's [rows, d_sae] cosines stay within 128 MiB at the
+    default whatever the width (a fixed 1,024 rows would be 4 GiB at a million latents)."""
     Wn = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
     d = Wn.shape[0]
     k = min(k, d - 1)
+    chunk = max(1, budget // d)
     ids, cos = [], []
     for c0 in range(0, d, chunk):
         S = Wn[c0 : c0 + chunk] @ Wn.T
