@@ -25,6 +25,7 @@ from saelab import SaelabError
 from saelab.store import ActivationStore, atomic_write_text
 
 DENSE = 0.1
+DENSE_BUDGET = 1 << 25  # elements of one [rows, d_sae] code tensor on the dense (non-TopK) paths: 128 MiB
 
 
 def sparse_codes(sae, x: torch.Tensor, kernel: str | None = None):
@@ -42,12 +43,22 @@ def sparse_codes(sae, x: torch.Tensor, kernel: str | None = None):
     return topk_encode(xc, sae.W_enc, sae.b_enc, sae.cfg.k, sae.signed, kernel=kernel)
 
 
+def dense_chunks(sae, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(first row, rows) slices of ``x`` for a dense encode: each [rows, d_sae] code tensor within
+    ``DENSE_BUDGET`` elements, so a wide non-TopK SAE (a 262k-latent Gemma Scope JumpReLU: 4 GiB per tensor for
+    4,096 rows) never holds the batch's whole code matrix."""
+    rows = max(1, DENSE_BUDGET // sae.d_sae)
+    return [(a, x[a : a + rows]) for a in range(0, len(x), rows)]
+
+
 def reconstruct(sae, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
-    """x̂ = decode(encode(x)), sparse for the TopK family (see ``sparse_codes``)."""
+    """x̂ = decode(encode(x)), sparse for the TopK family (see ``sparse_codes``), else dense in row chunks."""
     from saelab.kernels import sparse_decode
 
     codes = sparse_codes(sae, x, kernel)
-    return sae(x) if codes is None else sparse_decode(*codes, sae.W_dec, sae.b_dec)
+    if codes is not None:
+        return sparse_decode(*codes, sae.W_dec, sae.b_dec)
+    return torch.cat([sae(part) for _, part in dense_chunks(sae, x)])
 
 
 @torch.no_grad()
@@ -74,20 +85,24 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
     for x in tqdm(it, disable=not progress, desc="eval", unit="batch"):
         x = (x[0] if isinstance(x, tuple) else x) * scale
         codes = sparse_codes(sae, x, kernel)
-        if codes is None:
-            f = sae.encode(x)
-            x_hat = sae.decode(f)
-            nz = f != 0
-            fired += nz.sum(0)
+        if codes is None:  # dense, in row chunks
+            parts = []
+            for _, part in dense_chunks(sae, x):
+                f = sae.encode(part)
+                parts.append(sae.decode(f))
+                nz = f != 0
+                fired += nz.sum(0)
+                l0_sum += float(nz.sum())
+            x_hat = torch.cat(parts)
         else:  # values, indices: a zero value (ReLU of a negative pick) is not a firing
             v, i = codes
             x_hat = sparse_decode(v, i, sae.W_dec, sae.b_dec)
             nz = v != 0
             fired.index_add_(0, i[nz], torch.ones_like(i[nz]))
+            l0_sum += float(nz.sum())
         sq_err += float((x - x_hat).double().pow(2).sum())
         sum_sq += float(x.double().pow(2).sum())
         sum_x += x.double().sum(0)
-        l0_sum += float(nz.sum())
         rows += len(x)
     total_var = sum_sq - float(sum_x.pow(2).sum()) / rows
     fvu = sq_err / max(total_var, 1e-12)

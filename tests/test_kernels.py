@@ -453,6 +453,41 @@ def test_eval_metrics_fused_equal_dense(arch, tiny_store):
                 assert ev[kern][key] == val
 
 
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk"])
+def test_dense_paths_in_row_chunks_equal_one_chunk(arch, tiny_store, monkeypatch):
+    """The dense (non-TopK, or --kernel reference) encode runs in row chunks of DENSE_BUDGET // d_sae rows:
+    evaluate_store's metrics, reconstruct and analyze's sparse codes are the same with 7 rows per chunk (ragged)
+    as with the whole batch in one (floats within 1e-6 relative: float32 GEMMs of other shapes round
+    differently), and no encode sees more than 7 rows."""
+    import saelab.evaluate as E
+    from saelab.analysis.features import sparse_codes
+    from saelab.sae.base import SAE
+    from saelab.store import ActivationStore
+
+    torch.manual_seed(0)
+    sae = SAE.create(arch, d_in=32, d_sae=200, k=6)
+    sae.kernel = "reference"  # the TopK SAE takes the dense path too
+    with torch.no_grad():
+        sae.b_enc.normal_(0.0, 0.3)
+    x = torch.randn(100, 32)
+    store = ActivationStore(tiny_store)
+    whole = {"ev": E.evaluate_store(sae, store, max_rows=3000, batch_size=1024), "rec": E.reconstruct(sae, x),
+             "codes": sparse_codes(sae, x)}
+    monkeypatch.setattr(E, "DENSE_BUDGET", 7 * 200)
+    assert [len(part) for _, part in E.dense_chunks(sae, x)] == [7] * 14 + [2]
+    seen, encode = [], sae.encode
+    sae.encode = lambda rows: (seen.append(len(rows)), encode(rows))[1]
+    chunked = {"ev": E.evaluate_store(sae, store, max_rows=3000, batch_size=1024), "rec": E.reconstruct(sae, x),
+               "codes": sparse_codes(sae, x)}
+    assert seen and max(seen) == 7
+    assert 0 < whole["ev"]["l0"] and len(whole["codes"][0]) > 100
+    for key, val in whole["ev"].items():
+        assert chunked["ev"][key] == (pytest.approx(val, rel=1e-6) if isinstance(val, float) else val), key
+    torch.testing.assert_close(chunked["rec"], whole["rec"], rtol=1e-6, atol=1e-6)
+    assert torch.equal(chunked["codes"][0], whole["codes"][0])
+    torch.testing.assert_close(chunked["codes"][1], whole["codes"][1], rtol=1e-6, atol=1e-6)
+
+
 def test_eval_ce_splice_fused_equals_dense(tiny):
     """evaluate_model: the spliced CE / KL through the fused path equal the dense one within 1e-5."""
     import numpy as np

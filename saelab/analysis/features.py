@@ -271,23 +271,27 @@ class _TopBuffer:
 def sparse_codes(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The non-zero codes of a batch as (keys row·d_sae + latent, sorted; values).
 
-    TopK-family SAEs (topk, abstopk, matryoshka, gradient without grads) go through the chunked
-    TopK encode (no [B, d_sae] tensor); others through ``sae.encode`` + ``nonzero``."""
-    from saelab.kernels import topk_encode
-    from saelab.sae.topk import TopKSAE
+    TopK-family SAEs (topk, abstopk, matryoshka, gradient without grads) go through the fused
+    TopK encode (``evaluate.sparse_codes``: no [B, d_sae] tensor); others through ``sae.encode`` +
+    ``nonzero`` in row chunks (``evaluate.dense_chunks``)."""
+    from saelab.evaluate import dense_chunks, sparse_codes as fused_codes
 
     B = x.shape[0]
-    if isinstance(sae, TopKSAE):
-        xc = x - sae.b_dec if sae.apply_b_dec_to_input else x
-        v, i = topk_encode(xc, sae.W_enc, sae.b_enc, sae.cfg.k, sae.signed)
+    codes = fused_codes(sae, x)
+    if codes is not None:
+        v, i = codes
         i, order = i.sort(dim=1)  # sorted within rows = sorted keys overall
         keys = (torch.arange(B, device=x.device)[:, None] * sae.d_sae + i).reshape(-1)
         v = v.gather(1, order).reshape(-1)
         keep = v != 0
         return keys[keep], v[keep]
-    f = sae.encode(x)
-    nz = f.nonzero()
-    return nz[:, 0] * sae.d_sae + nz[:, 1], f[nz[:, 0], nz[:, 1]]
+    keys, vals = [], []
+    for a, part in dense_chunks(sae, x):
+        f = sae.encode(part)
+        nz = f.nonzero()
+        keys.append((nz[:, 0] + a) * sae.d_sae + nz[:, 1])
+        vals.append(f[nz[:, 0], nz[:, 1]])
+    return torch.cat(keys), torch.cat(vals)
 
 
 # ============================================================================ analyze
