@@ -9,10 +9,9 @@ At the default width one batch of 4,096 rows holds 2 GiB per [4096, d_sae] tenso
 """
 
 import argparse
-import statistics
 import tempfile
 
-from procmem import run_child
+from procmem import alternate, ratio_table
 
 CHILD = r"""
 import json, sys, time
@@ -52,22 +51,14 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         store = write_synthetic(SyntheticConfig(out=f"{d}/store", d=a.d_in, n_true=256, active=5, rows=a.rows),
                                 progress=False)
-        runs = {"whole batch": [], "row chunks": []}
-        for _ in range(a.reps):
-            for how in runs:
-                runs[how].append(run_child(["-c", CHILD, str(store), how, str(a.width), str(a.d_in), str(a.rows)]))
+        runs = alternate({how: ["-c", CHILD, str(store), how, str(a.width), str(a.d_in), str(a.rows)]
+                          for how in ("whole batch", "row chunks")}, a.reps)
     same = {(r["fvu"], r["codes"]) for rs in runs.values() for r in rs[:1]}
     print(f"JumpReLU, d_in {a.d_in}, {a.width:,} latents: evaluate_store over {a.rows:,} rows + analyze's codes of "
           f"4,096 rows, fresh processes, medians of {a.reps}; FVU and code counts "
           + ("agree" if len({round(f, 6) for f, _ in same}) == 1 and len({c for _, c in same}) == 1 else
              f"DIFFER: {sorted(same)}") + "\n")
-    print("| path | seconds | peak RSS growth (MB) | time / whole batch | memory / whole batch |")
-    print("|---|---|---|---|---|")
-    med = {h: (statistics.median(r["s"] for r in rs), statistics.median(r["peak"] for r in rs) / 1e6)
-           for h, rs in runs.items()}
-    base = med["whole batch"]
-    for h, (s, m) in med.items():
-        print(f"| {h} | {s:.2f} | {m:,.0f} | {s / base[0]:.2f} | {m / base[1]:.2f} |")
+    print("\n".join(ratio_table(runs, "whole batch")))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ The default shape is a Gemma Scope 2B 32k SAE (d_in 2304): 604 MB of float32 wei
 """
 
 import argparse
-import statistics
 import tempfile
 
-from procmem import run_child
+from procmem import alternate, ratio_table
 
 CHILD = r"""
 import json, os, sys, time
@@ -54,19 +53,10 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         SAE.create(a.arch, d_in=a.d_in, d_sae=a.width, k=64).save(d)
         mb = a.d_in * a.width * 2 * 4 / 1e6
-        runs = {"plain (init + copy)": [], "SAE.load": []}
-        for _ in range(a.reps):
-            for how in runs:
-                runs[how].append(run_child(["-c", CHILD, d, how]))
+        runs = alternate({how: ["-c", CHILD, d, how] for how in ("plain (init + copy)", "SAE.load")}, a.reps)
     print(f"load of a {a.arch} SAE, d_in {a.d_in}, {a.width:,} latents ({mb:,.0f} MB of W_enc + W_dec), "
           f"medians of {a.reps} fresh processes\n")
-    print("| path | load + one encode (s) | peak RSS growth (MB) | time / plain | memory / plain |")
-    print("|---|---|---|---|---|")
-    med = {h: (statistics.median(r["s"] for r in rs), statistics.median(r["peak"] for r in rs) / 1e6)
-           for h, rs in runs.items()}
-    base = med["plain (init + copy)"]
-    for h, (s, m) in med.items():
-        print(f"| {h} | {s:.2f} | {m:,.0f} | {s / base[0]:.2f} | {m / base[1]:.2f} |")
+    print("\n".join(ratio_table(runs, "plain (init + copy)", "load + one encode (s)")))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ Both paths give the same top token per latent (checked here, ≥ 99% allowing fl
 """
 
 import argparse
-import statistics
 
-from procmem import run_child
+from procmem import alternate, ratio_table
 
 CHILD = r"""
 import json, os, sys, time
@@ -59,29 +58,19 @@ SHAPES = {  # name: (hook, d_model, vocab, d_sae, n_heads, d_head)
 }
 
 
-def run(how, shape, threads):
-    return run_child(["-c", CHILD, how, *map(str, shape), str(threads)])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    print(f"{'shape':32} {'path':12} {'seconds':>8} {'peak RSS growth':>16} {'time ratio':>11} {'memory ratio':>13}")
     for name, shape in SHAPES.items():
-        res = {"materialised": [], "chunked": []}
-        for _ in range(a.reps):
-            for how in res:
-                res[how].append(run(how, shape, a.threads))
+        res = alternate({how: ["-c", CHILD, how, *map(str, shape), str(a.threads)]
+                         for how in ("materialised", "chunked")}, a.reps)
         a1, b1 = res["chunked"][0]["top1"], res["materialised"][0]["top1"]
         agree = sum(x == y for x, y in zip(a1, b1)) / len(a1)
         assert agree >= 0.99, f"the two paths' top tokens agree for only {agree:.1%} of latents"
-        med = {how: (statistics.median(r["s"] for r in runs), statistics.median(r["peak"] for r in runs))
-               for how, runs in res.items()}
-        base_s, base_m = med["materialised"]
-        for how, (s, m) in med.items():
-            print(f"{name:32} {how:12} {s:8.2f} {m / 2**20:13.0f} MB {s / base_s:10.2f}x {m / base_m:12.2f}x")
+        print(f"\n{name} ({a.threads} threads, medians of {a.reps}; same top token for {agree:.0%} of latents)\n")
+        print("\n".join(ratio_table(res, "materialised")))
 
 
 if __name__ == "__main__":

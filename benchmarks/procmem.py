@@ -47,3 +47,25 @@ def run_child(args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def alternate(variants: dict[str, list[str]], reps: int) -> dict[str, list[dict]]:
+    """Each variant's child (``run_child``'s args) ``reps`` times, the variants in turn, so that a busy machine
+    slows them alike; {variant: [results]}."""
+    runs = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, args in variants.items():
+            runs[name].append(run_child(args))
+    return runs
+
+
+def ratio_table(runs: dict[str, list[dict]], base: str, seconds: str = "seconds") -> list[str]:
+    """A markdown table: each variant's median seconds (result key "s") and peak RSS growth ("peak", bytes),
+    and both over those of ``base``. ``seconds``: the time column's heading."""
+    import statistics
+
+    med = {name: (statistics.median(r["s"] for r in rs), statistics.median(r["peak"] for r in rs) / 1e6)
+           for name, rs in runs.items()}
+    b = med[base]
+    return ([f"| path | {seconds} | peak RSS growth (MB) | time / {base} | memory / {base} |", "|---|---|---|---|---|"]
+            + [f"| {name} | {s:.2f} | {m:,.0f} | {s / b[0]:.2f} | {m / b[1]:.2f} |" for name, (s, m) in med.items()])
