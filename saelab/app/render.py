@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 
+_WINDOW = "font-family:monospace;font-size:0.85em;line-height:1.9;white-space:normal"  # the window's div
+_TOKEN = "border-radius:2px;padding:0 1px"  # every token's span
+_AT = "outline:1.5px solid #333"  # the example's own token
 #: the styles ``tokens_html(..., classed=True)`` leaves to a stylesheet (``saelab export`` writes it once)
-TOKENS_CSS = (".tw{font-family:monospace;font-size:0.85em;line-height:1.9;white-space:normal}"
-              ".tw span{border-radius:2px;padding:0 1px}.tw .at{outline:1.5px solid #333}")
+TOKENS_CSS = f".tw{{{_WINDOW}}}.tw span{{{_TOKEN}}}.tw .at{{{_AT}}}"
 
 
 def tokens_html(tokens: list[str], acts: list[float], pos: int | None, scale: float, classed: bool = False) -> str:
@@ -24,9 +26,6 @@ def tokens_html(tokens: list[str], acts: list[float], pos: int | None, scale: fl
             style = f' style="{shade}"' if shade else ""
             out.append(f'<span title="{a:.3f}"{" class=at" if i == pos else ""}{style}>{text}</span>')
         else:
-            border = "outline:1.5px solid #333;" if i == pos else ""
-            out.append(f'<span title="{a:.3f}" style="{shade}{border}border-radius:2px;padding:0 1px">{text}</span>')
-    if classed:
-        return '<div class="tw">' + "".join(out) + "</div>"
-    return ('<div style="font-family:monospace;font-size:0.85em;line-height:1.9;white-space:normal">'
-            + "".join(out) + "</div>")
+            border = f"{_AT};" if i == pos else ""
+            out.append(f'<span title="{a:.3f}" style="{shade}{border}{_TOKEN}">{text}</span>')
+    return ('<div class="tw">' if classed else f'<div style="{_WINDOW}">') + "".join(out) + "</div>"
