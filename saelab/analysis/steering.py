@@ -454,12 +454,12 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
         raise SaelabError(f"{folder} names no model: pass --model (e.g. gpt2)")
     lm = load_model(name, device=device)
     head = f"{loaded.cfg.hook_name} of {name} ({folder})"
+    result = {"sae": str(folder), "model": name, "hook": loaded.cfg.hook_name, "prompt": prompt}
     if coefs is not None:
         it = interventions[0]
         rows = sweep(it.latent, coefs, model=lm, sae=loaded, prompt=prompt, mode=it.mode,
                      max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, progress=progress)
-        result = {"sae": str(folder), "model": name, "hook": loaded.cfg.hook_name, "prompt": prompt,
-                  "latent": it.latent, "mode": it.mode, "rows": rows}
+        result.update(latent=it.latent, mode=it.mode, rows=rows)
         lines = [head, f"prompt: {prompt!r}; latent {it.latent}, {it.mode} sweep "
                        f"({'greedy' if temperature == 0 else f'temperature {temperature}'}, seed {seed})",
                  f"{'coefficient':>11}  {'KL':>7}  {'logit shift':>11}  {'fluency':>7}  continuation"]
@@ -469,8 +469,7 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
     else:
         r = steer(lm, loaded, prompt, interventions, max_new_tokens=max_new_tokens, temperature=temperature,
                   seed=seed, top_n=5)
-        result = {"sae": str(folder), "model": name, "hook": loaded.cfg.hook_name, "prompt": prompt,
-                  "interventions": [dataclasses.asdict(i) for i in interventions], **dataclasses.asdict(r)}
+        result.update(interventions=[dataclasses.asdict(i) for i in interventions], **dataclasses.asdict(r))
         m = r.metrics
         what = ", ".join(f"latent {i.latent} {i.mode}" + (f" {i.value:g}" if i.mode != "ablate" else "")
                          for i in interventions)

@@ -14,6 +14,7 @@ interpretability wants: not the handful that fire most).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import html
 import pathlib
@@ -162,15 +163,15 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
     from saelab.analysis.features import FeatureDB, load_labels, sae_folders
     from saelab.store import check_output, write_output
 
-    plan = []  # (folder, latent ids): every bad --latents / --sample / missing database refused before any work
-    for folder in sae_folders(sae):
-        with FeatureDB(folder) as db:
-            plan.append((folder, parse_latents(latents, db.d_sae) if latents is not None
+    with contextlib.ExitStack() as stack:  # each database opened once, kept open from the checks to the cards
+        plan = []  # (folder, database, latent ids): bad --latents / --sample / no database refused before any work
+        for folder in sae_folders(sae):
+            db = stack.enter_context(FeatureDB(folder))
+            plan.append((folder, db, parse_latents(latents, db.d_sae) if latents is not None
                          else sample_alive(db.density, sample, seed)))
-    out = check_output(out, "--out", "cards.html")  # an unwritable --out fails now, not after the cards are built
-    parts, index = [], []
-    for folder, ids in plan:
-        with FeatureDB(folder) as db:
+        out = check_output(out, "--out", "cards.html")  # an unwritable --out fails now, not after the cards are built
+        parts, index = [], []
+        for folder, db, ids in plan:
             labels = load_labels(folder)
             name = folder.name
             exported = set(ids)
@@ -192,7 +193,7 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
                          "<th>latent</th><th>label</th><th>density</th><th>max</th><th>top promoted token</th></tr>"
                          + "".join(rows) + "</table>")
             parts.append(head + "".join(cards))
-    n = sum(len(ids) for _, ids in plan)
+    n = sum(len(ids) for _, _, ids in plan)
     doc = _page(f"saelab latent cards: {pathlib.Path(sae)}",
                 f'{n} latents from {len(plan)} SAE{"s" * (len(plan) != 1)}', "".join(index) + "".join(parts))
     return write_output(out, doc), n
