@@ -100,7 +100,7 @@ def cmd_export(args) -> int:
     from saelab.app.export import export_html
 
     out, n = export_html(args.sae, args.out, latents=args.latents, sample=args.sample, seed=args.seed,
-                         progress=not args.quiet)
+                         progress=not args.quiet, max_cards=args.max_cards)
     size = out.stat().st_size
     print(f"wrote {out}: {n} latent card{'s' * (n != 1)}, {size / 2**20:.1f} MiB (open it in any browser)")
     return 0
@@ -349,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--sample", type=int, default=50,
                    help="without --latents: this many random latents that fired, per SAE (default: 50)")
     x.add_argument("--seed", type=int, default=0, help="seed of the sample (default: 0)")
+    x.add_argument("--max-cards", type=int, default=None,
+                   help="refuse to write more cards than this in all (each is tens of KiB of HTML) (default: 2000)")
     _add_run_flags(x, device=False)
     x.set_defaults(func=cmd_export)
 

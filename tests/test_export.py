@@ -158,7 +158,7 @@ def test_sample_of_an_sae_with_few_alive_latents_takes_them_all():
 
 def test_bad_input_is_one_line_and_writes_nothing(sae_copy, tmp_path):
     """Each refusal names its fix, before any card is built; through the CLI (two cases: the error path is
-    shared) it is one line on stderr; no file or temp file is left."""
+    shared; ``--latents`` parsing is the same function as in process) it is one line on stderr; no file or temp file is left."""
     from saelab import SaelabError
     from saelab.app.export import export_html
 
@@ -176,17 +176,21 @@ def test_bad_input_is_one_line_and_writes_nothing(sae_copy, tmp_path):
         (dict(sae=tmp_path / "missing", out=out), "no such folder"),
         (dict(sae=sae_copy, out=tmp_path), "is a folder: pass a file name"),
         (dict(sae=sae_copy, out="/proc/cards.html"), "cannot be written"),
+        (dict(sae=sae_copy, out=out, latents="0-3", max_cards=3), "4 latent cards is more than --max-cards 3"),
+        (dict(sae=sae_copy, out=out, sample=4, max_cards=3), "or pass --max-cards 4 to write them all"),
+        (dict(sae=sae_copy, out=out, max_cards=0), "--max-cards 0: pass 1 or more"),
     ]
     for kw, msg in cases:
         with pytest.raises(SaelabError, match=re.escape(msg)):
             export_html(**kw)
-    for args, msg in [(("--sae", sae_copy, "--latents", "x1", "--out", out), "is not a latent id"),
+    for args, msg in [(("--sae", sae_copy, "--latents", "0-3", "--max-cards", "3", "--out", out), "--max-cards 4"),
                       (("--sae", bare, "--out", out), "saelab analyze --sae")]:
         r = _cli(*args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1, (args, r.stderr)
         assert lines[0].startswith("saelab: error:") and msg in lines[0], (args, r.stderr)
     assert not out.exists() and not list(tmp_path.glob(".*tmp"))
+    assert export_html(sae_copy, out, latents="0-2", max_cards=3)[1] == 3  # the cap itself is allowed
 
 
 @pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),

@@ -27,6 +27,7 @@ from saelab import SaelabError, __version__
 from saelab.app.render import TOKENS_CSS, tokens_html
 
 SAMPLE = 50
+MAX_CARDS = 2000  # a card is ~25-30 KiB on the demo SAEs (its examples' token windows): 2,000 cards ≈ 50 MiB of HTML
 N_TOP_SHOWN = 10  # top examples shown open; the rest are folded
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 12px}
@@ -156,10 +157,12 @@ def card_document(db, card, label: str = "") -> str:
 
 
 def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed: int = 0,
-                progress: bool = False) -> tuple[pathlib.Path, int]:
+                progress: bool = False, max_cards: int | None = None) -> tuple[pathlib.Path, int]:
     """Write the cards of ``sae`` (an SAE folder or a group folder) to the HTML file ``out``; returns
     (out, number of cards). ``latents``: ids and ranges for every SAE; else ``sample`` random alive latents
-    per SAE (``seed``). The file appears whole or not at all (temp name, fsync, rename)."""
+    per SAE (``seed``). More than ``max_cards`` (default ``MAX_CARDS``) cards in all is refused before any is built (``--latents
+    0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file appears whole or not at
+    all (temp name, fsync, rename)."""
     from saelab.analysis.features import FeatureDB, load_labels, sae_folders
     from saelab.store import check_output, write_output
 
@@ -169,6 +172,14 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
             db = stack.enter_context(FeatureDB(folder))
             plan.append((folder, db, parse_latents(latents, db.d_sae) if latents is not None
                          else sample_alive(db.density, sample, seed)))
+        n = sum(len(ids) for _, _, ids in plan)
+        max_cards = MAX_CARDS if max_cards is None else max_cards
+        if max_cards < 1:
+            raise SaelabError(f"--max-cards {max_cards}: pass 1 or more")
+        if n > max_cards:
+            raise SaelabError(f"{n:,} latent cards is more than --max-cards {max_cards:,} (each card is tens of KiB "
+                              f"of HTML, built in memory): choose fewer with --latents or --sample, or pass "
+                              f"--max-cards {n} to write them all")
         out = check_output(out, "--out", "cards.html")  # an unwritable --out fails now, not after the cards are built
         parts, index = [], []
         for folder, db, ids in plan:
@@ -193,7 +204,6 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
                          "<th>latent</th><th>label</th><th>density</th><th>max</th><th>top promoted token</th></tr>"
                          + "".join(rows) + "</table>")
             parts.append(head + "".join(cards))
-    n = sum(len(ids) for _, _, ids in plan)
     doc = _page(f"saelab latent cards: {pathlib.Path(sae)}",
                 f'{n} latents from {len(plan)} SAE{"s" * (len(plan) != 1)}', "".join(index) + "".join(parts))
     return write_output(out, doc), n
