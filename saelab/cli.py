@@ -117,6 +117,7 @@ def cmd_steer(args) -> int:
 
 
 def cmd_fetch(args) -> int:
+    from saelab.config import read_source
     from saelab.hub import fetch_group, fetch_sae, list_hub_saes
 
     if args.list:
@@ -141,8 +142,9 @@ def cmd_fetch(args) -> int:
     print(f"{'fetched' if fetched else 'already fetched'} into {out}:")
     for hook, (folder, sae) in saes.items():
         c = sae.cfg
+        linked = (read_source(folder) or {}).get("weights")  # weights hard-linked to the hub cache: say so
         print(f"  {folder}: {c.arch}, d_in {sae.d_in}, {sae.d_sae:,} latents, hook {hook or '?'}, "
-              f"model {c.model_name or '?'}")
+              f"model {c.model_name or '?'}" + (f" (weights {linked})" if linked else ""))
     hooks = [h for h in saes if h]
     if hooks:
         model = next(iter(saes.values()))[1].cfg.model_name or "MODEL"

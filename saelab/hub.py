@@ -312,6 +312,23 @@ def _retarget(cfg_path: pathlib.Path, target: dict) -> None:
     atomic_write_text(cfg_path, json.dumps(raw, indent=2) + "\n")
 
 
+def _link_blob(src: pathlib.Path, dst: pathlib.Path) -> bool:
+    """Hard-link the cached weights file ``src`` (a symlink to its blob) as ``dst``: the fetched folder then
+    costs no second copy of a file that can be gigabytes, and no time to copy it. Only ``.safetensors`` from the
+    hub cache are linked: its blobs are named by content and never rewritten in place, and saelab replaces its
+    files rather than rewriting them (temp, rename), so neither side can change the other. ``cfg.json`` is
+    copied (small, and an editor may rewrite it in place); a local folder's files are copied (their owner may
+    re-save them in place). False (copy instead) when the link cannot be made: another filesystem, or links
+    not allowed there."""
+    if dst.suffix != ".safetensors":
+        return False
+    try:
+        os.link(os.path.realpath(src), dst)
+    except OSError:
+        return False
+    return True
+
+
 def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path, target: dict | None = None):
     """Download ``spec`` into the new folder ``tmp`` (fsynced, source.json written) and load it; returns the SAE.
     ``target``: the model and/or hook to record instead of the ones the SAE came with (``_target``).
@@ -337,7 +354,10 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path, target
     try:
         if converted is None:
             for f, src in files.items():
-                shutil.copyfile(src, tmp / f)  # the cache's symlinks resolve to their blobs
+                if not local and _link_blob(src, tmp / f):
+                    source["weights"] = "hard-linked to the hub cache"
+                else:
+                    shutil.copyfile(src, tmp / f)  # the cache's symlinks resolve to their blobs
                 fsync_file(tmp / f)
             if target:  # a converted SAE took the target when it was built
                 _retarget(tmp / CFG_FILE, target)

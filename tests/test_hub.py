@@ -58,12 +58,22 @@ def test_fetch_from_the_cli_writes_an_sae_folder_and_reruns(tmp_path, small_run,
                             "--quiet"], capture_output=True, text=True, timeout=300, env=env)
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith(f"{want} into {out}:\n  {out}: relu, d_in 128, 256 latents, hook {HOOK}, "
-                                   "model tiny\n"), r.stdout
+                                   "model tiny (weights hard-linked to the hub cache)\n"), r.stdout
         assert f"saelab analyze --sae {out}" in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors", "source.json"]
     assert not any(p.is_symlink() for p in out.iterdir())  # real files, not links into the cache
     src = json.loads((out / "source.json").read_text())
     assert (src["repo_id"], src["subfolder"], src["commit"]) == (REPO, HOOK, COMMIT)
+    # the weights are the cache's blob itself (no second copy on disk); cfg.json is a copy an editor may change
+    snap = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT / HOOK
+    same = lambda f: os.stat(out / f).st_ino == os.stat(snap / f).st_ino  # noqa: E731 (stat follows the symlink)
+    assert same("sae_weights.safetensors") and not same("cfg.json") and src["weights"] == "hard-linked to the hub cache"
+    # a local folder's files are copied (their owner may re-save them in place)
+    from saelab.hub import fetch_sae
+
+    again, _, _ = fetch_sae(str(out), tmp_path / "copy", progress=False)
+    assert os.stat(again / "sae_weights.safetensors").st_ino != os.stat(out / "sae_weights.safetensors").st_ino
+    assert "weights" not in json.loads((again / "source.json").read_text())
     sae = SAE.load(out)
     assert sae.cfg.hook_name == HOOK and sae.arch == "relu"
     for name, t in w.items():
