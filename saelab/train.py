@@ -280,9 +280,13 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     if not main:  # rank 0 saves and evaluates; the others wait for it
         dist.barrier()
         return out
-    # fold the scale into a copy and save the SAE that reads raw activations
+    # fold the scale into a copy and save the SAE that reads raw activations; the optimiser's state (2× the
+    # weights) is freed first and the copy gets no random init, so the end of a run needs no more memory or
+    # time than a step
+    del model, opt
+    sae.zero_grad(set_to_none=True)
     sae.eval()
-    final = SAE.registry[cfg.arch](cfg)
+    final = SAE.blank(cfg)
     final.load_state_dict(sae.state_dict())
     final.fold_input_scale(scale)
     final.cpu().save(out)

@@ -295,6 +295,16 @@ class SAE(nn.Module):
                                 apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
 
     @staticmethod
+    def blank(cfg: SAEConfig) -> "SAE":
+        """An SAE of ``cfg`` whose W_enc and W_dec are allocated but not initialised (no random init: no time
+        spent, no pages touched, no random numbers drawn), for weights that are assigned or loaded next."""
+        token = _NO_INIT.set(True)
+        try:
+            return SAE.registry[cfg.arch](cfg)
+        finally:
+            _NO_INIT.reset(token)
+
+    @staticmethod
     def from_weights(cfg: SAEConfig, w: dict[str, torch.Tensor], where: str = "the weights",
                      device: str | torch.device | None = None, apply_b_dec_to_input: bool = True) -> "SAE":
         """An SAE of ``cfg`` holding the weights ``w`` (W_enc, b_enc, W_dec, b_dec, and what the architecture's
@@ -312,11 +322,7 @@ class SAE(nn.Module):
                 raise SaelabError(f"{where}: {n} has shape {tuple(w[n].shape)} but d_in {cfg.d_in} and d_sae "
                                   f"{cfg.d_sae} need {shape}; the files do not belong together")
         device = w["W_enc"].device if device is None else torch.device(device)
-        token = _NO_INIT.set(True)
-        try:
-            sae = SAE.registry[cfg.arch](cfg)
-        finally:
-            _NO_INIT.reset(token)
+        sae = SAE.blank(cfg)
         with torch.no_grad():
             for n in SAVED_PARAMS:
                 getattr(sae, n).data = w[n].to(device=device, dtype=torch.float32).contiguous()
