@@ -106,6 +106,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from saelab.analysis.compare import run_compare
+
+    _, lines = run_compare(args.sae, args.other, hook=args.hook, other_hook=args.other_hook, json_out=args.json)
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_steer(args) -> int:
     from saelab.analysis.steering import run_steer
 
@@ -355,6 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse to write more cards than this in all (each is tens of KiB of HTML) (default: 2000)")
     _add_run_flags(x, device=False)
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("compare", help="match the latents of two SAEs by decoder cosine (MMCS, mutual matches)",
+                       description="Which latents of one SAE the other also learned: for every latent the other "
+                                   "SAE's latent of highest decoder cosine, summarised as MMCS, the fractions above "
+                                   "0.9 / 0.7 / 0.5 and the mutual best matches (also over the latents that fired, "
+                                   "where features.h5 exists). Two seeds, widths, architectures, or two layers of one "
+                                   "model's residual stream.")
+    c.add_argument("--sae", required=True, help="SAE A: an SAE folder, a group folder (with --hook), or "
+                                                "hf://ORG/REPO/SUBFOLDER")
+    c.add_argument("--other", required=True, help="SAE B, as --sae (a group with --other-hook)")
+    c.add_argument("--hook", default=None, help="with a group folder as --sae: the hook whose SAE is A")
+    c.add_argument("--other-hook", default=None, help="with a group folder as --other: the hook whose SAE is B")
+    c.add_argument("--json", default=None, help="also write the summary and every latent's match to this file")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",
                        description="Harvest the tiny model, train one TopK SAE per residual hook (a group), "

@@ -450,23 +450,42 @@ def logit_effects(model, sae, k: int = N_LOGITS, budget: int = 1 << 25):
 
 
 @torch.no_grad()
-def neighbours(W_dec: torch.Tensor, k: int = N_NEIGHBOURS, budget: int = 1 << 25):
-    """(ids, cosines) [d_sae, k] of the nearest other latents by decoder cosine. Latents go in chunks of
-    ``budget // d_sae`` rows (at least 1), so one chunk's [rows, d_sae] cosines stay within 128 MiB at the
-    default whatever the width (a fixed 1,024 rows would be 4 GiB at a million latents)."""
-    Wn = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    d = Wn.shape[0]
-    k = min(k, d - 1)
-    chunk = max(1, budget // d)
+def unit_rows(W: torch.Tensor) -> torch.Tensor:
+    """The rows of ``W`` (decoder directions) scaled to unit norm, in float32 (all-zero rows stay zero)."""
+    W = W.detach().float()
+    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def best_matches(A: torch.Tensor, B: torch.Tensor, k: int = 1, budget: int = 1 << 25, signed: bool = False,
+                 exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, cosines) [len(A), k]: for every row of ``A`` the ``k`` rows of ``B`` of highest cosine, best first
+    (rows unit-normed here). ``signed``: rank by |cosine| and report it (a signed SAE's latent is the same
+    feature read with either sign of its direction). ``exclude_self``: A is B, and a row is not its own match.
+    Rows of A go in chunks of ``budget // len(B)`` (at least 1), so one chunk's [rows, len(B)] cosines stay within
+    128 MiB at the default whatever the widths."""
+    An, Bn = unit_rows(A), unit_rows(B)
+    nb = Bn.shape[0]
+    k = min(k, nb - int(exclude_self))
+    chunk = max(1, budget // nb)
     ids, cos = [], []
-    for c0 in range(0, d, chunk):
-        S = Wn[c0 : c0 + chunk] @ Wn.T
-        n = S.shape[0]
-        S[torch.arange(n), torch.arange(c0, c0 + n)] = -math.inf
+    for c0 in range(0, An.shape[0], chunk):
+        S = An[c0 : c0 + chunk] @ Bn.T
+        if signed:
+            S.abs_()
+        if exclude_self:
+            n = S.shape[0]
+            S[torch.arange(n), torch.arange(c0, c0 + n)] = -math.inf
         v, i = S.topk(k, dim=1)
         ids.append(i)
         cos.append(v)
     return torch.cat(ids), torch.cat(cos)
+
+
+def neighbours(W_dec: torch.Tensor, k: int = N_NEIGHBOURS, budget: int = 1 << 25):
+    """(ids, cosines) [d_sae, k] of the nearest other latents by decoder cosine (``best_matches`` of the
+    decoder with itself, in chunks: within 128 MiB of cosines at the default, where a fixed 1,024 rows would
+    be 4 GiB at a million latents)."""
+    return best_matches(W_dec, W_dec, k, budget, exclude_self=True)
 
 
 def head_shares(W_dec: torch.Tensor, n_heads: int) -> torch.Tensor:

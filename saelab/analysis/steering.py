@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from saelab import SaelabError
+from saelab.analysis import pick_sae
 
 MODES = ("add", "clamp", "ablate")
 
@@ -373,35 +374,6 @@ def parse_intervention(spec: str, value_needed: bool = True) -> Intervention:
     return Intervention(int(parts[0]), mode, value)
 
 
-def _pick_sae(path, hook: str | None):
-    """(the SAE's folder or hub spec, the loaded SAE, the model it names) of ``--sae``: an SAE folder, a group folder
-    (with ``--hook`` when it has several SAEs), or ``hf://ORG/REPO/SUBFOLDER`` (read from the hub or its cache:
-    steering writes nothing next to the SAE, so it needs no ``saelab fetch`` first)."""
-    from saelab.app import resolve_target
-    from saelab.config import hub_spec
-    from saelab.sae.base import SAE
-
-    spec = hub_spec(path)
-    if spec:
-        if hook is not None:
-            raise SaelabError(f"--hook picks an SAE of a group folder, and {spec} is one SAE: drop --hook")
-        loaded = SAE.load(spec, device="cpu")
-        return spec, loaded, loaded.cfg.model_name
-    folder, model = _pick_folder(resolve_target(path), hook)
-    return folder, SAE.load(folder, device="cpu"), model
-
-
-def _pick_folder(target, hook: str | None):
-    if hook is not None:
-        if hook not in target.saes:
-            raise SaelabError(f"--hook {hook} is not in {target.path}: it has {', '.join(target.saes)}")
-        return target.saes[hook], target.model
-    if len(target.saes) > 1:
-        raise SaelabError(f"{target.path} is a group of {len(target.saes)} SAEs: pass --hook, one of "
-                          f"{', '.join(target.saes)}")
-    return next(iter(target.saes.values())), target.model
-
-
 def _changes(rows: list[dict]) -> str:
     return ", ".join(f"{p['token']!r} {p['p_clean']:.3f} → {p['p_steered']:.3f}" for p in rows) or "none"
 
@@ -444,7 +416,7 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
         raise SaelabError("--sweep varies an add or clamp value: --steer LATENT:add or LATENT:clamp")
     if json_out is not None:  # an unwritable --json fails now, not after the generations
         json_out = check_output(json_out, "--json", "steer.json")
-    folder, loaded, model_name = _pick_sae(sae, hook)
+    folder, loaded, model_name = pick_sae(sae, hook)
     for it in interventions:  # before the model loads: a big model takes a while
         if not 0 <= it.latent < loaded.d_sae:
             raise SaelabError(f"--steer: latent {it.latent} is out of range: this SAE has latents "

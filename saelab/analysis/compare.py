@@ -1,0 +1,133 @@
+"""Latent matching between two SAEs (``saelab compare``): which latents of one SAE the other also learned.
+
+Two SAEs of the same activation space (two seeds, two widths, two architectures, or two layers of the
+residual stream) are compared by their decoder directions, the features they write back. For every latent of
+A the latent of B whose decoder row has the highest cosine is its match, and the other way round:
+
+- **MMCS** (mean max cosine similarity, Sharkey et al. 2022): the mean over A's latents of the cosine of
+  their match in B; 1 when B holds every direction of A;
+- the fraction of latents whose match reaches 0.9, 0.7 and 0.5;
+- **mutual matches**: pairs that are each other's match (a one-to-one correspondence), and how many of
+  them reach 0.9.
+
+Dead latents keep their random init direction and match nothing, which lowers MMCS for a reason that is
+not about the features learned; when a side has ``features.h5`` (``saelab analyze``), the same numbers are
+also given over its latents that fired. A signed SAE (AbsTopK) reads a feature with either sign of its
+direction, so when either side is signed the cosines are absolute. Cosines go in chunks
+(``features.best_matches``): at most 128 MiB of them at a time whatever the widths."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import torch
+
+from saelab import SaelabError
+
+LEVELS = (0.9, 0.7, 0.5)
+
+
+def _side(cos: np.ndarray, alive: np.ndarray | None) -> dict:
+    """The summary of one direction's best-match cosines (over all latents, and over the alive ones)."""
+    out = {"latents": int(len(cos)), "mmcs": float(cos.mean()), "median": float(np.median(cos)),
+           **{f"frac_{t}": float((cos >= t).mean()) for t in LEVELS}}
+    if alive is not None:
+        out["alive"] = int(alive.sum())
+        a = cos[alive]
+        out["mmcs_alive"] = float(a.mean()) if len(a) else float("nan")
+        out.update({f"frac_{t}_alive": float((a >= t).mean()) if len(a) else float("nan") for t in LEVELS})
+    return out
+
+
+def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray | None = None,
+                 budget: int = 1 << 25) -> dict:
+    """Match the latents of SAEs ``a`` and ``b`` by decoder cosine. ``alive_a`` / ``alive_b``: boolean masks of
+    the latents that fired (from ``features.h5``), for the alive-only numbers. Returns a JSON-ready dict:
+    ``a_to_b`` / ``b_to_a`` (summary per direction), ``mutual`` and ``mutual_0.9`` (counts), ``signed``, and
+    ``matches`` {``a_to_b``: {``ids``, ``cos``}, ``b_to_a``: …} (per latent, as lists)."""
+    from saelab.analysis.features import best_matches
+
+    if a.d_in != b.d_in:
+        raise SaelabError(f"the SAEs read different spaces (d_in {a.d_in} and {b.d_in}): compare SAEs of one "
+                          "model's activations of one width")
+    for name, mask, sae in (("alive_a", alive_a, a), ("alive_b", alive_b, b)):
+        if mask is not None and len(mask) != sae.d_sae:
+            raise SaelabError(f"{name} has {len(mask)} entries for an SAE of {sae.d_sae} latents")
+    signed = bool(getattr(a, "signed", False) or getattr(b, "signed", False))
+    ia, ca = best_matches(a.W_dec, b.W_dec, 1, budget, signed=signed)
+    ib, cb = best_matches(b.W_dec, a.W_dec, 1, budget, signed=signed)
+    ia, ca, ib, cb = ia[:, 0].numpy(), ca[:, 0].numpy(), ib[:, 0].numpy(), cb[:, 0].numpy()
+    mutual = ib[ia] == np.arange(len(ia))  # A's latent i and its match j are each other's match
+    return {"signed": signed,
+            "a_to_b": _side(ca, None if alive_a is None else np.asarray(alive_a, bool)),
+            "b_to_a": _side(cb, None if alive_b is None else np.asarray(alive_b, bool)),
+            "mutual": int(mutual.sum()), "mutual_0.9": int((mutual & (ca >= 0.9)).sum()),
+            "matches": {"a_to_b": {"ids": ia.tolist(), "cos": ca.tolist()},
+                        "b_to_a": {"ids": ib.tolist(), "cos": cb.tolist()}}}
+
+
+def _alive(folder) -> np.ndarray | None:
+    """The latents that fired, from the folder's ``features.h5``; None for a hub spec or an unanalysed SAE."""
+    from saelab.analysis.features import FEATURES_FILE, FeatureDB
+
+    if not isinstance(folder, pathlib.Path) or not (folder / FEATURES_FILE).exists():
+        return None
+    with FeatureDB(folder) as db:
+        return db.density > 0
+
+
+def _describe(where, sae) -> str:
+    c = sae.cfg
+    return f"{where}: {c.arch}, {sae.d_sae:,} latents, hook {c.hook_name or '?'}, model {c.model_name or '?'}"
+
+
+def _lines(res: dict, a_where, b_where, a, b) -> list[str]:
+    lines = [f"A  {_describe(a_where, a)}", f"B  {_describe(b_where, b)}"]
+    if a.cfg.hook_name and b.cfg.hook_name and a.cfg.hook_name != b.cfg.hook_name:
+        lines.append(f"(different hooks: matching directions across {a.cfg.hook_name} and {b.cfg.hook_name})")
+    if res["signed"]:
+        lines.append("(a signed SAE: cosines are absolute)")
+    head = f"{'':8}{'latents':>9}{'MMCS':>8}{'median':>8}" + "".join(f"{'≥' + str(t):>7}" for t in LEVELS)
+    lines.append(head)
+    for key, label in (("a_to_b", "A → B"), ("b_to_a", "B → A")):
+        s = res[key]
+        lines.append(f"{label:8}{s['latents']:>9,}{s['mmcs']:>8.3f}{s['median']:>8.3f}"
+                     + "".join(f"{s[f'frac_{t}']:>7.1%}" for t in LEVELS))
+        if "alive" in s:
+            lines.append(f"{'  alive':8}{s['alive']:>9,}{s['mmcs_alive']:>8.3f}{'':>8}"
+                         + "".join(f"{s[f'frac_{t}_alive']:>7.1%}" for t in LEVELS))
+    lines.append(f"mutual matches: {res['mutual']:,} pairs are each other's best match, {res['mutual_0.9']:,} of "
+                 "them at cosine ≥ 0.9")
+    return lines
+
+
+def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None = None, json_out=None,
+                budget: int = 1 << 25) -> tuple[dict, list[str]]:
+    """``saelab compare``: load both SAEs (folders, group folders with ``hook`` / ``other_hook``, or ``hf://``
+    specs; nothing is written next to them), match their latents, and return (the result as a JSON-ready dict,
+    the lines to print); ``json_out``: also write that dict there (atomically). Bad input is a one-line error
+    before the matching: a missing folder, a group without its hook flag, different d_in, different models."""
+    import json
+
+    from saelab.analysis import pick_sae
+    from saelab.models import hub_name
+    from saelab.store import check_output, finite_json, write_output
+
+    if json_out is not None:
+        json_out = check_output(json_out, "--json", "compare.json")
+    a_where, a, a_model = pick_sae(sae, hook)
+    b_where, b, b_model = pick_sae(other, other_hook, "--other-hook")
+    if a_model and b_model and a_model != b_model and hub_name(a_model) != hub_name(b_model):  # gpt2-small is gpt2
+        raise SaelabError(f"the SAEs belong to different models ({a_model} and {b_model}): their directions live "
+                          "in different spaces; compare SAEs of one model")
+    res = compare_saes(a, b, alive_a=_alive(a_where), alive_b=_alive(b_where), budget=budget)
+    res = {"a": {"sae": str(a_where), "arch": a.cfg.arch, "d_sae": a.d_sae, "hook": a.cfg.hook_name,
+                 "model": a_model},
+           "b": {"sae": str(b_where), "arch": b.cfg.arch, "d_sae": b.d_sae, "hook": b.cfg.hook_name,
+                 "model": b_model}, **res}
+    lines = _lines(res, a_where, b_where, a, b)
+    if json_out is not None:
+        write_output(json_out, json.dumps(finite_json(res)) + "\n", "--json")
+        lines.append(f"wrote {json_out}")
+    return res, lines
