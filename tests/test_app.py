@@ -171,6 +171,27 @@ def test_features_by_id_shows_the_card(monkeypatch, app_group, db1, top_latent):
     assert _card_title(_ok(at)) == f"Latent {j}"
 
 
+def test_card_links_the_closest_latents_of_the_group_s_other_sae(monkeypatch, app_group, top_latent):
+    """A group's card lists, per other SAE, the 3 latents of highest decoder cosine (features.best_matches on the
+    SAE files, computed here); clicking one switches the SAE and opens that latent's card."""
+    from saelab.analysis.features import best_matches
+    from saelab.sae.base import SAE
+
+    h0 = "blocks.0.hook_resid_post"
+    lat = top_latent
+    at = _features(monkeypatch, app_group)
+    at.number_input(key="latent").set_value(lat).run()
+    _ok(at)
+    ids, cos = best_matches(SAE.load(app_group / HOOK1).W_dec[lat : lat + 1], SAE.load(app_group / h0).W_dec, 3)
+    buttons = _result_buttons(at, f"card_other_{lat}_")
+    assert [b.label for b in buttons] == [f"{h0} #{j}  (cos {c:.2f})" for j, c in zip(ids[0].tolist(), cos[0].tolist())]
+    buttons[0].click().run()
+    _ok(at)
+    assert at.selectbox(key="hook").value == h0 and _card_title(at) == f"Latent {ids[0, 0].item()}"
+    assert not _result_buttons(at, f"card_other_{ids[0, 0].item()}_{h0}")  # the SAE shown is not among the others
+    assert _result_buttons(at, f"card_other_{ids[0, 0].item()}_{HOOK1}")
+
+
 def test_card_of_an_attention_sae_names_its_heads(monkeypatch, small_run, tmp_path):
     """An SAE on attn.hook_z: the card lists the heads its decoder row lives in, as features.h5 records them."""
     import torch

@@ -118,6 +118,30 @@ def goto(latent: int) -> None:
     st.session_state["latent"] = int(latent)
 
 
+def goto_sae(hook: str, latent: int) -> None:
+    """Button callback: open this latent's card in the group's SAE at ``hook``."""
+    st.session_state["hook"] = hook
+    st.session_state["latent"] = int(latent)
+
+
+def other_matches(sae_dir: pathlib.Path, latent: int, others: dict, k: int = 3) -> list[tuple[str, list]]:
+    """[(hook, [(latent, cosine)] best first)]: the latents of the group's other SAEs (``others`` {hook: folder})
+    whose decoder rows are closest to this latent's (absolute cosine when either SAE is signed); SAEs of another
+    d_in (another activation space) are skipped."""
+    from saelab.analysis.features import best_matches
+
+    here = sae(sae_dir)
+    out = []
+    for h, folder in others.items():
+        there = sae(folder)
+        if there.d_in != here.d_in:
+            continue
+        signed = bool(getattr(here, "signed", False) or getattr(there, "signed", False))
+        ids, cos = best_matches(here.W_dec[latent : latent + 1], there.W_dec, k, signed=signed)
+        out.append((h, list(zip(ids[0].tolist(), cos[0].tolist()))))
+    return out
+
+
 def latent_name(latent: int, labels: dict[int, str]) -> str:
     lab = labels.get(int(latent))
     return f"#{latent}" + (f" — {lab}" if lab else "")
@@ -133,8 +157,9 @@ def examples_block(examples, scale: float) -> None:
                 unsafe_allow_html=True)
 
 
-def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> None:
-    """The latent card: stats, histogram, examples, logit effects, neighbours, label field."""
+def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", others: dict | None = None) -> None:
+    """The latent card: stats, histogram, examples, logit effects, neighbours, label field; with ``others`` (the
+    group's other SAEs, {hook: folder}) also this latent's closest latents in each of them."""
     import plotly.graph_objects as go
 
     from saelab.analysis.features import save_label
@@ -206,3 +231,10 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card") -> No
         for j, cos in card.neighbours:
             st.button(f"{latent_name(j, labs)}  (cos {cos:.2f})", key=f"{key}_nb_{latent}_{j}", on_click=goto,
                       args=(j,))
+        matches = other_matches(sae_dir, latent, others) if others else []
+        if matches:
+            st.markdown("**In the group's other SAEs** (decoder cosine) — click to open")
+            for h, rows in matches:
+                for j, cos in rows:
+                    st.button(f"{h} #{j}  (cos {cos:.2f})", key=f"{key}_other_{latent}_{h}_{j}", on_click=goto_sae,
+                              args=(h, j))

@@ -85,4 +85,4 @@ elif mode == "by density" and db is not None:
 st.divider()
 latent = st.number_input("Latent id", min_value=0, max_value=d_sae - 1, step=1, key="latent")
 if db is not None:
-    ui.render_card(sae_dir, db, int(latent))
+    ui.render_card(sae_dir, db, int(latent), others={h: f for h, f in target.saes.items() if h != hook})
