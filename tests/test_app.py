@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,17 @@ def test_home_lists_the_group(monkeypatch, app_group):
     assert list(df["hook"]) == ["blocks.0.hook_resid_post", HOOK1]
     assert df["features.h5"].all() and (df["d_sae"] == 2048).all()
     assert list(df["source"]) == ["trained here"] * 2
+    # the latent-density histogram: log10 of each alive latent's density, one trace per SAE naming its dead count
+    from saelab.analysis.features import FeatureDB
+
+    (chart,) = at.get("plotly_chart")
+    traces = json.loads(chart.proto.spec)["data"]
+    assert len(traces) == 2
+    for trace, hook in zip(traces, ["blocks.0.hook_resid_post", HOOK1]):
+        with FeatureDB(app_group / hook) as db:
+            d = np.asarray(db.density)
+        assert trace["name"] == f"{hook} ({int((d == 0).sum())} dead)"
+        np.testing.assert_allclose(trace["x"], np.log10(d[d > 0]), rtol=1e-6)
 
 
 HUB_SOURCE = {"repo_id": "someone/saes", "subfolder": HOOK1, "revision": None,

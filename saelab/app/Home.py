@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 
 from saelab.app import common as ui
@@ -38,6 +40,19 @@ for hook, folder in target.saes.items():
                  "CE recovered": ev.get("ce_loss_recovered"), "features.h5": (folder / "features.h5").is_file(),
                  "labels": len(ui.labels(folder)), "source": _source(folder)})
 st.dataframe(rows, hide_index=True)
+# the latent-density histogram, the first health check of an SAE: a bump of dense latents at the right, a long
+# tail of rare ones at the left, and the dead ones (never fired on the analysed rows) counted apart
+dbs = {h: ui.feature_db(f, show=False) for h, f in target.saes.items()}
+dens = {h: np.asarray(db.density) for h, db in dbs.items() if db is not None}
+if dens:
+    st.markdown("**Latent density**: log₁₀ of the fraction of analysed tokens on which each latent fires")
+    fig = go.Figure()
+    for h, d in dens.items():
+        fig.add_trace(go.Histogram(x=np.log10(d[d > 0]).tolist(), name=f"{h} ({int((d == 0).sum())} dead)",
+                                   nbinsx=50, opacity=0.6))
+    fig.update_layout(barmode="overlay", height=300, margin=dict(l=10, r=10, t=10, b=10),
+                      xaxis_title="log₁₀ density", yaxis_title="latents", legend=dict(orientation="h", y=-0.3))
+    st.plotly_chart(fig, key="density_hist")
 missing = [h for h, f in target.saes.items() if not (f / "features.h5").is_file()]
 if missing:
     # an SAE not trained here (fetched, or SAELens-written) names no store: analyze needs one of its hook
