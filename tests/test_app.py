@@ -197,6 +197,8 @@ def test_card_links_the_closest_latents_of_the_group_s_other_sae(monkeypatch, ap
     ids, cos = best_matches(SAE.load(app_group / HOOK1).W_dec[lat : lat + 1], SAE.load(app_group / h0).W_dec, 3)
     buttons = _result_buttons(at, f"card_other_{lat}_")
     assert [b.label for b in buttons] == [f"{h0} #{j}  (cos {c:.2f})" for j, c in zip(ids[0].tolist(), cos[0].tolist())]
+    shared = "SAEs trained from one seed start from the same directions"
+    assert any(shared in c.value for c in at.caption) == (lat in ids[0].tolist())  # the same index is flagged
     buttons[0].click().run()
     _ok(at)
     assert at.selectbox(key="hook").value == h0 and _card_title(at) == f"Latent {ids[0, 0].item()}"

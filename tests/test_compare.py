@@ -88,6 +88,27 @@ def test_signed_saes_match_a_direction_of_either_sign():
         assert res["signed"] == (arch == "abstopk") and res["mutual_0.9"] == want, (arch, res["mutual_0.9"])
 
 
+def test_chance_is_what_unrelated_random_dictionaries_get():
+    """Two SAEs of independent random init (isotropic unit directions) have the MMCS chance_mmcs predicts, within
+    0.01; the floor rises with the other's count, falls with d_in, and is higher for absolute cosines; two SAEs
+    of the same init match index to index, and same_index counts it."""
+    from saelab.analysis.compare import chance_mmcs, compare_saes
+
+    torch.manual_seed(5)
+    a = SAE.create("topk", d_in=32, d_sae=512, k=4)
+    b = SAE.create("topk", d_in=32, d_sae=256, k=4)
+    res = compare_saes(a, b)
+    assert res["a_to_b"]["mmcs"] == pytest.approx(res["chance_mmcs"]["a_to_b"], abs=0.01)
+    assert res["b_to_a"]["mmcs"] == pytest.approx(res["chance_mmcs"]["b_to_a"], abs=0.01)
+    assert res["chance_mmcs"]["a_to_b"] == pytest.approx(chance_mmcs(32, 256), abs=1e-6)
+    assert chance_mmcs(32, 256) < chance_mmcs(32, 512) and chance_mmcs(64, 256) < chance_mmcs(32, 256)
+    assert chance_mmcs(32, 256) < chance_mmcs(32, 256, signed=True)
+    assert res["same_index"] <= 3
+    torch.manual_seed(5)
+    twin = SAE.create("topk", d_in=32, d_sae=512, k=4)
+    assert compare_saes(a, twin)["same_index"] == 512
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "saelab", "compare", *map(str, args)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -117,6 +138,10 @@ def test_cli_compares_two_layers_of_the_demo_group(demo_group, tmp_path):
         assert got[side] == pytest.approx(want[side])
         assert f"{want[side]['mmcs']:.3f}" in r.stdout and f"{want[side]['alive']:,}" in r.stdout
     assert f"mutual matches: {want['mutual']:,} pairs" in r.stdout and "different hooks" in r.stdout
+    # the demo trains every hook from seed 0: most latents' best match has their own index, and the output says so
+    assert want["same_index"] == int((ia == torch.arange(a.d_sae)).sum()) > 0.05 * a.d_sae
+    assert f"note: {want['same_index']:,} of A's" in r.stdout and "the same --seed" in r.stdout
+    assert f"MMCS {want['chance_mmcs']['a_to_b']:.3f} A → B" in r.stdout
     assert (got["a"]["hook"], got["b"]["hook"]) == (h0, h1)
     same = compare_saes(a, a)
     assert same["a_to_b"]["mmcs"] == pytest.approx(1.0, abs=1e-5) and same["mutual"] == a.d_sae

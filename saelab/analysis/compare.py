@@ -10,6 +10,16 @@ A the latent of B whose decoder row has the highest cosine is its match, and the
 - **mutual matches**: pairs that are each other's match (a one-to-one correspondence), and how many of
   them reach 0.9.
 
+Two SAEs trained with the same seed start from the same decoder directions (latent i of both begins as the
+same random vector; a group's SAEs are trained so), and part of their similarity is that shared start, not
+what they learned: ``same_index`` counts the latents whose match is the latent of the same index (by chance
+about one), and the printout says so when it is more than 5% of them.
+
+MMCS has a floor that is not zero: a unit vector's best cosine among n random directions in d dimensions grows
+with n and shrinks with d (0.30 for 2,048 directions in 128 dimensions). ``chance`` gives that floor per
+direction, measured on isotropic random directions of B's count and d_in (``chance_mmcs``); real activations
+are not isotropic, so unrelated SAEs of one space can sit somewhat above it.
+
 Dead latents keep their random init direction and match nothing, which lowers MMCS for a reason that is
 not about the features learned; when a side has ``features.h5`` (``saelab analyze``), the same numbers are
 also given over its latents that fired. A signed SAE (AbsTopK) reads a feature with either sign of its
@@ -26,6 +36,7 @@ import torch
 from saelab import SaelabError
 
 LEVELS = (0.9, 0.7, 0.5)
+SAME_INDEX_NOTE = 0.05  # more than this fraction of A's latents matching their own index: a shared init, said so
 
 
 def _side(cos: np.ndarray, alive: np.ndarray | None) -> dict:
@@ -40,11 +51,25 @@ def _side(cos: np.ndarray, alive: np.ndarray | None) -> dict:
     return out
 
 
+def chance_mmcs(d_in: int, n: int, signed: bool = False, rows: int = 1024, seed: int = 0,
+                budget: int = 1 << 25) -> float:
+    """The MMCS of ``rows`` random unit vectors against ``n`` random directions in ``d_in`` dimensions (isotropic,
+    seeded): the MMCS that a dictionary of ``n`` directions unrelated to the other's would get by chance."""
+    from saelab.analysis.features import best_matches
+
+    g = torch.Generator().manual_seed(seed)
+    _, cos = best_matches(torch.randn(rows, d_in, generator=g), torch.randn(n, d_in, generator=g), 1, budget,
+                          signed=signed)
+    return float(cos.mean())
+
+
 def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray | None = None,
                  budget: int = 1 << 25) -> dict:
     """Match the latents of SAEs ``a`` and ``b`` by decoder cosine. ``alive_a`` / ``alive_b``: boolean masks of
     the latents that fired (from ``features.h5``), for the alive-only numbers. Returns a JSON-ready dict:
-    ``a_to_b`` / ``b_to_a`` (summary per direction), ``mutual`` and ``mutual_0.9`` (counts), ``signed``, and
+    ``a_to_b`` / ``b_to_a`` (summary per direction), ``mutual`` and ``mutual_0.9`` (counts), ``same_index`` (A's
+    latents whose match in B has the same index: a shared init when many), ``chance_mmcs`` (per direction: the
+    MMCS of random directions, ``chance_mmcs``), ``signed``, and
     ``matches`` {``a_to_b``: {``ids``, ``cos``}, ``b_to_a``: …} (per latent, as lists)."""
     from saelab.analysis.features import best_matches
 
@@ -59,7 +84,9 @@ def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray
     ib, cb = best_matches(b.W_dec, a.W_dec, 1, budget, signed=signed)
     ia, ca, ib, cb = ia[:, 0].numpy(), ca[:, 0].numpy(), ib[:, 0].numpy(), cb[:, 0].numpy()
     mutual = ib[ia] == np.arange(len(ia))  # A's latent i and its match j are each other's match
-    return {"signed": signed,
+    chance = {"a_to_b": chance_mmcs(a.d_in, b.d_sae, signed, budget=budget),
+              "b_to_a": chance_mmcs(a.d_in, a.d_sae, signed, budget=budget)}
+    return {"signed": signed, "same_index": int((ia == np.arange(len(ia))).sum()), "chance_mmcs": chance,
             "a_to_b": _side(ca, None if alive_a is None else np.asarray(alive_a, bool)),
             "b_to_a": _side(cb, None if alive_b is None else np.asarray(alive_b, bool)),
             "mutual": int(mutual.sum()), "mutual_0.9": int((mutual & (ca >= 0.9)).sum()),
@@ -97,8 +124,15 @@ def _lines(res: dict, a_where, b_where, a, b) -> list[str]:
         if "alive" in s:
             lines.append(f"{'  alive':8}{s['alive']:>9,}{s['mmcs_alive']:>8.3f}{'':>8}"
                          + "".join(f"{s[f'frac_{t}_alive']:>7.1%}" for t in LEVELS))
+    ch = res["chance_mmcs"]
+    lines.append(f"chance (isotropic random directions of the other's count): MMCS {ch['a_to_b']:.3f} A → B, "
+                 f"{ch['b_to_a']:.3f} B → A")
     lines.append(f"mutual matches: {res['mutual']:,} pairs are each other's best match, {res['mutual_0.9']:,} of "
                  "them at cosine ≥ 0.9")
+    if res["same_index"] > SAME_INDEX_NOTE * a.d_sae:
+        lines.append(f"note: {res['same_index']:,} of A's {a.d_sae:,} latents match the latent of the same index in B "
+                     "(chance: about 1): the SAEs likely started from the same init (the same --seed), and part of "
+                     "this similarity is that shared start; train with different seeds to compare what they learned")
     return lines
 
 

@@ -234,6 +234,10 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", other
         matches = other_matches(sae_dir, latent, others) if others else []
         if matches:
             st.markdown("**In the group's other SAEs** (decoder cosine) — click to open")
+            if any(j == latent for _, rows in matches for j, _ in rows):
+                st.caption(f"#{latent} in another SAE: SAEs trained from one seed start from the same directions, so a "
+                           "match of the same index can be that shared start rather than the same feature "
+                           "(saelab compare measures it)")
             for h, rows in matches:
                 for j, cos in rows:
                     st.button(f"{h} #{j}  (cos {cos:.2f})", key=f"{key}_other_{latent}_{h}_{j}", on_click=goto_sae,
