@@ -158,7 +158,8 @@ def test_sample_of_an_sae_with_few_alive_latents_takes_them_all():
 
 def test_bad_input_is_one_line_and_writes_nothing(sae_copy, tmp_path):
     """Each refusal names its fix, before any card is built; through the CLI (two cases: the error path is
-    shared; ``--latents`` parsing is the same function as in process) it is one line on stderr; no file or temp file is left."""
+    shared; ``--latents`` parsing is the same function as in process) it is one line on stderr; no file or temp
+    file is left."""
     from saelab import SaelabError
     from saelab.app.export import export_html
 

@@ -449,13 +449,13 @@ def logit_effects(model, sae, k: int = N_LOGITS, budget: int = 1 << 25):
     return tuple(torch.cat(t) for t in out)
 
 
-@torch.no_grad()
 def unit_rows(W: torch.Tensor) -> torch.Tensor:
     """The rows of ``W`` (decoder directions) scaled to unit norm, in float32 (all-zero rows stay zero)."""
     W = W.detach().float()
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+@torch.no_grad()
 def best_matches(A: torch.Tensor, B: torch.Tensor, k: int = 1, budget: int = 1 << 25, signed: bool = False,
                  exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, cosines) [len(A), k]: for every row of ``A`` the ``k`` rows of ``B`` of highest cosine, best first

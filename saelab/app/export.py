@@ -27,7 +27,7 @@ from saelab import SaelabError, __version__
 from saelab.app.render import TOKENS_CSS, tokens_html
 
 SAMPLE = 50
-MAX_CARDS = 2000  # a card is ~25-30 KiB on the demo SAEs (its examples' token windows): 2,000 cards ≈ 50 MiB of HTML
+MAX_CARDS = 2000  # a card is ~25-30 KiB on the demo SAEs (its token windows): 2,000 cards ≈ 50 MiB of HTML
 N_TOP_SHOWN = 10  # top examples shown open; the rest are folded
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 12px}
@@ -160,9 +160,9 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
                 progress: bool = False, max_cards: int | None = None) -> tuple[pathlib.Path, int]:
     """Write the cards of ``sae`` (an SAE folder or a group folder) to the HTML file ``out``; returns
     (out, number of cards). ``latents``: ids and ranges for every SAE; else ``sample`` random alive latents
-    per SAE (``seed``). More than ``max_cards`` (default ``MAX_CARDS``) cards in all is refused before any is built (``--latents
-    0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file appears whole or not at
-    all (temp name, fsync, rename)."""
+    per SAE (``seed``). More than ``max_cards`` (default ``MAX_CARDS``) cards in all is refused before any is
+    built (``--latents 0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file appears
+    whole or not at all (temp name, fsync, rename)."""
     from saelab.analysis.features import FeatureDB, load_labels, sae_folders
     from saelab.store import check_output, write_output
 
