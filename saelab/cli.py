@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "SAE's latent of highest decoder cosine, summarised as MMCS, the fractions above "
                                    "0.9 / 0.7 / 0.5 and the mutual best matches (also over the latents that fired, "
                                    "where features.h5 exists). Two seeds, widths, architectures, or two layers of one "
-                                   "model's residual stream.")
+                                   "model's residual stream; two group folders without hook flags: hook by hook.")
     c.add_argument("--sae", required=True, help="SAE A: an SAE folder, a group folder (with --hook), or "
                                                 "hf://ORG/REPO/SUBFOLDER")
     c.add_argument("--other", required=True, help="SAE B, as --sae (a group with --other-hook)")

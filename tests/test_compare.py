@@ -148,6 +148,47 @@ def test_cli_compares_two_layers_of_the_demo_group(demo_group, tmp_path):
     assert same["matches"]["a_to_b"]["ids"] == list(range(a.d_sae))
 
 
+def _group(root, saes: dict):
+    """A group folder of {hook: SAE folder to copy, or an SAE to save}."""
+    import shutil
+
+    root.mkdir(parents=True)
+    for hook, sae in saes.items():
+        if isinstance(sae, SAE):
+            sae.save(root / hook)
+        else:
+            shutil.copytree(sae, root / hook)
+    (root / "group.json").write_text(json.dumps({"model": "tiny", "hooks": {h: h for h in saes}}))
+    return root
+
+
+def test_two_groups_are_compared_hook_by_hook(demo_group, tmp_path, capsys):
+    """Two group folders and no hook flags: one comparison per hook both hold (a copy of the demo group matches
+    itself at MMCS 1), the others named as not compared; groups that share no hook are a one-line error."""
+    from saelab.analysis.compare import run_compare
+    from saelab.cli import main
+
+    h0, h1 = sorted(demo_group.saes)
+    copy = _group(tmp_path / "copy", dict(demo_group.saes))
+    res, lines = run_compare(demo_group.group, copy)
+    assert list(res["pairs"]) == [h0, h1] and lines[0] == f"== {h0}" and f"== {h1}" in lines
+    for h in (h0, h1):
+        pair = res["pairs"][h]
+        assert (pair["a"]["hook"], pair["b"]["hook"]) == (h, h) and pair["mutual"] == pair["a"]["d_sae"]
+        assert pair["a_to_b"]["mmcs"] == pytest.approx(1.0, abs=1e-5)
+    other = SAE.create("topk", d_in=128, d_sae=64, k=4, hook_name="blocks.2.hook_resid_post", model_name="tiny")
+    half = _group(tmp_path / "half", {h1: demo_group.saes[h1], "blocks.2.hook_resid_post": other})
+    res, lines = run_compare(demo_group.group, half)
+    assert list(res["pairs"]) == [h1]
+    assert lines[-1] == f"(not in both groups, not compared: {h0}, blocks.2.hook_resid_post)"
+    other3 = SAE.create("topk", d_in=128, d_sae=64, k=4, hook_name="blocks.3.hook_resid_post", model_name="tiny")
+    apart = _group(tmp_path / "apart", {"blocks.2.hook_resid_post": other, "blocks.3.hook_resid_post": other3})
+    capsys.readouterr()
+    assert main(["compare", "--sae", str(demo_group.group), "--other", str(apart)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "share no hook: pass --hook and --other-hook" in err and len(err.splitlines()) == 1, err
+
+
 def test_cli_errors_are_one_line(demo_group, tmp_path, capsys):
     from saelab.cli import main
 

@@ -136,20 +136,21 @@ def _lines(res: dict, a_where, b_where, a, b) -> list[str]:
     return lines
 
 
-def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None = None, json_out=None,
-                budget: int = 1 << 25) -> tuple[dict, list[str]]:
-    """``saelab compare``: load both SAEs (folders, group folders with ``hook`` / ``other_hook``, or ``hf://``
-    specs; nothing is written next to them), match their latents, and return (the result as a JSON-ready dict,
-    the lines to print); ``json_out``: also write that dict there (atomically). Bad input is a one-line error
-    before the matching: a missing folder, a group without its hook flag, different d_in, different models."""
-    import json
+def _group(path) -> dict | None:
+    """{hook: SAE folder} of a local group folder holding several SAEs, else None (one SAE, a hub spec)."""
+    from saelab.app import resolve_target
+    from saelab.config import hub_spec
 
+    if hub_spec(path):
+        return None
+    target = resolve_target(path)
+    return target.saes if target.group is not None and len(target.saes) > 1 else None
+
+
+def _compare_pair(sae, other, hook, other_hook, budget) -> tuple[dict, list[str]]:
     from saelab.analysis import pick_sae
     from saelab.models import hub_name
-    from saelab.store import check_output, finite_json, write_output
 
-    if json_out is not None:
-        json_out = check_output(json_out, "--json", "compare.json")
     a_where, a, a_model = pick_sae(sae, hook)
     b_where, b, b_model = pick_sae(other, other_hook, "--other-hook")
     if a_model and b_model and a_model != b_model and hub_name(a_model) != hub_name(b_model):  # gpt2-small is gpt2
@@ -160,7 +161,39 @@ def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None =
                  "model": a_model},
            "b": {"sae": str(b_where), "arch": b.cfg.arch, "d_sae": b.d_sae, "hook": b.cfg.hook_name,
                  "model": b_model}, **res}
-    lines = _lines(res, a_where, b_where, a, b)
+    return res, _lines(res, a_where, b_where, a, b)
+
+
+def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None = None, json_out=None,
+                budget: int = 1 << 25) -> tuple[dict, list[str]]:
+    """``saelab compare``: load both SAEs (folders, group folders with ``hook`` / ``other_hook``, or ``hf://``
+    specs; nothing is written next to them), match their latents, and return (the result as a JSON-ready dict,
+    the lines to print); ``json_out``: also write that dict there (atomically). Two group folders without
+    ``hook`` / ``other_hook`` (two training runs of one group: two seeds, two widths) are compared hook by hook,
+    over the hooks both hold: the result is then ``{"pairs": {hook: result}}``. Bad input is a one-line error
+    before the matching: a missing folder, a group without its hook flag, groups that share no hook, different
+    d_in, different models."""
+    import json
+
+    from saelab.store import check_output, finite_json, write_output
+
+    if json_out is not None:
+        json_out = check_output(json_out, "--json", "compare.json")
+    ga, gb = (_group(sae), _group(other)) if hook is None and other_hook is None else (None, None)
+    if ga and gb:
+        common = [h for h in ga if h in gb]
+        if not common:
+            raise SaelabError(f"the groups {sae} ({', '.join(ga)}) and {other} ({', '.join(gb)}) share no hook: "
+                              "pass --hook and --other-hook to compare one SAE of each")
+        res, lines = {"pairs": {}}, []
+        for h in common:
+            res["pairs"][h], more = _compare_pair(ga[h], gb[h], None, None, budget)
+            lines += [f"== {h}", *more]
+        skipped = [h for h in [*ga, *gb] if h not in common]
+        if skipped:
+            lines.append(f"(not in both groups, not compared: {', '.join(skipped)})")
+    else:
+        res, lines = _compare_pair(sae, other, hook, other_hook, budget)
     if json_out is not None:
         write_output(json_out, json.dumps(finite_json(res)) + "\n", "--json")
         lines.append(f"wrote {json_out}")
