@@ -142,6 +142,22 @@ def test_sample_is_alive_seeded_and_covers_every_sae_of_a_group(demo_group, tmp_
         assert len(ids) == 4
         with FeatureDB(folder) as db:
             assert all(db.density[i] > 0 for i in ids)
+    # each card lists its 3 closest latents in the group's other SAE (best_matches of the SAE files, computed
+    # here), linked when that card is in the file
+    from saelab.analysis.features import best_matches
+    from saelab.sae.base import SAE
+
+    (h0, f0), (h1, f1) = sorted(demo_group.saes.items())
+    W0, W1 = SAE.load(f0).W_dec, SAE.load(f1).W_dec
+    in1 = {int(s.rsplit("-", 1)[1]) for s in pa.sections if s.startswith(h1 + "-")}
+    for sec in (s for s in pa.sections if s.startswith(h0 + "-")):
+        i = int(sec.rsplit("-", 1)[1])
+        top, cos = best_matches(W0[i : i + 1], W1, 3)
+        text = "".join(pa.sections[sec])
+        assert "In the group's other SAEs" in text and h1 in text
+        assert " · ".join(f"#{j} ({c:.2f})" for j, c in zip(top[0].tolist(), cos[0].tolist())) in text
+        linked = {h for h in pa.links[sec] if h.startswith(f"#{h1}-")}
+        assert linked == {f"#{h1}-{j}" for j in top[0].tolist() if j in in1}
 
 
 def test_sample_of_an_sae_with_few_alive_latents_takes_them_all():

@@ -100,8 +100,10 @@ def anchor(sae_name: str, latent: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', sae_name)}-{latent}"
 
 
-def card_html(card, sae_name: str, label: str, exported: set[int]) -> str:
-    """One latent's section; ``exported``: the latents of this SAE in the file (neighbours link to them)."""
+def card_html(card, sae_name: str, label: str, exported: set[int], others=()) -> str:
+    """One latent's section; ``exported``: the latents of this SAE in the file (neighbours link to them);
+    ``others``: [(hook, SAE name, [(latent, cosine)], that SAE's latents in the file)], the closest latents in
+    the group's other SAEs (linked when in the file)."""
     i = card.latent
     facts = [f"density {card.density:.3%}", f"fired on {card.count:,} rows", f"mean {card.mean_act:.3f}",
              f"max {card.max_act:.3f}"]
@@ -131,6 +133,13 @@ def card_html(card, sae_name: str, label: str, exported: set[int]) -> str:
              f"<h3>Promoted tokens</h3>{_tokens_table(card.logits_top)}",
              f"<h3>Suppressed tokens</h3>{_tokens_table(card.logits_bottom)}",
              "<h3>Neighbours (decoder cosine)</h3><p>" + " · ".join(nbs) + "</p>"]
+    if others:
+        rows = []
+        for hook, name, matches, there in others:
+            links = [f'<a href="#{anchor(name, j)}">#{j}</a> ({cos:.2f})' if j in there else f"#{j} ({cos:.2f})"
+                     for j, cos in matches]
+            rows.append(f"<tr><td><code>{html.escape(hook)}</code></td><td>{' · '.join(links)}</td></tr>")
+        right.append("<h3>In the group's other SAEs (decoder cosine)</h3><table>" + "".join(rows) + "</table>")
     title = f"Latent {i}" + (f" — {html.escape(label)}" if label else "")
     return (f'<section class="card" id="{anchor(sae_name, i)}"><h2>{title}</h2>'
             f'<p class="meta">{" · ".join(facts)}</p><div class="cols"><div class="left">{"".join(left)}</div>'
@@ -154,6 +163,32 @@ def card_document(db, card, label: str = "") -> str:
                  f"{html.escape(str(db.sae_dir))} · {html.escape(db.arch)} · {db.d_sae:,} latents · "
                  f"model {html.escape(db.model or '—')} · {db.n_rows:,} rows analysed",
                  card_html(card, name, label, {card.latent}))
+
+
+def _group_matches(plan, k: int = 3) -> dict:
+    """{(folder, latent): [(hook, SAE name, [(latent, cosine)], that SAE's exported latents)]} for the exported
+    latents of a group: each one's ``k`` closest latents by decoder cosine in every other SAE of the same d_in
+    (absolute cosine when either is signed), as the app's card lists them. Empty for one SAE."""
+    if len(plan) < 2:
+        return {}
+    from saelab.analysis.features import best_matches
+    from saelab.sae.base import SAE
+
+    saes = {folder: SAE.load(folder, device="cpu") for folder, _, _ in plan}
+    out: dict = {}
+    for folder, _, ids in plan:
+        here = saes[folder]
+        for other, db, there in plan:
+            o = saes[other]
+            if other == folder or o.d_in != here.d_in or not ids:
+                continue
+            signed = bool(getattr(here, "signed", False) or getattr(o, "signed", False))
+            top, cos = best_matches(here.W_dec[ids], o.W_dec, k, signed=signed)
+            there = set(there)
+            for n, i in enumerate(ids):
+                out.setdefault((folder, i), []).append(
+                    (db.hook, other.name, list(zip(top[n].tolist(), cos[n].tolist())), there))
+    return out
 
 
 def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed: int = 0,
@@ -182,6 +217,7 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
                               f"--max-cards {n} to write them all")
         out = check_output(out, "--out", "cards.html")  # an unwritable --out fails now, not after the cards are built
         parts, index = [], []
+        matches = _group_matches(plan)
         for folder, db, ids in plan:
             labels = load_labels(folder)
             name = folder.name
@@ -196,7 +232,7 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
             for i in tqdm(ids, desc=f"export {db.hook}", disable=not progress, leave=False):
                 card = db.card(i)
                 lab = labels.get(i, "")
-                cards.append(card_html(card, name, lab, exported))
+                cards.append(card_html(card, name, lab, exported, matches.get((folder, i), ())))
                 top = html.escape(repr(card.logits_top[0][0])) if card.logits_top else "—"
                 rows.append(f'<tr><td><a href="#{anchor(name, i)}">{i}</a></td><td>{html.escape(lab)}</td>'
                             f"<td>{card.density:.3%}</td><td>{card.max_act:.3f}</td><td><code>{top}</code></td></tr>")
