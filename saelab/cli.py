@@ -109,7 +109,8 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from saelab.analysis.compare import run_compare
 
-    _, lines = run_compare(args.sae, args.other, hook=args.hook, other_hook=args.other_hook, json_out=args.json)
+    _, lines = run_compare(args.sae, args.other, hook=args.hook, other_hook=args.other_hook, json_out=args.json,
+                           device=args.device)
     print("\n".join(lines))
     return 0
 
@@ -376,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hook", default=None, help="with a group folder as --sae: the hook whose SAE is A")
     c.add_argument("--other-hook", default=None, help="with a group folder as --other: the hook whose SAE is B")
     c.add_argument("--json", default=None, help="also write the summary and every latent's match to this file")
+    c.add_argument("--device", default="auto", help="where the cosines are computed: cpu, cuda or auto")
     c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",

@@ -60,6 +60,7 @@ def test_compare_finds_a_permuted_copy():
 
     a, b, perm = _pair("topk")
     res = compare_saes(a, b)
+    assert compare_saes(a, b, device="cpu") == res  # an explicit device: the same numbers
     kept = perm[:56].numpy()
     m = res["matches"]
     assert np.array_equal(np.asarray(m["b_to_a"]["ids"])[:56], kept)
@@ -208,6 +209,7 @@ def test_cli_errors_are_one_line(demo_group, tmp_path, capsys):
          "--other-hook blocks.9.hook_resid_post is not in"),
         (["--sae", str(tmp_path / "missing"), "--other", sae], "no such folder"),
         (["--sae", sae, "--other", sae, "--json", str(tmp_path)], "is a folder: pass a file name"),
+        (["--sae", sae, "--other", sae, "--device", "gpu"], "unknown device 'gpu'"),
     ]
     for args, msg in cases:
         assert main(["compare", *args]) == 2, args

@@ -64,13 +64,14 @@ def chance_mmcs(d_in: int, n: int, signed: bool = False, rows: int = 1024, seed:
 
 
 def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray | None = None,
-                 budget: int = 1 << 25) -> dict:
+                 budget: int = 1 << 25, device: str | torch.device | None = None) -> dict:
     """Match the latents of SAEs ``a`` and ``b`` by decoder cosine. ``alive_a`` / ``alive_b``: boolean masks of
     the latents that fired (from ``features.h5``), for the alive-only numbers. Returns a JSON-ready dict:
     ``a_to_b`` / ``b_to_a`` (summary per direction), ``mutual`` and ``mutual_0.9`` (counts), ``same_index`` (A's
     latents whose match in B has the same index: a shared init when many), ``chance_mmcs`` (per direction: the
     MMCS of random directions, ``chance_mmcs``), ``signed``, and
-    ``matches`` {``a_to_b``: {``ids``, ``cos``}, ``b_to_a``: …} (per latent, as lists)."""
+    ``matches`` {``a_to_b``: {``ids``, ``cos``}, ``b_to_a``: …} (per latent, as lists). ``device``: where the
+    cosines are computed (default: where the decoders are; "cuda" for wide SAEs, the products are the cost)."""
     from saelab.analysis.features import best_matches
 
     if a.d_in != b.d_in:
@@ -80,9 +81,11 @@ def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray
         if mask is not None and len(mask) != sae.d_sae:
             raise SaelabError(f"{name} has {len(mask)} entries for an SAE of {sae.d_sae} latents")
     signed = bool(getattr(a, "signed", False) or getattr(b, "signed", False))
-    ia, ca = best_matches(a.W_dec, b.W_dec, 1, budget, signed=signed)
-    ib, cb = best_matches(b.W_dec, a.W_dec, 1, budget, signed=signed)
-    ia, ca, ib, cb = ia[:, 0].numpy(), ca[:, 0].numpy(), ib[:, 0].numpy(), cb[:, 0].numpy()
+    Wa, Wb = (a.W_dec.detach(), b.W_dec.detach()) if device is None else (a.W_dec.detach().to(device),
+                                                                            b.W_dec.detach().to(device))
+    ia, ca = best_matches(Wa, Wb, 1, budget, signed=signed)
+    ib, cb = best_matches(Wb, Wa, 1, budget, signed=signed)
+    ia, ca, ib, cb = (t[:, 0].cpu().numpy() for t in (ia, ca, ib, cb))
     mutual = ib[ia] == np.arange(len(ia))  # A's latent i and its match j are each other's match
     chance = {"a_to_b": chance_mmcs(a.d_in, b.d_sae, signed, budget=budget),
               "b_to_a": chance_mmcs(a.d_in, a.d_sae, signed, budget=budget)}
@@ -147,7 +150,7 @@ def _group(path) -> dict | None:
     return target.saes if target.group is not None and len(target.saes) > 1 else None
 
 
-def _compare_pair(sae, other, hook, other_hook, budget) -> tuple[dict, list[str]]:
+def _compare_pair(sae, other, hook, other_hook, budget, device) -> tuple[dict, list[str]]:
     from saelab.analysis import pick_sae
     from saelab.models import hub_name
 
@@ -156,7 +159,7 @@ def _compare_pair(sae, other, hook, other_hook, budget) -> tuple[dict, list[str]
     if a_model and b_model and a_model != b_model and hub_name(a_model) != hub_name(b_model):  # gpt2-small is gpt2
         raise SaelabError(f"the SAEs belong to different models ({a_model} and {b_model}): their directions live "
                           "in different spaces; compare SAEs of one model")
-    res = compare_saes(a, b, alive_a=_alive(a_where), alive_b=_alive(b_where), budget=budget)
+    res = compare_saes(a, b, alive_a=_alive(a_where), alive_b=_alive(b_where), budget=budget, device=device)
     res = {"a": {"sae": str(a_where), "arch": a.cfg.arch, "d_sae": a.d_sae, "hook": a.cfg.hook_name,
                  "model": a_model},
            "b": {"sae": str(b_where), "arch": b.cfg.arch, "d_sae": b.d_sae, "hook": b.cfg.hook_name,
@@ -165,18 +168,21 @@ def _compare_pair(sae, other, hook, other_hook, budget) -> tuple[dict, list[str]
 
 
 def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None = None, json_out=None,
-                budget: int = 1 << 25) -> tuple[dict, list[str]]:
+                budget: int = 1 << 25, device: str = "auto") -> tuple[dict, list[str]]:
     """``saelab compare``: load both SAEs (folders, group folders with ``hook`` / ``other_hook``, or ``hf://``
     specs; nothing is written next to them), match their latents, and return (the result as a JSON-ready dict,
-    the lines to print); ``json_out``: also write that dict there (atomically). Two group folders without
+    the lines to print); ``json_out``: also write that dict there (atomically); ``device``: where the cosines are
+    computed (auto: CUDA when there is one). Two group folders without
     ``hook`` / ``other_hook`` (two training runs of one group: two seeds, two widths) are compared hook by hook,
     over the hooks both hold: the result is then ``{"pairs": {hook: result}}``. Bad input is a one-line error
     before the matching: a missing folder, a group without its hook flag, groups that share no hook, different
     d_in, different models."""
     import json
 
+    from saelab.models import pick_device
     from saelab.store import check_output, finite_json, write_output
 
+    device = pick_device(device)  # "cuda" without CUDA: a one-line error before any loading
     if json_out is not None:
         json_out = check_output(json_out, "--json", "compare.json")
     ga, gb = (_group(sae), _group(other)) if hook is None and other_hook is None else (None, None)
@@ -187,13 +193,13 @@ def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None =
                               "pass --hook and --other-hook to compare one SAE of each")
         res, lines = {"pairs": {}}, []
         for h in common:
-            res["pairs"][h], more = _compare_pair(ga[h], gb[h], None, None, budget)
+            res["pairs"][h], more = _compare_pair(ga[h], gb[h], None, None, budget, device)
             lines += [f"== {h}", *more]
         skipped = [h for h in [*ga, *gb] if h not in common]
         if skipped:
             lines.append(f"(not in both groups, not compared: {', '.join(skipped)})")
     else:
-        res, lines = _compare_pair(sae, other, hook, other_hook, budget)
+        res, lines = _compare_pair(sae, other, hook, other_hook, budget, device)
     if json_out is not None:
         write_output(json_out, json.dumps(finite_json(res)) + "\n", "--json")
         lines.append(f"wrote {json_out}")
