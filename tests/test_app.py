@@ -206,6 +206,39 @@ def test_card_links_the_closest_latents_of_the_group_s_other_sae(monkeypatch, ap
     assert _result_buttons(at, f"card_other_{ids[0, 0].item()}_{HOOK1}")
 
 
+def test_a_group_of_many_saes_matches_the_latent_on_request(monkeypatch, app_group, tmp_path, top_latent):
+    """With more than MATCH_AT_ONCE other SAEs (a whole model's layers), the card matches its latent in them only
+    when asked (a checkbox): then one row of buttons per other SAE of the same d_in; an SAE of another d_in is
+    skipped."""
+    import json
+    import shutil
+
+    from saelab.app.common import MATCH_AT_ONCE
+    from saelab.sae.base import SAE
+
+    group = tmp_path / "many"
+    group.mkdir()
+    shutil.copytree(app_group / HOOK1, group / HOOK1)  # analysed: its card renders
+    hooks = {HOOK1: HOOK1}
+    for layer in range(2, 2 + MATCH_AT_ONCE):
+        h = f"blocks.{layer}.hook_resid_post"
+        SAE.create("topk", d_in=128, d_sae=64, k=4, hook_name=h, model_name="tiny").save(group / h)
+        hooks[h] = h
+    narrow = "blocks.9.hook_resid_post"  # another width: no cosine with a 128-wide decoder
+    SAE.create("topk", d_in=16, d_sae=64, k=4, hook_name=narrow, model_name="tiny").save(group / narrow)
+    hooks[narrow] = narrow
+    (group / "group.json").write_text(json.dumps({"model": "tiny", "hooks": hooks}))
+    at = _features(monkeypatch, group)
+    at.number_input(key="latent").set_value(top_latent).run()
+    _ok(at)
+    assert not _result_buttons(at, f"card_other_{top_latent}_")  # not matched until asked
+    at.checkbox(key=f"card_others_{top_latent}").check().run()
+    _ok(at)
+    buttons = _result_buttons(at, f"card_other_{top_latent}_")
+    got = {b.key.removeprefix(f"card_other_{top_latent}_").rsplit("_", 1)[0] for b in buttons}
+    assert got == set(hooks) - {HOOK1, narrow} and len(buttons) == 3 * len(got)
+
+
 def test_card_of_an_attention_sae_names_its_heads(monkeypatch, small_run, tmp_path):
     """An SAE on attn.hook_z: the card lists the heads its decoder row lives in, as features.h5 records them."""
     import torch

@@ -10,6 +10,9 @@ import streamlit as st
 from saelab import SaelabError
 from saelab.app import Target, resolve_target, target_from_argv_or_env
 from saelab.app.render import tokens_html
+from saelab.config import WEIGHTS_FILE
+
+MATCH_AT_ONCE = 2  # a group with more other SAEs than this matches a card's latent in them on request (a checkbox)
 
 
 # ----------------------------------------------------------------------------- loading (cached)
@@ -51,7 +54,7 @@ def _mtime(p: pathlib.Path) -> float:
 
 
 def sae(sae_dir: pathlib.Path):
-    return load_sae(str(sae_dir), _mtime(sae_dir / "sae_weights.safetensors"))
+    return load_sae(str(sae_dir), _mtime(sae_dir / WEIGHTS_FILE))
 
 
 def feature_db(sae_dir: pathlib.Path, show: bool = True):
@@ -124,22 +127,29 @@ def goto_sae(hook: str, latent: int) -> None:
     st.session_state["latent"] = int(latent)
 
 
+@st.cache_data(show_spinner="matching the latent in the group's other SAEs…", max_entries=4096)
+def _other_matches(here: str, here_mtime: float, latent: int, others: tuple, k: int) -> list[tuple[str, list]]:
+    from saelab.analysis.features import best_matches
+
+    sae_here = load_sae(here, here_mtime)
+    out = []
+    for h, folder, mtime in others:
+        there = load_sae(folder, mtime)
+        if there.d_in != sae_here.d_in:
+            continue
+        signed = bool(getattr(sae_here, "signed", False) or getattr(there, "signed", False))
+        ids, cos = best_matches(sae_here.W_dec[latent : latent + 1], there.W_dec, k, signed=signed)
+        out.append((h, list(zip(ids[0].tolist(), cos[0].tolist()))))
+    return out
+
+
 def other_matches(sae_dir: pathlib.Path, latent: int, others: dict, k: int = 3) -> list[tuple[str, list]]:
     """[(hook, [(latent, cosine)] best first)]: the latents of the group's other SAEs (``others`` {hook: folder})
     whose decoder rows are closest to this latent's (absolute cosine when either SAE is signed); SAEs of another
-    d_in (another activation space) are skipped."""
-    from saelab.analysis.features import best_matches
-
-    here = sae(sae_dir)
-    out = []
-    for h, folder in others.items():
-        there = sae(folder)
-        if there.d_in != here.d_in:
-            continue
-        signed = bool(getattr(here, "signed", False) or getattr(there, "signed", False))
-        ids, cos = best_matches(here.W_dec[latent : latent + 1], there.W_dec, k, signed=signed)
-        out.append((h, list(zip(ids[0].tolist(), cos[0].tolist()))))
-    return out
+    d_in (another activation space) are skipped. Cached per latent: a wide group's products are not redone on
+    every rerun of the card."""
+    return _other_matches(str(sae_dir), _mtime(sae_dir / WEIGHTS_FILE), int(latent),
+                          tuple((h, str(f), _mtime(f / WEIGHTS_FILE)) for h, f in others.items()), k)
 
 
 def latent_name(latent: int, labels: dict[int, str]) -> str:
@@ -231,7 +241,10 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", other
         for j, cos in card.neighbours:
             st.button(f"{latent_name(j, labs)}  (cos {cos:.2f})", key=f"{key}_nb_{latent}_{j}", on_click=goto,
                       args=(j,))
-        matches = other_matches(sae_dir, latent, others) if others else []
+        # a group of many SAEs (e.g. every layer of a model): matched on request, not on every card
+        show = bool(others) and (len(others) <= MATCH_AT_ONCE or st.checkbox(
+            f"Closest latents in the group's {len(others)} other SAEs", key=f"{key}_others_{latent}"))
+        matches = other_matches(sae_dir, latent, others) if show else []
         if matches:
             st.markdown("**In the group's other SAEs** (decoder cosine) — click to open")
             if any(j == latent for _, rows in matches for j, _ in rows):
