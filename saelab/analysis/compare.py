@@ -72,7 +72,7 @@ def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray
     MMCS of random directions, ``chance_mmcs``), ``signed``, and
     ``matches`` {``a_to_b``: {``ids``, ``cos``}, ``b_to_a``: …} (per latent, as lists). ``device``: where the
     cosines are computed (default: where the decoders are; "cuda" for wide SAEs, the products are the cost)."""
-    from saelab.analysis.features import best_matches
+    from saelab.analysis.features import decoder_matches, either_signed
 
     if a.d_in != b.d_in:
         raise SaelabError(f"the SAEs read different spaces (d_in {a.d_in} and {b.d_in}): compare SAEs of one "
@@ -80,16 +80,14 @@ def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray
     for name, mask, sae in (("alive_a", alive_a, a), ("alive_b", alive_b, b)):
         if mask is not None and len(mask) != sae.d_sae:
             raise SaelabError(f"{name} has {len(mask)} entries for an SAE of {sae.d_sae} latents")
-    signed = bool(getattr(a, "signed", False) or getattr(b, "signed", False))
-    Wa, Wb = (a.W_dec.detach(), b.W_dec.detach()) if device is None else (a.W_dec.detach().to(device),
-                                                                            b.W_dec.detach().to(device))
-    ia, ca = best_matches(Wa, Wb, 1, budget, signed=signed)
-    ib, cb = best_matches(Wb, Wa, 1, budget, signed=signed)
-    ia, ca, ib, cb = (t[:, 0].cpu().numpy() for t in (ia, ca, ib, cb))
+    signed = either_signed(a, b)
+    ia, ca = decoder_matches(a, b, 1, budget=budget, device=device)
+    ib, cb = decoder_matches(b, a, 1, budget=budget, device=device)
+    ia, ca, ib, cb = (t[:, 0].numpy() for t in (ia, ca, ib, cb))
     mutual = ib[ia] == np.arange(len(ia))  # A's latent i and its match j are each other's match
-    chance = {"a_to_b": chance_mmcs(a.d_in, b.d_sae, signed, budget=budget),
-              "b_to_a": chance_mmcs(a.d_in, a.d_sae, signed, budget=budget)}
-    return {"signed": signed, "same_index": int((ia == np.arange(len(ia))).sum()), "chance_mmcs": chance,
+    chance = {n: chance_mmcs(a.d_in, n, signed, budget=budget) for n in {a.d_sae, b.d_sae}}  # once when equal
+    return {"signed": signed, "same_index": int((ia == np.arange(len(ia))).sum()),
+            "chance_mmcs": {"a_to_b": chance[b.d_sae], "b_to_a": chance[a.d_sae]},
             "a_to_b": _side(ca, None if alive_a is None else np.asarray(alive_a, bool)),
             "b_to_a": _side(cb, None if alive_b is None else np.asarray(alive_b, bool)),
             "mutual": int(mutual.sum()), "mutual_0.9": int((mutual & (ca >= 0.9)).sum()),
@@ -105,6 +103,11 @@ def _alive(folder) -> np.ndarray | None:
         return None
     with FeatureDB(folder) as db:
         return db.density > 0
+
+
+def _who(where, sae, model) -> dict:
+    """One side of a comparison, as the JSON names it."""
+    return {"sae": str(where), "arch": sae.cfg.arch, "d_sae": sae.d_sae, "hook": sae.cfg.hook_name, "model": model}
 
 
 def _describe(where, sae) -> str:
@@ -160,10 +163,7 @@ def _compare_pair(sae, other, hook, other_hook, budget, device) -> tuple[dict, l
         raise SaelabError(f"the SAEs belong to different models ({a_model} and {b_model}): their directions live "
                           "in different spaces; compare SAEs of one model")
     res = compare_saes(a, b, alive_a=_alive(a_where), alive_b=_alive(b_where), budget=budget, device=device)
-    res = {"a": {"sae": str(a_where), "arch": a.cfg.arch, "d_sae": a.d_sae, "hook": a.cfg.hook_name,
-                 "model": a_model},
-           "b": {"sae": str(b_where), "arch": b.cfg.arch, "d_sae": b.d_sae, "hook": b.cfg.hook_name,
-                 "model": b_model}, **res}
+    res = {"a": _who(a_where, a, a_model), "b": _who(b_where, b, b_model), **res}
     return res, _lines(res, a_where, b_where, a, b)
 
 

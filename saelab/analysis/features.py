@@ -481,6 +481,25 @@ def best_matches(A: torch.Tensor, B: torch.Tensor, k: int = 1, budget: int = 1 <
     return torch.cat(ids), torch.cat(cos)
 
 
+def either_signed(a, b) -> bool:
+    """Whether either SAE reads its features with both signs (AbsTopK): their latents then match by |cosine|."""
+    return bool(getattr(a, "signed", False) or getattr(b, "signed", False))
+
+
+def decoder_matches(a, b, k: int = 1, latents=None, budget: int = 1 << 25,
+                    device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, cosines) [n, k], on the CPU: for each latent of SAE ``a`` (all, or the ids ``latents``) the ``k``
+    latents of SAE ``b`` whose decoder rows are closest (``best_matches``; by |cosine| when either is signed).
+    ``device``: where the products run (default: where the decoders are)."""
+    Wa, Wb = a.W_dec.detach(), b.W_dec.detach()
+    if latents is not None:
+        Wa = Wa[latents]
+    if device is not None:
+        Wa, Wb = Wa.to(device), Wb.to(device)
+    ids, cos = best_matches(Wa, Wb, k, budget, signed=either_signed(a, b))
+    return ids.cpu(), cos.cpu()
+
+
 def neighbours(W_dec: torch.Tensor, k: int = N_NEIGHBOURS, budget: int = 1 << 25):
     """(ids, cosines) [d_sae, k] of the nearest other latents by decoder cosine (``best_matches`` of the
     decoder with itself, in chunks: within 128 MiB of cosines at the default, where a fixed 1,024 rows would

@@ -129,7 +129,7 @@ def goto_sae(hook: str, latent: int) -> None:
 
 @st.cache_data(show_spinner="matching the latent in the group's other SAEs…", max_entries=4096)
 def _other_matches(here: str, here_mtime: float, latent: int, others: tuple, k: int) -> list[tuple[str, list]]:
-    from saelab.analysis.features import best_matches
+    from saelab.analysis.features import decoder_matches
 
     sae_here = load_sae(here, here_mtime)
     out = []
@@ -137,8 +137,7 @@ def _other_matches(here: str, here_mtime: float, latent: int, others: tuple, k: 
         there = load_sae(folder, mtime)
         if there.d_in != sae_here.d_in:
             continue
-        signed = bool(getattr(sae_here, "signed", False) or getattr(there, "signed", False))
-        ids, cos = best_matches(sae_here.W_dec[latent : latent + 1], there.W_dec, k, signed=signed)
+        ids, cos = decoder_matches(sae_here, there, k, latents=[latent])
         out.append((h, list(zip(ids[0].tolist(), cos[0].tolist()))))
     return out
 

@@ -171,7 +171,7 @@ def _group_matches(plan, k: int = 3) -> dict:
     (absolute cosine when either is signed), as the app's card lists them. Empty for one SAE."""
     if len(plan) < 2:
         return {}
-    from saelab.analysis.features import best_matches
+    from saelab.analysis.features import decoder_matches
     from saelab.sae.base import SAE
 
     saes = {folder: SAE.load(folder, device="cpu") for folder, _, _ in plan}
@@ -182,8 +182,7 @@ def _group_matches(plan, k: int = 3) -> dict:
             o = saes[other]
             if other == folder or o.d_in != here.d_in or not ids:
                 continue
-            signed = bool(getattr(here, "signed", False) or getattr(o, "signed", False))
-            top, cos = best_matches(here.W_dec[ids], o.W_dec, k, signed=signed)
+            top, cos = decoder_matches(here, o, k, latents=ids)
             there = set(there)
             for n, i in enumerate(ids):
                 out.setdefault((folder, i), []).append(
