@@ -29,8 +29,11 @@ _LOST = ("connection closed", "connection reset", "connection refused", "timed o
 
 
 def launched() -> bool:
-    """True inside a process started by torchrun with more than one rank."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True inside a process started by torchrun (or another launcher that sets WORLD_SIZE > 1).
+
+    One torchrun rank counts too: it joins a process group of one, so `torchrun --nproc_per_node 1`
+    runs the same process-group code (nccl on a single GPU) as a larger launch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def rank() -> int:

@@ -194,3 +194,18 @@ def test_kill9_one_harvest_rank_then_resume(tmp_path):
     assert {r.tobytes() for r in a} == {r.tobytes() for r in b}
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(one.tokens(), two.tokens())
+
+
+def test_one_torchrun_rank_joins_a_group(tmp_path):
+    """A single torchrun rank (`--nproc_per_node 1`, as on a one-GPU machine) joins a process group of one,
+    so it runs the same process-group code as a larger launch; outside torchrun nothing is joined."""
+    script = tmp_path / "join.py"
+    script.write_text("from saelab import distributed\nwith distributed.session('cpu'):\n"
+                      "    print('joined', distributed.active(), distributed.world_size())\n"
+                      "print('after', distributed.active())\n")
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "joined True 1" in r.stdout and "after False" in r.stdout, r.stdout
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "joined False 1" in r.stdout, r.stdout + r.stderr[-2000:]

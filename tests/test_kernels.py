@@ -228,6 +228,41 @@ def test_sparse_decode_matches_dense():
     assert torch.all(out[1][2][~used] == 0)  # only used decoder rows get gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_decode_half_upcast(monkeypatch, dtype):
+    """The fp32 bag that half-precision decodes use where embedding_bag has no half backward (CUDA):
+    forced on the CPU, it gives the same x̂ and gradients as the plain half bag (to half rounding), in
+    the parameters' dtype, and both agree with a float64 dense decode."""
+    sd = importlib.import_module("saelab.kernels.sparse_decode")  # the package's name is the function
+
+    g = torch.Generator().manual_seed(3)
+    B, k, n, d = 48, 8, 300, 32
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
+    vals, W, b = torch.rand(B, k, generator=g) + 0.5, torch.randn(n, d, generator=g) / 4, torch.randn(d, generator=g)
+    up = torch.randn(B, d, generator=g)
+    out = {}
+    for mode in ["plain", "upcast"]:
+        if mode == "upcast":
+            monkeypatch.setattr(sd, "NO_HALF_BAG_GRAD", {"cpu"})
+        v, Wd, bd = (t.to(dtype).requires_grad_(True) for t in (vals, W, b))
+        assert sd._upcast(v, Wd) == (mode == "upcast")
+        x_hat = sparse_decode(v, idx, Wd, bd)
+        assert x_hat.dtype == dtype
+        (x_hat.float() * up).sum().backward()
+        assert v.grad.dtype == Wd.grad.dtype == dtype
+        out[mode] = [t.double() for t in (x_hat.detach(), v.grad, Wd.grad, bd.grad)]
+    v64, W64, b64 = (t.to(dtype).double().requires_grad_(True) for t in (vals, W, b))
+    x64 = torch.zeros(B, n, dtype=torch.float64).scatter(1, idx, v64) @ W64 + b64
+    (x64 * up.double()).sum().backward()
+    ref = [x64.detach(), v64.grad, W64.grad, b64.grad]
+    tol = dict(rtol=2**-7 if dtype == torch.bfloat16 else 2**-10, atol=0.05 if dtype == torch.bfloat16 else 0.01)
+    for a, c, r in zip(out["plain"], out["upcast"], ref):
+        torch.testing.assert_close(c, r, **tol)
+        torch.testing.assert_close(a, r, **tol)
+    with torch.no_grad():  # inference keeps the half bag
+        assert not sd._upcast(v.detach(), Wd)
+
+
 def test_kernel_choice(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_kernel("auto", cpu) == "chunked"
