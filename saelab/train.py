@@ -21,6 +21,7 @@ saved SAE.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -225,7 +226,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     reduce = None
     if dist.active():
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
         reduce = dist.Reduce()
     logger = _Logger(out, tcfg.log) if main else None
     last_ck = step
@@ -299,6 +300,13 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     (out / CHECKPOINT).unlink(missing_ok=True)
     dist.barrier()
     return out
+
+
+def _no_buffer_sync() -> dict:
+    """DDP's keyword for 'do not sync buffers in forward' (the SAE has none to sync): forward_sync_buffers
+    in newer torch, broadcast_buffers before it (torch 2.11 has only that one: found on a GPU machine)."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 class _LossModule(torch.nn.Module):

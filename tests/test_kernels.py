@@ -243,7 +243,7 @@ def test_sparse_decode_half_upcast(monkeypatch, dtype):
     out = {}
     for mode in ["plain", "upcast"]:
         if mode == "upcast":
-            monkeypatch.setattr(sd, "NO_HALF_BAG_GRAD", {"cpu"})
+            monkeypatch.setattr(sd, "NO_HALF_SPARSE_GRAD", {"cpu"})
         v, Wd, bd = (t.to(dtype).requires_grad_(True) for t in (vals, W, b))
         assert sd._upcast(v, Wd) == (mode == "upcast")
         x_hat = sparse_decode(v, idx, Wd, bd)
@@ -261,6 +261,35 @@ def test_sparse_decode_half_upcast(monkeypatch, dtype):
         torch.testing.assert_close(a, r, **tol)
     with torch.no_grad():  # inference keeps the half bag
         assert not sd._upcast(v.detach(), Wd)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_encode_backward_half_fp32_detour(monkeypatch, dtype):
+    """The encode's sparse backward for half weights on a device without half sparse.mm (CUDA) runs its
+    products in fp32: forced on the CPU, its gradients have the weights' dtype and equal the plain half
+    backward's and a float64 autograd reference's on the same selection, to half rounding (the detour's
+    fp32 accumulation is the closer of the two)."""
+    sd = importlib.import_module("saelab.kernels.sparse_decode")
+    x, W, b = _inputs(21, 64, 48, 700)
+    up = torch.randn(64, 12, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for mode in ["plain", "fp32"]:
+        if mode == "fp32":
+            monkeypatch.setattr(sd, "NO_HALF_SPARSE_GRAD", {"cpu"})
+        xs, Ws, bs = (t.to(dtype).requires_grad_(True) for t in (x, W, b))
+        v, i = topk_encode(xs, Ws, bs, 12, False, kernel="chunked", chunk=256)
+        (v.float() * up).sum().backward()
+        assert xs.grad.dtype == Ws.grad.dtype == bs.grad.dtype == dtype
+        grads[mode] = [t.grad.double() for t in (xs, Ws, bs)], i
+    x64, W64, b64 = (t.to(dtype).double().requires_grad_(True) for t in (x, W, b))
+    i = grads["fp32"][1]
+    ((x64 @ W64 + b64).gather(1, i).clamp_min(0) * up.double()).sum().backward()
+    tol = dict(rtol=2**-7 if dtype == torch.bfloat16 else 2**-10, atol=0.02 if dtype == torch.bfloat16 else 3e-3)
+    assert torch.equal(grads["plain"][1], i)
+    for a, c, r in zip(grads["plain"][0], grads["fp32"][0], (x64.grad, W64.grad, b64.grad)):
+        torch.testing.assert_close(c, r, **tol)
+        # the plain half sparse.mm accumulates in half: up to 3.4x (bf16) / 1.7x (fp16) further off
+        torch.testing.assert_close(a, r, rtol=tol["rtol"], atol=4 * tol["atol"])
 
 
 def test_kernel_choice(monkeypatch):

@@ -4,10 +4,10 @@ x̂ = Σⱼ valuesⱼ · W_dec[indicesⱼ] + b_dec without densifying the codes:
 ``embedding_bag`` (mode "sum", per-sample weights). Its backward touches only the used decoder
 rows and gives the values their gradient (rows of W_dec dotted with dx̂).
 
-On CUDA, ``embedding_bag``'s backward with per-sample weights has no bf16 kernel (torch 2.11:
-``NotImplementedError ... for 'BFloat16'``, found on an H200), so a half-precision decode that needs
-a gradient there runs the bag in fp32 and casts the result back: the same sum with fp32
-accumulation, and gradients that reach bf16/fp16 parameters through the casts.
+On CUDA, ``embedding_bag``'s backward with per-sample weights has no bf16 kernel and
+``torch.sparse.mm`` (the encode's backward) none for bf16 or fp16 (torch 2.11: ``NotImplementedError
+... for 'BFloat16'``, found on an H200). So half-precision tensors on such a device take those steps
+in fp32 (``half_in_fp32``): the same sums with fp32 accumulation, cast back to the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -15,13 +15,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# devices whose embedding_bag backward lacks half-precision per-sample weights (tests add "cpu")
-NO_HALF_BAG_GRAD = {"cuda"}
+# devices whose sparse backward kernels lack bf16/fp16 (embedding_bag per-sample weights, sparse.mm);
+# tests add "cpu" to run the fp32 detour where they can
+NO_HALF_SPARSE_GRAD = {"cuda"}
+
+
+def half_in_fp32(t: torch.Tensor) -> bool:
+    """True when t is bf16/fp16 on a device whose sparse backward kernels lack those dtypes."""
+    return t.device.type in NO_HALF_SPARSE_GRAD and t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _upcast(values: torch.Tensor, W_dec: torch.Tensor) -> bool:
-    return (W_dec.device.type in NO_HALF_BAG_GRAD and W_dec.dtype in (torch.bfloat16, torch.float16)
-            and torch.is_grad_enabled() and (W_dec.requires_grad or values.requires_grad))
+    return half_in_fp32(W_dec) and torch.is_grad_enabled() and (W_dec.requires_grad or values.requires_grad)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from saelab import SaelabError
+from saelab.kernels.sparse_decode import half_in_fp32
 
 KERNELS = ("auto", "reference", "chunked", "screened", "triton")
 DEFAULT_CHUNK = 4096
@@ -431,6 +432,9 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_values, _d_idx):
         x, W_enc, idx, z_sel = ctx.saved_tensors
+        w_dtype = W_enc.dtype
+        if half_in_fp32(W_enc):  # no half sparse.mm on CUDA: the products in fp32, cast back below
+            W_enc = W_enc.float()
         dz = d_values if ctx.signed else d_values * (z_sel > 0).to(d_values.dtype)
         dz = dz.to(W_enc.dtype)  # under autocast the values may be bf16; weights stay fp32
         B, k = idx.shape
@@ -443,9 +447,10 @@ class _TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.sparse.mm(S, W_enc.t()).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dW = torch.sparse.mm(S.t(), x.to(W_enc.dtype)).t()
+            dW = torch.sparse.mm(S.t(), x.to(W_enc.dtype)).t().to(w_dtype)
         if ctx.needs_input_grad[2]:
             db = torch.zeros(n, dtype=dz.dtype, device=dz.device).index_add_(0, idx.flatten(), dz.flatten())
+            db = db.to(w_dtype)
         return dx, dW, db, None, None, None, None, None
 
 
