@@ -67,9 +67,12 @@ def check_against_reference(x, W, b, k, signed, v, i, *, rtol=1e-5, atol=1e-6, g
     # best first (matryoshka's k mode takes prefixes)
     s = v.double().abs() if signed else v.double()
     assert (s[:, :-1] >= s[:, 1:] - atol - rtol * s[:, 1:].abs()).all()
-    # and the reference's own values agree on the clear rows (as sorted sets: near-equal |z| may swap)
+    # and the reference's own values agree on the rows that are clear of its own rounding too (it selects on
+    # z rounded to the input dtype: in bf16 that moves scores by up to an ulp, 0.016 at |z| 3.5, H200 run)
+    ref_clear = (ranked[:, k - 1] - ranked[:, k]) > torch.clamp(2 * rtol * kth.abs(), min=gap)
     vr, ir = topk_encode_reference(x, W, b, k, signed)
-    torch.testing.assert_close(v[clear].double().sort(-1).values, vr[clear].double().sort(-1).values, rtol=max(rtol, 1e-5), atol=max(atol, 1e-6))
+    torch.testing.assert_close(v[ref_clear].double().sort(-1).values, vr[ref_clear].double().sort(-1).values,
+                               rtol=max(rtol, 1e-5), atol=max(atol, 1e-6))
 
 
 # (B, d, n, k): B not a multiple of the row block / tile, n not a multiple of the chunk / tile,

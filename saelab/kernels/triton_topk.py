@@ -93,7 +93,8 @@ def _topk_encode_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr,
 
 def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, signed: bool = False,
                   *, block_b: int | None = None, block_n: int | None = None, block_d: int | None = None,
-                  n_split: int | None = None):
+                  n_split: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                  split_target: int = 2):
     """(pre-activation values [B, k] in x's dtype, indices [B, k] int64) of the k best latents,
     best first."""
     B, D = x.shape
@@ -111,7 +112,7 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     row_blocks = triton.cdiv(B, block_b)
     if n_split is None:  # enough programs to fill the GPU (interpreter: 1)
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        n_split = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(N, 4 * block_n)))
+        n_split = max(1, min(triton.cdiv(split_target * sms, row_blocks), triton.cdiv(N, 4 * block_n)))
     per = triton.cdiv(max(triton.cdiv(N, n_split), k), block_n) * block_n  # each split holds ≥ k latents
     n_split = triton.cdiv(N, per)
     vals = torch.empty(B, n_split, k, dtype=torch.float32, device=x.device)
@@ -122,7 +123,8 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
         K=k, K_PAD=triton.next_power_of_2(k), SIGNED=signed, DOT_FP32=not x.is_cuda,
         # fp32 inputs: full fp32 products unless torch itself allows TF32 (the reference's GEMM)
         PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d)
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d,
+        **({"num_warps": num_warps} if num_warps else {}), **({"num_stages": num_stages} if num_stages else {}))
     vals, idx = vals.view(B, n_split * k), idx.view(B, n_split * k)
     # merge the splits (if any) and order best first, as the other paths do: a [B, n_split·k] topk
     j = (vals.abs() if signed else vals).topk(k, dim=-1).indices

@@ -1,0 +1,120 @@
+"""Sweep the Triton TopK encode's tiles and launch settings, and profile one TopK training step per path.
+
+GPU only (a session lent a GPU machine runs it in one call; ``--small`` dry-runs it on the CPU under
+``TRITON_INTERPRET=1``):
+
+    python benchmarks/tune_triton.py [--budget 120] [--reps 10]
+
+1. Forward: every (BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages, split target) in the grid below at
+   the issue's shape (bf16, B 4096, d_in 768, d_sae 32768, k 32), timed with CUDA events (median of
+   --reps), each checked against an exact float64 top-k (the share of clear rows whose index sets
+   agree: a fast but wrong tile is not a winner), until --budget seconds are spent. The reference
+   (``torch.topk`` of the cuBLAS pre-activation) is timed in the same run; the table is sorted by
+   time and prints the speed-up over it.
+2. The training step (loss + backward) of a bf16 TopK SAE per path under ``torch.profiler``: the
+   top CUDA ops, so the backward's cost is seen by op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+
+from saelab.kernels.topk_encode import topk_encode_reference
+from saelab.kernels.triton_topk import triton_select
+from saelab.sae import SAE
+
+
+def timed(fn, reps: int) -> float:
+    """Median milliseconds of fn (CUDA events on the GPU, wall clock otherwise), after one warm-up."""
+    fn()
+    out = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            out.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budget", type=float, default=120, help="seconds for the forward sweep")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--small", action="store_true", help="tiny shape and grid (CPU dry run under the interpreter)")
+    a = p.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    B, d, n, k = (96, 32, 512, 8) if a.small else (4096, 768, 32768, 32)
+    dtype = torch.float32 if a.small else torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(B, d, generator=g, device=dev).to(dtype)
+    W = (torch.randn(d, n, generator=g, device=dev) / d**0.5).to(dtype)
+    b = (torch.randn(n, generator=g, device=dev) * 0.1).to(dtype)
+    z = x.double() @ W.double() + b.double()
+    ranked = z.topk(k + 1, dim=-1)
+    clear = (ranked.values[:, k - 1] - ranked.values[:, k]) > 2e-3
+    exact = ranked.indices[:, :k].sort(-1).values
+    del z, ranked
+
+    ref_ms = timed(lambda: topk_encode_reference(x, W, b, k), a.reps)
+    grid = ([(32, 64, 32, 4, 2, 2)] if a.small else
+            list(itertools.product([64, 128], [64, 128, 256], [64, 128], [4, 8], [3], [2]))
+            + [(bb, bn, bd, w, st, t) for bb, bn, bd, w, st, t in
+               itertools.product([64, 128], [128], [64], [4, 8], [2, 4], [1, 2, 4])])
+    rows = []
+    t_end = time.perf_counter() + a.budget
+    for cfg in grid:
+        if time.perf_counter() > t_end:
+            print(f"(sweep stopped at its {a.budget:.0f} s budget after {len(rows)} of {len(grid)} configs)")
+            break
+        bb, bn, bd, w, st, t = cfg
+        kw = dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, split_target=t)
+        try:
+            _, i = triton_select(x, W, b, k, **kw)
+            agree = (i.sort(-1).values == exact).all(-1)[clear].float().mean().item()
+            ms = timed(lambda: triton_select(x, W, b, k, **kw), a.reps)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory, registers)
+            print(f"{cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        rows.append((ms, cfg, agree))
+    print(f"\nforward, {dev}, B={B} d_in={d} d_sae={n} k={k} {dtype}, torch {torch.__version__}: "
+          f"reference {ref_ms:.3f} ms; clear rows {clear.float().mean().item():.2f}")
+    print("| BLOCK_B | BLOCK_N | BLOCK_D | warps | stages | split target | ms | speed-up vs reference | agree |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for ms, cfg, agree in sorted(rows):
+        print("| " + " | ".join(map(str, cfg)) + f" | {ms:.3f} | {ref_ms / ms:.2f} | {agree:.4f} |")
+
+    # 2. where a training step's time goes, per path
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=d, d_sae=n, k=k).to(dev).to(dtype)
+    xs = torch.randn(B, d, device=dev, dtype=dtype)
+    for kern in (["reference", "chunked"] if a.small else ["reference", "chunked", "triton"]):
+        sae.kernel = kern
+
+        def step():
+            sae.loss(xs)["loss"].backward()
+            sae.zero_grad(set_to_none=True)
+        step_ms = timed(step, a.reps)
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+        print(f"\ntraining step, kernel={kern}: {step_ms:.3f} ms")
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
