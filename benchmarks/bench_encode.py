@@ -54,9 +54,11 @@ def alternate(variants: dict, reps: int, sync=lambda: None) -> dict:
 
 
 def train_step(sae, xs, kernel):
-    """One TopK training step's compute (loss + backward) with the given encode path, as a callable."""
+    """One TopK training step's compute (loss + backward) with the given encode path, as a callable
+    ("triton threshold": the Triton kernel's threshold method)."""
     def fn():
-        sae.kernel = kernel
+        os.environ["SAELAB_TRITON_METHOD"] = "threshold" if kernel.endswith("threshold") else "running"
+        sae.kernel = kernel.split()[0]
         sae.loss(xs)["loss"].backward()
         sae.zero_grad(set_to_none=True)
     return fn
@@ -157,16 +159,22 @@ def gpu_section(a):
     B, d, n, k = a.batch, 768, 32768, 32
     x, W, b = inputs(B, d, n, torch.bfloat16, "cuda")
     sync = torch.cuda.synchronize
-    paths = ("reference", "chunked", "triton")
+    # "triton threshold": the same kernel module's two-pass threshold method (SAELAB_TRITON_METHOD)
+    paths = ("reference", "chunked", "triton", "triton threshold")
+
+    def path(name):
+        os.environ["SAELAB_TRITON_METHOD"] = "threshold" if name.endswith("threshold") else "running"
+        return name.split()[0]
+
     with torch.no_grad():
-        t = alternate({kern: (lambda kern=kern: topk_encode(x, W, b, k, kernel=kern)) for kern in paths},
+        t = alternate({kern: (lambda kern=kern: topk_encode(x, W, b, k, kernel=path(kern))) for kern in paths},
                       max(a.reps, 10), sync)
         peak = {}
         for kern in paths:
             sync()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            topk_encode(x, W, b, k, kernel=kern)
+            topk_encode(x, W, b, k, kernel=path(kern))
             sync()
             peak[kern] = torch.cuda.max_memory_allocated() - base
     del x, W, b

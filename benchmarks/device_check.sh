@@ -9,7 +9,10 @@
 #    with the Triton encode against the dense reference;
 # 2. benchmarks/bench_encode.py --gpu-only: Triton / chunked / reference forward time, peak memory and
 #    training-step time (bf16, B 4096, d_in 768, d_sae 32768, k 32; the target is >= 1.5x the reference);
-# 3. `torchrun -m saelab train --device cuda` on one rank (one GPU): the nccl process group.
+# 3. `torchrun -m saelab train --device cuda` on one rank (one GPU): the nccl process group;
+# 4. benchmarks/tune_triton.py: the Triton select methods' launch settings swept, and a profiled training
+#    step per path (its whole output in $OUT/tune.log; the forward table is printed here).
+# Measured on an H200 on 2026-11-30 (steps 1-3, ~3.5 min with the machine's start): README "GPU".
 # saelab runs from this checkout (PYTHONPATH), nothing is installed or downloaded. Everything goes to
 # $OUT/device_check.log too (the device tool brings $OUT back). Exit status: 0 when every step passed.
 set -uo pipefail
@@ -47,6 +50,10 @@ else
     tail -40 "$work/ddp.log" 2>/dev/null
     failed+=("torchrun")
 fi
+
+step "4. tune_triton.py: both select methods' settings at the benchmark shape, a profiled training step (log: \$OUT/tune.log)"
+timeout 200 $PY benchmarks/tune_triton.py --budget 100 --reps 10 >"$OUT/tune.log" 2>&1 || failed+=("tune_triton")
+grep -v "^USDT" "$OUT/tune.log" | grep -B2 -A14 "^forward" | head -24
 
 echo
 if [ ${#failed[@]} -eq 0 ]; then echo "== device check: all passed"; else echo "== device check FAILED: ${failed[*]}"; fi

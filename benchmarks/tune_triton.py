@@ -5,7 +5,7 @@ GPU only (a session lent a GPU machine runs it in one call; ``--small`` dry-runs
 
     python benchmarks/tune_triton.py [--budget 120] [--reps 10]
 
-1. Forward: every (BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages, split target) in the grid below at
+1. Forward: every (method, BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages, split target) in the grid below at
    the issue's shape (bf16, B 4096, d_in 768, d_sae 32768, k 32), timed with CUDA events (median of
    --reps), each checked against an exact float64 top-k (the share of clear rows whose index sets
    agree: a fast but wrong tile is not a winner), until --budget seconds are spent. The reference
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import time
 
@@ -68,18 +69,20 @@ def main() -> None:
     del z, ranked
 
     ref_ms = timed(lambda: topk_encode_reference(x, W, b, k), a.reps)
-    grid = ([(32, 64, 32, 4, 2, 2)] if a.small else
-            list(itertools.product([64, 128], [64, 128, 256], [64, 128], [4, 8], [3], [2]))
-            + [(bb, bn, bd, w, st, t) for bb, bn, bd, w, st, t in
-               itertools.product([64, 128], [128], [64], [4, 8], [2, 4], [1, 2, 4])])
+    # (method, BLOCK_B, BLOCK_N, BLOCK_D, warps, stages, split target); the threshold method first (its
+    # settings have not been swept yet), then the running method around its swept best (64, 128, 64, 4, 4, 1)
+    grid = ([("threshold", 32, 64, 32, 4, 2, 2), ("running", 32, 64, 32, 4, 2, 2)] if a.small else
+            [("threshold", *c) for c in itertools.product([64, 128], [64, 128], [64, 128], [4, 8], [3, 4], [2])]
+            + [("running", 64, 128, 64, 4, 4, 1), ("running", 64, 128, 64, 4, 3, 2)])
     rows = []
     t_end = time.perf_counter() + a.budget
     for cfg in grid:
         if time.perf_counter() > t_end:
             print(f"(sweep stopped at its {a.budget:.0f} s budget after {len(rows)} of {len(grid)} configs)")
             break
-        bb, bn, bd, w, st, t = cfg
-        kw = dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, split_target=t)
+        m, bb, bn, bd, w, st, t = cfg
+        kw = dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, method=m,
+                  **({"split_target": t} if m == "running" else {}))
         try:
             _, i = triton_select(x, W, b, k, **kw)
             agree = (i.sort(-1).values == exact).all(-1)[clear].float().mean().item()
@@ -90,8 +93,9 @@ def main() -> None:
         rows.append((ms, cfg, agree))
     print(f"\nforward, {dev}, B={B} d_in={d} d_sae={n} k={k} {dtype}, torch {torch.__version__}: "
           f"reference {ref_ms:.3f} ms; clear rows {clear.float().mean().item():.2f}")
-    print("| BLOCK_B | BLOCK_N | BLOCK_D | warps | stages | split target | ms | speed-up vs reference | agree |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method | BLOCK_B | BLOCK_N | BLOCK_D | warps | stages | split target | ms | speed-up vs reference "
+          "| agree |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for ms, cfg, agree in sorted(rows):
         print("| " + " | ".join(map(str, cfg)) + f" | {ms:.3f} | {ref_ms / ms:.2f} | {agree:.4f} |")
 
@@ -99,8 +103,10 @@ def main() -> None:
     torch.manual_seed(0)
     sae = SAE.create("topk", d_in=d, d_sae=n, k=k).to(dev).to(dtype)
     xs = torch.randn(B, d, device=dev, dtype=dtype)
-    for kern in (["reference", "chunked"] if a.small else ["reference", "chunked", "triton"]):
+    for kern, method in ([("reference", None), ("chunked", None)] if a.small else
+                         [("reference", None), ("triton", "running"), ("triton", "threshold")]):
         sae.kernel = kern
+        os.environ["SAELAB_TRITON_METHOD"] = method or "running"
 
         def step():
             sae.loss(xs)["loss"].backward()
@@ -112,7 +118,7 @@ def main() -> None:
             if dev == "cuda":
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
-        print(f"\ntraining step, kernel={kern}: {step_ms:.3f} ms")
+        print(f"\ntraining step, kernel={kern}{f' ({method})' if method else ''}: {step_ms:.3f} ms")
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 

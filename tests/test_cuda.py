@@ -46,9 +46,11 @@ def _inputs(seed, B, d, n, dtype=torch.float32):
     return x.to(dtype), W.to(dtype), b.to(dtype)
 
 
+@pytest.mark.parametrize("method", ["running", "threshold"])
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("shape", SHAPES + [(1000, 256, 5000, 32)])
-def test_triton_cuda_fp32(shape, signed):
+def test_triton_cuda_fp32(shape, signed, method, monkeypatch):
+    monkeypatch.setenv("SAELAB_TRITON_METHOD", method)  # threshold: (1000, 256, 5000, 32) has 40 tiles ≥ k
     B, d, n, k = shape
     x, W, b = _inputs(hash((shape, signed)) % 1000, B, d, n)
     v, i = topk_encode(x, W, b, k, signed, kernel="triton")
@@ -56,9 +58,11 @@ def test_triton_cuda_fp32(shape, signed):
     check_against_reference(x, W, b, k, signed, v, i)
 
 
+@pytest.mark.parametrize("method", ["running", "threshold"])
 @pytest.mark.parametrize("signed", [False, True])
-def test_triton_cuda_bf16_issue_shape(signed):
+def test_triton_cuda_bf16_issue_shape(signed, method, monkeypatch):
     """The issue's benchmark shape: B 4096, d_in 768, d_sae 32768, k 32, bf16 (tensor cores)."""
+    monkeypatch.setenv("SAELAB_TRITON_METHOD", method)
     x, W, b = _inputs(7, 4096, 768, 32768, torch.bfloat16)
     v, i = topk_encode(x, W, b, 32, signed, kernel="triton")
     assert v.dtype == torch.bfloat16

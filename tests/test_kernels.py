@@ -119,6 +119,27 @@ def test_triton_matches_reference_over_shapes(interpreter, shape, signed):
 
 
 @pytest.mark.triton
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signed", [False, True])
+def test_triton_threshold_method(interpreter, signed):
+    """The threshold method (tile maxima, then every entry above the row's k-th best tile maximum as a
+    candidate) equals the reference, with k = 1 too; with a candidate list of only k slots nearly every row
+    overflows (about k + 2 candidates is typical) and comes from the dense fallback, which must select the
+    same; ragged B and d_sae (not multiples of the 32-row, 64-latent tiles)."""
+    for B, d, n, k in [(70, 40, 1000, 7), (33, 24, 700, 1)]:
+        x, W, b = _inputs(hash((B, signed, 2)) % 1000, B, d, n)
+        v, i = interpreter.triton_select(x, W, b, k, signed, method="threshold")
+        check_against_reference(x, W, b, k, signed, v if signed else v.clamp_min(0), i)
+    vr, ir = interpreter._threshold_select(x, W, b, k, signed, 32, 64, 32, {}, "ieee", cap=k)
+    assert torch.equal(ir, i) and torch.equal(vr, v)
+    x, W, b = _inputs(5, 70, 40, 1000)
+    v, i = interpreter._threshold_select(x, W, b, 7, signed, 32, 64, 32, {}, "ieee", cap=7)
+    check_against_reference(x, W, b, 7, signed, v if signed else v.clamp_min(0), i)
+    with pytest.raises(ValueError, match="running or threshold"):
+        interpreter.triton_select(x, W, b, 7, signed, method="sorted")
+
+
+@pytest.mark.triton
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("signed", [False, True])
 def test_triton_bf16_and_backward(interpreter, signed):

@@ -24,9 +24,25 @@ over ``n_split`` programs per row block (each writes its own running top-k; a sm
 B/BLOCK_B row blocks are fewer than its SMs; ``n_split=1`` is the pure single-stage kernel.
 
 ``signed=True`` (AbsTopK) ranks by |z| and returns z with its sign.
+
+**The threshold method** (``method="threshold"``, or ``SAELAB_TRITON_METHOD=threshold``; not the
+default until a GPU has timed it: the running method measured 0.87× the dense reference's speed on an
+H200, its merge rounds costing ~5× its products). Two passes of the same tiles, the same code, so
+the same z: pass 0 stores each row's maximum per tile (B·d_sae/BLOCK_N floats, 1/128 of the dense
+pre-activation); ``torch.topk`` takes each row's k-th best tile maximum as its threshold; k distinct
+tiles hold a score at least that large, so every top-k entry does too. Pass 1 appends each entry
+at or above its row's threshold to the row's candidate list (an atomic counter per row, at most
+``cap`` = 8k kept); one ``torch.topk`` over the lists selects. On Gaussian scores (d_sae 32768,
+BLOCK_N 128, k 32) a row has 34 candidates on average and 40 at most, so the merge rounds are
+gone for the price of a second GEMM. Rows with more than ``cap`` candidates (ties, structured
+scores) or fewer than k (never, unless the passes' rounding differed) are computed from the dense
+product of those rows alone. With fewer than k tiles of latents the threshold bounds nothing,
+and the running method runs instead.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -91,12 +107,98 @@ def _topk_encode_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr,
     tl.store(idx_ptr + out, run_i.to(tl.int64), mask=ok)
 
 
+@triton.jit
+def _tile_pass_kernel(x_ptr, w_ptr, b_ptr, tmax_ptr, thr_ptr, cnt_ptr, cv_ptr, ci_ptr,
+                      B, D, N, n_tiles, tiles_per_prog, CAP,
+                      stride_xb, stride_xd, stride_wd, stride_wn,
+                      SIGNED: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, PASS: tl.constexpr,
+                      BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The threshold method's two passes over the same tiles (the same code, so the same z):
+    PASS 0 stores each row's maximum score per tile; PASS 1 appends every entry whose score is at least
+    its row's threshold to that row's candidate list (an atomic counter per row; at most CAP kept)."""
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    dcols = tl.arange(0, BLOCK_D)
+    if PASS == 1:
+        thr = tl.load(thr_ptr + rows, mask=row_ok, other=float("inf"))
+    t_lo = pid_n * tiles_per_prog
+    t_hi = tl.minimum(t_lo + tiles_per_prog, n_tiles)
+    for t in range(t_lo, t_hi):
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + dcols
+            xt = tl.load(x_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xd,
+                         mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+            wt = tl.load(w_ptr + dd[:, None] * stride_wd + cols[None, :] * stride_wn,
+                         mask=(dd[:, None] < D) & col_ok[None, :], other=0.0)
+            if DOT_FP32:
+                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc=acc, input_precision=PRECISION)
+        z = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        score = tl.abs(z) if SIGNED else z
+        score = tl.where(col_ok[None, :], score, float("-inf"))
+        if PASS == 0:
+            tl.store(tmax_ptr + rows * n_tiles + t, tl.max(score, axis=1), mask=row_ok)
+        else:
+            cand = (score >= thr[:, None]) & row_ok[:, None] & col_ok[None, :]
+            if tl.max(cand.to(tl.int32)) > 0:
+                slot_ptr = cnt_ptr + rows[:, None] + tl.zeros([BLOCK_B, BLOCK_N], tl.int32)
+                pos = tl.atomic_add(slot_ptr, 1, mask=cand)
+                keep = cand & (pos < CAP)
+                out = rows[:, None] * CAP + pos
+                tl.store(cv_ptr + out, z, mask=keep)
+                tl.store(ci_ptr + out, cols[None, :] + tl.zeros([BLOCK_B, BLOCK_N], tl.int32), mask=keep)
+
+
+def _threshold_select(x, W_enc, b_enc, k: int, signed: bool, block_b: int, block_n: int, block_d: int,
+                      launch: dict, precision: str, n_progs: int | None = None, cap: int | None = None):
+    """The threshold method (see the module docstring): (z_sel [B, k] fp32, idx [B, k] int64), best first."""
+    B, D = x.shape
+    N = W_enc.shape[1]
+    n_tiles = triton.cdiv(N, block_n)
+    row_blocks = triton.cdiv(B, block_b)
+    if n_progs is None:  # programs per row block: enough to fill the GPU twice over (interpreter: 2)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        n_progs = max(1, min(n_tiles, triton.cdiv(2 * sms, row_blocks)))
+    per = triton.cdiv(n_tiles, n_progs)
+    grid = (row_blocks, triton.cdiv(n_tiles, per))
+    cap = cap or 8 * k
+    common = (B, D, N, n_tiles, per, cap, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1))
+    consts = dict(SIGNED=signed, DOT_FP32=not x.is_cuda, PRECISION=precision,
+                  BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, **launch)
+    tmax = torch.empty(B, n_tiles, dtype=torch.float32, device=x.device)
+    _tile_pass_kernel[grid](x, W_enc, b_enc, tmax, tmax, tmax, tmax, tmax, *common, PASS=0, **consts)
+    # k distinct tiles hold a score >= each row's k-th best tile maximum: every top-k entry is >= it
+    thr = tmax.topk(k, dim=1).values[:, k - 1].contiguous()
+    cnt = torch.zeros(B, dtype=torch.int32, device=x.device)
+    cv = torch.empty(B, cap, dtype=torch.float32, device=x.device)
+    ci = torch.empty(B, cap, dtype=torch.int32, device=x.device)
+    _tile_pass_kernel[grid](x, W_enc, b_enc, tmax, thr, cnt, cv, ci, *common, PASS=1, **consts)
+    filled = torch.arange(cap, device=x.device)[None, :] < cnt[:, None]
+    score = torch.where(filled, cv.abs() if signed else cv, float("-inf"))
+    j = score.topk(k, dim=1).indices
+    vals, idx = cv.gather(1, j), ci.gather(1, j).long()
+    # rows with more candidates than the list holds (ties at the threshold, or structured scores) or,
+    # should rounding ever differ between the passes, fewer than k: those rows from the dense product
+    bad = ((cnt > cap) | (cnt < k)).nonzero().flatten()
+    if bad.numel():
+        z = torch.addmm(b_enc.float(), x[bad].float(), W_enc.float())
+        jb = (z.abs() if signed else z).topk(k, dim=1).indices
+        vals[bad], idx[bad] = z.gather(1, jb), jb
+    return vals, idx
+
+
 def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, signed: bool = False,
                   *, block_b: int | None = None, block_n: int | None = None, block_d: int | None = None,
                   n_split: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                  split_target: int | None = None):
+                  split_target: int | None = None, method: str | None = None):
     """(pre-activation values [B, k] in x's dtype, indices [B, k] int64) of the k best latents,
-    best first."""
+    best first. method: "running" (the default) or "threshold" (module docstring; the one with fewer
+    than k tiles of latents falls back to running)."""
     B, D = x.shape
     N = W_enc.shape[1]
     # on the GPU: the fastest of 44 settings swept on an H200 (benchmarks/tune_triton.py; bf16, B 4096,
@@ -114,6 +216,16 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
         x = x.to(torch.get_autocast_dtype("cuda"))
     if W_enc.dtype != x.dtype:
         W_enc = W_enc.to(x.dtype)
+    launch = {**({"num_warps": num_warps} if num_warps else {}), **({"num_stages": num_stages} if num_stages else {})}
+    # fp32 inputs: full fp32 products unless torch itself allows TF32 (the reference's GEMM)
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    method = method or os.environ.get("SAELAB_TRITON_METHOD", "running")
+    if method not in ("running", "threshold"):
+        raise ValueError(f"unknown Triton select method {method!r} (running or threshold)")
+    if method == "threshold" and triton.cdiv(N, block_n) >= k:
+        vals, idx = _threshold_select(x, W_enc, b_enc, k, signed, block_b, block_n, block_d, launch, precision,
+                                      n_progs=n_split)
+        return vals.to(x.dtype), idx
     row_blocks = triton.cdiv(B, block_b)
     if n_split is None:  # enough programs to fill the GPU (interpreter: 1)
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
@@ -125,11 +237,8 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     _topk_encode_kernel[(row_blocks, n_split)](
         x, W_enc, b_enc, vals, idx, B, D, N, per,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-        K=k, K_PAD=triton.next_power_of_2(k), SIGNED=signed, DOT_FP32=not x.is_cuda,
-        # fp32 inputs: full fp32 products unless torch itself allows TF32 (the reference's GEMM)
-        PRECISION="tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d,
-        **({"num_warps": num_warps} if num_warps else {}), **({"num_stages": num_stages} if num_stages else {}))
+        K=k, K_PAD=triton.next_power_of_2(k), SIGNED=signed, DOT_FP32=not x.is_cuda, PRECISION=precision,
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, **launch)
     vals, idx = vals.view(B, n_split * k), idx.view(B, n_split * k)
     # merge the splits (if any) and order best first, as the other paths do: a [B, n_split·k] topk
     j = (vals.abs() if signed else vals).topk(k, dim=-1).indices
