@@ -50,6 +50,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_z(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_xb, stride_xd, stride_wd, stride_wn,
+            DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One tile's pre-activations z = x[rows] · W_enc[:, cols] + b_enc[cols], accumulated in fp32."""
+    dcols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dcols
+        xt = tl.load(x_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xd,
+                     mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
+        wt = tl.load(w_ptr + dd[:, None] * stride_wd + cols[None, :] * stride_wn,
+                     mask=(dd[:, None] < D) & col_ok[None, :], other=0.0)
+        if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong; bf16 products are exact in fp32
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc=acc, input_precision=PRECISION)
+    return acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _topk_encode_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr,
                         B, D, N, n_per_split,
                         stride_xb, stride_xd, stride_wd, stride_wn,
@@ -70,21 +89,11 @@ def _topk_encode_kernel(x_ptr, w_ptr, b_ptr, val_ptr, idx_ptr,
 
     n_lo = pid_s * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
-    dcols = tl.arange(0, BLOCK_D)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + dcols
-            xt = tl.load(x_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xd,
-                         mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
-            wt = tl.load(w_ptr + dd[:, None] * stride_wd + cols[None, :] * stride_wn,
-                         mask=(dd[:, None] < D) & col_ok[None, :], other=0.0)
-            if DOT_FP32:  # the interpreter's bf16 tl.dot is wrong; bf16 products are exact in fp32
-                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc=acc, input_precision=PRECISION)
-        z = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = _tile_z(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_xb, stride_xd, stride_wd, stride_wn,
+                    DOT_FP32, PRECISION, BLOCK_B, BLOCK_N, BLOCK_D)
         score = tl.abs(z) if SIGNED else z
         score = tl.where(col_ok[None, :], score, float("-inf"))
         t_max, t_arg = tl.max(score, axis=1, return_indices=True)
@@ -120,7 +129,6 @@ def _tile_pass_kernel(x_ptr, w_ptr, b_ptr, tmax_ptr, thr_ptr, cnt_ptr, cv_ptr, c
     pid_n = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
-    dcols = tl.arange(0, BLOCK_D)
     if PASS == 1:
         thr = tl.load(thr_ptr + rows, mask=row_ok, other=float("inf"))
     t_lo = pid_n * tiles_per_prog
@@ -128,17 +136,8 @@ def _tile_pass_kernel(x_ptr, w_ptr, b_ptr, tmax_ptr, thr_ptr, cnt_ptr, cv_ptr, c
     for t in range(t_lo, t_hi):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + dcols
-            xt = tl.load(x_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xd,
-                         mask=row_ok[:, None] & (dd[None, :] < D), other=0.0)
-            wt = tl.load(w_ptr + dd[:, None] * stride_wd + cols[None, :] * stride_wn,
-                         mask=(dd[:, None] < D) & col_ok[None, :], other=0.0)
-            if DOT_FP32:
-                xt, wt = xt.to(tl.float32), wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc=acc, input_precision=PRECISION)
-        z = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        z = _tile_z(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_xb, stride_xd, stride_wd, stride_wn,
+                    DOT_FP32, PRECISION, BLOCK_B, BLOCK_N, BLOCK_D)
         score = tl.abs(z) if SIGNED else z
         score = tl.where(col_ok[None, :], score, float("-inf"))
         if PASS == 0:
