@@ -200,10 +200,10 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     than k tiles of latents falls back to running)."""
     B, D = x.shape
     N = W_enc.shape[1]
-    # on the GPU: the fastest of 44 settings swept on an H200 (benchmarks/tune_triton.py; bf16, B 4096,
-    # d_in 768, d_sae 32768, k 32): 64 × 128 × 64 tiles, 4 warps, 4 stages, enough latent splits for
-    # about one program per SM (192 on its 132): 1.94 ms against 2.12 ms for 3 stages and two programs per SM, 2.6 ms for 8 warps.
-    # Small tiles for the interpreter, whose cost grows with the tile.
+    # on the GPU, the running method's fastest of 44 settings swept on an H200 (benchmarks/tune_triton.py;
+    # bf16, B 4096, d_in 768, d_sae 32768, k 32): 64 × 128 × 64 tiles, 4 warps, 4 stages, latent splits
+    # for about one program per SM (192 on its 132): 1.94 ms, against 2.12 ms for 3 stages and two
+    # programs per SM, and 2.6 ms with 8 warps. Small tiles for the interpreter (its cost grows with them).
     gpu = x.is_cuda
     if gpu:
         num_warps, num_stages = num_warps or 4, num_stages or 4
