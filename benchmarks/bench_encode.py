@@ -53,12 +53,18 @@ def alternate(variants: dict, reps: int, sync=lambda: None) -> dict:
     return {name: statistics.median(v) for name, v in ts.items()}
 
 
+def use_path(name: str) -> str:
+    """The kernel name of a benchmark path, with the Triton select method set for it ("triton threshold":
+    the Triton kernel's threshold method, through SAELAB_TRITON_METHOD; any other path: the default)."""
+    os.environ["SAELAB_TRITON_METHOD"] = "threshold" if name.endswith("threshold") else "running"
+    return name.split()[0]
+
+
 def train_step(sae, xs, kernel):
-    """One TopK training step's compute (loss + backward) with the given encode path, as a callable
-    ("triton threshold": the Triton kernel's threshold method)."""
+    """One TopK training step's compute (loss + backward) with the given encode path (``use_path``), as a
+    callable."""
     def fn():
-        os.environ["SAELAB_TRITON_METHOD"] = "threshold" if kernel.endswith("threshold") else "running"
-        sae.kernel = kernel.split()[0]
+        sae.kernel = use_path(kernel)
         sae.loss(xs)["loss"].backward()
         sae.zero_grad(set_to_none=True)
     return fn
@@ -159,22 +165,16 @@ def gpu_section(a):
     B, d, n, k = a.batch, 768, 32768, 32
     x, W, b = inputs(B, d, n, torch.bfloat16, "cuda")
     sync = torch.cuda.synchronize
-    # "triton threshold": the same kernel module's two-pass threshold method (SAELAB_TRITON_METHOD)
-    paths = ("reference", "chunked", "triton", "triton threshold")
-
-    def path(name):
-        os.environ["SAELAB_TRITON_METHOD"] = "threshold" if name.endswith("threshold") else "running"
-        return name.split()[0]
-
+    paths = ("reference", "chunked", "triton", "triton threshold")  # names as use_path reads them
     with torch.no_grad():
-        t = alternate({kern: (lambda kern=kern: topk_encode(x, W, b, k, kernel=path(kern))) for kern in paths},
+        t = alternate({kern: (lambda kern=kern: topk_encode(x, W, b, k, kernel=use_path(kern))) for kern in paths},
                       max(a.reps, 10), sync)
         peak = {}
         for kern in paths:
             sync()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            topk_encode(x, W, b, k, kernel=path(kern))
+            topk_encode(x, W, b, k, kernel=use_path(kern))
             sync()
             peak[kern] = torch.cuda.max_memory_allocated() - base
     del x, W, b

@@ -49,6 +49,11 @@ import triton
 import triton.language as tl
 
 
+def _sm_count(x: torch.Tensor) -> int:
+    """Streaming multiprocessors of x's GPU (1 under the interpreter): how many programs fill it."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+
+
 @triton.jit
 def _tile_z(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_xb, stride_xd, stride_wd, stride_wn,
             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
@@ -161,8 +166,7 @@ def _threshold_select(x, W_enc, b_enc, k: int, signed: bool, block_b: int, block
     n_tiles = triton.cdiv(N, block_n)
     row_blocks = triton.cdiv(B, block_b)
     if n_progs is None:  # programs per row block: enough to fill the GPU twice over (interpreter: 2)
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        n_progs = max(1, min(n_tiles, triton.cdiv(2 * sms, row_blocks)))
+        n_progs = max(1, min(n_tiles, triton.cdiv(2 * _sm_count(x), row_blocks)))
     per = triton.cdiv(n_tiles, n_progs)
     grid = (row_blocks, triton.cdiv(n_tiles, per))
     cap = cap or 8 * k
@@ -227,8 +231,7 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
         return vals.to(x.dtype), idx
     row_blocks = triton.cdiv(B, block_b)
     if n_split is None:  # enough programs to fill the GPU (interpreter: 1)
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        n_split = max(1, min(triton.cdiv(split_target * sms, row_blocks), triton.cdiv(N, 4 * block_n)))
+        n_split = max(1, min(triton.cdiv(split_target * _sm_count(x), row_blocks), triton.cdiv(N, 4 * block_n)))
     per = triton.cdiv(max(triton.cdiv(N, n_split), k), block_n) * block_n  # each split holds ≥ k latents
     n_split = triton.cdiv(N, per)
     vals = torch.empty(B, n_split, k, dtype=torch.float32, device=x.device)
