@@ -10,7 +10,8 @@ GPU only (a session lent a GPU machine runs it in one call; ``--small`` dry-runs
    --reps), each checked against an exact float64 top-k (the share of clear rows whose index sets
    agree: a fast but wrong tile is not a winner), until --budget seconds are spent. The reference
    (``torch.topk`` of the cuBLAS pre-activation) is timed in the same run; the table is sorted by
-   time and prints the speed-up over it.
+   time and prints the speed-up over it. For the threshold method it also times pass 0 alone (the
+   tiles' products and their row maxima: its bare GEMM), against cuBLAS's product of the same shape.
 2. The training step (loss + backward) of a bf16 TopK SAE per path under ``torch.profiler``: the
    top CUDA ops, so the backward's cost is seen by op.
 """
@@ -26,7 +27,7 @@ import time
 import torch
 
 from saelab.kernels.topk_encode import topk_encode_reference
-from saelab.kernels.triton_topk import triton_select
+from saelab.kernels.triton_topk import _threshold_select, triton_select
 from saelab.sae import SAE
 
 
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=120, help="seconds for the forward sweep")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--small", action="store_true", help="tiny shape and grid (CPU dry run under the interpreter)")
+    p.add_argument("--no-profile", action="store_true", help="skip the profiled training steps")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     B, d, n, k = (96, 32, 512, 8) if a.small else (4096, 768, 32768, 32)
@@ -69,11 +71,18 @@ def main() -> None:
     del z, ranked
 
     ref_ms = timed(lambda: topk_encode_reference(x, W, b, k), a.reps)
-    # (method, BLOCK_B, BLOCK_N, BLOCK_D, warps, stages, split target); the threshold method first (its
-    # settings have not been swept yet), then the running method around its swept best (64, 128, 64, 4, 4, 1)
+    mm_ms = timed(lambda: torch.mm(x, W), a.reps)
+    # (method, BLOCK_B, BLOCK_N, BLOCK_D, warps, stages, split target). The threshold method's sweeps on an
+    # H200 (2026-11-30): 32 tile/warp/stage settings, 2.41 ms at best; then unmasked loads and relaxed
+    # atomics: 1.94 ms (64x128x64, 4 warps, 3 stages, one program per SM), the running method 1.83 ms, the
+    # reference 1.68 ms. Its pass 0 alone (the bare GEMM and row maxima) took 0.53-0.60 ms at 64x128 tiles
+    # and 0.43 ms at 128x256 (cuBLAS: 0.30 ms), but 128x256 tiles made pass 1's candidate appends slow
+    # (2.6 ms in all). The loop over tiles flattened into the d_in loop (tl.range(flatten=True)) did not
+    # compile (Triton 3.6), and one atomic per row with a scan for the slots was slower (2.28 ms at best).
+    tiles = [(64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8)]
     grid = ([("threshold", 32, 64, 32, 4, 2, 2), ("running", 32, 64, 32, 4, 2, 2)] if a.small else
-            [("threshold", *c) for c in itertools.product([64, 128], [64, 128], [64, 128], [4, 8], [3, 4], [2])]
-            + [("running", 64, 128, 64, 4, 4, 1), ("running", 64, 128, 64, 4, 3, 2)])
+            [("threshold", bb, bn, bd, w, st, t) for (bb, bn, bd, w), st, t in itertools.product(tiles, [3, 4], [1, 2])]
+            + [("running", 64, 128, 64, 4, 4, 1)])
     rows = []
     t_end = time.perf_counter() + a.budget
     for cfg in grid:
@@ -81,23 +90,41 @@ def main() -> None:
             print(f"(sweep stopped at its {a.budget:.0f} s budget after {len(rows)} of {len(grid)} configs)")
             break
         m, bb, bn, bd, w, st, t = cfg
-        kw = dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, method=m,
-                  **({"split_target": t} if m == "running" else {}))
+        kw = dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, method=m, split_target=t)
         try:
             _, i = triton_select(x, W, b, k, **kw)
             agree = (i.sort(-1).values == exact).all(-1)[clear].float().mean().item()
             ms = timed(lambda: triton_select(x, W, b, k, **kw), a.reps)
+            p0 = (timed(lambda: _threshold_select(x, W, b, k, False, bb, bn, bd, dict(num_warps=w, num_stages=st),
+                                                  "ieee", prog_target=t, passes=1), a.reps)
+                  if m == "threshold" else float("nan"))
         except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory, registers)
             print(f"{cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
-        rows.append((ms, cfg, agree))
+        rows.append((ms, cfg, agree, p0))
     print(f"\nforward, {dev}, B={B} d_in={d} d_sae={n} k={k} {dtype}, torch {torch.__version__}: "
-          f"reference {ref_ms:.3f} ms; clear rows {clear.float().mean().item():.2f}")
+          f"reference {ref_ms:.3f} ms (its GEMM alone {mm_ms:.3f} ms); clear rows {clear.float().mean().item():.2f}")
     print("| method | BLOCK_B | BLOCK_N | BLOCK_D | warps | stages | split target | ms | speed-up vs reference "
-          "| agree |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for ms, cfg, agree in sorted(rows):
-        print("| " + " | ".join(map(str, cfg)) + f" | {ms:.3f} | {ref_ms / ms:.2f} | {agree:.4f} |")
+          "| agree | pass 0 ms | pass 0 / GEMM |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for ms, cfg, agree, p0 in sorted(rows, key=lambda r: r[0]):
+        print("| " + " | ".join(map(str, cfg)) + f" | {ms:.3f} | {ref_ms / ms:.2f} | {agree:.4f} | {p0:.3f} "
+              f"| {p0 / mm_ms:.2f} |")
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+    key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    best = [r for r in sorted(rows, key=lambda r: r[0]) if r[1][0] == "threshold"][:1]
+    for ms, cfg, _, _ in best:  # where the fastest threshold setting's time goes, by kernel
+        m, bb, bn, bd, w, st, t = cfg
+        kw = dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, method=m, split_target=t)
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(5):
+                triton_select(x, W, b, k, **kw)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        print(f"\nthe fastest threshold setting {cfg} ({ms:.3f} ms), 5 calls profiled:")
+        print(prof.key_averages().table(sort_by=key, row_limit=10, max_name_column_width=60))
+    if a.no_profile:
+        return
 
     # 2. where a training step's time goes, per path
     torch.manual_seed(0)
@@ -112,12 +139,10 @@ def main() -> None:
             sae.loss(xs)["loss"].backward()
             sae.zero_grad(set_to_none=True)
         step_ms = timed(step, a.reps)
-        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             step()
             if dev == "cuda":
                 torch.cuda.synchronize()
-        key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
         print(f"\ntraining step, kernel={kern}{f' ({method})' if method else ''}: {step_ms:.3f} ms")
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 

@@ -125,8 +125,9 @@ def test_triton_threshold_method(interpreter, signed):
     """The threshold method (tile maxima, then every entry above the row's k-th best tile maximum as a
     candidate) equals the reference, with k = 1 too; with a candidate list of only k slots nearly every row
     overflows (about k + 2 candidates is typical) and comes from the dense fallback, which must select the
-    same; ragged B and d_sae (not multiples of the 32-row, 64-latent tiles)."""
-    for B, d, n, k in [(70, 40, 1000, 7), (33, 24, 700, 1)]:
+    same; ragged B and d_sae (not multiples of the 32-row, 64-latent tiles), and a shape that is a multiple
+    (its loads unmasked)."""
+    for B, d, n, k in [(64, 32, 1024, 7), (70, 40, 1000, 7), (33, 24, 700, 1)]:
         x, W, b = _inputs(hash((B, signed, 2)) % 1000, B, d, n)
         v, i = interpreter.triton_select(x, W, b, k, signed, method="threshold")
         check_against_reference(x, W, b, k, signed, v if signed else v.clamp_min(0), i)
