@@ -133,6 +133,11 @@ def test_triton_threshold_method(interpreter, signed):
         check_against_reference(x, W, b, k, signed, v if signed else v.clamp_min(0), i)
     vr, ir = interpreter._threshold_select(x, W, b, k, signed, 32, 64, 32, {}, "ieee", cap=k)
     assert torch.equal(ir, i) and torch.equal(vr, v)
+    # pass 0 alone (what tune_triton.py times as the bare GEMM): each row's best score per 64-latent tile
+    tmax = interpreter._threshold_select(x, W, b, k, signed, 32, 64, 32, {}, "ieee", passes=1)
+    z = x @ W + b
+    z = torch.nn.functional.pad(z.abs() if signed else z, (0, -z.shape[1] % 64), value=float("-inf"))
+    torch.testing.assert_close(tmax, z.view(len(z), -1, 64).amax(-1), rtol=1e-5, atol=1e-5)
     x, W, b = _inputs(5, 70, 40, 1000)
     v, i = interpreter._threshold_select(x, W, b, 7, signed, 32, 64, 32, {}, "ieee", cap=7)
     check_against_reference(x, W, b, 7, signed, v if signed else v.clamp_min(0), i)
