@@ -50,6 +50,12 @@ def timed(fn, reps: int) -> float:
     return statistics.median(out)
 
 
+def _select_kwargs(cfg: tuple) -> dict:
+    """triton_select's keywords for one grid entry (method, BLOCK_B, BLOCK_N, BLOCK_D, warps, stages, split target)."""
+    m, bb, bn, bd, w, st, t = cfg
+    return dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, method=m, split_target=t)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", type=float, default=120, help="seconds for the forward sweep")
@@ -90,7 +96,7 @@ def main() -> None:
             print(f"(sweep stopped at its {a.budget:.0f} s budget after {len(rows)} of {len(grid)} configs)")
             break
         m, bb, bn, bd, w, st, t = cfg
-        kw = dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, method=m, split_target=t)
+        kw = _select_kwargs(cfg)
         try:
             _, i = triton_select(x, W, b, k, **kw)
             agree = (i.sort(-1).values == exact).all(-1)[clear].float().mean().item()
@@ -114,8 +120,7 @@ def main() -> None:
     key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
     best = [r for r in sorted(rows, key=lambda r: r[0]) if r[1][0] == "threshold"][:1]
     for ms, cfg, _, _ in best:  # where the fastest threshold setting's time goes, by kernel
-        m, bb, bn, bd, w, st, t = cfg
-        kw = dict(block_b=bb, block_n=bn, block_d=bd, num_warps=w, num_stages=st, method=m, split_target=t)
+        kw = _select_kwargs(cfg)
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(5):
                 triton_select(x, W, b, k, **kw)
