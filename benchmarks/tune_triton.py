@@ -79,13 +79,16 @@ def main() -> None:
     ref_ms = timed(lambda: topk_encode_reference(x, W, b, k), a.reps)
     mm_ms = timed(lambda: torch.mm(x, W), a.reps)
     # (method, BLOCK_B, BLOCK_N, BLOCK_D, warps, stages, split target). The threshold method's sweeps on an
-    # H200 (2026-11-30): 32 tile/warp/stage settings, 2.41 ms at best; then unmasked loads and relaxed
-    # atomics: 1.94 ms (64x128x64, 4 warps, 3 stages, one program per SM), the running method 1.83 ms, the
-    # reference 1.68 ms. Its pass 0 alone (the bare GEMM and row maxima) took 0.53-0.60 ms at 64x128 tiles
-    # and 0.43 ms at 128x256 (cuBLAS: 0.30 ms), but 128x256 tiles made pass 1's candidate appends slow
-    # (2.6 ms in all). The loop over tiles flattened into the d_in loop (tl.range(flatten=True)) did not
-    # compile (Triton 3.6), and one atomic per row with a scan for the slots was slower (2.28 ms at best).
-    tiles = [(64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8)]
+    # H200 (2026-11-30), each with the reference (1.67-1.68 ms) and the running method (1.83 ms) in the run:
+    # as first written (one acq_rel atomic per candidate into a shared per-row list) 2.41 ms at best of 32
+    # settings; with unmasked loads when the shape divides the tiles, 2.10; with relaxed atomics, 1.94; with
+    # the candidates appended in rounds into a list per program (no atomics), 1.74 (64x128x64, 4 warps,
+    # 3 stages, split target 2), faster in all 8 settings timed both ways. Its pass 0 alone (the bare GEMM
+    # and row maxima) took 0.53-0.60 ms at 64x128 tiles and 0.43 ms at 128x256 (cuBLAS: 0.29-0.30 ms), but
+    # 128x256 tiles made pass 1 slow (2.6 ms in all, atomic appends). Not kept: the tile loop flattened into
+    # the d_in loop (tl.range(flatten=True): did not compile on Triton 3.6); one atomic per row and a scan
+    # for the slots (2.28 ms at best).
+    tiles = [(64, 128, 64, 4), (128, 128, 64, 8)]
     grid = ([("threshold", 32, 64, 32, 4, 2, 2), ("running", 32, 64, 32, 4, 2, 2)] if a.small else
             [("threshold", bb, bn, bd, w, st, t) for (bb, bn, bd, w), st, t in itertools.product(tiles, [3, 4], [1, 2])]
             + [("running", 64, 128, 64, 4, 4, 1)])

@@ -123,10 +123,10 @@ def test_triton_matches_reference_over_shapes(interpreter, shape, signed):
 @pytest.mark.parametrize("signed", [False, True])
 def test_triton_threshold_method(interpreter, signed):
     """The threshold method (tile maxima, then every entry above the row's k-th best tile maximum as a
-    candidate) equals the reference, with k = 1 too; with a candidate list of only k slots nearly every row
-    overflows (about k + 2 candidates is typical) and comes from the dense fallback, which must select the
-    same; ragged B and d_sae (not multiples of the 32-row, 64-latent tiles), and a shape that is a multiple
-    (its loads unmasked)."""
+    candidate) equals the reference, with k = 1 too; with one candidate list of only k slots per row nearly
+    every row overflows (about k + 2 candidates is typical) and comes from the dense fallback, which must
+    select the same; with three programs per row block, three lists per row are merged; ragged B and d_sae
+    (not multiples of the 32-row, 64-latent tiles), and a shape that is a multiple (its loads unmasked)."""
     for B, d, n, k in [(64, 32, 1024, 7), (70, 40, 1000, 7), (33, 24, 700, 1)]:
         x, W, b = _inputs(hash((B, signed, 2)) % 1000, B, d, n)
         v, i = interpreter.triton_select(x, W, b, k, signed, method="threshold")
@@ -139,8 +139,9 @@ def test_triton_threshold_method(interpreter, signed):
     z = torch.nn.functional.pad(z.abs() if signed else z, (0, -z.shape[1] % 64), value=float("-inf"))
     torch.testing.assert_close(tmax, z.view(len(z), -1, 64).amax(-1), rtol=1e-5, atol=1e-5)
     x, W, b = _inputs(5, 70, 40, 1000)
-    v, i = interpreter._threshold_select(x, W, b, 7, signed, 32, 64, 32, {}, "ieee", cap=7)
-    check_against_reference(x, W, b, 7, signed, v if signed else v.clamp_min(0), i)
+    for n_progs in (1, 3):
+        v, i = interpreter._threshold_select(x, W, b, 7, signed, 32, 64, 32, {}, "ieee", cap=7, n_progs=n_progs)
+        check_against_reference(x, W, b, 7, signed, v if signed else v.clamp_min(0), i)
     with pytest.raises(ValueError, match="running or threshold"):
         interpreter.triton_select(x, W, b, 7, signed, method="sorted")
 

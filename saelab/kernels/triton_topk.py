@@ -26,18 +26,21 @@ B/BLOCK_B row blocks are fewer than its SMs; ``n_split=1`` is the pure single-st
 ``signed=True`` (AbsTopK) ranks by |z| and returns z with its sign.
 
 **The threshold method** (``method="threshold"``, or ``SAELAB_TRITON_METHOD=threshold``; opt-in: on an
-H200 it took 1.94 ms at its best setting against the running method's 1.83 ms and the dense
-reference's 1.68 ms, bf16 benchmark shape; README "GPU"). Two passes of the same tiles, the same code, so
-the same z: pass 0 stores each row's maximum per tile (B·d_sae/BLOCK_N floats, 1/128 of the dense
-pre-activation); ``torch.topk`` takes each row's k-th best tile maximum as its threshold; k distinct
-tiles hold a score at least that large, so every top-k entry does too. Pass 1 appends each entry
-at or above its row's threshold to the row's candidate list (an atomic counter per row, at most
-``cap`` = 8k kept); one ``torch.topk`` over the lists selects. On Gaussian scores (d_sae 32768,
-BLOCK_N 128, k 32) a row has 34 candidates on average and 40 at most, so the merge rounds are
-gone for the price of a second GEMM. Rows with more than ``cap`` candidates (ties, structured
-scores) or fewer than k (never, unless the passes' rounding differed) are computed from the dense
-product of those rows alone. With fewer than k tiles of latents the threshold bounds nothing,
-and the running method runs instead.
+H200 at the bf16 benchmark shape it took 1.74 ms at its best setting, against the running method's
+1.83 ms and the dense reference's 1.67 ms in the same run; README "GPU"). Two passes of the same
+tiles, the same code, so the same z: pass 0 stores each row's maximum per tile (B·d_sae/BLOCK_N
+floats, 1/128 of the dense pre-activation); ``torch.topk`` takes each row's k-th best tile maximum
+as its threshold; k distinct tiles hold a score at least that large, so every top-k entry does
+too. Pass 1 appends each entry at or above its row's threshold to a candidate list per row and
+program (``cap`` = 8k slots each), in rounds that take every row's best remaining candidate of the
+tile; one ``torch.topk`` over the lists selects. On Gaussian scores (d_sae 32768, BLOCK_N 128,
+k 32) a row has 34 candidates on average and 40 at most, so a tile needs about one round, where
+the running method needs as many as its running top-k gains. Rows with more than ``cap``
+candidates in one list (ties, structured scores) or fewer than k in all (never, unless the
+passes' rounding differed) are computed from the dense product of those rows alone. It stays
+opt-in because that fallback is dense: scores with many near-ties across tiles would make it a
+dense GEMM, which the running method never is. With fewer than k tiles of latents the threshold
+bounds nothing, and the running method runs instead.
 """
 
 from __future__ import annotations
@@ -136,15 +139,19 @@ def _tile_pass_kernel(x_ptr, w_ptr, b_ptr, tmax_ptr, thr_ptr, cnt_ptr, cv_ptr, c
                       EVEN: tl.constexpr):
     """The threshold method's two passes over the same tiles (the same code, so the same z):
     PASS 0 stores each row's maximum score per tile; PASS 1 appends every entry whose score is at least
-    its row's threshold to that row's candidate list (an atomic counter per row; at most CAP kept).
-    The counters' atomics are relaxed: only the slot numbers they return matter, not their order against
-    other memory (the default acq_rel: 2.25 ms against 2.08 ms relaxed on an H200, same setting)."""
+    its row's threshold to the row's candidate list of this program (at most CAP kept; the count goes on
+    past CAP so the caller sees the overflow). It appends in rounds: each takes every row's best
+    remaining candidate of the tile, so a tile costs as many rounds as its busiest row has candidates
+    (about one at the benchmark shape). On an H200 this beat one relaxed atomic per candidate into a
+    shared per-row list in all 8 settings timed (1.74 against 1.94-2.00 ms at best; acq_rel atomics
+    were slower still)."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     if PASS == 1:
         thr = tl.load(thr_ptr + rows, mask=row_ok, other=float("inf"))
+    n_got = tl.zeros([BLOCK_B], tl.int32)  # PASS 1: candidates this program found per row
     t_lo = pid_n * tiles_per_prog
     t_hi = tl.minimum(t_lo + tiles_per_prog, n_tiles)
     for t in range(t_lo, t_hi):
@@ -157,14 +164,19 @@ def _tile_pass_kernel(x_ptr, w_ptr, b_ptr, tmax_ptr, thr_ptr, cnt_ptr, cv_ptr, c
         if PASS == 0:
             tl.store(tmax_ptr + rows * n_tiles + t, tl.max(score, axis=1), mask=row_ok)
         else:
-            cand = (score >= thr[:, None]) & row_ok[:, None] & col_ok[None, :]
-            if tl.max(cand.to(tl.int32)) > 0:
-                slot_ptr = cnt_ptr + rows[:, None] + tl.zeros([BLOCK_B, BLOCK_N], tl.int32)
-                pos = tl.atomic_add(slot_ptr, 1, mask=cand, sem="relaxed")
-                keep = cand & (pos < CAP)
-                out = rows[:, None] * CAP + pos
-                tl.store(cv_ptr + out, z, mask=keep)
-                tl.store(ci_ptr + out, cols[None, :] + tl.zeros([BLOCK_B, BLOCK_N], tl.int32), mask=keep)
+            t_max, t_arg = tl.max(score, axis=1, return_indices=True)
+            while tl.max((t_max >= thr).to(tl.int32), axis=0) > 0:
+                take = t_max >= thr
+                hit = tl.arange(0, BLOCK_N)[None, :] == t_arg[:, None]
+                out = (rows * tl.num_programs(1) + pid_n) * CAP + n_got
+                ok = take & (n_got < CAP)
+                tl.store(cv_ptr + out, tl.sum(tl.where(hit, z, 0.0), axis=1), mask=ok)
+                tl.store(ci_ptr + out, t * BLOCK_N + t_arg, mask=ok)
+                n_got += take.to(tl.int32)
+                score = tl.where(hit & take[:, None], float("-inf"), score)
+                t_max, t_arg = tl.max(score, axis=1, return_indices=True)
+    if PASS == 1:
+        tl.store(cnt_ptr + rows * tl.num_programs(1) + pid_n, n_got, mask=row_ok)
 
 
 def _threshold_select(x, W_enc, b_enc, k: int, signed: bool, block_b: int, block_n: int, block_d: int,
@@ -181,7 +193,7 @@ def _threshold_select(x, W_enc, b_enc, k: int, signed: bool, block_b: int, block
         n_progs = max(1, min(n_tiles, triton.cdiv(prog_target * _sm_count(x), row_blocks)))
     per = triton.cdiv(n_tiles, n_progs)
     grid = (row_blocks, triton.cdiv(n_tiles, per))
-    cap = cap or 8 * k
+    cap = max(cap or 8 * k, k)  # per program's list: at least k, so the final top-k always has k slots
     common = (B, D, N, n_tiles, per, cap, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1))
     even = B % block_b == 0 and N % block_n == 0 and D % block_d == 0
     consts = dict(SIGNED=signed, DOT_FP32=not x.is_cuda, PRECISION=precision, BLOCK_B=block_b, BLOCK_N=block_n,
@@ -192,17 +204,18 @@ def _threshold_select(x, W_enc, b_enc, k: int, signed: bool, block_b: int, block
         return tmax
     # k distinct tiles hold a score >= each row's k-th best tile maximum: every top-k entry is >= it
     thr = tmax.topk(k, dim=1).values[:, k - 1].contiguous()
-    cnt = torch.zeros(B, dtype=torch.int32, device=x.device)
-    cv = torch.empty(B, cap, dtype=torch.float32, device=x.device)
-    ci = torch.empty(B, cap, dtype=torch.int32, device=x.device)
+    lists = grid[1]  # one list per program of a row block
+    cnt = torch.zeros(B, lists, dtype=torch.int32, device=x.device)
+    cv = torch.empty(B, lists, cap, dtype=torch.float32, device=x.device)
+    ci = torch.empty(B, lists, cap, dtype=torch.int32, device=x.device)
     _tile_pass_kernel[grid](x, W_enc, b_enc, tmax, thr, cnt, cv, ci, *common, PASS=1, **consts)
-    filled = torch.arange(cap, device=x.device)[None, :] < cnt[:, None]
-    score = torch.where(filled, cv.abs() if signed else cv, float("-inf"))
+    filled = torch.arange(cap, device=x.device) < cnt[:, :, None]
+    score = torch.where(filled, cv.abs() if signed else cv, float("-inf")).view(B, lists * cap)
     j = score.topk(k, dim=1).indices
-    vals, idx = cv.gather(1, j), ci.gather(1, j).long()
-    # rows with more candidates than the list holds (ties at the threshold, or structured scores) or,
+    vals, idx = cv.view(B, -1).gather(1, j), ci.view(B, -1).gather(1, j).long()
+    # rows with more candidates than a list holds (ties at the threshold, or structured scores) or,
     # should rounding ever differ between the passes, fewer than k: those rows from the dense product
-    bad = ((cnt > cap) | (cnt < k)).nonzero().flatten()
+    bad = ((cnt > cap).any(1) | (cnt.sum(1) < k)).nonzero().flatten()
     if bad.numel():
         z = torch.addmm(b_enc.float(), x[bad].float(), W_enc.float())
         jb = (z.abs() if signed else z).topk(k, dim=1).indices
@@ -219,17 +232,23 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     than k tiles of latents falls back to running)."""
     B, D = x.shape
     N = W_enc.shape[1]
-    # on the GPU, the running method's fastest of 44 settings swept on an H200 (benchmarks/tune_triton.py;
-    # bf16, B 4096, d_in 768, d_sae 32768, k 32): 64 × 128 × 64 tiles, 4 warps, 4 stages, latent splits
-    # for about one program per SM (192 on its 132): 1.94 ms, against 2.12 ms for 3 stages and two
-    # programs per SM, and 2.6 ms with 8 warps. Small tiles for the interpreter (its cost grows with them).
+    method = method or os.environ.get("SAELAB_TRITON_METHOD", "running")
+    if method not in ("running", "threshold"):
+        raise ValueError(f"unknown Triton select method {method!r} (running or threshold)")
     gpu = x.is_cuda
-    if gpu:
-        num_warps, num_stages = num_warps or 4, num_stages or 4
-    split_target = split_target or (1 if gpu else 2)  # the interpreter: 2 keeps the split path in its tests
-    block_b = block_b or (64 if gpu else 32)
+    block_b = block_b or (64 if gpu else 32)  # small tiles for the interpreter (its cost grows with them)
     block_n = block_n or (128 if gpu else 64)
     block_d = block_d or (64 if gpu else 32)
+    threshold = method == "threshold" and triton.cdiv(N, block_n) >= k
+    # on the GPU, each method's fastest setting swept on an H200 (benchmarks/tune_triton.py; bf16, B 4096,
+    # d_in 768, d_sae 32768, k 32), both with 64 × 128 × 64 tiles and 4 warps. Running: 4 stages, latent
+    # splits for about one program per SM (192 on its 132): 1.94 ms of 44 settings, against 2.12 ms for
+    # 3 stages and two per SM, and 2.6 ms with 8 warps. Threshold: 3 stages, about two programs per SM:
+    # 1.74 ms, against 1.76 (3 stages, one per SM) and 1.80 (4 stages, one per SM).
+    if gpu:
+        num_warps, num_stages = num_warps or 4, num_stages or (3 if threshold else 4)
+    # the interpreter: 2 keeps the split path (several programs per row block) in its tests
+    split_target = split_target or (1 if gpu and not threshold else 2)
     if x.is_cuda and torch.is_autocast_enabled("cuda"):  # bf16/fp16 tensor cores, as autocast's matmul
         x = x.to(torch.get_autocast_dtype("cuda"))
     if W_enc.dtype != x.dtype:
@@ -237,10 +256,7 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     launch = {**({"num_warps": num_warps} if num_warps else {}), **({"num_stages": num_stages} if num_stages else {})}
     # fp32 inputs: full fp32 products unless torch itself allows TF32 (the reference's GEMM)
     precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    method = method or os.environ.get("SAELAB_TRITON_METHOD", "running")
-    if method not in ("running", "threshold"):
-        raise ValueError(f"unknown Triton select method {method!r} (running or threshold)")
-    if method == "threshold" and triton.cdiv(N, block_n) >= k:
+    if threshold:
         vals, idx = _threshold_select(x, W_enc, b_enc, k, signed, block_b, block_n, block_d, launch, precision,
                                       n_progs=n_split, prog_target=split_target)
         return vals.to(x.dtype), idx
