@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import time
 
 import torch
 
+from bench_encode import train_step
 from saelab.kernels.topk_encode import topk_encode_reference
 from saelab.kernels.triton_topk import _threshold_select, triton_select
 from saelab.sae import SAE
@@ -138,20 +138,14 @@ def main() -> None:
     torch.manual_seed(0)
     sae = SAE.create("topk", d_in=d, d_sae=n, k=k).to(dev).to(dtype)
     xs = torch.randn(B, d, device=dev, dtype=dtype)
-    for kern, method in ([("reference", None), ("chunked", None)] if a.small else
-                         [("reference", None), ("triton", "running"), ("triton", "threshold")]):
-        sae.kernel = kern
-        os.environ["SAELAB_TRITON_METHOD"] = method or "running"
-
-        def step():
-            sae.loss(xs)["loss"].backward()
-            sae.zero_grad(set_to_none=True)
+    for path in (["reference", "chunked"] if a.small else ["reference", "triton", "triton threshold"]):
+        step = train_step(sae, xs, path)
         step_ms = timed(step, a.reps)
         with torch.profiler.profile(activities=acts) as prof:
             step()
             if dev == "cuda":
                 torch.cuda.synchronize()
-        print(f"\ntraining step, kernel={kern}{f' ({method})' if method else ''}: {step_ms:.3f} ms")
+        print(f"\ntraining step, {path}: {step_ms:.3f} ms")
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
 
 
