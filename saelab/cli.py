@@ -44,6 +44,11 @@ def _eval_line(ev: dict) -> str:
     if "ce_loss_recovered" in ev:
         parts += [f"CE clean {ev['ce_clean']:.3f} / SAE {ev['ce_sae']:.3f} / zero-ablated {ev['ce_zero_ablation']:.3f}",
                   f"CE-loss recovered {ev['ce_loss_recovered']:.3f}", f"KL {ev['kl']:.4f}"]
+        if "ce_contexts" in ev:  # written by saelab eval (train's own eval.json predates it)
+            n, asked = ev["ce_contexts"], ev.get("ce_contexts_asked")
+            split = "training" if ev.get("ce_split") == "train" else "held-out"
+            parts[-1] += (f" (over {n} {split} context{'s' * (n != 1)}"
+                          + (f": --contexts {asked} asked, the store has no more" if asked else "") + ")")
     return ", ".join(parts)
 
 
@@ -63,11 +68,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from saelab.analysis.features import sae_folders
+    from saelab.config import check_local_sae
     from saelab.evaluate import evaluate
 
-    ev = evaluate(args.sae, args.activations, args.model, n_contexts=args.contexts, device=args.device,
-                  progress=not args.quiet)
-    print(f"{args.sae}: {_eval_line(ev)}")
+    check_local_sae(args.sae)
+    folders = sae_folders(args.sae)  # a group folder: each of its SAEs, spliced into one loaded model
+    model = None
+    if args.model and len(folders) > 1:
+        from saelab.models import load_model
+        from saelab.train import pick_device
+
+        model = load_model(args.model, str(pick_device(args.device)))
+    for folder in folders:
+        ev = evaluate(folder, args.activations, args.model, n_contexts=args.contexts, device=args.device,
+                      progress=not args.quiet, model=model)
+        print(f"{folder}: {_eval_line(ev)}")
     return 0
 
 
@@ -301,8 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distributed_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="FVU, L0, dead/dense latents; with --model, CE-loss recovered and KL")
-    e.add_argument("--sae", required=True, help="an SAE folder (saelab or SAELens)")
+    e = sub.add_parser("eval", help="FVU, L0, dead/dense latents; with --model, CE-loss recovered and KL",
+                       description="Reconstruction metrics of an SAE over its store's held-out rows; with --model, the "
+                                   "SAE spliced into the model for CE-loss recovered and KL. Writes eval.json into the "
+                                   "SAE folder (each SAE of a group folder).")
+    e.add_argument("--sae", required=True, help="an SAE folder (saelab or SAELens) or a group folder (group.json)")
     e.add_argument("--activations", default=None, help="store or RUN folder (default: the one it was trained on)")
     e.add_argument("--model", default=None, help="splice the SAE into this model for CE metrics (e.g. tiny)")
     e.add_argument("--contexts", type=int, default=64, help="held-out contexts for the CE metrics (default: 64)")

@@ -159,8 +159,10 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
 
 
 def evaluate(sae_path, activations: str | None = None, model_name: str | None = None, n_contexts: int = 64,
-             device: str = "auto", progress: bool = True, write: bool = True) -> dict:
-    """What `saelab eval` does: store metrics, and CE metrics when a model is given; writes eval.json."""
+             device: str = "auto", progress: bool = True, write: bool = True, model=None) -> dict:
+    """What `saelab eval` does for one SAE folder: store metrics, and CE metrics when a model is given (by name,
+    ``model_name``, or already loaded, ``model``: a group's SAEs share one); writes eval.json. The store is
+    ``activations`` or the one the SAE's train.json names; with neither, a one-line error."""
     from saelab.sae import SAE
     from saelab.config import check_local_sae, read_train_info
     from saelab.store import store_for_sae
@@ -176,19 +178,22 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)
     res: dict = {}
-    store = store_for_sae(sae_path, sae, activations, required=False)
-    if store is not None:
-        res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
-    if model_name:
+    store = store_for_sae(sae_path, sae, activations)  # FVU needs rows, and CE metrics its held-out text
+    res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
+    if model is None and model_name:
         from saelab.models import load_model
 
-        if store is None:
-            raise SaelabError("CE metrics need token contexts: pass --activations (its held-out text is used)")
         model = load_model(model_name, str(dev))
+    if model is not None:
         split = "holdout" if store.split_shards("holdout") else "train"
         toks = store.tokens(split)[:n_contexts]
-        res.update(evaluate_model(sae, model, toks, skip_bos=skip_bos, progress=progress))
+        res.update(evaluate_model(sae, model, toks, skip_bos=skip_bos, progress=progress), ce_contexts=len(toks),
+                   ce_split=split)
+        if len(toks) < n_contexts:
+            res["ce_contexts_asked"] = n_contexts
     if write:
         old = json.loads((sae_path / "eval.json").read_text()) if (sae_path / "eval.json").exists() else {}
+        if "ce_contexts" in res:
+            old.pop("ce_contexts_asked", None)  # an earlier run's shortfall, not this one's
         atomic_write_text(sae_path / "eval.json", json.dumps({**old, **res}, indent=2) + "\n")
     return res

@@ -174,6 +174,13 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     if tcfg.batch_size % world:
         raise SaelabError(f"--batch-size {tcfg.batch_size} does not split evenly over {world} ranks: "
                           f"pass a multiple of {world}")
+    device = pick_device(dist.device_for(tcfg.device))
+    # what would fail at the first step or at the logger is checked before --out is touched
+    from saelab.kernels.topk_encode import resolve_kernel
+
+    resolve_kernel(tcfg.kernel, device)
+    if main:
+        _Logger.check(tcfg.log)
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume and (out / TRAIN_FILE).exists():
@@ -182,7 +189,6 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         _check_resume_store(out, saved, store)
         if saved.get("done"):
             return out  # finished earlier
-    device = pick_device(dist.device_for(tcfg.device))
     needs_grads = SAE.registry[cfg.arch].needs_grads
     skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
     total_tokens = tcfg.tokens or store.batches(tcfg.batch_size, skip_bos=skip_bos).rows_per_epoch
@@ -228,7 +234,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
         reduce = dist.Reduce()
-    logger = _Logger(out, tcfg.log) if main else None
+    logger = None
     last_ck = step
     bar = tqdm(total=n_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
                desc=f"train {cfg.arch} {store.hook}")
@@ -236,6 +242,8 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     t0, tok0 = time.perf_counter(), step * tcfg.batch_size
     sae.train()
     try:
+        if main:
+            logger = _Logger(out, tcfg.log)
         for batch in it:
             x, g = batch if needs_grads else (batch, None)
             x = x * scale
@@ -269,6 +277,11 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
                     _checkpoint(out, sae, opt, it, step, n_steps, scale, cfg.arch)
                 last_ck = step
     except BaseException as e:
+        if main and not resume and step == 0:  # a fresh run that never trained a step leaves nothing behind
+            if logger is not None:
+                logger.close()
+                logger = None
+            _discard_fresh_run(out)
         if dist.active() and dist.lost(e):
             where = f"from the checkpoint at step {last_ck}" if last_ck else "from the start (no checkpoint yet)"
             raise SaelabError(f"rank {rank} of {world}: lost the other ranks at training step {step} of {n_steps} "
@@ -384,24 +397,50 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
+def _discard_fresh_run(out: pathlib.Path) -> None:
+    """Remove what a fresh run wrote into ``out`` (train.json, metrics.jsonl, a logger's folder). Only for a run
+    that ``_check_out`` found empty or missing, so everything in it is this run's."""
+    import shutil
+
+    for child in out.iterdir() if out.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 class _Logger:
     """metrics.jsonl (always) + TensorBoard or wandb when asked for and installed."""
 
+    @staticmethod
+    def check(kind: str):
+        """The logging backend's module, imported; a one-line error naming the install when it is missing."""
+        try:
+            if kind == "tensorboard":
+                from torch.utils import tensorboard
+
+                return tensorboard
+            if kind == "wandb":
+                import wandb
+
+                return wandb
+        except ImportError:
+            raise SaelabError(f"--log {kind} needs the {kind} package: pip install {kind}, or drop --log") from None
+        return None
+
     def __init__(self, out: pathlib.Path, kind: str):
-        self.f = open(out / METRICS, "a")
         self.tb = self.wb = None
+        mod = self.check(kind)
+        self.f = open(out / METRICS, "a")
         if kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SaelabError("--log tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.tb = mod.SummaryWriter(str(out / "tensorboard"))
         elif kind == "wandb":
             try:
-                import wandb
-            except ImportError:
-                raise SaelabError("--log wandb needs the wandb package: pip install wandb") from None
-            self.wb = wandb.init(project="saelab", name=out.name, dir=str(out))
+                self.wb = mod.init(project="saelab", name=out.name, dir=str(out))
+            except Exception as e:  # no API key, no network, a bad entity: wandb's own error, on one line
+                msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise SaelabError(f"--log wandb could not start a run ({msg}): run `wandb login`, or set "
+                                  "WANDB_MODE=offline, or drop --log") from None
 
     def write(self, rec: dict) -> None:
         self.f.write(json.dumps(rec) + "\n")

@@ -3,6 +3,7 @@ bidirectional feature, save/load with scale folding, kill -9 + resume, errors.""
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+from saelab import SaelabError
 from saelab.config import SAEConfig, TrainConfig
 from saelab.sae import SAE
 from saelab.train import train
@@ -154,6 +156,50 @@ def test_train_errors_are_one_line(extra, needle, grad_run, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.parametrize("case", ["kernel", "wandb", "first-step"])
+def test_a_run_that_fails_before_training_leaves_no_out(case, small_run, tmp_path, capsys, monkeypatch):
+    """A fresh run that fails before its first step (a kernel this device cannot run, a logger that cannot
+    start, an error in the first step) is one line and leaves no --out behind, so the same command with the
+    fix runs without --resume. A folder that existed empty stays, empty."""
+    import types
+
+    from saelab.cli import main
+
+    _, stores = small_run
+    args = ["train", "--activations", str(stores["blocks.0.hook_resid_post"]), "--arch", "topk", "--k", "4",
+            "--width", "64", "--tokens", "2048", "--batch-size", "1024", "--quiet"]
+    if case == "kernel":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        args += ["--kernel", "triton"]
+        needle = "needs CUDA tensors"
+    elif case == "wandb":  # a stand-in for wandb without an API key: init raises its multi-line UsageError
+        def init(**kw):
+            assert pathlib.Path(kw["dir"]).is_dir()
+            (pathlib.Path(kw["dir"]) / "wandb").mkdir()  # wandb writes its folder before it fails
+            raise RuntimeError("No API key configured. Use `wandb login` to log in.\nmore detail")
+
+        monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+        args += ["--log", "wandb"]
+        needle = "--log wandb could not start a run (No API key configured."
+    else:
+        def boom(self, *a, **kw):
+            raise SaelabError("planted failure in the first step")
+
+        monkeypatch.setattr(SAE.registry["topk"], "loss", boom)
+        needle = "planted failure"
+    for out in (tmp_path / "new" / "run", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        capsys.readouterr()
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        if out.name == "empty":
+            assert out.is_dir() and not any(out.iterdir()), list(out.iterdir())
+        else:
+            assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
+
+
 def test_gradient_sae_needs_grads_and_eval_dim_mismatch(small_run, grad_run, tmp_path):
     _, stores = small_run
     r = _cli("train", "--activations", str(stores["blocks.0.hook_resid_post"]), "--arch", "gradient",
@@ -280,18 +326,37 @@ def test_incomplete_store_is_refused(tiny_planted, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_eval_of_a_group_folder_names_its_sae_folders(small_run, tmp_path, capsys):
+def test_eval_of_a_group_folder_evaluates_each_sae(small_run, tmp_path, capsys, monkeypatch):
+    """`saelab eval --sae GROUP` evaluates every SAE of the group (as analyze does), one line each, each
+    writing its eval.json; with --model the model is loaded once for all of them, and a --contexts beyond
+    what the store holds is said, not silently cut."""
+    from saelab import models
     from saelab.cli import main
 
     cfg, _ = small_run
     group = tmp_path / "g"
-    train(TrainConfig(activations=cfg.out, out=str(group), tokens=1024, batch_size=1024),
-          SAEConfig(arch="topk", k=4, width=64), progress=False)
+    folders = train(TrainConfig(activations=cfg.out, out=str(group), tokens=1024, batch_size=1024),
+                    SAEConfig(arch="topk", k=4, width=64), progress=False)
+    for f in folders.values():
+        (f / "eval.json").unlink()
+    loads = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))
     capsys.readouterr()
-    assert main(["eval", "--sae", str(group), "--quiet"]) == 2
+    assert main(["eval", "--sae", str(group), "--model", "tiny", "--contexts", "100000", "--quiet"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(folders) == 2 and len(loads) == 1, (lines, loads)
+    for line, (hook, f) in zip(lines, sorted(folders.items())):
+        ev = json.loads((f / "eval.json").read_text())
+        assert line.startswith(f"{f}: FVU {ev['fvu']:.3f}") and f"CE-loss recovered {ev['ce_loss_recovered']:.3f}" in line
+        assert ev["ce_contexts"] < 100000 == ev["ce_contexts_asked"], ev
+        assert f"over {ev['ce_contexts']} held-out contexts: --contexts 100000 asked, the store has no more" in line
+    # an SAE folder with no train.json and no --activations: one line naming the flag (it was a KeyError)
+    lone = tmp_path / "lone"
+    SAE.load(folders["blocks.0.hook_resid_post"]).save(lone)
+    assert main(["eval", "--sae", str(lone), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "is an SAE group" in err and str(group / "blocks.0.hook_resid_post") in err, err
-    assert len(err.splitlines()) == 1, err
+    assert "pass --activations" in err and len(err.splitlines()) == 1, err
 
 
 def test_eval_and_analyze_pick_the_store_of_the_sae_hook(small_run, tmp_path, capsys):
