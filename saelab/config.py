@@ -344,6 +344,19 @@ def hub_spec(path) -> str | None:
     return HUB_PREFIX + text.split(":", 1)[1].lstrip("/")
 
 
+def describe_changes(recorded: dict, now: dict, keys) -> str:
+    """``--flag: the run has X, this command Y`` for each key, joined by "; " (a --resume refusal shows what
+    to pass, not only which flags differ)."""
+    def short(v):
+        if v is None:
+            return "the default"
+        text = json.dumps(v) if not isinstance(v, str) else v
+        return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
+
+    return "; ".join(f"--{k.replace('_', '-')}: the run has {short(recorded.get(k))}, this command {short(now.get(k))}"
+                     for k in keys)
+
+
 def check_local_sae(path) -> None:
     """A one-line error for a hub spec (``hf://ORG/REPO/SUBFOLDER``) where a folder is needed: commands write
     next to the SAE (features.h5, eval.json), so ``saelab fetch`` must make a folder of it first."""

@@ -170,11 +170,14 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
         for key in ("dataset", "model"):  # a run of an older saelab may hold a relative path
             if isinstance(recorded.get(key), str):
                 recorded[key] = local_key(recorded[key])
-        changed = {k for k, v in cfg.to_dict().items()
-                   if recorded.get(k) != v and k not in ("batch_size", "device", "out")}
+        now = cfg.to_dict()
+        changed = sorted(k for k, v in now.items() if recorded.get(k) != v and k not in ("batch_size", "device", "out"))
         if changed:
-            raise SaelabError(f"--resume with different settings ({', '.join(sorted(changed))}) than the run in {out}: "
-                              "pass the same flags, or harvest to a new --out")
+            from saelab.config import describe_changes
+
+            raise SaelabError(f"--resume with different settings than the run in {out} "
+                              f"({describe_changes(recorded, now, changed)}): pass the run's values, or harvest to "
+                              "a new --out")
         if saved.get("world_size", 1) != dist.world_size():
             raise SaelabError(f"--resume with {dist.world_size()} process(es), but the run in {out} used "
                               f"{saved.get('world_size', 1)}: resume with the same number")

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from saelab import SaelabError
 from saelab import distributed as dist
-from saelab.config import GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig, group_json, read_train_info
+from saelab.config import (GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig, describe_changes, group_json,
+                           read_train_info)
 from saelab.evaluate import evaluate_store
 from saelab.models import pick_device as device_name
 from saelab.sae import SAE
@@ -119,11 +120,13 @@ _RESUME_FREE = {"activations", "out", "hook", "device", "log", "log_every", "eva
 
 def _check_resume_settings(out: pathlib.Path, saved: dict, tcfg: TrainConfig, cfg: SAEConfig) -> None:
     train, sae = saved.get("train", {}), saved.get("sae", {})  # keys a run's older saelab did not write are skipped
-    changed = sorted({k for k, v in tcfg.to_dict().items() if k not in _RESUME_FREE and k in train and train[k] != v}
-                     | {k for k, v in cfg.to_dict().items() if k in sae and sae[k] != v})
+    t_now, s_now = tcfg.to_dict(), cfg.to_dict()
+    changed = sorted({k for k, v in t_now.items() if k not in _RESUME_FREE and k in train and train[k] != v}
+                     | {k for k, v in s_now.items() if k in sae and sae[k] != v})
     if changed:
-        raise SaelabError(f"--resume with different settings ({', '.join(changed)}) than the run in {out}: "
-                          "pass the same flags, or train to a new --out")
+        recorded, now = {**sae, **train}, {**s_now, **t_now}
+        raise SaelabError(f"--resume with different settings than the run in {out} "
+                          f"({describe_changes(recorded, now, changed)}): pass the run's values, or train to a new --out")
 
 
 def store_identity(store: ActivationStore) -> dict:

@@ -231,7 +231,8 @@ def test_resume_accepts_a_local_dataset_written_differently(tmp_path, monkeypatc
     capsys.readouterr()
     assert main([*args, "--dataset", "other.txt", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "different settings (dataset)" in err and len(err.splitlines()) == 1, err
+    assert "different settings" in err and len(err.splitlines()) == 1, err
+    assert f"(--dataset: the run has {tmp_path / 'data.txt'}, this command " in err and "other.txt" in err, err
 
 
 def test_a_local_model_folder_is_recorded_absolute(tmp_path, monkeypatch, capsys):

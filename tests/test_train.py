@@ -265,7 +265,7 @@ def test_resume_with_other_settings_is_refused(tiny_planted, tmp_path, capsys):
         assert main([*args, *change, "--resume"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "different settings" in err, err
-        assert change[0][2:] in err, err
+        assert f"{change[0]}: the run has " in err and f"this command {float(change[1]):g}" in err, err
     assert (out / "sae_weights.safetensors").read_bytes() == weights
     # a damaged train.json is one line, and leaves the run as it was
     good = (out / "train.json").read_text()
