@@ -14,4 +14,19 @@ class SaelabError(Exception):
     """
 
 
-__all__ = ["SaelabError", "__version__"]
+# the main Python entry points, imported on first use (``import saelab`` and the CLI stay light: no torch)
+_LAZY = {"SAE": "saelab.sae", "ActivationStore": "saelab.store", "FeatureDB": "saelab.analysis.features",
+         "load_model": "saelab.models"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'saelab' has no attribute {name!r}")
+
+
+__all__ = ["SaelabError", "__version__", *_LAZY]

@@ -56,6 +56,9 @@ def cmd_train(args) -> int:
     from saelab import distributed
     from saelab.train import train
 
+    from saelab.config import check_sae_flags
+
+    check_sae_flags(args)
     tcfg, scfg = from_args(TrainConfig, args), from_args(SAEConfig, args)
     with distributed.session(tcfg.device, args.dist_timeout, "training"):
         folders = train(tcfg, scfg, resume=args.resume, progress=not args.quiet)
@@ -271,9 +274,12 @@ def cmd_circuit(args) -> int:
     n_lat = sum(1 for x in c["nodes"] if x["kind"] == "latent")
     print(f"task {c['task']['name']} ({c['task']['n_examples']} examples), method {c['method']}: "
           f"logit diff full {mv['full']:.3f}, all mean-ablated {mv['empty']:.3f}, circuit {mv['circuit']:.3f}")
-    print(f"faithfulness = {f['nodes']:.3f} (nodes), {f['edges']:.3f} (edges) with {len(c['nodes'])} nodes "
-          f"({n_lat} latents = {100 * c['latent_fraction']:.2f}% of {c['n_latents_total']}, "
-          f"{len(c['nodes']) - n_lat} error nodes) and {len(c['edges'])} edges "
+    def count(n, what):
+        return f"{n} {what}{'s' * (n != 1)}"
+
+    print(f"faithfulness = {f['nodes']:.3f} (nodes), {f['edges']:.3f} (edges) with {count(len(c['nodes']), 'node')} "
+          f"({count(n_lat, 'latent')} = {100 * c['latent_fraction']:.2f}% of {c['n_latents_total']}, "
+          f"{count(len(c['nodes']) - n_lat, 'error node')}) and {count(len(c['edges']), 'edge')} "
           f"(node threshold {c['node_threshold']}, edge threshold {c['edge_threshold']})")
     print(f"wrote {path}" + (" (replaced the existing file)" if any(replaced) else ""))
     return 0

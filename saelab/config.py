@@ -159,7 +159,8 @@ class SAEConfig(JSONConfig):
             raise SaelabError(f"--dead-tokens must be positive (got {self.dead_tokens}): pass the number of tokens "
                               "without firing after which a latent counts as dead")
         if not 0 < self.k < self.d_sae:
-            raise SaelabError(f"--k {self.k} must be between 1 and the width {self.d_sae} - 1: lower --k or widen the SAE")
+            raise SaelabError(f"--k {self.k} must be between 1 and {self.d_sae - 1} (below the width {self.d_sae}): "
+                              "lower --k or widen the SAE")
         if not self.bandwidth > 0 or not 0 <= self.threshold_momentum < 1:
             raise SaelabError(f"--bandwidth must be positive and --threshold-momentum in [0, 1) (got {self.bandwidth}, "
                               f"{self.threshold_momentum})")
@@ -342,6 +343,41 @@ def hub_spec(path) -> str | None:
     if not text.startswith(("hf://", "hf:/")):
         return None
     return HUB_PREFIX + text.split(":", 1)[1].lstrip("/")
+
+
+# SAEConfig fields that only some architectures (or matryoshka modes) read; the CLI refuses them elsewhere
+ARCH_ONLY = {"l1_coeff": ("relu",), "l0_coeff": ("jumprelu",), "sparsity_warmup": ("relu", "jumprelu"),
+             "bandwidth": ("jumprelu",), "init_threshold": ("jumprelu",), "threshold_momentum": ("batchtopk",),
+             "matryoshka_mode": ("matryoshka",), "matryoshka_prefixes": ("matryoshka",),
+             "matryoshka_ks": ("matryoshka",), "matryoshka_weighting": ("matryoshka",), "grad_beta": ("gradient",)}
+MODE_ONLY = {"matryoshka_prefixes": "prefix", "matryoshka_ks": "k", "matryoshka_weighting": "k"}
+
+
+def check_sae_flags(ns) -> None:
+    """One-line errors for SAE flags the command line was given that the run would ignore: --width together
+    with --expansion, and a flag of another architecture (or matryoshka mode) than the one trained. A flag
+    counts as given when its value differs from its default (passing the default is harmless)."""
+    fields = {f.name: f for f in dataclasses.fields(SAEConfig)}
+
+    def given(name):
+        v, f = getattr(ns, name, None), fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return v is not None and v != default
+
+    def flag(name):
+        return fields[name].metadata.get("flag", "--" + name.replace("_", "-"))
+
+    if getattr(ns, "width", None) and given("expansion"):
+        raise SaelabError(f"--width {ns.width} and --expansion {ns.expansion} both set the number of latents: "
+                          "pass one of them")
+    for name, archs in ARCH_ONLY.items():
+        if given(name) and ns.arch not in archs:
+            raise SaelabError(f"{flag(name)} applies to --arch {' or '.join(archs)} only, and this run trains "
+                              f"{ns.arch}: drop it, or pass --arch {archs[0]}")
+    for name, mode in MODE_ONLY.items():
+        if given(name) and ns.arch == "matryoshka" and ns.matryoshka_mode != mode:
+            raise SaelabError(f"{flag(name)} applies to --matryoshka-mode {mode} only, and this run uses "
+                              f"{ns.matryoshka_mode}: drop it, or pass --matryoshka-mode {mode}")
 
 
 def describe_changes(recorded: dict, now: dict, keys) -> str:

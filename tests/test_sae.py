@@ -282,3 +282,18 @@ def test_load_of_mismatched_files_is_one_line(case, needle, tmp_path):
     with pytest.raises(SaelabError) as e:
         SAE.load(tmp_path)
     assert needle in str(e.value) and str(tmp_path / "sae_weights.safetensors") in str(e.value), str(e.value)
+
+
+def test_top_level_names_import_lazily():
+    """`from saelab import SAE` (and ActivationStore, FeatureDB, load_model) works as the README shows, and
+    `import saelab` alone does not import torch (the CLI's --help stays fast)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, saelab; assert 'torch' not in sys.modules, 'import saelab pulled in torch'\n"
+            "from saelab import SAE, ActivationStore, FeatureDB, load_model\n"
+            "import saelab.sae, saelab.store\n"
+            "assert SAE is saelab.sae.SAE and ActivationStore is saelab.store.ActivationStore\n"
+            "try:\n    saelab.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -144,6 +144,9 @@ def test_same_seed_same_weights_and_kill9_resume(grad_run, tmp_path):
     (["--arch", "gradientx"], "choose one of"),
     (["--k", "600", "--expansion", "4"], "lower --k or widen"),
     (["--activations", "EMPTY"], "store"),
+    (["--width", "64", "--expansion", "4"], "both set the number of latents: pass one of them"),
+    (["--arch", "topk", "--bandwidth", "0.2"], "--bandwidth applies to --arch jumprelu only, and this run trains topk"),
+    (["--arch", "matryoshka", "--matryoshka-k", "2"], "--matryoshka-k applies to --matryoshka-mode k only"),
 ])
 def test_train_errors_are_one_line(extra, needle, grad_run, tmp_path):
     base = ["--activations", str(grad_run["blocks.1.hook_resid_post"])]
