@@ -218,7 +218,8 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             available = count_contexts(docs, tokenizer, ctx, bos, text_col, limit=wanted)
         n_contexts = available if wanted is None else wanted
         if n_contexts > available:
-            raise SaelabError(f"--tokens {cfg.tokens:,} is more than dataset '{cfg.dataset}' provides: it gives "
+            raise SaelabError(f"--tokens {cfg.tokens:,} is more than dataset '{cfg.dataset}' (split '{cfg.split}') "
+                              f"provides: it gives "
                               f"{available * ctx:,} tokens ({available:,} contexts of {ctx}); pass --tokens "
                               f"{available * ctx} or fewer")
     if n_contexts < 1:

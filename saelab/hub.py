@@ -344,7 +344,13 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path, target
         source = {"path": str(local), "format": layout, "fetched": now}
     else:
         repo, sub = parse_spec(spec)
-        layout, files, converted = _read_hub_sae(spec, revision, cache_dir, target)
+        try:
+            layout, files, converted = _read_hub_sae(spec, revision, cache_dir, target)
+        except SaelabError as err:
+            hint = _local_hint(spec)
+            if hint:
+                raise SaelabError(f"{err}{hint}") from None
+            raise
         source = {"repo_id": repo, "subfolder": sub, "revision": revision,
                   "commit": _commit_of(next(iter(files.values()))), "format": layout, "fetched": now}
     if target:
@@ -376,6 +382,29 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path, target
     return sae
 
 
+def _local_hint(spec: str) -> str:
+    """For a relative spec whose leading folders exist here (a mistyped local path, read as ORG/REPO/SUBFOLDER):
+    a hint naming the nearest existing folder, else ""."""
+    p = pathlib.Path(spec).expanduser()
+    if p.is_absolute() or hub_spec(spec):
+        return ""
+    parent = p.parent
+    while parent != pathlib.Path(".") and not parent.is_dir():
+        parent = parent.parent
+    if parent == pathlib.Path("."):
+        return ""
+    inside = sorted(c.name for c in parent.iterdir() if c.is_dir() and not c.name.startswith("."))
+    return (f"; or, if {spec} was meant as a local folder: there is no such folder, {parent} holds "
+            + (", ".join(inside[:5]) + (", …" if len(inside) > 5 else "") if inside else "no folders"))
+
+
+def _check_revision(specs, revision: str | None) -> None:
+    """--revision names a hub commit: with a local folder it is a one-line error, before anything else."""
+    for spec in specs if revision else ():
+        if local_folder(spec):
+            raise SaelabError(f"--revision applies to hub SAEs, and {spec} is a local folder: drop --revision")
+
+
 def _key(spec: str) -> tuple:
     """What names ``spec``'s SAE: (repo id, subfolder), or (the local folder,)."""
     local = local_folder(spec)
@@ -402,6 +431,7 @@ def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, 
     from saelab.store import no_empty_folder_left
 
     _key(spec)  # a malformed hub spec: its one-line error before anything else
+    _check_revision([spec], revision)
     target = _target(model, hook)
     out = pathlib.Path(out).expanduser() if out is not None else default_out(spec)
     if out.exists() and not out.is_dir():
@@ -441,6 +471,7 @@ def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=No
     if out is None:
         raise SaelabError("several SAEs make a group: pass --out GROUP_FOLDER")
     keys = [_key(s) for s in specs]
+    _check_revision(specs, revision)
     for i, k in enumerate(keys):
         if k in keys[:i]:
             raise SaelabError(f"{specs[i]} is given twice: pass each SAE once")

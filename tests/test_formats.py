@@ -223,7 +223,7 @@ def test_sparsify_reference_load_rejects_a_bad_config(tmp_path):
         sparsify_sae(tmp_path / "cfg.json", tmp_path / "sae.safetensors", "", "layers.0")
 
 
-def test_local_folders_in_other_layouts_are_fetched_too(tmp_path, capsys):
+def test_local_folders_in_other_layouts_are_fetched_too(tmp_path, capsys, monkeypatch):
     """A sparsify run trained here, or a Gemma Scope file downloaded by hand: `saelab fetch FOLDER --out` converts
     it (model and hook from the run's config.json / the path); SAE.load of the raw folder names that command."""
     from saelab.cli import main
@@ -271,6 +271,15 @@ def test_local_folders_in_other_layouts_are_fetched_too(tmp_path, capsys):
         assert main(["fetch", str(path), "--out", str(tmp_path / "runs" / "r")]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
+    # --revision with a local folder is refused even when --out already holds it (it used to say "already fetched")
+    assert main(["fetch", str(src / "layers.0"), "--out", str(out), "--revision", "v1"]) == 2
+    assert "--revision applies to hub SAEs" in capsys.readouterr().err
+    # a mistyped relative local path reads as ORG/REPO/SUBFOLDER: the hub's error also names the local folder
+    monkeypatch.chdir(tmp_path)
+    assert main(["fetch", "sparsify-run/layers.9", "--out", str(tmp_path / "runs" / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ("or, if sparsify-run/layers.9 was meant as a local folder: there is no such folder, sparsify-run holds "
+            "layers.0") in err and len(err.splitlines()) == 1, err
     assert sorted(x.name for x in (tmp_path / "runs").iterdir()) == ["gs", "mine"]  # the failures left nothing
 
 
