@@ -272,8 +272,13 @@ def cmd_circuit(args) -> int:
                       before_write=lambda p: replaced.append(p.is_file()))
     f, mv = c["faithfulness"], c["metric_values"]
     n_lat = sum(1 for x in c["nodes"] if x["kind"] == "latent")
-    print(f"task {c['task']['name']} ({c['task']['n_examples']} examples), method {c['method']}: "
-          f"logit diff full {mv['full']:.3f}, all mean-ablated {mv['empty']:.3f}, circuit {mv['circuit']:.3f}")
+    acc = c["task"]["accuracy"]
+    print(f"task {c['task']['name']} ({c['task']['n_examples']} examples, the model right on {100 * acc:.1f}%), "
+          f"method {c['method']}: logit diff full {mv['full']:.3f}, all mean-ablated {mv['empty']:.3f}, "
+          f"circuit {mv['circuit']:.3f}")
+    if acc < 0.5 or mv["full"] <= 0:
+        print(f"note: the model prefers the wrong answer on {100 * (1 - acc):.1f}% of these prompts (mean logit "
+              f"diff {mv['full']:.3f}): a circuit of a task the model does not do says little; pick a task it solves")
     def count(n, what):
         return f"{n} {what}{'s' * (n != 1)}"
 

@@ -112,7 +112,8 @@ def induction_circuit(demo_group, tmp_path_factory):
 def test_cli_induction_circuit(induction_circuit, demo_group):
     stdout, c = induction_circuit
     assert "faithfulness = " in stdout
-    assert c["task"] == {"name": "induction", "n_examples": 8, "metric": "logit_diff"}
+    assert c["task"] == {"name": "induction", "n_examples": 8, "metric": "logit_diff", "accuracy": 1.0}
+    assert "examples, the model right on 100.0%)" in stdout and "note:" not in stdout, stdout
     assert c["hooks"] == list(demo_group.saes) and c["model"] == "tiny"
     assert set(c["saes"]) == set(c["hooks"]) and c["method"] == "ig" and c["ig_steps"] == 10
     ids = {n["id"] for n in c["nodes"]}
@@ -320,6 +321,17 @@ def test_cli_circuit_out_replaces_an_existing_file_and_says_so(small_run, tmp_pa
     assert main([*args, "--out", str(res)]) == 2
     err = capsys.readouterr().err.strip()
     assert "is a folder" in err and len(err.splitlines()) == 1, err
+    # a task the model gets wrong (the answers name what induction does not predict): said, not silently used
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"clean": " red blue green yellow red blue green", "corrupted": " cat dog bird fish red blue green",
+         "answer": " red", "wrong": " yellow"},
+        {"clean": " one two three four one two three", "corrupted": " cat dog bird fish one two three",
+         "answer": " five", "wrong": " four"}]))
+    assert main([*args[:2], str(swapped), *args[3:], "--out", str(res / "swapped.json")]) == 0
+    out_text = capsys.readouterr().out
+    assert "the model right on 0.0%" in out_text and "note: the model prefers the wrong answer on 100.0%" in out_text
+    assert C.load_circuit(res / "swapped.json")["task"]["accuracy"] == 0.0
 
 
 def test_find_circuit_takes_a_group_folder_and_a_task_spec(tiny, group, demo_group, tmp_path):

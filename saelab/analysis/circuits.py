@@ -456,7 +456,8 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
         effects = ig_effects(model, group, task, clean, patch, ig_steps, progress)
     means = task_means(clean)
     with torch.no_grad():
-        m_full = float(logit_diff(model(task.clean.to(dev)), task).mean())
+        ld_full = logit_diff(model(task.clean.to(dev)), task)
+        m_full, acc = float(ld_full.mean()), float((ld_full > 0).float().mean())
     m_empty = ablated_metric(model, group, task, means, None)
 
     sweep = []
@@ -490,7 +491,7 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
     out = {
         "format_version": FORMAT_VERSION, "kind": KIND, "model": group.model, "group": str(group.path),
         "saes": {h: str(group.folders[h]) for h in group.hooks}, "hooks": list(group.hooks),
-        "task": {"name": task.name, "n_examples": len(task), "metric": "logit_diff"},
+        "task": {"name": task.name, "n_examples": len(task), "metric": "logit_diff", "accuracy": acc},
         "method": method, **({"ig_steps": ig_steps} if method == "ig" else {}),
         "node_threshold": node_threshold, "edge_threshold": edge_threshold,
         "nodes": nodes, "edges": kept,
