@@ -187,15 +187,22 @@ def cmd_demo(args) -> int:
     from saelab.demo import DEMO_HOOKS, DEMO_K, demo_root, ensure_group
     from saelab.evaluate import evaluate
 
+    from saelab.config import GROUP_FILE
+
     root = demo_root(args.dir)
-    print(f"demo: harvesting {', '.join(DEMO_HOOKS)} from the bundled tiny model on the bundled corpus, then "
-          f"training one TopK SAE (k={DEMO_K}) per hook → {root / 'activations/demo'}, {root / 'runs/demo'} "
-          "(a finished demo is reused)")
+    finished = (root / "runs" / "demo" / GROUP_FILE).is_file()
+    if finished:
+        print(f"demo: reusing the finished demo in {root} ({root / 'activations/demo'}, {root / 'runs/demo'}; "
+              "delete them to build it again)")
+    else:
+        print(f"demo: harvesting {', '.join(DEMO_HOOKS)} from the bundled tiny model on the bundled corpus, then "
+              f"training one TopK SAE (k={DEMO_K}) per hook → {root / 'activations/demo'}, {root / 'runs/demo'} "
+              "(an interrupted demo resumes)")
     demo = ensure_group(root, tokens=args.tokens, train_tokens=args.train_tokens, progress=not args.quiet)
-    print(f"wrote {len(demo.stores)} stores:\n" + _summary(demo.stores))
+    print(f"{'the' if finished else 'wrote'} {len(demo.stores)} stores:\n" + _summary(demo.stores))
     for hook, folder in demo.saes.items():
         ev = evaluate(folder, str(demo.stores[hook]), "tiny", progress=not args.quiet)
-        print(f"{folder}: {hook}: {_eval_line(ev)}")
+        print(f"{folder}: {_eval_line(ev)}")
     print(f"SAE group: {demo.group}")
     return _demo_open_app(args, demo.group)
 

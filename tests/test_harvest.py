@@ -167,11 +167,12 @@ def test_demo_cli_harvests_and_reruns(tmp_path):
     """`saelab demo` (what `make demo` runs, with --no-app as CI implies) writes both stores and
     prints them; running it again reuses the finished run instead of failing."""
     out = tmp_path / "activations" / "demo"
-    for _ in range(2):
+    for first in (True, False):
         r = _cli("demo", "--dir", str(tmp_path), "--tokens", "16384", "--train-tokens", "16384", "--no-app", "--quiet")
         assert r.returncode == 0, r.stderr
-        assert "blocks.1.hook_resid_post" in r.stdout and "wrote 2 stores" in r.stdout
-        assert "CE-loss recovered" in r.stdout
+        assert "blocks.1.hook_resid_post" in r.stdout and "CE-loss recovered" in r.stdout
+        assert ("demo: harvesting" in r.stdout and "wrote 2 stores" in r.stdout) if first else \
+            ("demo: reusing the finished demo" in r.stdout and "the 2 stores" in r.stdout), r.stdout
     group = json.loads((tmp_path / "runs" / "demo" / "group.json").read_text())
     assert set(group["hooks"]) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post"}
     for hook in ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]:

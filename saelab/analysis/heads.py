@@ -529,6 +529,11 @@ def report(ident: HeadRanking, abl: HeadRanking | None = None, top: int = 3, tas
              f"examples, {len(ident)} heads, codes at position '{ident.info['position']}'): {ident.seconds:.3f} s "
              f"(forward {ident.info['forward_s']:.3f} s, SAEs {ident.info['train_s']:.3f} s)",
              "  top heads by codes unique to positives: " + _fmt_heads(ident, top, "{:.0f}")]
+    d_sae = ident.info.get("d_sae", D_SAE)
+    if ident.n_examples > d_sae:
+        lines.append(f"  note: {ident.n_examples} examples a side is more than a head's {d_sae + 1} possible codes, so "
+                     "codes recur on both sides and the counts lose meaning; the method is meant for 5-10 examples "
+                     "(--n 8)")
     if abl is None:
         return lines
     cmp = compare(ident, abl, top)
