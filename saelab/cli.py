@@ -121,7 +121,8 @@ def cmd_export(args) -> int:
     out, n = export_html(args.sae, args.out, latents=args.latents, sample=args.sample, seed=args.seed,
                          progress=not args.quiet, max_cards=args.max_cards)
     size = out.stat().st_size
-    print(f"wrote {out}: {n} latent card{'s' * (n != 1)}, {size / 2**20:.1f} MiB (open it in any browser)")
+    shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
+    print(f"wrote {out}: {n} latent card{'s' * (n != 1)}, {shown} (open it in any browser)")
     return 0
 
 

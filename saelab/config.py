@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class HarvestConfig(JSONConfig):
             raise SaelabError("--batch-size and --shard-rows must be positive")
         if self.shard_rows < self.context_size:
             raise SaelabError(f"--shard-rows ({self.shard_rows}) must hold at least one context ({self.context_size})")
+        if self.seed < 0:
+            raise SaelabError(f"--seed must be 0 or more (got {self.seed})")
         return self
 
 
@@ -148,8 +151,11 @@ class SAEConfig(JSONConfig):
             raise SaelabError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
         if self.d_in < 1:
             raise SaelabError(f"d_in must be positive (got {self.d_in})")
-        if self.d_sae < 1:
-            raise SaelabError("--width / --expansion must give at least one latent")
+        if self.d_sae < 1 or (self.width is not None and self.width < 1):
+            raise SaelabError(f"--width / --expansion must give at least one latent (got --width {self.width}, "
+                              f"--expansion {self.expansion})")
+        if not 0 <= self.aux_coeff < math.inf:
+            raise SaelabError(f"--aux-coeff must be 0 or a positive finite number (got {self.aux_coeff})")
         if self.enc_init is not None and not self.enc_init > 0:
             raise SaelabError(f"--enc-init must be positive (got {self.enc_init})")
         if self.k_aux is not None and not 1 <= self.k_aux <= self.d_sae:
@@ -214,8 +220,14 @@ class TrainConfig(JSONConfig):
             raise SaelabError(f"--batch-size must be positive (got {self.batch_size})")
         if self.tokens is not None and self.tokens < self.batch_size:
             raise SaelabError(f"--tokens {self.tokens} is less than one batch ({self.batch_size}): raise it")
-        if self.lr is not None and self.lr <= 0:
-            raise SaelabError(f"--lr must be positive (got {self.lr})")
+        if self.lr is not None and not 0 < self.lr < math.inf:  # nan and inf fail too (they trained to NaN weights)
+            raise SaelabError(f"--lr must be a positive finite number (got {self.lr})")
+        if not 0 <= self.grad_clip < math.inf:
+            raise SaelabError(f"--grad-clip must be 0 (no clipping) or a positive finite number (got {self.grad_clip})")
+        if self.lr_warmup_steps < 0:
+            raise SaelabError(f"--lr-warmup-steps must be 0 or more (got {self.lr_warmup_steps})")
+        if self.seed < 0:
+            raise SaelabError(f"--seed must be 0 or more (got {self.seed})")
         if not 0 <= self.lr_decay <= 1:
             raise SaelabError(f"--lr-decay must be in [0, 1] (got {self.lr_decay})")
         if self.buffer_rows < 1:
@@ -430,4 +442,19 @@ def read_sae_cfg(path: str | pathlib.Path) -> dict:
         raise SaelabError(f"{path / CFG_FILE} is not valid JSON ({e.msg}); re-save the SAE") from None
     if not isinstance(raw, dict):
         raise SaelabError(f"{path / CFG_FILE} is not an SAE config (a JSON object); re-save the SAE")
+    own = raw.get("saelab", {})
+    if not isinstance(own, dict):
+        raise SaelabError(f"{path / CFG_FILE}: its \"saelab\" entry is {type(own).__name__}, not an object; "
+                          "re-save the SAE")
+    for key in ("d_in", "d_sae"):  # every reader sizes things by these (an old SAELens config may give no d_sae)
+        v = raw.get(key, own.get(key))
+        if v is None and key == "d_sae":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SaelabError(f"{path / CFG_FILE}: {key} is {v!r}, not a positive whole number; re-save the SAE")
+    arch = own.get("arch")
+    if arch is not None:
+        if arch not in ARCHS:
+            raise SaelabError(f"{path / CFG_FILE}: architecture {arch!r} is not one saelab knows "
+                              f"({', '.join(ARCHS)}); re-save the SAE")
     return raw

@@ -192,7 +192,12 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
         if len(toks) < n_contexts:
             res["ce_contexts_asked"] = n_contexts
     if write:
-        old = json.loads((sae_path / "eval.json").read_text()) if (sae_path / "eval.json").exists() else {}
+        try:
+            old = json.loads((sae_path / "eval.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):  # none yet, or a damaged one: this run's replaces it
+            old = {}
+        if not isinstance(old, dict):
+            old = {}
         if "ce_contexts" in res:
             old.pop("ce_contexts_asked", None)  # an earlier run's shortfall, not this one's
         atomic_write_text(sae_path / "eval.json", json.dumps({**old, **res}, indent=2) + "\n")

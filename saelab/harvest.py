@@ -165,7 +165,14 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume:
-        saved = json.loads((out / RUN_FILE).read_text())
+        try:
+            saved = json.loads((out / RUN_FILE).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise SaelabError(f"--resume: {out / RUN_FILE} is not readable ({str(e).splitlines()[0]}): the run cannot "
+                              "be resumed; harvest to a new --out") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise SaelabError(f"--resume: {out / RUN_FILE} is not a harvest record: the run cannot be resumed; "
+                              "harvest to a new --out")
         recorded = dict(saved["config"])
         for key in ("dataset", "model"):  # a run of an older saelab may hold a relative path
             if isinstance(recorded.get(key), str):

@@ -203,6 +203,8 @@ def resolve_stores(path: str | os.PathLike, hook: str | None = None) -> list[pat
     p = pathlib.Path(path)
     if not p.exists():
         raise SaelabError(f"--activations {p}: no such folder; harvest first (saelab harvest --out {p} ...)")
+    if not p.is_dir():
+        raise SaelabError(f"--activations {p} is a file: pass a store folder or a RUN folder written by saelab harvest")
     if (p / MANIFEST).exists():
         if hook is not None and read_manifest(p)["hook"] != hook:
             raise SaelabError(f"store {p} holds hook {read_manifest(p)['hook']}, not {hook}")

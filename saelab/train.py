@@ -103,6 +103,9 @@ def _check_out(out: pathlib.Path, resume: bool) -> None:
     if resume:
         if not (out / CHECKPOINT).exists() and not (out / TRAIN_FILE).exists():
             raise SaelabError(f"--resume: {out} holds no checkpoint to resume; start without --resume")
+        if not (out / TRAIN_FILE).exists():
+            raise SaelabError(f"--resume: {out} has a checkpoint but no {TRAIN_FILE} (its settings and store), so it "
+                              "cannot be resumed: train to a new --out")
         return
     if out.exists() and not out.is_dir():
         raise SaelabError(f"--out {out} is a file: pass a folder path")
@@ -209,7 +212,16 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
                        with_grads=needs_grads, device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
     step, scale = 0, None
     if resume and (out / CHECKPOINT).exists():
-        ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+        try:
+            ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+        except Exception as e:  # truncated, empty or foreign bytes: torch's own error
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise SaelabError(f"{out / CHECKPOINT} is damaged ({why}): delete it and rerun with --resume to start "
+                              "the run over, or train to a new --out") from None
+        need = {"n_steps", "arch", "sae", "opt", "iterator", "step", "scale"}
+        if not isinstance(ck, dict) or not need <= set(ck):
+            raise SaelabError(f"{out / CHECKPOINT} is not a saelab checkpoint: delete it and rerun with --resume to "
+                              "start the run over, or train to a new --out")
         if ck["n_steps"] != n_steps or ck["arch"] != cfg.arch:
             raise SaelabError(f"--resume with different settings than the run in {out}: pass the same flags")
         sae.load_state_dict(ck["sae"])

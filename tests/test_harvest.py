@@ -264,3 +264,17 @@ def test_failed_harvest_leaves_no_new_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([*args, "--out", str(tmp_path / "empty")]) == 2
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.parametrize("text,needle", [("{bad", "harvest.json is not readable ("), ("null", "is not a harvest record")])
+def test_resume_with_a_damaged_record_is_one_line(text, needle, tmp_path, capsys):
+    """--resume on a run whose harvest.json is damaged: one line (it was a JSONDecodeError / TypeError)."""
+    from saelab.cli import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "harvest.json").write_text(text)
+    assert main(["harvest", "--hook", "blocks.0.hook_resid_post", "--tokens", "512", "--out", str(out),
+                 "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "harvest to a new --out" in err and len(err.splitlines()) == 1, err

@@ -284,6 +284,46 @@ def test_load_of_mismatched_files_is_one_line(case, needle, tmp_path):
     assert needle in str(e.value) and str(tmp_path / "sae_weights.safetensors") in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("case,needle", [
+    ("truncated", "sae_weights.safetensors is not a readable safetensors file (Error while deserializing header"),
+    ("empty", "sae_weights.safetensors is not a readable safetensors file"),
+    ("arch", "cfg.json: architecture 'banana' is not one saelab knows"),
+    ("saelab null", "cfg.json: its \"saelab\" entry is NoneType, not an object"),
+    ("no d_in", "cfg.json: d_in is None, not a positive whole number"),
+    ("d_in text", "cfg.json: d_in is 'x', not a positive whole number"),
+])
+def test_load_of_a_damaged_folder_is_one_line(case, needle, tmp_path):
+    """Damaged weights or cfg.json: one SaelabError naming the file, from SAE.load and from read_sae_cfg (which
+    analyze and export read first); they were safetensors/KeyError/AttributeError tracebacks."""
+    import json
+
+    from saelab.config import read_sae_cfg
+
+    SAE.create("topk", d_in=24, d_sae=96, k=6).save(tmp_path)
+    weights, cfg_path = tmp_path / "sae_weights.safetensors", tmp_path / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    if case == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif case == "empty":
+        weights.write_bytes(b"")
+    elif case == "arch":
+        cfg["saelab"]["arch"] = "banana"
+    elif case == "saelab null":
+        cfg["saelab"] = None
+    else:
+        cfg.pop("d_in")
+        cfg["saelab"].pop("d_in")
+        if case == "d_in text":
+            cfg["d_in"] = "x"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(SaelabError) as e:
+        SAE.load(tmp_path)
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+    if case not in ("truncated", "empty"):
+        with pytest.raises(SaelabError, match="re-save the SAE"):
+            read_sae_cfg(tmp_path)
+
+
 def test_top_level_names_import_lazily():
     """`from saelab import SAE` (and ActivationStore, FeatureDB, load_model) works as the README shows, and
     `import saelab` alone does not import torch (the CLI's --help stays fast)."""

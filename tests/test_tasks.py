@@ -99,10 +99,19 @@ def test_jsonl_task(tiny, tmp_path):
     ([{"clean": "Tom went", "corrupted": "Tom went home now", "answer": " Mia", "wrong": " Tom"}], "same length"),
     (["{not json"], "not valid JSON"),
     ([{"clean": "Tom went", "answer": " Mia", "wrong": " Tom"}], "corrupted"),
+    ([{"clean": " ", "corrupted": " ", "answer": " Mia", "wrong": " Tom"}], "the clean prompt is empty"),
+    ([{"clean": " Tom" * 300, "corrupted": " Mia" * 300, "answer": " Mia", "wrong": " Tom"}],
+     r"tokenizes to 301 tokens \(BOS included\), more than the model's 256 positions"),
+    (b"\xff\xfe\x00garbage", ":1 is not UTF-8 text"),
 ])
 def test_jsonl_errors(tiny, tmp_path, rows, match):
+    if isinstance(rows, bytes):  # not text at all
+        (tmp_path / "bad.jsonl").write_bytes(rows)
+        path = tmp_path / "bad.jsonl"
+    else:
+        path = _write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(SaelabError, match=match):
-        make_task(str(_write(tmp_path / "bad.jsonl", rows)), tiny)
+        make_task(str(path), tiny)
 
 
 def test_unknown_task(tiny, tmp_path):

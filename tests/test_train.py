@@ -147,16 +147,58 @@ def test_same_seed_same_weights_and_kill9_resume(grad_run, tmp_path):
     (["--width", "64", "--expansion", "4"], "both set the number of latents: pass one of them"),
     (["--arch", "topk", "--bandwidth", "0.2"], "--bandwidth applies to --arch jumprelu only, and this run trains topk"),
     (["--arch", "matryoshka", "--matryoshka-k", "2"], "--matryoshka-k applies to --matryoshka-mode k only"),
+    (["--lr", "nan"], "--lr must be a positive finite number (got nan)"),
+    (["--grad-clip", "inf"], "--grad-clip must be 0 (no clipping) or a positive finite number"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--width", "0"], "--width / --expansion must give at least one latent (got --width 0"),
+    (["--activations", "TEXT"], "is a file: pass a store folder or a RUN folder"),
 ])
 def test_train_errors_are_one_line(extra, needle, grad_run, tmp_path):
     base = ["--activations", str(grad_run["blocks.1.hook_resid_post"])]
-    if extra[0] == "--activations":
+    if extra == ["--activations", "EMPTY"]:
         (tmp_path / "empty").mkdir()
         base, extra = [], ["--activations", str(tmp_path / "empty")]
+    elif extra == ["--activations", "TEXT"]:
+        (tmp_path / "short.txt").write_text("not a store")
+        base, extra = [], ["--activations", str(tmp_path / "short.txt")]
     r = _cli("train", *base, *extra, "--out", str(tmp_path / "o"), "--tokens", "4096", "--quiet")
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["truncated", "foreign", "no train.json"])
+def test_resume_of_a_damaged_run_is_one_line(case, small_run, tmp_path, capsys):
+    """--resume on a run whose checkpoint is damaged (truncated, or a torch file of something else) or whose
+    train.json is gone: one line naming what to do (they were torch/KeyError/FileNotFoundError tracebacks)."""
+    from saelab.cli import main
+
+    _, stores = small_run
+    out = tmp_path / "run"
+    args = ["train", "--activations", str(stores["blocks.0.hook_resid_post"]), "--k", "4", "--width", "64",
+            "--tokens", "2048", "--batch-size", "1024", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    info = json.loads((out / "train.json").read_text())
+    info["done"] = False  # as if killed after a checkpoint
+    (out / "train.json").write_text(json.dumps(info))
+    ck = out / "checkpoint.pt"
+    if case == "truncated":
+        buf = __import__("io").BytesIO()
+        torch.save({"step": 1, "n_steps": 2, "sae": {}, "opt": {}}, buf)
+        ck.write_bytes(buf.getvalue()[:100])
+        needle = "checkpoint.pt is damaged ("
+    elif case == "foreign":
+        torch.save({"foo": 1}, ck)
+        needle = "checkpoint.pt is not a saelab checkpoint: delete it"
+    else:
+        torch.save({"foo": 1}, ck)
+        (out / "train.json").unlink()
+        needle = "has a checkpoint but no train.json"
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("case", ["kernel", "wandb", "first-step"])
@@ -340,8 +382,8 @@ def test_eval_of_a_group_folder_evaluates_each_sae(small_run, tmp_path, capsys, 
     group = tmp_path / "g"
     folders = train(TrainConfig(activations=cfg.out, out=str(group), tokens=1024, batch_size=1024),
                     SAEConfig(arch="topk", k=4, width=64), progress=False)
-    for f in folders.values():
-        (f / "eval.json").unlink()
+    for f, text in zip(folders.values(), ("{trunc", "[1]")):  # damaged eval.json files are replaced, not fatal
+        (f / "eval.json").write_text(text)
     loads = []
     real = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))

@@ -275,11 +275,15 @@ def jsonl_task(path, model, n: int = 64) -> Task:
         raise SaelabError(f"task file {path} does not exist: pass induction, ioi, names, or an existing .jsonl file")
 
     def lines():
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise SaelabError(f"{where} is not UTF-8 text: a task file is JSON lines") from None
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -317,6 +321,12 @@ def _rows_task(name: str, items, model, n: int, source: str) -> Task:
         if len(ids) != len(ids_c):
             raise SaelabError(f"{where}: clean tokenizes to {len(ids)} tokens and corrupted to {len(ids_c)}; "
                               "make them the same length (swap words of equal token length)")
+        if len(obj["clean"].strip()) == 0:
+            raise SaelabError(f"{where}: the clean prompt is empty; give the text whose next token is the answer")
+        n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+        if n_ctx and len(ids) > n_ctx:
+            raise SaelabError(f"{where}: the prompt tokenizes to {len(ids)} tokens (BOS included), more than the "
+                              f"model's {n_ctx} positions; shorten it")
         if T is None:
             T = len(ids)
         elif len(ids) != T:

@@ -200,6 +200,8 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
     from saelab.analysis.features import FeatureDB, load_labels, sae_folders
     from saelab.store import check_output, write_output
 
+    if seed < 0:
+        raise SaelabError(f"--seed must be 0 or more (got {seed})")
     with contextlib.ExitStack() as stack:  # each database opened once, kept open from the checks to the cards
         plan = []  # (folder, database, latent ids): bad --latents / --sample / no database refused before any work
         for folder in sae_folders(sae):

@@ -286,9 +286,17 @@ class SAE(nn.Module):
         from saelab.models import pick_device
 
         device = pick_device(device)  # "cuda" without CUDA, or "gpu": a one-line error, not a loader traceback
-        w = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        try:
+            w = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        except Exception as e:  # safetensors' own error for a truncated, empty or foreign file
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SaelabError(f"{path / WEIGHTS_FILE} is not a readable safetensors file ({why}); re-save, re-train "
+                              "or re-fetch the SAE") from None
         if "saelab" in raw:
-            cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
+            try:
+                cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
+            except (TypeError, ValueError, KeyError) as e:
+                raise SaelabError(f"{path / CFG_FILE}: its saelab settings do not load ({e}); re-save the SAE") from None
         else:
             cfg = _cfg_from_saelens(raw, path)
         return SAE.from_weights(cfg, w, str(path / WEIGHTS_FILE), device,
