@@ -100,11 +100,15 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: torch.dtype | st
                 model = _hooked_transformer(path, local, device, dtype)
     except SaelabError:
         raise
-    except Exception as e:  # a hub miss surfaces as many exception types; local folders are bugs
-        if local:
-            raise
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    except Exception as e:  # a hub miss surfaces as many exception types
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if local:
+            if pathlib.Path(path).resolve() == TINY_DIR.resolve():
+                raise  # the bundled model failing to load is saelab's bug: keep the traceback
+            raise SaelabError(f"could not load the model in the local folder {path} ({type(e).__name__}: {why}): pass "
+                              "a complete Hugging Face model folder (config.json, weights, tokenizer), as "
+                              "save_pretrained writes it") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise SaelabError(
             f"could not load model '{name}': it is not a local folder and the hub did not give it"
             f"{' (HF_HUB_OFFLINE=1 is set)' if offline else ''} ({why}); "
@@ -190,16 +194,43 @@ def hook_layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+# hooks TransformerLens only runs when a config option is on (saelab loads models with them off): the option, and
+# the hook that carries the same values
+_GATED = {"hook_mlp_in": ("use_hook_mlp_in", "blocks.L.ln2.hook_normalized (the MLP's input)"),
+          "hook_attn_in": ("use_attn_in", "blocks.L.ln1.hook_normalized (the attention's input)"),
+          "hook_q_input": ("use_split_qkv_input", "blocks.L.ln1.hook_normalized (the attention's input)"),
+          "hook_k_input": ("use_split_qkv_input", "blocks.L.ln1.hook_normalized (the attention's input)"),
+          "hook_v_input": ("use_split_qkv_input", "blocks.L.ln1.hook_normalized (the attention's input)"),
+          "attn.hook_result": ("use_attn_result", "blocks.L.attn.hook_z (each head's output before W_O)"),
+          "hook_tokens": ("use_hook_tokens", "hook_embed")}
+
+
+def switched_off(model, name: str) -> tuple[str, str] | None:
+    """(option, alternative hook) when ``name`` is a hook this model never runs because a TransformerLens option is
+    off, else None."""
+    for suffix, (option, alt) in _GATED.items():
+        if name.endswith(suffix) and getattr(model.cfg, option, True) is False:
+            return option, alt
+    return None
+
+
 def expand_hooks(model, hooks: list[str]) -> list[str]:
     """Validate hook names against the model (globs allowed), keeping the user's order.
 
-    An unknown name raises SaelabError listing the closest valid names.
+    An unknown name raises SaelabError listing the closest valid names; a hook the model does not run (an option of
+    TransformerLens is off) one naming the hook with the same values. Globs leave those out.
     """
     valid = list(model.hook_dict.keys())
     out: list[str] = []
     for h in hooks:
+        if h in model.hook_dict and switched_off(model, h):
+            option, alt = switched_off(model, h)
+            if hook_layer(h) is not None:
+                alt = alt.replace("blocks.L.", f"blocks.{hook_layer(h)}.")
+            raise SaelabError(f"hook '{h}' never runs in this model (TransformerLens's {option} is off): harvest "
+                              f"{alt} instead")
         if any(c in h for c in "*?["):
-            matches = [v for v in valid if fnmatch.fnmatchcase(v, h)]
+            matches = [v for v in valid if fnmatch.fnmatchcase(v, h) and not switched_off(model, v)]
             matches.sort(key=lambda v: (hook_layer(v) if hook_layer(v) is not None else -1, v))
             if not matches:
                 raise SaelabError(f"hook pattern '{h}' matches no hook of this model; e.g. {', '.join(valid[:4])}")

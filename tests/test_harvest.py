@@ -134,8 +134,17 @@ def test_flipped_byte_detected_before_rows_served(small_run, tmp_path):
     (["--hook", "blocks.0.hook_resid_post", "--tokens", "100000000"], "provides"),
     (["--hook", "blocks.0.hook_resid_post", "--dataset", "/no/such/file.txt"], "--dataset"),
     (["--hook", "blocks.0.attn.hook_pattern", "--tokens", "2048", "--context-size", "16"], "per-position hook"),
+    (["--hook", "blocks.1.hook_mlp_in", "--tokens", "512"],
+     "hook 'blocks.1.hook_mlp_in' never runs in this model (TransformerLens's use_hook_mlp_in is off): harvest "
+     "blocks.1.ln2.hook_normalized (the MLP's input) instead"),
+    (["--hook", "blocks.0.hook_resid_post", "--seed", "-1"], "--seed must be 0 or more"),
+    (["--model", "FAKE", "--hook", "blocks.0.hook_resid_post"], "could not load the model in the local folder"),
 ])
 def test_errors_are_one_line(tmp_path, args, needle, capsys):
+    if "FAKE" in args:  # a local folder that is no model (config.json without model_type)
+        (tmp_path / "fake").mkdir()
+        (tmp_path / "fake" / "config.json").write_text("{}")
+        args = [str(tmp_path / "fake") if a == "FAKE" else a for a in args]
     argv = ["harvest", *args, "--out", str(tmp_path / "o"), "--quiet"]
     if needle == "could not load model":  # one case through the installed entry point, in a process of its own
         r = _cli(*argv)
