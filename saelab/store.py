@@ -354,6 +354,12 @@ class ActivationStore:
         return [i for i, s in enumerate(self.shards)
                 if split == "all" or (s["file"] in self._holdout) == (split == "holdout")]
 
+    def check_shards(self, split: str = "all") -> None:
+        """Open (and, with ``verify``, checksum) every shard of ``split`` now: a missing or damaged one is a one-line
+        error before a long run, not after it (training reads the held-out shards only at its end)."""
+        for i in self.split_shards(split):
+            self._file(i)
+
     def n_rows(self, split: str = "train") -> int:
         return sum(self.shards[i]["rows"] for i in self.split_shards(split))
 
@@ -377,6 +383,9 @@ class ActivationStore:
                 f = h5py.File(path, "r")
             except OSError as e:
                 raise SaelabError(f"shard {path} cannot be opened ({e}): delete the store and harvest it again") from None
+            if "activations" not in f:
+                f.close()
+                raise SaelabError(f"shard {path} holds no 'activations' dataset: delete the store and harvest it again")
             if f["activations"].shape != (shard["rows"], self.d_in):
                 raise SaelabError(f"shard {path} has shape {f['activations'].shape}, manifest says "
                                   f"({shard['rows']}, {self.d_in}): harvest the store again")

@@ -187,6 +187,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     resolve_kernel(tcfg.kernel, device)
     if main:
         _Logger.check(tcfg.log)
+        store.check_shards("holdout")  # read only at the end, for the final eval: checked before training
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     if resume and (out / TRAIN_FILE).exists():

@@ -201,7 +201,7 @@ def test_resume_of_a_damaged_run_is_one_line(case, small_run, tmp_path, capsys):
     assert needle in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("case", ["kernel", "wandb", "first-step"])
+@pytest.mark.parametrize("case", ["kernel", "wandb", "first-step", "holdout"])
 def test_a_run_that_fails_before_training_leaves_no_out(case, small_run, tmp_path, capsys, monkeypatch):
     """A fresh run that fails before its first step (a kernel this device cannot run, a logger that cannot
     start, an error in the first step) is one line and leaves no --out behind, so the same command with the
@@ -226,6 +226,18 @@ def test_a_run_that_fails_before_training_leaves_no_out(case, small_run, tmp_pat
         monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
         args += ["--log", "wandb"]
         needle = "--log wandb could not start a run (No API key configured."
+    elif case == "holdout":  # a held-out shard gone: found before training, not by the final eval after it
+        import shutil
+
+        from saelab.store import read_manifest
+
+        store = tmp_path / "store"
+        shutil.copytree(stores["blocks.0.hook_resid_post"], store)
+        held = read_manifest(store)["holdout_shards"]
+        assert held, "the fixture store has no held-out shard"
+        (store / held[0]).unlink()
+        args[2] = str(store)
+        needle = f"shard {store / held[0]} listed in the manifest is missing"
     else:
         def boom(self, *a, **kw):
             raise SaelabError("planted failure in the first step")
