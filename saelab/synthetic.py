@@ -181,11 +181,26 @@ def write_synthetic(cfg: SyntheticConfig, progress: bool = True) -> pathlib.Path
     ctx = CONTEXT_SIZE
     n_contexts = cfg.rows // ctx
     plan = plan_shards(n_contexts, cfg.holdout, max(1, cfg.shard_rows // ctx))
+    existed = out.is_dir()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SaelabError(f"--out {out} cannot be created ({e.strerror}): choose a folder you can write to") from None
+    try:
+        return _write_synthetic(cfg, out, plan, n_contexts, progress)
+    except BaseException:  # interrupted or failed: no half store (one is rebuilt from its seed; there is no resume)
+        import shutil
 
+        if existed:  # it was empty: empty it again
+            for child in out.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_synthetic(cfg: SyntheticConfig, out: pathlib.Path, plan, n_contexts: int, progress: bool) -> pathlib.Path:
+    ctx = CONTEXT_SIZE
     directions, gen = planted(cfg)
     _save_npy(out / TRUTH_NPY, directions.numpy())
     truth = {"n_true": cfg.n_true, "d": cfg.d, "bidirectional": bidirectional_ids(cfg),

@@ -112,3 +112,31 @@ def test_validate_errors_are_one_line(tmp_path, kw):
 def test_refuses_existing_out(written):
     with pytest.raises(SaelabError, match="exists: choose a new --out or delete it"):
         write_synthetic(written[0], progress=False)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_an_interrupted_synthetic_store_leaves_nothing(existed, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or any failure) while writing: the half store is removed (a store is rebuilt from its seed, and
+    synthetic has no --resume); an --out that existed empty is left empty."""
+    from saelab import synthetic as S
+    from saelab.cli import main
+    from saelab.store import ShardWriter
+
+    calls = []
+    real = ShardWriter.write_shard
+
+    def write_then_interrupt(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(S.ShardWriter, "write_shard", write_then_interrupt)
+    out = tmp_path / "syn"
+    if existed:
+        out.mkdir()
+    assert main(["synthetic", "--out", str(out), "--d", "16", "--n-true", "32", "--rows", "8192",
+                 "--shard-rows", "2048", "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(calls) == 2
+    assert (out.is_dir() and not any(out.iterdir())) if existed else not out.exists()
