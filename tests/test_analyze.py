@@ -169,6 +169,9 @@ def test_bad_input_one_line_errors(topk_sae, resid_store, small_run, tmp_path):
         assert words in r.stderr
     with pytest.raises(SaelabError, match="no such folder"):
         F.sae_folders(tmp_path / "nope")
+    for top in (0, F.MAX_TOP + 1):  # --top 100000 wrote a 3.4 GB file for a 256-latent SAE
+        with pytest.raises(SaelabError, match=f"--top must be between 1 and {F.MAX_TOP} \\(got {top}\\)"):
+            F.analyze(topk_sae, top=top, progress=False)
     # a features file from another SAE (other weights, same shape; and other shape) is refused
     other = tmp_path / "other"
     shutil.copytree(topk_sae, other)

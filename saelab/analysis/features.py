@@ -82,6 +82,7 @@ N_BINS = 64
 N_LOGITS = 10
 N_NEIGHBOURS = 10
 BATCH_ROWS = 4096
+MAX_TOP = 1000  # --top beyond this is a mistake: 1000 examples × 2 × d_sae windows is already gigabytes wide
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
                   "hook_embed")
 PER_LATENT = ("ex_rows", "ex_vals", "ex_tokens", "ex_acts", "hist", "logit_top_ids", "logit_top",
@@ -558,8 +559,9 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     if (sae_dir / GROUP_FILE).is_file():
         raise SaelabError(f"{sae_dir} is a group folder: analyse it with `saelab analyze --sae {sae_dir}` "
                           "(or analyze() each of its SAE folders)")
-    if int(top) < 1:
-        raise SaelabError(f"--top must be at least 1 (got {top})")
+    if not 1 <= int(top) <= MAX_TOP:  # every latent keeps 2 × top examples with their windows: d_sae × top sized
+        raise SaelabError(f"--top must be between 1 and {MAX_TOP} (got {top}): it is the examples kept per latent, "
+                          f"each with a {WINDOW}-token window (the default 20 is what the app shows)")
     if tokens is not None and int(tokens) < 1:
         raise SaelabError(f"--tokens must be at least 1 (got {tokens})")
     ident = sae_identity(sae_dir)
