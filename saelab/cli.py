@@ -190,6 +190,9 @@ def cmd_demo(args) -> int:
 
     from saelab.config import GROUP_FILE
 
+    for flag, v in (("--tokens", args.tokens), ("--train-tokens", args.train_tokens)):
+        if v is not None and v < 1:  # checked before harvesting (a bad --train-tokens failed after it, naming --tokens)
+            raise SaelabError(f"{flag} must be positive (got {v})")
     root = demo_root(args.dir)
     finished = (root / "runs" / "demo" / GROUP_FILE).is_file()
     if finished:

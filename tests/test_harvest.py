@@ -287,3 +287,13 @@ def test_resume_with_a_damaged_record_is_one_line(text, needle, tmp_path, capsys
                  "--resume", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "harvest to a new --out" in err and len(err.splitlines()) == 1, err
+
+
+def test_demo_checks_its_token_flags_before_harvesting(tmp_path, capsys):
+    from saelab.cli import main
+
+    for flag in ("--tokens", "--train-tokens"):
+        assert main(["demo", "--dir", str(tmp_path), flag, "0", "--no-app", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"saelab: error: {flag} must be positive (got 0)", err
+    assert not any(tmp_path.iterdir())  # nothing harvested
