@@ -69,7 +69,13 @@ def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> 
             raise SaelabError(f"stores {by_hook[hook]} and {path} both hold hook {hook}, and a group has one SAE per "
                               "hook: pass --activations with one store folder")
         by_hook[hook] = path
-    folders = {hook: train_one(path, out / hook, tcfg, scfg, resume, progress) for hook, path in by_hook.items()}
+    if resume and not (out.is_dir() and any(out.iterdir())):
+        raise SaelabError(f"--resume: {out} holds no group run to resume; start without --resume")
+    # --resume of a group continues the SAEs it started and starts the ones it never reached (a run that failed on
+    # its second store, fixed, resumes instead of needing a new --out)
+    folders = {hook: train_one(path, out / hook, tcfg, scfg,
+                               resume and (out / hook).is_dir() and any((out / hook).iterdir()), progress)
+               for hook, path in by_hook.items()}
     model = ActivationStore(stores[0]).manifest.get("model", "")
     if dist.is_main():
         atomic_write_text(out / GROUP_FILE, group_json(model, folders))

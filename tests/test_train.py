@@ -488,6 +488,31 @@ def test_out_of_range_architecture_settings_are_one_line(extra, tiny_planted, tm
     assert not out.exists()
 
 
+def test_resume_of_a_group_starts_the_saes_it_never_reached(small_run, tmp_path, capsys):
+    """A group run that stopped after its first SAE (its second store was bad, then fixed) finishes with --resume:
+    the SAE it never started is trained fresh (it said "holds no checkpoint to resume" before); --resume of a
+    group that does not exist is still refused."""
+    import shutil
+
+    from saelab.cli import main
+
+    cfg, stores = small_run
+    out = tmp_path / "g"
+    args = ["train", "--activations", cfg.out, "--k", "4", "--width", "64", "--tokens", "2048", "--batch-size",
+            "1024", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    hooks = sorted(stores)
+    first = (out / hooks[0] / "sae_weights.safetensors").read_bytes()
+    shutil.rmtree(out / hooks[1])
+    (out / "group.json").unlink()
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert (out / hooks[0] / "sae_weights.safetensors").read_bytes() == first  # finished earlier: kept
+    assert (out / hooks[1] / "eval.json").is_file() and (out / "group.json").is_file()
+    assert main([*args[:-3], "--out", str(tmp_path / "none"), "--quiet", "--resume"]) == 2
+    assert "holds no group run to resume" in capsys.readouterr().err
+
+
 def test_group_of_two_stores_of_one_hook_is_refused(tiny_planted, tmp_path, capsys):
     import shutil
 
