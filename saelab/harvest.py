@@ -23,6 +23,7 @@ import os
 import pathlib
 import queue
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -160,6 +161,21 @@ def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, mod
         return _checked_harvest(cfg, resume, progress, model)
 
 
+def _intact_shards(folder: pathlib.Path) -> int:
+    """How many of a store's first shards are whole (present, checksum as recorded); a damaged one is reported on
+    stderr, and --resume rewrites from it on."""
+    from saelab.store import sha256_file
+
+    shards = read_manifest(folder)["shards"]
+    for i, sh in enumerate(shards):
+        path = folder / sh["file"]
+        if not path.is_file() or sha256_file(path) != sh.get("sha256"):
+            print(f"saelab: {path} is {'damaged' if path.is_file() else 'missing'}: harvesting it and the "
+                  f"{len(shards) - i - 1} shard(s) after it again", file=sys.stderr)
+            return i
+    return len(shards)
+
+
 def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) -> dict[str, pathlib.Path]:
     out = pathlib.Path(cfg.out)
     _check_out(out, resume)
@@ -265,9 +281,8 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
         dist.barrier()
         return {h: out / h for h in hooks}  # merged earlier
     writers: dict[str, ShardWriter] = {}
-    if resume:
-        done = min((len(read_manifest(folders[h])["shards"]) if (folders[h] / MANIFEST).exists() else 0)
-                   for h in hooks)
+    if resume:  # the shards every hook holds whole (checksums checked: a damaged one is harvested again)
+        done = min(_intact_shards(folders[h]) if (folders[h] / MANIFEST).exists() else 0 for h in hooks)
         for h in hooks:
             if (folders[h] / MANIFEST).exists():
                 writers[h] = ShardWriter.resume(folders[h], done)

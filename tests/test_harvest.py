@@ -297,3 +297,28 @@ def test_demo_checks_its_token_flags_before_harvesting(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err == f"saelab: error: {flag} must be positive (got 0)", err
     assert not any(tmp_path.iterdir())  # nothing harvested
+
+
+def test_resume_harvests_a_damaged_shard_again(tmp_path, capsys):
+    """--resume checks the checksums of the shards it keeps: from a damaged (or missing) one on, it harvests
+    again, to the same bytes as an undamaged run (it used to keep the damaged shard and mark the store complete)."""
+    from saelab.cli import main
+
+    out = tmp_path / "run"
+    args = ["harvest", "--hook", "blocks.0.hook_resid_post", "--tokens", str(16 * 8), "--context-size", "16",
+            "--shard-rows", "32", "--holdout", "0", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    store = out / "blocks.0.hook_resid_post"
+    m = read_manifest(store)
+    want = [s["sha256"] for s in m["shards"]]
+    assert len(want) == 4
+    (store / m["shards"][1]["file"]).write_bytes(b"damaged")
+    m["complete"] = False  # as if killed before the end
+    (store / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"{store / m['shards'][1]['file']} is damaged: harvesting it and the 2 shard(s) after it again" in err, err
+    m2 = read_manifest(store)
+    assert m2["complete"] and [s["sha256"] for s in m2["shards"]] == want
+    ActivationStore(store).check_shards()
