@@ -54,9 +54,8 @@ def _eval_line(ev: dict) -> str:
 
 def cmd_train(args) -> int:
     from saelab import distributed
-    from saelab.train import train
-
     from saelab.config import check_sae_flags
+    from saelab.train import train
 
     check_sae_flags(args)
     tcfg, scfg = from_args(TrainConfig, args), from_args(SAEConfig, args)
@@ -185,10 +184,9 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from saelab.config import GROUP_FILE
     from saelab.demo import DEMO_HOOKS, DEMO_K, demo_root, ensure_group
     from saelab.evaluate import evaluate
-
-    from saelab.config import GROUP_FILE
 
     for flag, v in (("--tokens", args.tokens), ("--train-tokens", args.train_tokens)):
         if v is not None and v < 1:  # checked before harvesting (a bad --train-tokens failed after it, naming --tokens)
@@ -290,6 +288,7 @@ def cmd_circuit(args) -> int:
     if acc < 0.5 or mv["full"] <= 0:
         print(f"note: the model prefers the wrong answer on {100 * (1 - acc):.1f}% of these prompts (mean logit "
               f"diff {mv['full']:.3f}): a circuit of a task the model does not do says little; pick a task it solves")
+
     def count(n, what):
         return f"{n} {what}{'s' * (n != 1)}"
 

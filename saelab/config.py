@@ -376,19 +376,16 @@ def check_sae_flags(ns) -> None:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         return v is not None and v != default
 
-    def flag(name):
-        return fields[name].metadata.get("flag", "--" + name.replace("_", "-"))
-
     if getattr(ns, "width", None) and given("expansion"):
         raise SaelabError(f"--width {ns.width} and --expansion {ns.expansion} both set the number of latents: "
                           "pass one of them")
     for name, archs in ARCH_ONLY.items():
         if given(name) and ns.arch not in archs:
-            raise SaelabError(f"{flag(name)} applies to --arch {' or '.join(archs)} only, and this run trains "
+            raise SaelabError(f"{flag_of(name)} applies to --arch {' or '.join(archs)} only, and this run trains "
                               f"{ns.arch}: drop it, or pass --arch {archs[0]}")
     for name, mode in MODE_ONLY.items():
         if given(name) and ns.arch == "matryoshka" and ns.matryoshka_mode != mode:
-            raise SaelabError(f"{flag(name)} applies to --matryoshka-mode {mode} only, and this run uses "
+            raise SaelabError(f"{flag_of(name)} applies to --matryoshka-mode {mode} only, and this run uses "
                               f"{ns.matryoshka_mode}: drop it, or pass --matryoshka-mode {mode}")
 
 
@@ -398,11 +395,23 @@ def describe_changes(recorded: dict, now: dict, keys) -> str:
     def short(v):
         if v is None:
             return "the default"
-        text = json.dumps(v) if not isinstance(v, str) else v
-        return text if len(text) <= 60 else text[:28] + "…" + text[-28:]
+        if isinstance(v, str):
+            return v  # paths, names: whole (the value to pass back)
+        text = json.dumps(v)
+        return text if len(text) <= 120 else text[:58] + "…" + text[-58:]
 
-    return "; ".join(f"--{k.replace('_', '-')}: the run has {short(recorded.get(k))}, this command {short(now.get(k))}"
+    return "; ".join(f"{flag_of(k)}: the run has {short(recorded.get(k))}, this command {short(now.get(k))}"
                      for k in keys)
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a config field (``hooks`` → ``--hook``, ``matryoshka_prefixes`` →
+    ``--matryoshka-prefix``)."""
+    for cls in (HarvestConfig, SAEConfig, TrainConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.metadata.get("flag", "--" + name.replace("_", "-"))
+    return "--" + name.replace("_", "-")
 
 
 def check_local_sae(path) -> None:

@@ -184,7 +184,7 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
         try:
             saved = json.loads((out / RUN_FILE).read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise SaelabError(f"--resume: {out / RUN_FILE} is not readable ({str(e).splitlines()[0]}): the run cannot "
+            raise SaelabError(f"--resume: {out / RUN_FILE} is not readable ({(str(e).splitlines() or [type(e).__name__])[0]}): the run cannot "
                               "be resumed; harvest to a new --out") from None
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise SaelabError(f"--resume: {out / RUN_FILE} is not a harvest record: the run cannot be resumed; "
