@@ -165,7 +165,7 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     ``activations`` or the one the SAE's train.json names; with neither, a one-line error."""
     from saelab.sae import SAE
     from saelab.config import check_local_sae, read_train_info
-    from saelab.store import store_for_sae
+    from saelab.store import check_writable_in, store_for_sae
     from saelab.train import pick_device
 
     if n_contexts < 1:
@@ -174,6 +174,8 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
         check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
     sae = SAE.load(sae_path)
+    if write:
+        check_writable_in(sae_path, "eval.json")  # before the pass, not after it
     dev = pick_device(device)
     info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)

@@ -122,6 +122,21 @@ def _unwritable(flag: str, path: pathlib.Path, e: OSError) -> SaelabError:
     return SaelabError(f"{flag} {path} cannot be written ({e.strerror or e}): choose a file you can write")
 
 
+def check_writable_in(folder, name: str) -> None:
+    """Before a long pass that ends by writing ``folder/name`` (eval.json, features.h5): a one-line error now if
+    it cannot be written there (a read-only folder, a folder in the file's place), not a traceback after the work."""
+    target = pathlib.Path(folder).expanduser() / name
+    if target.is_dir():
+        raise SaelabError(f"{target} is a folder where this writes a file: move it away")
+    tmp = temp_name(target)
+    try:
+        tmp.touch()
+        tmp.unlink()
+    except OSError as e:
+        raise SaelabError(f"{target} cannot be written ({e.strerror or e}): make {target.parent} writable, or "
+                          "copy the SAE folder somewhere you can write") from None
+
+
 def check_output(path, flag: str = "--out", example: str = "out.json") -> pathlib.Path:
     """A command's output file, checked before its work: not a folder, its folder made, and writable (its temp
     name created and removed); a one-line SaelabError naming ``flag`` otherwise."""

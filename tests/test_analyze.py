@@ -456,3 +456,31 @@ def test_direct_logits_and_logit_effects_follow_the_formula(hook):
         assert (bottom - L.topk(5, dim=1, largest=False).values).abs().max() <= tol
         assert (L.gather(1, top_ids) - top).abs().max() <= tol  # the ids name those values
         assert (L.gather(1, bottom_ids) - bottom).abs().max() <= tol
+
+
+def test_eval_and_analyze_check_they_can_write_before_the_pass(topk_sae, tmp_path, capsys):
+    """A folder where features.h5 / eval.json should go (or a read-only SAE folder) is one line before the pass
+    (it was IsADirectoryError after it, leaving a 1.6 MB .tmp, or a PermissionError traceback)."""
+    import os
+
+    from saelab.cli import main
+
+    sae = tmp_path / "sae"
+    shutil.copytree(topk_sae, sae)
+    for f in ("features.h5", "eval.json"):
+        (sae / f).unlink(missing_ok=True)
+    for cmd, name in (("analyze", "features.h5"), ("eval", "eval.json")):
+        (sae / name).mkdir()
+        capsys.readouterr()
+        assert main([cmd, "--sae", str(sae), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{sae / name} is a folder where this writes a file: move it away" in err, err
+        assert sorted(p.name for p in sae.iterdir() if p.name.startswith(".")) == []  # no temp file left
+        (sae / name).rmdir()
+    if os.geteuid() != 0:  # root writes anywhere
+        sae.chmod(0o500)
+        try:
+            assert main(["eval", "--sae", str(sae), "--quiet"]) == 2
+            assert "eval.json cannot be written" in capsys.readouterr().err
+        finally:
+            sae.chmod(0o700)

@@ -324,6 +324,16 @@ def test_load_of_a_damaged_folder_is_one_line(case, needle, tmp_path):
             read_sae_cfg(tmp_path)
 
 
+def test_saved_files_share_one_mode(tmp_path):
+    """sae_weights.safetensors gets the same permissions as cfg.json (the umask's; safetensors made it 0600,
+    unreadable to a group sharing the runs folder)."""
+    import stat
+
+    SAE.create("topk", d_in=8, d_sae=16, k=2).save(tmp_path)
+    modes = {f: stat.S_IMODE((tmp_path / f).stat().st_mode) for f in ("cfg.json", "sae_weights.safetensors")}
+    assert modes["cfg.json"] == modes["sae_weights.safetensors"], modes
+
+
 def test_top_level_names_import_lazily():
     """`from saelab import SAE` (and ActivationStore, FeatureDB, load_model) works as the README shows, and
     `import saelab` alone does not import torch (the CLI's --help stays fast)."""

@@ -565,6 +565,9 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     if tokens is not None and int(tokens) < 1:
         raise SaelabError(f"--tokens must be at least 1 (got {tokens})")
     ident = sae_identity(sae_dir)
+    from saelab.store import check_writable_in
+
+    check_writable_in(sae_dir, FEATURES_FILE)  # features.h5 is written at the end of the pass
     dev = torch.device(pick_device(device))
     sae = SAE.load(sae_dir, device=dev).eval()
     store = store_for_sae(sae_dir, sae, activations)

@@ -261,6 +261,9 @@ class SAE(nn.Module):
         weights.update({k: v.detach().float().contiguous().cpu() for k, v in self.extra_weights().items()})
         tmp = path / (WEIGHTS_FILE + ".tmp")
         save_file(weights, str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it 0600; the other files get the umask's mode
         fsync_file(tmp)
         os.replace(tmp, path / WEIGHTS_FILE)
         cfg = {**self.saelens_cfg(), "saelab": {**self.cfg.to_dict(), "d_sae": self.d_sae}}
