@@ -197,9 +197,20 @@ def read_manifest(folder: pathlib.Path) -> dict:
         raise SaelabError(f"{folder} holds no {MANIFEST}: pass a store folder written by `saelab harvest`") from None
     except json.JSONDecodeError as e:
         raise SaelabError(f"{path} is not valid JSON ({e}): restore it or harvest the store again") from None
+    if not isinstance(m, dict):
+        raise SaelabError(f"{path} is not a store manifest (a JSON object): restore it or harvest the store again")
     missing = [k for k in MANIFEST_KEYS if k not in m]
     if missing:
         raise SaelabError(f"{path} lacks {', '.join(missing)}: it was not written by this saelab; harvest again")
+    bad = [k for k in ("format_version", "d_in", "context_size", "n_tokens")
+           if isinstance(m[k], bool) or not isinstance(m[k], int) or m[k] < (0 if k == "n_tokens" else 1)]
+    if m.get("dtype") not in ("float32", "float16", "bfloat16"):
+        bad.append("dtype")
+    if not isinstance(m["shards"], list) or not isinstance(m["holdout_shards"], list):
+        bad.append("shards")
+    if bad:
+        raise SaelabError(f"{path} has a bad {', '.join(bad)} ({', '.join(repr(m.get(k)) for k in bad)}): restore it "
+                          "or harvest the store again")
     if m["format_version"] > FORMAT_VERSION:
         raise SaelabError(f"{path} has format {m['format_version']}, newer than this saelab: upgrade saelab")
     return m

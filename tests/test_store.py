@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from saelab import SaelabError
 from saelab.store import ActivationStore
 
 pytestmark = pytest.mark.tl3
@@ -82,3 +83,25 @@ def test_rank_parts_rebuild_the_batches_and_read_only_their_slice(store, kw, wor
     again = store.batches(seed=5, part=(world - 1, world), **kw)
     again.load_state_dict(it.state_dict())
     assert torch.equal(next(again), next(it))
+
+
+@pytest.mark.parametrize("change,needle", [
+    (None, "is not a store manifest (a JSON object)"),
+    ({"context_size": 0}, "has a bad context_size (0)"),
+    ({"d_in": "abc"}, "has a bad d_in ('abc')"),
+    ({"dtype": "int8"}, "has a bad dtype ('int8')"),
+    ({"shards": None}, "has a bad shards"),
+])
+def test_a_manifest_with_bad_values_is_one_line(change, needle, tmp_path):
+    """A manifest of the right keys but bad values: one SaelabError when the store opens (they were TypeError /
+    ZeroDivisionError tracebacks in train and eval)."""
+    import json
+
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    path = write_synthetic(SyntheticConfig(out=str(tmp_path / "s"), d=8, n_true=16, rows=1024), progress=False)
+    m = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(None if change is None else {**m, **change}))
+    with pytest.raises(SaelabError) as e:
+        ActivationStore(path)
+    assert needle in str(e.value) and "harvest the store again" in str(e.value), str(e.value)
