@@ -255,11 +255,40 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
 
     # probe one context for each hook's width and layout
     probe_rec = _HookRecorder(hooks, with_grads=False)
-    forward_batch(model, torch.full((1, ctx), bos, dtype=torch.long, device=device), probe_rec)
+    with torch.no_grad():
+        try:
+            model.run_with_hooks(torch.full((1, ctx), bos, dtype=torch.long, device=device),
+                                 fwd_hooks=probe_rec.fwd_hooks())
+        except _StopForward:
+            pass
+    acts = probe_rec.acts
+    named = {h for h in cfg.hooks if not any(c in h for c in "*?[")}  # hooks asked for by name, not by a pattern
+
+    def per_pair(t):
+        return t.ndim < 3 or tuple(t.shape[:2]) != (1, ctx) or (t.ndim == 4 and tuple(t.shape[2:]) == (ctx, ctx))
+
+    # a pattern's matches the forward never reaches (bridge-internal aliases) or that are per pair of positions
+    # (attention patterns) are left out, said on stderr; a hook named alone is an error
+    dropped = [h for h in hooks if h not in named and (h not in acts or per_pair(acts[h]))]
+    if dropped:
+        hooks = [h for h in hooks if h not in dropped]
+        if not hooks:
+            raise SaelabError(f"the hook pattern(s) {', '.join(cfg.hooks)} match no per-position hook this model runs "
+                              f"(left out: {', '.join(dropped[:4])}{', …' if len(dropped) > 4 else ''}): name hooks, "
+                              "e.g. blocks.0.hook_resid_post")
+        if dist.is_main():
+            print(f"saelab: the hook pattern(s) also matched {len(dropped)} hook(s) this model never runs or that are "
+                  f"per pair of positions ({', '.join(dropped[:4])}{', …' if len(dropped) > 4 else ''}): harvesting "
+                  f"the other {len(hooks)}", file=sys.stderr)
+    missing = [h for h in hooks if h not in acts]
+    if missing:
+        raise SaelabError(f"the model's forward never reached hook(s) {', '.join(sorted(missing))}: "
+                          "choose hooks this model computes")
     rec = _HookRecorder(hooks, cfg.with_grads)
     probe = {}
-    for h, t in probe_rec.acts.items():
-        if t.ndim < 3 or tuple(t.shape[:2]) != (1, ctx) or (t.ndim == 4 and tuple(t.shape[2:]) == (ctx, ctx)):
+    for h in hooks:
+        t = acts[h]
+        if per_pair(t):
             raise SaelabError(f"hook {h} gives {list(t.shape)} for one context of {ctx} tokens, not one vector per "
                               "position (attention scores/patterns are per pair of positions): choose a "
                               "per-position hook, e.g. attn.hook_z or hook_attn_out")

@@ -322,3 +322,22 @@ def test_resume_harvests_a_damaged_shard_again(tmp_path, capsys):
     m2 = read_manifest(store)
     assert m2["complete"] and [s["sha256"] for s in m2["shards"]] == want
     ActivationStore(store).check_shards()
+
+
+def test_a_hook_pattern_leaves_out_hooks_it_cannot_harvest(tmp_path, capsys):
+    """A pattern's matches that the forward never reaches (the bridge's attn.qkv aliases) or that are per pair of
+    positions (hook_pattern, hook_attn_scores) are left out and said on stderr; the rest are harvested. The same
+    hook named alone stays an error (test_errors_are_one_line)."""
+    from saelab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["harvest", "--hook", "blocks.0.attn.*", "--tokens", "256", "--context-size", "16",
+                 "--shard-rows", "128", "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "saelab: the hook pattern(s) also matched" in err and "harvesting the other" in err, err
+    got = json.loads((out / "harvest.json").read_text())["hooks"]
+    assert "blocks.0.attn.hook_z" in got and "blocks.0.attn.hook_pattern" not in got, got
+    assert not any("qkv" in h for h in got), got
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(got)
+    for h in got:
+        assert read_manifest(out / h)["complete"]
