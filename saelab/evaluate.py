@@ -14,6 +14,7 @@ matryoshka; gradient without grads) encode through the fused ``topk_encode`` + `
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import numpy as np
@@ -182,6 +183,12 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     res: dict = {}
     store = store_for_sae(sae_path, sae, activations)  # FVU needs rows, and CE metrics its held-out text
     res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
+    if not math.isfinite(res["fvu"]):  # say which side is broken, and keep a NaN out of eval.json
+        if not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+            raise SaelabError(f"{sae_path}: the SAE's weights hold NaN or inf (its training diverged): train it again, "
+                              "e.g. with a lower --lr")
+        raise SaelabError(f"store {store.path}: its {res['split']} rows hold NaN or inf values, so the FVU is "
+                          "undefined: harvest the store again")
     if model is None and model_name:
         from saelab.models import load_model
 

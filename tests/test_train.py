@@ -617,3 +617,37 @@ def test_failed_train_leaves_no_new_folder(tiny_planted, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "CUDA is not available" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("case", ["weights", "store"])
+def test_eval_names_what_holds_nan(case, tmp_path, capsys):
+    """An FVU of NaN is one line naming the cause, the SAE's weights or the store's rows, and no eval.json
+    with a NaN in it is written (json has no NaN)."""
+    import h5py
+
+    from saelab.cli import main
+    from saelab.store import read_manifest, sha256_file
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    store = write_synthetic(SyntheticConfig(out=str(tmp_path / "syn"), d=16, n_true=32, rows=4096), progress=False)
+    sae = SAE.create("topk", d_in=16, d_sae=32, k=4, hook_name="synthetic")
+    if case == "weights":
+        with torch.no_grad():
+            sae.W_dec[3, 0] = float("nan")
+        needle = "the SAE's weights hold NaN or inf (its training diverged)"
+    else:
+        m = read_manifest(store)
+        held = m["holdout_shards"][0]
+        with h5py.File(store / held, "r+") as f:
+            f["activations"][0, 0] = float("nan")
+        for sh in m["shards"]:
+            if sh["file"] == held:
+                sh["sha256"] = sha256_file(store / held)
+        (store / "manifest.json").write_text(json.dumps(m))
+        needle = "rows hold NaN or inf values, so the FVU is undefined: harvest the store again"
+    sae.save(tmp_path / "sae")
+    capsys.readouterr()
+    assert main(["eval", "--sae", str(tmp_path / "sae"), "--activations", str(store), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "sae" / "eval.json").exists()
