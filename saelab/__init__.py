@@ -14,6 +14,13 @@ class SaelabError(Exception):
     """
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error that
+    quotes a library's own (safetensors, torch, wandb, transformers); at most ``limit`` characters."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return line if limit is None else line[:limit]
+
+
 # the main Python entry points, imported on first use (``import saelab`` and the CLI stay light: no torch)
 _LAZY = {"SAE": "saelab.sae", "ActivationStore": "saelab.store", "FeatureDB": "saelab.analysis.features",
          "load_model": "saelab.models"}
@@ -29,4 +36,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'saelab' has no attribute {name!r}")
 
 
-__all__ = ["SaelabError", "__version__", *_LAZY]
+__all__ = ["SaelabError", "__version__", "first_line", *_LAZY]

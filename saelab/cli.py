@@ -71,10 +71,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from saelab.analysis.features import sae_folders
-    from saelab.config import check_local_sae
     from saelab.evaluate import evaluate
 
-    check_local_sae(args.sae)
     folders = sae_folders(args.sae)  # a group folder: each of its SAEs, spliced into one loaded model
     model = None
     if args.model and len(folders) > 1:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from saelab import SaelabError
+from saelab import SaelabError, first_line
 
 CORPUS_DIR = pathlib.Path(__file__).resolve().parent / "tiny" / "corpus"
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -55,7 +55,7 @@ def load_documents(name: str = "tiny", split: str = "train", text_column: str = 
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
         except Exception as e:  # malformed json/csv/parquet raise many types (often chained)
             cause = e.__cause__ or e
-            why = str(cause).strip().splitlines()[0][:160] if str(cause).strip() else type(cause).__name__
+            why = first_line(cause, 160)
             raise SaelabError(f"could not read {path} as {builder} ({why}): fix the file or pass another --dataset") \
                 from None
         if builder == "text":
@@ -68,7 +68,7 @@ def load_documents(name: str = "tiny", split: str = "train", text_column: str = 
         try:
             ds = datasets.load_dataset(name, split=split, streaming=True)
         except Exception as e:  # hub misses and offline mode raise many types
-            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            why = first_line(e, 160)
             raise SaelabError(
                 f"could not load dataset '{name}' (split '{split}'): not a local path and the hub did not give it "
                 f"({why}); pass --dataset tiny or a local text/jsonl/parquet file"

@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from saelab import SaelabError
+from saelab import SaelabError, first_line
 
 DEFAULT_TIMEOUT = 300  # seconds; --dist-timeout or SAELAB_DIST_TIMEOUT
 TIMEOUT_ENV = "SAELAB_DIST_TIMEOUT"
@@ -93,7 +93,7 @@ def lost_message(what: str, detail: str = "") -> str:
 
 def short(e: BaseException) -> str:
     """The first line of an exception's message, without file:line prefixes of C++ sources."""
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    line = first_line(e)
     if line.startswith("[") and "] " in line:
         line = line.split("] ", 1)[1]
     line = line.split(". ", 1)[0]  # the first sentence

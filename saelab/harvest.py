@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saelab import SaelabError
+from saelab import SaelabError, first_line
 from saelab import distributed as dist
 from saelab.config import HarvestConfig
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
@@ -125,8 +125,16 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], -1)
 
 
-def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder):
-    """Run one batch; returns {hook: (acts [rows, d], grads [rows, d] | None)} on the CPU."""
+def _check_reached(hooks, acts) -> None:
+    missing = [h for h in hooks if h not in acts]
+    if missing:
+        raise SaelabError(f"the model's forward never reached hook(s) {', '.join(sorted(missing))}: "
+                          "choose hooks this model computes")
+
+
+def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder, require_all: bool = True):
+    """Run one batch; returns {hook: (acts [rows, d], grads [rows, d] | None)} on the CPU. ``require_all``: a hook
+    the forward never reached is an error (the probe checks them itself: a glob's matches may not run)."""
     rec.acts = {}
     if rec.with_grads:
         with torch.enable_grad():
@@ -140,10 +148,8 @@ def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder):
             model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks())
         except _StopForward:
             pass
-    missing = set(rec.hooks) - set(rec.acts)
-    if missing:
-        raise SaelabError(f"the model's forward never reached hook(s) {', '.join(sorted(missing))}: "
-                          "choose hooks this model computes")
+    if require_all:
+        _check_reached(rec.hooks, rec.acts)
     return {h: (_flat(t).cpu(), None) for h, t in rec.acts.items()}
 
 
@@ -184,8 +190,8 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
         try:
             saved = json.loads((out / RUN_FILE).read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise SaelabError(f"--resume: {out / RUN_FILE} is not readable ({(str(e).splitlines() or [type(e).__name__])[0]}): the run cannot "
-                              "be resumed; harvest to a new --out") from None
+            raise SaelabError(f"--resume: {out / RUN_FILE} is not readable ({first_line(e)}): the run "
+                              "cannot be resumed; harvest to a new --out") from None
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
             raise SaelabError(f"--resume: {out / RUN_FILE} is not a harvest record: the run cannot be resumed; "
                               "harvest to a new --out")
@@ -255,12 +261,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
 
     # probe one context for each hook's width and layout
     probe_rec = _HookRecorder(hooks, with_grads=False)
-    with torch.no_grad():
-        try:
-            model.run_with_hooks(torch.full((1, ctx), bos, dtype=torch.long, device=device),
-                                 fwd_hooks=probe_rec.fwd_hooks())
-        except _StopForward:
-            pass
+    forward_batch(model, torch.full((1, ctx), bos, dtype=torch.long, device=device), probe_rec, require_all=False)
     acts = probe_rec.acts
     named = {h for h in cfg.hooks if not any(c in h for c in "*?[")}  # hooks asked for by name, not by a pattern
 
@@ -280,10 +281,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             print(f"saelab: the hook pattern(s) also matched {len(dropped)} hook(s) this model never runs or that are "
                   f"per pair of positions ({', '.join(dropped[:4])}{', …' if len(dropped) > 4 else ''}): harvesting "
                   f"the other {len(hooks)}", file=sys.stderr)
-    missing = [h for h in hooks if h not in acts]
-    if missing:
-        raise SaelabError(f"the model's forward never reached hook(s) {', '.join(sorted(missing))}: "
-                          "choose hooks this model computes")
+    _check_reached(hooks, acts)
     rec = _HookRecorder(hooks, cfg.with_grads)
     probe = {}
     for h in hooks:

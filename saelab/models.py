@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from saelab import SaelabError
+from saelab import SaelabError, first_line
 
 TINY_DIR = pathlib.Path(__file__).resolve().parent / "tiny"
 
@@ -101,7 +101,7 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: torch.dtype | st
     except SaelabError:
         raise
     except Exception as e:  # a hub miss surfaces as many exception types
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        why = first_line(e, 200)
         if local:
             if pathlib.Path(path).resolve() == TINY_DIR.resolve():
                 raise  # the bundled model failing to load is saelab's bug: keep the traceback
@@ -223,8 +223,8 @@ def expand_hooks(model, hooks: list[str]) -> list[str]:
     valid = list(model.hook_dict.keys())
     out: list[str] = []
     for h in hooks:
-        if h in model.hook_dict and switched_off(model, h):
-            option, alt = switched_off(model, h)
+        if h in model.hook_dict and (off := switched_off(model, h)):
+            option, alt = off
             if hook_layer(h) is not None:
                 alt = alt.replace("blocks.L.", f"blocks.{hook_layer(h)}.")
             raise SaelabError(f"hook '{h}' never runs in this model (TransformerLens's {option} is off): harvest "

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -120,6 +121,16 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
 
 def _unwritable(flag: str, path: pathlib.Path, e: OSError) -> SaelabError:
     return SaelabError(f"{flag} {path} cannot be written ({e.strerror or e}): choose a file you can write")
+
+
+def remove_contents(folder) -> None:
+    """Delete everything inside ``folder`` (kept itself): what a failed run wrote into a folder it found empty."""
+    folder = pathlib.Path(folder)
+    for child in folder.iterdir() if folder.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def check_writable_in(folder, name: str) -> None:

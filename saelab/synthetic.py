@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from saelab import SaelabError
 from saelab.config import JSONConfig, _f
 from saelab.harvest import plan_shards
-from saelab.store import FORMAT_VERSION, ShardWriter, atomic_write_text, fsync_dir, temp_name
+from saelab.store import FORMAT_VERSION, ShardWriter, atomic_write_text, fsync_dir, remove_contents, temp_name
 
 CONTEXT_SIZE = 128  # rows per "context": the store's unit of shards and held-out splits
 CHILD_RATE = 0.5  # P(child fires | its parent fires)
@@ -189,11 +190,8 @@ def write_synthetic(cfg: SyntheticConfig, progress: bool = True) -> pathlib.Path
     try:
         return _write_synthetic(cfg, out, plan, n_contexts, progress)
     except BaseException:  # interrupted or failed: no half store (one is rebuilt from its seed; there is no resume)
-        import shutil
-
         if existed:  # it was empty: empty it again
-            for child in out.iterdir():
-                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            remove_contents(out)
         else:
             shutil.rmtree(out, ignore_errors=True)
         raise

@@ -31,14 +31,15 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from saelab import SaelabError
+from saelab import SaelabError, first_line
 from saelab import distributed as dist
 from saelab.config import (GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig, describe_changes, group_json,
                            read_train_info)
 from saelab.evaluate import evaluate_store
 from saelab.models import pick_device as device_name
 from saelab.sae import SAE
-from saelab.store import ActivationStore, atomic_write_text, fsync_file, no_empty_folder_left, resolve_stores
+from saelab.store import (ActivationStore, atomic_write_text, fsync_file, no_empty_folder_left, remove_contents,
+                          resolve_stores)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -222,9 +223,8 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         try:
             ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
         except Exception as e:  # truncated, empty or foreign bytes: torch's own error
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-            raise SaelabError(f"{out / CHECKPOINT} is damaged ({why}): delete it and rerun with --resume to start "
-                              "the run over, or train to a new --out") from None
+            raise SaelabError(f"{out / CHECKPOINT} is damaged ({first_line(e, 120)}): delete it and rerun with --resume "
+                              "to start the run over, or train to a new --out") from None
         need = {"n_steps", "arch", "sae", "opt", "iterator", "step", "scale"}
         if not isinstance(ck, dict) or not need <= set(ck):
             raise SaelabError(f"{out / CHECKPOINT} is not a saelab checkpoint: delete it and rerun with --resume to "
@@ -303,7 +303,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             if logger is not None:
                 logger.close()
                 logger = None
-            _discard_fresh_run(out)
+            remove_contents(out)  # _check_out found it empty or missing: all in it is this run's
         if dist.active() and dist.lost(e):
             where = f"from the checkpoint at step {last_ck}" if last_ck else "from the start (no checkpoint yet)"
             raise SaelabError(f"rank {rank} of {world}: lost the other ranks at training step {step} of {n_steps} "
@@ -419,18 +419,6 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
-def _discard_fresh_run(out: pathlib.Path) -> None:
-    """Remove what a fresh run wrote into ``out`` (train.json, metrics.jsonl, a logger's folder). Only for a run
-    that ``_check_out`` found empty or missing, so everything in it is this run's."""
-    import shutil
-
-    for child in out.iterdir() if out.is_dir() else ():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
-
-
 class _Logger:
     """metrics.jsonl (always) + TensorBoard or wandb when asked for and installed."""
 
@@ -460,8 +448,7 @@ class _Logger:
             try:
                 self.wb = mod.init(project="saelab", name=out.name, dir=str(out))
             except Exception as e:  # no API key, no network, a bad entity: wandb's own error, on one line
-                msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise SaelabError(f"--log wandb could not start a run ({msg}): run `wandb login`, or set "
+                raise SaelabError(f"--log wandb could not start a run ({first_line(e)}): run `wandb login`, or set "
                                   "WANDB_MODE=offline, or drop --log") from None
 
     def write(self, rec: dict) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saelab import SaelabError
+from saelab import SaelabError, first_line
 from saelab.config import (ARCHS, CFG_FILE, GROUP_FILE, TRAIN_FILE, WEIGHTS_FILE, SAEConfig,  # noqa: F401
                            hub_spec, read_sae_cfg)
 from saelab.kernels import sparse_decode
@@ -292,9 +292,8 @@ class SAE(nn.Module):
         try:
             w = load_file(str(path / WEIGHTS_FILE), device=str(device))
         except Exception as e:  # safetensors' own error for a truncated, empty or foreign file
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise SaelabError(f"{path / WEIGHTS_FILE} is not a readable safetensors file ({why}); re-save, re-train "
-                              "or re-fetch the SAE") from None
+            raise SaelabError(f"{path / WEIGHTS_FILE} is not a readable safetensors file ({first_line(e)}); re-save, "
+                              "re-train or re-fetch the SAE") from None
         if "saelab" in raw:
             try:
                 cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
