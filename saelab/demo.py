@@ -42,7 +42,38 @@ class DemoGroup:
 
 
 def demo_root(root: str | os.PathLike | None = None) -> pathlib.Path:
-    return pathlib.Path(root or os.environ.get("SAELAB_DEMO_DIR") or ".").expanduser().resolve()
+    """The folder that holds ``activations/<name>/`` and ``runs/<name>/``: ``root``, else
+    ``$SAELAB_DEMO_DIR``, else the nearest folder at or above the current one that is a saelab
+    checkout (its ``pyproject.toml`` names the project ``saelab``, or it already holds
+    ``runs/demo/group.json``), else the current folder. So a notebook that Jupyter runs in
+    ``notebooks/`` reuses the checkout's demo instead of building a second one beside itself."""
+    chosen = root or os.environ.get("SAELAB_DEMO_DIR")
+    if chosen:
+        return pathlib.Path(chosen).expanduser().resolve()
+    here = pathlib.Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "runs" / "demo" / "group.json").is_file() or _names_saelab(folder / "pyproject.toml"):
+            return folder
+    return here
+
+
+def _names_saelab(pyproject: pathlib.Path) -> bool:
+    """Whether ``pyproject`` exists and its ``[project]`` table is named ``saelab``."""
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the [project] table's name line
+        import re
+
+        table = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+        return bool(table and re.search(r"""^\s*name\s*=\s*["']saelab["']""", table.group(1), re.M))
+    try:
+        return tomllib.loads(text).get("project", {}).get("name") == "saelab"
+    except tomllib.TOMLDecodeError:
+        return False
 
 
 def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = None,
