@@ -6,7 +6,8 @@ For each d_in (128 = the tiny model's, 512 = the synthetic store's width) and ar
 bare training step (sae.loss + backward + Adam + the decoder constraint, the trainer's inner
 loop) at width 16×, batch 4096, on random data already in memory, against a bare
 ``x @ W_enc`` of the same shapes (the GEMM limit: one encoder product per step, the least any
-SAE step must do). Prints tokens/s and the fraction of that limit.
+SAE step must do). Prints tokens/s and the fraction of that limit, and writes
+``benchmarks/results/bench_train.json`` (``results.py``).
 """
 
 import argparse
@@ -14,6 +15,7 @@ import time
 
 import torch
 
+from results import Result
 from saelab.sae import SAE
 
 ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
@@ -34,9 +36,17 @@ def main():
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--archs", default=",".join(ARCHS))
     a = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {a.batch}, width 16×, k 32")
-    print("| d_in | arch | tokens/s | GEMM-limit tokens/s | fraction of limit |")
-    print("|---|---|---|---|---|")
+    res = Result("bench_train", "Training step rate per architecture",
+                 "A bare training step of each architecture (`sae.loss` + backward + Adam + the decoder "
+                 "constraint: the trainer's inner loop) at width 16× and k 32, on random data already in memory, "
+                 "against a bare `x @ W_enc` of the same shapes timed in the same run (the GEMM limit: one "
+                 "encoder product per step, the least any SAE step must do). tokens/s over the timed steps "
+                 "after one warm-up step.")
+    t = res.table("Step rate and fraction of the GEMM limit",
+                  ["d_in", "arch", "tokens/s", "GEMM-limit tokens/s", "fraction of limit"],
+                  note=f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {a.batch}, width 16×, "
+                       f"k 32, {a.steps} timed steps per measurement",
+                  fmt={"tokens/s": ",.0f", "GEMM-limit tokens/s": ",.0f", "fraction of limit": ".3f"})
     for d in map(int, a.d_in.split(",")):
         torch.manual_seed(0)
         x, g = torch.randn(a.batch, d), torch.randn(a.batch, d)
@@ -56,7 +66,8 @@ def main():
                 sae.after_step(out, 500)
 
             r = rate(step, a.batch, a.steps)
-            print(f"| {d} | {arch} | {r:,.0f} | {gemm:,.0f} | {r / gemm:.3f} |", flush=True)
+            t.row(d, arch, r, gemm, r / gemm)
+    res.write()
 
 
 if __name__ == "__main__":
