@@ -6,12 +6,14 @@ in a fresh process (medians of --reps, alternated); memory is the peak RSS growt
     python benchmarks/bench_dense_chunks.py [--width 131072] [--d-in 128] [--rows 16384] [--reps 3]
 
 At the default width one batch of 4,096 rows holds 2 GiB per [4096, d_sae] tensor on the unchunked path.
+Writes ``benchmarks/results/bench_dense_chunks.json`` (``results.py``).
 """
 
 import argparse
 import tempfile
 
 from procmem import alternate, ratio_table
+from results import Result
 
 CHILD = r"""
 import json, sys, time
@@ -46,6 +48,12 @@ def main():
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
+    res = Result("bench_dense_chunks", "Dense encode of a wide SAE: row chunks vs the whole batch",
+                 "The dense (non-TopK) encode of a wide JumpReLU SAE in row chunks (`evaluate.dense_chunks`: each "
+                 "[rows, d_sae] code tensor within `DENSE_BUDGET`) against the whole batch at once: "
+                 "`evaluate_store` over a synthetic store plus `analyze`'s sparse codes of 4,096 rows. Each variant "
+                 "runs in a fresh process, the two alternated, medians; memory is the peak RSS growth over the call. "
+                 "Both variants' FVU and code counts are compared.")
     from saelab.synthetic import SyntheticConfig, write_synthetic
 
     with tempfile.TemporaryDirectory() as d:
@@ -54,12 +62,12 @@ def main():
         runs = alternate({how: ["-c", CHILD, str(store), how, str(a.width), str(a.d_in), str(a.rows)]
                           for how in ("whole batch", "row chunks")}, a.reps)
     same = {(r["fvu"], r["codes"]) for rs in runs.values() for r in rs[:1]}
-    print(f"JumpReLU, d_in {a.d_in}, {a.width:,} latents: evaluate_store over {a.rows:,} rows + analyze's codes of "
-          f"4,096 rows, fresh processes, medians of {a.reps}; FVU and code counts "
-          + ("agree" if len({round(f, 6) for f, _ in same}) == 1 and len({c for _, c in same}) == 1 else
-             f"DIFFER: {sorted(same)}") + "\n")
-    print("\n".join(ratio_table(runs, "whole batch")))
-
+    agree = ("agree" if len({round(f, 6) for f, _ in same}) == 1 and len({c for _, c in same}) == 1 else
+             f"DIFFER: {sorted(same)}")
+    ratio_table(res, f"JumpReLU, d_in {a.d_in}, {a.width:,} latents", runs, "whole batch",
+                note=f"evaluate_store over {a.rows:,} rows + analyze's codes of 4,096 rows, fresh processes, medians "
+                     f"of {a.reps}; FVU and code counts {agree}")
+    res.write()
 
 if __name__ == "__main__":
     main()

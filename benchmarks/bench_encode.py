@@ -12,6 +12,8 @@
 4. GPU (only when CUDA is present): Triton and the chunked torch path vs reference, bf16, d_in=768,
    d_sae=32768, k=32: forward time, peak allocated memory, TopK training step time. Skipped (and said
    so) otherwise; ``--gpu-only`` runs only this section (benchmarks/device_check.sh).
+
+Writes ``benchmarks/results/bench_encode.json`` (``results.py``; ``bench_encode_gpu.json`` with ``--gpu-only``).
 """
 
 import argparse
@@ -23,6 +25,7 @@ import time
 import torch
 
 from procmem import peak_rss_bytes, reset_peak_rss, rss_bytes, run_child
+from results import Result
 from saelab.kernels import topk_encode
 from saelab.sae import SAE
 
@@ -102,24 +105,40 @@ def main():
         torch.set_num_threads(a.threads)
     if a.mem_child:
         return mem_child(a.mem_child, widths[0], a.batch, a.d_in, a.k)
+    res = Result("bench_encode_gpu" if a.gpu_only else "bench_encode", "Fused TopK encode vs the reference",
+                 DESCRIPTION)
     if not a.gpu_only:
-        cpu_sections(a, widths)
-    gpu_section(a)
+        cpu_sections(a, widths, res)
+    gpu_section(a, res)
+    res.write()
 
 
-def cpu_sections(a, widths):
+DESCRIPTION = (
+    "The TopK encode paths (`saelab.kernels.topk_encode`) against the reference (`torch.topk` of the full "
+    "pre-activation), all timed in the same run with the variants alternated (medians). CPU, on random Gaussian "
+    "inputs and weights: forward wall time, with the bare encoder GEMM as each fused path's floor (fp32 for "
+    "chunked, bf16 for screened's screen) and the screened path's candidates per row; the peak extra memory of "
+    "one forward, each path in its own subprocess (peak RSS, reset once the inputs are allocated, minus the RSS "
+    "at that point); and a TopK SAE training step (loss + backward). GPU (only where CUDA is present): Triton "
+    "and the chunked torch path vs the reference in bf16: forward time, peak allocated memory, training step.")
+
+
+def cpu_sections(a, widths, res):
     """Sections 1-3: forward time, peak memory, training step on this CPU."""
-    print(f"CPU: B={a.batch}, d_in={a.d_in}, k={a.k}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cores, capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average {os.getloadavg()[0]:.1f} at start")
-    rows = []
+    t = res.table("CPU: forward, peak memory and training step per path",
+                  ["d_sae", "path", "forward ms", "forward / reference", "floor: GEMM / reference",
+                   "candidates / row", "peak extra MiB", "memory / reference", "train step ms", "step / reference"],
+                  fmt={"forward ms": ".0f", "forward / reference": ".2f", "floor: GEMM / reference": ".2f",
+                       "candidates / row": ".0f", "peak extra MiB": ".0f", "memory / reference": ".3f",
+                       "train step ms": ".0f", "step / reference": ".2f"})
+    fallback = []
     for n in widths:
         x, W, b = inputs(a.batch, a.d_in, n)
         xq, Wq = x.bfloat16(), W.bfloat16()
         with torch.no_grad():
-            t = alternate({"gemm": lambda: x @ W, "gemm_bf16": lambda: xq @ Wq,
-                           "reference": lambda: topk_encode(x, W, b, a.k, kernel="reference"),
-                           **{f: (lambda f=f: topk_encode(x, W, b, a.k, kernel=f)) for f in FUSED}}, a.reps)
+            tm = alternate({"gemm": lambda: x @ W, "gemm_bf16": lambda: xq @ Wq,
+                            "reference": lambda: topk_encode(x, W, b, a.k, kernel="reference"),
+                            **{f: (lambda f=f: topk_encode(x, W, b, a.k, kernel=f)) for f in FUSED}}, a.reps)
             topk_encode(x, W, b, a.k, kernel="screened")
             from saelab.kernels.topk_encode import SCREEN_STATS
             cand = dict(SCREEN_STATS)
@@ -130,29 +149,21 @@ def cpu_sections(a, widths):
         xs = torch.randn(a.batch, a.d_in)
         ts = alternate({kern: train_step(sae, xs, kern) for kern in ("reference", *FUSED)}, a.reps)
         del sae
-        rows.append((n, t, cand, mem, ts))
-        ms = lambda v: f"{v * 1e3:.0f}"  # noqa: E731
-        print(f"d_sae {n}: forward ms " + ", ".join(f"{k} {ms(v)}" for k, v in t.items())
-              + f"; screened candidates/row {cand['candidates'] / cand['rows']:.1f} (max {cand['max_per_row']}, "
-              f"fallback rows {cand['fallback_rows']}); peak extra MiB "
-              + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in mem.items())
-              + "; train step ms " + ", ".join(f"{k} {ms(v)}" for k, v in ts.items()), flush=True)
-    print("\n| d_sae | path | forward ms | / reference | floor: GEMM / reference | candidates / row "
-          "| peak extra MiB | / reference | train step ms | / reference |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for n, t, cand, mem, ts in rows:
+        floor = {"reference": None, "chunked": tm["gemm"] / tm["reference"],
+                 "screened": tm["gemm_bf16"] / tm["reference"]}
         for path in ("reference", *FUSED):
-            floor = {"reference": "", "chunked": f"{t['gemm'] / t['reference']:.2f} (fp32)",
-                     "screened": f"{t['gemm_bf16'] / t['reference']:.2f} (bf16)"}[path]
-            cpr = f"{cand['candidates'] / cand['rows']:.0f} (fallback rows {cand['fallback_rows']})" \
-                if path == "screened" else ""
-            print(f"| {n} | {path} | {t[path] * 1e3:.0f} | {t[path] / t['reference']:.2f} | {floor} | {cpr} "
-                  f"| {mem[path] / 2**20:.0f} | {mem[path] / max(mem['reference'], 1):.3f} "
-                  f"| {ts[path] * 1e3:.0f} | {ts[path] / ts['reference']:.2f} |")
+            t.row(n, path, tm[path] * 1e3, tm[path] / tm["reference"], floor[path],
+                  cand["candidates"] / cand["rows"] if path == "screened" else None, mem[path] / 2**20,
+                  mem[path] / max(mem["reference"], 1), ts[path] * 1e3, ts[path] / ts["reference"])
+        fallback.append(f"d_sae {n}: max {cand['max_per_row']} candidates in a row, {cand['fallback_rows']} "
+                        f"fallback rows; bare GEMM {tm['gemm'] * 1e3:.0f} ms fp32, {tm['gemm_bf16'] * 1e3:.0f} ms bf16")
+    t.note = (f"B={a.batch}, d_in={a.d_in}, k={a.k}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+              f"capability {torch.backends.cpu.get_cpu_capability()}; medians of {a.reps} alternated runs. "
+              f"The floor is the bare GEMM's time over the reference's: fp32 for chunked, bf16 for screened. "
+              f"Screened: " + "; ".join(fallback) + ".")
 
 
-
-def gpu_section(a):
+def gpu_section(a, res):
     """Section 4: Triton vs the dense reference (and the chunked torch path) on the GPU, bf16 at the issue's
     shape: forward time and peak memory, and a TopK SAE training step (loss + backward)."""
     if not torch.cuda.is_available():
@@ -182,12 +193,18 @@ def gpu_section(a):
     sae = SAE.create("topk", d_in=d, d_sae=n, k=k).cuda().bfloat16()
     xs = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
     ts = alternate({kern: train_step(sae, xs, kern) for kern in paths}, max(a.reps, 10), sync)
-    print(f"GPU {torch.cuda.get_device_name()}: B={B}, d_in={d}, d_sae={n}, k={k}, bf16, torch {torch.__version__}")
-    print("| path | forward ms | forward speed-up vs reference | peak extra MiB | train step ms | step speed-up |")
-    print("|---|---|---|---|---|---|")
+    name = torch.cuda.get_device_name()
+    res.env["device"] = f"cuda: {name}"
+    tab = res.table(f"GPU ({name}): Triton and chunked vs the reference, bf16",
+                    ["path", "forward ms", "forward speed-up vs reference", "peak extra MiB", "train step ms",
+                     "step speed-up"],
+                    note=f"B={B}, d_in={d}, d_sae={n}, k={k}, bf16, torch {torch.__version__}; medians of "
+                         f"{max(a.reps, 10)} alternated runs",
+                    fmt={"forward ms": ".2f", "forward speed-up vs reference": ".2f", "peak extra MiB": ".1f",
+                         "train step ms": ".2f", "step speed-up": ".2f"})
     for kern in paths:
-        print(f"| {kern} | {t[kern] * 1e3:.2f} | {t['reference'] / t[kern]:.2f} | {peak[kern] / 2**20:.1f} "
-              f"| {ts[kern] * 1e3:.2f} | {ts['reference'] / ts[kern]:.2f} |")
+        tab.row(kern, t[kern] * 1e3, t["reference"] / t[kern], peak[kern] / 2**20, ts[kern] * 1e3,
+                ts["reference"] / ts[kern])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Rows: (1) harvest wall time / bare forward of the same loaded model up to the same layer on
 the same tokens (target <= 1.15: writing hidden behind compute); (2) the store's shuffled
-read rate / a plain sequential h5py read of the same rows.
+read rate / a plain sequential h5py read of the same rows. Writes
+``benchmarks/results/bench_harvest.json`` (``results.py``).
 """
 
 import argparse
@@ -18,9 +19,11 @@ import h5py
 import numpy as np
 import torch
 
+from results import Result
 from saelab.config import HarvestConfig
 from saelab.data import iter_contexts, load_documents
-from saelab.harvest import _StopForward, harvest
+from saelab.harvest import harvest
+from saelab.hooks import StopForward as _StopForward
 from saelab.models import load_model, tokenizer_bos
 from saelab.store import ActivationStore
 
@@ -31,6 +34,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
+    res = Result("bench_harvest", "Harvest overhead and store read rate",
+                 "Harvest wall time of the bundled tiny model's `blocks.1.hook_resid_post` over a bare forward of "
+                 "the same loaded model up to the same layer (stopped right after the hook fires) on the same "
+                 "tokens, the two alternated, median of the runs (target ≤ 1.15: writing hidden behind compute); "
+                 "the store's shuffled read rate (`ActivationStore.batches`, checksums off) over a plain sequential "
+                 "h5py read of the same rows; and the one-off sha256 verification of the shards over that "
+                 "sequential read.")
     model = load_model("tiny", "cpu")
     hook, ctx = "blocks.1.hook_resid_post", 128
     bos = tokenizer_bos(model.tokenizer)
@@ -76,13 +86,14 @@ def main():
         t0 = time.perf_counter()
         ActivationStore(path).rows([0])  # first open verifies a shard's sha256
         t_verify = (time.perf_counter() - t0) * len(store.shards)
-    print(f"| measure ({n:,} tokens, tiny model, {hook}) | value |")
-    print("|---|---|")
-    print(f"| harvest wall / bare forward (target <= 1.15) | {statistics.median(ratios):.3f} "
-          f"(runs: {', '.join(f'{r:.3f}' for r in ratios)}) |")
-    print(f"| shuffled read rate / sequential h5py read | {t_seq / t_shuf:.3f} |")
-    print(f"| sha256 verification / sequential read (one-off per shard) | {t_verify / t_seq:.3f} |")
-
+    t = res.table(f"Harvest and read ratios ({n:,} tokens, tiny model, {hook})", ["measure", "value"],
+                  note=f"harvest / bare forward, each of the {a.repeats} alternated runs: "
+                       + ", ".join(f"{r:.3f}" for r in ratios),
+                  fmt={"value": ".3f"})
+    t.row("harvest wall / bare forward (target <= 1.15)", statistics.median(ratios))
+    t.row("shuffled read rate / sequential h5py read", t_seq / t_shuf)
+    t.row("sha256 verification / sequential read (one-off per shard)", t_verify / t_seq)
+    res.write()
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,8 @@ Part 2, scaling: the same timing on randomly initialised GPT-2-shaped models wit
 weights do not do induction, so only the times mean something there; they do not depend on the
 weights. The sweep costs 1 + n_layers*n_heads forwards; identification one forward (stopped after
 the deepest hook_z) plus the batched SAE training.
+
+Writes ``benchmarks/results/bench_heads.json`` (``results.py``).
 """
 
 import argparse
@@ -21,6 +23,7 @@ import tempfile
 
 import torch
 
+from results import Result
 from saelab.analysis import heads as H
 from saelab.analysis.tasks import make_task
 from saelab.models import TINY_DIR, load_model
@@ -56,12 +59,15 @@ def main():
     a = p.parse_args()
     threads = a.threads or None
     n = a.n
+    res = Result("bench_heads", "Head identification (discrete codes) vs the per-head ablation sweep",
+                 DESCRIPTION, threads=threads or torch.get_num_threads())
     tiny = load_model("tiny", "cpu")
-    print(f"torch threads: {threads or torch.get_num_threads()} for both methods (SAE training always runs on one)")
-    print(f"\n## tiny model (2 layers x 4 heads), induction, n = {n} positive + {n} negative examples\n")
-    print("| seed | codes top 4 | ablation (all positions) top 3 | its top head's rank by codes | "
-          "ablation (last position) top 3 | its top head's rank | P@3 / R@3 | P@4 / R@4 | identify s | sweep s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    t = res.table(f"Tiny model (2 layers x 4 heads), induction, n = {n} positive + {n} negative examples",
+                  ["seed", "codes top 4", "ablation (all positions) top 3", "its top head's rank by codes",
+                   "ablation (last position) top 3", "its top head's rank", "P@3", "R@3", "P@4", "R@4",
+                   "identify s", "sweep s", "ratio"],
+                  fmt={"P@3": ".2f", "R@3": ".2f", "P@4": ".2f", "R@4": ".2f", "identify s": ".3f", "sweep s": ".3f",
+                       "ratio": ".3f"})
     hits_all = hits_last = 0
     for seed in range(a.seeds):
         task = make_task("induction", tiny, n=n, seed=seed)
@@ -72,16 +78,22 @@ def main():
         hits_all += r_all <= 3
         hits_last += r_last <= 3
         fmt = lambda hs: " ".join(f"L{l}H{h}" for l, h in hs)  # noqa: E731
-        print(f"| {seed} | {fmt(ident.heads(4))} | {fmt(abl.heads(3))} | {r_all} | {fmt(last.heads(3))} | {r_last} | "
-              f"{c3['precision']:.2f} / {c3['recall']:.2f} | {c4['precision']:.2f} / {c4['recall']:.2f} | "
-              f"{t_id:.3f} | {t_ab:.3f} | {t_id / t_ab:.3f} |")
-    print(f"\ntop ablation head within the code top 3: {hits_all}/{a.seeds} (all positions), "
-          f"{hits_last}/{a.seeds} (last position)")
+        t.row(seed, fmt(ident.heads(4)), fmt(abl.heads(3)), r_all, fmt(last.heads(3)), r_last, c3["precision"],
+              c3["recall"], c4["precision"], c4["recall"], t_id, t_ab, t_id / t_ab)
+    t.note = (f"top ablation head within the code top 3: {hits_all}/{a.seeds} (all positions), {hits_last}/{a.seeds} "
+              f"(last position). Torch threads: {threads or torch.get_num_threads()} for both methods (SAE training "
+              f"always runs on one); times are medians of {a.repeats} alternated runs. P/R@k: precision and recall of "
+              f"the code top k against the heads whose ablation costs >= 25% of the largest drop.")
 
-    print("\n## scaling: time only (identification / sweep on the same examples)\n")
-    print("| model | heads | n | identify s (forward + SAEs) | sweep s | per head: identify / sweep ms | ratio | "
-          "forward alone / sweep |")
-    print("|---|---|---|---|---|---|---|---|")
+    t = res.table("Scaling: time only (identification / sweep on the same examples)",
+                  ["model", "heads", "n", "identify s", "identify: forward s", "identify: SAEs s", "sweep s",
+                   "per head: identify ms", "per head: sweep ms", "ratio", "forward alone / sweep"],
+                  note=f"identification = one forward (stopped after the deepest hook_z) + the batched SAE training; "
+                       f"the sweep = 1 + n_layers*n_heads forwards. Random-weight models: times only. Medians of "
+                       f"{a.repeats} alternated runs.",
+                  fmt={"identify s": ".3f", "identify: forward s": ".3f", "identify: SAEs s": ".3f", "sweep s": ".3f",
+                       "per head: identify ms": ".1f", "per head: sweep ms": ".1f", "ratio": ".3f",
+                       "forward alone / sweep": ".3f"})
     rows = [("tiny", tiny, n), ("tiny", tiny, 64)]
     with tempfile.TemporaryDirectory() as tmp:
         for shape in [s for s in a.shapes.split(",") if s]:
@@ -91,10 +103,20 @@ def main():
             task = make_task("induction", model, n=nn, seed=0)
             ident, abl, t_id, t_ab = timed(model, task, nn, a.repeats, threads)
             g = model.cfg.n_layers * model.cfg.n_heads
-            print(f"| {name} | {g} | {nn} | {t_id:.3f} ({ident.info['forward_s']:.3f} + {ident.info['train_s']:.3f}) "
-                  f"| {t_ab:.3f} | {t_id / g * 1000:.1f} / {abl.info['per_head_s'] * 1000:.1f} | {t_id / t_ab:.3f} | "
-                  f"{ident.info['forward_s'] / t_ab:.3f} |")
+            t.row(name, g, nn, t_id, ident.info["forward_s"], ident.info["train_s"], t_ab, t_id / g * 1000,
+                  abl.info["per_head_s"] * 1000, t_id / t_ab, ident.info["forward_s"] / t_ab)
+    res.write()
 
+
+DESCRIPTION = (
+    "Head identification from discrete codes (`saelab.analysis.heads`) against the per-head ablation sweep: "
+    "agreement and run time, both methods on the same examples, alternated, medians (`heads.timed_rankings`). "
+    "First the bundled tiny model on the induction task, one row per task seed: where the head whose ablation hurts "
+    "most lands in the code ranking (ablating every position, and only the last one), precision/recall@3 and @4 "
+    "against the heads whose ablation costs ≥ 25% of the largest drop, and the two wall times. Then scaling: the "
+    "same timing on randomly initialised GPT-2-shaped models with more heads (LxH: layers x heads per layer, d_head "
+    "32, the tiny tokenizer) and on more examples; random weights do not do induction, so only the times mean "
+    "something there.")
 
 if __name__ == "__main__":
     main()

@@ -9,11 +9,13 @@ RSS growth over the call (VmHWM after minus RSS before, the model's weights alre
 Shapes: GPT-2 small (residual SAE, d_model 768, vocab 50,257, LayerNorm centring, 8,192 latents) and a Gemma-2
 2B attention SAE (hook_z of 8 heads × 256 = 2,048 into d_model 2,304, vocab 256,000, 1,024 latents).
 Both paths give the same top token per latent (checked here, ≥ 99% allowing float near-ties; and by tests/test_analyze.py on random weights).
+Writes ``benchmarks/results/bench_logit_effects.json`` (``results.py``).
 """
 
 import argparse
 
 from procmem import alternate, ratio_table
+from results import Result
 
 CHILD = r"""
 import json, os, sys, time
@@ -63,15 +65,23 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    res = Result("bench_logit_effects", "Direct logit effects: chunked vs materialised",
+                 "Every latent's direct logit effects (`analyze`'s top/bottom tokens): `features.logit_effects` "
+                 "(chunks of latents, each [rows, vocab], no [d_in, vocab] matrix) against the materialised path "
+                 "(form the centred W_U, for `attn.hook_z` also W_O @ W_U, then multiply chunks of 1,024 decoder rows "
+                 "by it), on random weights of two real models' shapes. Each variant runs in a fresh subprocess, the "
+                 "two alternated, medians; memory is the peak RSS growth over the call (the model's weights already "
+                 "in memory). Both paths' top token per latent is checked to agree (≥ 99%, allowing float near-ties).",
+                 threads=a.threads)
     for name, shape in SHAPES.items():
-        res = alternate({how: ["-c", CHILD, how, *map(str, shape), str(a.threads)]
-                         for how in ("materialised", "chunked")}, a.reps)
-        a1, b1 = res["chunked"][0]["top1"], res["materialised"][0]["top1"]
+        runs = alternate({how: ["-c", CHILD, how, *map(str, shape), str(a.threads)]
+                          for how in ("materialised", "chunked")}, a.reps)
+        a1, b1 = runs["chunked"][0]["top1"], runs["materialised"][0]["top1"]
         agree = sum(x == y for x, y in zip(a1, b1)) / len(a1)
         assert agree >= 0.99, f"the two paths' top tokens agree for only {agree:.1%} of latents"
-        print(f"\n{name} ({a.threads} threads, medians of {a.reps}; same top token for {agree:.0%} of latents)\n")
-        print("\n".join(ratio_table(res, "materialised")))
-
+        ratio_table(res, name, runs, "materialised",
+                    note=f"{a.threads} threads, medians of {a.reps}; same top token for {agree:.0%} of latents")
+    res.write()
 
 if __name__ == "__main__":
     main()

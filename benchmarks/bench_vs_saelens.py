@@ -29,6 +29,8 @@ bare loop leaves out on both sides). Within 1M tokens neither side's dead-latent
 (saelab 10M tokens, SAELens 1000 steps) is reached, so neither aux-k loss is active.
 relu/jumprelu use a fixed sparsity coefficient on both sides (SAELens's
 l1_coefficient / l0_coefficient; saelab's --l1-coeff / --l0-coeff), not saelab's L0 controller.
+
+Writes ``benchmarks/results/bench_vs_saelens.json`` (``results.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+DESCRIPTION = (
+    "saelab against SAELens on the same activations: a `saelab synthetic` store at d_in 512, both sides reading "
+    "the same batches (`ActivationStore.batches`, same seed, same scale: mean ‖x‖ = √d_in). SAELens lives in its "
+    "own environment (`make bench-venv`); each measurement is a separate process and the two libraries alternate, "
+    "medians reported. Step rate: a bare training-step loop over batches already in memory (SAELens: "
+    "`training_forward_pass` + backward + grad clip + Adam + its trainer's firing statistics; saelab: `sae.loss` + "
+    "backward + the decoder-gradient projection + grad clip + Adam + `sae.after_step`), width 16× (d_sae 8192), "
+    "k 32, batch 4096, the same LR, against the step rate the encoder GEMM alone allows, measured in the same "
+    "processes. Quality: each trains for the same token budget on the same batch stream, then FVU and L0 on the "
+    "same 16,384 held-out rows. Each library keeps its own defaults otherwise (see the script's docstring).")
 D_IN, EXPANSION, K, BATCH = 512, 16, 32, 4096
 HOLDOUT_ROWS = 16384
 COEFF = {"relu": 5.0, "jumprelu": 5.0}  # l1 / l0 coefficients (both libraries)
@@ -251,56 +263,63 @@ def main():
 
     import torch
 
+    from results import Result
+
+    res = Result("bench_vs_saelens", "saelab vs SAELens, side by side", DESCRIPTION,
+                 threads=a.threads or torch.get_num_threads())
     if not pathlib.Path(a.saelens_python).exists():
         raise SystemExit(f"{a.saelens_python} not found: run `make bench-venv` (SAELens in .venv-bench)")
     scale = ensure_store(a.store)
     sl_version = subprocess.run([a.saelens_python, "-c", "import sae_lens; print(sae_lens.__version__)"],
                                 capture_output=True, text=True).stdout.strip()
-    print(f"saelab vs SAELens {sl_version}; torch {torch.__version__}, {os.cpu_count()} CPUs; d_in {D_IN}, "
-          f"d_sae {D_IN * EXPANSION}, k {K}, batch {BATCH}, lr {a.lr}, "
-          f"{a.threads or torch.get_num_threads()} thread(s) per process; medians of {a.reps} alternating runs",
-          flush=True)
+    setting = (f"saelab vs SAELens {sl_version}; torch {torch.__version__}, {os.cpu_count()} CPUs; d_in {D_IN}, "
+               f"d_sae {D_IN * EXPANSION}, k {K}, batch {BATCH}, lr {a.lr}, "
+               f"{a.threads or torch.get_num_threads()} thread(s) per process")
+    print(setting + f"; medians of {a.reps} alternating runs", flush=True)
     pythons = {"saelab": sys.executable, "saelens": a.saelens_python}
-    speed = {}
+    times = lambda v: f"{v:.2f}×"  # noqa: E731
+    t = None
     for arch in ([] if a.skip_speed else a.archs.split(",")):
-        res = {"saelab": [], "saelens": []}
+        res_arch = {"saelab": [], "saelens": []}
         for _ in range(a.reps):
             for impl in ("saelab", "saelens"):
-                res[impl].append(result(run_worker(pythons[impl], impl, "speed", arch, a, scale), f"{impl} {arch}"))
-                print(f"  {arch} {impl}: {res[impl][-1]['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
-        speed[arch] = res
-    if speed:
-        print("\nStep rate (bare loop: loss + backward + Adam, batches in memory):\n")
-        print("| arch | saelab tokens/s | SAELens tokens/s | saelab / SAELens | GEMM limit tokens/s | "
-          "saelab, fraction of limit | SAELens, fraction of limit |")
-        print("|---|---|---|---|---|---|---|")
-    for arch, res in speed.items():
-        med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in res.items()}
-        gemm = statistics.median(r["gemm_tokens_per_s"] for v in res.values() for r in v)
-        print(f"| {arch} | {med['saelab']:,.0f} | {med['saelens']:,.0f} | {med['saelab'] / med['saelens']:.2f}× | "
-              f"{gemm:,.0f} | {med['saelab'] / gemm:.2f} | {med['saelens'] / gemm:.2f} |", flush=True)
+                res_arch[impl].append(result(run_worker(pythons[impl], impl, "speed", arch, a, scale),
+                                             f"{impl} {arch}"))
+                print(f"  {arch} {impl}: {res_arch[impl][-1]['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
+        if t is None:
+            t = res.table("Step rate (bare loop: loss + backward + Adam, batches in memory)",
+                          ["arch", "saelab tokens/s", "SAELens tokens/s", "saelab / SAELens", "GEMM limit tokens/s",
+                           "saelab, fraction of limit", "SAELens, fraction of limit"],
+                          note=f"{setting}; {a.steps} timed steps per process, medians of {a.reps} alternating runs",
+                          fmt={"saelab tokens/s": ",.0f", "SAELens tokens/s": ",.0f", "saelab / SAELens": times,
+                               "GEMM limit tokens/s": ",.0f", "saelab, fraction of limit": ".2f",
+                               "SAELens, fraction of limit": ".2f"})
+        med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in res_arch.items()}
+        gemm = statistics.median(r["gemm_tokens_per_s"] for v in res_arch.values() for r in v)
+        t.row(arch, med["saelab"], med["saelens"], med["saelab"] / med["saelens"], gemm, med["saelab"] / gemm,
+              med["saelens"] / gemm)
     archs = [x for x in a.budget_archs.split(",") if x]
-    if not archs:
-        return
-    budget = {}
+    t = None
     for arch in archs:
         if a.parallel_budget:
             procs = {impl: run_worker(pythons[impl], impl, "budget", arch, a, scale) for impl in ("saelab", "saelens")}
-            budget[arch] = {impl: result(pr, f"{impl} {arch} budget") for impl, pr in procs.items()}
+            r = {impl: result(pr, f"{impl} {arch} budget") for impl, pr in procs.items()}
         else:
-            budget[arch] = {impl: result(run_worker(pythons[impl], impl, "budget", arch, a, scale), f"{impl} {arch}")
-                            for impl in ("saelab", "saelens")}
-    print(f"\nSame budget ({a.budget // BATCH * BATCH:,} tokens from the store, I/O included"
-          f"{'; both trainings ran at the same time' if a.parallel_budget else ''}), "
-          f"held-out FVU and L0 on {HOLDOUT_ROWS:,} rows:\n")
-    print("| arch | saelab tokens/s | SAELens tokens/s | ratio | saelab FVU | SAELens FVU | saelab L0 | SAELens L0 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for arch, r in budget.items():
-        s, l = r["saelab"], r["saelens"]
-        print(f"| {arch} | {s['tokens_per_s']:,.0f} | {l['tokens_per_s']:,.0f} | "
-              f"{s['tokens_per_s'] / l['tokens_per_s']:.2f}× | {s['fvu']:.3f} | {l['fvu']:.3f} | "
-              f"{s['l0']:.1f} | {l['l0']:.1f} |", flush=True)
-
+            r = {impl: result(run_worker(pythons[impl], impl, "budget", arch, a, scale), f"{impl} {arch}")
+                 for impl in ("saelab", "saelens")}
+        if t is None:
+            t = res.table(f"Same budget ({a.budget // BATCH * BATCH:,} tokens from the store, I/O included"
+                          f"{'; both trainings ran at the same time' if a.parallel_budget else ''}), "
+                          f"held-out FVU and L0 on {HOLDOUT_ROWS:,} rows",
+                          ["arch", "saelab tokens/s", "SAELens tokens/s", "ratio", "saelab FVU", "SAELens FVU",
+                           "saelab L0", "SAELens L0"],
+                          note=setting,
+                          fmt={"saelab tokens/s": ",.0f", "SAELens tokens/s": ",.0f", "ratio": times,
+                               "saelab FVU": ".3f", "SAELens FVU": ".3f", "saelab L0": ".1f", "SAELens L0": ".1f"})
+        s_, l_ = r["saelab"], r["saelens"]
+        t.row(arch, s_["tokens_per_s"], l_["tokens_per_s"], s_["tokens_per_s"] / l_["tokens_per_s"], s_["fvu"],
+              l_["fvu"], s_["l0"], l_["l0"])
+    res.write()
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,8 @@ OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/device_check.log") 2>&1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1
+# the benchmarks' result files (bench_encode_gpu.json, tune_triton.json) come back with $OUT
+export SAELAB_BENCH_RESULTS="$OUT/results"
 PY=${PY:-python3}
 failed=()
 step() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }

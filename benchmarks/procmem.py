@@ -45,8 +45,11 @@ def run_child(args: list[str]) -> dict:
     """Run ``python *args`` (a script and its flags, or ``-c CODE ...``) with this folder importable; its last
     line of output, JSON, is the result."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, *args], check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:  # the child's own error, not just its exit status
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"a measured child process failed (exit {proc.returncode}); its error is above")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def alternate(variants: dict[str, list[str]], reps: int) -> dict[str, list[dict]]:
@@ -59,13 +62,18 @@ def alternate(variants: dict[str, list[str]], reps: int) -> dict[str, list[dict]
     return runs
 
 
-def ratio_table(runs: dict[str, list[dict]], base: str, seconds: str = "seconds") -> list[str]:
-    """A markdown table: each variant's median seconds (result key "s") and peak RSS growth ("peak", bytes),
-    and both over those of ``base``. ``seconds``: the time column's heading."""
+def ratio_table(res, title: str, runs: dict[str, list[dict]], base: str, seconds: str = "seconds",
+                note: str | None = None):
+    """A table of ``res`` (a ``results.Result``): each variant's median seconds (result key "s") and peak RSS
+    growth ("peak", bytes), and both over those of ``base``. ``seconds``: the time column's heading."""
     import statistics
 
     med = {name: (statistics.median(r["s"] for r in rs), statistics.median(r["peak"] for r in rs) / 1e6)
            for name, rs in runs.items()}
     b = med[base]
-    return ([f"| path | {seconds} | peak RSS growth (MB) | time / {base} | memory / {base} |", "|---|---|---|---|---|"]
-            + [f"| {name} | {s:.2f} | {m:,.0f} | {s / b[0]:.2f} | {m / b[1]:.2f} |" for name, (s, m) in med.items()])
+    t = res.table(title, ["path", seconds, "peak RSS growth (MB)", f"time / {base}", f"memory / {base}"], note=note,
+                  fmt={seconds: ".2f", "peak RSS growth (MB)": ",.0f", f"time / {base}": ".2f",
+                       f"memory / {base}": ".2f"})
+    for name, (s, m) in med.items():
+        t.row(name, s, m, s / b[0], m / b[1])
+    return t

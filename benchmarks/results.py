@@ -184,7 +184,7 @@ class Table:
             return ""
         spec = self.fmt.get(col)
         if spec and isinstance(v, numbers.Number) and not isinstance(v, bool):
-            return format(v, spec)
+            return spec(v) if callable(spec) else format(v, spec)
         return _auto(v)
 
     def row(self, *values) -> list:
@@ -219,8 +219,8 @@ class Result:
         self.tables: list[Table] = []
 
     def table(self, title: str, columns: list[str], note: str | None = None, fmt: dict | None = None) -> Table:
-        """A new table (the previous one is finished: its note printed). ``fmt``: {column: format spec} for
-        the printed numbers (the JSON keeps them unrounded)."""
+        """A new table (the previous one is finished: its note printed). ``fmt``: {column: a format spec, or a
+        function of the number returning its text} for the printed numbers (the JSON keeps the numbers)."""
         t = Table(title, columns, note, fmt)
         if self.tables:
             self.tables[-1].close()
@@ -232,10 +232,14 @@ class Result:
         return {"name": self.name, "title": self.title, "description": self.description, "command": self.command,
                 "env": self.env, "tables": [t.to_json() for t in self.tables]}
 
-    def write(self, folder: str | os.PathLike | None = None) -> pathlib.Path:
-        """Record the load after the run and write ``<folder>/<name>.json`` atomically; returns its path."""
-        if self.tables:
-            self.tables[-1].close()
+    def write(self, folder: str | os.PathLike | None = None) -> pathlib.Path | None:
+        """Record the load after the run and write ``<folder>/<name>.json`` atomically; returns its path. A run
+        that made no table (e.g. a GPU-only run on a machine without one) writes nothing and returns None, so
+        that it leaves an earlier run's file as it was."""
+        if not self.tables:
+            print(f"\nno table measured: {self.name}.json not written", file=sys.stderr, flush=True)
+            return None
+        self.tables[-1].close()
         self.env["load_after"] = _load()
         folder = pathlib.Path(folder) if folder is not None else results_dir()
         folder.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,9 @@ GPU only (a session lent a GPU machine runs it in one call; ``--small`` dry-runs
    tiles' products and their row maxima: its bare GEMM), against cuBLAS's product of the same shape.
 2. The training step (loss + backward) of a bf16 TopK SAE per path under ``torch.profiler``: the
    top CUDA ops, so the backward's cost is seen by op.
+
+Writes ``benchmarks/results/tune_triton.json`` (``results.py``; ``tune_triton_small.json`` with ``--small``):
+the forward table and the training-step times (the profiles are printed only).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 import torch
 
 from bench_encode import train_step
+from results import Result
 from saelab.kernels.topk_encode import topk_encode_reference
 from saelab.kernels.triton_topk import _threshold_select, triton_select
 from saelab.sae import SAE
@@ -64,6 +68,14 @@ def main() -> None:
     p.add_argument("--no-profile", action="store_true", help="skip the profiled training steps")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    res = Result("tune_triton_small" if a.small else "tune_triton", "Triton TopK encode: launch settings swept",
+                 "Every (method, BLOCK_B, BLOCK_N, BLOCK_D, num_warps, num_stages, split target) of the grid, timed "
+                 "with CUDA events (median), each checked against an exact float64 top-k (the share of clear rows "
+                 "whose index sets agree), against the reference (`torch.topk` of the cuBLAS pre-activation) timed "
+                 "in the same run; for the threshold method also its pass 0 alone (the tiles' products and row "
+                 "maxima) against cuBLAS's product of the same shape. Then one TopK training step (loss + backward) "
+                 "per path, timed and profiled (the profiles are printed, not stored).",
+                 device=f"cuda: {torch.cuda.get_device_name()}" if dev == "cuda" else "cpu")
     B, d, n, k = (96, 32, 512, 8) if a.small else (4096, 768, 32768, 32)
     dtype = torch.float32 if a.small else torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -111,14 +123,16 @@ def main() -> None:
             print(f"{cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
         rows.append((ms, cfg, agree, p0))
-    print(f"\nforward, {dev}, B={B} d_in={d} d_sae={n} k={k} {dtype}, torch {torch.__version__}: "
-          f"reference {ref_ms:.3f} ms (its GEMM alone {mm_ms:.3f} ms); clear rows {clear.float().mean().item():.2f}")
-    print("| method | BLOCK_B | BLOCK_N | BLOCK_D | warps | stages | split target | ms | speed-up vs reference "
-          "| agree | pass 0 ms | pass 0 / GEMM |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tab = res.table(f"Forward, {dev}, B={B} d_in={d} d_sae={n} k={k} {dtype}, sorted by time",
+                    ["method", "BLOCK_B", "BLOCK_N", "BLOCK_D", "warps", "stages", "split target", "ms",
+                     "speed-up vs reference", "agree", "pass 0 ms", "pass 0 / GEMM"],
+                    note=f"torch {torch.__version__}; reference {ref_ms:.3f} ms (its GEMM alone {mm_ms:.3f} ms); "
+                         f"clear rows {clear.float().mean().item():.2f}; medians of {a.reps}",
+                    fmt={"ms": ".3f", "speed-up vs reference": ".2f", "agree": ".4f", "pass 0 ms": ".3f",
+                         "pass 0 / GEMM": ".2f"})
     for ms, cfg, agree, p0 in sorted(rows, key=lambda r: r[0]):
-        print("| " + " | ".join(map(str, cfg)) + f" | {ms:.3f} | {ref_ms / ms:.2f} | {agree:.4f} | {p0:.3f} "
-              f"| {p0 / mm_ms:.2f} |")
+        tab.row(*cfg, ms, ref_ms / ms, agree, p0, p0 / mm_ms)
+    tab.close()
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
     key = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
     best = [r for r in sorted(rows, key=lambda r: r[0]) if r[1][0] == "threshold"][:1]
@@ -132,21 +146,29 @@ def main() -> None:
         print(f"\nthe fastest threshold setting {cfg} ({ms:.3f} ms), 5 calls profiled:")
         print(prof.key_averages().table(sort_by=key, row_limit=10, max_name_column_width=60))
     if a.no_profile:
+        res.write()
         return
 
     # 2. where a training step's time goes, per path
     torch.manual_seed(0)
     sae = SAE.create("topk", d_in=d, d_sae=n, k=k).to(dev).to(dtype)
     xs = torch.randn(B, d, device=dev, dtype=dtype)
+    steps = {}
     for path in (["reference", "chunked"] if a.small else ["reference", "triton", "triton threshold"]):
         step = train_step(sae, xs, path)
-        step_ms = timed(step, a.reps)
+        steps[path] = timed(step, a.reps)
         with torch.profiler.profile(activities=acts) as prof:
             step()
             if dev == "cuda":
                 torch.cuda.synchronize()
-        print(f"\ntraining step, {path}: {step_ms:.3f} ms")
+        print(f"\ntraining step, {path}: {steps[path]:.3f} ms")
         print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+    tab = res.table(f"TopK training step (loss + backward), {dev}, {dtype}", ["path", "step ms", "speed-up vs reference"],
+                    note=f"B={B} d_in={d} d_sae={n} k={k}; medians of {a.reps}",
+                    fmt={"step ms": ".3f", "speed-up vs reference": ".2f"})
+    for path, ms in steps.items():
+        tab.row(path, ms, steps["reference"] / ms)
+    res.write()
 
 
 if __name__ == "__main__":
