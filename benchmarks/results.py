@@ -44,7 +44,7 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS_ENV = "SAELAB_BENCH_RESULTS"
-# what the runs themselves write: a result file left there does not make the checkout differ from its commit
+# what the runs themselves write: a result file rewritten there does not make the checkout differ from its commit
 _OWN_OUTPUT = "benchmarks/results"
 
 
@@ -104,7 +104,9 @@ def environment(threads: int | None = None, device: str = "cpu") -> dict:
     import torch
 
     sha = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--", ".", f":(exclude){_OWN_OUTPUT}")
+    # git_dirty: a tracked file differs from git_sha. Untracked files (stores, demo runs, a new module no tracked
+    # file imports yet) leave the code that runs as committed, so they do not count.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){_OWN_OUTPUT}")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "git_sha": sha.strip() if sha else None,
