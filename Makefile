@@ -52,5 +52,19 @@ bench-venv: .venv-bench/.installed
 	.venv-bench/bin/pip install -q -c .venv-bench/constraints.txt sae-lens h5py
 	touch $@
 
+# the documentation site (mkdocs-material) into site/; the [docs] extra is installed on first use
+.PHONY: docs
+docs: setup
+	$(BIN)/python -c "import mkdocs, material, mkdocstrings_handlers.python, mkdocs_jupyter" 2>/dev/null \
+		|| $(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[docs]'
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
 	rm -rf $(VENV) .venv-tl3 .venv-bench activations/demo runs/demo
+
+# the import contracts (pyproject.toml [tool.importlinter]) on the installed layout: there the app in app/ is
+# saelab.app, as a regular install has it
+.PHONY: lint
+lint: setup
+	rm -rf build/lint && $(BIN)/pip install -q --no-deps --target build/lint .
+	cd build/lint && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml

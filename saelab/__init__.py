@@ -1,29 +1,17 @@
 """saelab: a workbench for sparse autoencoders on transformer activations.
 
 Harvest activations (``saelab.harvest``) into HDF5 stores (``saelab.store``), train SAEs
-on them, and analyse the features. See README.md for the command line.
+on them, and analyse the features. The documentation site (docs/) has the command line.
 """
 
 __version__ = "0.1.0"
 
+from saelab.errors import SaelabError, first_line
 
-class SaelabError(Exception):
-    """A user-facing error: the message says what went wrong and names the fix.
-
-    The CLI prints it on one line and exits with status 2; no stack trace.
-    """
-
-
-def first_line(e: BaseException, limit: int | None = None) -> str:
-    """The first line of an exception's message (its type's name when it has none), for a one-line error that
-    quotes a library's own (safetensors, torch, wandb, transformers); at most ``limit`` characters."""
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line if limit is None else line[:limit]
-
-
-# the main Python entry points, imported on first use (``import saelab`` and the CLI stay light: no torch)
-_LAZY = {"SAE": "saelab.sae", "ActivationStore": "saelab.store", "FeatureDB": "saelab.analysis.features",
-         "load_model": "saelab.models"}
+# the main Python entry points, imported on first use (``import saelab`` and the CLI stay light: no torch); SAE
+# comes through saelab.hub, which lets SAE.load read hf:// specs
+_LAZY = {"SAE": "saelab.hub", "ActivationStore": "saelab.store", "FeatureDB": "saelab.analysis.features",
+         "load_model": "saelab.models", "load_sae": "saelab.targets"}
 
 
 def __getattr__(name):

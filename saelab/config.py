@@ -11,20 +11,11 @@ import dataclasses
 import json
 import math
 import pathlib
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from saelab import SaelabError
-
-# the files of an SAE folder (saelab train, SAELens) and of a group folder (one SAE per hook)
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-TRAIN_FILE = "train.json"  # the training settings and the store's absolute path
-GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
-SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revision, commit | path, format, fetched}
-HUB_PREFIX = "hf://"  # an SAE on the Hugging Face hub: hf://ORG/REPO/SUBFOLDER
-
+from saelab.errors import SaelabError
+from saelab.fs import atomic_write_text
 
 def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - mirrors argparse
     """A dataclass field whose metadata carries the CLI help (and optional flag settings)."""
@@ -242,151 +233,7 @@ class TrainConfig(JSONConfig):
 
 
 def to_json(cfg, path: pathlib.Path) -> None:
-    from saelab.store import atomic_write_text
-
     atomic_write_text(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------ CLI builder
-def add_arguments(parser, cls) -> None:
-    """Add one flag per dataclass field, help text from the field's metadata."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        meta = f.metadata
-        if meta.get("cli") is False:
-            continue
-        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
-        hint = hints[f.name]
-        kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        origin = typing.get_origin(hint)
-        args = typing.get_args(hint)
-        if hint is bool:
-            kw["action"] = "store_true"
-        elif origin is list:
-            kw.update(action="append", type=args[0], default=None)
-        else:
-            base = next((a for a in args if a is not type(None)), hint) if args else hint
-            kw.update(type=base, default=default)
-            if meta.get("choices"):
-                kw["choices"] = meta["choices"]
-        if meta.get("required"):
-            kw["required"] = True
-        elif "default" in kw and kw["default"] not in (None, "", []):
-            kw["help"] += f" (default: {kw['default']})"
-        parser.add_argument(flag, **kw)
-
-
-def from_args(cls, ns):
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        v = getattr(ns, f.name)
-        if v is None and f.default_factory is not dataclasses.MISSING:
-            v = f.default_factory()
-        values[f.name] = v
-    return cls(**values)
-
-
-def group_json(model: str, hooks) -> str:
-    """The text of a group.json for SAE folders named after their hooks (``read_group`` reads it back)."""
-    return json.dumps({"model": model, "hooks": {h: h for h in hooks}}, indent=2) + "\n"
-
-
-def read_group(path: str | pathlib.Path) -> tuple[str | None, dict[str, pathlib.Path]] | None:
-    """A group folder's (model name or None, {hook: SAE folder}) from its group.json; None when
-    ``path`` holds no group.json. A malformed group file is a one-line error."""
-    check_local_sae(path)
-    path = pathlib.Path(path).expanduser()
-    f = path / GROUP_FILE
-    if not f.is_file():
-        return None
-    try:
-        meta = json.loads(f.read_text())
-        hooks, model = meta["hooks"], meta.get("model")
-        if not isinstance(hooks, dict) or not all(isinstance(v, str) for v in hooks.values()) \
-                or not (model is None or isinstance(model, str)):
-            raise TypeError
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
-        raise SaelabError(f"{f} is not a valid group file ({{\"model\": ..., \"hooks\": {{hook: folder}}}}): "
-                          "re-run saelab train on the RUN folder") from None
-    return model or None, {h: path / sub for h, sub in hooks.items()}
-
-
-def read_train_info(folder: str | pathlib.Path, fix: str) -> dict:
-    """A run folder's train.json as a dict ({} when it has none); a damaged one (unreadable, not JSON, not a
-    JSON object) is a one-line error ending in ``fix``."""
-    path = pathlib.Path(folder).expanduser() / TRAIN_FILE
-    if not path.exists():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        info = None
-    if not isinstance(info, dict):
-        raise SaelabError(f"{path} is damaged (not a readable JSON object): restore it, or {fix}")
-    return info
-
-
-def read_json_object(path: str | pathlib.Path | None) -> dict | None:
-    """The JSON object in the file ``path``, or None when there is none (no path, a missing or unreadable file,
-    not JSON, not an object): for optional files whose absence is no error."""
-    if path is None:
-        return None
-    try:
-        raw = json.loads(pathlib.Path(path).expanduser().read_text())
-    except (OSError, ValueError):
-        return None
-    return raw if isinstance(raw, dict) else None
-
-
-def read_source(folder: str | pathlib.Path) -> dict | None:
-    """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, format, fetched}, or {path,
-    format, fetched} for one fetched from a local folder; see
-    ``saelab fetch``), or None when it has none (or an unreadable one)."""
-    return read_json_object(pathlib.Path(folder).expanduser() / SOURCE_FILE)
-
-
-def hub_spec(path) -> str | None:
-    """``hf://ORG/REPO/SUBFOLDER`` when ``path`` names an SAE on the hub (also as a pathlib.Path, which folds
-    the double slash), else None."""
-    text = str(path)
-    if not text.startswith(("hf://", "hf:/")):
-        return None
-    return HUB_PREFIX + text.split(":", 1)[1].lstrip("/")
-
-
-# SAEConfig fields that only some architectures (or matryoshka modes) read; the CLI refuses them elsewhere
-ARCH_ONLY = {"l1_coeff": ("relu",), "l0_coeff": ("jumprelu",), "sparsity_warmup": ("relu", "jumprelu"),
-             "bandwidth": ("jumprelu",), "init_threshold": ("jumprelu",), "threshold_momentum": ("batchtopk",),
-             "matryoshka_mode": ("matryoshka",), "matryoshka_prefixes": ("matryoshka",),
-             "matryoshka_ks": ("matryoshka",), "matryoshka_weighting": ("matryoshka",), "grad_beta": ("gradient",)}
-MODE_ONLY = {"matryoshka_prefixes": "prefix", "matryoshka_ks": "k", "matryoshka_weighting": "k"}
-
-
-def check_sae_flags(ns) -> None:
-    """One-line errors for SAE flags the command line was given that the run would ignore: --width together
-    with --expansion, and a flag of another architecture (or matryoshka mode) than the one trained. A flag
-    counts as given when its value differs from its default (passing the default is harmless)."""
-    fields = {f.name: f for f in dataclasses.fields(SAEConfig)}
-
-    def given(name):
-        v, f = getattr(ns, name, None), fields[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        return v is not None and v != default
-
-    if getattr(ns, "width", None) and given("expansion"):
-        raise SaelabError(f"--width {ns.width} and --expansion {ns.expansion} both set the number of latents: "
-                          "pass one of them")
-    for name, archs in ARCH_ONLY.items():
-        if given(name) and ns.arch not in archs:
-            raise SaelabError(f"{flag_of(name)} applies to --arch {' or '.join(archs)} only, and this run trains "
-                              f"{ns.arch}: drop it, or pass --arch {archs[0]}")
-    for name, mode in MODE_ONLY.items():
-        if given(name) and ns.arch == "matryoshka" and ns.matryoshka_mode != mode:
-            raise SaelabError(f"{flag_of(name)} applies to --matryoshka-mode {mode} only, and this run uses "
-                              f"{ns.matryoshka_mode}: drop it, or pass --matryoshka-mode {mode}")
 
 
 def describe_changes(recorded: dict, now: dict, keys) -> str:
@@ -404,6 +251,16 @@ def describe_changes(recorded: dict, now: dict, keys) -> str:
                      for k in keys)
 
 
+def check_resume_settings(recorded: dict, now: dict, free, where, redo: str) -> None:
+    """A one-line refusal of ``--resume`` when a setting differs from the run's (``recorded``; keys it lacks, written
+    by an older saelab, are skipped), other than the ``free`` ones (where things are, where it runs, how often it
+    reports); ``redo`` ends the message (e.g. "train to a new --out")."""
+    changed = sorted(k for k, v in now.items() if k not in free and k in recorded and recorded[k] != v)
+    if changed:
+        raise SaelabError(f"--resume with different settings than the run in {where} "
+                          f"({describe_changes(recorded, now, changed)}): pass the run's values, or {redo}")
+
+
 def flag_of(name: str) -> str:
     """The command-line flag of a config field (``hooks`` → ``--hook``, ``matryoshka_prefixes`` →
     ``--matryoshka-prefix``)."""
@@ -412,58 +269,3 @@ def flag_of(name: str) -> str:
             if f.name == name:
                 return f.metadata.get("flag", "--" + name.replace("_", "-"))
     return "--" + name.replace("_", "-")
-
-
-def check_local_sae(path) -> None:
-    """A one-line error for a hub spec (``hf://ORG/REPO/SUBFOLDER``) where a folder is needed: commands write
-    next to the SAE (features.h5, eval.json), so ``saelab fetch`` must make a folder of it first."""
-    spec = hub_spec(path)
-    if spec:
-        raise SaelabError(f"{spec} is a hub SAE; this needs a folder: saelab fetch {spec} --out runs/NAME, then pass "
-                          "runs/NAME (SAE.load reads hf:// directly)")
-
-
-def read_sae_cfg(path: str | pathlib.Path) -> dict:
-    """The parsed cfg.json of an SAE folder (saelab or SAELens); a one-line error when ``path`` is
-    no SAE folder (missing, no cfg.json or weights, unreadable JSON)."""
-    check_local_sae(path)
-    path = pathlib.Path(path).expanduser()
-    if not path.is_dir():
-        raise SaelabError(f"{path}: no such folder; pass an SAE folder written by saelab train or SAELens")
-    if (path / GROUP_FILE).is_file() and not (path / CFG_FILE).is_file():
-        hooks = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
-        raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
-                          f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
-    if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        from saelab.formats import folder_layout
-
-        layout = folder_layout(path)
-        if layout:  # Gemma Scope's or sparsify's layout: fetch converts it
-            raise SaelabError(f"{path} holds an SAE in {layout}'s layout, not saelab's: convert it once with "
-                              f"`saelab fetch {path} --out runs/NAME` and pass runs/NAME")
-        raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
-                          "pass a folder written by saelab train or SAELens, or a group folder")
-    try:
-        raw = json.loads((path / CFG_FILE).read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise SaelabError(f"{path / CFG_FILE} is not readable ({e}); re-save the SAE") from None
-    except json.JSONDecodeError as e:
-        raise SaelabError(f"{path / CFG_FILE} is not valid JSON ({e.msg}); re-save the SAE") from None
-    if not isinstance(raw, dict):
-        raise SaelabError(f"{path / CFG_FILE} is not an SAE config (a JSON object); re-save the SAE")
-    own = raw.get("saelab", {})
-    if not isinstance(own, dict):
-        raise SaelabError(f"{path / CFG_FILE}: its \"saelab\" entry is {type(own).__name__}, not an object; "
-                          "re-save the SAE")
-    for key in ("d_in", "d_sae"):  # every reader sizes things by these (an old SAELens config may give no d_sae)
-        v = raw.get(key, own.get(key))
-        if v is None and key == "d_sae":
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise SaelabError(f"{path / CFG_FILE}: {key} is {v!r}, not a positive whole number; re-save the SAE")
-    arch = own.get("arch")
-    if arch is not None:
-        if arch not in ARCHS:
-            raise SaelabError(f"{path / CFG_FILE}: architecture {arch!r} is not one saelab knows "
-                              f"({', '.join(ARCHS)}); re-save the SAE")
-    return raw

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from saelab import SaelabError, first_line
+from saelab.errors import SaelabError, first_line
 
 CORPUS_DIR = pathlib.Path(__file__).resolve().parent / "tiny" / "corpus"
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -94,7 +94,7 @@ def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = 
     demo = _ensure_trained(root, tokens=tokens, train_tokens=train_tokens, progress=progress, model=model,
                            name=name, hooks=tuple(hooks), expansion=expansion, lr=lr, activations=activations)
     if analyze:
-        from saelab import SaelabError
+        from saelab.errors import SaelabError
         from saelab.analysis.features import FeatureDB, analyze as analyze_sae
 
         for hook, folder in demo.saes.items():
@@ -116,9 +116,11 @@ def ensure_wide_group(root: str | os.PathLike | None = None, *, progress: bool =
 
 def _ensure_trained(root, *, tokens, train_tokens, progress, model, name="demo", hooks=DEMO_HOOKS,
                     expansion=DEMO_EXPANSION, lr=None, activations=None) -> DemoGroup:
-    from saelab.config import GROUP_FILE, TRAIN_FILE, HarvestConfig, SAEConfig, TrainConfig
-    from saelab.harvest import RUN_FILE, _complete, harvest
-    from saelab.store import atomic_write_text
+    from saelab.config import HarvestConfig, SAEConfig, TrainConfig
+    from saelab.layout import GROUP_FILE, TRAIN_FILE
+    from saelab.harvest import _complete, harvest
+    from saelab.layout import RUN_FILE
+    from saelab.fs import atomic_write_text
     from saelab.train import train
 
     base = demo_root(root)

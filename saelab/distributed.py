@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from saelab import SaelabError, first_line
+from saelab.errors import SaelabError, first_line
 
 DEFAULT_TIMEOUT = 300  # seconds; --dist-timeout or SAELAB_DIST_TIMEOUT
 TIMEOUT_ENV = "SAELAB_DIST_TIMEOUT"

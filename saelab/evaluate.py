@@ -22,8 +22,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saelab import SaelabError
-from saelab.store import ActivationStore, atomic_write_text
+from saelab.device import device_of, pick_device
+from saelab.errors import SaelabError
+from saelab.fs import atomic_write_text, check_writable_in
+from saelab.hooks import flat_hook
+from saelab.kernels import sparse_decode
+from saelab.kernels.topk_encode import resolve_kernel
+from saelab.layout import EVAL_FILE, check_local_sae, read_eval, read_train_info
+from saelab.sae.topk import TopKSAE
+from saelab.store import ActivationStore
 
 DENSE = 0.1
 DENSE_BUDGET = 1 << 25  # elements of one [rows, d_sae] code tensor on the dense (non-TopK) paths: 128 MiB
@@ -32,16 +39,10 @@ DENSE_BUDGET = 1 << 25  # elements of one [rows, d_sae] code tensor on the dense
 def sparse_codes(sae, x: torch.Tensor, kernel: str | None = None):
     """(values [B, k], indices [B, k]) of a TopK-family SAE's inference codes through the fused
     encode, or None when the SAE is not in the family or the path is the dense reference."""
-    from saelab.kernels import topk_encode
-    from saelab.kernels.topk_encode import resolve_kernel
-    from saelab.sae.topk import TopKSAE
-
     kernel = kernel or getattr(sae, "kernel", "auto")
     if not isinstance(sae, TopKSAE) or resolve_kernel(kernel, x.device) == "reference":
         return None
-    sae.check_input(x)
-    xc = x - sae.b_dec if sae.apply_b_dec_to_input else x
-    return topk_encode(xc, sae.W_enc, sae.b_enc, sae.cfg.k, sae.signed, kernel=kernel)
+    return sae.fused_codes(x, kernel=kernel)
 
 
 def dense_chunks(sae, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -54,8 +55,6 @@ def dense_chunks(sae, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 def reconstruct(sae, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
     """x̂ = decode(encode(x)), sparse for the TopK family (see ``sparse_codes``), else dense in row chunks."""
-    from saelab.kernels import sparse_decode
-
     codes = sparse_codes(sae, x, kernel)
     if codes is not None:
         return sparse_decode(*codes, sae.W_dec, sae.b_dec)
@@ -112,6 +111,12 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
             "dead_frac": float((fired == 0).double().mean()), "dense_frac": float((freq > DENSE).double().mean())}
 
 
+def kl_per_position(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) at each position, over the vocabulary: [...] from logits [..., vocab]."""
+    lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
 @torch.no_grad()
 def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_size: int = 16,
                    progress: bool = False, kernel: str | None = None) -> dict:
@@ -121,23 +126,21 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
     if hook not in model.hook_dict:
         raise SaelabError(f"the SAE reads hook {hook!r}, which model {getattr(model.cfg, 'model_name', '')} "
                           "does not have: pass the model the SAE was trained on")
-    device = next(model.parameters()).device
+    device = device_of(model)
     sae = sae.to(device).eval()
     first = 1 if skip_bos else 0
 
     def splice(mode):
-        def fn(act, hook):
-            shape = act.shape
-            flat = act.flatten(2)  # [n, T, features]: hook_z heads flattened head-major
+        def fn(flat):  # [n, T, features]
             new = flat.clone()
-            part = flat[:, first:]
             if mode == "sae":
-                rec = reconstruct(sae, part.reshape(-1, part.shape[-1]).float(), kernel).to(act.dtype)
-                new[:, first:] = rec.reshape(part.shape)
+                part = flat[:, first:]
+                new[:, first:] = reconstruct(sae, part.reshape(-1, part.shape[-1]).float(), kernel).to(flat.dtype) \
+                    .reshape(part.shape)
             else:
                 new[:, first:] = 0
-            return new.reshape(shape)
-        return fn
+            return new
+        return flat_hook(fn)
 
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
@@ -149,8 +152,7 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
         zero = model.run_with_hooks(t, fwd_hooks=[(hook, splice("zero"))])[:, :-1].float()
         for name, logits in [("clean", clean), ("sae", spliced), ("zero", zero)]:
             totals[name] += float(F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum"))
-        lp, lq = clean.log_softmax(-1), spliced.log_softmax(-1)
-        totals["kl"] += float((lp.exp() * (lp - lq)).sum())
+        totals["kl"] += float(kl_per_position(clean, spliced).sum())
         count += tgt.numel()
     ce = {k: v / count for k, v in totals.items()}
     denom = ce["zero"] - ce["clean"]
@@ -164,19 +166,16 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     """What `saelab eval` does for one SAE folder: store metrics, and CE metrics when a model is given (by name,
     ``model_name``, or already loaded, ``model``: a group's SAEs share one); writes eval.json. The store is
     ``activations`` or the one the SAE's train.json names; with neither, a one-line error."""
-    from saelab.sae import SAE
-    from saelab.config import check_local_sae, read_train_info
-    from saelab.store import check_writable_in, store_for_sae
-    from saelab.train import pick_device
+    from saelab.targets import load_sae, store_for_sae
 
     if n_contexts < 1:
         raise SaelabError(f"--contexts must be positive (got {n_contexts})")
     if write:
         check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
-    sae = SAE.load(sae_path)
+    sae = load_sae(sae_path)
     if write:
-        check_writable_in(sae_path, "eval.json")  # before the pass, not after it
+        check_writable_in(sae_path, EVAL_FILE)  # before the pass, not after it
     dev = pick_device(device)
     info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)
@@ -201,13 +200,8 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
         if len(toks) < n_contexts:
             res["ce_contexts_asked"] = n_contexts
     if write:
-        try:
-            old = json.loads((sae_path / "eval.json").read_text())
-        except (OSError, UnicodeDecodeError, ValueError):  # none yet, or a damaged one: this run's replaces it
-            old = {}
-        if not isinstance(old, dict):
-            old = {}
+        old = read_eval(sae_path) or {}  # none yet, or a damaged one: this run's replaces it
         if "ce_contexts" in res:
             old.pop("ce_contexts_asked", None)  # an earlier run's shortfall, not this one's
-        atomic_write_text(sae_path / "eval.json", json.dumps({**old, **res}, indent=2) + "\n")
+        atomic_write_text(sae_path / EVAL_FILE, json.dumps({**old, **res}, indent=2) + "\n")
     return res

@@ -28,33 +28,8 @@ import re
 
 import torch
 
-from saelab import SaelabError
-from saelab.config import CFG_FILE, WEIGHTS_FILE
-
-GEMMA_SCOPE_FILE = "params.npz"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-SPARSIFY_RUN_CFG = "config.json"  # sparsify's run config, one folder above the hookpoint folders
-
-#: layout name → the files of one SAE folder in it (the first is the one to report when none is there)
-LAYOUTS = {
-    "saelens": (CFG_FILE, WEIGHTS_FILE),
-    "sparsify": (CFG_FILE, SPARSIFY_WEIGHTS),
-    "gemma-scope": (GEMMA_SCOPE_FILE,),
-}
-LAYOUT_HELP = (f"{CFG_FILE} + {WEIGHTS_FILE} for SAELens and saelab, {GEMMA_SCOPE_FILE} for Gemma Scope, or "
-               f"{CFG_FILE} + {SPARSIFY_WEIGHTS} for EleutherAI sparsify")
-
-
-def layout_of(names) -> str | None:
-    """The layout whose files are all among ``names`` (file names of one folder), or None."""
-    names = set(names)
-    return next((lay for lay, files in LAYOUTS.items() if set(files) <= names), None)
-
-
-def folder_layout(folder: pathlib.Path) -> str | None:
-    """The layout of the SAE in the local folder ``folder`` (``layout_of`` its files), or None."""
-    return layout_of(p.name for p in folder.iterdir() if p.is_file())
-
+from saelab.errors import SaelabError
+from saelab.layout import CFG_FILE, GEMMA_SCOPE_FILE, SPARSIFY_WEIGHTS
 
 def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, run_cfg: dict | None = None,
             target: dict | None = None):

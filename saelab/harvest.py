@@ -18,13 +18,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import os
 import pathlib
 import queue
 import shutil
 import sys
-import tempfile
 import threading
 import time
 
@@ -33,28 +31,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from saelab import SaelabError, first_line
 from saelab import distributed as dist
-from saelab.config import HarvestConfig
+from saelab.config import HarvestConfig, check_resume_settings
+from saelab.errors import SaelabError, first_line
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
-from saelab.models import expand_hooks, load_model, model_info, tokenizer_bos
-from saelab.store import (FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_text, fsync_dir,
-                          no_empty_folder_left, read_manifest, shard_name)
-
-RUN_FILE = "harvest.json"
-_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def plan_shards(n_contexts: int, holdout: float, shard_contexts: int) -> list[tuple[int, int, bool]]:
-    """[(first context, n contexts, is_holdout)]: training shards, then the held-out ones."""
-    n_hold = math.ceil(holdout * n_contexts) if holdout > 0 else 0
-    n_train = n_contexts - n_hold
-    if n_train < 1:
-        raise SaelabError(f"--holdout {holdout} leaves no training contexts out of {n_contexts}: lower it")
-    plan = [(a, min(shard_contexts, n_train - a), False) for a in range(0, n_train, shard_contexts)]
-    plan += [(a, min(shard_contexts, n_contexts - a), True) for a in range(n_train, n_contexts, shard_contexts)]
-    return plan
-
+from saelab.fs import atomic_write_text, fsync_dir, no_empty_folder_left, out_folder, sha256_file
+from saelab.hooks import check_reached, expand_hooks, flat_rows, forward
+from saelab.layout import MANIFEST, RUN_FILE, shard_name
+from saelab.models import load_model, model_info, tokenizer_bos
+from saelab.store import DTYPES, ShardWriter, new_manifest, plan_shards, read_manifest
 
 def local_key(name: str) -> str:
     """How a run records ``--dataset`` and ``--model``: a local file or folder that exists as its
@@ -68,89 +53,47 @@ def local_key(name: str) -> str:
 
 
 def _check_out(out: pathlib.Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise SaelabError(f"--out {out} is a file: pass a folder path")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise SaelabError(f"--out {out} already exists: pass --resume to continue it, or choose a new --out")
+    out_folder(out, resume=resume)
     if resume and not (out / RUN_FILE).exists():
         raise SaelabError(f"--resume: {out} holds no {RUN_FILE} to resume from; start it without --resume")
-    parent = out if out.exists() else next(p for p in out.parents if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SaelabError(f"--out {out}: {parent} is not writable; choose a folder you can write to")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as e:
-        raise SaelabError(f"--out {out} is not writable ({e.strerror}); choose a folder you can write to") from None
 
 
 # below this many tokens, the up-front count keeps the token ids (int32: 128 MiB) for the run
 KEEP_TOKENS = 1 << 25
 
 
-class _StopForward(Exception):
-    """Raised by the last needed hook so the rest of the forward is never computed."""
+def _keep(acts: dict, name: str, with_grads: bool):
+    """A hook function that keeps the hooked tensor in ``acts`` under ``name`` (the name asked for: the bridge's
+    hook points answer to aliases) and lets grads reach it."""
+    def fn(tensor, hook):
+        if with_grads:
+            if tensor.requires_grad:
+                tensor.retain_grad()
+            else:
+                tensor.requires_grad_(True)
+        acts[name] = tensor
+
+    return fn
 
 
-class _HookRecorder:
-    """Forward hooks that keep the hooked tensors of one batch (and let grads reach them).
-
-    Without grads, the hook that completes the set raises _StopForward: nothing after the
-    deepest requested hook point runs (not even the rest of its block, ln_final or unembed).
-    """
-
-    def __init__(self, hooks: list[str], with_grads: bool):
-        self.hooks, self.with_grads, self.acts = hooks, with_grads, {}
-
-    def fwd_hooks(self):
-        def make(name):
-            def fn(tensor, hook):
-                if self.with_grads:
-                    if tensor.requires_grad:
-                        tensor.retain_grad()
-                    else:
-                        tensor.requires_grad_(True)
-                self.acts[name] = tensor
-                if not self.with_grads and len(self.acts) == len(self.hooks):
-                    raise _StopForward
-                return tensor
-
-            return fn
-
-        return [(h, make(h)) for h in self.hooks]
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """[batch, pos, ...] → [batch*pos, features] (hook_z heads flattened head-major)."""
-    return t.reshape(t.shape[0] * t.shape[1], -1)
-
-
-def _check_reached(hooks, acts) -> None:
-    missing = [h for h in hooks if h not in acts]
-    if missing:
-        raise SaelabError(f"the model's forward never reached hook(s) {', '.join(sorted(missing))}: "
-                          "choose hooks this model computes")
-
-
-def forward_batch(model, tokens: torch.Tensor, rec: _HookRecorder, require_all: bool = True):
-    """Run one batch; returns {hook: (acts [rows, d], grads [rows, d] | None)} on the CPU. ``require_all``: a hook
-    the forward never reached is an error (the probe checks them itself: a glob's matches may not run)."""
-    rec.acts = {}
-    if rec.with_grads:
+def forward_batch(model, tokens: torch.Tensor, hooks: list[str], with_grads: bool, require_all: bool = True):
+    """Run one batch; returns {hook: (acts [rows, d], grads [rows, d] | None)} on the CPU. Without grads the forward
+    stops after the deepest hook. ``require_all``: a hook the forward never reached is an error (the probe checks
+    them itself: a glob's matches may not run)."""
+    acts: dict = {}
+    fwd_hooks = [(h, _keep(acts, h, with_grads)) for h in hooks]
+    if with_grads:
         with torch.enable_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks())
+            logits, _ = forward(model, tokens, fwd_hooks)
             # next-token cross-entropy, summed over each context (and so over the batch)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
             loss.backward()
-        return {h: (_flat(t.detach()).cpu(), _flat(t.grad).cpu()) for h, t in rec.acts.items()}
+        return {h: (flat_rows(t.detach()).cpu(), flat_rows(t.grad).cpu()) for h, t in acts.items()}
     with torch.no_grad():
-        try:
-            model.run_with_hooks(tokens, fwd_hooks=rec.fwd_hooks())
-        except _StopForward:
-            pass
+        _, reached = forward(model, tokens, fwd_hooks, stop_after=hooks)
     if require_all:
-        _check_reached(rec.hooks, rec.acts)
-    return {h: (_flat(t).cpu(), None) for h, t in rec.acts.items()}
+        check_reached(hooks, reached)
+    return {h: (flat_rows(t).cpu(), None) for h, t in acts.items()}
 
 
 def _take(contexts, n: int, ctx: int) -> np.ndarray:
@@ -170,8 +113,6 @@ def harvest(cfg: HarvestConfig, resume: bool = False, progress: bool = True, mod
 def _intact_shards(folder: pathlib.Path) -> int:
     """How many of a store's first shards are whole (present, checksum as recorded); a damaged one is reported on
     stderr, and --resume rewrites from it on."""
-    from saelab.store import sha256_file
-
     shards = read_manifest(folder)["shards"]
     for i, sh in enumerate(shards):
         path = folder / sh["file"]
@@ -199,14 +140,7 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
         for key in ("dataset", "model"):  # a run of an older saelab may hold a relative path
             if isinstance(recorded.get(key), str):
                 recorded[key] = local_key(recorded[key])
-        now = cfg.to_dict()
-        changed = sorted(k for k, v in now.items() if recorded.get(k) != v and k not in ("batch_size", "device", "out"))
-        if changed:
-            from saelab.config import describe_changes
-
-            raise SaelabError(f"--resume with different settings than the run in {out} "
-                              f"({describe_changes(recorded, now, changed)}): pass the run's values, or harvest to "
-                              "a new --out")
+        check_resume_settings(recorded, cfg.to_dict(), {"batch_size", "device", "out"}, out, "harvest to a new --out")
         if saved.get("world_size", 1) != dist.world_size():
             raise SaelabError(f"--resume with {dist.world_size()} process(es), but the run in {out} used "
                               f"{saved.get('world_size', 1)}: resume with the same number")
@@ -260,9 +194,11 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             raise SaelabError(f"hook name {h} cannot name a folder")
 
     # probe one context for each hook's width and layout
-    probe_rec = _HookRecorder(hooks, with_grads=False)
-    forward_batch(model, torch.full((1, ctx), bos, dtype=torch.long, device=device), probe_rec, require_all=False)
-    acts = probe_rec.acts
+    probe_acts: dict = {}
+    with torch.no_grad():
+        forward(model, torch.full((1, ctx), bos, dtype=torch.long, device=device),
+                [(h, _keep(probe_acts, h, False)) for h in hooks], stop_after=hooks)
+    acts = probe_acts
     named = {h for h in cfg.hooks if not any(c in h for c in "*?[")}  # hooks asked for by name, not by a pattern
 
     def per_pair(t):
@@ -281,8 +217,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             print(f"saelab: the hook pattern(s) also matched {len(dropped)} hook(s) this model never runs or that are "
                   f"per pair of positions ({', '.join(dropped[:4])}{', …' if len(dropped) > 4 else ''}): harvesting "
                   f"the other {len(hooks)}", file=sys.stderr)
-    _check_reached(hooks, acts)
-    rec = _HookRecorder(hooks, cfg.with_grads)
+    check_reached(hooks, set(acts))
     probe = {}
     for h in hooks:
         t = acts[h]
@@ -320,19 +255,16 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             head_layout = None
             if h.endswith("hook_z") and len(probe[h]["shape"]) == 2:
                 head_layout = {"n_heads": probe[h]["shape"][0], "d_head": probe[h]["shape"][1]}
-            writers[h] = ShardWriter(folders[h], {
-                "format_version": FORMAT_VERSION, "model": cfg.model, "hook": h, "d_in": probe[h]["d_in"],
-                "dtype": cfg.dtype, "context_size": ctx, "bos_included": True, "seed": cfg.seed,
-                "dataset": {"name": cfg.dataset, "split": cfg.split, "text_column": text_col},
-                "n_tokens": 0, "holdout_shards": [], "has_grads": cfg.with_grads, "head_layout": head_layout,
-                "shards": [], "complete": False, "n_contexts_planned": n_contexts,
-                "tokenizer_bos": bos, "model_info": info,
-            })
+            writers[h] = ShardWriter(folders[h], new_manifest(
+                model=cfg.model, hook=h, d_in=probe[h]["d_in"], dtype=cfg.dtype, context_size=ctx, bos_included=True,
+                seed=cfg.seed, dataset={"name": cfg.dataset, "split": cfg.split, "text_column": text_col},
+                has_grads=cfg.with_grads, head_layout=head_layout, n_contexts_planned=n_contexts,
+                tokenizer_bos=bos, model_info=info))
 
     contexts = iter(pretokenized) if pretokenized is not None else iter_contexts(docs, tokenizer, ctx, bos, text_col)
     skip = (mine[0][0] if mine else 0) + sum(n for _, n, _ in mine[:done])
     contexts = itertools.islice(contexts, skip, None)
-    np_dtype = _DTYPES[cfg.dtype]
+    np_dtype = DTYPES[cfg.dtype]
 
     # the writer thread writes shard i while the model computes shard i+1
     q: queue.Queue = queue.Queue(maxsize=1)
@@ -364,7 +296,7 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
             gbufs = {h: np.empty((rows, probe[h]["d_in"]), np_dtype) for h in hooks} if cfg.with_grads else {}
             for a in range(0, n, cfg.batch_size):
                 batch = torch.from_numpy(toks[a : a + cfg.batch_size]).long().to(device)
-                res = forward_batch(model, batch, rec)
+                res = forward_batch(model, batch, hooks, cfg.with_grads)
                 r0, r1 = a * ctx, (a + len(batch)) * ctx
                 for h, (acts, grads) in res.items():
                     bufs[h][r0:r1] = acts.numpy()

@@ -11,17 +11,15 @@ pins it) the same call returns a ``HookedTransformer`` processed the same way.
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import logging
 import os
 import pathlib
-import re
 import warnings
 
 import torch
 
-from saelab import SaelabError, first_line
+from saelab.device import pick_device
+from saelab.errors import SaelabError, first_line
 
 TINY_DIR = pathlib.Path(__file__).resolve().parent / "tiny"
 
@@ -49,28 +47,6 @@ def resolve_model(name: str) -> tuple[str, bool]:
     return name, False
 
 
-def pick_device(device: str | torch.device = "auto") -> str:
-    """The device string for ``device`` ("auto": cuda when available, else cpu); a torch.device is
-    taken as its string and an int N as "cuda:N" (as torch reads it); an unknown spelling (e.g. "gpu") is a
-    one-line SaelabError."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
-        device = f"cuda:{device}"
-    if not isinstance(device, str):
-        raise SaelabError(f"device must be a string such as 'cpu', 'cuda', 'cuda:0' or 'auto', "
-                          f"not {type(device).__name__} {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SaelabError(f"--device {device} asked for, but CUDA is not available: use --device cpu")
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SaelabError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
-    return device
-
-
 def load_model(name: str = "tiny", device: str = "auto", dtype: torch.dtype | str = torch.float32):
     """A TransformerLens model (bridge in compatibility mode, or HookedTransformer on TL 3).
 
@@ -83,7 +59,7 @@ def load_model(name: str = "tiny", device: str = "auto", dtype: torch.dtype | st
             raise SaelabError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16 (or a torch.dtype)")
         dtype = dt
     path, local = resolve_model(name)
-    device = pick_device(device)
+    device = str(pick_device(device))
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -131,6 +107,14 @@ def hub_name(name: str) -> str:
         return get_official_model_name(name)
     except Exception:  # not an alias (a ValueError): a hub id as it is
         return name
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two recorded model names load the same model: equal, the same hub id (``gpt2-small`` is ``gpt2``),
+    or the same local folder name (a folder recorded by its absolute path on another machine)."""
+    if a == b or hub_name(a) == hub_name(b):
+        return True
+    return pathlib.Path(str(a)).name == pathlib.Path(str(b)).name
 
 
 def _boot_bridge(path: str, device: str, dtype: torch.dtype):
@@ -182,67 +166,6 @@ def _hooked_transformer(path: str, local: bool, device: str, dtype: torch.dtype)
         state, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
     )
     return model.to(device)
-
-
-# ----------------------------------------------------------------------------- hooks
-_LAYER = re.compile(r"^blocks\.(\d+)\.")
-
-
-def hook_layer(name: str) -> int | None:
-    """The block index of a hook name (blocks.L.…), or None for embed / ln_final / unembed hooks."""
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
-
-
-# hooks TransformerLens only runs when a config option is on (saelab loads models with them off): the option, and
-# the hook that carries the same values
-_GATED = {"hook_mlp_in": ("use_hook_mlp_in", "blocks.L.ln2.hook_normalized (the MLP's input)"),
-          "hook_attn_in": ("use_attn_in", "blocks.L.ln1.hook_normalized (the attention's input)"),
-          "hook_q_input": ("use_split_qkv_input", "blocks.L.ln1.hook_normalized (the attention's input)"),
-          "hook_k_input": ("use_split_qkv_input", "blocks.L.ln1.hook_normalized (the attention's input)"),
-          "hook_v_input": ("use_split_qkv_input", "blocks.L.ln1.hook_normalized (the attention's input)"),
-          "attn.hook_result": ("use_attn_result", "blocks.L.attn.hook_z (each head's output before W_O)"),
-          "hook_tokens": ("use_hook_tokens", "hook_embed")}
-
-
-def switched_off(model, name: str) -> tuple[str, str] | None:
-    """(option, alternative hook) when ``name`` is a hook this model never runs because a TransformerLens option is
-    off, else None."""
-    for suffix, (option, alt) in _GATED.items():
-        if name.endswith(suffix) and getattr(model.cfg, option, True) is False:
-            return option, alt
-    return None
-
-
-def expand_hooks(model, hooks: list[str]) -> list[str]:
-    """Validate hook names against the model (globs allowed), keeping the user's order.
-
-    An unknown name raises SaelabError listing the closest valid names; a hook the model does not run (an option of
-    TransformerLens is off) one naming the hook with the same values. Globs leave those out.
-    """
-    valid = list(model.hook_dict.keys())
-    out: list[str] = []
-    for h in hooks:
-        if h in model.hook_dict and (off := switched_off(model, h)):
-            option, alt = off
-            if hook_layer(h) is not None:
-                alt = alt.replace("blocks.L.", f"blocks.{hook_layer(h)}.")
-            raise SaelabError(f"hook '{h}' never runs in this model (TransformerLens's {option} is off): harvest "
-                              f"{alt} instead")
-        if any(c in h for c in "*?["):
-            matches = [v for v in valid if fnmatch.fnmatchcase(v, h) and not switched_off(model, v)]
-            matches.sort(key=lambda v: (hook_layer(v) if hook_layer(v) is not None else -1, v))
-            if not matches:
-                raise SaelabError(f"hook pattern '{h}' matches no hook of this model; e.g. {', '.join(valid[:4])}")
-            out += [m for m in matches if m not in out]
-        elif h in model.hook_dict:
-            if h not in out:
-                out.append(h)
-        else:
-            close = difflib.get_close_matches(h, valid, n=5, cutoff=0.5)
-            hint = f"did you mean {', '.join(close)}?" if close else f"valid names look like {', '.join(valid[:3])}"
-            raise SaelabError(f"unknown hook '{h}' for this model: {hint}")
-    return out
 
 
 def tokenizer_bos(tokenizer) -> int:

@@ -29,16 +29,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab import SaelabError
 from saelab.config import JSONConfig, _f
-from saelab.harvest import plan_shards
-from saelab.store import FORMAT_VERSION, ShardWriter, atomic_write_text, fsync_dir, remove_contents, temp_name
+from saelab.errors import SaelabError
+from saelab.fs import atomic_file, atomic_write_text, out_folder, remove_contents
+from saelab.store import DTYPES, ShardWriter, new_manifest, plan_shards
 
 CONTEXT_SIZE = 128  # rows per "context": the store's unit of shards and held-out splits
 CHILD_RATE = 0.5  # P(child fires | its parent fires)
 COEF_RANGE = (0.5, 1.5)  # coefficient magnitudes are uniform in this range
 TRUTH_NPY, TRUTH_JSON = "truth.npy", "truth.json"
-_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass
@@ -78,8 +77,8 @@ class SyntheticConfig(JSONConfig):
             raise SaelabError(f"--shard-rows ({self.shard_rows}) must hold at least one context ({CONTEXT_SIZE})")
         if not 0 <= self.holdout < 1:
             raise SaelabError(f"--holdout must be in [0, 1) (got {self.holdout})")
-        if self.dtype not in _DTYPES:
-            raise SaelabError(f"--dtype must be one of {', '.join(_DTYPES)} (got {self.dtype})")
+        if self.dtype not in DTYPES:
+            raise SaelabError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype})")
         return self
 
 
@@ -164,29 +163,19 @@ def stream(cfg: SyntheticConfig, n: int, gen: torch.Generator, directions: torch
 
 # ------------------------------------------------------------------------------ writer
 def _save_npy(path: pathlib.Path, arr: np.ndarray) -> None:
-    tmp = temp_name(path)
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def write_synthetic(cfg: SyntheticConfig, progress: bool = True) -> pathlib.Path:
     """Write the store described by cfg at ``cfg.out`` (+ truth.npy, truth.json); returns the folder."""
     cfg.validate()
-    out = pathlib.Path(cfg.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SaelabError(f"--out {out} exists: choose a new --out or delete it")
+    out = pathlib.Path(cfg.out).expanduser()
     ctx = CONTEXT_SIZE
     n_contexts = cfg.rows // ctx
     plan = plan_shards(n_contexts, cfg.holdout, max(1, cfg.shard_rows // ctx))
     existed = out.is_dir()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SaelabError(f"--out {out} cannot be created ({e.strerror}): choose a folder you can write to") from None
+    out_folder(out, resumable=False)  # there is no resume: a store is rebuilt from its seed
     try:
         return _write_synthetic(cfg, out, plan, n_contexts, progress)
     except BaseException:  # interrupted or failed: no half store (one is rebuilt from its seed; there is no resume)
@@ -207,14 +196,10 @@ def _write_synthetic(cfg: SyntheticConfig, out: pathlib.Path, plan, n_contexts: 
              "coef_range": list(COEF_RANGE), "config": cfg.to_dict()}
     atomic_write_text(out / TRUTH_JSON, json.dumps(truth, indent=1) + "\n")
 
-    writer = ShardWriter(out, {
-        "format_version": FORMAT_VERSION, "model": "synthetic", "hook": "synthetic", "d_in": cfg.d,
-        "dtype": cfg.dtype, "context_size": ctx, "bos_included": False, "seed": cfg.seed,
-        "dataset": {"name": "synthetic", "split": None, "text_column": None},
-        "n_tokens": 0, "holdout_shards": [], "has_grads": False, "head_layout": None,
-        "shards": [], "complete": False, "n_contexts_planned": n_contexts,
-        "tokenizer_bos": None, "model_info": None,
-    })
+    writer = ShardWriter(out, new_manifest(
+        model="synthetic", hook="synthetic", d_in=cfg.d, dtype=cfg.dtype, context_size=ctx, bos_included=False,
+        seed=cfg.seed, dataset={"name": "synthetic", "split": None, "text_column": None}, has_grads=False,
+        head_layout=None, n_contexts_planned=n_contexts, tokenizer_bos=None, model_info=None))
     chunks = stream(cfg, n_contexts * ctx, gen, directions)
     left = torch.zeros(0, cfg.d)
     with tqdm(total=n_contexts * ctx, unit="row", unit_scale=True, disable=not progress, desc="synthetic",
@@ -226,7 +211,7 @@ def _write_synthetic(cfg: SyntheticConfig, out: pathlib.Path, plan, n_contexts: 
                 have += len(parts[-1])
             rows = torch.cat(parts)
             shard, left = rows[:need], rows[need:]
-            writer.write_shard(shard.numpy().astype(_DTYPES[cfg.dtype]), np.zeros((n, ctx), np.int32), holdout=hold)
+            writer.write_shard(shard.numpy().astype(DTYPES[cfg.dtype]), np.zeros((n, ctx), np.int32), holdout=hold)
             bar.update(need)
     writer.finish()
     return out

@@ -24,30 +24,23 @@ import contextlib
 import inspect
 import json
 import math
-import os
 import pathlib
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from saelab import SaelabError, first_line
 from saelab import distributed as dist
-from saelab.config import (GROUP_FILE, TRAIN_FILE, SAEConfig, TrainConfig, describe_changes, group_json,
-                           read_train_info)
+from saelab.config import SAEConfig, TrainConfig, check_resume_settings
+from saelab.device import pick_device
+from saelab.errors import SaelabError, first_line
 from saelab.evaluate import evaluate_store
-from saelab.models import pick_device as device_name
+from saelab.fs import atomic_file, atomic_write_text, no_empty_folder_left, out_folder, remove_contents
+from saelab.layout import (CHECKPOINT_FILE, EVAL_FILE, GROUP_FILE, METRICS_FILE, TRAIN_FILE, group_json,
+                           read_train_info)
 from saelab.sae import SAE
-from saelab.store import (ActivationStore, atomic_write_text, fsync_file, no_empty_folder_left, remove_contents,
-                          resolve_stores)
+from saelab.store import ActivationStore, resolve_stores
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-
-
-def pick_device(name: str | torch.device) -> torch.device:
-    """``saelab.models.pick_device`` (auto, and one-line errors for CUDA missing or a bad spelling) as a torch.device."""
-    return torch.device(device_name(name))
 
 
 def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bool = True) -> dict[str, pathlib.Path]:
@@ -108,20 +101,13 @@ def lr_factor(step: int, total: int, warmup: int, decay: float) -> float:
 
 def _check_out(out: pathlib.Path, resume: bool) -> None:
     if resume:
-        if not (out / CHECKPOINT).exists() and not (out / TRAIN_FILE).exists():
+        if not (out / CHECKPOINT_FILE).exists() and not (out / TRAIN_FILE).exists():
             raise SaelabError(f"--resume: {out} holds no checkpoint to resume; start without --resume")
         if not (out / TRAIN_FILE).exists():
             raise SaelabError(f"--resume: {out} has a checkpoint but no {TRAIN_FILE} (its settings and store), so it "
                               "cannot be resumed: train to a new --out")
         return
-    if out.exists() and not out.is_dir():
-        raise SaelabError(f"--out {out} is a file: pass a folder path")
-    if out.exists() and any(out.iterdir()):
-        raise SaelabError(f"--out {out} already exists: pass --resume to continue it, or choose a new --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SaelabError(f"--out {out} cannot be created ({e.strerror}); choose a folder you can write to") from None
+    out_folder(out)
 
 
 # flags that may differ on --resume: where things are, where it runs and how often it reports
@@ -129,14 +115,8 @@ _RESUME_FREE = {"activations", "out", "hook", "device", "log", "log_every", "eva
 
 
 def _check_resume_settings(out: pathlib.Path, saved: dict, tcfg: TrainConfig, cfg: SAEConfig) -> None:
-    train, sae = saved.get("train", {}), saved.get("sae", {})  # keys a run's older saelab did not write are skipped
-    t_now, s_now = tcfg.to_dict(), cfg.to_dict()
-    changed = sorted({k for k, v in t_now.items() if k not in _RESUME_FREE and k in train and train[k] != v}
-                     | {k for k, v in s_now.items() if k in sae and sae[k] != v})
-    if changed:
-        recorded, now = {**sae, **train}, {**s_now, **t_now}
-        raise SaelabError(f"--resume with different settings than the run in {out} "
-                          f"({describe_changes(recorded, now, changed)}): pass the run's values, or train to a new --out")
+    recorded = {**saved.get("sae", {}), **saved.get("train", {})}
+    check_resume_settings(recorded, {**cfg.to_dict(), **tcfg.to_dict()}, _RESUME_FREE, out, "train to a new --out")
 
 
 def store_identity(store: ActivationStore) -> dict:
@@ -219,15 +199,15 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     it = store.batches(tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
                        with_grads=needs_grads, device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
     step, scale = 0, None
-    if resume and (out / CHECKPOINT).exists():
+    if resume and (out / CHECKPOINT_FILE).exists():
         try:
-            ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+            ck = torch.load(out / CHECKPOINT_FILE, map_location=device, weights_only=True)
         except Exception as e:  # truncated, empty or foreign bytes: torch's own error
-            raise SaelabError(f"{out / CHECKPOINT} is damaged ({first_line(e, 120)}): delete it and rerun with --resume "
+            raise SaelabError(f"{out / CHECKPOINT_FILE} is damaged ({first_line(e, 120)}): delete it and rerun with --resume "
                               "to start the run over, or train to a new --out") from None
         need = {"n_steps", "arch", "sae", "opt", "iterator", "step", "scale"}
         if not isinstance(ck, dict) or not need <= set(ck):
-            raise SaelabError(f"{out / CHECKPOINT} is not a saelab checkpoint: delete it and rerun with --resume to "
+            raise SaelabError(f"{out / CHECKPOINT_FILE} is not a saelab checkpoint: delete it and rerun with --resume to "
                               "start the run over, or train to a new --out")
         if ck["n_steps"] != n_steps or ck["arch"] != cfg.arch:
             raise SaelabError(f"--resume with different settings than the run in {out}: pass the same flags")
@@ -236,10 +216,10 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         it.load_state_dict(json.loads(ck["iterator"]))
         step, scale = int(ck["step"]), float(ck["scale"])
         if main:
-            _truncate_metrics(out / METRICS, step)
+            _truncate_metrics(out / METRICS_FILE, step)
     else:
         if main:
-            _truncate_metrics(out / METRICS, 0)  # a run killed before its first checkpoint starts over
+            _truncate_metrics(out / METRICS_FILE, 0)  # a run killed before its first checkpoint starts over
         scale, median = _init_stats(store, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
         with torch.no_grad():
             sae.b_dec.copy_(median * scale)
@@ -328,11 +308,11 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     final.cpu().save(out)
     ev = evaluate_store(final, store, skip_bos=skip_bos, device=device)
     ev.update(epochs=round(it.epochs, 4), steps=n_steps, tokens=total_tokens)
-    atomic_write_text(out / "eval.json", json.dumps(ev, indent=2) + "\n")
+    atomic_write_text(out / EVAL_FILE, json.dumps(ev, indent=2) + "\n")
     info = json.loads((out / TRAIN_FILE).read_text())
     info.update(done=True, epochs=round(it.epochs, 4))
     atomic_write_text(out / TRAIN_FILE, json.dumps(info, indent=2) + "\n")
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     dist.barrier()
     return out
 
@@ -398,11 +378,9 @@ def _heldout(sae, store, scale, skip_bos, device, n: int = 8192) -> dict:
 
 
 def _checkpoint(out, sae, opt, it, step, n_steps, scale, arch) -> None:
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "iterator": json.dumps(it.state_dict()),
-                "step": step, "n_steps": n_steps, "scale": scale, "arch": arch}, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, out / CHECKPOINT)
+    with atomic_file(out / CHECKPOINT_FILE) as tmp:
+        torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "iterator": json.dumps(it.state_dict()),
+                    "step": step, "n_steps": n_steps, "scale": scale, "arch": arch}, tmp)
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
@@ -441,7 +419,7 @@ class _Logger:
     def __init__(self, out: pathlib.Path, kind: str):
         self.tb = self.wb = None
         mod = self.check(kind)
-        self.f = open(out / METRICS, "a")
+        self.f = open(out / METRICS_FILE, "a")
         if kind == "tensorboard":
             self.tb = mod.SummaryWriter(str(out / "tensorboard"))
         elif kind == "wandb":

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.analysis import features as F
-from saelab.analysis.features import FEATURES_FILE, FeatureDB, analyze, load_labels, save_label
+from saelab.analysis.features import FeatureDB, analyze, load_labels, save_label
+from saelab.layout import FEATURES_FILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESID = "blocks.0.hook_resid_post"
@@ -366,11 +367,12 @@ def test_synthetic_store_without_model(tmp_path):
                                                                                  "--out", "Y"], True)])
 def test_ctrl_c_message_names_resume_only_where_it_exists(cmd, resumable, monkeypatch, capsys):
     from saelab import cli
+    from saelab.cli import analyze, train
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_analyze" if cmd[0] == "analyze" else "cmd_train", interrupted)
+    monkeypatch.setattr(*((analyze, "cmd_analyze") if cmd[0] == "analyze" else (train, "cmd_train")), interrupted)
     assert cli.main(cmd) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("saelab: interrupted") and ("--resume" in err) == resumable, err

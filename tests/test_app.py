@@ -26,7 +26,8 @@ TIMEOUT = 120
 def app_group(demo_group, tmp_path_factory):
     """A private copy of the demo SAE group with a feature database per SAE (analysed here on a
     slice of the store when the demo has none) and a hand-written circuit file."""
-    from saelab.analysis.features import FEATURES_FILE, analyze
+    from saelab.analysis.features import analyze
+    from saelab.layout import FEATURES_FILE
 
     for hook, folder in demo_group.saes.items():
         if not (folder / FEATURES_FILE).is_file():
@@ -174,7 +175,7 @@ def test_features_by_id_shows_the_card(monkeypatch, app_group, db1, top_latent):
     html = "".join(m.value for m in at.markdown)
     ex = card.top[0]
     assert f'title="{ex.acts[ex.pos]:.3f}"' in html and f"<b>{ex.value:+.2f}</b>" in html
-    # the card can be downloaded as one HTML file (saelab.app.export.card_document, tested in test_export)
+    # the card can be downloaded as one HTML file (saelab.analysis.cards.card_document, tested in test_export)
     dl = at.get("download_button")
     assert [d.proto.label for d in dl] == ["Download this card (HTML)"] and dl[0].proto.url.endswith(".html")
     # clicking a neighbour opens its card
@@ -256,7 +257,7 @@ def test_card_of_an_attention_sae_names_its_heads(monkeypatch, small_run, tmp_pa
     folder = tmp_path / "attn"
     sae.save(folder)
     analyze(folder, stores[hook], tokens=512, progress=False)
-    from saelab.app.export import card_document
+    from saelab.analysis.cards import card_document
 
     with FeatureDB(folder) as db:
         heads = db.card(3).heads
@@ -530,7 +531,7 @@ def test_signed_sae_card_shows_both_signs(monkeypatch, demo_group, tiny, tmp_pat
     sae = SAE.create("abstopk", d_in=tiny.cfg.d_model, d_sae=256, k=8, hook_name=HOOK1, model_name="tiny")
     folder = sae.save(tmp_path / "abstopk")
     analyze(folder, demo_group.stores[HOOK1], tokens=128 * 32, model=tiny, progress=False)
-    from saelab.app.export import card_document
+    from saelab.analysis.cards import card_document
 
     with FeatureDB(folder) as db:
         lat = next(j for j in range(256) if db.card(j).top_negative)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.analysis import circuits as C
 from saelab.analysis.tasks import induction_task, logit_diff, make_task
 

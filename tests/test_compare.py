@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.sae.base import SAE
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.data import count_contexts, iter_contexts, load_documents
 
 pytestmark = pytest.mark.tl3

@@ -61,7 +61,8 @@ def _cli(*args, cwd=None):
 @pytest.fixture(scope="module")
 def sae_copy(demo_group, tmp_path_factory):
     """One analysed demo SAE, copied (labels are written into it)."""
-    from saelab.analysis.features import FEATURES_FILE, analyze
+    from saelab.analysis.features import analyze
+    from saelab.layout import FEATURES_FILE
 
     src = demo_group.saes[HOOK1]
     if not (src / FEATURES_FILE).is_file():
@@ -112,7 +113,7 @@ def test_cli_writes_the_chosen_cards_as_featuredb_reads_them(sae_copy, tmp_path)
 def test_card_document_is_one_whole_card(sae_copy):
     """What the app's download button serves: a whole page holding exactly that latent's card."""
     from saelab.analysis.features import FeatureDB
-    from saelab.app.export import card_document
+    from saelab.analysis.cards import card_document
 
     with FeatureDB(sae_copy) as db:
         latent = int(db.density.argmax())
@@ -129,7 +130,7 @@ def test_card_document_is_one_whole_card(sae_copy):
 
 def test_sample_is_alive_seeded_and_covers_every_sae_of_a_group(demo_group, tmp_path):
     from saelab.analysis.features import FeatureDB
-    from saelab.app.export import export_html
+    from saelab.analysis.cards import export_html
 
     a, n = export_html(demo_group.group, tmp_path / "a.html", sample=4, seed=1)
     b, _ = export_html(demo_group.group, tmp_path / "b.html", sample=4, seed=1)
@@ -163,7 +164,7 @@ def test_sample_is_alive_seeded_and_covers_every_sae_of_a_group(demo_group, tmp_
 def test_sample_of_an_sae_with_few_alive_latents_takes_them_all():
     import numpy as np
 
-    from saelab.app.export import sample_alive
+    from saelab.analysis.cards import sample_alive
 
     density = np.zeros(100)
     density[[3, 50, 97]] = 0.1
@@ -176,8 +177,8 @@ def test_bad_input_is_one_line_and_writes_nothing(sae_copy, tmp_path):
     """Each refusal names its fix, before any card is built; through the CLI (two cases: the error path is
     shared; ``--latents`` parsing is the same function as in process) it is one line on stderr; no file or temp
     file is left."""
-    from saelab import SaelabError
-    from saelab.app.export import export_html
+    from saelab.errors import SaelabError
+    from saelab.analysis.cards import export_html
 
     bare = tmp_path / "bare"  # an SAE that was never analysed
     bare.mkdir()
@@ -218,7 +219,7 @@ def test_browser_opens_the_file_offline_and_unfolds_a_band(sae_copy, tmp_path):
     from selenium.webdriver.common.by import By
 
     from saelab.analysis.features import FeatureDB
-    from saelab.app.export import export_html
+    from saelab.analysis.cards import export_html
 
     with FeatureDB(sae_copy) as db:
         latent = int(db.density.argmax())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.sae.base import SAE
 from tests.test_hub import COMMIT, _put
 
@@ -138,7 +138,7 @@ def test_sparsify_without_a_run_config_names_no_model_and_mlp_hookpoints_map(hub
 
 def test_list_and_groups_take_the_other_layouts(hub_cache, tmp_path, capsys):
     from saelab.cli import main
-    from saelab.config import read_group
+    from saelab.layout import read_group
 
     _gemma(hub_cache)
     _gemma(hub_cache, sub="layer_5/width_16k/average_l0_9", seed=1)
@@ -209,7 +209,7 @@ def test_other_layout_errors_are_one_line_and_leave_nothing(hub_cache, tmp_path,
 
 def _missing(repo, filename, **kw):
     """A stand-in for the hub's download of a file the repo does not have."""
-    from saelab.hub import _errors
+    from saelab.hub.download import _errors
 
     raise _errors().EntryNotFoundError(f"404 {filename}")
 
@@ -287,7 +287,7 @@ def test_model_and_hook_overrides_are_recorded_and_part_of_what_was_fetched(hub_
     """--model / --hook: an SAE that names no model (sparsify without its run config) or the wrong hook gets the
     ones given, in every block of cfg.json SAELens and saelab read; a rerun with other ones is refused."""
     from saelab.cli import main
-    from saelab.config import read_group
+    from saelab.layout import read_group
 
     _sparsify(hub_cache, sub="layers.1", run_cfg=False)
     _sparsify(hub_cache, sub="layers.2", run_cfg=False)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.config import HarvestConfig
 from saelab.harvest import harvest
 from saelab.store import ActivationStore, read_manifest

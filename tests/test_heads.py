@@ -206,7 +206,7 @@ def test_cli_heads_out_replaces_an_existing_file_and_says_so(tmp_path, capsys):
 def test_identify_heads_and_ablation_take_a_task_name(tiny):
     """identify_heads / ablation_ranking(model, "induction") build the task as `saelab heads` does
     (make_task(name, model, n=n_examples)); they were AttributeError 'str' object has no attribute 'subset'."""
-    from saelab import SaelabError
+    from saelab.errors import SaelabError
 
     task = make_task("induction", tiny, n=4)
     ref = H.identify_heads(tiny, task, n_examples=4, steps=20)
@@ -220,7 +220,7 @@ def test_identify_heads_and_ablation_take_a_task_name(tiny):
 def test_rank_of_a_head_the_model_lacks_is_one_line(tiny):
     """HeadRanking.rank_of / tied_with of a (layer, head) outside the model: SaelabError naming the
     ranges (was a bare StopIteration)."""
-    from saelab import SaelabError
+    from saelab.errors import SaelabError
 
     r = H.ablation_ranking(tiny, make_task("induction", tiny, n=2), 2)
     assert r.rank_of(*r.heads(1)[0]) == 1

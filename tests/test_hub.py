@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.sae.base import SAE
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -146,7 +146,7 @@ def test_several_saes_make_a_group_that_circuits_read(hub_cache, tmp_path, capsy
     from saelab.analysis.circuits import find_circuit, load_group
     from saelab.analysis.tasks import make_task
     from saelab.cli import main
-    from saelab.config import read_group
+    from saelab.layout import read_group
 
     _saelens_sae(hub_cache, tmp_path)
     _saelens_sae(hub_cache, tmp_path, sub="l1", hook=HOOK1)

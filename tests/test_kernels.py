@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.kernels import sparse_decode, topk_encode, topk_encode_reference
 from saelab.kernels.topk_encode import resolve_kernel
 

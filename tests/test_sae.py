@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.sae import SAE
 from saelab.sae.jumprelu import jumprelu, step_fn
 from saelab.sae.topk import select
@@ -126,7 +126,7 @@ def test_topk_family_fused_loss_equals_dense():
 def test_encoder_init_scale_by_family_and_flag():
     import pytest
 
-    from saelab import SaelabError
+    from saelab.errors import SaelabError
 
     for arch, scale in [("topk", 0.3), ("abstopk", 0.3), ("matryoshka", 0.3), ("relu", 1.0), ("jumprelu", 1.0),
                         ("batchtopk", 1.0)]:
@@ -144,7 +144,7 @@ def test_wrong_input_width_is_a_saelab_error_on_every_encode_path():
     training paths, the evaluator's sparse codes, topk_encode itself), never a raw matmul RuntimeError."""
     import pytest
 
-    from saelab import SaelabError
+    from saelab.errors import SaelabError
     from saelab.evaluate import sparse_codes
     from saelab.kernels import topk_encode
 
@@ -297,7 +297,7 @@ def test_load_of_a_damaged_folder_is_one_line(case, needle, tmp_path):
     analyze and export read first); they were safetensors/KeyError/AttributeError tracebacks."""
     import json
 
-    from saelab.config import read_sae_cfg
+    from saelab.layout import read_sae_cfg
 
     SAE.create("topk", d_in=24, d_sae=96, k=6).save(tmp_path)
     weights, cfg_path = tmp_path / "sae_weights.safetensors", tmp_path / "cfg.json"

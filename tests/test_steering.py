@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 
 PROMPT = "Once upon a time there was a little girl who loved to play in the"
 

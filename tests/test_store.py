@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.store import ActivationStore
 
 pytestmark = pytest.mark.tl3

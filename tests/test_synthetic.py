@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.store import ActivationStore, read_manifest
 from saelab.synthetic import (CONTEXT_SIZE, SyntheticConfig, bidirectional_ids, chunk_rows, hierarchy_ids,
                               load_truth, mmcs, planted, sample, splits, write_synthetic)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.analysis.tasks import accuracy, induction_task, ioi_names, logit_diff, make_task
 
 
@@ -124,7 +124,7 @@ def test_unknown_task(tiny, tmp_path):
 def test_task_helpers_take_notebook_spellings(tiny):
     """accuracy(model, "induction") builds the task (was AttributeError 'str' … 'subset'); make_task
     takes n=4.0 (was a TypeError); task.subset past its end is a one-line error (was an IndexError)."""
-    from saelab import SaelabError
+    from saelab.errors import SaelabError
     from saelab.analysis.tasks import accuracy, make_task
 
     task = make_task("induction", tiny, n=4.0)
@@ -141,7 +141,7 @@ def test_make_task_takes_rows_built_in_python(tiny, tmp_path):
     """make_task(rows, model) with a list of {"clean", "corrupted", "answer", "wrong"} dicts equals the
     same rows written as .jsonl (a list was str()-ed into a path: OSError "File name too long"); bad rows get
     the .jsonl checks, located as rows[i]; lines past n are still not parsed."""
-    from saelab import SaelabError
+    from saelab.errors import SaelabError
     from saelab.analysis.tasks import make_task
 
     rows = [{"clean": "When Mary and John went to the store, John gave a drink to",

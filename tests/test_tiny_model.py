@@ -61,10 +61,11 @@ def test_load_model_takes_a_torch_device_and_names_a_bad_one():
     import pytest
     import torch
 
-    from saelab import SaelabError
-    from saelab.models import load_model, pick_device
+    from saelab.errors import SaelabError
+    from saelab.device import pick_device
+    from saelab.models import load_model
 
-    assert pick_device(torch.device("cpu")) == "cpu"
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
     with pytest.raises(SaelabError, match="unknown device 'gpu'"):
         pick_device("gpu")
     with pytest.raises(SaelabError, match="device must be a string"):
@@ -73,7 +74,7 @@ def test_load_model_takes_a_torch_device_and_names_a_bad_one():
         with pytest.raises(SaelabError, match="--device cuda:0 asked for, but CUDA is not available"):
             load_model("tiny", device=0)
     else:
-        assert pick_device(0) == "cuda:0"
+        assert pick_device(0) == torch.device("cuda:0")
     model = load_model("tiny", device=torch.device("cpu"))
     assert next(model.parameters()).device.type == "cpu"
 
@@ -85,7 +86,7 @@ def test_dtype_strings_and_sae_load_devices_are_taken_or_named(tmp_path):
     import pytest
     import torch
 
-    from saelab import SaelabError
+    from saelab.errors import SaelabError
     from saelab.models import load_model
     from saelab.sae.base import SAE
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.config import SAEConfig, TrainConfig
 from saelab.sae import SAE
 from saelab.train import train
@@ -454,10 +454,10 @@ def test_eval_with_a_damaged_train_json_is_one_line(tmp_path, capsys):
 def test_a_malformed_group_file_is_one_line_everywhere(tmp_path, capsys):
     """analyze, circuit and the app read group.json through one parser (saelab.config.read_group)."""
     from saelab.analysis.circuits import load_group
-    from saelab.analysis.features import sae_folders
-    from saelab.app import resolve_target
+    from saelab.targets import sae_folders
+    from saelab.targets import resolve_target
     from saelab.cli import main
-    from saelab import SaelabError
+    from saelab.errors import SaelabError
 
     for bad in ('{"hooks": ["blocks.0.hook_resid_post"]}', '{"model": 3, "hooks": {}}', "[1]", "{not json"):
         (tmp_path / "group.json").write_text(bad)
@@ -626,7 +626,8 @@ def test_eval_names_what_holds_nan(case, tmp_path, capsys):
     import h5py
 
     from saelab.cli import main
-    from saelab.store import read_manifest, sha256_file
+    from saelab.fs import sha256_file
+    from saelab.store import read_manifest
     from saelab.synthetic import SyntheticConfig, write_synthetic
 
     store = write_synthetic(SyntheticConfig(out=str(tmp_path / "syn"), d=16, n_true=32, rows=4096), progress=False)

@@ -46,17 +46,15 @@ import pathlib
 import torch
 from tqdm.auto import tqdm
 
-from saelab import SaelabError
+from saelab.device import device_of
+from saelab.errors import SaelabError
+from saelab.hooks import flat_hook, forward
 from saelab.analysis.tasks import Task, as_task, logit_diff
 
 FORMAT_VERSION = 1
 KIND = "sparse_feature_circuit"
 NODE_SWEEP = (2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 EDGE_SWEEP = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.0)
-
-
-class _Stop(Exception):
-    """Raised by the hook after which nothing of the forward is needed."""
 
 
 # ----------------------------------------------------------------------------- the SAE group
@@ -77,9 +75,9 @@ class SAEGroup:
 
 def load_group(path, device="cpu") -> SAEGroup:
     """A group folder (``group.json``) or one SAE folder. Every SAE must come from one model."""
-    from saelab.models import hook_layer
+    from saelab.hooks import hook_layer
     from saelab.sae import SAE
-    from saelab.config import CFG_FILE, check_local_sae, read_group
+    from saelab.layout import CFG_FILE, check_local_sae, read_group
 
     check_local_sae(path)
     path = pathlib.Path(path).expanduser().resolve()
@@ -120,8 +118,10 @@ def load_group(path, device="cpu") -> SAEGroup:
 
 
 def _check_model(model, group: SAEGroup):
+    from saelab.models import same_model
+
     name = getattr(model, "saelab_name", None)
-    if name and name != group.model and pathlib.Path(str(name)).name != pathlib.Path(group.model).name:
+    if name and not same_model(name, group.model):
         raise SaelabError(f"the SAEs were trained on model {group.model!r}, not {name!r}: load that model")
     for h, s in group.saes.items():
         if h not in model.hook_dict:
@@ -143,36 +143,24 @@ def _split(sae, x):
     return f, x - _decode(sae, f)
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
 def _run(model, tokens, hooks: dict, stop_at: str | None = None, capture=()):
     """Run with ``hooks`` {name: fn(x) -> x}; capture the activations named in ``capture`` (after the
     fn); stop right after hook ``stop_at`` (then the logits are None). Every activation is seen as
-    [n, T, features], as harvest stores it and evaluate and steering splice it (attn.hook_z: the heads
-    flattened head-major), and given back to the model in its own shape."""
+    [n, T, features] (``saelab.hooks.flat_hook``: as harvest stores it and evaluate and steering splice it)."""
     got = {}
 
     def make(name, fn):
-        def hook_fn(x, hook):
-            shape = x.shape
-            x = x.flatten(2)
+        def hook_fn(x):
             if fn is not None:
                 x = fn(x)
             if name in capture:
                 got[name] = x
-            if name == stop_at:
-                raise _Stop
-            return x.reshape(shape)
-        return hook_fn
+            return x
+        return flat_hook(hook_fn)
 
     names = set(hooks) | set(capture) | ({stop_at} if stop_at else set())
-    fwd = [(n, make(n, hooks.get(n))) for n in names]
-    try:
-        logits = model.run_with_hooks(tokens, fwd_hooks=fwd)
-    except _Stop:
-        logits = None
+    logits, _ = forward(model, tokens, [(n, make(n, hooks.get(n))) for n in names],
+                        stop_after=(stop_at,) if stop_at else ())
     return logits, got
 
 
@@ -201,7 +189,7 @@ def metric_grads(model, group: SAEGroup, task: Task, tokens=None):
     """(m, {hook: ∇ₓm}) with m = mean logit difference on ``tokens`` (default: the clean prompts)."""
     tokens = task.clean if tokens is None else tokens
     with torch.enable_grad():
-        logits, got = _run(model, tokens.to(_device(model)), {}, capture=group.hooks)
+        logits, got = _run(model, tokens.to(device_of(model)), {}, capture=group.hooks)
         m = logit_diff(logits, task).mean()
         grads = torch.autograd.grad(m, [got[h] for h in group.hooks])
     return float(m.detach()), {h: g.detach().float() for h, g in zip(group.hooks, grads)}
@@ -225,7 +213,7 @@ def ig_effects(model, group, task, clean: _Acts, patch: _Acts, steps: int = 10, 
     ``hooks``: only these (default: all)."""
     if steps < 1:
         raise SaelabError(f"--ig-steps must be at least 1 (got {steps})")
-    dev = _device(model)
+    dev = device_of(model)
     tokens = task.clean.to(dev)
     out = {}
     hooks = list(hooks or group.hooks)
@@ -268,7 +256,7 @@ def count_nodes(sel: dict) -> tuple[int, int]:
 
 def edge_weights(model, group, task, clean: _Acts, patch: _Acts, sel: dict, progress=False) -> list:
     """[(src id, dst id, weight)] for every pair of circuit nodes at consecutive hooks."""
-    dev = _device(model)
+    dev = device_of(model)
     tokens = task.clean.to(dev)
     _, gx = metric_grads(model, group, task)
     edges = []
@@ -340,7 +328,7 @@ def _mask(sel_h, d_sae, device):
 @torch.no_grad()
 def ablated_metric(model, group, task, means: Means, sel: dict | None) -> float:
     """m with every node outside ``sel`` mean-ablated at every hook (``sel=None``: nothing kept, ∅)."""
-    dev = _device(model)
+    dev = device_of(model)
     hooks = {}
     for h in group.hooks:
         sae = group.saes[h]
@@ -362,7 +350,7 @@ def edge_ablated_metric(model, group, task, means: Means, sel: dict, edges: list
                         batch: int = 1024) -> float:
     """m when circuit nodes are computed only from their kept parents (|weight| ≥ threshold);
     pruned parents and non-circuit nodes enter at their means."""
-    dev = _device(model)
+    dev = device_of(model)
     tokens = task.clean.to(dev)
     n = len(task)
     parents: dict[str, set] = {}
@@ -445,7 +433,7 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
     if len(task) == 0:
         raise SaelabError("the task has no examples: pass a task with at least one prompt")
     _check_model(model, group)
-    dev = _device(model)
+    dev = device_of(model)
     for s in group.saes.values():
         s.to(dev)
     clean = node_values(model, group, task.clean.to(dev))
@@ -506,7 +494,7 @@ def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_
 
 def write_circuit(circuit: dict, path) -> pathlib.Path:
     """The circuit as JSON (NaN as null), atomically; its folder made."""
-    from saelab.store import finite_json, write_output
+    from saelab.fs import finite_json, write_output
 
     return write_output(path, json.dumps(finite_json(circuit), indent=1) + "\n")
 
@@ -518,8 +506,9 @@ def circuit(task_spec: str, saes, out=None, *, method="attrib", ig_steps=10, nod
     write it (default ``<group>/circuits/<task name>.json``; atomically, replacing an existing file).
     ``before_write(path)`` is called just before the file is written (the CLI notes a replaced file)."""
     from saelab.analysis.tasks import make_task
-    from saelab.models import load_model, pick_device
-    from saelab.store import check_output
+    from saelab.device import pick_device
+    from saelab.models import load_model
+    from saelab.fs import check_output
 
     group = load_group(saes)
     if model is None:

@@ -33,7 +33,8 @@ import pathlib
 import numpy as np
 import torch
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
+from saelab.targets import local_group, pick_sae
 
 LEVELS = (0.9, 0.7, 0.5)
 SAME_INDEX_NOTE = 0.05  # more than this fraction of A's latents matching their own index: a shared init, said so
@@ -97,7 +98,8 @@ def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray
 
 def _alive(folder) -> np.ndarray | None:
     """The latents that fired, from the folder's ``features.h5``; None for a hub spec or an unanalysed SAE."""
-    from saelab.analysis.features import FEATURES_FILE, FeatureDB
+    from saelab.analysis.features import FeatureDB
+    from saelab.layout import FEATURES_FILE
 
     if not isinstance(folder, pathlib.Path) or not (folder / FEATURES_FILE).exists():
         return None
@@ -142,24 +144,12 @@ def _lines(res: dict, a_where, b_where, a, b) -> list[str]:
     return lines
 
 
-def _group(path) -> dict | None:
-    """{hook: SAE folder} of a local group folder holding several SAEs, else None (one SAE, a hub spec)."""
-    from saelab.app import resolve_target
-    from saelab.config import hub_spec
-
-    if hub_spec(path):
-        return None
-    target = resolve_target(path)
-    return target.saes if target.group is not None and len(target.saes) > 1 else None
-
-
 def _compare_pair(sae, other, hook, other_hook, budget, device) -> tuple[dict, list[str]]:
-    from saelab.analysis import pick_sae
-    from saelab.models import hub_name
+    from saelab.models import same_model
 
     a_where, a, a_model = pick_sae(sae, hook)
     b_where, b, b_model = pick_sae(other, other_hook, "--other-hook")
-    if a_model and b_model and a_model != b_model and hub_name(a_model) != hub_name(b_model):  # gpt2-small is gpt2
+    if a_model and b_model and not same_model(a_model, b_model):
         raise SaelabError(f"the SAEs belong to different models ({a_model} and {b_model}): their directions live "
                           "in different spaces; compare SAEs of one model")
     res = compare_saes(a, b, alive_a=_alive(a_where), alive_b=_alive(b_where), budget=budget, device=device)
@@ -179,13 +169,13 @@ def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None =
     d_in, different models."""
     import json
 
-    from saelab.models import pick_device
-    from saelab.store import check_output, finite_json, write_output
+    from saelab.device import pick_device
+    from saelab.fs import check_output, finite_json, write_output
 
     device = pick_device(device)  # "cuda" without CUDA: a one-line error before any loading
     if json_out is not None:
         json_out = check_output(json_out, "--json", "compare.json")
-    ga, gb = (_group(sae), _group(other)) if hook is None and other_hook is None else (None, None)
+    ga, gb = (local_group(sae), local_group(other)) if hook is None and other_hook is None else (None, None)
     if ga and gb:
         common = [h for h in ga if h in gb]
         if not common:

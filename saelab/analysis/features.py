@@ -66,12 +66,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab import SaelabError
-from saelab.analysis import one_thread
-from saelab.models import hook_layer
+from saelab.errors import SaelabError
+from saelab.layout import CFG_FILE, FEATURES_FILE, LABELS_FILE, read_json_object
+from saelab.device import one_thread
+from saelab.hooks import hook_layer
+from saelab.targets import sae_folders
 
-FEATURES_FILE = "features.h5"
-LABELS_FILE = "labels.json"
 FORMAT_VERSION = 1
 BEFORE, AFTER = 10, 4  # tokens of context shown before / after an example's token
 WINDOW = BEFORE + 1 + AFTER
@@ -125,8 +125,8 @@ class LatentCard:
 # ============================================================================ helpers
 def sae_identity(sae_dir) -> dict:
     """{"sae_sha256", "d_sae", "d_in"} of an SAE folder (what features.h5 must match)."""
-    from saelab.config import WEIGHTS_FILE, read_sae_cfg
-    from saelab.store import sha256_file
+    from saelab.layout import WEIGHTS_FILE, read_sae_cfg
+    from saelab.fs import sha256_file
 
     sae_dir = pathlib.Path(sae_dir).expanduser()
     cfg = read_sae_cfg(sae_dir)
@@ -144,17 +144,6 @@ def sae_identity(sae_dir) -> dict:
 
 
 _SHA_CACHE: dict[tuple, str] = {}
-
-
-def sae_folders(path) -> list[pathlib.Path]:
-    """The SAE folders of ``--sae``: a group folder's SAEs (group.json), else the folder itself."""
-    from saelab.config import read_group, read_sae_cfg
-
-    group = read_group(path)
-    if group is not None:
-        return list(group[1].values())
-    read_sae_cfg(path)
-    return [pathlib.Path(path)]
 
 
 class _TokenReader:
@@ -550,10 +539,12 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     folder (default: the store the SAE was trained on, from train.json). ``tokens``: analyse only the
     first N rows (rounded up to whole contexts). ``model``: a loaded model for logit effects and token
     strings (default: load the store's model; none for synthetic stores)."""
-    from saelab.models import load_model, pick_device
+    from saelab.device import pick_device
+    from saelab.models import load_model
     from saelab.sae.base import SAE
-    from saelab.config import GROUP_FILE
-    from saelab.store import fsync_dir, fsync_file, store_for_sae, temp_name
+    from saelab.layout import GROUP_FILE
+    from saelab.fs import fsync_dir, fsync_file, temp_name
+    from saelab.targets import store_for_sae
 
     sae_dir = pathlib.Path(sae_dir).expanduser()
     if (sae_dir / GROUP_FILE).is_file():
@@ -565,7 +556,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, devic
     if tokens is not None and int(tokens) < 1:
         raise SaelabError(f"--tokens must be at least 1 (got {tokens})")
     ident = sae_identity(sae_dir)
-    from saelab.store import check_writable_in
+    from saelab.fs import check_writable_in
 
     check_writable_in(sae_dir, FEATURES_FILE)  # features.h5 is written at the end of the pass
     dev = torch.device(pick_device(device))
@@ -931,13 +922,13 @@ def load_labels(sae_dir) -> dict[int, str]:
 
 def save_label(sae_dir, latent: int, text: str) -> None:
     """Set (or, for empty text, delete) one latent's label; labels.json is rewritten atomically."""
-    from saelab.store import atomic_write_text
+    from saelab.fs import atomic_write_text
 
     sae_dir = pathlib.Path(sae_dir)
     if not sae_dir.is_dir():
         raise SaelabError(f"{sae_dir}: no such SAE folder")
-    cfg = sae_dir / "cfg.json"
-    d_sae = json.loads(cfg.read_text()).get("d_sae") if cfg.is_file() else None
+    cfg = read_json_object(sae_dir / CFG_FILE) or {}
+    d_sae = cfg.get("d_sae")
     if d_sae and not 0 <= int(latent) < d_sae:
         raise SaelabError(f"latent {latent} is out of range: this SAE has latents 0..{d_sae - 1}")
     labels = load_labels(sae_dir)

@@ -58,8 +58,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab import SaelabError
-from saelab.analysis import one_thread
+from saelab.device import device_of, one_thread
+from saelab.errors import SaelabError
+from saelab.hooks import forward
 from saelab.analysis.tasks import as_task, logit_diff
 
 HOOK = "blocks.{layer}.attn.hook_z"
@@ -141,10 +142,6 @@ def _check_task(task):
                           f"{tuple(task.corrupted.shape)} prompts differ in shape; they must tokenize to equal lengths")
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
 # ----------------------------------------------------------------------------- activations
 @torch.no_grad()
 def head_activations(model, tokens: torch.Tensor, position: str = "last", batch_size: int = 64) -> torch.Tensor:
@@ -152,17 +149,15 @@ def head_activations(model, tokens: torch.Tensor, position: str = "last", batch_
     transposed view of a head-major [n_layers * n_heads, N, d_head] float32 buffer (``.transpose(0, 1)`` gives
     it back, contiguous).
 
-    One forward per batch, stopped right after the deepest ``hook_z`` (saelab.harvest's ``_StopForward``:
-    the last MLP, ln_final and the unembedding never run); each hook copies only the position(s) it needs
-    straight into the buffer."""
-    from saelab.harvest import _StopForward
-
+    One forward per batch, stopped right after the deepest ``hook_z`` (``saelab.hooks.forward``: the last MLP,
+    ln_final and the unembedding never run); each hook copies only the position(s) it needs straight into the
+    buffer."""
     if position not in POSITIONS:
         raise SaelabError(f"position '{position}' is not one of {', '.join(POSITIONS)}")
     cfg = model.cfg
     n_heads, d_head = cfg.n_heads, cfg.d_head
     hooks = [HOOK.format(layer=l) for l in range(cfg.n_layers)]
-    dev = _device(model)
+    dev = device_of(model)
     out = torch.empty(cfg.n_layers * n_heads, len(tokens), d_head, device=dev)
     batch = slice(0, 0)  # the rows of the batch running now
     seen: set[int] = set()
@@ -174,9 +169,6 @@ def head_activations(model, tokens: torch.Tensor, position: str = "last", batch_
             kept = z[:, -1] if position == "last" else z[:, 1:].mean(1)
             rows[:, batch].copy_(kept.reshape(len(kept), n_heads, d_head).transpose(0, 1))
             seen.add(layer)
-            if len(seen) == len(hooks):
-                raise _StopForward
-            return z
 
         return keep
 
@@ -184,10 +176,7 @@ def head_activations(model, tokens: torch.Tensor, position: str = "last", batch_
     for a in range(0, len(tokens), batch_size):
         batch = slice(a, min(a + batch_size, len(tokens)))
         seen.clear()
-        try:
-            model.run_with_hooks(tokens[batch].to(dev), fwd_hooks=fwd_hooks)
-        except _StopForward:
-            pass
+        forward(model, tokens[batch].to(dev), fwd_hooks, stop_after=hooks)
         if len(seen) < len(hooks):
             raise SaelabError(f"the model's forward never reached "
                               f"{', '.join(h for l, h in enumerate(hooks) if l not in seen)}: "
@@ -427,7 +416,7 @@ def ablation_ranking(model, task, n_examples: int = 8, *, mode: str = "mean", po
     task = _slice_task(task, n_examples, model)
     _check_task(task)
     cfg = model.cfg
-    dev = _device(model)
+    dev = device_of(model)
     clean = task.clean.to(dev)
     t0 = time.perf_counter()
     hooks = [HOOK.format(layer=l) for l in range(cfg.n_layers)]
@@ -565,7 +554,7 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
     With ``compare_ablation`` both methods run ``repeats`` times, alternated; the times are their medians."""
     from saelab.analysis.tasks import make_task
     from saelab.models import load_model
-    from saelab.store import check_output, finite_json, write_output
+    from saelab.fs import check_output, finite_json, write_output
 
     if n < 1:
         raise SaelabError(f"--n {n}: head identification needs at least one example; pass --n 5 or more")
@@ -581,7 +570,7 @@ def run_heads(task: str, model: str = "tiny", n: int = 8, top: int = 3, compare_
     m = load_model(model, device)
     t = make_task(task, m, n=n, seed=seed)
     with torch.no_grad():  # warm-up: the first forward of a process pays one-off costs neither method should
-        m(t.clean[:1].to(_device(m)))
+        m(t.clean[:1].to(device_of(m)))
     abl = None
     if compare_ablation:
         ident, abl = timed_rankings(m, t, n, repeats, ablation_positions=ablation_positions, threads=threads,

@@ -38,8 +38,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from saelab import SaelabError
-from saelab.analysis import pick_sae
+from saelab.errors import SaelabError
+from saelab.evaluate import kl_per_position
+from saelab.hooks import flat_hook
+from saelab.targets import pick_sae
 
 MODES = ("add", "clamp", "ablate")
 
@@ -130,13 +132,11 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
     adds = [it for it in interventions if it.mode == "add"]
     sets = [it for it in interventions if it.mode in ("clamp", "ablate")]
 
-    def fn(act, hook):
-        shape = act.shape
-        flat = act.flatten(2)  # [n, T, features]: hook_z heads flattened head-major
+    def fn(flat):  # [n, T, features]
         if flat.shape[-1] != sae.d_in:  # not a raw broadcasting error from the first add
             raise SaelabError(f"this SAE has d_in {sae.d_in}, but hook {sae.cfg.hook_name} gives {flat.shape[-1]} per "
                               "position: load the model the SAE was trained on")
-        first = 1 if (skip_bos and shape[1] > 1) else 0
+        first = 1 if (skip_bos and flat.shape[1] > 1) else 0
         part = flat[:, first:].float()
         delta = torch.zeros_like(part)
         W_dec = sae.W_dec.to(part.device)
@@ -150,10 +150,10 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
             f = f.reshape(*part.shape[:2], len(sets))
             delta = delta + (target - f) @ W_dec[idx]
         new = flat.clone()
-        new[:, first:] = (part + delta).to(act.dtype)
-        return new.reshape(shape)
+        new[:, first:] = (part + delta).to(flat.dtype)
+        return new
 
-    return fn
+    return flat_hook(fn)
 
 
 def _fwd_hooks(sae, model, interventions):
@@ -270,8 +270,7 @@ def _run(model, sae, toks, interventions, clean: _Clean, *, max_new_tokens, temp
         s_logits = model(toks).float()[0]
     cont = _generate(model, toks, hooks, max_new_tokens, temperature, seed)
     first = 1 if toks.shape[1] > 1 else 0
-    lp_c, lp_s = clean.logits.log_softmax(-1), s_logits.log_softmax(-1)
-    kl = float((lp_s.exp() * (lp_s - lp_c)).sum(-1)[first:].mean())
+    kl = float(kl_per_position(s_logits, clean.logits)[first:].mean())
     latents = [it.latent for it in interventions]
     prom = promoted_tokens(model, sae, latents) if latents else None
     if prom is not None:
@@ -279,7 +278,7 @@ def _run(model, sae, toks, interventions, clean: _Clean, *, max_new_tokens, temp
         promoted = [model.tokenizer.decode([int(t)]) for t in prom]
     else:  # nothing steered, or a hook with no direct path to the logits: no promoted tokens to follow
         shift, promoted = (0.0 if not latents else float("nan")), []
-    p_c, p_s = lp_c[-1].exp(), lp_s[-1].exp()
+    p_c, p_s = clean.logits[-1].softmax(-1), s_logits[-1].softmax(-1)
     change = p_s - p_c
     ids = torch.cat([change.topk(top_n).indices, (-change).topk(top_n).indices]).unique()
     ids = ids[change[ids].argsort(descending=True)]
@@ -392,7 +391,7 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
     import json
 
     from saelab.models import load_model
-    from saelab.store import check_output, finite_json, write_output
+    from saelab.fs import check_output, finite_json, write_output
 
     if not steers:
         raise SaelabError("nothing to steer: pass --steer LATENT:MODE:VALUE (e.g. 401:add:5) one or more times")

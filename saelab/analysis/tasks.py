@@ -52,7 +52,8 @@ import re
 
 import torch
 
-from saelab import SaelabError
+from saelab.device import device_of
+from saelab.errors import SaelabError
 from saelab.models import tokenizer_bos
 
 INDUCTION_LEN = 16   # L: random tokens in the first copy
@@ -141,7 +142,7 @@ def accuracy(model, task: Task, batch_size: int = 64) -> float:
     """Fraction of clean prompts with logit(answer) > logit(wrong); ``task`` a Task, or a task name /
     .jsonl path built with ``make_task(task, model)``."""
     task = as_task(task, model)
-    dev = _device(model)
+    dev = device_of(model)
     hits = 0
     for a in range(0, len(task), batch_size):
         part = task.subset(range(a, min(a + batch_size, len(task))))
@@ -350,10 +351,3 @@ def _rows_task(name: str, items, model, n: int, source: str) -> Task:
                           '{"clean", "corrupted", "answer", "wrong"}')
     return Task(name, torch.tensor(clean), torch.tensor(corrupted), torch.tensor(answer), torch.tensor(wrong),
                 prompts)
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")

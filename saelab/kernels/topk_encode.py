@@ -39,7 +39,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.kernels.sparse_decode import half_in_fp32
 
 KERNELS = ("auto", "reference", "chunked", "screened", "triton")

@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saelab import SaelabError, first_line
-from saelab.config import (ARCHS, CFG_FILE, GROUP_FILE, TRAIN_FILE, WEIGHTS_FILE, SAEConfig,  # noqa: F401
-                           hub_spec, read_sae_cfg)
+from saelab.config import ARCHS, SAEConfig
+from saelab.device import pick_device
+from saelab.errors import SaelabError, first_line
+from saelab.fs import atomic_file, atomic_write_text, fsync_dir
+from saelab.hooks import hook_layer
 from saelab.kernels import sparse_decode
-from saelab.models import hook_layer
+from saelab.layout import CFG_FILE, HUB_PREFIX, WEIGHTS_FILE, hub_spec, read_sae_cfg
 
 SAVED_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 #: set while SAE.from_weights builds an SAE whose weights come next: W_enc and W_dec start uninitialised
@@ -50,9 +52,12 @@ class SAE(nn.Module):
     saelens_arch: str | None = None
     #: trains on stored gradients (the store must be harvested --with-grads)
     needs_grads = False
-    #: init W_enc = enc_init · W_decᵀ when cfg.enc_init is None (the TopK family starts smaller:
-    #: README "Performance", why the encoder starts at 0.1)
+    #: init W_enc = enc_init · W_decᵀ when cfg.enc_init is None (the TopK family overrides it: a smaller encoder
+    #: lets TopK's selection leave random projections sooner; docs: explanations/encoder init)
     enc_init = 1.0
+    #: loaders of SAEs named by a spec instead of a folder, by prefix (``saelab.hub`` registers ``hf://``): the
+    #: network stays a layer above the SAE, which reads local files only
+    remote_loaders: dict = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -253,19 +258,12 @@ class SAE(nn.Module):
         """Write cfg.json + sae_weights.safetensors (temp → fsync → rename each)."""
         from safetensors.torch import save_file
 
-        from saelab.store import atomic_write_text, fsync_dir, fsync_file
-
         path = pathlib.Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         weights = {n: getattr(self, n).detach().float().contiguous().cpu() for n in SAVED_PARAMS}
         weights.update({k: v.detach().float().contiguous().cpu() for k, v in self.extra_weights().items()})
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(weights, str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it 0600; the other files get the umask's mode
-        fsync_file(tmp)
-        os.replace(tmp, path / WEIGHTS_FILE)
+        with atomic_file(path / WEIGHTS_FILE) as tmp:
+            save_file(weights, str(tmp))
         cfg = {**self.saelens_cfg(), "saelab": {**self.cfg.to_dict(), "d_sae": self.d_sae}}
         atomic_write_text(path / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
         fsync_dir(path)
@@ -273,21 +271,21 @@ class SAE(nn.Module):
 
     @staticmethod
     def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
-        """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu); ``"hf://ORG/REPO/SUBFOLDER"``
-        reads one straight from the Hugging Face hub's cache, downloading it first, in the SAELens layout or
-        Gemma Scope's or sparsify's (saelab.formats); ``saelab fetch`` makes a folder of it instead, which
-        analyze can write into."""
+        """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu). A hub spec
+        (``"hf://ORG/REPO/SUBFOLDER"``) goes to the loader ``saelab.hub`` registers (``saelab.load_sae`` and
+        ``from saelab import SAE`` import it); ``saelab fetch`` makes a folder of it instead, which analyze can
+        write into."""
         from safetensors.torch import load_file
 
         spec = hub_spec(path)
         if spec:
-            from saelab.hub import load_hub_sae
-
-            return load_hub_sae(spec, device)
+            loader = SAE.remote_loaders.get(HUB_PREFIX)
+            if loader is None:
+                raise SaelabError(f"{spec} is a hub SAE: load it with saelab.load_sae({spec!r}) (or import saelab.hub "
+                                  "first), or make a folder of it with saelab fetch")
+            return loader(spec, device)
         path = pathlib.Path(path).expanduser()
         raw = read_sae_cfg(path)  # a group folder, a missing folder or a bad cfg.json: a one-line error
-        from saelab.models import pick_device
-
         device = pick_device(device)  # "cuda" without CUDA, or "gpu": a one-line error, not a loader traceback
         try:
             w = load_file(str(path / WEIGHTS_FILE), device=str(device))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.sae.base import mse
 from saelab.sae.topk import TopKSAE, scatter
 

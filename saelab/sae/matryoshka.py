@@ -14,7 +14,7 @@ mode: the top-kᵢ of a best-first top-k_max are its first kᵢ entries)."""
 
 from __future__ import annotations
 
-from saelab.kernels import sparse_decode, topk_encode
+from saelab.kernels import sparse_decode
 from saelab.kernels.topk_encode import resolve_kernel
 from saelab.sae.base import mse
 from saelab.sae.topk import TopKSAE, select, scatter
@@ -61,17 +61,15 @@ class MatryoshkaSAE(TopKSAE):
 
     def _fused_loss(self, x):
         """The same loss terms from one fused encode and sparse decodes (no [B, d_sae] tensor)."""
-        self.check_input(x)
-        xc = x - self.b_dec if self.apply_b_dec_to_input else x
         terms = {}
         if self.cfg.matryoshka_mode == "prefix":
-            v, i = topk_encode(xc, self.W_enc, self.b_enc, self.cfg.k, kernel=self.kernel)
+            v, i = self.fused_codes(x)
             for m in self.prefixes():
                 x_hat = sparse_decode(v * (i < m).to(v.dtype), i, self.W_dec, self.b_dec)
                 terms[f"mse_{m}"] = mse(x, x_hat)
         else:
             ks = self.ks()
-            v, i = topk_encode(xc, self.W_enc, self.b_enc, ks[-1], kernel=self.kernel)  # best first
+            v, i = self.fused_codes(x, ks[-1])  # best first
             for wi, ki in zip(self.weights(len(ks)), ks):
                 x_hat = sparse_decode(v[:, :ki], i[:, :ki], self.W_dec, self.b_dec)
                 terms[f"mse_k{ki}"] = wi * mse(x, x_hat)

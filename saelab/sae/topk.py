@@ -1,9 +1,8 @@
 """TopK SAE (Gao et al. 2024): f = TopK(ReLU(z)) per token; aux-k loss from dead latents;
 unit-norm decoder rows with the parallel gradient component removed; the encoder starts at
 0.3·W_decᵀ (``enc_init``: at 1·W_decᵀ the TopK choice is made by O(1) random projections and,
-under Adam, the unit-scale encoder moves too slowly relative to its size — the held-out FVU of
-the SAELens benchmark stalled at 0.637 from step ~60; 0.1 learns fastest there but leaves a
-quarter of the demo's latents never firing, 0.3 is the measured compromise; README "Performance").
+under Adam, the unit-scale encoder moves too slowly relative to its size; a smaller start learns
+faster but leaves more latents that never fire — docs: explanations/encoder init).
 
 ``select(z, k)`` (from ``saelab.kernels.topk_encode``) is the one selection rule the TopK family
 shares (unsigned: the k largest z, values through ReLU; signed: the k largest |z|, sign kept) —
@@ -40,11 +39,16 @@ class TopKSAE(SAE):
             x_hat = self.decode(f)
             return self._out(f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
         # fused path: no [B, d_sae] tensor in the forward or the backward
-        self.check_input(x)
-        xc = x - self.b_dec if self.apply_b_dec_to_input else x
-        v, i = topk_encode(xc, self.W_enc, self.b_enc, self.cfg.k, self.signed, kernel=self.kernel)
+        v, i = self.fused_codes(x)
         x_hat = sparse_decode(v, i, self.W_dec, self.b_dec)
         return self._out((v.detach(), i), x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
+
+    def fused_codes(self, x, k: int | None = None, kernel: str | None = None):
+        """(values [B, k], indices [B, k]) of the codes through the fused encode (``kernel``: the path, default the
+        SAE's own), with no [B, d_sae] tensor: the input checked, b_dec subtracted when the SAE does."""
+        self.check_input(x)
+        xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        return topk_encode(xc, self.W_enc, self.b_enc, k or self.cfg.k, self.signed, kernel=kernel or self.kernel)
 
     def saelens_cfg(self):
         return {**super().saelens_cfg(), "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

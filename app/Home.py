@@ -1,13 +1,11 @@
 """saelab app — home: what is open, and the pages."""
 
-import json
-
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
 from saelab.app import common as ui
-from saelab.config import TRAIN_FILE, read_source
+from saelab.layout import FEATURES_FILE, TRAIN_FILE, read_eval, read_sae_cfg, read_source
 
 
 def _source(folder) -> str:
@@ -30,14 +28,12 @@ st.markdown(f"**{kind}** `{target.path}` · model **{target.model}**")
 
 rows = []
 for hook, folder in target.saes.items():
-    cfg = json.loads((folder / "cfg.json").read_text())
-    ev = {}
-    if (folder / "eval.json").is_file():
-        ev = json.loads((folder / "eval.json").read_text())
+    cfg = read_sae_cfg(folder)
+    ev = read_eval(folder) or {}
     s = cfg.get("saelab") or {}
     rows.append({"hook": hook, "arch": s.get("arch") or cfg.get("architecture"), "d_sae": cfg.get("d_sae"),
                  "k": s.get("k") or cfg.get("k"), "FVU": ev.get("fvu"), "L0": ev.get("l0"),
-                 "CE recovered": ev.get("ce_loss_recovered"), "features.h5": (folder / "features.h5").is_file(),
+                 "CE recovered": ev.get("ce_loss_recovered"), FEATURES_FILE: (folder / FEATURES_FILE).is_file(),
                  "labels": len(ui.labels(folder)), "source": _source(folder)})
 st.dataframe(rows, hide_index=True)
 # the latent-density histogram, the first health check of an SAE: a bump of dense latents at the right, a long
@@ -53,7 +49,7 @@ if dens:
     fig.update_layout(barmode="overlay", height=300, margin=dict(l=10, r=10, t=10, b=10),
                       xaxis_title="log₁₀ density", yaxis_title="latents", legend=dict(orientation="h", y=-0.3))
     st.plotly_chart(fig, key="density_hist")
-missing = [h for h, f in target.saes.items() if not (f / "features.h5").is_file()]
+missing = [h for h, f in target.saes.items() if not (f / FEATURES_FILE).is_file()]
 if missing:
     # an SAE not trained here (fetched, or SAELens-written) names no store: analyze needs one of its hook
     store = "" if all((target.saes[h] / TRAIN_FILE).is_file() for h in missing) else " --activations STORE_OR_RUN"

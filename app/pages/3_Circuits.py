@@ -7,7 +7,7 @@ import pathlib
 import plotly.graph_objects as go
 import streamlit as st
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.app import common as ui
 
 target = ui.setup("Circuits")

@@ -4,7 +4,7 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from saelab import SaelabError
+from saelab.errors import SaelabError
 from saelab.app import common as ui
 
 target = ui.setup("Features")

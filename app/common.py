@@ -7,10 +7,10 @@ import pathlib
 
 import streamlit as st
 
-from saelab import SaelabError
-from saelab.app import Target, resolve_target, target_from_argv_or_env
-from saelab.app.render import tokens_html
-from saelab.config import WEIGHTS_FILE
+from saelab.errors import SaelabError
+from saelab.targets import Target, resolve_target, target_from_argv_or_env
+from saelab.analysis.cards import tokens_html
+from saelab.layout import WEIGHTS_FILE
 
 MATCH_AT_ONCE = 2  # a group with more other SAEs than this matches a card's latent in them on request (a checkbox)
 
@@ -60,7 +60,7 @@ def sae(sae_dir: pathlib.Path):
 def feature_db(sae_dir: pathlib.Path, show: bool = True):
     """The FeatureDB of this SAE, or None after a readable message naming the command to run."""
     try:
-        from saelab.analysis.features import FEATURES_FILE
+        from saelab.layout import FEATURES_FILE
     except ImportError:
         if show:
             st.error("This saelab has no feature database module (saelab.analysis.features): update saelab.")
@@ -172,7 +172,7 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", other
     import plotly.graph_objects as go
 
     from saelab.analysis.features import save_label
-    from saelab.app.export import card_document
+    from saelab.analysis.cards import card_document
 
     try:
         card = db.card(latent)

@@ -1,4 +1,5 @@
-"""Latent cards as one self-contained HTML file (``saelab export``): what the app's Features page shows for a
+"""Latent cards as HTML: token windows shaded by activation (``tokens_html``, the app's and the notebooks'), and
+one self-contained file of cards (``saelab export``): what the app's Features page shows for a
 set of latents, readable in any browser with no server, no network and no JavaScript, to share or archive.
 
 For each SAE (one folder, or every SAE of a group folder) it reads the feature database (``features.h5``,
@@ -23,8 +24,35 @@ import re
 import numpy as np
 from tqdm.auto import tqdm
 
-from saelab import SaelabError, __version__
-from saelab.app.render import TOKENS_CSS, tokens_html
+from saelab import __version__
+from saelab.errors import SaelabError
+
+_WINDOW = "font-family:monospace;font-size:0.85em;line-height:1.9;white-space:normal"  # the window's div
+_TOKEN = "border-radius:2px;padding:0 1px"  # every token's span
+_AT = "outline:1.5px solid #333"  # the example's own token
+#: the styles ``tokens_html(..., classed=True)`` leaves to a stylesheet (``saelab export`` writes it once)
+TOKENS_CSS = f".tw{{{_WINDOW}}}.tw span{{{_TOKEN}}}.tw .at{{{_AT}}}"
+
+
+def tokens_html(tokens: list[str], acts: list[float], pos: int | None, scale: float, classed: bool = False) -> str:
+    """Tokens as inline spans shaded by activation (orange positive, blue negative); hovering one
+    shows its value; the example's own token is outlined. ``classed``: the styles every span shares come
+    from ``TOKENS_CSS`` (class ``tw``) instead of each span's own style attribute, for a page of many windows."""
+    out = []
+    scale = scale if scale and scale > 0 else max((abs(a) for a in acts), default=1.0) or 1.0
+    for i, (t, a) in enumerate(zip(tokens, acts)):
+        alpha = min(abs(a) / scale, 1.0)
+        rgb = "255,140,0" if a >= 0 else "30,120,255"
+        shade = f"background:rgba({rgb},{alpha:.2f});" if alpha >= 0.005 else ""  # else it would print as 0.00
+        text = html.escape(t).replace("\n", "↵").replace(" ", "&nbsp;") or "&nbsp;"
+        if classed:
+            style = f' style="{shade}"' if shade else ""
+            out.append(f'<span title="{a:.3f}"{" class=at" if i == pos else ""}{style}>{text}</span>')
+        else:
+            border = f"{_AT};" if i == pos else ""
+            out.append(f'<span title="{a:.3f}" style="{shade}{border}{_TOKEN}">{text}</span>')
+    return ('<div class="tw">' if classed else f'<div style="{_WINDOW}">') + "".join(out) + "</div>"
+
 
 SAMPLE = 50
 MAX_CARDS = 2000  # a card is ~25-30 KiB on the demo SAEs (its token windows): 2,000 cards ≈ 50 MiB of HTML
@@ -197,8 +225,9 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
     per SAE (``seed``). More than ``max_cards`` (default ``MAX_CARDS``) cards in all is refused before any is
     built (``--latents 0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file appears
     whole or not at all (temp name, fsync, rename)."""
-    from saelab.analysis.features import FeatureDB, load_labels, sae_folders
-    from saelab.store import check_output, write_output
+    from saelab.analysis.features import FeatureDB, load_labels
+    from saelab.targets import sae_folders
+    from saelab.fs import check_output, write_output
 
     if seed < 0:
         raise SaelabError(f"--seed must be 0 or more (got {seed})")

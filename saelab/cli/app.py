@@ -1,0 +1,57 @@
+"""`saelab app`: serve the Streamlit app."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from saelab.errors import SaelabError
+
+
+def _app_argv(sae: str, port: int, host: str) -> list[str]:
+    """The `streamlit run` command line for the app (fileWatcherType none: watching the venv overflows inotify)."""
+    from saelab.app import HOME
+
+    return [sys.executable, "-m", "streamlit", "run", str(HOME), "--server.headless", "true",
+            "--server.fileWatcherType", "none", "--server.address", host, "--server.port", str(port),
+            "--browser.gatherUsageStats", "false", "--", "--sae", sae]
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except socket.gaierror as e:
+            raise SaelabError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass a valid --host, e.g. "
+                              "127.0.0.1") from None
+        except OSError as e:
+            raise SaelabError(f"cannot serve on {host}:{port} ({e.strerror or e}): pass a free --port") from None
+
+
+def cmd_app(args) -> int:
+    from saelab.targets import APP_ENV_VAR as ENV_VAR, resolve_target
+
+    try:
+        import streamlit  # noqa: F401
+        import plotly  # noqa: F401
+    except ImportError:
+        raise SaelabError("the app needs streamlit and plotly: pip install 'saelab[app]'") from None
+    target = resolve_target(args.sae)
+    if not 0 < args.port < 65536:
+        raise SaelabError(f"--port {args.port} is not a TCP port: pass 1..65535")
+    _check_port(args.host, args.port)
+    argv = _app_argv(str(target.path), args.port, args.host)
+    print(f"saelab app: {target.path} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    os.environ[ENV_VAR] = str(target.path)
+    os.execv(sys.executable, argv)  # this process becomes the server: its PID stops it
+
+
+def add_parser(sub) -> None:
+    ap = sub.add_parser("app", help="open the feature browser / steering / circuits app (Streamlit)",
+                        description="Serve the Streamlit app on an SAE folder or a group folder.")
+    ap.add_argument("--sae", required=True, help="an SAE folder or a group folder (runs/NAME_OR_GROUP)")
+    ap.add_argument("--port", type=int, default=8501, help="port to serve on (default: 8501)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    ap.set_defaults(func=cmd_app)

@@ -1,0 +1,125 @@
+"""What every command shares: the run flags, the config dataclasses as flags, and the lines they print."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from saelab.config import SAEConfig, flag_of
+from saelab.errors import SaelabError
+
+
+def add_run_flags(p, device: bool = True) -> None:
+    """The flags every long-running subcommand shares: --device (unless the config has it) and --quiet."""
+    if device:
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_distributed_arguments(p) -> None:
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run as N processes: execs `python -m torch.distributed.run --standalone "
+                        "--nproc_per_node N -m saelab ...` (or launch with torchrun yourself)")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under torchrun: seconds a collective may wait for the other ranks before the run stops "
+                        "(default: $SAELAB_DIST_TIMEOUT, else 300)")
+
+
+def store_summary(stores: dict) -> str:
+    from saelab.store import ActivationStore
+
+    lines = []
+    for hook, path in stores.items():
+        s = ActivationStore(path, verify=False)
+        size = sum((path / sh["file"]).stat().st_size for sh in s.shards)
+        lines.append(f"  {path}: {s.n_rows('all'):,} rows × d_in {s.d_in} ({s.manifest['dtype']}), "
+                     f"{len(s.shards)} shards ({len(s.manifest['holdout_shards'])} held out), {size / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def eval_line(ev: dict) -> str:
+    parts = [f"FVU {ev['fvu']:.3f}", f"L0 {ev['l0']:.1f}", f"dead {100 * ev['dead_frac']:.1f}%",
+             f"dense {100 * ev['dense_frac']:.1f}%"]
+    if "ce_loss_recovered" in ev:
+        parts += [f"CE clean {ev['ce_clean']:.3f} / SAE {ev['ce_sae']:.3f} / zero-ablated {ev['ce_zero_ablation']:.3f}",
+                  f"CE-loss recovered {ev['ce_loss_recovered']:.3f}", f"KL {ev['kl']:.4f}"]
+        if "ce_contexts" in ev:  # written by saelab eval (train's own eval.json predates it)
+            n, asked = ev["ce_contexts"], ev.get("ce_contexts_asked")
+            split = "training" if ev.get("ce_split") == "train" else "held-out"
+            parts[-1] += (f" (over {n} {split} context{'s' * (n != 1)}"
+                          + (f": --contexts {asked} asked, the store has no more" if asked else "") + ")")
+    return ", ".join(parts)
+
+
+def add_arguments(parser, cls) -> None:
+    """Add one flag per dataclass field, help text from the field's metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if meta.get("cli") is False:
+            continue
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        hint = hints[f.name]
+        kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", "")}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if hint is bool:
+            kw["action"] = "store_true"
+        elif origin is list:
+            kw.update(action="append", type=args[0], default=None)
+        else:
+            base = next((a for a in args if a is not type(None)), hint) if args else hint
+            kw.update(type=base, default=default)
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
+        if meta.get("required"):
+            kw["required"] = True
+        elif "default" in kw and kw["default"] not in (None, "", []):
+            kw["help"] += f" (default: {kw['default']})"
+        parser.add_argument(flag, **kw)
+
+
+def from_args(cls, ns):
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        v = getattr(ns, f.name)
+        if v is None and f.default_factory is not dataclasses.MISSING:
+            v = f.default_factory()
+        values[f.name] = v
+    return cls(**values)
+
+
+# SAEConfig fields that only some architectures (or matryoshka modes) read; the CLI refuses them elsewhere
+ARCH_ONLY = {"l1_coeff": ("relu",), "l0_coeff": ("jumprelu",), "sparsity_warmup": ("relu", "jumprelu"),
+             "bandwidth": ("jumprelu",), "init_threshold": ("jumprelu",), "threshold_momentum": ("batchtopk",),
+             "matryoshka_mode": ("matryoshka",), "matryoshka_prefixes": ("matryoshka",),
+             "matryoshka_ks": ("matryoshka",), "matryoshka_weighting": ("matryoshka",), "grad_beta": ("gradient",)}
+MODE_ONLY = {"matryoshka_prefixes": "prefix", "matryoshka_ks": "k", "matryoshka_weighting": "k"}
+
+
+def check_sae_flags(ns) -> None:
+    """One-line errors for SAE flags the command line was given that the run would ignore: --width together
+    with --expansion, and a flag of another architecture (or matryoshka mode) than the one trained. A flag
+    counts as given when its value differs from its default (passing the default is harmless)."""
+    fields = {f.name: f for f in dataclasses.fields(SAEConfig)}
+
+    def given(name):
+        v, f = getattr(ns, name, None), fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return v is not None and v != default
+
+    if getattr(ns, "width", None) and given("expansion"):
+        raise SaelabError(f"--width {ns.width} and --expansion {ns.expansion} both set the number of latents: "
+                          "pass one of them")
+    for name, archs in ARCH_ONLY.items():
+        if given(name) and ns.arch not in archs:
+            raise SaelabError(f"{flag_of(name)} applies to --arch {' or '.join(archs)} only, and this run trains "
+                              f"{ns.arch}: drop it, or pass --arch {archs[0]}")
+    for name, mode in MODE_ONLY.items():
+        if given(name) and ns.arch == "matryoshka" and ns.matryoshka_mode != mode:
+            raise SaelabError(f"{flag_of(name)} applies to --matryoshka-mode {mode} only, and this run uses "
+                              f"{ns.matryoshka_mode}: drop it, or pass --matryoshka-mode {mode}")

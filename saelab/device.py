@@ -1,0 +1,58 @@
+"""Where tensors live and how many threads work on them: one device helper for every command.
+
+Everything runs on the CPU; CUDA is used when present and asked for (``auto``); no code path
+assumes a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from saelab.errors import SaelabError
+
+
+def pick_device(device: str | int | torch.device = "auto") -> torch.device:
+    """The torch.device for ``device`` ("auto": cuda when available, else cpu; a torch.device as it is; an int N
+    as cuda:N, as torch reads it); CUDA asked for where it is missing, or an unknown spelling (e.g. "gpu"), is a
+    one-line SaelabError."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        device = f"cuda:{device}"
+    if not isinstance(device, str):
+        raise SaelabError(f"device must be a string such as 'cpu', 'cuda', 'cuda:0' or 'auto', "
+                          f"not {type(device).__name__} {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SaelabError(f"--device {device} asked for, but CUDA is not available: use --device cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SaelabError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """The device of a model's (or an SAE's) parameters; the CPU for one that has none."""
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device | None = None):
+    """Run the block on one torch thread (on CPU; a no-op elsewhere). Many small ops (analyze's
+    bookkeeping over ~B·k entries, head identification's tiny batched SAEs) are several times
+    faster single-threaded on a busy 2-core CPU, where intra-op threads wait on each other."""
+    if device is not None and device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

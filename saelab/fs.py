@@ -1,0 +1,214 @@
+"""File safety: atomic writes under one temp-name rule, fsync, checksums, writability and output checks.
+
+The bottom layer of the house (it imports only ``saelab.errors``). Every file saelab writes goes
+through here, so a reader sees the old file or the new one, never half of one:
+
+- a file is written under ``temp_name(path)`` (``.NAME.tmp`` beside it), fsynced, renamed over
+  ``path`` (``os.replace``: atomic on POSIX), and its folder fsynced so the rename survives a crash;
+- a failed write removes its temp file;
+- a long pass checks that it can write its output before it starts (``check_writable``), not after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import pathlib
+import shutil
+from collections.abc import Iterator
+
+from saelab.errors import SaelabError
+
+
+def temp_name(path: str | os.PathLike) -> pathlib.Path:
+    """The hidden name a file is written under before its rename: ``.NAME.tmp`` in the same folder (the same
+    filesystem, so the rename is atomic)."""
+    path = pathlib.Path(path)
+    return path.with_name(f".{path.name}.tmp")
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield the temp path to write ``path`` under (by any writer: h5py, safetensors, torch.save); when the body
+    returns, the file gets the umask's mode (some writers create it 0600), is fsynced and renamed over ``path``;
+    when it raises, the temp file is removed and ``path`` is left as it was."""
+    path = pathlib.Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.chmod(tmp, _umask_mode())
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half of one."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` so that readers see the old or the new file, never half of one."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finite_json(obj):
+    """``obj`` with every NaN / inf float as None (JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------ writability
+def can_write(path: str | os.PathLike) -> OSError | None:
+    """None when a file can be created at ``path``'s temp name (created and removed at once), else the OSError
+    that says why: the one writability test every check below uses."""
+    tmp = temp_name(path)
+    try:
+        tmp.touch()
+        tmp.unlink()
+    except OSError as e:
+        return e
+    return None
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def check_writable_in(folder: str | os.PathLike, name: str) -> None:
+    """Before a long pass that ends by writing ``folder/name`` (eval.json, features.h5): a one-line error now if
+    it cannot be written there (a read-only folder, a folder in the file's place), not a traceback after the work."""
+    target = pathlib.Path(folder).expanduser() / name
+    if target.is_dir():
+        raise SaelabError(f"{target} is a folder where this writes a file: move it away")
+    e = can_write(target)
+    if e is not None:
+        raise SaelabError(f"{target} cannot be written ({_why(e)}): make {target.parent} writable, or "
+                          "copy the SAE folder somewhere you can write")
+
+
+def _unwritable(flag: str, path: pathlib.Path, e: OSError) -> SaelabError:
+    return SaelabError(f"{flag} {path} cannot be written ({_why(e)}): choose a file you can write")
+
+
+def check_output(path: str | os.PathLike, flag: str = "--out", example: str = "out.json") -> pathlib.Path:
+    """A command's output file, checked before its work: not a folder, its folder made, and writable; a
+    one-line SaelabError naming ``flag`` otherwise."""
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        raise SaelabError(f"{flag} {path} is a folder: pass a file name, e.g. {path / example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(flag, path, e) from None
+    e = can_write(path)
+    if e is not None:
+        raise _unwritable(flag, path, e)
+    return path
+
+
+def write_output(path: str | os.PathLike, text: str, flag: str = "--out") -> pathlib.Path:
+    """``atomic_write_text`` for a command's output file (its folder made); an OSError is a one-line
+    SaelabError naming ``flag``, with no temp file left."""
+    path = pathlib.Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise _unwritable(flag, path, e) from None
+    return path
+
+
+def out_folder(out: str | os.PathLike, *, resume: bool = False, resumable: bool = True,
+               flag: str = "--out") -> pathlib.Path:
+    """The output folder of a run (harvest, train, synthetic, fetch), checked and created before the run writes
+    anything: not a file, empty unless ``resume`` (``resumable``: the refusal names --resume), writable. What
+    ``resume`` needs inside it (a checkpoint, a settings file) the command checks itself."""
+    out = pathlib.Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise SaelabError(f"{flag} {out} is a file: pass a folder path")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        fix = "pass --resume to continue it, or choose a new --out" if resumable else "choose a new --out or delete it"
+        raise SaelabError(f"{flag} {out} already exists: {fix}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SaelabError(f"{flag} {out} cannot be created ({_why(e)}); choose a folder you can write to") from None
+    e = can_write(out / "probe")
+    if e is not None:
+        raise SaelabError(f"{flag} {out} is not writable ({_why(e)}); choose a folder you can write to")
+    return out
+
+
+@contextlib.contextmanager
+def no_empty_folder_left(folder: str | os.PathLike):
+    """Run the body; if it raises, remove the folders it created at or under ``folder`` (its missing
+    parents included) that are still empty, so a run failing before it wrote anything leaves no trace.
+    A folder that held anything beforehand is never touched; ``rmdir`` removes only empty folders."""
+    folder = pathlib.Path(folder).expanduser().absolute()
+    top, keep_top = None, False
+    p = folder
+    while not p.exists() and p != p.parent:  # the topmost folder this run may create
+        top, p = p, p.parent
+    if top is None and folder.is_dir() and not any(folder.iterdir()):
+        top, keep_top = folder, True  # it existed, empty: remove only what is created inside it
+    try:
+        yield
+    except BaseException:
+        if top is not None and top.is_dir():
+            for dirpath, _, _ in os.walk(top, topdown=False):
+                if keep_top and pathlib.Path(dirpath) == top:
+                    continue
+                try:
+                    os.rmdir(dirpath)
+                except OSError:  # not empty (or not ours to remove): keep it
+                    pass
+        raise
+
+
+def remove_contents(folder: str | os.PathLike) -> None:
+    """Delete everything inside ``folder`` (kept itself): what a failed run wrote into a folder it found empty."""
+    folder = pathlib.Path(folder)
+    for child in folder.iterdir() if folder.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)

@@ -1,0 +1,212 @@
+"""The on-disk layout: every file name of a store, an SAE folder, a group and a run, and their readers.
+
+Folders have fixed names inside, so the app, notebooks and commands find everything from a folder
+alone:
+
+- a store (``activations/RUN/<hook>/``): ``manifest.json`` + ``shard_XXXXX.h5``; a RUN folder adds
+  ``harvest.json`` (the run's settings, for ``--resume``);
+- an SAE folder: ``cfg.json`` + ``sae_weights.safetensors`` (SAELens reads both), ``train.json``,
+  ``metrics.jsonl``, ``checkpoint.pt`` (while training), ``eval.json``; after analysis
+  ``features.h5`` and ``labels.json``; a fetched one ``source.json``;
+- a group folder: ``group.json`` {model, hooks: {hook: SAE folder}} + one SAE folder per hook, and
+  ``circuits/NAME.json``.
+
+Other releases' layouts (``LAYOUTS``) are named here so a reader can say what a folder holds;
+``saelab.formats`` converts them. Each reader returns parsed content or raises a one-line
+``SaelabError`` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+from saelab.config import ARCHS
+from saelab.errors import SaelabError
+
+# a store and a harvest run
+MANIFEST = "manifest.json"
+RUN_FILE = "harvest.json"
+# an SAE folder (saelab train, SAELens)
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+TRAIN_FILE = "train.json"  # the training settings and the store's absolute path
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+EVAL_FILE = "eval.json"
+FEATURES_FILE = "features.h5"
+LABELS_FILE = "labels.json"
+SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revision, commit | path, format, fetched}
+# a group folder (one SAE per hook)
+GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
+CIRCUITS_DIR = "circuits"
+# an SAE on the Hugging Face hub: hf://ORG/REPO/SUBFOLDER
+HUB_PREFIX = "hf://"
+
+# other releases' SAE folders
+GEMMA_SCOPE_FILE = "params.npz"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+SPARSIFY_RUN_CFG = "config.json"  # sparsify's run config, one folder above the hookpoint folders
+#: layout name → the files of one SAE folder in it (the first is the one to report when none is there)
+LAYOUTS = {
+    "saelens": (CFG_FILE, WEIGHTS_FILE),
+    "sparsify": (CFG_FILE, SPARSIFY_WEIGHTS),
+    "gemma-scope": (GEMMA_SCOPE_FILE,),
+}
+LAYOUT_HELP = (f"{CFG_FILE} + {WEIGHTS_FILE} for SAELens and saelab, {GEMMA_SCOPE_FILE} for Gemma Scope, or "
+               f"{CFG_FILE} + {SPARSIFY_WEIGHTS} for EleutherAI sparsify")
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}.h5"
+
+
+def layout_of(names) -> str | None:
+    """The layout whose files are all among ``names`` (file names of one folder), or None."""
+    names = set(names)
+    return next((lay for lay, files in LAYOUTS.items() if set(files) <= names), None)
+
+
+def folder_layout(folder: pathlib.Path) -> str | None:
+    """The layout of the SAE in the local folder ``folder`` (``layout_of`` its files), or None."""
+    return layout_of(p.name for p in pathlib.Path(folder).iterdir() if p.is_file())
+
+
+def is_sae_folder(p: str | os.PathLike) -> bool:
+    """Whether ``p`` holds an SAE in saelab's (and SAELens's) layout."""
+    p = pathlib.Path(p)
+    return (p / CFG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
+# ------------------------------------------------------------------------ hub specs
+def hub_spec(path) -> str | None:
+    """``hf://ORG/REPO/SUBFOLDER`` when ``path`` names an SAE on the hub (also as a pathlib.Path, which folds
+    the double slash), else None."""
+    text = str(path)
+    if not text.startswith(("hf://", "hf:/")):
+        return None
+    return HUB_PREFIX + text.split(":", 1)[1].lstrip("/")
+
+
+def check_local_sae(path) -> None:
+    """A one-line error for a hub spec (``hf://ORG/REPO/SUBFOLDER``) where a folder is needed: commands write
+    next to the SAE (features.h5, eval.json), so ``saelab fetch`` must make a folder of it first."""
+    spec = hub_spec(path)
+    if spec:
+        raise SaelabError(f"{spec} is a hub SAE; this needs a folder: saelab fetch {spec} --out runs/NAME, then pass "
+                          "runs/NAME (saelab.load_sae reads hf:// directly)")
+
+
+# ------------------------------------------------------------------------ readers
+def read_json_object(path: str | os.PathLike | None) -> dict | None:
+    """The JSON object in the file ``path``, or None when there is none (no path, a missing or unreadable file,
+    not JSON, not an object): for optional files whose absence is no error."""
+    if path is None:
+        return None
+    try:
+        raw = json.loads(pathlib.Path(path).expanduser().read_text())
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def group_json(model: str, hooks) -> str:
+    """The text of a group.json for SAE folders named after their hooks (``read_group`` reads it back)."""
+    return json.dumps({"model": model, "hooks": {h: h for h in hooks}}, indent=2) + "\n"
+
+
+def read_group(path: str | os.PathLike) -> tuple[str | None, dict[str, pathlib.Path]] | None:
+    """A group folder's (model name or None, {hook: SAE folder}) from its group.json; None when
+    ``path`` holds no group.json. A malformed group file is a one-line error."""
+    check_local_sae(path)
+    path = pathlib.Path(path).expanduser()
+    f = path / GROUP_FILE
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+        hooks, model = meta["hooks"], meta.get("model")
+        if not isinstance(hooks, dict) or not all(isinstance(v, str) for v in hooks.values()) \
+                or not (model is None or isinstance(model, str)):
+            raise TypeError
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        raise SaelabError(f"{f} is not a valid group file ({{\"model\": ..., \"hooks\": {{hook: folder}}}}): "
+                          "re-run saelab train on the RUN folder") from None
+    return model or None, {h: path / sub for h, sub in hooks.items()}
+
+
+def read_train_info(folder: str | os.PathLike, fix: str) -> dict:
+    """A run folder's train.json as a dict ({} when it has none); a damaged one (unreadable, not JSON, not a
+    JSON object) is a one-line error ending in ``fix``."""
+    path = pathlib.Path(folder).expanduser() / TRAIN_FILE
+    if not path.exists():
+        return {}
+    info = read_json_object(path)
+    if info is None:
+        raise SaelabError(f"{path} is damaged (not a readable JSON object): restore it, or {fix}")
+    return info
+
+
+def read_eval(folder: str | os.PathLike) -> dict | None:
+    """An SAE folder's eval.json (the metrics ``saelab train`` / ``saelab eval`` wrote), or None when it has none
+    or a damaged one (it is rewritten whole by the next eval)."""
+    return read_json_object(pathlib.Path(folder).expanduser() / EVAL_FILE)
+
+
+def read_source(folder: str | os.PathLike) -> dict | None:
+    """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, format, fetched}, or {path,
+    format, fetched} for one fetched from a local folder; see ``saelab fetch``), or None when it has none (or
+    an unreadable one)."""
+    return read_json_object(pathlib.Path(folder).expanduser() / SOURCE_FILE)
+
+
+def read_sae_cfg(path: str | os.PathLike) -> dict:
+    """The parsed cfg.json of an SAE folder (saelab or SAELens); a one-line error when ``path`` is
+    no SAE folder (missing, no cfg.json or weights, unreadable JSON)."""
+    check_local_sae(path)
+    path = pathlib.Path(path).expanduser()
+    if not path.is_dir():
+        raise SaelabError(f"{path}: no such folder; pass an SAE folder written by saelab train or SAELens")
+    if (path / GROUP_FILE).is_file() and not (path / CFG_FILE).is_file():
+        hooks = sorted(p.name for p in path.iterdir() if (p / CFG_FILE).is_file())
+        raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
+                          f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
+    if not is_sae_folder(path):
+        layout = folder_layout(path)
+        if layout:  # Gemma Scope's or sparsify's layout: fetch converts it
+            raise SaelabError(f"{path} holds an SAE in {layout}'s layout, not saelab's: convert it once with "
+                              f"`saelab fetch {path} --out runs/NAME` and pass runs/NAME")
+        raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
+                          "pass a folder written by saelab train or SAELens, or a group folder")
+    try:
+        raw = json.loads((path / CFG_FILE).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise SaelabError(f"{path / CFG_FILE} is not readable ({e}); re-save the SAE") from None
+    except json.JSONDecodeError as e:
+        raise SaelabError(f"{path / CFG_FILE} is not valid JSON ({e.msg}); re-save the SAE") from None
+    if not isinstance(raw, dict):
+        raise SaelabError(f"{path / CFG_FILE} is not an SAE config (a JSON object); re-save the SAE")
+    own = raw.get("saelab", {})
+    if not isinstance(own, dict):
+        raise SaelabError(f"{path / CFG_FILE}: its \"saelab\" entry is {type(own).__name__}, not an object; "
+                          "re-save the SAE")
+    for key in ("d_in", "d_sae"):  # every reader sizes things by these (an old SAELens config may give no d_sae)
+        v = raw.get(key, own.get(key))
+        if v is None and key == "d_sae":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SaelabError(f"{path / CFG_FILE}: {key} is {v!r}, not a positive whole number; re-save the SAE")
+    arch = own.get("arch")
+    if arch is not None and arch not in ARCHS:
+        raise SaelabError(f"{path / CFG_FILE}: architecture {arch!r} is not one saelab knows "
+                          f"({', '.join(ARCHS)}); re-save the SAE")
+    return raw
+
+
+def sae_identity(raw: dict, folder: pathlib.Path) -> dict:
+    """{"hook", "model"} an SAE's cfg.json (as ``read_sae_cfg`` returns it) records, SAELens's metadata block
+    included; the folder's name stands in for a hook it does not record, the bundled model for a model."""
+    meta = raw.get("metadata") or {}
+    return {"hook": raw.get("hook_name") or meta.get("hook_name") or pathlib.Path(folder).name,
+            "model": raw.get("model_name") or meta.get("model_name") or "tiny"}
