@@ -149,3 +149,13 @@ def test_the_model_card_comes_from_the_shipped_files():
     final = json.loads((ROOT / "saelab" / "tiny" / "train_log.json").read_text())["final"]
     assert f"{final['heldout_loss']:.3f} nats" in md and f"{final['induction_second']:.3f} nats" in md
     assert "| layers | 2 |" in md and "| vocabulary | 4,096 |" in md
+
+
+def test_the_import_rules_are_drawn_from_pyproject():
+    arch = _hook("architecture")
+    contracts = arch.load_contracts(ROOT / "pyproject.toml")
+    layers = arch.render_layers(contracts)
+    assert layers.count("```mermaid") == 1 and '["cli"]' in layers and "-->" in layers
+    table = arch.render_contracts(contracts)
+    assert table.startswith("| contract | modules | rule |") and "may not import" in table
+    assert arch.render_layers({}) == "No layers contract is declared."
