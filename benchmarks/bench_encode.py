@@ -140,7 +140,7 @@ def cpu_sections(a, widths, res):
                             "reference": lambda: topk_encode(x, W, b, a.k, kernel="reference"),
                             **{f: (lambda f=f: topk_encode(x, W, b, a.k, kernel=f)) for f in FUSED}}, a.reps)
             topk_encode(x, W, b, a.k, kernel="screened")
-            from saelab.kernels.topk_encode import SCREEN_STATS
+            from saelab.kernels.screened import SCREEN_STATS
             cand = dict(SCREEN_STATS)
         del x, W, b, xq, Wq
         mem = {kern: measure_mem(kern, n, a) for kern in ("reference", *FUSED)}
@@ -169,7 +169,7 @@ def gpu_section(a, res):
     if not torch.cuda.is_available():
         print("GPU section skipped: CUDA is not available on this machine (Triton vs reference not measured)")
         return
-    from saelab.kernels.topk_encode import triton_available
+    from saelab.kernels.dispatch import triton_available
     if not triton_available():
         print("GPU section skipped: triton does not import")
         return

@@ -30,7 +30,7 @@ import torch
 
 from bench_encode import train_step
 from results import Result
-from saelab.kernels.topk_encode import topk_encode_reference
+from saelab.kernels.reference import topk_encode_reference
 from saelab.kernels.triton_topk import _threshold_select, triton_select
 from saelab.sae import SAE
 

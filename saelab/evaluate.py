@@ -27,7 +27,7 @@ from saelab.errors import SaelabError
 from saelab.fs import atomic_write_text, check_writable_in
 from saelab.hooks import flat_hook
 from saelab.kernels import sparse_decode
-from saelab.kernels.topk_encode import resolve_kernel
+from saelab.kernels.dispatch import resolve_kernel
 from saelab.layout import EVAL_FILE, check_local_sae, read_eval, read_train_info
 from saelab.sae.topk import TopKSAE
 from saelab.store import ActivationStore

@@ -169,7 +169,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
                           f"pass a multiple of {world}")
     device = pick_device(dist.device_for(tcfg.device))
     # what would fail at the first step or at the logger is checked before --out is touched
-    from saelab.kernels.topk_encode import resolve_kernel
+    from saelab.kernels.dispatch import resolve_kernel
 
     resolve_kernel(tcfg.kernel, device)
     if main:

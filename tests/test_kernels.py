@@ -20,7 +20,7 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.kernels import sparse_decode, topk_encode, topk_encode_reference
-from saelab.kernels.topk_encode import resolve_kernel
+from saelab.kernels.dispatch import resolve_kernel
 
 
 def _inputs(seed, B=96, d=48, n=1000, dtype=torch.float32):
@@ -433,9 +433,9 @@ def test_matryoshka_fused_loss_equals_dense(mode):
 # as every path (check_against_reference), on inputs chosen to stress the screen's error bound.
 
 def _screened(x, W, b, k, signed, **kw):
-    from saelab.kernels.topk_encode import SCREEN_STATS, _screened_select
+    from saelab.kernels.screened import SCREEN_STATS, screened_select
 
-    z, i = _screened_select(x, W, b, k, signed, kw.pop("chunk", 96), kw.pop("rows", 40), **kw)
+    z, i = screened_select(x, W, b, k, signed, kw.pop("chunk", 96), kw.pop("rows", 40), **kw)
     return (z if signed else z.clamp_min(0)), i, dict(SCREEN_STATS)
 
 
@@ -449,7 +449,7 @@ def test_screened_matches_reference(shape, signed, scale):
     v, i = topk_encode(x, W, b, k, signed, kernel="screened", chunk=96, rows=40)
     tol = dict(gap=1e-4 * scale, atol=1e-6 * scale)
     check_against_reference(x, W, b, k, signed, v, i, **tol)
-    from saelab.kernels.topk_encode import SCREEN_STATS
+    from saelab.kernels.screened import SCREEN_STATS
     assert SCREEN_STATS["rows"] == B and SCREEN_STATS["fallback_rows"] == 0
     assert k * B <= SCREEN_STATS["candidates"] < n * B  # it screened something out
 
@@ -480,9 +480,9 @@ def test_screened_fallback_rows_are_exact(signed):
 
 @pytest.mark.parametrize("d", [16, 512, 3000])
 def test_screen_error_bound_holds(d):
-    """The derivation in topk_encode.py, without its safety factor: |s − z| ≤ A_i + ρ|s| for the
+    """The derivation in screened.py, without its safety factor: |s − z| ≤ A_i + ρ|s| for the
     bf16 screen s against the float64 pre-activation z, on every entry (scaled inputs too)."""
-    from saelab.kernels.topk_encode import SCREEN_U, _bf16_weights
+    from saelab.kernels.screened import SCREEN_U, _bf16_weights
 
     g = torch.Generator().manual_seed(d)
     for scale in (1.0, 1e3):
@@ -603,31 +603,33 @@ def test_auto_picks_screened_only_where_it_pays(monkeypatch):
     """auto → screened on a CPU with native bf16 for fp32 weights of ≥ SCREEN_MIN_WEIGHTS entries
     at ≤ SCREEN_MAX_THREADS threads; an explicit chunked (argument or SAELAB_KERNEL) always wins;
     bf16 tensors stay chunked."""
-    te = sys.modules["saelab.kernels.topk_encode"]
+    # dispatch.auto_screen reads the patched names at call time; screened_select fills SCREEN_STATS
+    from saelab.kernels import dispatch, screened
+
     monkeypatch.delenv("SAELAB_KERNEL", raising=False)
-    monkeypatch.setattr(te, "bf16_matmul_fast", lambda: True)
-    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 1000)
-    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads())
+    monkeypatch.setattr(dispatch, "bf16_matmul_fast", lambda: True)
+    monkeypatch.setattr(dispatch, "SCREEN_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(dispatch, "SCREEN_MAX_THREADS", torch.get_num_threads())
     x, W, b = _inputs(24, 30, 16, 200)
 
     def screened_ran(**kw):
-        te.SCREEN_STATS.clear()
+        screened.SCREEN_STATS.clear()
         topk_encode(x, W, b, 4, **kw)
-        return bool(te.SCREEN_STATS)
+        return bool(screened.SCREEN_STATS)
 
     assert screened_ran()  # auto, 16 × 200 ≥ 1000 weights
     assert not screened_ran(kernel="chunked")
     monkeypatch.setenv("SAELAB_KERNEL", "chunked")
     assert not screened_ran()
     monkeypatch.delenv("SAELAB_KERNEL")
-    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 10**6)
+    monkeypatch.setattr(dispatch, "SCREEN_MIN_WEIGHTS", 10**6)
     assert not screened_ran()  # too small to pay
-    monkeypatch.setattr(te, "SCREEN_MIN_WEIGHTS", 1000)
-    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads() - 1)
-    assert not screened_ran()  # more threads than it was measured to win with
-    monkeypatch.setattr(te, "SCREEN_MAX_THREADS", torch.get_num_threads())
-    monkeypatch.setattr(te, "bf16_matmul_fast", lambda: False)
+    monkeypatch.setattr(dispatch, "SCREEN_MIN_WEIGHTS", 1000)
+    monkeypatch.setattr(dispatch, "SCREEN_MAX_THREADS", torch.get_num_threads() - 1)
+    assert not screened_ran()  # more threads than it is timed to win at
+    monkeypatch.setattr(dispatch, "SCREEN_MAX_THREADS", torch.get_num_threads())
+    monkeypatch.setattr(dispatch, "bf16_matmul_fast", lambda: False)
     assert not screened_ran()  # no native bf16
-    te.SCREEN_STATS.clear()
+    screened.SCREEN_STATS.clear()
     topk_encode(x.bfloat16(), W.bfloat16(), b.bfloat16(), 4, kernel="screened")  # named, but not fp32
-    assert not te.SCREEN_STATS
+    assert not screened.SCREEN_STATS

@@ -558,7 +558,7 @@ def test_eval_when_the_training_store_is_gone(tiny_planted, tmp_path, capsys):
 
 
 def test_kernel_help_says_what_auto_picks():
-    """--kernel's help names every path auto can take, screened included (kernels.topk_encode._auto_screen)."""
+    """--kernel's help names every path auto can take, screened included (kernels.dispatch.auto_screen)."""
     from saelab.cli import build_parser
 
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]

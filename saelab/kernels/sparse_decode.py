@@ -5,9 +5,9 @@ x̂ = Σⱼ valuesⱼ · W_dec[indicesⱼ] + b_dec without densifying the codes:
 rows and gives the values their gradient (rows of W_dec dotted with dx̂).
 
 On CUDA, ``embedding_bag``'s backward with per-sample weights has no bf16 kernel and
-``torch.sparse.mm`` (the encode's backward) none for bf16 or fp16 (torch 2.11: ``NotImplementedError
-... for 'BFloat16'``, found on an H200). So half-precision tensors on such a device take those steps
-in fp32 (``half_in_fp32``): the same sums with fp32 accumulation, cast back to the parameters' dtype.
+``torch.sparse.mm`` (the encode's backward) none for bf16 or fp16 (it raises ``NotImplementedError
+... for 'BFloat16'``). So half-precision tensors on such a device take those steps in fp32
+(``half_in_fp32``): the same sums with fp32 accumulation, cast back to the parameters' dtype.
 """
 
 from __future__ import annotations

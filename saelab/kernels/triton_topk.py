@@ -3,18 +3,19 @@
 Imported only where it can run: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (the
 tests). ``topk_encode`` applies the ReLU and the sparse backward; this module only selects.
 
-Design: **single-stage running top-k**, with an optional split of the latent dimension.
-Each program owns ``BLOCK_B`` rows and one contiguous range of latents. It walks that range in
-tiles of ``BLOCK_N`` latents; per tile it computes the pre-activations with ``tl.dot``
-(``x`` and ``W_enc`` in their own dtype — bf16/fp16/fp32 — accumulated in fp32, plus ``b_enc``)
-(under the interpreter the tiles are upcast first: its bf16 ``tl.dot`` returns garbage,
-and bf16 products are exact in fp32, so the result is the same) and merges them into a running top-k held in registers (``[BLOCK_B, K_PAD]`` values and
-indices). The merge is rounds of ``max``/``argmax``: while some row's tile maximum beats that
-row's running k-th score, that element replaces the running minimum and is masked out of the
-tile. The first tile costs k rounds; after it a tile needs only as many rounds as the most
-any row of the block gains from it (on random data about k·BLOCK_N/d_sae per row), so the
-selection costs little next to the GEMM. (``tl.sort``/``tl.topk`` would be the other way; they
-cost a full bitonic sort per tile, and are ~400× slower under the interpreter the tests use.)
+Design: **single-stage running top-k**, with an optional split of the latent dimension. Each
+program owns ``BLOCK_B`` rows and one contiguous range of latents. It walks that range in tiles of
+``BLOCK_N`` latents; per tile it computes the pre-activations with ``tl.dot`` (``x`` and ``W_enc``
+in their own dtype — bf16/fp16/fp32 — accumulated in fp32, plus ``b_enc``; under the interpreter
+the tiles are upcast first: its bf16 ``tl.dot`` returns garbage, and bf16 products are exact in
+fp32, so the result is the same) and merges them into a running top-k held in registers
+(``[BLOCK_B, K_PAD]`` values and indices). The merge is rounds of ``max``/``argmax``: while some
+row's tile maximum beats that row's running k-th score, that element replaces the running minimum
+and is masked out of the tile. The first tile costs k rounds; after it a tile needs only as many
+rounds as the most any row of the block gains from it (on random data about k·BLOCK_N/d_sae per
+row), so the selection costs little next to the GEMM. (``tl.sort``/``tl.topk`` would be the other
+way; they cost a full bitonic sort per tile, and are far slower under the interpreter the tests
+use.)
 
 Why not two-stage (per-tile top-k to global memory, then a torch merge): it writes
 B·k·d_sae/BLOCK_N candidates — with k=32 and BLOCK_N=128 a quarter of the dense pre-activation
@@ -25,22 +26,20 @@ B/BLOCK_B row blocks are fewer than its SMs; ``n_split=1`` is the pure single-st
 
 ``signed=True`` (AbsTopK) ranks by |z| and returns z with its sign.
 
-**The threshold method** (``method="threshold"``, or ``SAELAB_TRITON_METHOD=threshold``; opt-in: on an
-H200 at the bf16 benchmark shape it took 1.74 ms at its best setting, against the running method's
-1.83 ms and the dense reference's 1.67 ms in the same run; README "GPU"). Two passes of the same
-tiles, the same code, so the same z: pass 0 stores each row's maximum per tile (B·d_sae/BLOCK_N
-floats, 1/128 of the dense pre-activation); ``torch.topk`` takes each row's k-th best tile maximum
-as its threshold; k distinct tiles hold a score at least that large, so every top-k entry does
-too. Pass 1 appends each entry at or above its row's threshold to a candidate list per row and
-program (``cap`` = 8k slots each), in rounds that take every row's best remaining candidate of the
-tile; one ``torch.topk`` over the lists selects. On Gaussian scores (d_sae 32768, BLOCK_N 128,
-k 32) a row has 34 candidates on average and 40 at most, so a tile needs about one round, where
-the running method needs as many as its running top-k gains. Rows with more than ``cap``
-candidates in one list (ties, structured scores) or fewer than k in all (never, unless the
-passes' rounding differed) are computed from the dense product of those rows alone. It stays
-opt-in because that fallback is dense: scores with many near-ties across tiles would make it a
-dense GEMM, which the running method never is. With fewer than k tiles of latents the threshold
-bounds nothing, and the running method runs instead.
+**The threshold method** (``method="threshold"``, or ``SAELAB_TRITON_METHOD=threshold``; opt-in,
+for the reason at the end of this paragraph; ``benchmarks/tune_triton.py`` times both methods). Two
+passes of the same tiles, the same code, so the same z: pass 0 stores each row's maximum per tile
+(B·d_sae/BLOCK_N floats, 1/128 of the dense pre-activation); ``torch.topk`` takes each row's k-th
+best tile maximum as its threshold; k distinct tiles hold a score at least that large, so every
+top-k entry does too. Pass 1 appends each entry at or above its row's threshold to a candidate list
+per row and program (``cap`` = 8k slots each), in rounds that take every row's best remaining
+candidate of the tile; one ``torch.topk`` over the lists selects. On random scores a row has few
+more than k candidates, so a tile needs about one round, where the running method needs as many as
+its running top-k gains. Rows with more than ``cap`` candidates in one list (ties, structured
+scores) or fewer than k in all (never, unless the passes' rounding differed) are computed from the
+dense product of those rows alone. It stays opt-in because that fallback is dense: scores with many
+near-ties across tiles would make it a dense GEMM, which the running method never is. With fewer
+than k tiles of latents the threshold bounds nothing, and the running method runs instead.
 """
 
 from __future__ import annotations
@@ -62,8 +61,8 @@ def _tile_z(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_xb, strid
             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN: tl.constexpr = False):
     """One tile's pre-activations z = x[rows] · W_enc[:, cols] + b_enc[cols], accumulated in fp32.
-    EVEN: B, d_sae and d_in are multiples of the tile sides, so the loads need no masks (the threshold
-    method's passes: 2.41 ms masked against 2.25 ms unmasked on an H200, bf16 benchmark shape)."""
+    EVEN: B, d_sae and d_in are multiples of the tile sides, so the loads need no masks (unmasked
+    loads are the cheaper ones; the threshold method's passes use them)."""
     dcols = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -142,9 +141,8 @@ def _tile_pass_kernel(x_ptr, w_ptr, b_ptr, tmax_ptr, thr_ptr, cnt_ptr, cv_ptr, c
     its row's threshold to the row's candidate list of this program (at most CAP kept; the count goes on
     past CAP so the caller sees the overflow). It appends in rounds: each takes every row's best
     remaining candidate of the tile, so a tile costs as many rounds as its busiest row has candidates
-    (about one at the benchmark shape). On an H200 this beat one relaxed atomic per candidate into a
-    shared per-row list in all 8 settings timed (1.74 against 1.94-2.00 ms at best; acq_rel atomics
-    were slower still)."""
+    (about one on random scores). Each program owns its lists, so appending needs no atomics (a
+    list shared per row would need one per candidate)."""
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -240,11 +238,9 @@ def triton_select(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
     block_n = block_n or (128 if gpu else 64)
     block_d = block_d or (64 if gpu else 32)
     threshold = method == "threshold" and triton.cdiv(N, block_n) >= k
-    # on the GPU, each method's fastest setting swept on an H200 (benchmarks/tune_triton.py; bf16, B 4096,
-    # d_in 768, d_sae 32768, k 32), both with 64 × 128 × 64 tiles and 4 warps. Running: 4 stages, latent
-    # splits for about one program per SM (192 on its 132): 1.94 ms of 44 settings, against 2.12 ms for
-    # 3 stages and two per SM, and 2.6 ms with 8 warps. Threshold: 3 stages, about two programs per SM:
-    # 1.74 ms, against 1.76 (3 stages, one per SM) and 1.80 (4 stages, one per SM).
+    # on the GPU, each method's default launch is the fastest setting benchmarks/tune_triton.py finds at
+    # the bf16 benchmark shape: both 64 × 128 × 64 tiles and 4 warps; running: 4 stages, latent splits
+    # for about one program per SM; threshold: 3 stages, about two programs per SM
     if gpu:
         num_warps, num_stages = num_warps or 4, num_stages or (3 if threshold else 4)
     # the interpreter: 2 keeps the split path (several programs per row block) in its tests

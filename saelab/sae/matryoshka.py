@@ -15,7 +15,7 @@ mode: the top-kᵢ of a best-first top-k_max are its first kᵢ entries)."""
 from __future__ import annotations
 
 from saelab.kernels import sparse_decode
-from saelab.kernels.topk_encode import resolve_kernel
+from saelab.kernels.dispatch import resolve_kernel
 from saelab.sae.base import mse
 from saelab.sae.topk import TopKSAE, select, scatter
 

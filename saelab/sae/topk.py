@@ -4,7 +4,7 @@ unit-norm decoder rows with the parallel gradient component removed; the encoder
 under Adam, the unit-scale encoder moves too slowly relative to its size; a smaller start learns
 faster but leaves more latents that never fire — docs: explanations/encoder init).
 
-``select(z, k)`` (from ``saelab.kernels.topk_encode``) is the one selection rule the TopK family
+``select(z, k)`` (from ``saelab.kernels.reference``) is the one selection rule the TopK family
 shares (unsigned: the k largest z, values through ReLU; signed: the k largest |z|, sign kept) —
 the reference of the fused kernels.
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from saelab.kernels import sparse_decode, topk_encode
-from saelab.kernels.topk_encode import resolve_kernel, select
+from saelab.kernels.dispatch import resolve_kernel
+from saelab.kernels.reference import select
 from saelab.sae.base import SAE, mse
 
 
