@@ -24,7 +24,11 @@ The file's schema (what the docs' renderer reads)::
              "torch", "triton", "threads", "device"},
      "tables": [{"title", "columns", "rows", "note"}]}
 
-``note`` is null where a table has none; each row has one cell per column (a number, a string or null).
+``date``: the start, UTC, ISO 8601; ``git_dirty``: a tracked file differs from ``git_sha`` (null outside a git
+checkout); ``load_before``/``load_after``: the 1, 5 and 15 minute load averages at the start and the end;
+``threads``: the torch threads the measurements ran with; ``device``: "cpu" or "cuda: <name>". ``note`` is null
+where a table has none; each row has one cell per column: a number (floats to 6 significant digits), a string,
+or null (nothing there, or a NaN).
 """
 
 from __future__ import annotations
