@@ -1,19 +1,26 @@
-"""`saelab circuit`: a sparse feature circuit of a task."""
+"""`saelab circuit`: a sparse feature circuit of a task — the flags, the default ``--out``
+(``<group>/circuits/<task>.json``), the run and the printed summary."""
 
 from __future__ import annotations
 
-
-from saelab.cli.common import (add_run_flags)
+from saelab.cli.common import add_run_flags
 
 
 def cmd_circuit(args) -> int:
-    from saelab.analysis.circuits import circuit
+    from saelab.analysis.circuits import find_circuit, load_group, load_group_model, write_circuit
+    from saelab.analysis.tasks import make_task
+    from saelab.fs import check_output
+    from saelab.layout import CIRCUITS_DIR
 
-    replaced = []
-    path, c = circuit(args.task, args.saes, args.out, method=args.method, ig_steps=args.ig_steps,
-                      node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, n=args.n,
-                      seed=args.seed, device=args.device, progress=not args.quiet,
-                      before_write=lambda p: replaced.append(p.is_file()))
+    group = load_group(args.saes)
+    model = load_group_model(group, args.device)
+    task = make_task(args.task, model, n=args.n, seed=args.seed)
+    # an --out that is a folder or cannot be written is found before the work, not when writing
+    out = check_output(args.out or group.path / CIRCUITS_DIR / f"{task.name}.json", "--out", f"{task.name}.json")
+    c = find_circuit(model, group, task, method=args.method, ig_steps=args.ig_steps,
+                     node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, progress=not args.quiet)
+    replaced = out.is_file()
+    path = write_circuit(c, out)
     f, mv = c["faithfulness"], c["metric_values"]
     n_lat = sum(1 for x in c["nodes"] if x["kind"] == "latent")
     acc = c["task"]["accuracy"]
@@ -31,7 +38,7 @@ def cmd_circuit(args) -> int:
           f"({count(n_lat, 'latent')} = {100 * c['latent_fraction']:.2f}% of {c['n_latents_total']}, "
           f"{count(len(c['nodes']) - n_lat, 'error node')}) and {count(len(c['edges']), 'edge')} "
           f"(node threshold {c['node_threshold']}, edge threshold {c['edge_threshold']})")
-    print(f"wrote {path}" + (" (replaced the existing file)" if any(replaced) else ""))
+    print(f"wrote {path}" + (" (replaced the existing file)" if replaced else ""))
     return 0
 
 
