@@ -41,7 +41,7 @@ def load_sae(path: str, mtime: float):
 
 @st.cache_resource(show_spinner="opening the feature database…")
 def _feature_db(path: str, mtime: float):
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
 
     return FeatureDB(path)
 
@@ -76,7 +76,7 @@ def feature_db(sae_dir: pathlib.Path, show: bool = True):
 
 def labels(sae_dir: pathlib.Path) -> dict[int, str]:
     try:
-        from saelab.analysis.features import load_labels
+        from saelab.analysis.features.labels import load_labels
 
         return load_labels(sae_dir)
     except (ImportError, SaelabError):
@@ -129,7 +129,7 @@ def goto_sae(hook: str, latent: int) -> None:
 
 @st.cache_data(show_spinner="matching the latent in the group's other SAEs…", max_entries=4096)
 def _other_matches(here: str, here_mtime: float, latent: int, others: tuple, k: int) -> list[tuple[str, list]]:
-    from saelab.analysis.features import decoder_matches
+    from saelab.analysis.geometry import decoder_matches
 
     sae_here = load_sae(here, here_mtime)
     out = []
@@ -171,7 +171,7 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", other
     group's other SAEs, {hook: folder}) also this latent's closest latents in each of them."""
     import plotly.graph_objects as go
 
-    from saelab.analysis.features import save_label
+    from saelab.analysis.features.labels import save_label
     from saelab.analysis.cards import card_document
 
     try:

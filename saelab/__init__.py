@@ -10,7 +10,7 @@ from saelab.errors import SaelabError, first_line
 
 # the main Python entry points, imported on first use (``import saelab`` and the CLI stay light: no torch); SAE
 # comes through saelab.hub, which lets SAE.load read hf:// specs
-_LAZY = {"SAE": "saelab.hub", "ActivationStore": "saelab.store", "FeatureDB": "saelab.analysis.features",
+_LAZY = {"SAE": "saelab.hub", "ActivationStore": "saelab.store", "FeatureDB": "saelab.analysis.features.db",
          "load_model": "saelab.models", "load_sae": "saelab.targets"}
 
 

@@ -95,7 +95,8 @@ def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = 
                            name=name, hooks=tuple(hooks), expansion=expansion, lr=lr, activations=activations)
     if analyze:
         from saelab.errors import SaelabError
-        from saelab.analysis.features import FeatureDB, analyze as analyze_sae
+        from saelab.analysis.features.build import analyze as analyze_sae
+        from saelab.analysis.features.db import FeatureDB
 
         for hook, folder in demo.saes.items():
             try:

@@ -14,9 +14,14 @@ import pytest
 import torch
 
 from saelab.errors import SaelabError
-from saelab.analysis import features as F
-from saelab.analysis.features import FeatureDB, analyze, load_labels, save_label
+from saelab.analysis.features.accumulate import TopBuffer
+from saelab.analysis.features.build import MAX_TOP, analyze
+from saelab.analysis.features.codes import Batch
+from saelab.analysis.features.db import FeatureDB
+from saelab.analysis.features.labels import load_labels, save_label
+from saelab.analysis.features.records import PER_LATENT, WINDOW
 from saelab.layout import FEATURES_FILE
+from saelab.targets import sae_folders
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESID = "blocks.0.hook_resid_post"
@@ -140,8 +145,8 @@ def test_features_equal_brute_force(topk_sae, resid_store, tiny):
 
 def test_card_reads_only_its_latent(topk_sae):
     with h5py.File(topk_sae / FEATURES_FILE) as f:
-        names = [n for n in F.PER_LATENT if n in f]
-        assert set(F.PER_LATENT) - set(names) == {"head_share"}  # attn.hook_z SAEs only
+        names = [n for n in PER_LATENT if n in f]
+        assert set(PER_LATENT) - set(names) == {"head_share"}  # attn.hook_z SAEs only
         for name in names:  # row-major contiguous: a latent's slice is one byte range
             assert f[name].chunks is None and f[name].compression is None, name
         own = sum(f[name][0].nbytes for name in names)
@@ -169,10 +174,10 @@ def test_bad_input_one_line_errors(topk_sae, resid_store, small_run, tmp_path):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert words in r.stderr
     with pytest.raises(SaelabError, match="no such folder"):
-        F.sae_folders(tmp_path / "nope")
-    for top in (0, F.MAX_TOP + 1):  # --top 100000 wrote a 3.4 GB file for a 256-latent SAE
-        with pytest.raises(SaelabError, match=f"--top must be between 1 and {F.MAX_TOP} \\(got {top}\\)"):
-            F.analyze(topk_sae, top=top, progress=False)
+        sae_folders(tmp_path / "nope")
+    for top in (0, MAX_TOP + 1):  # --top 100000 wrote a 3.4 GB file for a 256-latent SAE
+        with pytest.raises(SaelabError, match=f"--top must be between 1 and {MAX_TOP} \\(got {top}\\)"):
+            analyze(topk_sae, top=top, progress=False)
     # a features file from another SAE (other weights, same shape; and other shape) is refused
     other = tmp_path / "other"
     shutil.copytree(topk_sae, other)
@@ -285,11 +290,11 @@ def test_matryoshka_groups(resid_store, tmp_path, tiny):
 
 
 def test_top_buffer_equals_sort(tmp_path):
-    """The batched running top-N (``_TopBuffer``) against a full sort, on random batches with
+    """The batched running top-N (``TopBuffer``) against a full sort, on random batches with
     repeated slots, ties to empties and slots that never fill."""
     g = torch.Generator().manual_seed(0)
-    slots, cap, W = 37, 6, F.WINDOW
-    buf = F._TopBuffer(slots, cap, "cpu")
+    slots, cap, W = 37, 6, WINDOW
+    buf = TopBuffer(slots, cap, "cpu")
     allk, alls, allr = [], [], []
     r0 = 0
     for _ in range(12):
@@ -297,7 +302,7 @@ def test_top_buffer_equals_sort(tmp_path):
         slot = torch.randint(0, slots - 5, (n,), generator=g)  # the last 5 slots stay empty
         key = torch.randn(n, generator=g)
         toks = torch.randint(0, 100, (n,), generator=g)
-        batch = F._Batch(torch.empty(0, dtype=torch.long), torch.empty(0), toks, r0, 10**6, slots)  # r0: a context start
+        batch = Batch(torch.empty(0, dtype=torch.long), torch.empty(0), toks, r0, 10**6, slots)  # r0: a context start
         b = torch.arange(n)
         buf.offer(slot, key, key, b, slot, batch)
         allk.append(key)
@@ -381,7 +386,7 @@ def test_ctrl_c_message_names_resume_only_where_it_exists(cmd, resumable, monkey
 def test_feature_db_on_a_group_folder_names_its_sae_folders(demo_group):
     """FeatureDB("runs/GROUP") says it is a group and lists the SAE folders to pass (it said "not an
     SAE folder ... or a group folder", as if a group folder were accepted)."""
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
 
     with pytest.raises(SaelabError, match="is an SAE group, not one SAE") as e:
         FeatureDB(demo_group.group)
@@ -391,7 +396,7 @@ def test_feature_db_on_a_group_folder_names_its_sae_folders(demo_group):
 def test_sae_folders_may_be_spelled_with_a_tilde(demo_group, monkeypatch):
     """SAE.load("~/runs/…") and FeatureDB("~/runs/…") expand the home folder, as load_group and
     write_circuit already did (they said "no such folder")."""
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
     from saelab.sae.base import SAE
 
     sae_dir = demo_group.saes["blocks.1.hook_resid_post"]
@@ -403,9 +408,9 @@ def test_sae_folders_may_be_spelled_with_a_tilde(demo_group, monkeypatch):
 
 
 def test_neighbours_are_the_same_whatever_the_chunking():
-    """features.neighbours against the full [d_sae, d_sae] cosine matrix (self excluded), with one latent per
+    """geometry.neighbours against the full [d_sae, d_sae] cosine matrix (self excluded), with one latent per
     chunk, a ragged last chunk, and all latents at once."""
-    from saelab.analysis.features import neighbours
+    from saelab.analysis.geometry import neighbours
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(53, 16, generator=g) * torch.rand(53, 1, generator=g)  # rows of unequal norms
@@ -421,13 +426,13 @@ def test_neighbours_are_the_same_whatever_the_chunking():
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.attn.hook_z"])
 def test_direct_logits_and_logit_effects_follow_the_formula(hook):
-    """features.direct_logits (steering: a few directions) and logit_effects (analyze: every latent, in chunks of
+    """logit_lens.direct_logits (steering: a few directions) and logit_effects (analyze: every latent, in chunks of
     latents, no [d_in, vocab] matrix) are the one map (centre(d W_O) · w) @ W_U, checked on random weights with an
     unfolded LayerNorm scale and centring: relative error ≤ 1e-5, and logit_effects' top/bottom ids and values are
     those of the explicit [d_sae, vocab] matrix, whatever the chunking."""
     from types import SimpleNamespace
 
-    from saelab.analysis.features import direct_logits, logit_effects
+    from saelab.analysis.logit_lens import direct_logits, logit_effects
     from saelab.sae.base import SAE
 
     g = torch.Generator().manual_seed(0)
@@ -486,3 +491,24 @@ def test_eval_and_analyze_check_they_can_write_before_the_pass(topk_sae, tmp_pat
             assert "eval.json cannot be written" in capsys.readouterr().err
         finally:
             sae.chmod(0o700)
+
+
+def test_the_package_keeps_its_public_names():
+    """``from saelab.analysis.features import …`` (and ``from saelab import FeatureDB``) reach the names in their
+    homes: the reader, the pass, labels, the file names, the logit lens and decoder geometry."""
+    import saelab
+    from saelab.analysis import features, geometry, logit_lens
+    from saelab.analysis.features import build, codes, db, labels
+    from saelab.layout import LABELS_FILE
+
+    assert saelab.FeatureDB is features.FeatureDB is db.FeatureDB
+    assert (features.analyze, features.analyze_all, features.BATCH_ROWS) == (build.analyze, build.analyze_all,
+                                                                           build.BATCH_ROWS)
+    assert (features.load_labels, features.save_label) == (labels.load_labels, labels.save_label)
+    assert (features.FEATURES_FILE, features.LABELS_FILE, features.PER_LATENT) == (FEATURES_FILE, LABELS_FILE,
+                                                                                  PER_LATENT)
+    assert features.sparse_codes is codes.sparse_codes
+    for name in ("direct_logits", "logit_effects", "N_LOGITS"):
+        assert getattr(features, name) is getattr(logit_lens, name)
+    for name in ("best_matches", "decoder_matches", "either_signed", "neighbours", "head_shares"):
+        assert getattr(features, name) is getattr(geometry, name)

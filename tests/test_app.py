@@ -26,7 +26,7 @@ TIMEOUT = 120
 def app_group(demo_group, tmp_path_factory):
     """A private copy of the demo SAE group with a feature database per SAE (analysed here on a
     slice of the store when the demo has none) and a hand-written circuit file."""
-    from saelab.analysis.features import analyze
+    from saelab.analysis.features.build import analyze
     from saelab.layout import FEATURES_FILE
 
     for hook, folder in demo_group.saes.items():
@@ -75,7 +75,7 @@ def top_latent(app_group, tiny) -> int:
 
 @pytest.fixture(scope="session")
 def db1(app_group):
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
 
     db = FeatureDB(app_group / HOOK1)
     yield db
@@ -123,7 +123,7 @@ def test_home_lists_the_group(monkeypatch, app_group):
     assert df["features.h5"].all() and (df["d_sae"] == 2048).all()
     assert list(df["source"]) == ["trained here"] * 2
     # the latent-density histogram: log10 of each alive latent's density, one trace per SAE naming its dead count
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
 
     (chart,) = at.get("plotly_chart")
     traces = json.loads(chart.proto.spec)["data"]
@@ -185,9 +185,9 @@ def test_features_by_id_shows_the_card(monkeypatch, app_group, db1, top_latent):
 
 
 def test_card_links_the_closest_latents_of_the_group_s_other_sae(monkeypatch, app_group, top_latent):
-    """A group's card lists, per other SAE, the 3 latents of highest decoder cosine (features.best_matches on the
+    """A group's card lists, per other SAE, the 3 latents of highest decoder cosine (geometry.best_matches on the
     SAE files, computed here); clicking one switches the SAE and opens that latent's card."""
-    from saelab.analysis.features import best_matches
+    from saelab.analysis.geometry import best_matches
     from saelab.sae.base import SAE
 
     h0 = "blocks.0.hook_resid_post"
@@ -244,7 +244,8 @@ def test_card_of_an_attention_sae_names_its_heads(monkeypatch, small_run, tmp_pa
     """An SAE on attn.hook_z: the card lists the heads its decoder row lives in, as features.h5 records them."""
     import torch
 
-    from saelab.analysis.features import FeatureDB, analyze
+    from saelab.analysis.features.build import analyze
+    from saelab.analysis.features.db import FeatureDB
     from saelab.sae.base import SAE
 
     _, stores = small_run
@@ -319,7 +320,7 @@ def test_features_by_token_and_by_density(monkeypatch, app_group, db1, top_laten
 
 
 def test_a_saved_label_persists_across_a_reload(monkeypatch, app_group, top_latent):
-    from saelab.analysis.features import load_labels
+    from saelab.analysis.features.labels import load_labels
 
     lat = top_latent
     at = _features(monkeypatch, app_group)
@@ -524,7 +525,8 @@ def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top
 def test_signed_sae_card_shows_both_signs(monkeypatch, demo_group, tiny, tmp_path):
     """An AbsTopK SAE (latents fire with either sign): prompt search ranks by |activation| and the
     card lists the most negative examples too."""
-    from saelab.analysis.features import FeatureDB, analyze
+    from saelab.analysis.features.build import analyze
+    from saelab.analysis.features.db import FeatureDB
     from saelab.sae.base import SAE
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from saelab.sae.base import SAE
 
 
 def _brute(A, B, k, signed):
-    """The full cosine matrix and its top-k: the reference of features.best_matches."""
+    """The full cosine matrix and its top-k: the reference of geometry.best_matches."""
     S = (A / A.norm(dim=1, keepdim=True)) @ (B / B.norm(dim=1, keepdim=True)).T
     if signed:
         S = S.abs()
@@ -24,9 +24,9 @@ def _brute(A, B, k, signed):
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_best_matches_equal_the_full_cosine_matrix(signed):
-    """features.best_matches against the explicit [len(A), len(B)] cosines, with one row per chunk, ragged
+    """geometry.best_matches against the explicit [len(A), len(B)] cosines, with one row per chunk, ragged
     chunks, and all rows at once; rows of unequal norms."""
-    from saelab.analysis.features import best_matches
+    from saelab.analysis.geometry import best_matches
 
     g = torch.Generator().manual_seed(1)
     A = torch.randn(37, 16, generator=g) * torch.rand(37, 1, generator=g)
@@ -119,7 +119,7 @@ def test_cli_compares_two_layers_of_the_demo_group(demo_group, tmp_path):
     """A subprocess prints and writes what compare_saes gives for the two SAEs (alive counts from their
     features.h5); an SAE against itself has MMCS 1 and every latent its own mutual match."""
     from saelab.analysis.compare import compare_saes
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
 
     h0, h1 = sorted(demo_group.saes)
     out = tmp_path / "c.json"

@@ -61,7 +61,7 @@ def _cli(*args, cwd=None):
 @pytest.fixture(scope="module")
 def sae_copy(demo_group, tmp_path_factory):
     """One analysed demo SAE, copied (labels are written into it)."""
-    from saelab.analysis.features import analyze
+    from saelab.analysis.features.build import analyze
     from saelab.layout import FEATURES_FILE
 
     src = demo_group.saes[HOOK1]
@@ -76,7 +76,8 @@ def test_cli_writes_the_chosen_cards_as_featuredb_reads_them(sae_copy, tmp_path)
     """Every chosen latent gets a section whose numbers are FeatureDB's (density, top values, promoted tokens,
     the hover value of the top token), the label is escaped, neighbour links land on sections in the file,
     and nothing is fetched from elsewhere (no src, no http links)."""
-    from saelab.analysis.features import FeatureDB, save_label
+    from saelab.analysis.features.db import FeatureDB
+    from saelab.analysis.features.labels import save_label
 
     with FeatureDB(sae_copy) as db:
         first = int(db.density.argmax())
@@ -112,7 +113,7 @@ def test_cli_writes_the_chosen_cards_as_featuredb_reads_them(sae_copy, tmp_path)
 
 def test_card_document_is_one_whole_card(sae_copy):
     """What the app's download button serves: a whole page holding exactly that latent's card."""
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
     from saelab.analysis.cards import card_document
 
     with FeatureDB(sae_copy) as db:
@@ -129,7 +130,7 @@ def test_card_document_is_one_whole_card(sae_copy):
 
 
 def test_sample_is_alive_seeded_and_covers_every_sae_of_a_group(demo_group, tmp_path):
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
     from saelab.analysis.cards import export_html
 
     a, n = export_html(demo_group.group, tmp_path / "a.html", sample=4, seed=1)
@@ -145,7 +146,7 @@ def test_sample_is_alive_seeded_and_covers_every_sae_of_a_group(demo_group, tmp_
             assert all(db.density[i] > 0 for i in ids)
     # each card lists its 3 closest latents in the group's other SAE (best_matches of the SAE files, computed
     # here), linked when that card is in the file
-    from saelab.analysis.features import best_matches
+    from saelab.analysis.geometry import best_matches
     from saelab.sae.base import SAE
 
     (h0, f0), (h1, f1) = sorted(demo_group.saes.items())
@@ -218,7 +219,7 @@ def test_browser_opens_the_file_offline_and_unfolds_a_band(sae_copy, tmp_path):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
     from saelab.analysis.cards import export_html
 
     with FeatureDB(sae_copy) as db:

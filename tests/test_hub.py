@@ -80,7 +80,7 @@ def test_fetch_from_the_cli_writes_an_sae_folder_and_reruns(tmp_path, small_run,
         torch.testing.assert_close(getattr(sae, name).detach(), t, rtol=0, atol=0)
     assert [p.name for p in out.parent.iterdir()] == ["fetched"]  # no temporary folder left
     # the fetched folder is an SAE folder like any other: analyze it on a store of its hook (the printed next step)
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
     from saelab.cli import main
 
     _, stores = small_run

@@ -555,7 +555,7 @@ def test_dense_paths_in_row_chunks_equal_one_chunk(arch, tiny_store, monkeypatch
     as with the whole batch in one (floats within 1e-6 relative: float32 GEMMs of other shapes round
     differently), and no encode sees more than 7 rows."""
     import saelab.evaluate as E
-    from saelab.analysis.features import sparse_codes
+    from saelab.analysis.features.codes import sparse_codes
     from saelab.sae.base import SAE
     from saelab.store import ActivationStore
 

@@ -84,7 +84,7 @@ def test_analyze_memory_flat_in_store_size(trained, stores, tmp_path):
     peaks within 10% of the same pass over the 1× store."""
     import shutil
 
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
 
     kb = {}
     for m, store in stores.items():

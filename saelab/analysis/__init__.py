@@ -1,1 +1,2 @@
-"""Analysis on trained SAEs: the feature database (``features``), steering, tasks, circuits and heads."""
+"""Analysis on trained SAEs: the feature database (``features``), the logit lens (``logit_lens``), decoder
+geometry (``geometry``), steering, comparison, tasks, circuits and heads."""

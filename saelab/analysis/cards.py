@@ -199,7 +199,7 @@ def _group_matches(plan, k: int = 3) -> dict:
     (absolute cosine when either is signed), as the app's card lists them. Empty for one SAE."""
     if len(plan) < 2:
         return {}
-    from saelab.analysis.features import decoder_matches
+    from saelab.analysis.geometry import decoder_matches
     from saelab.sae.base import SAE
 
     saes = {folder: SAE.load(folder, device="cpu") for folder, _, _ in plan}
@@ -225,7 +225,8 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
     per SAE (``seed``). More than ``max_cards`` (default ``MAX_CARDS``) cards in all is refused before any is
     built (``--latents 0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file appears
     whole or not at all (temp name, fsync, rename)."""
-    from saelab.analysis.features import FeatureDB, load_labels
+    from saelab.analysis.features.db import FeatureDB
+    from saelab.analysis.features.labels import load_labels
     from saelab.targets import sae_folders
     from saelab.fs import check_output, write_output
 

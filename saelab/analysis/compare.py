@@ -24,7 +24,7 @@ Dead latents keep their random init direction and match nothing, which lowers MM
 not about the features learned; when a side has ``features.h5`` (``saelab analyze``), the same numbers are
 also given over its latents that fired. A signed SAE (AbsTopK) reads a feature with either sign of its
 direction, so when either side is signed the cosines are absolute. Cosines go in chunks
-(``features.best_matches``): at most 128 MiB of them at a time whatever the widths."""
+(``geometry.best_matches``): at most 128 MiB of them at a time whatever the widths."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def chance_mmcs(d_in: int, n: int, signed: bool = False, rows: int = 1024, seed:
                 budget: int = 1 << 25) -> float:
     """The MMCS of ``rows`` random unit vectors against ``n`` random directions in ``d_in`` dimensions (isotropic,
     seeded): the MMCS that a dictionary of ``n`` directions unrelated to the other's would get by chance."""
-    from saelab.analysis.features import best_matches
+    from saelab.analysis.geometry import best_matches
 
     g = torch.Generator().manual_seed(seed)
     _, cos = best_matches(torch.randn(rows, d_in, generator=g), torch.randn(n, d_in, generator=g), 1, budget,
@@ -73,7 +73,7 @@ def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray
     MMCS of random directions, ``chance_mmcs``), ``signed``, and
     ``matches`` {``a_to_b``: {``ids``, ``cos``}, ``b_to_a``: …} (per latent, as lists). ``device``: where the
     cosines are computed (default: where the decoders are; "cuda" for wide SAEs, the products are the cost)."""
-    from saelab.analysis.features import decoder_matches, either_signed
+    from saelab.analysis.geometry import decoder_matches, either_signed
 
     if a.d_in != b.d_in:
         raise SaelabError(f"the SAEs read different spaces (d_in {a.d_in} and {b.d_in}): compare SAEs of one "
@@ -98,7 +98,7 @@ def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray
 
 def _alive(folder) -> np.ndarray | None:
     """The latents that fired, from the folder's ``features.h5``; None for a hub spec or an unanalysed SAE."""
-    from saelab.analysis.features import FeatureDB
+    from saelab.analysis.features.db import FeatureDB
     from saelab.layout import FEATURES_FILE
 
     if not isinstance(folder, pathlib.Path) or not (folder / FEATURES_FILE).exists():

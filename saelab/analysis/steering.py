@@ -231,9 +231,9 @@ def generate_side_by_side(model, sae, prompt, interventions, *, max_new_tokens: 
 
 def promoted_tokens(model, sae, latents: Iterable[int], n: int = 10) -> torch.Tensor | None:
     """Token ids the latents' decoder rows promote most: top-n of (Σ_i W_dec[i] / ‖W_dec[i]‖) through the direct
-    path from the SAE's hook to the logits (``features.direct_logits``: for ``attn.hook_z`` first W_O, then the final
+    path from the SAE's hook to the logits (``logit_lens.direct_logits``: for ``attn.hook_z`` first W_O, then the final
     LayerNorm's centring, W_U). None when the hook has no such path (its rows do not reach W_U linearly)."""
-    from saelab.analysis.features import direct_logits
+    from saelab.analysis.logit_lens import direct_logits
 
     rows = sae.W_dec.detach()[list(latents)]
     d = (rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)).sum(0)

@@ -9,7 +9,8 @@ from saelab.cli.common import (add_run_flags)
 def cmd_analyze(args) -> int:
     import numpy as np
 
-    from saelab.analysis.features import FeatureDB, analyze
+    from saelab.analysis.features.build import analyze
+    from saelab.analysis.features.db import FeatureDB
     from saelab.targets import sae_folders
 
     for folder in sae_folders(args.sae):
