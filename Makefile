@@ -66,5 +66,5 @@ clean:
 # saelab.app, as a regular install has it
 .PHONY: lint
 lint: setup
-	rm -rf build/lint && $(BIN)/pip install -q --no-deps --target build/lint .
+	rm -rf build && $(BIN)/pip install -q --no-deps --target build/lint .
 	cd build/lint && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml

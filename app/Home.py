@@ -3,8 +3,8 @@
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-
 from saelab.app import common as ui
+
 from saelab.layout import FEATURES_FILE, TRAIN_FILE, read_eval, read_sae_cfg, read_source
 
 

@@ -7,10 +7,10 @@ import pathlib
 
 import streamlit as st
 
-from saelab.errors import SaelabError
-from saelab.targets import Target, resolve_target, target_from_argv_or_env
 from saelab.analysis.cards import tokens_html
+from saelab.errors import SaelabError
 from saelab.layout import WEIGHTS_FILE
+from saelab.targets import Target, resolve_target, target_from_argv_or_env
 
 MATCH_AT_ONCE = 2  # a group with more other SAEs than this matches a card's latent in them on request (a checkbox)
 
@@ -171,8 +171,8 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", other
     group's other SAEs, {hook: folder}) also this latent's closest latents in each of them."""
     import plotly.graph_objects as go
 
-    from saelab.analysis.features.labels import save_label
     from saelab.analysis.cards import card_document
+    from saelab.analysis.features.labels import save_label
 
     try:
         card = db.card(latent)

@@ -17,6 +17,7 @@ from typing import Any
 from saelab.errors import SaelabError
 from saelab.fs import atomic_write_text
 
+
 def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - mirrors argparse
     """A dataclass field whose metadata carries the CLI help (and optional flag settings)."""
     kw: dict[str, Any] = {"metadata": {"help": help, **meta}}

@@ -6,9 +6,9 @@ group (``<root>/runs/demo/<hook>/`` + ``group.json``). Notebooks, tests and ``sa
 call it, so a fresh clone needs no hand steps; a finished group is returned at once, an
 interrupted one resumes.
 
-``root``: the argument, else ``$SAELAB_DEMO_DIR``, else the current directory (``saelab demo``
-and ``make demo`` run from the repository root, so the demo lands in ``activations/demo`` and
-``runs/demo`` there).
+``root``: the argument, else ``$SAELAB_DEMO_DIR``, else the saelab checkout the current folder is in
+(so a notebook opened in ``notebooks/`` uses the demo ``make demo`` built at the repository root), else
+the current folder.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import json
 import os
 import pathlib
 
+from saelab.options import DemoOptions
+
 DEMO_HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 DEMO_K = 16
 DEMO_EXPANSION = 16
-DEMO_TRAIN_TOKENS = 2_000_000
+DEMO_TRAIN_TOKENS = DemoOptions.train_tokens
 # the wide group (``ensure_wide_group``): 8x the demo's width on the same stores, for circuits whose nodes are
-# token-specific latents (random-token induction; README "Circuits")
+# token-specific latents (random-token induction; docs: guide/circuits)
 WIDE_EXPANSION = 128
 WIDE_TRAIN_TOKENS = 500_000
 WIDE_LR = 1e-3
@@ -94,9 +96,9 @@ def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = 
     demo = _ensure_trained(root, tokens=tokens, train_tokens=train_tokens, progress=progress, model=model,
                            name=name, hooks=tuple(hooks), expansion=expansion, lr=lr, activations=activations)
     if analyze:
-        from saelab.errors import SaelabError
         from saelab.analysis.features.build import analyze as analyze_sae
         from saelab.analysis.features.db import FeatureDB
+        from saelab.errors import SaelabError
 
         for hook, folder in demo.saes.items():
             try:
@@ -118,10 +120,9 @@ def ensure_wide_group(root: str | os.PathLike | None = None, *, progress: bool =
 def _ensure_trained(root, *, tokens, train_tokens, progress, model, name="demo", hooks=DEMO_HOOKS,
                     expansion=DEMO_EXPANSION, lr=None, activations=None) -> DemoGroup:
     from saelab.config import HarvestConfig, SAEConfig, TrainConfig
-    from saelab.layout import GROUP_FILE, TRAIN_FILE
-    from saelab.harvest import _complete, harvest
-    from saelab.layout import RUN_FILE
     from saelab.fs import atomic_write_text
+    from saelab.harvest import _complete, harvest
+    from saelab.layout import GROUP_FILE, RUN_FILE, TRAIN_FILE
     from saelab.train import train
 
     base = demo_root(root)

@@ -138,14 +138,12 @@ def exit_rank(code: int) -> None:
     """End a torchrun rank whose command has returned (its files written and closed, its process group
     destroyed) without the interpreter's finalisation.
 
-    ``destroy_process_group`` only drops Python's references: gloo's worker threads live on until the
-    interpreter tears the process group down (measured with torch 2.13: 2 ``pt_gloo_runloop`` threads and
-    the ``gloo_tcp_loop`` thread are still there after it, with or without DDP). A worker that drops
-    its last reference to a finished collective's tensor during finalisation must take the GIL, and
-    that ends in ``terminate called without an active exception`` (SIGABRT). A rank of a 2-rank CPU
-    run on the CI machine died with exactly that message and no error of its own (once; not reproduced
-    here in 70 two-rank launches, quiet or loaded), and torchrun then failed the whole run. Nothing is left to do at this
-    point, so ranks flush their output and leave with ``os._exit``: finalisation never runs."""
+    ``destroy_process_group`` only drops Python's references: gloo's worker threads (``pt_gloo_runloop``,
+    ``gloo_tcp_loop``) live on until the interpreter tears the process group down, with or without DDP. A
+    worker that drops its last reference to a finished collective's tensor during finalisation must take the
+    GIL, and that can end in ``terminate called without an active exception`` (SIGABRT), which torchrun
+    reports as a failure of the whole run. Nothing is left to do at this point, so ranks flush their output and
+    leave with ``os._exit``: finalisation never runs."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(code or 0))
@@ -154,6 +152,15 @@ def exit_rank(code: int) -> None:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def no_buffer_sync() -> dict:
+    """DDP's keyword for 'do not sync buffers in forward' (the SAE has none to sync): forward_sync_buffers in newer
+    torch, broadcast_buffers in the releases that have only that one."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 class Reduce:

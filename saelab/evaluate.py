@@ -29,6 +29,7 @@ from saelab.hooks import flat_hook
 from saelab.kernels import sparse_decode
 from saelab.kernels.dispatch import resolve_kernel
 from saelab.layout import EVAL_FILE, check_local_sae, read_eval, read_train_info
+from saelab.options import EvalOptions
 from saelab.sae.topk import TopKSAE
 from saelab.store import ActivationStore
 
@@ -161,8 +162,9 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
             "kl": ce["kl"], "eval_tokens": count}
 
 
-def evaluate(sae_path, activations: str | None = None, model_name: str | None = None, n_contexts: int = 64,
-             device: str = "auto", progress: bool = True, write: bool = True, model=None) -> dict:
+def evaluate(sae_path, activations: str | None = None, model_name: str | None = None,
+             n_contexts: int = EvalOptions.contexts, device: str = "auto", progress: bool = True, write: bool = True,
+             model=None) -> dict:
     """What `saelab eval` does for one SAE folder: store metrics, and CE metrics when a model is given (by name,
     ``model_name``, or already loaded, ``model``: a group's SAEs share one); writes eval.json. The store is
     ``activations`` or the one the SAE's train.json names; with neither, a one-line error."""

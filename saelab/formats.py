@@ -28,8 +28,9 @@ import re
 
 import torch
 
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, first_line
 from saelab.layout import CFG_FILE, GEMMA_SCOPE_FILE, SPARSIFY_WEIGHTS
+
 
 def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, run_cfg: dict | None = None,
             target: dict | None = None):
@@ -102,7 +103,7 @@ def gemma_scope_sae(npz: pathlib.Path, repo: str, sub: str, model: str | None = 
         with np.load(npz, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
     except (OSError, ValueError) as err:
-        raise SaelabError(f"{where} is not a readable npz file ({str(err).splitlines()[0]}): fetch it again") from None
+        raise SaelabError(f"{where} is not a readable npz file ({first_line(err)}): fetch it again") from None
     w = {}
     for name, a in arrays.items():
         key = "W_" + name[2:] if name.startswith("w_") else name  # some files spell w_enc, w_dec
@@ -152,7 +153,7 @@ def sparsify_sae(cfg_path: pathlib.Path, weights: pathlib.Path, repo: str, sub: 
         raw = load_file(str(weights))
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise SaelabError(f"{where}/{SPARSIFY_WEIGHTS} is not a readable safetensors file "
-                          f"({str(err).splitlines()[0]}): fetch it again") from None
+                          f"({first_line(err)}): fetch it again") from None
     extra = sorted(set(raw) & {"W_skip", "in_norm", "out_norm"})
     if cfg.get("skip_connection") or extra:
         raise SaelabError(f"{where}: a sparsify SAE with {', '.join(extra) or 'a skip connection'} is not supported: "

@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 
 from saelab import distributed as dist
 from saelab.config import HarvestConfig, check_resume_settings
-from saelab.errors import SaelabError, first_line
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
+from saelab.errors import SaelabError, first_line
 from saelab.fs import atomic_write_text, fsync_dir, no_empty_folder_left, out_folder, sha256_file
 from saelab.hooks import check_reached, expand_hooks, flat_rows, forward
 from saelab.layout import MANIFEST, RUN_FILE, shard_name
 from saelab.models import load_model, model_info, tokenizer_bos
 from saelab.store import DTYPES, ShardWriter, new_manifest, plan_shards, read_manifest
+
 
 def local_key(name: str) -> str:
     """How a run records ``--dataset`` and ``--model``: a local file or folder that exists as its

@@ -131,9 +131,9 @@ def _hooked_transformer(path: str, local: bool, device: str, dtype: torch.dtype)
 
     if not local:
         return HookedTransformer.from_pretrained(path, device=device, dtype=dtype)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hf_cfg = AutoConfig.from_pretrained(path)
     if hf_cfg.model_type != "gpt2":

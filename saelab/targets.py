@@ -16,8 +16,17 @@ import os
 import pathlib
 
 from saelab.errors import SaelabError
-from saelab.layout import (MANIFEST, TRAIN_FILE, check_local_sae, hub_spec, is_sae_folder, read_group,
-                           read_json_object, read_sae_cfg, sae_identity)
+from saelab.layout import (
+    MANIFEST,
+    TRAIN_FILE,
+    check_local_sae,
+    hub_spec,
+    is_sae_folder,
+    read_group,
+    read_json_object,
+    read_sae_cfg,
+    sae_identity,
+)
 
 #: the environment variable the app reads its target from when it is not given --sae
 APP_ENV_VAR = "SAELAB_APP_SAE"

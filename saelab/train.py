@@ -4,9 +4,9 @@ Per run: activations are scaled by s so that mean ‖s·x‖ = √d_in (s folded
 weights, so the saved SAE reads raw activations); init W_enc = enc_init·W_decᵀ (0.3 for the
 TopK family, else 1) with unit-norm decoder rows and b_dec at the geometric median of a sample; Adam with LR warm-up and a linear decay over
 the last ``lr_decay`` of the run; gradient clipping; decoder constraint and dead-latent counters
-through ``sae.after_step``; checkpoints (atomic) with weights, optimiser, schedules, counters and
-the store iterator's state, so ``--resume`` after kill -9 sees the same batches and ends at the
-same step.
+through ``sae.after_step``; checkpoints (``saelab.resume``) with weights, optimiser, schedules,
+counters and the store iterator's state, so ``--resume`` after kill -9 sees the same batches and
+ends at the same step.
 
 Under ``torchrun`` (``saelab.distributed``) the SAE is wrapped in DistributedDataParallel: the
 seed fixes one sequence of global batches of ``batch_size`` rows and rank r trains on rows
@@ -21,7 +21,7 @@ saved SAE.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import json
 import math
 import pathlib
@@ -31,16 +31,17 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import distributed as dist
-from saelab.config import SAEConfig, TrainConfig, check_resume_settings
+from saelab import resume as run_state
+from saelab.config import SAEConfig, TrainConfig
 from saelab.device import pick_device
-from saelab.errors import SaelabError, first_line
+from saelab.errors import SaelabError
 from saelab.evaluate import evaluate_store
-from saelab.fs import atomic_file, atomic_write_text, no_empty_folder_left, out_folder, remove_contents
-from saelab.layout import (CHECKPOINT_FILE, EVAL_FILE, GROUP_FILE, METRICS_FILE, TRAIN_FILE, group_json,
-                           read_train_info)
+from saelab.fs import atomic_write_text, no_empty_folder_left, remove_contents
+from saelab.kernels.dispatch import resolve_kernel
+from saelab.layout import CHECKPOINT_FILE, EVAL_FILE, GROUP_FILE, METRICS_FILE, TRAIN_FILE, group_json
+from saelab.logger import MetricsLogger
 from saelab.sae import SAE
 from saelab.store import ActivationStore, resolve_stores
-
 
 
 def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bool = True) -> dict[str, pathlib.Path]:
@@ -99,52 +100,6 @@ def lr_factor(step: int, total: int, warmup: int, decay: float) -> float:
     return 1.0
 
 
-def _check_out(out: pathlib.Path, resume: bool) -> None:
-    if resume:
-        if not (out / CHECKPOINT_FILE).exists() and not (out / TRAIN_FILE).exists():
-            raise SaelabError(f"--resume: {out} holds no checkpoint to resume; start without --resume")
-        if not (out / TRAIN_FILE).exists():
-            raise SaelabError(f"--resume: {out} has a checkpoint but no {TRAIN_FILE} (its settings and store), so it "
-                              "cannot be resumed: train to a new --out")
-        return
-    out_folder(out)
-
-
-# flags that may differ on --resume: where things are, where it runs and how often it reports
-_RESUME_FREE = {"activations", "out", "hook", "device", "log", "log_every", "eval_every", "checkpoint_every", "kernel"}
-
-
-def _check_resume_settings(out: pathlib.Path, saved: dict, tcfg: TrainConfig, cfg: SAEConfig) -> None:
-    recorded = {**saved.get("sae", {}), **saved.get("train", {})}
-    check_resume_settings(recorded, {**cfg.to_dict(), **tcfg.to_dict()}, _RESUME_FREE, out, "train to a new --out")
-
-
-def store_identity(store: ActivationStore) -> dict:
-    """What a run's store is, by content rather than by path (a store may move between a run and its
-    ``--resume``): model, hook, width, rows, and one digest of every shard's rows and checksum in order."""
-    import hashlib
-
-    m = store.manifest
-    shards = [[s.get("rows"), s.get("sha256"), s.get("file") in m.get("holdout_shards", [])] for s in m["shards"]]
-    digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
-    return {"model": m.get("model", ""), "hook": m.get("hook", ""), "d_in": m.get("d_in"),
-            "n_tokens": m.get("n_tokens"), "shards_sha256": digest}
-
-
-def _check_resume_store(out: pathlib.Path, saved: dict, store: ActivationStore) -> None:
-    """The store on --resume must hold the rows the run started on (train.json of an older saelab: not checked)."""
-    was = saved.get("store_identity")
-    if not was:
-        return
-    now = store_identity(store)
-    diff = [f"{k} {was.get(k)!r} → {now[k]!r}" if k != "shards_sha256" else "its shards' checksums differ"
-            for k in now if was.get(k) != now[k]]
-    if diff:
-        raise SaelabError(f"--resume on another store than the run in {out} was trained on ({store.path}: "
-                          f"{'; '.join(diff)}): pass --activations of the run's store (it may have moved), "
-                          "or train to a new --out")
-
-
 def sae_config_for(store: ActivationStore, scfg: SAEConfig) -> SAEConfig:
     m = store.manifest
     if scfg.d_in and scfg.d_in != store.d_in:
@@ -159,36 +114,63 @@ def sae_config_for(store: ActivationStore, scfg: SAEConfig) -> SAEConfig:
     return cfg
 
 
+@dataclasses.dataclass
+class _Run:
+    """One SAE's training run, set up: what the loop reads and the end writes."""
+
+    out: pathlib.Path
+    store: ActivationStore
+    cfg: SAEConfig
+    tcfg: TrainConfig
+    sae: SAE
+    opt: torch.optim.Optimizer
+    it: object  # the store's BatchIterator
+    device: torch.device
+    lr: float
+    n_steps: int
+    total_tokens: int
+    skip_bos: bool
+    needs_grads: bool
+    step: int = 0
+    scale: float = 1.0
+
+
 def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SAEConfig,
               resume: bool = False, progress: bool = True) -> pathlib.Path:
+    """Train one SAE on the store at ``path`` into the SAE folder ``out`` (``resume``: from its checkpoint)."""
     store = ActivationStore(path)
     cfg = sae_config_for(store, scfg)
-    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    world, main = dist.world_size(), dist.is_main()
     if tcfg.batch_size % world:
         raise SaelabError(f"--batch-size {tcfg.batch_size} does not split evenly over {world} ranks: "
                           f"pass a multiple of {world}")
     device = pick_device(dist.device_for(tcfg.device))
     # what would fail at the first step or at the logger is checked before --out is touched
-    from saelab.kernels.dispatch import resolve_kernel
-
     resolve_kernel(tcfg.kernel, device)
     if main:
-        _Logger.check(tcfg.log)
+        MetricsLogger.check(tcfg.log)
         store.check_shards("holdout")  # read only at the end, for the final eval: checked before training
-    _check_out(out, resume)
+    run_state.check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
-    if resume and (out / TRAIN_FILE).exists():
-        saved = read_train_info(out, "train again into a new --out")
-        _check_resume_settings(out, saved, tcfg, cfg)
-        _check_resume_store(out, saved, store)
-        if saved.get("done"):
-            return out  # finished earlier
+    if resume and (out / TRAIN_FILE).exists() and run_state.check_resumable(out, tcfg, cfg, store).get("done"):
+        return out  # finished earlier
+    run = _start(out, store, cfg, tcfg, device, resume)
+    _fit(run, resume, progress)
+    if main:  # rank 0 saves and evaluates; the others wait for it
+        _finish(run)
+    dist.barrier()
+    return out
+
+
+def _start(out, store, cfg, tcfg, device, resume) -> _Run:
+    """The SAE, its optimiser and the store's iterator, fresh (scale and b_dec from a sample, train.json written)
+    or from the run's checkpoint."""
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     needs_grads = SAE.registry[cfg.arch].needs_grads
     skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
     total_tokens = tcfg.tokens or store.batches(tcfg.batch_size, skip_bos=skip_bos).rows_per_epoch
     n_steps = max(1, total_tokens // tcfg.batch_size)
     total_tokens = n_steps * tcfg.batch_size
-
     torch.manual_seed(tcfg.seed)
     sae = SAE.registry[cfg.arch](cfg).to(device)
     sae.total_steps = n_steps
@@ -198,61 +180,50 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     it = store.batches(tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
                        with_grads=needs_grads, device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
-    step, scale = 0, None
+    run = _Run(out, store, cfg, tcfg, sae, opt, it, device, lr, n_steps, total_tokens, skip_bos, needs_grads)
     if resume and (out / CHECKPOINT_FILE).exists():
-        try:
-            ck = torch.load(out / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        except Exception as e:  # truncated, empty or foreign bytes: torch's own error
-            raise SaelabError(f"{out / CHECKPOINT_FILE} is damaged ({first_line(e, 120)}): delete it and rerun with --resume "
-                              "to start the run over, or train to a new --out") from None
-        need = {"n_steps", "arch", "sae", "opt", "iterator", "step", "scale"}
-        if not isinstance(ck, dict) or not need <= set(ck):
-            raise SaelabError(f"{out / CHECKPOINT_FILE} is not a saelab checkpoint: delete it and rerun with --resume to "
-                              "start the run over, or train to a new --out")
-        if ck["n_steps"] != n_steps or ck["arch"] != cfg.arch:
-            raise SaelabError(f"--resume with different settings than the run in {out}: pass the same flags")
-        sae.load_state_dict(ck["sae"])
-        opt.load_state_dict(ck["opt"])
-        it.load_state_dict(json.loads(ck["iterator"]))
-        step, scale = int(ck["step"]), float(ck["scale"])
+        run.step, run.scale = run_state.load_checkpoint(out, sae, opt, it, n_steps, cfg.arch, device)
         if main:
-            _truncate_metrics(out / METRICS_FILE, step)
-    else:
-        if main:
-            _truncate_metrics(out / METRICS_FILE, 0)  # a run killed before its first checkpoint starts over
-        scale, median = _init_stats(store, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
-        with torch.no_grad():
-            sae.b_dec.copy_(median * scale)
-        if main:
-            atomic_write_text(out / TRAIN_FILE, json.dumps({"train": tcfg.to_dict(), "sae": cfg.to_dict(),
-                                                            "store": str(path.resolve()),
-                                                            "store_identity": store_identity(store),
-                                                            "n_steps": n_steps, "world_size": world,
-                                                            "scale": scale, "done": False}, indent=2) + "\n")
-    # under torchrun: DDP averages the gradients; statistics are reduced in after_step
-    model = _LossModule(sae)
-    reduce = None
+            run_state.truncate_metrics(out / METRICS_FILE, run.step)
+        return run
+    if main:
+        run_state.truncate_metrics(out / METRICS_FILE, 0)  # a run killed before its first checkpoint starts over
+    run.scale, median = _init_stats(store, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
+    with torch.no_grad():
+        sae.b_dec.copy_(median * run.scale)
+    if main:
+        run_state.write_run_info(out, tcfg, cfg, store, n_steps, world, run.scale)
+    return run
+
+
+def _fit(run: _Run, resume: bool, progress: bool) -> None:
+    """The loop: shuffled batches into ``sae.loss``, backward, clip, step; metrics and checkpoints as it goes.
+    Under torchrun DDP averages the gradients and the SAE's statistics are reduced in ``after_step``."""
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    sae, opt, tcfg = run.sae, run.opt, run.tcfg
+    model, reduce = _LossModule(sae), None
     if dist.active():
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **_no_buffer_sync())
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None, **dist.no_buffer_sync())
         reduce = dist.Reduce()
     logger = None
-    last_ck = step
-    bar = tqdm(total=n_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
-               desc=f"train {cfg.arch} {store.hook}")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if tcfg.autocast == "bf16" else contextlib.nullcontext()
+    step = last_ck = run.step
+    bar = tqdm(total=run.n_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
+               desc=f"train {run.cfg.arch} {run.store.hook}")
+    amp = (torch.autocast(run.device.type, dtype=torch.bfloat16) if tcfg.autocast == "bf16"
+           else contextlib.nullcontext())
     t0, tok0 = time.perf_counter(), step * tcfg.batch_size
     sae.train()
     try:
         if main:
-            logger = _Logger(out, tcfg.log)
-        for batch in it:
-            x, g = batch if needs_grads else (batch, None)
-            x = x * scale
+            logger = MetricsLogger(run.out, tcfg.log)
+        for batch in run.it:
+            x, g = batch if run.needs_grads else (batch, None)
+            x = x * run.scale
             if g is not None:
-                g = g / scale
+                g = g / run.scale
             for group in opt.param_groups:
-                group["lr"] = lr * lr_factor(step, n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
+                group["lr"] = run.lr * lr_factor(step, run.n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
             with amp:
                 outd = model(x, step, g)
             opt.zero_grad(set_to_none=True)
@@ -264,64 +235,55 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             sae.after_step(outd, step, reduce)
             step += 1
             bar.update(1)
-            last = step == n_steps
+            last = step == run.n_steps
             evaluate_now = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or last)
             if step % tcfg.log_every == 0 or last or evaluate_now:
-                rec = _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce)
+                rec = _metrics(sae, x, outd, step, tcfg, run.it, t0, tok0, reduce)
                 if main and evaluate_now:
-                    rec.update(_heldout(sae, store, scale, skip_bos, device))
+                    rec.update(_heldout(sae, run.store, run.scale, run.skip_bos, run.device))
                 if main:
                     logger.write(rec)
                 bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", fvu=f"{rec['fvu']:.3f}",
                                 l0=f"{rec['l0']:.1f}", dead=f"{100 * rec['dead_frac']:.1f}%")
             if step % tcfg.checkpoint_every == 0 and not last:
                 if main:
-                    _checkpoint(out, sae, opt, it, step, n_steps, scale, cfg.arch)
+                    run_state.save_checkpoint(run.out, sae, opt, run.it, step, run.n_steps, run.scale, run.cfg.arch)
                 last_ck = step
     except BaseException as e:
         if main and not resume and step == 0:  # a fresh run that never trained a step leaves nothing behind
             if logger is not None:
                 logger.close()
                 logger = None
-            remove_contents(out)  # _check_out found it empty or missing: all in it is this run's
+            remove_contents(run.out)  # check_out found it empty or missing: all in it is this run's
         if dist.active() and dist.lost(e):
             where = f"from the checkpoint at step {last_ck}" if last_ck else "from the start (no checkpoint yet)"
-            raise SaelabError(f"rank {rank} of {world}: lost the other ranks at training step {step} of {n_steps} "
-                              f"({dist.short(e)}); rerun the same command with --resume to continue {where}") from None
+            raise SaelabError(f"rank {rank} of {world}: lost the other ranks at training step {step} of "
+                              f"{run.n_steps} ({dist.short(e)}); rerun the same command with --resume to continue "
+                              f"{where}") from None
         raise
     finally:
         bar.close()
         if logger is not None:
             logger.close()
-    if not main:  # rank 0 saves and evaluates; the others wait for it
-        dist.barrier()
-        return out
-    # fold the scale into a copy and save the SAE that reads raw activations; the optimiser's state (2× the
-    # weights) is freed first and the copy gets no random init, so the end of a run needs no more memory or
-    # time than a step
-    del model, opt
+    run.step = step
+
+
+def _finish(run: _Run) -> None:
+    """Save the SAE that reads raw activations (the scale folded into a copy), evaluate it, mark the run done.
+    The optimiser's state (2× the weights) is freed first and the copy gets no random init, so the end of a run
+    needs no more memory or time than a step."""
+    sae = run.sae
+    run.opt = None
     sae.zero_grad(set_to_none=True)
     sae.eval()
-    final = SAE.blank(cfg)
+    final = SAE.blank(run.cfg)
     final.load_state_dict(sae.state_dict())
-    final.fold_input_scale(scale)
-    final.cpu().save(out)
-    ev = evaluate_store(final, store, skip_bos=skip_bos, device=device)
-    ev.update(epochs=round(it.epochs, 4), steps=n_steps, tokens=total_tokens)
-    atomic_write_text(out / EVAL_FILE, json.dumps(ev, indent=2) + "\n")
-    info = json.loads((out / TRAIN_FILE).read_text())
-    info.update(done=True, epochs=round(it.epochs, 4))
-    atomic_write_text(out / TRAIN_FILE, json.dumps(info, indent=2) + "\n")
-    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
-    dist.barrier()
-    return out
-
-
-def _no_buffer_sync() -> dict:
-    """DDP's keyword for 'do not sync buffers in forward' (the SAE has none to sync): forward_sync_buffers
-    in newer torch, broadcast_buffers before it (torch 2.11 has only that one: found on a GPU machine)."""
-    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    final.fold_input_scale(run.scale)
+    final.cpu().save(run.out)
+    ev = evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device)
+    ev.update(epochs=round(run.it.epochs, 4), steps=run.n_steps, tokens=run.total_tokens)
+    atomic_write_text(run.out / EVAL_FILE, json.dumps(ev, indent=2) + "\n")
+    run_state.mark_done(run.out, run.it.epochs)
 
 
 class _LossModule(torch.nn.Module):
@@ -375,73 +337,3 @@ def _heldout(sae, store, scale, skip_bos, device, n: int = 8192) -> dict:
     ev = evaluate_store(sae, store, "holdout", skip_bos, max_rows=n, device=device, scale=scale)
     sae.train()
     return {"heldout_fvu": ev["fvu"], "heldout_l0": ev["l0"]}
-
-
-def _checkpoint(out, sae, opt, it, step, n_steps, scale, arch) -> None:
-    with atomic_file(out / CHECKPOINT_FILE) as tmp:
-        torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "iterator": json.dumps(it.state_dict()),
-                    "step": step, "n_steps": n_steps, "scale": scale, "arch": arch}, tmp)
-
-
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Drop metrics lines written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a torn last line from the kill
-    atomic_write_text(path, "".join(l + "\n" for l in keep))
-
-
-class _Logger:
-    """metrics.jsonl (always) + TensorBoard or wandb when asked for and installed."""
-
-    @staticmethod
-    def check(kind: str):
-        """The logging backend's module, imported; a one-line error naming the install when it is missing."""
-        try:
-            if kind == "tensorboard":
-                from torch.utils import tensorboard
-
-                return tensorboard
-            if kind == "wandb":
-                import wandb
-
-                return wandb
-        except ImportError:
-            raise SaelabError(f"--log {kind} needs the {kind} package: pip install {kind}, or drop --log") from None
-        return None
-
-    def __init__(self, out: pathlib.Path, kind: str):
-        self.tb = self.wb = None
-        mod = self.check(kind)
-        self.f = open(out / METRICS_FILE, "a")
-        if kind == "tensorboard":
-            self.tb = mod.SummaryWriter(str(out / "tensorboard"))
-        elif kind == "wandb":
-            try:
-                self.wb = mod.init(project="saelab", name=out.name, dir=str(out))
-            except Exception as e:  # no API key, no network, a bad entity: wandb's own error, on one line
-                raise SaelabError(f"--log wandb could not start a run ({first_line(e)}): run `wandb login`, or set "
-                                  "WANDB_MODE=offline, or drop --log") from None
-
-    def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, rec["step"])
-        if self.wb:
-            self.wb.log(rec, step=rec["step"])
-
-    def close(self) -> None:
-        self.f.close()
-        if self.tb:
-            self.tb.close()
-        if self.wb:
-            self.wb.finish()

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.errors import SaelabError
 from saelab.analysis.features.accumulate import TopBuffer
 from saelab.analysis.features.build import MAX_TOP, analyze
 from saelab.analysis.features.codes import Batch
 from saelab.analysis.features.db import FeatureDB
 from saelab.analysis.features.labels import load_labels, save_label
 from saelab.analysis.features.records import PER_LATENT, WINDOW
+from saelab.errors import SaelabError
 from saelab.layout import FEATURES_FILE
 from saelab.targets import sae_folders
 

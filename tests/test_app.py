@@ -4,18 +4,17 @@ and one real-browser test (headless Chromium via selenium) against a served app.
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 import torch
-
 from saelab.app import HOME
+
+from tests.appserver import serving
 
 HOOK1 = "blocks.1.hook_resid_post"
 PROMPT = "Once upon a time there was a little girl who went to the park"
@@ -215,6 +214,7 @@ def test_a_group_of_many_saes_matches_the_latent_on_request(monkeypatch, app_gro
     import shutil
 
     from saelab.app.common import MATCH_AT_ONCE
+
     from saelab.sae.base import SAE
 
     group = tmp_path / "many"
@@ -446,7 +446,7 @@ def test_app_command_rejects_bad_folders_and_busy_ports(app_group, tmp_path):
 def test_demo_prints_the_app_command_instead_of_blocking(monkeypatch, capsys, app_group):
     import argparse
 
-    from saelab.cli import _demo_open_app
+    from saelab.cli.demo import _demo_open_app
 
     monkeypatch.setenv("CI", "true")
     assert _demo_open_app(argparse.Namespace(no_app=False), app_group) == 0
@@ -456,70 +456,46 @@ def test_demo_prints_the_app_command_instead_of_blocking(monkeypatch, capsys, ap
 
 
 # ----------------------------------------------------------------------------- a real browser
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top_latent, circuit_file, tmp_path):
     from selenium import webdriver
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "saelab", "app", "--sae", str(app_group), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    driver = None
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(120):  # the server is up when its health endpoint answers
-            try:
-                if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                assert server.poll() is None, server.stdout.read()
-                time.sleep(0.5)
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = "/usr/bin/chromium"
-        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1800", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-            opts.add_argument(a)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--window-size=1400,1800", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(a)
+    with serving(app_group) as (url, _):
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-        driver.get(f"{url}/Features?hook={HOOK1}&latent={top_latent}")
-        body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
-        WebDriverWait(driver, 90).until(lambda d: "Top activations" in body(d) and "Neighbours" in body(d))
-        text = body(driver)
-        card = db1.card(top_latent)
-        assert f"Latent {top_latent}" in text and f"{card.density:.3%}" in text and "Promoted tokens" in text
-        assert f"{card.top[0].value:+.2f}" in text
-        # hovering a token shows its activation: the spans carry it as a tooltip
-        spans = driver.find_elements(By.CSS_SELECTOR, "span[title]")
-        assert spans and f"{card.top[0].acts[card.top[0].pos]:.3f}" in {s.get_attribute("title") for s in spans}
-        shot = tmp_path / "features.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-        # Circuits: clicking a node in the Plotly graph opens its card (the biggest marker: latent 401)
-        driver.get(f"{url}/Circuits")
-        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "g.points path.point")) == 4)
-        time.sleep(1)  # let the graph settle before clicking
-        node = max(driver.find_elements(By.CSS_SELECTOR, "g.points path.point"), key=lambda e: e.rect["width"])
-        ActionChains(driver).move_to_element(node).click().perform()
-        WebDriverWait(driver, 60).until(lambda d: "Latent 401" in body(d) and "Top activations" in body(d))
-        driver.save_screenshot(str(tmp_path / "circuits.png"))
-    finally:
-        if driver is not None:
-            driver.quit()
-        os.kill(server.pid, signal.SIGTERM)  # `saelab app` execs streamlit: this PID is the server
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(server.pid, signal.SIGKILL)
-            server.wait()
+            driver.get(f"{url}/Features?hook={HOOK1}&latent={top_latent}")
+            body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+            WebDriverWait(driver, 90).until(lambda d: "Top activations" in body(d) and "Neighbours" in body(d))
+            text = body(driver)
+            card = db1.card(top_latent)
+            assert f"Latent {top_latent}" in text and f"{card.density:.3%}" in text and "Promoted tokens" in text
+            assert f"{card.top[0].value:+.2f}" in text
+            # hovering a token shows its activation: the spans carry it as a tooltip
+            spans = driver.find_elements(By.CSS_SELECTOR, "span[title]")
+            assert spans and f"{card.top[0].acts[card.top[0].pos]:.3f}" in {s.get_attribute("title") for s in spans}
+            shot = tmp_path / "features.png"
+            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+            # Circuits: clicking a node in the Plotly graph opens its card (the biggest marker: latent 401)
+            driver.get(f"{url}/Circuits")
+            WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "g.points path.point")) == 4)
+            time.sleep(1)  # let the graph settle before clicking
+            node = max(driver.find_elements(By.CSS_SELECTOR, "g.points path.point"), key=lambda e: e.rect["width"])
+            ActionChains(driver).move_to_element(node).click().perform()
+            WebDriverWait(driver, 60).until(lambda d: "Latent 401" in body(d) and "Top activations" in body(d))
+            driver.save_screenshot(str(tmp_path / "circuits.png"))
+        finally:
+            driver.quit()
 
 
 def test_signed_sae_card_shows_both_signs(monkeypatch, demo_group, tiny, tmp_path):

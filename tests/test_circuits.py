@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from saelab.errors import SaelabError
 from saelab.analysis import circuits as C
 from saelab.analysis.circuits.nodes import hooked_run
 from saelab.analysis.tasks import induction_task, logit_diff, make_task
+from saelab.errors import SaelabError
 
 
 @pytest.fixture(scope="module")

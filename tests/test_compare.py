@@ -166,8 +166,8 @@ def _group(root, saes: dict):
 def test_two_groups_are_compared_hook_by_hook(demo_group, tmp_path, capsys):
     """Two group folders and no hook flags: one comparison per hook both hold (a copy of the demo group matches
     itself at MMCS 1), the others named as not compared; groups that share no hook are a one-line error."""
-    from saelab.analysis.compare import run_compare
     from saelab.cli import main
+    from saelab.cli.compare import run_compare
 
     h0, h1 = sorted(demo_group.saes)
     copy = _group(tmp_path / "copy", dict(demo_group.saes))

@@ -17,9 +17,9 @@ import sys
 
 import pytest
 import torch
+from test_kernels import SHAPES, check_against_reference, check_backward_against_reference
 
 from saelab.kernels import topk_encode
-from test_kernels import SHAPES, check_against_reference, check_backward_against_reference
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (CI has none)")]

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from saelab.errors import SaelabError
 from saelab.data import count_contexts, iter_contexts, load_documents
+from saelab.errors import SaelabError
 
 pytestmark = pytest.mark.tl3
 

@@ -113,8 +113,8 @@ def test_cli_writes_the_chosen_cards_as_featuredb_reads_them(sae_copy, tmp_path)
 
 def test_card_document_is_one_whole_card(sae_copy):
     """What the app's download button serves: a whole page holding exactly that latent's card."""
-    from saelab.analysis.features.db import FeatureDB
     from saelab.analysis.cards import card_document
+    from saelab.analysis.features.db import FeatureDB
 
     with FeatureDB(sae_copy) as db:
         latent = int(db.density.argmax())
@@ -130,8 +130,8 @@ def test_card_document_is_one_whole_card(sae_copy):
 
 
 def test_sample_is_alive_seeded_and_covers_every_sae_of_a_group(demo_group, tmp_path):
-    from saelab.analysis.features.db import FeatureDB
     from saelab.analysis.cards import export_html
+    from saelab.analysis.features.db import FeatureDB
 
     a, n = export_html(demo_group.group, tmp_path / "a.html", sample=4, seed=1)
     b, _ = export_html(demo_group.group, tmp_path / "b.html", sample=4, seed=1)
@@ -178,8 +178,8 @@ def test_bad_input_is_one_line_and_writes_nothing(sae_copy, tmp_path):
     """Each refusal names its fix, before any card is built; through the CLI (two cases: the error path is
     shared; ``--latents`` parsing is the same function as in process) it is one line on stderr; no file or temp
     file is left."""
-    from saelab.errors import SaelabError
     from saelab.analysis.cards import export_html
+    from saelab.errors import SaelabError
 
     bare = tmp_path / "bare"  # an SAE that was never analysed
     bare.mkdir()
@@ -219,8 +219,8 @@ def test_browser_opens_the_file_offline_and_unfolds_a_band(sae_copy, tmp_path):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    from saelab.analysis.features.db import FeatureDB
     from saelab.analysis.cards import export_html
+    from saelab.analysis.features.db import FeatureDB
 
     with FeatureDB(sae_copy) as db:
         latent = int(db.density.argmax())

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.errors import SaelabError
 from saelab.config import HarvestConfig
+from saelab.errors import SaelabError
 from saelab.harvest import harvest
 from saelab.store import ActivationStore, read_manifest
 

@@ -8,8 +8,19 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.store import ActivationStore, read_manifest
-from saelab.synthetic import (CONTEXT_SIZE, SyntheticConfig, bidirectional_ids, chunk_rows, hierarchy_ids,
-                              load_truth, mmcs, planted, sample, splits, write_synthetic)
+from saelab.synthetic import (
+    CONTEXT_SIZE,
+    SyntheticConfig,
+    bidirectional_ids,
+    chunk_rows,
+    hierarchy_ids,
+    load_truth,
+    mmcs,
+    planted,
+    sample,
+    splits,
+    write_synthetic,
+)
 
 pytestmark = pytest.mark.tl3
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from saelab.errors import SaelabError
 from saelab.analysis.tasks import accuracy, induction_task, ioi_names, logit_diff, make_task
+from saelab.errors import SaelabError
 
 
 def test_induction_structure(tiny):
@@ -124,8 +124,8 @@ def test_unknown_task(tiny, tmp_path):
 def test_task_helpers_take_notebook_spellings(tiny):
     """accuracy(model, "induction") builds the task (was AttributeError 'str' … 'subset'); make_task
     takes n=4.0 (was a TypeError); task.subset past its end is a one-line error (was an IndexError)."""
-    from saelab.errors import SaelabError
     from saelab.analysis.tasks import accuracy, make_task
+    from saelab.errors import SaelabError
 
     task = make_task("induction", tiny, n=4.0)
     assert len(task) == 4
@@ -141,8 +141,8 @@ def test_make_task_takes_rows_built_in_python(tiny, tmp_path):
     """make_task(rows, model) with a list of {"clean", "corrupted", "answer", "wrong"} dicts equals the
     same rows written as .jsonl (a list was str()-ed into a path: OSError "File name too long"); bad rows get
     the .jsonl checks, located as rows[i]; lines past n are still not parsed."""
-    from saelab.errors import SaelabError
     from saelab.analysis.tasks import make_task
+    from saelab.errors import SaelabError
 
     rows = [{"clean": "When Mary and John went to the store, John gave a drink to",
              "corrupted": "When Mary and John went to the store, Mary gave a drink to", "answer": " Mary",

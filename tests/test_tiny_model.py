@@ -61,8 +61,8 @@ def test_load_model_takes_a_torch_device_and_names_a_bad_one():
     import pytest
     import torch
 
-    from saelab.errors import SaelabError
     from saelab.device import pick_device
+    from saelab.errors import SaelabError
     from saelab.models import load_model
 
     assert pick_device(torch.device("cpu")) == torch.device("cpu")

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from saelab.errors import SaelabError
 from saelab.config import SAEConfig, TrainConfig
+from saelab.errors import SaelabError
 from saelab.sae import SAE
 from saelab.train import train
 
@@ -454,10 +454,9 @@ def test_eval_with_a_damaged_train_json_is_one_line(tmp_path, capsys):
 def test_a_malformed_group_file_is_one_line_everywhere(tmp_path, capsys):
     """analyze, circuit and the app read group.json through one parser (saelab.config.read_group)."""
     from saelab.analysis.circuits import load_group
-    from saelab.targets import sae_folders
-    from saelab.targets import resolve_target
     from saelab.cli import main
     from saelab.errors import SaelabError
+    from saelab.targets import resolve_target, sae_folders
 
     for bad in ('{"hooks": ["blocks.0.hook_resid_post"]}', '{"model": 3, "hooks": {}}', "[1]", "{not json"):
         (tmp_path / "group.json").write_text(bad)

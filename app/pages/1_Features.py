@@ -3,9 +3,9 @@
 import numpy as np
 import plotly.express as px
 import streamlit as st
+from saelab.app import common as ui
 
 from saelab.errors import SaelabError
-from saelab.app import common as ui
 
 target = ui.setup("Features")
 hook, sae_dir = ui.pick_sae(target)

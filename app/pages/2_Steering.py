@@ -2,9 +2,9 @@
 
 import plotly.graph_objects as go
 import streamlit as st
+from saelab.app import common as ui
 
 from saelab.errors import SaelabError
-from saelab.app import common as ui
 
 target = ui.setup("Steering")
 hook, sae_dir = ui.pick_sae(target)

@@ -6,9 +6,9 @@ import pathlib
 
 import plotly.graph_objects as go
 import streamlit as st
+from saelab.app import common as ui
 
 from saelab.errors import SaelabError
-from saelab.app import common as ui
 
 target = ui.setup("Circuits")
 st.title("Circuits")

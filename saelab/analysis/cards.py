@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from saelab import __version__
 from saelab.errors import SaelabError
+from saelab.options import ExportOptions
 
 _WINDOW = "font-family:monospace;font-size:0.85em;line-height:1.9;white-space:normal"  # the window's div
 _TOKEN = "border-radius:2px;padding:0 1px"  # every token's span
@@ -54,8 +55,6 @@ def tokens_html(tokens: list[str], acts: list[float], pos: int | None, scale: fl
     return ('<div class="tw">' if classed else f'<div style="{_WINDOW}">') + "".join(out) + "</div>"
 
 
-SAMPLE = 50
-MAX_CARDS = 2000  # a card is ~25-30 KiB on the demo SAEs (its token windows): 2,000 cards ≈ 50 MiB of HTML
 N_TOP_SHOWN = 10  # top examples shown open; the rest are folded
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 12px}
@@ -218,17 +217,18 @@ def _group_matches(plan, k: int = 3) -> dict:
     return out
 
 
-def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed: int = 0,
-                progress: bool = False, max_cards: int | None = None) -> tuple[pathlib.Path, int]:
+def export_html(sae, out, latents: str | None = None, sample: int = ExportOptions.sample,
+                seed: int = ExportOptions.seed, progress: bool = False,
+                max_cards: int | None = None) -> tuple[pathlib.Path, int]:
     """Write the cards of ``sae`` (an SAE folder or a group folder) to the HTML file ``out``; returns
     (out, number of cards). ``latents``: ids and ranges for every SAE; else ``sample`` random alive latents
-    per SAE (``seed``). More than ``max_cards`` (default ``MAX_CARDS``) cards in all is refused before any is
-    built (``--latents 0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file appears
+    per SAE (``seed``). More than ``max_cards`` (default ``ExportOptions.max_cards``) cards in all is refused
+    before any is built (``--latents 0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file appears
     whole or not at all (temp name, fsync, rename)."""
     from saelab.analysis.features.db import FeatureDB
     from saelab.analysis.features.labels import load_labels
-    from saelab.targets import sae_folders
     from saelab.fs import check_output, write_output
+    from saelab.targets import sae_folders
 
     if seed < 0:
         raise SaelabError(f"--seed must be 0 or more (got {seed})")
@@ -239,7 +239,7 @@ def export_html(sae, out, latents: str | None = None, sample: int = SAMPLE, seed
             plan.append((folder, db, parse_latents(latents, db.d_sae) if latents is not None
                          else sample_alive(db.density, sample, seed)))
         n = sum(len(ids) for _, _, ids in plan)
-        max_cards = MAX_CARDS if max_cards is None else max_cards
+        max_cards = ExportOptions.max_cards if max_cards is None else max_cards
         if max_cards < 1:
             raise SaelabError(f"--max-cards {max_cards}: pass 1 or more")
         if n > max_cards:

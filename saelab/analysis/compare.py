@@ -1,4 +1,4 @@
-"""Latent matching between two SAEs (``saelab compare``): which latents of one SAE the other also learned.
+"""Latent matching between two SAEs: which latents of one SAE the other also learned.
 
 Two SAEs of the same activation space (two seeds, two widths, two architectures, or two layers of the
 residual stream) are compared by their decoder directions, the features they write back. For every latent of
@@ -28,6 +28,7 @@ direction, so when either side is signed the cosines are absolute. Cosines go in
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -37,7 +38,6 @@ from saelab.errors import SaelabError
 from saelab.targets import local_group, pick_sae
 
 LEVELS = (0.9, 0.7, 0.5)
-SAME_INDEX_NOTE = 0.05  # more than this fraction of A's latents matching their own index: a shared init, said so
 
 
 def _side(cos: np.ndarray, alive: np.ndarray | None) -> dict:
@@ -107,90 +107,49 @@ def _alive(folder) -> np.ndarray | None:
         return db.density > 0
 
 
-def _who(where, sae, model) -> dict:
-    """One side of a comparison, as the JSON names it."""
-    return {"sae": str(where), "arch": sae.cfg.arch, "d_sae": sae.d_sae, "hook": sae.cfg.hook_name, "model": model}
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One SAE of a comparison: where it was given (a folder or a hub spec), the SAE, the model it belongs to."""
+
+    where: object
+    sae: object
+    model: str | None
+
+    def who(self) -> dict:
+        """This side as the comparison's JSON names it."""
+        c = self.sae.cfg
+        return {"sae": str(self.where), "arch": c.arch, "d_sae": self.sae.d_sae, "hook": c.hook_name,
+                "model": self.model}
 
 
-def _describe(where, sae) -> str:
-    c = sae.cfg
-    return f"{where}: {c.arch}, {sae.d_sae:,} latents, hook {c.hook_name or '?'}, model {c.model_name or '?'}"
-
-
-def _lines(res: dict, a_where, b_where, a, b) -> list[str]:
-    lines = [f"A  {_describe(a_where, a)}", f"B  {_describe(b_where, b)}"]
-    if a.cfg.hook_name and b.cfg.hook_name and a.cfg.hook_name != b.cfg.hook_name:
-        lines.append(f"(different hooks: matching directions across {a.cfg.hook_name} and {b.cfg.hook_name})")
-    if res["signed"]:
-        lines.append("(a signed SAE: cosines are absolute)")
-    head = f"{'':8}{'latents':>9}{'MMCS':>8}{'median':>8}" + "".join(f"{'≥' + str(t):>7}" for t in LEVELS)
-    lines.append(head)
-    for key, label in (("a_to_b", "A → B"), ("b_to_a", "B → A")):
-        s = res[key]
-        lines.append(f"{label:8}{s['latents']:>9,}{s['mmcs']:>8.3f}{s['median']:>8.3f}"
-                     + "".join(f"{s[f'frac_{t}']:>7.1%}" for t in LEVELS))
-        if "alive" in s:
-            lines.append(f"{'  alive':8}{s['alive']:>9,}{s['mmcs_alive']:>8.3f}{'':>8}"
-                         + "".join(f"{s[f'frac_{t}_alive']:>7.1%}" for t in LEVELS))
-    ch = res["chance_mmcs"]
-    lines.append(f"chance (isotropic random directions of the other's count): MMCS {ch['a_to_b']:.3f} A → B, "
-                 f"{ch['b_to_a']:.3f} B → A")
-    lines.append(f"mutual matches: {res['mutual']:,} pairs are each other's best match, {res['mutual_0.9']:,} of "
-                 "them at cosine ≥ 0.9")
-    if res["same_index"] > SAME_INDEX_NOTE * a.d_sae:
-        lines.append(f"note: {res['same_index']:,} of A's {a.d_sae:,} latents match the latent of the same index in B "
-                     "(chance: about 1): the SAEs likely started from the same init (the same --seed), and part of "
-                     "this similarity is that shared start; train with different seeds to compare what they learned")
-    return lines
-
-
-def _compare_pair(sae, other, hook, other_hook, budget, device) -> tuple[dict, list[str]]:
+def load_pair(sae, other, hook: str | None = None, other_hook: str | None = None) -> tuple[Side, Side]:
+    """Both SAEs of a comparison (folders, group folders with ``hook`` / ``other_hook``, or ``hf://`` specs; nothing
+    is written next to them); SAEs of different models are refused (their directions live in different spaces)."""
     from saelab.models import same_model
 
-    a_where, a, a_model = pick_sae(sae, hook)
-    b_where, b, b_model = pick_sae(other, other_hook, "--other-hook")
-    if a_model and b_model and not same_model(a_model, b_model):
-        raise SaelabError(f"the SAEs belong to different models ({a_model} and {b_model}): their directions live "
+    a, b = Side(*pick_sae(sae, hook)), Side(*pick_sae(other, other_hook, "--other-hook"))
+    if a.model and b.model and not same_model(a.model, b.model):
+        raise SaelabError(f"the SAEs belong to different models ({a.model} and {b.model}): their directions live "
                           "in different spaces; compare SAEs of one model")
-    res = compare_saes(a, b, alive_a=_alive(a_where), alive_b=_alive(b_where), budget=budget, device=device)
-    res = {"a": _who(a_where, a, a_model), "b": _who(b_where, b, b_model), **res}
-    return res, _lines(res, a_where, b_where, a, b)
+    return a, b
 
 
-def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None = None, json_out=None,
-                budget: int = 1 << 25, device: str = "auto") -> tuple[dict, list[str]]:
-    """``saelab compare``: load both SAEs (folders, group folders with ``hook`` / ``other_hook``, or ``hf://``
-    specs; nothing is written next to them), match their latents, and return (the result as a JSON-ready dict,
-    the lines to print); ``json_out``: also write that dict there (atomically); ``device``: where the cosines are
-    computed (auto: CUDA when there is one). Two group folders without
-    ``hook`` / ``other_hook`` (two training runs of one group: two seeds, two widths) are compared hook by hook,
-    over the hooks both hold: the result is then ``{"pairs": {hook: result}}``. Bad input is a one-line error
-    before the matching: a missing folder, a group without its hook flag, groups that share no hook, different
-    d_in, different models."""
-    import json
+def compare_sides(a: Side, b: Side, budget: int = 1 << 25, device="cpu") -> dict:
+    """``compare_saes`` of two loaded sides, over their alive latents too where they have ``features.h5``; the
+    result names both sides (``a``, ``b``)."""
+    res = compare_saes(a.sae, b.sae, alive_a=_alive(a.where), alive_b=_alive(b.where), budget=budget, device=device)
+    return {"a": a.who(), "b": b.who(), **res}
 
-    from saelab.device import pick_device
-    from saelab.fs import check_output, finite_json, write_output
 
-    device = pick_device(device)  # "cuda" without CUDA: a one-line error before any loading
-    if json_out is not None:
-        json_out = check_output(json_out, "--json", "compare.json")
-    ga, gb = (local_group(sae), local_group(other)) if hook is None and other_hook is None else (None, None)
-    if ga and gb:
-        common = [h for h in ga if h in gb]
-        if not common:
-            raise SaelabError(f"the groups {sae} ({', '.join(ga)}) and {other} ({', '.join(gb)}) share no hook: "
-                              "pass --hook and --other-hook to compare one SAE of each")
-        res, lines = {"pairs": {}}, []
-        for h in common:
-            res["pairs"][h], more = _compare_pair(ga[h], gb[h], None, None, budget, device)
-            lines += [f"== {h}", *more]
-        skipped = [h for h in [*ga, *gb] if h not in common]
-        if skipped:
-            lines.append(f"(not in both groups, not compared: {', '.join(skipped)})")
-    else:
-        res, lines = _compare_pair(sae, other, hook, other_hook, budget, device)
-    if json_out is not None:
-        write_output(json_out, json.dumps(finite_json(res)) + "\n", "--json")
-        lines.append(f"wrote {json_out}")
-    return res, lines
+def shared_hooks(sae, other) -> tuple[dict, dict, list[str]] | None:
+    """For two local group folders of several SAEs each (two runs of one group: two seeds, two widths): ({hook: SAE
+    folder} of each, the hooks both hold, in A's order); None when either is one SAE or a hub spec. Groups that
+    share no hook are refused."""
+    ga, gb = local_group(sae), local_group(other)
+    if not (ga and gb):
+        return None
+    common = [h for h in ga if h in gb]
+    if not common:
+        raise SaelabError(f"the groups {sae} ({', '.join(ga)}) and {other} ({', '.join(gb)}) share no hook: "
+                          "pass --hook and --other-hook to compare one SAE of each")
+    return ga, gb, common

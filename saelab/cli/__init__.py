@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from saelab import __version__
-from saelab.cli import (analyze, app, circuit, compare, demo, evaluate, fetch, harvest, heads, steer, train)
+from saelab.cli import analyze, app, circuit, compare, demo, evaluate, fetch, harvest, heads, steer, train
 from saelab.errors import SaelabError
 
 #: the command groups in the order ``saelab --help`` lists them: the pipeline first, then the tools

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
+from saelab.cli.common import add_command
 from saelab.errors import SaelabError
+from saelab.options import AppOptions
 
 
 def _app_argv(sae: str, port: int, host: str) -> list[str]:
@@ -31,11 +33,12 @@ def _check_port(host: str, port: int) -> None:
 
 
 def cmd_app(args) -> int:
-    from saelab.targets import APP_ENV_VAR as ENV_VAR, resolve_target
+    from saelab.targets import APP_ENV_VAR as ENV_VAR
+    from saelab.targets import resolve_target
 
     try:
-        import streamlit  # noqa: F401
         import plotly  # noqa: F401
+        import streamlit  # noqa: F401
     except ImportError:
         raise SaelabError("the app needs streamlit and plotly: pip install 'saelab[app]'") from None
     target = resolve_target(args.sae)
@@ -49,9 +52,6 @@ def cmd_app(args) -> int:
 
 
 def add_parser(sub) -> None:
-    ap = sub.add_parser("app", help="open the feature browser / steering / circuits app (Streamlit)",
-                        description="Serve the Streamlit app on an SAE folder or a group folder.")
-    ap.add_argument("--sae", required=True, help="an SAE folder or a group folder (runs/NAME_OR_GROUP)")
-    ap.add_argument("--port", type=int, default=8501, help="port to serve on (default: 8501)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
-    ap.set_defaults(func=cmd_app)
+    add_command(sub, "app", AppOptions, cmd_app,
+                help="open the feature browser / steering / circuits app (Streamlit)",
+                description="Serve the Streamlit app on an SAE folder or a group folder.", run_flags=False)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from saelab.cli.common import add_run_flags
+from saelab.cli.common import add_command, from_args
+from saelab.options import CircuitOptions
 
 
 def cmd_circuit(args) -> int:
@@ -12,13 +13,14 @@ def cmd_circuit(args) -> int:
     from saelab.fs import check_output
     from saelab.layout import CIRCUITS_DIR
 
-    group = load_group(args.saes)
+    o = from_args(CircuitOptions, args)
+    group = load_group(o.saes)
     model = load_group_model(group, args.device)
-    task = make_task(args.task, model, n=args.n, seed=args.seed)
+    task = make_task(o.task, model, n=o.n, seed=o.seed)
     # an --out that is a folder or cannot be written is found before the work, not when writing
-    out = check_output(args.out or group.path / CIRCUITS_DIR / f"{task.name}.json", "--out", f"{task.name}.json")
-    c = find_circuit(model, group, task, method=args.method, ig_steps=args.ig_steps,
-                     node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, progress=not args.quiet)
+    out = check_output(o.out or group.path / CIRCUITS_DIR / f"{task.name}.json", "--out", f"{task.name}.json")
+    c = find_circuit(model, group, task, method=o.method, ig_steps=o.ig_steps, node_threshold=o.node_threshold,
+                     edge_threshold=o.edge_threshold, progress=not args.quiet)
     replaced = out.is_file()
     path = write_circuit(c, out)
     f, mv = c["faithfulness"], c["metric_values"]
@@ -43,24 +45,8 @@ def cmd_circuit(args) -> int:
 
 
 def add_parser(sub) -> None:
-    c = sub.add_parser("circuit", help="sparse feature circuit of a task over an SAE group",
-                       description="Node effects (attribution patching or integrated gradients) of every SAE latent "
-                                   "and error term, edges between consecutive hooks, faithfulness under mean "
-                                   "ablation; writes a circuit JSON file.")
-    c.add_argument("--task", required=True, help="induction, ioi, names, or a .jsonl file of "
-                                                 '{"clean", "corrupted", "answer", "wrong"} lines')
-    c.add_argument("--saes", "--sae", dest="saes", required=True,
-                   help="an SAE group folder (runs/GROUP with group.json) or one SAE folder")
-    c.add_argument("--out", default=None, help="circuit file (default: <saes>/circuits/<task>.json); an existing "
-                                               "file is replaced (atomically), and the output says so")
-    c.add_argument("--method", choices=["attrib", "ig"], default="attrib",
-                   help="attribution patching (one backward pass) or integrated gradients (default: attrib)")
-    c.add_argument("--ig-steps", type=int, default=10, help="integrated-gradient steps (default: 10)")
-    c.add_argument("--node-threshold", type=float, default=0.1,
-                   help="keep nodes with |effect| above this, in logit-difference units (default: 0.1)")
-    c.add_argument("--edge-threshold", type=float, default=0.01,
-                   help="keep edges with |weight| at least this (default: 0.01)")
-    c.add_argument("--n", type=int, default=64, help="task examples (default: 64)")
-    c.add_argument("--seed", type=int, default=0, help="task sampling seed (default: 0)")
-    add_run_flags(c)
-    c.set_defaults(func=cmd_circuit)
+    add_command(sub, "circuit", CircuitOptions, cmd_circuit,
+                help="sparse feature circuit of a task over an SAE group",
+                description="Node effects (attribution patching or integrated gradients) of every SAE latent and "
+                            "error term, edges between consecutive hooks, faithfulness under mean ablation; writes a "
+                            "circuit JSON file.")

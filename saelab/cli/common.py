@@ -53,7 +53,8 @@ def eval_line(ev: dict) -> str:
 
 
 def add_arguments(parser, cls) -> None:
-    """Add one flag per dataclass field, help text from the field's metadata."""
+    """Add one flag per dataclass field: its name (or ``flag``, and ``aliases``), type, default, ``choices`` and
+    ``metavar`` from the field, the help text from its metadata with the default appended."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = f.metadata
@@ -74,14 +75,29 @@ def add_arguments(parser, cls) -> None:
             kw.update(type=base, default=default)
             if meta.get("choices"):
                 kw["choices"] = meta["choices"]
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
         if meta.get("required"):
             kw["required"] = True
         elif "default" in kw and kw["default"] not in (None, "", []):
             kw["help"] += f" (default: {kw['default']})"
-        parser.add_argument(flag, **kw)
+        parser.add_argument(flag, *meta.get("aliases", ()), **kw)
+
+
+def add_command(sub, name: str, options, func, *, help: str, description: str, run_flags: bool = True,  # noqa: A002
+                device: bool = True):
+    """A subcommand whose flags are the fields of the dataclass ``options`` (plus ``--device`` and ``--quiet``
+    with ``run_flags``), handled by ``func(args)``; returns its parser for any flag of its own."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_arguments(p, options)
+    if run_flags:
+        add_run_flags(p, device=device)
+    p.set_defaults(func=func)
+    return p
 
 
 def from_args(cls, ns):
+    """The dataclass ``cls`` of the parsed flags (a list flag never given: its default)."""
     values = {}
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import os
 import sys
 
-from saelab.cli.common import (add_run_flags, eval_line,
-                               store_summary)
+from saelab.cli.common import add_command, eval_line, from_args, store_summary
 from saelab.errors import SaelabError
+from saelab.options import AppOptions, DemoOptions
 
 
 def cmd_demo(args) -> int:
-    from saelab.layout import GROUP_FILE
     from saelab.demo import DEMO_HOOKS, DEMO_K, demo_root, ensure_group
     from saelab.evaluate import evaluate
+    from saelab.layout import GROUP_FILE
 
-    for flag, v in (("--tokens", args.tokens), ("--train-tokens", args.train_tokens)):
+    o = from_args(DemoOptions, args)
+    for flag, v in (("--tokens", o.tokens), ("--train-tokens", o.train_tokens)):
         if v is not None and v < 1:  # checked before harvesting (a bad --train-tokens failed after it, naming --tokens)
             raise SaelabError(f"{flag} must be positive (got {v})")
-    root = demo_root(args.dir)
+    root = demo_root(o.dir)
     finished = (root / "runs" / "demo" / GROUP_FILE).is_file()
     if finished:
         print(f"demo: reusing the finished demo in {root} ({root / 'activations/demo'}, {root / 'runs/demo'}; "
@@ -27,7 +28,7 @@ def cmd_demo(args) -> int:
         print(f"demo: harvesting {', '.join(DEMO_HOOKS)} from the bundled tiny model on the bundled corpus, then "
               f"training one TopK SAE (k={DEMO_K}) per hook → {root / 'activations/demo'}, {root / 'runs/demo'} "
               "(an interrupted demo resumes)")
-    demo = ensure_group(root, tokens=args.tokens, train_tokens=args.train_tokens, progress=not args.quiet)
+    demo = ensure_group(root, tokens=o.tokens, train_tokens=o.train_tokens, progress=not args.quiet)
     print(f"{'the' if finished else 'wrote'} {len(demo.stores)} stores:\n" + store_summary(demo.stores))
     for hook, folder in demo.saes.items():
         ev = evaluate(folder, str(demo.stores[hook]), "tiny", progress=not args.quiet)
@@ -43,20 +44,14 @@ def _demo_open_app(args, group) -> int:
         print(f"open the app with: {cmd}")
         return 0
     print(f"opening the app: {cmd}")
-    args.sae, args.port, args.host = str(group), 8501, "127.0.0.1"
+    args.sae, args.port, args.host = str(group), AppOptions.port, AppOptions.host
     from saelab.cli.app import cmd_app
 
     return cmd_app(args)
 
 
 def add_parser(sub) -> None:
-    d = sub.add_parser("demo", help="run the pipeline on the bundled tiny model and corpus",
-                       description="Harvest the tiny model, train one TopK SAE per residual hook (a group), "
-                                   "evaluate them. Re-running reuses what is finished.")
-    d.add_argument("--dir", default=None, help="where activations/demo and runs/demo go "
-                                               "(default: $SAELAB_DEMO_DIR, else the current folder)")
-    d.add_argument("--tokens", type=int, default=None, help="tokens to harvest (default: the whole corpus)")
-    d.add_argument("--train-tokens", type=int, default=2_000_000, help="SAE training tokens per hook (default: 2M)")
-    d.add_argument("--no-app", action="store_true", help="never open the browser (also implied by CI or no terminal)")
-    add_run_flags(d, device=False)
-    d.set_defaults(func=cmd_demo)
+    add_command(sub, "demo", DemoOptions, cmd_demo,
+                help="run the pipeline on the bundled tiny model and corpus",
+                description="Harvest the tiny model, train one TopK SAE per residual hook (a group), evaluate them. "
+                            "Re-running reuses what is finished.", device=False)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
 from saelab.errors import SaelabError
 
 
 def cmd_fetch(args) -> int:
-    from saelab.layout import read_source
     from saelab.hub import fetch_group, fetch_sae, list_hub_saes
+    from saelab.layout import read_source
 
     if args.list:
         for repo in args.sae:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-
-from saelab.cli.common import (add_arguments, add_distributed_arguments, add_run_flags, from_args, store_summary)
+from saelab.cli.common import (
+    add_arguments,
+    add_command,
+    add_distributed_arguments,
+    add_run_flags,
+    from_args,
+    store_summary,
+)
 from saelab.config import HarvestConfig
 
 
@@ -40,8 +46,6 @@ def add_parser(sub) -> None:
 
     from saelab.synthetic import SyntheticConfig
 
-    y = sub.add_parser("synthetic", help="write a planted-feature store (known ground truth)",
-                       description="Write sparse combinations of planted directions as an ordinary store.")
-    add_arguments(y, SyntheticConfig)
-    add_run_flags(y, device=False)
-    y.set_defaults(func=cmd_synthetic)
+    add_command(sub, "synthetic", SyntheticConfig, cmd_synthetic,
+                help="write a planted-feature store (known ground truth)",
+                description="Write sparse combinations of planted directions as an ordinary store.", device=False)

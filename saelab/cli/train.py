@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from saelab.layout import read_eval
-
-
-from saelab.cli.common import (add_arguments, add_distributed_arguments, add_run_flags, eval_line,
-                               from_args)
+from saelab.cli.common import add_arguments, add_distributed_arguments, add_run_flags, eval_line, from_args
 from saelab.config import SAEConfig, TrainConfig
+from saelab.layout import read_eval
 
 
 def cmd_train(args) -> int:
     from saelab import distributed
-    from saelab.config import check_sae_flags
+    from saelab.cli.common import check_sae_flags
     from saelab.train import train
 
     check_sae_flags(args)

@@ -12,10 +12,20 @@ import pathlib
 import re
 
 from saelab.device import pick_device
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, first_line
 from saelab.formats import convert
-from saelab.layout import (CFG_FILE, HUB_PREFIX, LAYOUT_HELP, LAYOUTS, SPARSIFY_RUN_CFG, WEIGHTS_FILE, folder_layout,
-                           hub_spec, layout_of, read_json_object)
+from saelab.layout import (
+    CFG_FILE,
+    HUB_PREFIX,
+    LAYOUT_HELP,
+    LAYOUTS,
+    SPARSIFY_RUN_CFG,
+    WEIGHTS_FILE,
+    folder_layout,
+    hub_spec,
+    layout_of,
+    read_json_object,
+)
 from saelab.sae import SAE
 
 
@@ -74,7 +84,7 @@ def _hub_errors(repo: str, revision: str | None, folder: str | None = None):
     except e.HFValidationError as err:
         raise SaelabError(f"{repo!r} is not a hub repo id ({str(err).split(':')[0]}): pass ORG/REPO/SUBFOLDER") from None
     except e.HfHubHTTPError as err:
-        raise SaelabError(f"{where}: the hub answered {str(err).splitlines()[0]}: retry later") from None
+        raise SaelabError(f"{where}: the hub answered {first_line(err)}: retry later") from None
 
 
 def _offline() -> bool:

@@ -34,6 +34,7 @@ from saelab.fs import atomic_write_text, fsync_dir, fsync_file, no_empty_folder_
 from saelab.hooks import hook_layer
 from saelab.hub.download import _read_hub_sae, _read_local_sae, default_out, local_folder, parse_spec
 from saelab.layout import CFG_FILE, GROUP_FILE, SOURCE_FILE, group_json, hub_spec, read_group, read_source
+from saelab.models import same_model
 from saelab.sae import SAE
 
 
@@ -259,7 +260,7 @@ def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=No
                     raise SaelabError(f"{by_hook[hook]} and {spec} both read {hook}: a group holds one SAE per hook")
                 by_hook[hook] = spec
             models = sorted({sae.cfg.model_name for _, _, sae in staged})
-            if len(models) > 1:
+            if any(not same_model(models[0], m) for m in models[1:]):
                 raise SaelabError(f"these SAEs come from different models ({', '.join(m or '?' for m in models)}): "
                                   "a group is of one model; fetch them into separate groups")
             for _, tmp, sae in staged:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from saelab.kernels import sparse_decode
 from saelab.kernels.dispatch import resolve_kernel
 from saelab.sae.base import mse
-from saelab.sae.topk import TopKSAE, select, scatter
+from saelab.sae.topk import TopKSAE, scatter, select
 
 
 class MatryoshkaSAE(TopKSAE):

@@ -15,8 +15,15 @@ A store knows neither models nor SAEs: which store an SAE reads is resolved in `
 """
 
 from saelab.layout import MANIFEST, shard_name
-from saelab.store.manifest import (DTYPES, FORMAT_VERSION, MANIFEST_KEYS, check_complete, new_manifest, read_manifest,
-                                   resolve_stores)
+from saelab.store.manifest import (
+                                   DTYPES,
+                                   FORMAT_VERSION,
+                                   MANIFEST_KEYS,
+                                   check_complete,
+                                   new_manifest,
+                                   read_manifest,
+                                   resolve_stores,
+)
 from saelab.store.reader import ActivationStore
 from saelab.store.stream import BatchIterator, release_free_memory
 from saelab.store.writer import ShardWriter, plan_shards

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import pathlib
-
 import math
+import pathlib
 
 import h5py
 import numpy as np

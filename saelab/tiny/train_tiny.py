@@ -1,9 +1,9 @@
 """Train the bundled tiny model: a byte-level BPE tokenizer and a small GPT-2.
 
 This script made every file in ``saelab/tiny/`` (tokenizer, config, weights, the
-``train_log.json`` whose numbers the README quotes). Re-run it to reproduce them::
+``train_log.json`` whose numbers the docs' bundled-model page renders). Re-run it to reproduce them::
 
-    python -m saelab.tiny.train_tiny --device cuda --out saelab/tiny   # 3 min on one H100
+    python -m saelab.tiny.train_tiny --device cuda --out saelab/tiny   # a few minutes on one GPU
 
 Recipe (all choices are flags below, defaults are what the committed model used):
 

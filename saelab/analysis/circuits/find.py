@@ -15,13 +15,15 @@ from saelab.analysis.circuits.nodes import count_nodes, node_id, node_values, se
 from saelab.analysis.tasks import Task, as_task, logit_diff
 from saelab.device import device_of
 from saelab.errors import SaelabError
+from saelab.options import CircuitOptions
 
 NODE_SWEEP = (2.0, 1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 EDGE_SWEEP = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.0)
 
 
-def find_circuit(model, group: SAEGroup, task: Task, method: str = "attrib", ig_steps: int = 10,
-                 node_threshold: float = 0.1, edge_threshold: float = 0.01,
+def find_circuit(model, group: SAEGroup, task: Task, method: str = CircuitOptions.method,
+                 ig_steps: int = CircuitOptions.ig_steps, node_threshold: float = CircuitOptions.node_threshold,
+                 edge_threshold: float = CircuitOptions.edge_threshold,
                  node_sweep=NODE_SWEEP, edge_sweep=EDGE_SWEEP, progress: bool = True, edges: bool = True) -> dict:
     """Everything ``saelab circuit`` computes, as the circuit-file dict. ``edges=False`` skips the
     edges and their faithfulness (then ``edges`` is empty and the edge faithfulness None).

@@ -18,10 +18,30 @@ from saelab.analysis.features.build import BATCH_ROWS, MAX_TOP, analyze, analyze
 from saelab.analysis.features.codes import sparse_codes
 from saelab.analysis.features.db import FeatureDB
 from saelab.analysis.features.labels import load_labels, save_label
-from saelab.analysis.features.records import (AFTER, BEFORE, EAGER, FORMAT_VERSION, N_BANDS, N_BINS, PER_BAND,
-                                              PER_LATENT, RESERVOIR, WINDOW, Example, LatentCard, weights_identity)
-from saelab.analysis.geometry import (N_NEIGHBOURS, best_matches, decoder_matches, either_signed, head_shares,
-                                      neighbours, unit_rows)
+from saelab.analysis.features.records import (
+                                              AFTER,
+                                              BEFORE,
+                                              EAGER,
+                                              FORMAT_VERSION,
+                                              N_BANDS,
+                                              N_BINS,
+                                              PER_BAND,
+                                              PER_LATENT,
+                                              RESERVOIR,
+                                              WINDOW,
+                                              Example,
+                                              LatentCard,
+                                              weights_identity,
+)
+from saelab.analysis.geometry import (
+                                              N_NEIGHBOURS,
+                                              best_matches,
+                                              decoder_matches,
+                                              either_signed,
+                                              head_shares,
+                                              neighbours,
+                                              unit_rows,
+)
 from saelab.analysis.logit_lens import N_LOGITS, RESIDUAL_HOOKS, direct_logits, logit_effects
 from saelab.layout import FEATURES_FILE, LABELS_FILE
 

@@ -20,8 +20,16 @@ from tqdm.auto import tqdm
 
 from saelab.analysis.features.accumulate import Accumulator
 from saelab.analysis.features.codes import Batch, TokenReader, sparse_codes
-from saelab.analysis.features.records import (AFTER, BEFORE, FORMAT_VERSION, N_BANDS, N_BINS, PER_BAND, WINDOW,
-                                              weights_identity)
+from saelab.analysis.features.records import (
+    AFTER,
+    BEFORE,
+    FORMAT_VERSION,
+    N_BANDS,
+    N_BINS,
+    PER_BAND,
+    WINDOW,
+    weights_identity,
+)
 from saelab.analysis.geometry import head_shares, neighbours
 from saelab.analysis.logit_lens import logit_effects
 from saelab.device import one_thread, pick_device
@@ -29,6 +37,7 @@ from saelab.errors import SaelabError
 from saelab.fs import atomic_file, check_writable_in
 from saelab.hooks import hook_layer
 from saelab.layout import FEATURES_FILE, GROUP_FILE
+from saelab.options import AnalyzeOptions
 from saelab.targets import sae_folders, store_for_sae
 
 BATCH_ROWS = 4096
@@ -63,7 +72,7 @@ def _vocab(model) -> list[str]:
 
 
 @torch.no_grad()
-def analyze(sae_dir, activations=None, *, tokens=None, top=20, model=None, device="auto",
+def analyze(sae_dir, activations=None, *, tokens=None, top=AnalyzeOptions.top, model=None, device="auto",
             progress=True, batch_size: int = BATCH_ROWS) -> pathlib.Path:
     """Writes <sae_dir>/features.h5 (atomically) and returns its path. activations: store folder or RUN
     folder (default: the store the SAE was trained on, from train.json). ``tokens``: analyse only the

@@ -19,7 +19,8 @@ def sparse_codes(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     TopK-family SAEs (topk, abstopk, matryoshka, gradient without grads) go through the fused
     TopK encode (``evaluate.sparse_codes``: no [B, d_sae] tensor); others through ``sae.encode`` +
     ``nonzero`` in row chunks (``evaluate.dense_chunks``)."""
-    from saelab.evaluate import dense_chunks, sparse_codes as fused_codes
+    from saelab.evaluate import dense_chunks
+    from saelab.evaluate import sparse_codes as fused_codes
 
     B = x.shape[0]
     codes = fused_codes(sae, x)

@@ -13,8 +13,7 @@ import weakref
 import h5py
 import numpy as np
 
-from saelab.analysis.features.records import (EAGER, FORMAT_VERSION, PER_LATENT, Example, LatentCard,
-                                              weights_identity)
+from saelab.analysis.features.records import EAGER, FORMAT_VERSION, PER_LATENT, Example, LatentCard, weights_identity
 from saelab.errors import SaelabError
 from saelab.layout import FEATURES_FILE
 

@@ -16,6 +16,7 @@ from saelab.analysis.heads.saes import D_SAE, L1, LR, STEPS, train_head_saes
 from saelab.analysis.tasks import as_task, logit_diff
 from saelab.device import device_of
 from saelab.errors import SaelabError
+from saelab.options import HeadsOptions
 
 
 def _slice_task(task, n: int | None, model):
@@ -37,8 +38,9 @@ def _check_task(task):
                           f"{tuple(task.corrupted.shape)} prompts differ in shape; they must tokenize to equal lengths")
 
 
-def identify_heads(model, task, n_examples: int = 8, *, d_sae: int = D_SAE, l1: float = L1, steps: int = STEPS,
-                   lr: float = LR, position: str = "last", seed: int = 0, progress: bool = False) -> HeadRanking:
+def identify_heads(model, task, n_examples: int = HeadsOptions.n, *, d_sae: int = D_SAE, l1: float = L1,
+                   steps: int = STEPS, lr: float = LR, position: str = HeadsOptions.position,
+                   seed: int = HeadsOptions.seed, progress: bool = False) -> HeadRanking:
     """Rank every attention head by the SAE codes unique to the task's positive examples.
 
     ``task``: a ``saelab.analysis.tasks.Task`` (its first ``n_examples`` clean prompts are the
@@ -74,7 +76,8 @@ def identify_heads(model, task, n_examples: int = 8, *, d_sae: int = D_SAE, l1: 
 
 
 @torch.no_grad()
-def ablation_ranking(model, task, n_examples: int = 8, *, mode: str = "mean", positions: str = "all",
+def ablation_ranking(model, task, n_examples: int = HeadsOptions.n, *, mode: str = "mean",
+                     positions: str = HeadsOptions.ablation_positions,
                      progress: bool = False) -> HeadRanking:
     """Rank heads by how much ablating each one alone lowers the mean logit difference on the clean prompts.
 
@@ -119,7 +122,8 @@ def ablation_ranking(model, task, n_examples: int = 8, *, mode: str = "mean", po
                        info=info)
 
 
-def compare(identified: HeadRanking, ablation: HeadRanking, top: int = 3, truth_frac: float = 0.25) -> dict:
+def compare(identified: HeadRanking, ablation: HeadRanking, top: int = HeadsOptions.top,
+            truth_frac: float = 0.25) -> dict:
     """Precision / recall of the identification's top-``top`` heads against the ablation's important heads.
 
     Important heads: those whose ablation lowers the logit difference by at least ``truth_frac`` of the

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from saelab.analysis.heads.identify import ablation_ranking, identify_heads
 from saelab.analysis.heads.ranking import HeadRanking
 from saelab.errors import SaelabError
+from saelab.options import HeadsOptions
 
 
 def _median_run(runs: list[HeadRanking]) -> HeadRanking:
@@ -21,8 +22,10 @@ def _median_run(runs: list[HeadRanking]) -> HeadRanking:
     return mid
 
 
-def timed_rankings(model, task, n_examples: int = 8, repeats: int = 5, *, ablation_positions: str = "all",
-                   threads: int | None = 1, progress: bool = False, **identify_kw) -> tuple[HeadRanking, HeadRanking]:
+def timed_rankings(model, task, n_examples: int = HeadsOptions.n, repeats: int = HeadsOptions.repeats, *,
+                   ablation_positions: str = HeadsOptions.ablation_positions,
+                   threads: int | None = HeadsOptions.threads, progress: bool = False,
+                   **identify_kw) -> tuple[HeadRanking, HeadRanking]:
     """Identification and the ablation sweep on the same examples, alternated ``repeats`` times (a busy
     CPU slows both alike); returns each method's median-time run. Warm the model up before calling.
 

@@ -1,0 +1,140 @@
+"""The options of the commands that read SAEs rather than train them: one field each, documented once.
+
+The CLI builds each command's flags from these dataclasses (``saelab.cli.common.add_arguments``: the help
+text, the default, choices), and the library functions behind the commands take their defaults from the same
+fields (``find_circuit(..., ig_steps=CircuitOptions.ig_steps)``), so a default is written in one place. The
+run commands (harvest, train, synthetic) have theirs in ``saelab.config``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saelab.config import JSONConfig, _f
+
+TASK_HELP = 'induction, ioi, names, or a .jsonl file of {"clean", "corrupted", "answer", "wrong"} lines'
+
+
+@dataclass
+class EvalOptions(JSONConfig):
+    """`saelab eval`: reconstruction metrics on the store; CE-loss recovered and KL with a model."""
+
+    sae: str = _f("", "an SAE folder (saelab or SAELens) or a group folder (group.json)", required=True)
+    activations: str | None = _f(None, "store or RUN folder (default: the one it was trained on)")
+    model: str | None = _f(None, "splice the SAE into this model for CE metrics (e.g. tiny)")
+    contexts: int = _f(64, "held-out contexts for the CE metrics")
+
+
+@dataclass
+class AnalyzeOptions(JSONConfig):
+    """`saelab analyze`: the feature database of an SAE (each SAE of a group)."""
+
+    sae: str = _f("", "an SAE folder (saelab or SAELens) or a group folder (group.json)", required=True)
+    activations: str | None = _f(None, "store or RUN folder (default: the store each SAE was trained on, from its "
+                                       "train.json)")
+    tokens: int | None = _f(None, "analyse only the first N rows (default: the whole store)")
+    top: int = _f(20, "top-activating examples kept per latent")
+
+
+@dataclass
+class ExportOptions(JSONConfig):
+    """`saelab export`: latent cards as one self-contained HTML file."""
+
+    sae: str = _f("", "an analysed SAE folder, or a group folder (every SAE in it)", required=True)
+    out: str = _f("", "the HTML file to write, e.g. cards.html", required=True)
+    latents: str | None = _f(None, "latent ids and ranges, e.g. 3,17,100-120 (default: --sample)")
+    sample: int = _f(50, "without --latents: this many random latents that fired, per SAE")
+    seed: int = _f(0, "seed of the sample")
+    max_cards: int = _f(2000, "refuse to write more cards than this in all (each is tens of KiB of HTML)")
+
+
+@dataclass
+class CompareOptions(JSONConfig):
+    """`saelab compare`: the latents two SAEs share."""
+
+    sae: str = _f("", "SAE A: an SAE folder, a group folder (with --hook), or hf://ORG/REPO/SUBFOLDER", required=True)
+    other: str = _f("", "SAE B, as --sae (a group with --other-hook)", required=True)
+    hook: str | None = _f(None, "with a group folder as --sae: the hook whose SAE is A")
+    other_hook: str | None = _f(None, "with a group folder as --other: the hook whose SAE is B")
+    json: str | None = _f(None, "also write the summary and every latent's match to this file")
+    device: str = _f("auto", "where the cosines are computed: cpu, cuda or auto")
+
+
+@dataclass
+class SteerOptions(JSONConfig):
+    """`saelab steer`: the model steered with SAE latents, clean and steered side by side."""
+
+    sae: str = _f("", "an SAE folder, a group folder with --hook, or a hub SAE hf://ORG/REPO/SUBFOLDER",
+                  required=True)
+    prompt: str = _f("", "the text to continue", required=True)
+    steer: list[str] = _f([], "e.g. 401:add:5, 401:clamp:2.5, 401:ablate; repeat for several latents",
+                          metavar="LATENT:MODE[:VALUE]")
+    sweep: str | None = _f(None, "one --steer LATENT:add (or :clamp) at each of these values, e.g. 0,2,5,10,20",
+                           metavar="C1,C2,...")
+    hook: str | None = _f(None, "which SAE of a group folder")
+    model: str | None = _f(None, "the model to steer (default: the one the SAE names)")
+    tokens: int = _f(30, "new tokens to generate")
+    temperature: float | None = _f(None, "sampling temperature, 0 = greedy (default: 1.0; 0 with --sweep)")
+    seed: int = _f(0, "sampling seed, the same for both runs")
+    json: str | None = _f(None, "also write the result as JSON to this file")
+
+
+@dataclass
+class CircuitOptions(JSONConfig):
+    """`saelab circuit`: a sparse feature circuit of a task over an SAE group."""
+
+    task: str = _f("", TASK_HELP, required=True)
+    saes: str = _f("", "an SAE group folder (runs/GROUP with group.json) or one SAE folder", required=True,
+                   aliases=["--sae"])
+    out: str | None = _f(None, "circuit file (default: <saes>/circuits/<task>.json); an existing file is replaced "
+                               "(atomically), and the output says so")
+    method: str = _f("attrib", "attribution patching (one backward pass) or integrated gradients",
+                     choices=["attrib", "ig"])
+    ig_steps: int = _f(10, "integrated-gradient steps")
+    node_threshold: float = _f(0.1, "keep nodes with |effect| above this, in logit-difference units")
+    edge_threshold: float = _f(0.01, "keep edges with |weight| at least this")
+    n: int = _f(64, "task examples")
+    seed: int = _f(0, "task sampling seed")
+
+
+@dataclass
+class HeadsOptions(JSONConfig):
+    """`saelab heads`: attention heads ranked by the discrete SAE codes unique to a task's positive examples."""
+
+    task: str = _f("", TASK_HELP, required=True)
+    model: str = _f("tiny", "tiny (bundled), a local Hugging Face folder or a hub name")
+    n: int = _f(8, "positive examples (as many negatives)")
+    top: int = _f(3, "heads to print and to score precision/recall at")
+    position: str = _f("last", "which hook_z the codes read: the last position or the mean over positions",
+                       choices=["last", "mean"])
+    compare_ablation: bool = _f(False, "also mean-ablate each head and report precision/recall@top and both run "
+                                       "times")
+    ablation_positions: str = _f("all", "ablate each head at every position or only at the last one",
+                                 choices=["all", "last"])
+    repeats: int = _f(5, "with --compare-ablation: run both methods this many times, alternated, and report the "
+                         "median times")
+    threads: int = _f(1, "torch threads (with --compare-ablation: for both methods alike); 0 keeps torch's default "
+                         "(1 is faster for these small forwards on a shared CPU)")
+    seed: int = _f(0, "task and SAE seed")
+    out: str | None = _f(None, "write the rankings, timings and comparison to this JSON file (an existing file is "
+                               "replaced, atomically, and the output says so)")
+
+
+@dataclass
+class DemoOptions(JSONConfig):
+    """`saelab demo`: the pipeline on the bundled tiny model and corpus."""
+
+    dir: str | None = _f(None, "where activations/demo and runs/demo go (default: $SAELAB_DEMO_DIR, else the saelab "
+                               "checkout the current folder is in, else the current folder)")
+    tokens: int | None = _f(None, "tokens to harvest (default: the whole corpus)")
+    train_tokens: int = _f(2_000_000, "SAE training tokens per hook")
+    no_app: bool = _f(False, "never open the browser (also implied by CI or no terminal)")
+
+
+@dataclass
+class AppOptions(JSONConfig):
+    """`saelab app`: the Streamlit app on an SAE folder or a group folder."""
+
+    sae: str = _f("", "an SAE folder or a group folder (runs/NAME_OR_GROUP)", required=True)
+    port: int = _f(8501, "port to serve on")
+    host: str = _f("127.0.0.1", "address to serve on (127.0.0.1: this machine only)")
