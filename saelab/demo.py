@@ -110,9 +110,9 @@ def ensure_group(root: str | os.PathLike | None = None, *, tokens: int | None = 
 
 def ensure_wide_group(root: str | os.PathLike | None = None, *, progress: bool = True, model=None) -> DemoGroup:
     """The "wide" group: TopK SAEs 8x wider than the demo's (k 16, d_sae 16384 on d_model 128; lr 1e-3,
-    500k tokens each: held-out FVU 0.109 and 0.090, near the demo SAEs' 0.095 and 0.079) at the demo's hooks,
-    trained on the demo's stores (built first if missing) into ``<root>/runs/wide``. Notebook 02 and
-    tests/test_circuits.py use it for the random-token induction circuit. Not analysed (no features.h5)."""
+    500k tokens each) at the demo's hooks, trained on the demo's stores (built first if missing) into
+    ``<root>/runs/wide``. Notebook 02 and tests/test_circuits.py use it for the random-token induction circuit.
+    Not analysed (no features.h5)."""
     return ensure_group(root, progress=progress, model=model, name="wide", expansion=WIDE_EXPANSION,
                         train_tokens=WIDE_TRAIN_TOKENS, lr=WIDE_LR, activations="demo", analyze=False)
 

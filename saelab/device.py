@@ -45,8 +45,8 @@ def device_of(module: torch.nn.Module) -> torch.device:
 @contextlib.contextmanager
 def one_thread(device: torch.device | None = None):
     """Run the block on one torch thread (on CPU; a no-op elsewhere). Many small ops (analyze's
-    bookkeeping over ~B·k entries, head identification's tiny batched SAEs) are several times
-    faster single-threaded on a busy 2-core CPU, where intra-op threads wait on each other."""
+    bookkeeping over ~B·k entries, head identification's tiny batched SAEs) gain nothing from intra-op
+    threads, and on a busy CPU those threads wait on each other."""
     if device is not None and device.type != "cpu":
         yield
         return

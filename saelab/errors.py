@@ -1,6 +1,6 @@
 """The one error type users see, and the helper that quotes a library's own error in it.
 
-The bottom of the house: it imports nothing of saelab, and every module may import it.
+The bottom layer: it imports nothing of saelab, and every module may import it.
 """
 
 

@@ -1,6 +1,6 @@
 """File safety: atomic writes under one temp-name rule, fsync, checksums, writability and output checks.
 
-The bottom layer of the house (it imports only ``saelab.errors``). Every file saelab writes goes
+One of the bottom modules (it imports only ``saelab.errors``). Every file saelab writes goes
 through here, so a reader sees the old file or the new one, never half of one:
 
 - a file is written under ``temp_name(path)`` (``.NAME.tmp`` beside it), fsynced, renamed over

@@ -21,7 +21,7 @@ def load(path: pathlib.Path) -> dict:
         load_circuit = None
     if load_circuit is not None:
         return load_circuit(path)
-    try:  # minimal checks until saelab.analysis.circuits is there
+    try:  # saelab.analysis.circuits not importable: the checks this page's drawing relies on
         c = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SaelabError(f"{path} is not a readable circuit file ({e})") from None

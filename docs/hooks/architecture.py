@@ -1,4 +1,4 @@
-"""mkdocs hook: the import rules of the house, drawn from the import-linter contracts at build time.
+"""mkdocs hook: saelab's import rules, drawn from the import-linter contracts at build time.
 
 ``<!-- import-layers -->`` becomes a mermaid diagram of the ``layers`` contract in
 ``pyproject.toml`` (``[tool.importlinter]``): one box per layer, top to bottom, siblings of a layer

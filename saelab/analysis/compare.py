@@ -13,12 +13,12 @@ A the latent of B whose decoder row has the highest cosine is its match, and the
 Two SAEs trained with the same seed start from the same decoder directions (latent i of both begins as the
 same random vector; a group's SAEs are trained so), and part of their similarity is that shared start, not
 what they learned: ``same_index`` counts the latents whose match is the latent of the same index (by chance
-about one), and the printout says so when it is more than 5% of them.
+about one), and ``saelab compare`` says so when it is more than 5% of them.
 
 MMCS has a floor that is not zero: a unit vector's best cosine among n random directions in d dimensions grows
-with n and shrinks with d (0.30 for 2,048 directions in 128 dimensions). ``chance`` gives that floor per
-direction, measured on isotropic random directions of B's count and d_in (``chance_mmcs``); real activations
-are not isotropic, so unrelated SAEs of one space can sit somewhat above it.
+with n and shrinks with d (well above zero for a wide dictionary in few dimensions). ``chance`` gives that
+floor per direction, measured on isotropic random directions of B's count and d_in (``chance_mmcs``); real
+activations are not isotropic, so unrelated SAEs of one space can sit somewhat above it.
 
 Dead latents keep their random init direction and match nothing, which lowers MMCS for a reason that is
 not about the features learned; when a side has ``features.h5`` (``saelab analyze``), the same numbers are

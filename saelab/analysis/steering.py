@@ -200,7 +200,7 @@ def _generate(model, tokens: torch.Tensor, fwd_hooks, max_new_tokens: int, tempe
         return tokens.new_zeros(0)
     torch.manual_seed(seed)
     # no KV cache: with TransformerLens 4.3's bridge, what a hook returns on the cached one-token
-    # steps does not reach the logits (measured: steered and clean greedy runs matched), so
+    # steps does not reach the logits (steered and clean greedy runs would match), so
     # every step reruns the whole sequence with the hooks on every position
     kw = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=max(temperature, 1e-6),
               stop_at_eos=False, verbose=False, return_type="tokens", use_past_kv_cache=False)

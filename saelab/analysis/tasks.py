@@ -32,7 +32,7 @@ Built-in tasks (``make_task(spec, model, n, seed)``):
 * ``"names"`` — induction in natural language over the same names: "When Jane and Bob went to the
   park, Bob gave the ball to Jane. Then Bob gave a toy to" → answer " Jane" (named once before after
   "to"); corrupted = that earlier mention replaced by a third name (" Tom"), which is ``wrong``
-  (the name the corrupted prompt suggests). A task the tiny model solves (98%) with the IOI
+  (the name the corrupted prompt suggests). A task the tiny model solves with the IOI
   vocabulary, and whose tokens recur across prompts (unlike random-token induction).
 
 * a path to a ``.jsonl`` file, one object per line: ``{"clean": str, "corrupted": str, "answer": str,

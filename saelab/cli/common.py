@@ -44,7 +44,7 @@ def eval_line(ev: dict) -> str:
     if "ce_loss_recovered" in ev:
         parts += [f"CE clean {ev['ce_clean']:.3f} / SAE {ev['ce_sae']:.3f} / zero-ablated {ev['ce_zero_ablation']:.3f}",
                   f"CE-loss recovered {ev['ce_loss_recovered']:.3f}", f"KL {ev['kl']:.4f}"]
-        if "ce_contexts" in ev:  # written by saelab eval (train's own eval.json predates it)
+        if "ce_contexts" in ev:  # the contexts the CE metrics ran on, where the eval.json records them
             n, asked = ev["ce_contexts"], ev.get("ce_contexts_asked")
             split = "training" if ev.get("ce_split") == "train" else "held-out"
             parts[-1] += (f" (over {n} {split} context{'s' * (n != 1)}"

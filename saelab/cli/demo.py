@@ -17,7 +17,7 @@ def cmd_demo(args) -> int:
 
     o = from_args(DemoOptions, args)
     for flag, v in (("--tokens", o.tokens), ("--train-tokens", o.train_tokens)):
-        if v is not None and v < 1:  # checked before harvesting (a bad --train-tokens failed after it, naming --tokens)
+        if v is not None and v < 1:  # checked before the harvest, each naming its own flag
             raise SaelabError(f"{flag} must be positive (got {v})")
     root = demo_root(o.dir)
     finished = (root / "runs" / "demo" / GROUP_FILE).is_file()

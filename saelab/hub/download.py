@@ -120,7 +120,7 @@ def _files_under(root: pathlib.Path) -> list[str]:
 
 def sae_folders(files) -> list[str]:
     """The folders (repo-relative; "" for the root) among file paths that hold an SAE in a layout saelab reads
-    (saelab.formats.LAYOUTS: cfg.json + the weights, or Gemma Scope's params.npz, or sparsify's)."""
+    (saelab.layout.LAYOUTS: cfg.json + the weights, or Gemma Scope's params.npz, or sparsify's)."""
 
     by_folder: dict[str, set[str]] = {}
     for f in files:

@@ -149,7 +149,7 @@ class BatchIterator:
         gr = torch.from_numpy(np.concatenate(grads) if grads else empty) if self.with_grads else None
         if sel is not None:  # sorted reads → serving order
             order = torch.from_numpy(np.searchsorted(take, sel))
-        elif perm is not None:  # torch's row gather is several times faster than numpy fancy indexing
+        elif perm is not None:  # a torch row gather, the faster of it and numpy fancy indexing
             order = torch.from_numpy(perm)
         else:
             order = None

@@ -1,11 +1,12 @@
 """Train the bundled tiny model: a byte-level BPE tokenizer and a small GPT-2.
 
-This script made every file in ``saelab/tiny/`` (tokenizer, config, weights, the
-``train_log.json`` whose numbers the docs' bundled-model page renders). Re-run it to reproduce them::
+This script writes every file in ``saelab/tiny/`` (tokenizer, config, weights, the
+``train_log.json`` whose numbers the docs' bundled-model page renders); with its defaults it
+reproduces the shipped ones::
 
-    python -m saelab.tiny.train_tiny --device cuda --out saelab/tiny   # a few minutes on one GPU
+    python -m saelab.tiny.train_tiny --device cuda --out saelab/tiny
 
-Recipe (all choices are flags below, defaults are what the committed model used):
+Recipe (every choice is a flag below; the defaults are the shipped model's):
 
 * Corpus: ``corpus/train/*.txt`` (paragraphs separated by blank lines). The held-out
   ``corpus/heldout/*.txt`` (the last 5% of paragraphs of each source file) is never
@@ -16,8 +17,8 @@ Recipe (all choices are flags below, defaults are what the committed model used)
 * Packing: paragraphs joined by ``<|endoftext|>``; each training context is a random
   window of the train stream with BOS prepended.
 * Induction: small models on small corpora form induction heads late (with GPT-2's
-  init std 0.02 at d=128 and up to 50% repeated spans mixed into language, none had formed
-  after 8,000 steps). What works: ``--init-std 0.08`` (about 1/sqrt(d_model), so attention
+  init std 0.02 at d=128, repeated spans mixed into language do not make them form within
+  this budget). What makes them form: ``--init-std 0.08`` (about 1/sqrt(d_model), so attention
   scores are not vanishingly small at the start), a warm-up of ``--copy-steps`` on purely
   synthetic contexts (random tokens with one random span written twice, loss on the second
   copy only), then language with ``--induction-frac`` of contexts carrying such a span
