@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +29,40 @@ def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - mir
     return field(**kw)
 
 
+#: the largest whole number a flag takes: what a 64-bit count (numpy, torch, HDF5) holds with room to add
+INT_LIMIT = 2**62
+
+
 class JSONConfig:
-    """JSON round trip shared by the config dataclasses (unknown keys are ignored on load)."""
+    """JSON round trip shared by the config dataclasses (unknown keys are ignored on load), and the one check of
+    every numeric field: a whole number within ``INT_LIMIT`` (and the field's ``min`` / ``max``), a real number
+    finite (and within them). A value off its range is a one-line error naming the flag."""
+
+    def check_numbers(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v, lo, hi = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("max")
+            values = v if isinstance(v, list) else [v]
+            whole = int in (typing.get_args(hints[f.name]) or (hints[f.name],))
+            for x in values:
+                if x is None or isinstance(x, (bool, str)):
+                    continue
+                if whole and not isinstance(x, int):
+                    raise SaelabError(f"{flag_of(f.name, type(self))} {x}: pass a whole number")
+                if isinstance(x, int):
+                    lo_i = -INT_LIMIT if lo is None else lo
+                    hi_i = INT_LIMIT if hi is None else hi
+                    if not lo_i <= x <= hi_i:
+                        span = f"from {lo:,} to {hi_i:,}" if lo is not None else f"of magnitude at most {hi_i:,}"
+                        raise SaelabError(f"{flag_of(f.name, type(self))} {x} is out of range: pass a whole number "
+                                          f"{span}")
+                elif isinstance(x, float):
+                    if not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
+                        where = " and ".join(t for t in (f"at least {lo}" if lo is not None else "",
+                                                         f"at most {hi}" if hi is not None else "") if t)
+                        raise SaelabError(f"{flag_of(f.name, type(self))} {x}: pass a finite number"
+                                          + (f" {where}" if where else ""))
+        return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,7 +123,7 @@ class HarvestConfig(JSONConfig):
             raise SaelabError(f"--shard-rows ({self.shard_rows}) must hold at least one context ({self.context_size})")
         if self.seed < 0:
             raise SaelabError(f"--seed must be 0 or more (got {self.seed})")
-        return self
+        return self.check_numbers()
 
 
 
@@ -168,7 +201,7 @@ class SAEConfig(JSONConfig):
         if self.arch == "matryoshka" and self.matryoshka_mode == "k" and self.matryoshka_ks \
                 and max(self.matryoshka_ks) != self.k:
             raise SaelabError(f"--matryoshka-k values must end at --k {self.k}: add --matryoshka-k {self.k}")
-        return self
+        return self.check_numbers()
 
 
 
@@ -229,7 +262,7 @@ class TrainConfig(JSONConfig):
                               f"{self.checkpoint_every})")
         if self.eval_every < 0:
             raise SaelabError(f"--eval-every must be 0 (only at the end) or positive (got {self.eval_every})")
-        return self
+        return self.check_numbers()
 
 
 
@@ -262,10 +295,10 @@ def check_resume_settings(recorded: dict, now: dict, free, where, redo: str) -> 
                           f"({describe_changes(recorded, now, changed)}): pass the run's values, or {redo}")
 
 
-def flag_of(name: str) -> str:
+def flag_of(name: str, cls=None) -> str:
     """The command-line flag of a config field (``hooks`` → ``--hook``, ``matryoshka_prefixes`` →
-    ``--matryoshka-prefix``)."""
-    for cls in (HarvestConfig, SAEConfig, TrainConfig):
+    ``--matryoshka-prefix``), of ``cls`` or of the run configs."""
+    for cls in ((cls,) if cls is not None else (HarvestConfig, SAEConfig, TrainConfig)):
         for f in dataclasses.fields(cls):
             if f.name == name:
                 return f.metadata.get("flag", "--" + name.replace("_", "-"))

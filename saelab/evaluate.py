@@ -185,9 +185,7 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     store = store_for_sae(sae_path, sae, activations)  # FVU needs rows, and CE metrics its held-out text
     res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
     if not math.isfinite(res["fvu"]):  # say which side is broken, and keep a NaN out of eval.json
-        if not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
-            raise SaelabError(f"{sae_path}: the SAE's weights hold NaN or inf (its training diverged): train it again, "
-                              "e.g. with a lower --lr")
+        sae.check_finite(sae_path)
         raise SaelabError(f"store {store.path}: its {res['split']} rows hold NaN or inf values, so the FVU is "
                           "undefined: harvest the store again")
     if model is None and model_name:

@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 from collections.abc import Iterator
 
 from saelab.errors import SaelabError
@@ -98,9 +99,11 @@ def finite_json(obj):
 
 # ------------------------------------------------------------------------ writability
 def can_write(path: str | os.PathLike) -> OSError | None:
-    """None when a file can be created at ``path``'s temp name (created and removed at once), else the OSError
-    that says why: the one writability test every check below uses."""
-    tmp = temp_name(path)
+    """None when a file can be created beside ``path`` (a probe named after it and this process, created and
+    removed at once: processes that probe one folder at the same time never share a probe), else the OSError that
+    says why: the one writability test every check below uses."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.probe")
     try:
         tmp.touch()
         tmp.unlink()
@@ -157,6 +160,41 @@ def write_output(path: str | os.PathLike, text: str, flag: str = "--out") -> pat
     return path
 
 
+#: the lock file a run holds in its output folder (``run_lock``); folder checks look past it
+LOCK_NAME = ".saelab.lock"
+
+
+def _entries(folder: pathlib.Path) -> list[pathlib.Path]:
+    """What a folder holds, its run lock left out."""
+    return [c for c in folder.iterdir() if c.name != LOCK_NAME]
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike):
+    """Hold the output folder of a run for the block: a second run into it gets a one-line error naming the first
+    (its pid and command) instead of interleaving its files with this one's. The lock is the kernel's (flock), so
+    a run that dies releases it; the file is removed when the block ends."""
+    import fcntl
+
+    path = pathlib.Path(folder).expanduser() / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise SaelabError(f"{folder} is in use by another saelab run ({holder}): wait for it to finish, or stop "
+                              "it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(['saelab', *sys.argv[1:]])}".encode(), 0)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
 def out_folder(out: str | os.PathLike, *, resume: bool = False, resumable: bool = True,
                flag: str = "--out") -> pathlib.Path:
     """The output folder of a run (harvest, train, synthetic, fetch), checked and created before the run writes
@@ -165,7 +203,7 @@ def out_folder(out: str | os.PathLike, *, resume: bool = False, resumable: bool 
     out = pathlib.Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise SaelabError(f"{flag} {out} is a file: pass a folder path")
-    if not resume and out.is_dir() and any(out.iterdir()):
+    if not resume and out.is_dir() and _entries(out):
         fix = "pass --resume to continue it, or choose a new --out" if resumable else "choose a new --out or delete it"
         raise SaelabError(f"{flag} {out} already exists: {fix}")
     try:
@@ -205,9 +243,10 @@ def no_empty_folder_left(folder: str | os.PathLike):
 
 
 def remove_contents(folder: str | os.PathLike) -> None:
-    """Delete everything inside ``folder`` (kept itself): what a failed run wrote into a folder it found empty."""
+    """Delete everything inside ``folder`` (kept itself) but its run lock: what a failed run wrote into a folder it
+    found empty."""
     folder = pathlib.Path(folder)
-    for child in folder.iterdir() if folder.is_dir() else ():
+    for child in _entries(folder) if folder.is_dir() else ():
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:

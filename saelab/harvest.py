@@ -15,6 +15,7 @@ shards, rows and row numbers as a single-process harvest of the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -35,7 +36,7 @@ from saelab import distributed as dist
 from saelab.config import HarvestConfig, check_resume_settings
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
 from saelab.errors import SaelabError, first_line
-from saelab.fs import atomic_write_text, fsync_dir, no_empty_folder_left, out_folder, sha256_file
+from saelab.fs import atomic_write_text, fsync_dir, no_empty_folder_left, out_folder, run_lock, sha256_file
 from saelab.hooks import check_reached, expand_hooks, flat_rows, forward
 from saelab.layout import MANIFEST, RUN_FILE, shard_name
 from saelab.models import load_model, model_info, tokenizer_bos
@@ -150,7 +151,8 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
     for p in frozen:  # grads are taken w.r.t. activations only
         p.requires_grad_(False)
     try:
-        return _harvest(cfg, model, out, resume, progress)
+        with run_lock(out) if dist.is_main() else contextlib.nullcontext():  # one run at a time in a RUN folder
+            return _harvest(cfg, model, out, resume, progress)
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from saelab.config import JSONConfig, _f
 
+_NEVER = "(a file of saelab's own layout, or one the command reads, is never replaced)"
 TASK_HELP = 'induction, ioi, names, or a .jsonl file of {"clean", "corrupted", "answer", "wrong"} lines'
 
 
@@ -46,6 +47,7 @@ class ExportOptions(JSONConfig):
     sample: int = _f(50, "without --latents: this many random latents that fired, per SAE")
     seed: int = _f(0, "seed of the sample")
     max_cards: int = _f(2000, "refuse to write more cards than this in all (each is tens of KiB of HTML)")
+    force: bool = _f(False, f"replace an existing --out file that saelab export did not write {_NEVER}")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class CompareOptions(JSONConfig):
     hook: str | None = _f(None, "with a group folder as --sae: the hook whose SAE is A")
     other_hook: str | None = _f(None, "with a group folder as --other: the hook whose SAE is B")
     json: str | None = _f(None, "also write the summary and every latent's match to this file")
+    force: bool = _f(False, f"replace an existing --json file that saelab compare did not write {_NEVER}")
     device: str = _f("auto", "where the cosines are computed: cpu, cuda or auto")
 
 
@@ -77,6 +80,7 @@ class SteerOptions(JSONConfig):
     temperature: float | None = _f(None, "sampling temperature, 0 = greedy (default: 1.0; 0 with --sweep)")
     seed: int = _f(0, "sampling seed, the same for both runs")
     json: str | None = _f(None, "also write the result as JSON to this file")
+    force: bool = _f(False, f"replace an existing --json file that saelab steer did not write {_NEVER}")
 
 
 @dataclass
@@ -88,6 +92,7 @@ class CircuitOptions(JSONConfig):
                    aliases=["--sae"])
     out: str | None = _f(None, "circuit file (default: <saes>/circuits/<task>.json); an existing file is replaced "
                                "(atomically), and the output says so")
+    force: bool = _f(False, f"replace an existing --out file that saelab circuit did not write {_NEVER}")
     method: str = _f("attrib", "attribution patching (one backward pass) or integrated gradients",
                      choices=["attrib", "ig"])
     ig_steps: int = _f(10, "integrated-gradient steps")
@@ -118,6 +123,7 @@ class HeadsOptions(JSONConfig):
     seed: int = _f(0, "task and SAE seed")
     out: str | None = _f(None, "write the rankings, timings and comparison to this JSON file (an existing file is "
                                "replaced, atomically, and the output says so)")
+    force: bool = _f(False, f"replace an existing --out file that saelab heads did not write {_NEVER}")
 
 
 @dataclass

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from saelab.config import JSONConfig, _f
 from saelab.errors import SaelabError
-from saelab.fs import atomic_file, atomic_write_text, out_folder, remove_contents
+from saelab.fs import atomic_file, atomic_write_text, no_empty_folder_left, out_folder, remove_contents, run_lock
 from saelab.store import DTYPES, ShardWriter, new_manifest, plan_shards
 
 CONTEXT_SIZE = 128  # rows per "context": the store's unit of shards and held-out splits
@@ -79,7 +78,7 @@ class SyntheticConfig(JSONConfig):
             raise SaelabError(f"--holdout must be in [0, 1) (got {self.holdout})")
         if self.dtype not in DTYPES:
             raise SaelabError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype})")
-        return self
+        return self.check_numbers()
 
 
 
@@ -174,16 +173,14 @@ def write_synthetic(cfg: SyntheticConfig, progress: bool = True) -> pathlib.Path
     ctx = CONTEXT_SIZE
     n_contexts = cfg.rows // ctx
     plan = plan_shards(n_contexts, cfg.holdout, max(1, cfg.shard_rows // ctx))
-    existed = out.is_dir()
-    out_folder(out, resumable=False)  # there is no resume: a store is rebuilt from its seed
-    try:
-        return _write_synthetic(cfg, out, plan, n_contexts, progress)
-    except BaseException:  # interrupted or failed: no half store (one is rebuilt from its seed; there is no resume)
-        if existed:  # it was empty: empty it again
-            remove_contents(out)
-        else:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with no_empty_folder_left(out):  # a folder this run made goes again when it fails
+        out_folder(out, resumable=False)  # there is no resume: a store is rebuilt from its seed
+        with run_lock(out):  # one run at a time in a store folder: a refused one touches nothing
+            try:
+                return _write_synthetic(cfg, out, plan, n_contexts, progress)
+            except BaseException:  # interrupted or failed: no half store (one is rebuilt from its seed)
+                remove_contents(out)  # all in it is this run's: it was empty or missing
+                raise
 
 
 def _write_synthetic(cfg: SyntheticConfig, out: pathlib.Path, plan, n_contexts: int, progress: bool) -> pathlib.Path:

@@ -36,9 +36,18 @@ from saelab.config import SAEConfig, TrainConfig
 from saelab.device import pick_device
 from saelab.errors import SaelabError
 from saelab.evaluate import evaluate_store
-from saelab.fs import atomic_write_text, no_empty_folder_left, remove_contents
+from saelab.fs import atomic_write_text, no_empty_folder_left, out_folder, remove_contents, run_lock
 from saelab.kernels.dispatch import resolve_kernel
-from saelab.layout import CHECKPOINT_FILE, EVAL_FILE, GROUP_FILE, METRICS_FILE, TRAIN_FILE, group_json
+from saelab.layout import (
+    CHECKPOINT_FILE,
+    CIRCUITS_DIR,
+    EVAL_FILE,
+    GROUP_FILE,
+    METRICS_FILE,
+    TRAIN_FILE,
+    group_json,
+    read_group,
+)
 from saelab.logger import MetricsLogger
 from saelab.sae import SAE
 from saelab.store import ActivationStore, resolve_stores
@@ -47,6 +56,7 @@ from saelab.store import ActivationStore, resolve_stores
 def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bool = True) -> dict[str, pathlib.Path]:
     """Train one SAE per selected store; returns {hook: SAE folder}."""
     tcfg.validate()
+    scfg.check_numbers()  # the SAE's own rules need its d_in (from the store); its numbers are checked now
     with no_empty_folder_left(tcfg.out):  # a run that fails before writing leaves no empty --out behind
         return _train(tcfg, scfg, resume, progress)
 
@@ -64,18 +74,39 @@ def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> 
             raise SaelabError(f"stores {by_hook[hook]} and {path} both hold hook {hook}, and a group has one SAE per "
                               "hook: pass --activations with one store folder")
         by_hook[hook] = path
-    if resume and not (out.is_dir() and any(out.iterdir())):
-        raise SaelabError(f"--resume: {out} holds no group run to resume; start without --resume")
-    # --resume of a group continues the SAEs it started and starts the ones it never reached (a run that failed on
-    # its second store, fixed, resumes instead of needing a new --out)
-    folders = {hook: train_one(path, out / hook, tcfg, scfg,
-                               resume and (out / hook).is_dir() and any((out / hook).iterdir()), progress)
-               for hook, path in by_hook.items()}
-    model = ActivationStore(stores[0]).manifest.get("model", "")
-    if dist.is_main():
-        atomic_write_text(out / GROUP_FILE, group_json(model, folders))
-    dist.barrier()
+    if resume:
+        _check_group_resume(out, by_hook)
+    else:
+        out_folder(out)  # a group folder, as an SAE folder: new or empty
+    with run_lock(out) if dist.is_main() else contextlib.nullcontext():
+        # --resume of a group continues the SAEs it started and starts the ones it never reached (a run that failed
+        # on its second store, fixed, resumes instead of needing a new --out)
+        folders = {hook: train_one(path, out / hook, tcfg, scfg,
+                                   resume and (out / hook).is_dir() and any((out / hook).iterdir()), progress)
+                   for hook, path in by_hook.items()}
+        model = ActivationStore(stores[0]).manifest.get("model", "")
+        if dist.is_main():
+            atomic_write_text(out / GROUP_FILE, group_json(model, folders))
+        dist.barrier()
     return folders
+
+
+def _check_group_resume(out: pathlib.Path, by_hook: dict) -> None:
+    """--resume of a group: ``out`` holds this group's run (its SAE folders, group.json, circuits), not another's:
+    a group of other hooks or a folder of other files is refused, so a second RUN never replaces a group's SAEs."""
+    if not (out.is_dir() and any(out.iterdir())):
+        raise SaelabError(f"--resume: {out} holds no group run to resume; start without --resume")
+    group = read_group(out)
+    if group is not None and not set(group[1]) <= set(by_hook):
+        other = sorted(set(group[1]) - set(by_hook))
+        run = pathlib.Path(next(iter(by_hook.values()))).parent
+        raise SaelabError(f"--resume: {out} is a group of other hooks ({', '.join(other)} are not in {run}): resume "
+                          "it with the RUN folder it was trained on, or train to a new --out")
+    foreign = sorted(c.name for c in out.iterdir()
+                     if c.name not in by_hook and c.name not in (GROUP_FILE, CIRCUITS_DIR) and not c.name.startswith("."))
+    if foreign:
+        raise SaelabError(f"--resume: {out} holds {', '.join(foreign[:3])}, which no SAE of this group writes: it is "
+                          "not this group's folder; train to a new --out")
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -152,13 +183,14 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         store.check_shards("holdout")  # read only at the end, for the final eval: checked before training
     run_state.check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
-    if resume and (out / TRAIN_FILE).exists() and run_state.check_resumable(out, tcfg, cfg, store).get("done"):
-        return out  # finished earlier
-    run = _start(out, store, cfg, tcfg, device, resume)
-    _fit(run, resume, progress)
-    if main:  # rank 0 saves and evaluates; the others wait for it
-        _finish(run)
-    dist.barrier()
+    with run_lock(out) if main else contextlib.nullcontext():  # one run at a time in an SAE folder
+        if resume and (out / TRAIN_FILE).exists() and run_state.check_resumable(out, tcfg, cfg, store).get("done"):
+            return out  # finished earlier
+        run = _start(out, store, cfg, tcfg, device, resume)
+        _fit(run, resume, progress)
+        if main:  # rank 0 saves and evaluates; the others wait for it
+            _finish(run)
+        dist.barrier()
     return out
 
 
@@ -239,6 +271,7 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
             evaluate_now = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or last)
             if step % tcfg.log_every == 0 or last or evaluate_now:
                 rec = _metrics(sae, x, outd, step, tcfg, run.it, t0, tok0, reduce)
+                _check_finite(run, step, last_ck, loss=rec["loss"])
                 if main and evaluate_now:
                     rec.update(_heldout(sae, run.store, run.scale, run.skip_bos, run.device))
                 if main:
@@ -246,6 +279,7 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
                 bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", fvu=f"{rec['fvu']:.3f}",
                                 l0=f"{rec['l0']:.1f}", dead=f"{100 * rec['dead_frac']:.1f}%")
             if step % tcfg.checkpoint_every == 0 and not last:
+                _check_finite(run, step, last_ck)  # a checkpoint holds good weights only
                 if main:
                     run_state.save_checkpoint(run.out, sae, opt, run.it, step, run.n_steps, run.scale, run.cfg.arch)
                 last_ck = step
@@ -266,6 +300,23 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
         if logger is not None:
             logger.close()
     run.step = step
+
+
+def _check_finite(run: _Run, step: int, last_ck: int, loss: float | None = None) -> None:
+    """Divergence is an error, not a result: a non-finite loss or weight stops the run here, before it reaches a
+    checkpoint, the saved SAE or eval.json, with a one-line error naming the step and what to change. It runs at
+    every metrics step (the last step is one) and before every checkpoint."""
+    bad = None
+    if loss is not None and not math.isfinite(loss):
+        bad = f"the loss is {loss}"
+    elif not all(bool(torch.isfinite(p).all()) for p in run.sae.parameters()):
+        bad = "the weights hold NaN or inf"
+    if bad is None:
+        return
+    resume = (f"--resume continues from the checkpoint at step {last_ck} (on the same batches)" if last_ck
+              else "no checkpoint was written yet")
+    raise SaelabError(f"training diverged at step {step} of {run.n_steps} ({bad}): train to a new --out with a lower "
+                      f"--lr (this run: {run.lr:.3g}) or --grad-clip, or check the store for NaN/inf rows; {resume}")
 
 
 def _finish(run: _Run) -> None:

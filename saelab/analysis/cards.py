@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from saelab import __version__
 from saelab.errors import SaelabError
 from saelab.options import ExportOptions
+from saelab.outputs import html_generator
 
 _WINDOW = "font-family:monospace;font-size:0.85em;line-height:1.9;white-space:normal"  # the window's div
 _TOKEN = "border-radius:2px;padding:0 1px"  # every token's span
@@ -177,8 +178,8 @@ def _page(title: str, what: str, body: str) -> str:
     """The whole document: head and stylesheet, ``title``, one line of what is in it, then ``body``."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     title = html.escape(title)
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}{TOKENS_CSS}</style></head><body><h1>{title}</h1>"
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">{html_generator("export")}'
+            f"<title>{title}</title><style>{_CSS}{TOKENS_CSS}</style></head><body><h1>{title}</h1>"
             f'<p class="meta">{what} · written {now} by saelab {__version__} · shading: orange positive, blue '
             "negative, relative to the latent's max; hover a token for its activation</p>" + body + "</body></html>\n")
 
@@ -219,15 +220,17 @@ def _group_matches(plan, k: int = 3) -> dict:
 
 def export_html(sae, out, latents: str | None = None, sample: int = ExportOptions.sample,
                 seed: int = ExportOptions.seed, progress: bool = False,
-                max_cards: int | None = None) -> tuple[pathlib.Path, int]:
+                max_cards: int | None = None, force: bool = False) -> tuple[pathlib.Path, int]:
     """Write the cards of ``sae`` (an SAE folder or a group folder) to the HTML file ``out``; returns
     (out, number of cards). ``latents``: ids and ranges for every SAE; else ``sample`` random alive latents
     per SAE (``seed``). More than ``max_cards`` (default ``ExportOptions.max_cards``) cards in all is refused
-    before any is built (``--latents 0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file appears
-    whole or not at all (temp name, fsync, rename)."""
+    before any is built (``--latents 0-65535`` of a wide SAE would be gigabytes of HTML, built in memory). The file
+    appears whole or not at all (temp name, fsync, rename); ``saelab.outputs``' policy says what it may replace
+    (``force``: a file saelab export did not write)."""
     from saelab.analysis.features.db import FeatureDB
     from saelab.analysis.features.labels import load_labels
-    from saelab.fs import check_output, write_output
+    from saelab.fs import write_output
+    from saelab.outputs import check_report
     from saelab.targets import sae_folders
 
     if seed < 0:
@@ -246,7 +249,8 @@ def export_html(sae, out, latents: str | None = None, sample: int = ExportOption
             raise SaelabError(f"{n:,} latent cards is more than --max-cards {max_cards:,} (each card is tens of KiB "
                               f"of HTML, built in memory): choose fewer with --latents or --sample, or pass "
                               f"--max-cards {n} to write them all")
-        out = check_output(out, "--out", "cards.html")  # an unwritable --out fails now, not after the cards are built
+        # an unwritable or forbidden --out fails now, not after the cards are built
+        out, _ = check_report(out, "export", example="cards.html", inputs=[f for f, _, _ in plan], force=force)
         parts, index = [], []
         matches = _group_matches(plan)
         for folder, db, ids in plan:

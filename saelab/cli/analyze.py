@@ -29,7 +29,7 @@ def cmd_export(args) -> int:
 
     o = from_args(ExportOptions, args)
     out, n = export_html(o.sae, o.out, latents=o.latents, sample=o.sample, seed=o.seed, progress=not args.quiet,
-                         max_cards=o.max_cards)
+                         max_cards=o.max_cards, force=o.force)
     size = out.stat().st_size
     shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
     print(f"wrote {out}: {n} latent card{'s' * (n != 1)}, {shown} (open it in any browser)")

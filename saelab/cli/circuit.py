@@ -10,18 +10,20 @@ from saelab.options import CircuitOptions
 def cmd_circuit(args) -> int:
     from saelab.analysis.circuits import find_circuit, load_group, load_group_model, write_circuit
     from saelab.analysis.tasks import make_task
-    from saelab.fs import check_output
+    from saelab.cli.heads import _task_files
     from saelab.layout import CIRCUITS_DIR
+    from saelab.outputs import check_report, wrote
 
     o = from_args(CircuitOptions, args)
     group = load_group(o.saes)
     model = load_group_model(group, args.device)
     task = make_task(o.task, model, n=o.n, seed=o.seed)
     # an --out that is a folder or cannot be written is found before the work, not when writing
-    out = check_output(o.out or group.path / CIRCUITS_DIR / f"{task.name}.json", "--out", f"{task.name}.json")
+    out, replaced = check_report(o.out or group.path / CIRCUITS_DIR / f"{task.name}.json", "circuit",
+                                 example=f"{task.name}.json", inputs=[*_task_files(o.task), *group.folders.values()],
+                                 force=o.force)
     c = find_circuit(model, group, task, method=o.method, ig_steps=o.ig_steps, node_threshold=o.node_threshold,
                      edge_threshold=o.edge_threshold, progress=not args.quiet)
-    replaced = out.is_file()
     path = write_circuit(c, out)
     f, mv = c["faithfulness"], c["metric_values"]
     n_lat = sum(1 for x in c["nodes"] if x["kind"] == "latent")
@@ -40,7 +42,7 @@ def cmd_circuit(args) -> int:
           f"({count(n_lat, 'latent')} = {100 * c['latent_fraction']:.2f}% of {c['n_latents_total']}, "
           f"{count(len(c['nodes']) - n_lat, 'error node')}) and {count(len(c['edges']), 'edge')} "
           f"(node threshold {c['node_threshold']}, edge threshold {c['edge_threshold']})")
-    print(f"wrote {path}" + (" (replaced the existing file)" if replaced else ""))
+    print(wrote(path, replaced))
     return 0
 
 

@@ -97,7 +97,9 @@ def add_command(sub, name: str, options, func, *, help: str, description: str, r
 
 
 def from_args(cls, ns):
-    """The dataclass ``cls`` of the parsed flags (a list flag never given: its default)."""
+    """The dataclass ``cls`` of the parsed flags (a list flag never given: its default). A class without a
+    ``validate`` of its own (a command's options) gets its numbers checked here; the run configs check theirs in
+    ``validate``, after their own rules."""
     values = {}
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
@@ -106,7 +108,8 @@ def from_args(cls, ns):
         if v is None and f.default_factory is not dataclasses.MISSING:
             v = f.default_factory()
         values[f.name] = v
-    return cls(**values)
+    cfg = cls(**values)
+    return cfg if hasattr(cfg, "validate") else cfg.check_numbers()
 
 
 # SAEConfig fields that only some architectures (or matryoshka modes) read; the CLI refuses them elsewhere

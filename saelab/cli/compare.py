@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from saelab.cli.common import add_command, from_args
-from saelab.fs import check_output, finite_json, write_output
+from saelab.layout import hub_spec
 from saelab.options import CompareOptions
+from saelab.outputs import check_report, write_report, wrote
 
 SAME_INDEX_NOTE = 0.05  # more than this fraction of A's latents matching their own index: a shared init, said so
 
@@ -48,9 +47,9 @@ def pair_lines(res: dict, a, b) -> list[str]:
 
 
 def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None = None, json_out=None,
-                device: str = CompareOptions.device) -> tuple[dict, list[str]]:
+                device: str = CompareOptions.device, force: bool = False) -> tuple[dict, list[str]]:
     """(the comparison as a JSON-ready dict, the lines to print) of two SAEs; ``json_out``: also write that dict
-    there (atomically). Two group folders without ``hook`` / ``other_hook`` are compared hook by hook over the
+    there (atomically; ``saelab.outputs``' policy, ``force``: replace a file it did not write). Two group folders without ``hook`` / ``other_hook`` are compared hook by hook over the
     hooks both hold (the result is then ``{"pairs": {hook: result}}``). Bad input is a one-line error before the
     matching."""
     from saelab.analysis.compare import compare_sides, load_pair, shared_hooks
@@ -58,7 +57,8 @@ def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None =
 
     device = pick_device(device)  # "cuda" without CUDA: a one-line error before any loading
     if json_out is not None:
-        json_out = check_output(json_out, "--json", "compare.json")
+        json_out, replaced = check_report(json_out, "compare", flag="--json", example="compare.json",
+                                          inputs=[p for p in (sae, other) if not hub_spec(p)], force=force)
     groups = shared_hooks(sae, other) if hook is None and other_hook is None else None
     if groups:
         ga, gb, common = groups
@@ -75,14 +75,14 @@ def run_compare(sae, other, *, hook: str | None = None, other_hook: str | None =
         res = compare_sides(a, b, device=device)
         lines = pair_lines(res, a, b)
     if json_out is not None:
-        write_output(json_out, json.dumps(finite_json(res)) + "\n", "--json")
-        lines.append(f"wrote {json_out}")
+        lines.append(wrote(write_report(json_out, res, "compare", "--json"), replaced))
     return res, lines
 
 
 def cmd_compare(args) -> int:
     o = from_args(CompareOptions, args)
-    _, lines = run_compare(o.sae, o.other, hook=o.hook, other_hook=o.other_hook, json_out=o.json, device=o.device)
+    _, lines = run_compare(o.sae, o.other, hook=o.hook, other_hook=o.other_hook, json_out=o.json, device=o.device,
+                           force=o.force)
     print("\n".join(lines))
     return 0
 

@@ -3,12 +3,17 @@ the ``--out`` JSON file."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from saelab.cli.common import add_command, from_args
 from saelab.errors import SaelabError
 from saelab.options import HeadsOptions
+
+
+def _task_files(task: str) -> list[pathlib.Path]:
+    """The task file a --task names (a built-in task name reads none)."""
+    p = pathlib.Path(task).expanduser()
+    return [p] if p.suffix == ".jsonl" or p.is_file() else []
 
 
 def _fmt_heads(ranking, top: int, fmt: str) -> str:
@@ -56,7 +61,7 @@ def run_heads(task: str, model: str = HeadsOptions.model, n: int = HeadsOptions.
               compare_ablation: bool = False, ablation_positions: str = HeadsOptions.ablation_positions,
               out: str | None = None, seed: int = HeadsOptions.seed, position: str = HeadsOptions.position,
               device: str = "auto", progress: bool = True, repeats: int = HeadsOptions.repeats,
-              threads: int | None = HeadsOptions.threads) -> tuple[dict, list[str]]:
+              threads: int | None = HeadsOptions.threads, force: bool = False) -> tuple[dict, list[str]]:
     """What ``saelab heads`` does: (result dict, report lines); writes ``out`` (JSON, atomically) if given.
     With ``compare_ablation`` both methods run ``repeats`` times, alternated; the times are their medians."""
     import torch
@@ -64,8 +69,8 @@ def run_heads(task: str, model: str = HeadsOptions.model, n: int = HeadsOptions.
     from saelab.analysis.heads import compare, identify_heads, timed_rankings
     from saelab.analysis.tasks import make_task
     from saelab.device import device_of
-    from saelab.fs import check_output, finite_json, write_output
     from saelab.models import load_model
+    from saelab.outputs import check_report, write_report, wrote
 
     if n < 1:
         raise SaelabError(f"--n {n}: head identification needs at least one example; pass --n 5 or more")
@@ -76,8 +81,7 @@ def run_heads(task: str, model: str = HeadsOptions.model, n: int = HeadsOptions.
     if threads is not None and threads < 1:
         raise SaelabError(f"--threads {threads}: pass 1 or more, or 0 for torch's default")
     if out:  # an --out that is a folder or cannot be written is found before the work, not when writing
-        replaced = pathlib.Path(out).expanduser().is_file()
-        out = check_output(out, "--out", "heads.json")
+        out, replaced = check_report(out, "heads", example="heads.json", inputs=_task_files(task), force=force)
     m = load_model(model, device)
     t = make_task(task, m, n=n, seed=seed)
     with torch.no_grad():  # warm-up: the first forward of a process pays one-off costs neither method should
@@ -99,8 +103,7 @@ def run_heads(task: str, model: str = HeadsOptions.model, n: int = HeadsOptions.
         res.update(ablation=abl.to_dict(), compare=compare(ident, abl, min(top, len(ident))))
     lines = report(ident, abl, top, t.name)
     if out:
-        path = write_output(out, json.dumps(finite_json(res), indent=2) + "\n")
-        lines.append(f"wrote {path}" + (" (replaced the existing file)" if replaced else ""))
+        lines.append(wrote(write_report(out, res, "heads", indent=2), replaced))
     return res, lines
 
 
@@ -108,7 +111,8 @@ def cmd_heads(args) -> int:
     o = from_args(HeadsOptions, args)
     _, lines = run_heads(o.task, model=o.model, n=o.n, top=o.top, compare_ablation=o.compare_ablation,
                          ablation_positions=o.ablation_positions, out=o.out, seed=o.seed, position=o.position,
-                         device=args.device, progress=not args.quiet, repeats=o.repeats, threads=o.threads or None)
+                         device=args.device, progress=not args.quiet, repeats=o.repeats, threads=o.threads or None,
+                         force=o.force)
     print("\n".join(lines))
     return 0
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 
 from saelab.cli.common import add_command, from_args
 from saelab.errors import SaelabError
-from saelab.fs import check_output, finite_json, write_output
+from saelab.layout import hub_spec
 from saelab.options import SteerOptions
+from saelab.outputs import check_report, write_report, wrote
 from saelab.targets import pick_sae
 
 
@@ -47,8 +47,8 @@ def _fmt(x: float, sign: bool = False) -> str:
 
 def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = None, sweep_values: str | None = None,
               model: str | None = None, max_new_tokens: int = SteerOptions.tokens, temperature: float | None = None,
-              seed: int = SteerOptions.seed,
-              device: str = "auto", json_out=None, progress: bool = False) -> tuple[dict, list[str]]:
+              seed: int = SteerOptions.seed, device: str = "auto", json_out=None, progress: bool = False,
+              force: bool = False) -> tuple[dict, list[str]]:
     """Load the SAE (and the model it names, unless ``model``), steer, and return (the result as a JSON-ready
     dict, the lines to print); ``json_out``: also write that dict there (atomically).
     ``sweep_values`` ("0,2,5,10"): one row per coefficient for the one latent of ``steers`` instead.
@@ -77,7 +77,8 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
     if coefs is not None and interventions[0].mode == "ablate":
         raise SaelabError("--sweep varies an add or clamp value: --steer LATENT:add or LATENT:clamp")
     if json_out is not None:  # an unwritable --json fails now, not after the generations
-        json_out = check_output(json_out, "--json", "steer.json")
+        json_out, replaced = check_report(json_out, "steer", flag="--json", example="steer.json",
+                                          inputs=[] if hub_spec(sae) else [sae], force=force)
     folder, loaded, model_name = pick_sae(sae, hook)
     for it in interventions:  # before the model loads: a big model takes a while
         if not 0 <= it.latent < loaded.d_sae:
@@ -115,8 +116,7 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
                  + (" · promoted " + ", ".join(repr(t) for t in m["promoted"][:5]) if m["promoted"] else ""),
                  f"next token after the prompt, biggest rises: {_changes(rises)}; biggest falls: {_changes(falls)}"]
     if json_out is not None:
-        path = write_output(json_out, json.dumps(finite_json(result), indent=2) + "\n", "--json")
-        lines.append(f"wrote {path}")
+        lines.append(wrote(write_report(json_out, result, "steer", "--json", indent=2), replaced))
     return result, lines
 
 
@@ -124,7 +124,7 @@ def cmd_steer(args) -> int:
     o = from_args(SteerOptions, args)
     _, lines = run_steer(o.sae, o.prompt, o.steer, hook=o.hook, sweep_values=o.sweep, model=o.model,
                          max_new_tokens=o.tokens, temperature=o.temperature, seed=o.seed, device=args.device,
-                         json_out=o.json, progress=not args.quiet)
+                         json_out=o.json, progress=not args.quiet, force=o.force)
     print("\n".join(lines))
     return 0
 

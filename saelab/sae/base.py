@@ -302,6 +302,14 @@ class SAE(nn.Module):
         return SAE.from_weights(cfg, w, str(path / WEIGHTS_FILE), device,
                                 apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
 
+    def check_finite(self, where) -> "SAE":
+        """This SAE, once its weights are finite; a one-line error naming ``where`` otherwise (a diverged training
+        run's weights: no metric or feature database of them means anything)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+            raise SaelabError(f"{where}: the SAE's weights hold NaN or inf (its training diverged): train it again, "
+                              "e.g. with a lower --lr")
+        return self
+
     @staticmethod
     def blank(cfg: SAEConfig) -> "SAE":
         """An SAE of ``cfg`` whose W_enc and W_dec are allocated but not initialised (no random init: no time

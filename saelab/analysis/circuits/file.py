@@ -7,7 +7,7 @@ import json
 import pathlib
 
 from saelab.errors import SaelabError
-from saelab.fs import finite_json, write_output
+from saelab.outputs import write_report
 
 FORMAT_VERSION = 1
 KIND = "sparse_feature_circuit"
@@ -15,7 +15,7 @@ KIND = "sparse_feature_circuit"
 
 def write_circuit(circuit: dict, path) -> pathlib.Path:
     """The circuit as JSON (NaN as null), atomically; its folder made."""
-    return write_output(path, json.dumps(finite_json(circuit), indent=1) + "\n")
+    return write_report(path, circuit, "circuit", indent=1)
 
 
 def load_circuit(path) -> dict:

@@ -93,7 +93,7 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=AnalyzeOptions.top, m
     ident = weights_identity(sae_dir)
     check_writable_in(sae_dir, FEATURES_FILE)  # features.h5 is written at the end of the pass
     dev = pick_device(device)
-    sae = SAE.load(sae_dir, device=dev).eval()
+    sae = SAE.load(sae_dir, device=dev).eval().check_finite(sae_dir)
     store = store_for_sae(sae_dir, sae, activations)
     signed = bool(getattr(sae, "signed", False))
     name = store.manifest.get("model") or sae.cfg.model_name
