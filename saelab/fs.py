@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 import shutil
+import stat
 import sys
 from collections.abc import Iterator
 
@@ -78,7 +79,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def check_regular(path: str | os.PathLike) -> pathlib.Path:
+    """``path``, if it is a regular file (or a link to one): saelab reads no FIFO (a read would wait forever), device
+    or socket. A missing path is left to the reader (its own error names what to do); anything else is a one-line
+    error."""
+    path = pathlib.Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return path
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise SaelabError(f"{path} is {kind}: saelab reads regular files only")
+    return path
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of the regular file ``path`` (``check_regular``)."""
+    return check_regular(path).read_text(encoding="utf-8")
+
+
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    check_regular(path)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
@@ -128,6 +150,13 @@ def check_writable_in(folder: str | os.PathLike, name: str) -> None:
                           "copy the SAE folder somewhere you can write")
 
 
+def write_error(path: pathlib.Path, e: OSError) -> SaelabError:
+    """The one-line error of a file that could not be written mid-run (a full disk, a file-size limit, a folder that
+    went read-only or away): the file named, the previous complete state kept (its temp file is gone)."""
+    return SaelabError(f"{path} could not be written ({_why(e)}): free space or choose another --out; what the run "
+                       "finished before is kept")
+
+
 def _unwritable(flag: str, path: pathlib.Path, e: OSError) -> SaelabError:
     return SaelabError(f"{flag} {path} cannot be written ({_why(e)}): choose a file you can write")
 
@@ -158,6 +187,18 @@ def write_output(path: str | os.PathLike, text: str, flag: str = "--out") -> pat
     except OSError as e:
         raise _unwritable(flag, path, e) from None
     return path
+
+
+def check_free_space(folder: str | os.PathLike, need: int, what: str, fix: str) -> None:
+    """Before a long run whose output size is known up front (``need`` bytes into ``folder``): a one-line error now,
+    naming both sizes and ``fix``, when the filesystem has not that much free, instead of a full disk hours in."""
+    folder = pathlib.Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise SaelabError(f"{what} needs about {need / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free: "
+                          f"{fix}")
 
 
 #: the lock file a run holds in its output folder (``run_lock``); folder checks look past it

@@ -36,7 +36,8 @@ from saelab import distributed as dist
 from saelab.config import HarvestConfig, check_resume_settings
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
 from saelab.errors import SaelabError, first_line
-from saelab.fs import atomic_write_text, fsync_dir, no_empty_folder_left, out_folder, run_lock, sha256_file
+from saelab.fs import (atomic_write_text, check_free_space, fsync_dir, no_empty_folder_left, out_folder, run_lock,
+                       sha256_file)
 from saelab.hooks import check_reached, expand_hooks, flat_rows, forward
 from saelab.layout import MANIFEST, RUN_FILE, shard_name
 from saelab.models import load_model, model_info, tokenizer_bos
@@ -230,6 +231,11 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
                               "per-position hook, e.g. attn.hook_z or hook_attn_out")
         probe[h] = dict(d_in=int(np.prod(t.shape[2:])), shape=list(t.shape[2:]))
 
+    if not resume:  # the store's size is known now, before the first shard
+        row_bytes = sum(probe[h]["d_in"] for h in hooks) * np.dtype(DTYPES[cfg.dtype]).itemsize
+        check_free_space(out, n_contexts * ctx * row_bytes * (2 if cfg.with_grads else 1),
+                         f"the harvest ({n_contexts * ctx:,} rows of {len(hooks)} hook(s))",
+                         "free space, pass a smaller --tokens, --dtype float16, or another --out")
     run_info = {"config": cfg.to_dict(), "hooks": hooks, "n_contexts": n_contexts, "plan": plan,
                 "model_info": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     rank, world = dist.rank(), dist.world_size()

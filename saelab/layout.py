@@ -24,6 +24,7 @@ import pathlib
 
 from saelab.config import ARCHS
 from saelab.errors import SaelabError
+from saelab.fs import read_text
 
 # a store and a harvest run
 MANIFEST = "manifest.json"
@@ -58,6 +59,12 @@ LAYOUT_HELP = (f"{CFG_FILE} + {WEIGHTS_FILE} for SAELens and saelab, {GEMMA_SCOP
                f"{CFG_FILE} + {SPARSIFY_WEIGHTS} for EleutherAI sparsify")
 
 
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` (read from a file: a shard in a manifest, an SAE folder in group.json) names an entry of its
+    folder, not a path: nothing a file says can lead a reader or a writer outside the folder."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
 def shard_name(i: int) -> str:
     return f"shard_{i:05d}.h5"
 
@@ -74,9 +81,10 @@ def folder_layout(folder: pathlib.Path) -> str | None:
 
 
 def is_sae_folder(p: str | os.PathLike) -> bool:
-    """Whether ``p`` holds an SAE in saelab's (and SAELens's) layout."""
+    """Whether ``p`` holds an SAE in saelab's (and SAELens's) layout (its files are checked as they are read: one
+    that is not a regular file is an error naming it)."""
     p = pathlib.Path(p)
-    return (p / CFG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+    return (p / CFG_FILE).exists() and (p / WEIGHTS_FILE).exists()
 
 
 # ------------------------------------------------------------------------ hub specs
@@ -105,8 +113,8 @@ def read_json_object(path: str | os.PathLike | None) -> dict | None:
     if path is None:
         return None
     try:
-        raw = json.loads(pathlib.Path(path).expanduser().read_text())
-    except (OSError, ValueError):
+        raw = json.loads(read_text(pathlib.Path(path).expanduser()))
+    except (OSError, ValueError, SaelabError):
         return None
     return raw if isinstance(raw, dict) else None
 
@@ -125,9 +133,9 @@ def read_group(path: str | os.PathLike) -> tuple[str | None, dict[str, pathlib.P
     if not f.is_file():
         return None
     try:
-        meta = json.loads(f.read_text())
+        meta = json.loads(read_text(f))
         hooks, model = meta["hooks"], meta.get("model")
-        if not isinstance(hooks, dict) or not all(isinstance(v, str) for v in hooks.values()) \
+        if not isinstance(hooks, dict) or not all(isinstance(v, str) and is_plain_name(v) for v in hooks.values()) \
                 or not (model is None or isinstance(model, str)):
             raise TypeError
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
@@ -180,7 +188,7 @@ def read_sae_cfg(path: str | os.PathLike) -> dict:
         raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
                           "pass a folder written by saelab train or SAELens, or a group folder")
     try:
-        raw = json.loads((path / CFG_FILE).read_text())
+        raw = json.loads(read_text(path / CFG_FILE))
     except (OSError, UnicodeDecodeError) as e:
         raise SaelabError(f"{path / CFG_FILE} is not readable ({e}); re-save the SAE") from None
     except json.JSONDecodeError as e:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pathlib
 
@@ -18,7 +19,7 @@ import torch
 
 from saelab.config import SAEConfig, TrainConfig, check_resume_settings
 from saelab.errors import SaelabError, first_line
-from saelab.fs import atomic_file, atomic_write_text, out_folder
+from saelab.fs import atomic_write_bytes, atomic_write_text, out_folder, write_error
 from saelab.layout import CHECKPOINT_FILE, TRAIN_FILE, read_train_info
 
 #: flags that may differ on --resume: where things are, where it runs and how often it reports
@@ -85,9 +86,15 @@ def mark_done(out: pathlib.Path, epochs: float) -> None:
 
 
 def save_checkpoint(out: pathlib.Path, sae, opt, it, step: int, n_steps: int, scale: float, arch: str) -> None:
-    with atomic_file(out / CHECKPOINT_FILE) as tmp:
-        torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "iterator": json.dumps(it.state_dict()),
-                    "step": step, "n_steps": n_steps, "scale": scale, "arch": arch}, tmp)
+    """The checkpoint, serialised in memory and written by Python (a full disk is a one-line error, the previous
+    checkpoint kept), atomically."""
+    buf = io.BytesIO()
+    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "iterator": json.dumps(it.state_dict()),
+                "step": step, "n_steps": n_steps, "scale": scale, "arch": arch}, buf)
+    try:
+        atomic_write_bytes(out / CHECKPOINT_FILE, buf.getbuffer())
+    except OSError as e:
+        raise write_error(out / CHECKPOINT_FILE, e) from None
 
 
 def load_checkpoint(out: pathlib.Path, sae, opt, it, n_steps: int, arch: str, device) -> tuple[int, float]:

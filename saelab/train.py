@@ -36,7 +36,8 @@ from saelab.config import SAEConfig, TrainConfig
 from saelab.device import pick_device
 from saelab.errors import SaelabError
 from saelab.evaluate import evaluate_store
-from saelab.fs import atomic_write_text, no_empty_folder_left, out_folder, remove_contents, run_lock
+from saelab.fs import (atomic_write_text, check_free_space, no_empty_folder_left, out_folder, remove_contents,
+                       run_lock)
 from saelab.kernels.dispatch import resolve_kernel
 from saelab.layout import (
     CHECKPOINT_FILE,
@@ -181,6 +182,9 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     if main:
         MetricsLogger.check(tcfg.log)
         store.check_shards("holdout")  # read only at the end, for the final eval: checked before training
+    if main and not resume:  # a checkpoint (weights + Adam's two moments), its temp copy, and the saved SAE
+        check_free_space(out, 7 * 4 * 2 * cfg.d_in * cfg.d_sae, f"training a {cfg.d_sae:,}-latent SAE",
+                         "free space, or train to another --out")
     run_state.check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     with run_lock(out) if main else contextlib.nullcontext():  # one run at a time in an SAE folder

@@ -296,8 +296,8 @@ def test_circuit_refuses_synthetic_saes_and_negative_thresholds(small_run, attn_
 
 
 def test_cli_circuit_out_replaces_an_existing_file_and_says_so(small_run, tmp_path, capsys):
-    """--out: an existing file is replaced atomically (no temporary left) and the output says so; a folder is
-    refused before the work."""
+    """--out: an existing file saelab did not write is refused (kept as it was) unless --force; a circuit file is
+    replaced atomically (no temporary left) and the output says so; a folder is refused before the work."""
     from saelab.cli import main
     from saelab.config import SAEConfig, TrainConfig
     from saelab.train import train
@@ -311,10 +311,15 @@ def test_cli_circuit_out_replaces_an_existing_file_and_says_so(small_run, tmp_pa
     out.write_text("old")
     args = ["circuit", "--task", "induction", "--saes", str(tmp_path / "s"), "--n", "4", "--quiet", "--device", "cpu"]
     capsys.readouterr()
-    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a file saelab circuit wrote" in err and "--force" in err and out.read_text() == "old", err
+    assert main([*args, "--out", str(out), "--force"]) == 0, capsys.readouterr().err
     assert f"wrote {out} (replaced the existing file)" in capsys.readouterr().out
     assert C.load_circuit(out)["task"]["name"] == "induction"
     assert [p.name for p in res.iterdir()] == ["c.json"]
+    assert main([*args, "--out", str(out)]) == 0  # a circuit file: replaced without --force
+    assert f"wrote {out} (replaced the existing file)" in capsys.readouterr().out
     out.unlink()
     assert main([*args, "--out", str(out)]) == 0
     assert "replaced" not in capsys.readouterr().out and out.is_file()

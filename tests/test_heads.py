@@ -191,10 +191,14 @@ def test_cli_heads_out_replaces_an_existing_file_and_says_so(tmp_path, capsys):
 
     out = tmp_path / "heads.json"
     out.write_text("old")
-    assert main(["heads", "--task", "induction", "--n", "4", "--out", str(out), "--quiet"]) == 0
+    assert main(["heads", "--task", "induction", "--n", "4", "--out", str(out), "--quiet"]) == 2  # not saelab's
+    assert "--force" in capsys.readouterr().err and out.read_text() == "old"
+    assert main(["heads", "--task", "induction", "--n", "4", "--out", str(out), "--quiet", "--force"]) == 0
     text = capsys.readouterr().out
     assert f"wrote {out} (replaced the existing file)" in text and "note:" not in text, text
     assert json.loads(out.read_text())["task"] == "induction"
+    assert main(["heads", "--task", "induction", "--n", "4", "--out", str(out), "--quiet"]) == 0  # its own report
+    assert f"wrote {out} (replaced the existing file)" in capsys.readouterr().out
     # more examples than a head has codes: the counts lose meaning, and the report says so
     assert main(["heads", "--task", "induction", "--n", "40", "--quiet"]) == 0
     assert "note: 40 examples a side is more than a head's 33 possible codes" in capsys.readouterr().out

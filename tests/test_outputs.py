@@ -221,3 +221,225 @@ def test_harvest_config_takes_any_numbers_without_a_traceback(values):
     for k, v in values.items():
         assert not (isinstance(v, float) and not math.isfinite(v)), (k, v)
         assert abs(v) <= 2**62, (k, v)
+
+
+# ----------------------------------------------------------------------------- what saelab reads
+def test_names_from_files_stay_inside_their_folder(planted_store, tmp_path, capsys):
+    """A manifest whose shard names a path (../…) and a group.json whose SAE folder does are refused in one line:
+    nothing a file says leads a reader outside its folder."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(planted_store, store)
+    m = json.loads((store / "manifest.json").read_text())
+    m["shards"][0]["file"] = "../" + m["shards"][0]["file"]
+    (store / "manifest.json").write_text(json.dumps(m))
+    _fails(["train", "--activations", store, "--out", tmp_path / "o", "--quiet"], capsys, "has a bad shards")
+    group = tmp_path / "group"
+    group.mkdir()
+    (group / "group.json").write_text(json.dumps({"model": "tiny", "hooks": {"blocks.0.hook_resid_post": "../x"}}))
+    _fails(["eval", "--sae", group], capsys, "not a valid group file")
+
+
+def test_a_fifo_is_refused_not_read(planted_store, tmp_path):
+    """A FIFO where saelab reads a file (an SAE's cfg.json, a store's manifest or shard) is a one-line error at
+    once; reading it would wait forever."""
+    import shutil
+
+    torch.manual_seed(0)
+    sae = SAE.create("topk", d_in=64, d_sae=128, k=4).save(tmp_path / "sae")
+    (sae / "cfg.json").unlink()
+    os.mkfifo(sae / "cfg.json")
+    store = tmp_path / "store"
+    shutil.copytree(planted_store, store)
+    shard = store / json.loads((store / "manifest.json").read_text())["shards"][0]["file"]
+    shard.unlink()
+    os.mkfifo(shard)
+    for argv in (["eval", "--sae", sae], ["train", "--activations", store, "--out", tmp_path / "o"]):
+        r = subprocess.run([sys.executable, "-m", "saelab", *map(str, argv), "--quiet"], capture_output=True,
+                           text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 2 and "is not a regular file" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20)
+                     | st.floats() | st.text(max_size=8),
+                     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                     max_leaves=12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.fixed_dictionaries({}, optional={k: _JSON for k in
+                                           ("format_version", "model", "hook", "d_in", "dtype", "context_size",
+                                            "bos_included", "seed", "dataset", "n_tokens", "holdout_shards",
+                                            "has_grads", "head_layout", "shards", "complete")}))
+def test_read_manifest_takes_any_json_without_a_traceback(tmp_path_factory, doc):
+    """80 examples: a manifest.json of any JSON values under its keys is read or refused with a SaelabError naming
+    the file; what it accepts has shard names that are names and holdout shards among them."""
+    from saelab.store import read_manifest
+
+    folder = tmp_path_factory.mktemp("m")
+    (folder / "manifest.json").write_text(json.dumps(doc, allow_nan=True))
+    try:
+        m = read_manifest(folder)
+    except SaelabError as e:
+        assert str(folder) in str(e)
+        return
+    assert all("/" not in s["file"] for s in m["shards"]) and set(m["holdout_shards"]) <= {s["file"] for s in m["shards"]}
+
+
+def test_sigterm_leaves_no_temp_file_and_the_run_resumes(tmp_path):
+    """SIGTERM mid-harvest ends it as Ctrl-C does: exit 130 with one line naming --resume, no temp file left, every
+    listed shard whole; --resume then finishes the store."""
+    import signal
+    import time
+
+    from saelab.store import ActivationStore, read_manifest
+
+    out = tmp_path / "run"
+    hook = "blocks.0.hook_resid_post"
+    args = [sys.executable, "-m", "saelab", "harvest", "--hook", hook, "--tokens", str(128 * 120), "--shard-rows",
+            str(128 * 4), "--batch-size", "2", "--quiet", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not list((out / hook).glob("shard_*.h5")) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, p.stderr.read()
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1].strip()
+    assert p.returncode == 130 and err.startswith("saelab: interrupted") and "--resume" in err, err
+    assert not [f for f in out.rglob("*") if f.name.endswith(".tmp")]
+    ActivationStore(out / hook).check_shards()  # every shard the manifest lists is whole (checksummed)
+    assert read_manifest(out / hook)["complete"] is False
+    r = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(out / hook)
+    assert m["complete"] and m["n_tokens"] == 128 * 120
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(planted_store, tmp_path, capsys, monkeypatch):
+    """A filesystem with less free space than the run will write: harvest and train stop with one line naming
+    both sizes before writing anything (no --out left behind)."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 20, 1 << 20, 1024))
+    out = tmp_path / "h"
+    _fails(["harvest", "--hook", "blocks.0.hook_resid_post", "--tokens", "4096", "--out", out, "--quiet"], capsys,
+           "GiB free")
+    assert not out.exists()
+    out = tmp_path / "t"
+    _fails(["train", "--activations", planted_store, "--k", "4", "--width", "128", "--out", out, "--quiet"], capsys,
+           "GiB free")
+    assert not out.exists()
+
+
+def _circuit(**change):
+    c = {"kind": "sparse_feature_circuit", "format_version": 1, "model": "tiny", "group": "g",
+         "saes": {"blocks.0.hook_resid_post": "g/a"}, "hooks": ["blocks.0.hook_resid_post"],
+         "task": {"name": "t", "n_examples": 2, "metric": "logit_diff", "accuracy": 1.0}, "method": "attrib",
+         "ig_steps": 10, "node_threshold": 0.1, "edge_threshold": 0.01,
+         "nodes": [{"id": "blocks.0.hook_resid_post/3", "hook": "blocks.0.hook_resid_post", "layer": 0,
+                    "kind": "latent", "latent": 3, "effect": 0.5}],
+         "edges": [], "faithfulness": {"nodes": 0.9, "edges": 0.8}, "metric_values": {"full": 1.0, "empty": 0.0,
+                                                                                      "circuit": 0.9}}
+    c.update(change)
+    return c
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(sorted(_circuit())), _JSON, st.sampled_from(["top", "node", "edge"]))
+def test_load_circuit_takes_any_damage_without_a_traceback(tmp_path_factory, key, value, where):
+    """80 examples: one value of a valid circuit file (top-level, in its node, or in an edge) replaced by any JSON
+    value: load_circuit accepts it or refuses it with a SaelabError naming the file; what it accepts keeps every
+    type the app's Circuits page draws from."""
+    from saelab.analysis.circuits import load_circuit
+
+    c = _circuit()
+    if where == "top":
+        c[key] = value
+    elif where == "node":
+        c["nodes"][0][sorted(c["nodes"][0])[hash(key) % 6]] = value
+    else:
+        c["edges"] = [{"src": value, "dst": "blocks.0.hook_resid_post/3", "weight": 1.0}]
+    path = tmp_path_factory.mktemp("c") / "c.json"
+    path.write_text(json.dumps(c))
+    try:
+        got = load_circuit(path)
+    except SaelabError as e:
+        assert str(path) in str(e)
+        return
+    for n in got["nodes"]:
+        assert isinstance(n["id"], str) and (n["effect"] is None or isinstance(n["effect"], (int, float)))
+        assert n["layer"] is None or isinstance(n["layer"], int)
+    for group in ("faithfulness", "metric_values"):
+        for k in ("nodes", "edges", "full", "empty", "circuit"):
+            v = (got.get(group) or {}).get(k)
+            assert v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)), (group, k, v)
+
+
+def test_the_circuits_page_shows_a_damaged_file_as_a_message(demo_group, tmp_path):
+    """A circuit file with a node id that is a list (it crashed the page): the Circuits page shows one error, no
+    exception."""
+    from streamlit.testing.v1 import AppTest
+
+    from saelab.app import HOME
+
+    bad = _circuit(nodes=[{"id": ["x"], "hook": "blocks.0.hook_resid_post", "layer": 0, "kind": "latent",
+                           "latent": 3, "effect": 0.5}])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    at = AppTest.from_file(str(HOME.parent / "pages" / "3_Circuits.py"), default_timeout=120)
+    os.environ["SAELAB_APP_SAE"] = str(demo_group.group)
+    try:
+        at.run()
+        at.text_input(key="circuit_path").input(str(path)).run()
+    finally:
+        os.environ.pop("SAELAB_APP_SAE", None)
+    assert not at.exception, at.exception
+    assert any("is not a circuit file" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def _limited(size):
+    def preexec():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    return preexec
+
+
+@pytest.mark.parametrize("cmd,kept", [
+    (["synthetic", "--d", "64", "--n-true", "128", "--rows", "65536"], False),  # no resume: the half store goes
+    (["harvest", "--hook", "blocks.0.hook_resid_post", "--tokens", "65536"], True),  # resumable, nothing torn
+])
+def test_a_write_limit_is_one_line_and_leaves_no_temp_file(cmd, kept, tmp_path):
+    """Under a file-size limit (ulimit -f: a write fails as on a full disk) a store's first shard cannot be
+    written: one line naming the file, no temp file, and either no store (synthetic) or a resumable one with every
+    listed shard whole (harvest)."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "saelab", *cmd, "--out", str(out), "--quiet"], capture_output=True,
+                       text=True, timeout=600, preexec_fn=_limited(200_000), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "could not be written (File too large)" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert out.exists() == kept
+    if kept:
+        from saelab.store import ActivationStore
+
+        store = ActivationStore(out / "blocks.0.hook_resid_post")
+        store.check_shards()
+        assert store.manifest["complete"] is False
+
+
+def test_training_under_a_write_limit_is_one_line(planted_store, tmp_path):
+    """train whose checkpoint cannot be written: one line, no temp file beside the run's files."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "saelab", "train", "--activations", str(planted_store), "--k", "4",
+                        "--width", "4096", "--batch-size", "256", "--tokens", "4096", "--checkpoint-every", "2",
+                        "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=600,
+                       preexec_fn=_limited(1_000_000), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "could not be written (File too large)" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

@@ -1,7 +1,6 @@
 """Circuits: draw a sparse feature circuit file (runs/GROUP/circuits/*.json) as a layered graph;
 selecting a node opens its latent card."""
 
-import json
 import pathlib
 
 import plotly.graph_objects as go
@@ -14,21 +13,16 @@ target = ui.setup("Circuits")
 st.title("Circuits")
 
 
+def _layer(node) -> int:
+    """A node's column: its block, the embedding's (no block) before block 0."""
+    return -1 if node.get("layer") is None else node["layer"]
+
+
 def load(path: pathlib.Path) -> dict:
-    try:
-        from saelab.analysis.circuits import load_circuit
-    except ImportError:
-        load_circuit = None
-    if load_circuit is not None:
-        return load_circuit(path)
-    try:  # saelab.analysis.circuits not importable: the checks this page's drawing relies on
-        c = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SaelabError(f"{path} is not a readable circuit file ({e})") from None
-    if not isinstance(c, dict) or not isinstance(c.get("nodes"), list) or not isinstance(c.get("edges"), list):
-        raise SaelabError(f"{path} is not a circuit file (needs 'nodes' and 'edges' lists): "
-                          "write one with `saelab circuit`")
-    return c
+    """The circuit file, validated (``load_circuit``: every field the drawing reads has its type)."""
+    from saelab.analysis.circuits import load_circuit
+
+    return load_circuit(path)
 
 
 files = sorted(target.circuits_dir.glob("*.json"))
@@ -77,8 +71,8 @@ def node_label(n):
 
 # layout: x = layer, y = rank by |effect| within the layer (error node last)
 pos = {}
-for layer in sorted({n.get("layer", 0) for n in shown.values()}):
-    col = sorted((n for n in shown.values() if n.get("layer", 0) == layer),
+for layer in sorted({_layer(n) for n in shown.values()}):
+    col = sorted((n for n in shown.values() if _layer(n) == layer),
                  key=lambda n: (n.get("kind") == "error", -abs(n.get("effect") or 0.0)))
     for r, n in enumerate(col):
         pos[n["id"]] = (layer, -(r - (len(col) - 1) / 2))
@@ -103,7 +97,7 @@ fig.add_trace(go.Scatter(
                 color=eff, colorscale=[[0, "steelblue"], [0.5, "white"], [1, "darkorange"]], cmid=0,
                 line=dict(width=1, color="#333"), colorbar=dict(title="effect"))))
 layers = sorted({p[0] for p in pos.values()})
-hooks = {n.get("layer", 0): n["hook"] for n in shown.values()}
+hooks = {_layer(n): n["hook"] for n in shown.values()}
 fig.update_layout(height=520, margin=dict(l=10, r=10, t=10, b=10), clickmode="event+select",
                   xaxis=dict(tickvals=layers, ticktext=[hooks[l_] for l_ in layers], title="layer"),
                   yaxis=dict(visible=False))

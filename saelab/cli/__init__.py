@@ -8,9 +8,12 @@ a user: the handlers do. A ``SaelabError`` is printed on one line and exits 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from saelab import __version__
@@ -30,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the errors of a write the filesystem has no room for, or no longer takes
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+def _terminated(signum, frame):
+    """SIGTERM ends a command as Ctrl-C does: its cleanup runs (no temp file left, the previous complete state
+    kept), and it says how to resume."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -42,9 +55,27 @@ def main(argv: list[str] | None = None) -> int:
             from saelab import distributed
 
             distributed.exec_torchrun(args.nproc, distributed.strip_nproc(sys.argv[1:] if argv is None else argv))
-        return args.func(args)
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGTERM, _terminated)
+            # a file-size limit (ulimit -f) makes a write fail with EFBIG, as a full disk does, instead of killing
+            # the process mid-write: the run's cleanup then leaves no temp file
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        try:
+            return args.func(args)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
     except SaelabError as e:
         print(f"saelab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _NO_ROOM:
+            raise
+        # a write that failed mid-run (the writers' cleanup has run: no temp file is left)
+        print(f"saelab: error: {e.filename or 'a file'} could not be written ({e.strerror}): free space or choose "
+              "another --out" + (" (then resume with --resume)" if getattr(args, "resume", None) is not None else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("saelab: interrupted" + (" (resume with --resume)" if hasattr(args, "resume") else ""), file=sys.stderr)

@@ -26,7 +26,7 @@ from torch import nn
 from saelab.config import ARCHS, SAEConfig
 from saelab.device import pick_device
 from saelab.errors import SaelabError, first_line
-from saelab.fs import atomic_file, atomic_write_text, fsync_dir
+from saelab.fs import atomic_write_bytes, atomic_write_text, check_regular, fsync_dir, write_error
 from saelab.hooks import hook_layer
 from saelab.kernels import sparse_decode
 from saelab.layout import CFG_FILE, HUB_PREFIX, WEIGHTS_FILE, hub_spec, read_sae_cfg
@@ -256,14 +256,16 @@ class SAE(nn.Module):
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
         """Write cfg.json + sae_weights.safetensors (temp → fsync → rename each)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = pathlib.Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         weights = {n: getattr(self, n).detach().float().contiguous().cpu() for n in SAVED_PARAMS}
         weights.update({k: v.detach().float().contiguous().cpu() for k, v in self.extra_weights().items()})
-        with atomic_file(path / WEIGHTS_FILE) as tmp:
-            save_file(weights, str(tmp))
+        try:  # serialised in memory, written by Python: a full disk is a one-line error, the old file kept
+            atomic_write_bytes(path / WEIGHTS_FILE, save(weights))
+        except OSError as e:
+            raise write_error(path / WEIGHTS_FILE, e) from None
         cfg = {**self.saelens_cfg(), "saelab": {**self.cfg.to_dict(), "d_sae": self.d_sae}}
         atomic_write_text(path / CFG_FILE, json.dumps(cfg, indent=2) + "\n")
         fsync_dir(path)
@@ -287,6 +289,7 @@ class SAE(nn.Module):
         path = pathlib.Path(path).expanduser()
         raw = read_sae_cfg(path)  # a group folder, a missing folder or a bad cfg.json: a one-line error
         device = pick_device(device)  # "cuda" without CUDA, or "gpu": a one-line error, not a loader traceback
+        check_regular(path / WEIGHTS_FILE)
         try:
             w = load_file(str(path / WEIGHTS_FILE), device=str(device))
         except Exception as e:  # safetensors' own error for a truncated, empty or foreign file

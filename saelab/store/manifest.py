@@ -19,7 +19,8 @@ import pathlib
 import numpy as np
 
 from saelab.errors import SaelabError
-from saelab.layout import MANIFEST
+from saelab.fs import read_text
+from saelab.layout import MANIFEST, is_plain_name
 
 FORMAT_VERSION = 1
 MANIFEST_KEYS = (
@@ -47,10 +48,10 @@ def new_manifest(*, model: str, hook: str, d_in: int, dtype: str, context_size: 
 def read_manifest(folder: pathlib.Path) -> dict:
     path = pathlib.Path(folder) / MANIFEST
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(read_text(path))
     except FileNotFoundError:
         raise SaelabError(f"{folder} holds no {MANIFEST}: pass a store folder written by `saelab harvest`") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SaelabError(f"{path} is not valid JSON ({e}): restore it or harvest the store again") from None
     if not isinstance(m, dict):
         raise SaelabError(f"{path} is not a store manifest (a JSON object): restore it or harvest the store again")
@@ -61,8 +62,14 @@ def read_manifest(folder: pathlib.Path) -> dict:
            if isinstance(m[k], bool) or not isinstance(m[k], int) or m[k] < (0 if k == "n_tokens" else 1)]
     if m.get("dtype") not in ("float32", "float16", "bfloat16"):
         bad.append("dtype")
-    if not isinstance(m["shards"], list) or not isinstance(m["holdout_shards"], list):
+    if not isinstance(m["shards"], list) or not isinstance(m["holdout_shards"], list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and is_plain_name(s["file"])
+            and isinstance(s.get("rows"), int) and not isinstance(s.get("rows"), bool) and s["rows"] >= 0
+            for s in m["shards"]):
         bad.append("shards")
+    elif not {f for f in m["holdout_shards"] if isinstance(f, str)} <= {s["file"] for s in m["shards"]} \
+            or not all(isinstance(f, str) for f in m["holdout_shards"]):
+        bad.append("holdout_shards")
     if bad:
         raise SaelabError(f"{path} has a bad {', '.join(bad)} ({', '.join(repr(m.get(k)) for k in bad)}): restore it "
                           "or harvest the store again")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from saelab.errors import SaelabError
-from saelab.fs import sha256_file
+from saelab.fs import check_regular, sha256_file
 from saelab.store.manifest import read_manifest
 from saelab.store.stream import BatchIterator
 
@@ -79,7 +79,7 @@ class ActivationStore:
                     )
                 self._verified.add(name)
             try:
-                f = h5py.File(path, "r")
+                f = h5py.File(check_regular(path), "r")
             except OSError as e:
                 raise SaelabError(f"shard {path} cannot be opened ({e}): delete the store and harvest it again") from None
             if "activations" not in f:

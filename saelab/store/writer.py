@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import pathlib
@@ -10,7 +12,7 @@ import h5py
 import numpy as np
 
 from saelab.errors import SaelabError
-from saelab.fs import atomic_file, atomic_write_text, sha256_file
+from saelab.fs import atomic_write_bytes, atomic_write_text, write_error
 from saelab.layout import MANIFEST, shard_name
 from saelab.store.manifest import read_manifest
 
@@ -50,7 +52,10 @@ class ShardWriter:
         return cls(folder, m)
 
     def save_manifest(self) -> None:
-        atomic_write_text(self.folder / MANIFEST, json.dumps(self.manifest, indent=1) + "\n")
+        try:
+            atomic_write_text(self.folder / MANIFEST, json.dumps(self.manifest, indent=1) + "\n")
+        except OSError as e:
+            raise write_error(self.folder / MANIFEST, e) from None
 
     def write_shard(self, activations: np.ndarray, tokens: np.ndarray, grads: np.ndarray | None = None,
                     holdout: bool = False) -> dict:
@@ -60,12 +65,22 @@ class ShardWriter:
         name = shard_name(len(self.manifest["shards"]))
         chunk_rows = max(1, min(rows, (1 << 20) // (d_in * activations.itemsize)))
         final = self.folder / name
-        with atomic_file(final) as tmp, h5py.File(tmp, "w", libver=("earliest", "v110")) as f:
+        # the HDF5 image is built in memory and written by Python: a full disk or a file-size limit is an OSError
+        # here (the temp file removed), where HDF5 writing to the file itself fails inside its own cleanup
+        image = io.BytesIO()
+        with h5py.File(image, "w", libver=("earliest", "v110")) as f:
             f.create_dataset("activations", data=activations, chunks=(chunk_rows, d_in))
             f.create_dataset("tokens", data=tokens.astype(np.int32, copy=False))
             if grads is not None:
                 f.create_dataset("grads", data=grads, chunks=(chunk_rows, d_in))
-        entry = {"file": name, "rows": rows, "first_row": self.manifest["n_tokens"], "sha256": sha256_file(final)}
+        data = image.getbuffer()
+        try:
+            atomic_write_bytes(final, data)
+        except OSError as e:
+            raise write_error(final, e) from None
+        entry = {"file": name, "rows": rows, "first_row": self.manifest["n_tokens"],
+                 "sha256": hashlib.sha256(data).hexdigest()}
+        del data, image
         self.manifest["shards"].append(entry)
         self.manifest["n_tokens"] += rows
         if holdout:
