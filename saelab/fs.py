@@ -19,6 +19,7 @@ import pathlib
 import shutil
 import stat
 import sys
+import tempfile
 from collections.abc import Iterator
 
 from saelab.errors import SaelabError
@@ -121,14 +122,11 @@ def finite_json(obj):
 
 # ------------------------------------------------------------------------ writability
 def can_write(path: str | os.PathLike) -> OSError | None:
-    """None when a file can be created beside ``path`` (a probe named after it and this process, created and
-    removed at once: processes that probe one folder at the same time never share a probe), else the OSError that
-    says why: the one writability test every check below uses."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    """None when a file can be created in ``path``'s folder, else the OSError that says why: the one writability test
+    every check below uses. The probe is an unnamed temporary file (O_TMPFILE where the filesystem has it), so
+    another process listing the folder at that moment (a second rank checking that --out is empty) never sees it."""
     try:
-        tmp.touch()
-        tmp.unlink()
+        tempfile.TemporaryFile(dir=pathlib.Path(path).parent).close()
     except OSError as e:
         return e
     return None

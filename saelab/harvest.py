@@ -130,33 +130,38 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
     out = pathlib.Path(cfg.out)
     _check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
-    if resume:
+    with run_lock(out) if dist.is_main() else contextlib.nullcontext():  # one run at a time in a RUN folder
+        if resume:
+            _check_resumable(out, cfg)
+        model = model if model is not None else load_model(cfg.model, dist.device_for(cfg.device))
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:  # grads are taken w.r.t. activations only
+            p.requires_grad_(False)
         try:
-            saved = json.loads((out / RUN_FILE).read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise SaelabError(f"--resume: {out / RUN_FILE} is not readable ({first_line(e)}): the run "
-                              "cannot be resumed; harvest to a new --out") from None
-        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-            raise SaelabError(f"--resume: {out / RUN_FILE} is not a harvest record: the run cannot be resumed; "
-                              "harvest to a new --out")
-        recorded = dict(saved["config"])
-        for key in ("dataset", "model"):  # a run of an older saelab may hold a relative path
-            if isinstance(recorded.get(key), str):
-                recorded[key] = local_key(recorded[key])
-        check_resume_settings(recorded, cfg.to_dict(), {"batch_size", "device", "out"}, out, "harvest to a new --out")
-        if saved.get("world_size", 1) != dist.world_size():
-            raise SaelabError(f"--resume with {dist.world_size()} process(es), but the run in {out} used "
-                              f"{saved.get('world_size', 1)}: resume with the same number")
-    model = model if model is not None else load_model(cfg.model, dist.device_for(cfg.device))
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:  # grads are taken w.r.t. activations only
-        p.requires_grad_(False)
-    try:
-        with run_lock(out) if dist.is_main() else contextlib.nullcontext():  # one run at a time in a RUN folder
             return _harvest(cfg, model, out, resume, progress)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+
+def _check_resumable(out: pathlib.Path, cfg: HarvestConfig) -> None:
+    """--resume: the run's harvest.json is readable and records these settings and this many ranks."""
+    try:
+        saved = json.loads((out / RUN_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SaelabError(f"--resume: {out / RUN_FILE} is not readable ({first_line(e)}): the run "
+                          "cannot be resumed; harvest to a new --out") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise SaelabError(f"--resume: {out / RUN_FILE} is not a harvest record: the run cannot be resumed; "
+                          "harvest to a new --out")
+    recorded = dict(saved["config"])
+    for key in ("dataset", "model"):  # a run of an older saelab may hold a relative path
+        if isinstance(recorded.get(key), str):
+            recorded[key] = local_key(recorded[key])
+    check_resume_settings(recorded, cfg.to_dict(), {"batch_size", "device", "out"}, out, "harvest to a new --out")
+    if saved.get("world_size", 1) != dist.world_size():
+        raise SaelabError(f"--resume with {dist.world_size()} process(es), but the run in {out} used "
+                          f"{saved.get('world_size', 1)}: resume with the same number")
 
 
 def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
