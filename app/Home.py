@@ -5,13 +5,22 @@ import plotly.graph_objects as go
 import streamlit as st
 from saelab.app import common as ui
 
-from saelab.layout import FEATURES_FILE, TRAIN_FILE, read_eval, read_sae_cfg, read_source
+from saelab.layout import (
+    CFG_FILE,
+    EVAL_FILE,
+    FEATURES_FILE,
+    SOURCE_FILE,
+    TRAIN_FILE,
+    read_eval,
+    read_sae_cfg,
+    read_source,
+)
 
 
 def _source(folder) -> str:
     """Where an SAE came from: the hub repo/subfolder@commit of a fetched one (and the layout it was converted
     from, when not SAELens's), else trained here."""
-    src = read_source(folder)
+    src = ui.read(folder / SOURCE_FILE, read_source, folder, optional=True)
     if src:
         fmt = f" ({src['format']})" if src.get("format") not in (None, "saelens") else ""
         if src.get("path"):  # fetched from a local folder
@@ -28,8 +37,8 @@ st.markdown(f"**{kind}** `{target.path}` · model **{target.model}**")
 
 rows = []
 for hook, folder in target.saes.items():
-    cfg = read_sae_cfg(folder)
-    ev = read_eval(folder) or {}
+    cfg = ui.read(folder / CFG_FILE, read_sae_cfg, folder)
+    ev = ui.read(folder / EVAL_FILE, read_eval, folder, optional=True) or {}
     s = cfg.get("saelab") or {}
     rows.append({"hook": hook, "arch": s.get("arch") or cfg.get("architecture"), "d_sae": cfg.get("d_sae"),
                  "k": s.get("k") or cfg.get("k"), "FVU": ev.get("fvu"), "L0": ev.get("l0"),

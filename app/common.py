@@ -3,16 +3,52 @@ and the latent card. Thin over saelab.analysis; nothing heavy is computed here."
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import streamlit as st
 
 from saelab.analysis.cards import tokens_html
-from saelab.errors import SaelabError
-from saelab.layout import WEIGHTS_FILE
+from saelab.errors import SaelabError, first_line
+from saelab.layout import CFG_FILE, FEATURES_FILE, LABELS_FILE, WEIGHTS_FILE
 from saelab.targets import Target, resolve_target, target_from_argv_or_env
 
 MATCH_AT_ONCE = 2  # a group with more other SAEs than this matches a card's latent in them on request (a checkbox)
+
+#: what reading a damaged file raises: a reader's SaelabError (it names the file, the field and the fix), and what
+#: a library raises below a reader that does not check that part of the file (h5py's KeyError for a missing
+#: dataset or attribute and its OSError, int() or json of an attribute of the wrong type, an array of the wrong
+#: shape); each is shown as one line on the page. Streamlit's own control flow (st.stop, reruns) is none of these.
+DAMAGE = (SaelabError, OSError, ValueError, TypeError, KeyError, IndexError)
+#: how a file the app reads is made again, for a damage its reader did not word
+REMAKE = {FEATURES_FILE: "run `saelab analyze --sae {folder}` again", LABELS_FILE: "fix it or delete it",
+          CFG_FILE: "re-save, re-train or re-fetch the SAE", WEIGHTS_FILE: "re-save, re-train or re-fetch the SAE"}
+
+
+# ----------------------------------------------------------------------------- reading files
+def damage_line(e: BaseException, file) -> str:
+    """One line for an error reading ``file``: a SaelabError's own (it names its file), else the file, the library's
+    first line and how the file is made again."""
+    if isinstance(e, SaelabError):
+        return first_line(e)
+    file = pathlib.Path(str(file))
+    fix = REMAKE.get(file.name, "restore it or write it again").format(folder=file.parent)
+    return f"{file} is damaged ({type(e).__name__}: {first_line(e)}): {fix}"
+
+
+def read(file, step, *args, optional: bool = False):
+    """``step(*args)``: the page reading ``file``. A damaged file is a message on the page naming it, never a
+    traceback: one the page needs is an error that ends the page (``st.stop``); an ``optional`` one is a warning,
+    and None, so the page goes on without it."""
+    try:
+        return step(*args)
+    except DAMAGE as e:
+        line = damage_line(e, file)
+    if optional:
+        st.warning(line)
+        return None
+    st.error(line)
+    st.stop()
 
 
 # ----------------------------------------------------------------------------- loading (cached)
@@ -54,33 +90,30 @@ def _mtime(p: pathlib.Path) -> float:
 
 
 def sae(sae_dir: pathlib.Path):
-    return load_sae(str(sae_dir), _mtime(sae_dir / WEIGHTS_FILE))
+    """The SAE of this folder (cached per version of its weights); a damaged cfg.json or weights file ends the
+    page with an error naming it."""
+    return read(sae_dir / WEIGHTS_FILE, load_sae, str(sae_dir), _mtime(sae_dir / WEIGHTS_FILE))
 
 
 def feature_db(sae_dir: pathlib.Path, show: bool = True):
-    """The FeatureDB of this SAE, or None after a readable message naming the command to run."""
-    try:
-        from saelab.layout import FEATURES_FILE
-    except ImportError:
+    """The FeatureDB of this SAE. None when it has none yet: with ``show``, after a message naming the command that
+    makes one. A damaged one (or one written for other weights) ends the page with an error naming it; without
+    ``show`` (a page that does without it) it is a warning and None."""
+    path = sae_dir / FEATURES_FILE
+    if not os.path.lexists(path):
         if show:
-            st.error("This saelab has no feature database module (saelab.analysis.features): update saelab.")
-        return None
-    try:
-        return _feature_db(str(sae_dir), _mtime(sae_dir / FEATURES_FILE))
-    except SaelabError as e:
-        if show:
-            st.info(f"No feature database for this SAE yet — {e}")
+            st.info(f"No feature database for this SAE yet ({FEATURES_FILE} is missing): make one with "
+                    f"`saelab analyze --sae {sae_dir}`")
             st.code(f"saelab analyze --sae {sae_dir}", language="bash")
         return None
+    return read(path, _feature_db, str(sae_dir), _mtime(path), optional=not show)
 
 
 def labels(sae_dir: pathlib.Path) -> dict[int, str]:
-    try:
-        from saelab.analysis.features.labels import load_labels
+    """{latent: label} of this SAE ({} when it has none); a damaged labels.json is a warning naming it, and {}."""
+    from saelab.analysis.features.labels import load_labels
 
-        return load_labels(sae_dir)
-    except (ImportError, SaelabError):
-        return {}
+    return read(sae_dir / LABELS_FILE, load_labels, sae_dir, optional=True) or {}
 
 
 # ----------------------------------------------------------------------------- target and hook
@@ -88,12 +121,8 @@ def setup(title: str) -> Target:
     """Page config + the SAE target (from ``--sae`` / $SAELAB_APP_SAE); stops the page with a
     readable error when there is none."""
     st.set_page_config(page_title=f"saelab · {title}", layout="wide")
-    try:
-        target = resolve_target(target_from_argv_or_env())
-    except SaelabError as e:
-        st.error(str(e))
-        st.stop()
-    return target
+    path = target_from_argv_or_env()
+    return read(path, resolve_target, path)
 
 
 def pick_sae(target: Target) -> tuple[str, pathlib.Path]:
@@ -166,20 +195,18 @@ def examples_block(examples, scale: float) -> None:
                 unsafe_allow_html=True)
 
 
-def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", others: dict | None = None) -> None:
+def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", others: dict | None = None,
+                labs: dict | None = None) -> None:
     """The latent card: stats, histogram, examples, logit effects, neighbours, label field; with ``others`` (the
-    group's other SAEs, {hook: folder}) also this latent's closest latents in each of them."""
+    group's other SAEs, {hook: folder}) also this latent's closest latents in each of them. ``labs``: the SAE's
+    labels where the page has read them already (else read here)."""
     import plotly.graph_objects as go
 
     from saelab.analysis.cards import card_document
     from saelab.analysis.features.labels import save_label
 
-    try:
-        card = db.card(latent)
-    except SaelabError as e:
-        st.error(str(e))
-        return
-    labs = labels(sae_dir)
+    card = read(db.path, db.card, latent)
+    labs = labels(sae_dir) if labs is None else labs
     head = st.container()  # filled after the label form, so a label saved in this run shows at once
     with st.form(key=f"{key}_label_form_{latent}", border=False):
         cols = st.columns([4, 1])

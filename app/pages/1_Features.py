@@ -10,9 +10,9 @@ from saelab.errors import SaelabError
 target = ui.setup("Features")
 hook, sae_dir = ui.pick_sae(target)
 st.title("Features")
+sae = ui.sae(sae_dir)  # first: a features.h5 is checked against these weights
 db = ui.feature_db(sae_dir)
 labels = ui.labels(sae_dir)
-sae = ui.sae(sae_dir)
 d_sae = sae.d_sae
 if ui.selected_latent() >= d_sae:
     st.session_state["latent"] = 0
@@ -61,7 +61,7 @@ if mode == "by prompt":
 elif mode == "by token":
     tok = st.text_input("Token", key="find_token", placeholder="e.g. ' park' (leading space matters)")
     if tok and db is not None:
-        hits = db.by_token(tok, n=20)
+        hits = ui.read(db.path, db.by_token, tok, 20)
         if not hits and not db.in_vocab(tok):
             like = db.similar_tokens(tok)
             st.info(f"{tok!r} is not one token of this model's vocabulary"
@@ -85,4 +85,4 @@ elif mode == "by density" and db is not None:
 st.divider()
 latent = st.number_input("Latent id", min_value=0, max_value=d_sae - 1, step=1, key="latent")
 if db is not None:
-    ui.render_card(sae_dir, db, int(latent), others={h: f for h, f in target.saes.items() if h != hook})
+    ui.render_card(sae_dir, db, int(latent), others={h: f for h, f in target.saes.items() if h != hook}, labs=labels)

@@ -7,8 +7,6 @@ import plotly.graph_objects as go
 import streamlit as st
 from saelab.app import common as ui
 
-from saelab.errors import SaelabError
-
 target = ui.setup("Circuits")
 st.title("Circuits")
 
@@ -36,11 +34,7 @@ if path is None:
             f"`saelab circuit --sae {target.group or target.path} --task induction` "
             "(it writes circuits/NAME.json in the group folder), or type a path above.")
     st.stop()
-try:
-    circ = load(path)
-except SaelabError as e:
-    st.error(str(e))
-    st.stop()
+circ = ui.read(path, load, path)
 
 task = circ.get("task") or {}
 st.caption(f"task {task.get('name', '?')} ({task.get('metric', '?')}, {task.get('n_examples', '?')} examples) · "
@@ -125,6 +119,7 @@ if node_id:
         if sae_dir is None:
             st.error(f"no SAE for hook {n['hook']} in {target.path}: open the app on the circuit's group folder")
         else:
+            ui.sae(sae_dir)  # its weights first: the card's features.h5 is checked against them
             db = ui.feature_db(sae_dir)
             if db is not None:
                 ui.render_card(sae_dir, db, int(n["latent"]), key="circuit_card")
