@@ -8,6 +8,7 @@ be resumed from their folder alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -68,9 +69,43 @@ class JSONConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    @functools.cache
+    def json_schema(cls) -> dict:
+        """The JSON Schema of this config as a run folder records it (``to_dict``): each field's type, range
+        (``min`` / ``max``, whole numbers within ``INT_LIMIT``) and choices, from the field that declares them.
+        No field is required and other keys are allowed (``from_dict`` takes defaults and ignores the rest)."""
+        hints = typing.get_type_hints(cls)
+        props = {}
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            args = typing.get_args(hint)
+            optional = type(None) in args
+            base = next((a for a in args if a is not type(None)), hint) if optional else hint
+            item = typing.get_args(base)[0] if typing.get_origin(base) is list else None
+            props[f.name] = _field_schema(item or base, f.metadata)
+            if item is not None:
+                props[f.name] = {"type": "array", "items": props[f.name]}
+            if optional:
+                props[f.name] = {"anyOf": [props[f.name], {"type": "null"}]}
+        return {"type": "object", "properties": props, "additionalProperties": True,
+                "description": f"the fields of {cls.__name__} (one per flag: see the CLI reference)"}
+
+    @classmethod
     def from_dict(cls, d: dict):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _field_schema(kind, meta) -> dict:
+    """One value's JSON Schema for a config field of type ``kind`` with ``meta`` (min, max, choices)."""
+    sch: dict[str, Any] = {"type": {int: "integer", float: "number", str: "string", bool: "boolean"}[kind]}
+    if kind is int:
+        sch.update(minimum=-INT_LIMIT, maximum=INT_LIMIT)
+    if kind in (int, float):
+        sch.update({k: meta[m] for k, m in (("minimum", "min"), ("maximum", "max")) if meta.get(m) is not None})
+    if meta.get("choices"):
+        sch["enum"] = list(meta["choices"])
+    return sch
 
 
 @dataclass
@@ -106,6 +141,7 @@ class HarvestConfig(JSONConfig):
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
 
     def validate(self) -> "HarvestConfig":
+        self.check_numbers()  # each number in its type's range before any rule relates them
         if not self.hooks:
             raise SaelabError("no hook given: pass --hook NAME (e.g. --hook blocks.0.hook_resid_post)")
         twice = sorted({h for h in self.hooks if self.hooks.count(h) > 1})
@@ -123,7 +159,7 @@ class HarvestConfig(JSONConfig):
             raise SaelabError(f"--shard-rows ({self.shard_rows}) must hold at least one context ({self.context_size})")
         if self.seed < 0:
             raise SaelabError(f"--seed must be 0 or more (got {self.seed})")
-        return self.check_numbers()
+        return self
 
 
 
@@ -172,6 +208,7 @@ class SAEConfig(JSONConfig):
         return self.width if self.width else self.expansion * self.d_in
 
     def validate(self) -> "SAEConfig":
+        self.check_numbers()  # each number in its type's range before any rule relates them
         if self.arch not in ARCHS:
             raise SaelabError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
         if self.d_in < 1:
@@ -201,7 +238,7 @@ class SAEConfig(JSONConfig):
         if self.arch == "matryoshka" and self.matryoshka_mode == "k" and self.matryoshka_ks \
                 and max(self.matryoshka_ks) != self.k:
             raise SaelabError(f"--matryoshka-k values must end at --k {self.k}: add --matryoshka-k {self.k}")
-        return self.check_numbers()
+        return self
 
 
 
@@ -241,6 +278,7 @@ class TrainConfig(JSONConfig):
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
 
     def validate(self) -> "TrainConfig":
+        self.check_numbers()  # each number in its type's range before any rule relates them
         if self.batch_size < 1:
             raise SaelabError(f"--batch-size must be positive (got {self.batch_size})")
         if self.tokens is not None and self.tokens < self.batch_size:
@@ -262,7 +300,7 @@ class TrainConfig(JSONConfig):
                               f"{self.checkpoint_every})")
         if self.eval_every < 0:
             raise SaelabError(f"--eval-every must be 0 (only at the end) or positive (got {self.eval_every})")
-        return self.check_numbers()
+        return self
 
 
 

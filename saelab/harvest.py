@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 from saelab import distributed as dist
 from saelab.config import HarvestConfig, check_resume_settings
 from saelab.data import count_contexts, is_streaming, iter_contexts, load_documents
-from saelab.errors import SaelabError, first_line
+from saelab.errors import SaelabError
 from saelab.fs import (atomic_write_text, check_free_space, fsync_dir, no_empty_folder_left, out_folder, run_lock,
                        sha256_file)
 from saelab.hooks import check_reached, expand_hooks, flat_rows, forward
-from saelab.layout import MANIFEST, RUN_FILE, shard_name
+from saelab.layout import MANIFEST, RUN_FILE, RUN_SCHEMA, shard_name
+from saelab.schema import read_json
 from saelab.models import load_model, model_info, tokenizer_bos
 from saelab.store import DTYPES, ShardWriter, new_manifest, plan_shards, read_manifest
 
@@ -146,14 +147,8 @@ def _checked_harvest(cfg: HarvestConfig, resume: bool, progress: bool, model) ->
 
 def _check_resumable(out: pathlib.Path, cfg: HarvestConfig) -> None:
     """--resume: the run's harvest.json is readable and records these settings and this many ranks."""
-    try:
-        saved = json.loads((out / RUN_FILE).read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise SaelabError(f"--resume: {out / RUN_FILE} is not readable ({first_line(e)}): the run "
-                          "cannot be resumed; harvest to a new --out") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-        raise SaelabError(f"--resume: {out / RUN_FILE} is not a harvest record: the run cannot be resumed; "
-                          "harvest to a new --out")
+    saved = read_json(out / RUN_FILE, RUN_SCHEMA, "harvest record",
+                      "the run cannot be resumed: harvest to a new --out")
     recorded = dict(saved["config"])
     for key in ("dataset", "model"):  # a run of an older saelab may hold a relative path
         if isinstance(recorded.get(key), str):

@@ -22,9 +22,10 @@ import json
 import os
 import pathlib
 
-from saelab.config import ARCHS
+from saelab.config import ARCHS, HarvestConfig, SAEConfig, TrainConfig
 from saelab.errors import SaelabError
 from saelab.fs import read_text
+from saelab.schema import NUMBER, PLAIN_NAME, POSITIVE, TEXT, WHOLE, check, nullable, obj, read_json
 
 # a store and a harvest run
 MANIFEST = "manifest.json"
@@ -87,6 +88,51 @@ def is_sae_folder(p: str | os.PathLike) -> bool:
     return (p / CFG_FILE).exists() and (p / WEIGHTS_FILE).exists()
 
 
+# ------------------------------------------------------------------------ schemas (saelab.schema checks them)
+#: cfg.json: what every reader needs of an SAE's config (SAELens writes many more fields; saelab's own go in "saelab")
+CFG_SCHEMA = obj({
+    "d_in": POSITIVE, "d_sae": POSITIVE, "hook_name": TEXT, "model_name": TEXT,
+    "saelab": {"allOf": [SAEConfig.json_schema(), obj({"arch": {"enum": list(ARCHS)}, "d_sae": POSITIVE})]},
+    "metadata": nullable(obj({"hook_name": nullable(TEXT), "model_name": nullable(TEXT)})),
+}, required=("d_in",))
+#: train.json: the run's settings (each a config's fields), its store (path and identity), steps, ranks, scale
+TRAIN_SCHEMA = obj({
+    "train": TrainConfig.json_schema(), "sae": SAEConfig.json_schema(), "store": TEXT,
+    "store_identity": obj({"model": TEXT, "hook": TEXT, "d_in": POSITIVE, "n_tokens": WHOLE, "shards_sha256": TEXT}),
+    "n_steps": WHOLE, "world_size": POSITIVE, "scale": {"type": "number", "exclusiveMinimum": 0},
+    "done": {"type": "boolean"}, "epochs": {"type": "number", "minimum": 0},
+}, required=("train", "sae"))
+FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+#: eval.json: the metrics of one evaluation (saelab.evaluate); every number finite, an undefined one null
+EVAL_SCHEMA = obj({
+    "split": {"enum": ["train", "holdout"]}, "rows": WHOLE, "fvu": NUMBER, "explained_variance": NUMBER,
+    "l0": {"type": "number", "minimum": 0}, "dead_frac": FRACTION, "dense_frac": FRACTION,
+    "epochs": {"type": "number", "minimum": 0}, "steps": WHOLE, "tokens": WHOLE,
+    "ce_clean": NUMBER, "ce_sae": NUMBER, "ce_zero_ablation": NUMBER, "ce_loss_recovered": nullable(NUMBER),
+    "kl": NUMBER, "eval_tokens": WHOLE, "ce_contexts": WHOLE, "ce_contexts_asked": WHOLE,
+    "ce_split": {"enum": ["train", "holdout"]},
+}, required=("fvu", "l0", "dead_frac", "dense_frac"))
+# the CE metrics of one run come together (eval_line prints them together)
+EVAL_SCHEMA["dependentRequired"] = {k: ["ce_clean", "ce_sae", "ce_zero_ablation", "ce_loss_recovered", "kl"]
+                                    for k in ("ce_clean", "ce_sae", "ce_zero_ablation", "ce_loss_recovered", "kl")}
+#: labels.json: {"latent id": "label"}
+LABELS_SCHEMA = {"type": "object", "propertyNames": {"pattern": "^(0|[1-9][0-9]{0,17})$", "description": "a latent id"},
+                 "additionalProperties": {"type": "string"}}
+#: source.json: where a fetched SAE came from
+SOURCE_SCHEMA = obj({
+    "repo_id": TEXT, "subfolder": TEXT, "revision": nullable(TEXT), "commit": nullable(TEXT), "path": TEXT,
+    "format": TEXT, "fetched": TEXT, "weights": TEXT,
+    "target": nullable(obj({"model": nullable(TEXT), "hook": nullable(TEXT)})),
+})
+#: group.json: {"model": name, "hooks": {hook: SAE folder, a name inside the group folder}}
+GROUP_SCHEMA = obj({"model": nullable(TEXT), "hooks": {"type": "object", "additionalProperties": PLAIN_NAME,
+                                                       "propertyNames": {"description": "hook"}}},
+                   required=("hooks",))
+#: harvest.json: a harvest run's settings (for --resume)
+RUN_SCHEMA = obj({"config": HarvestConfig.json_schema(), "hooks": {"type": "array", "items": TEXT},
+                  "n_contexts": WHOLE, "world_size": POSITIVE}, required=("config",))
+
+
 # ------------------------------------------------------------------------ hub specs
 def hub_spec(path) -> str | None:
     """``hf://ORG/REPO/SUBFOLDER`` when ``path`` names an SAE on the hub (also as a pathlib.Path, which folds
@@ -130,43 +176,48 @@ def read_group(path: str | os.PathLike) -> tuple[str | None, dict[str, pathlib.P
     check_local_sae(path)
     path = pathlib.Path(path).expanduser()
     f = path / GROUP_FILE
-    if not f.is_file():
+    if not f.exists():  # a FIFO or folder in its place is read, and refused, as not a regular file
         return None
-    try:
-        meta = json.loads(read_text(f))
-        hooks, model = meta["hooks"], meta.get("model")
-        if not isinstance(hooks, dict) or not all(isinstance(v, str) and is_plain_name(v) for v in hooks.values()) \
-                or not (model is None or isinstance(model, str)):
-            raise TypeError
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
-        raise SaelabError(f"{f} is not a valid group file ({{\"model\": ..., \"hooks\": {{hook: folder}}}}): "
-                          "re-run saelab train on the RUN folder") from None
-    return model or None, {h: path / sub for h, sub in hooks.items()}
+    meta = read_json(f, GROUP_SCHEMA, "group file", "re-run saelab train on the RUN folder")
+    return meta.get("model") or None, {h: path / sub for h, sub in meta["hooks"].items()}
 
 
 def read_train_info(folder: str | os.PathLike, fix: str) -> dict:
-    """A run folder's train.json as a dict ({} when it has none); a damaged one (unreadable, not JSON, not a
-    JSON object) is a one-line error ending in ``fix``."""
-    path = pathlib.Path(folder).expanduser() / TRAIN_FILE
-    if not path.exists():
+    """A run folder's train.json as a dict ({} when it has none); a damaged one (unreadable, not JSON, off
+    ``TRAIN_SCHEMA``) is a one-line error naming the field and ending in ``fix``."""
+    try:
+        return read_json(pathlib.Path(folder).expanduser() / TRAIN_FILE, TRAIN_SCHEMA, "run record",
+                         f"restore it, or {fix}")
+    except FileNotFoundError:
         return {}
-    info = read_json_object(path)
-    if info is None:
-        raise SaelabError(f"{path} is damaged (not a readable JSON object): restore it, or {fix}")
-    return info
 
 
 def read_eval(folder: str | os.PathLike) -> dict | None:
-    """An SAE folder's eval.json (the metrics ``saelab train`` / ``saelab eval`` wrote), or None when it has none
-    or a damaged one (it is rewritten whole by the next eval)."""
-    return read_json_object(pathlib.Path(folder).expanduser() / EVAL_FILE)
+    """An SAE folder's eval.json (the metrics ``saelab train`` / ``saelab eval`` wrote), or None when it has none;
+    a damaged one is a one-line error (``saelab eval`` writes it again)."""
+    folder = pathlib.Path(folder).expanduser()
+    try:
+        return read_json(folder / EVAL_FILE, EVAL_SCHEMA, "evaluation", f"rerun saelab eval --sae {folder}")
+    except FileNotFoundError:
+        return None
+
+
+def check_eval(metrics: dict, path) -> dict:
+    """The metrics about to be written to ``path`` (an eval.json), held to the schema its readers hold it to: no
+    NaN or inf is written, nor a field of the wrong type."""
+    return check(metrics, EVAL_SCHEMA, path, "evaluation", "this is a bug in saelab: please report it")
 
 
 def read_source(folder: str | os.PathLike) -> dict | None:
     """A fetched SAE folder's source.json ({repo_id, subfolder, revision, commit, format, fetched}, or {path,
-    format, fetched} for one fetched from a local folder; see ``saelab fetch``), or None when it has none (or
-    an unreadable one)."""
-    return read_json_object(pathlib.Path(folder).expanduser() / SOURCE_FILE)
+    format, fetched} for one fetched from a local folder; see ``saelab fetch``), or None when it has none; a
+    damaged one is a one-line error."""
+    folder = pathlib.Path(folder).expanduser()
+    try:
+        return read_json(folder / SOURCE_FILE, SOURCE_SCHEMA, "source record",
+                         f"delete it and fetch the SAE again into {folder}")
+    except FileNotFoundError:
+        return None
 
 
 def read_sae_cfg(path: str | os.PathLike) -> dict:
@@ -187,29 +238,7 @@ def read_sae_cfg(path: str | os.PathLike) -> dict:
                               f"`saelab fetch {path} --out runs/NAME` and pass runs/NAME")
         raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "
                           "pass a folder written by saelab train or SAELens, or a group folder")
-    try:
-        raw = json.loads(read_text(path / CFG_FILE))
-    except (OSError, UnicodeDecodeError) as e:
-        raise SaelabError(f"{path / CFG_FILE} is not readable ({e}); re-save the SAE") from None
-    except json.JSONDecodeError as e:
-        raise SaelabError(f"{path / CFG_FILE} is not valid JSON ({e.msg}); re-save the SAE") from None
-    if not isinstance(raw, dict):
-        raise SaelabError(f"{path / CFG_FILE} is not an SAE config (a JSON object); re-save the SAE")
-    own = raw.get("saelab", {})
-    if not isinstance(own, dict):
-        raise SaelabError(f"{path / CFG_FILE}: its \"saelab\" entry is {type(own).__name__}, not an object; "
-                          "re-save the SAE")
-    for key in ("d_in", "d_sae"):  # every reader sizes things by these (an old SAELens config may give no d_sae)
-        v = raw.get(key, own.get(key))
-        if v is None and key == "d_sae":
-            continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise SaelabError(f"{path / CFG_FILE}: {key} is {v!r}, not a positive whole number; re-save the SAE")
-    arch = own.get("arch")
-    if arch is not None and arch not in ARCHS:
-        raise SaelabError(f"{path / CFG_FILE}: architecture {arch!r} is not one saelab knows "
-                          f"({', '.join(ARCHS)}); re-save the SAE")
-    return raw
+    return read_json(path / CFG_FILE, CFG_SCHEMA, "SAE config", "re-save the SAE")
 
 
 def sae_identity(raw: dict, folder: pathlib.Path) -> dict:

@@ -17,6 +17,16 @@ TASK_HELP = 'induction, ioi, names, or a .jsonl file of {"clean", "corrupted", "
 
 
 @dataclass
+class DistributedOptions(JSONConfig):
+    """The flags of the commands that run as several processes (harvest, train)."""
+
+    nproc: int | None = _f(None, "run as N processes: execs `python -m torch.distributed.run --standalone "
+                                 "--nproc_per_node N -m saelab ...` (or launch with torchrun yourself)", min=1)
+    dist_timeout: float | None = _f(None, "under torchrun: seconds a collective may wait for the other ranks before "
+                                          "the run stops (default: $SAELAB_DIST_TIMEOUT, else 300)", min=1)
+
+
+@dataclass
 class EvalOptions(JSONConfig):
     """`saelab eval`: reconstruction metrics on the store; CE-loss recovered and KL with a model."""
 
@@ -142,5 +152,5 @@ class AppOptions(JSONConfig):
     """`saelab app`: the Streamlit app on an SAE folder or a group folder."""
 
     sae: str = _f("", "an SAE folder or a group folder (runs/NAME_OR_GROUP)", required=True)
-    port: int = _f(8501, "port to serve on")
+    port: int = _f(8501, "port to serve on", min=1, max=65535)
     host: str = _f("127.0.0.1", "address to serve on (127.0.0.1: this machine only)")

@@ -57,6 +57,7 @@ class SyntheticConfig(JSONConfig):
     seed: int = _f(0, "seed of directions and rows; the same seed gives byte-identical stores")
 
     def validate(self) -> "SyntheticConfig":
+        self.check_numbers()  # each number in its type's range before any rule relates them
         if self.d < 1 or self.n_true < 1:
             raise SaelabError(f"--d and --n-true must be positive (got {self.d}, {self.n_true})")
         if not 0 < self.active < self.n_true:
@@ -78,7 +79,7 @@ class SyntheticConfig(JSONConfig):
             raise SaelabError(f"--holdout must be in [0, 1) (got {self.holdout})")
         if self.dtype not in DTYPES:
             raise SaelabError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype})")
-        return self.check_numbers()
+        return self
 
 
 

@@ -23,8 +23,8 @@ from saelab.layout import (
     hub_spec,
     is_sae_folder,
     read_group,
-    read_json_object,
     read_sae_cfg,
+    read_train_info,
     sae_identity,
 )
 
@@ -135,7 +135,7 @@ def store_for_sae(sae_dir: str | os.PathLike, sae, activations: str | os.PathLik
     sae_dir = pathlib.Path(sae_dir)
     hook = sae.cfg.hook_name or None
     if activations is None:
-        activations = (read_json_object(sae_dir / TRAIN_FILE) or {}).get("store")
+        activations = read_train_info(sae_dir, "pass --activations STORE_OR_RUN").get("store")
         if not isinstance(activations, str):
             if not required:
                 return None

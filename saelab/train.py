@@ -46,6 +46,7 @@ from saelab.layout import (
     GROUP_FILE,
     METRICS_FILE,
     TRAIN_FILE,
+    check_eval,
     group_json,
     read_group,
 )
@@ -337,7 +338,7 @@ def _finish(run: _Run) -> None:
     final.cpu().save(run.out)
     ev = evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device)
     ev.update(epochs=round(run.it.epochs, 4), steps=run.n_steps, tokens=run.total_tokens)
-    atomic_write_text(run.out / EVAL_FILE, json.dumps(ev, indent=2) + "\n")
+    atomic_write_text(run.out / EVAL_FILE, json.dumps(check_eval(ev, run.out / EVAL_FILE), indent=2) + "\n")
     run_state.mark_done(run.out, run.it.epochs)
 
 

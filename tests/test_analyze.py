@@ -214,8 +214,13 @@ def test_labels_round_trip(tmp_path):
     assert raw == {"12": "names → «Lily»"}
     assert [p.name for p in tmp_path.iterdir()] == ["labels.json"]  # no temp file left behind
     (tmp_path / "labels.json").write_text("{not json")
-    with pytest.raises(SaelabError, match="not valid JSON"):
+    with pytest.raises(SaelabError, match="labels.json is not a valid labels file: not JSON"):
         load_labels(tmp_path)
+    for bad, needle in (('{"x": "a"}', "'x' is not a latent id"), ('{"3": 4}', r'\["3"\]: 4 is not text'),
+                        ("[1]", "the top level: \\[1\\] is not an object")):
+        (tmp_path / "labels.json").write_text(bad)
+        with pytest.raises(SaelabError, match=needle):
+            load_labels(tmp_path)
 
 
 def test_label_of_a_latent_the_sae_does_not_have_is_refused(tmp_path):

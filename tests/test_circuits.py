@@ -224,7 +224,7 @@ def test_load_circuit_validation(tmp_path):
     p.write_text(json.dumps(good))
     assert C.load_circuit(p)["nodes"][0]["latent"] == 1
     p.write_text("{broken")
-    with pytest.raises(SaelabError, match="not valid JSON"):
+    with pytest.raises(SaelabError, match="is not a valid circuit file: not JSON"):
         C.load_circuit(p)
 
 

@@ -159,3 +159,23 @@ def test_the_import_rules_are_drawn_from_pyproject():
     table = arch.render_contracts(contracts)
     assert table.startswith("| contract | modules | rule |") and "may not import" in table
     assert arch.render_layers({}) == "No layers contract is declared."
+
+
+def test_the_formats_page_gets_a_table_per_schema():
+    """Every <!-- schema: NAME --> of the formats page names a schema the readers use, and renders its fields
+    with their types and ranges (a schema change shows on the page)."""
+    import re
+
+    from saelab.store.manifest import MANIFEST_SCHEMA
+
+    hook = _hook("schemas")
+    page = (ROOT / "docs" / "reference" / "formats.md").read_text(encoding="utf-8")
+    names = re.findall(r"<!-- schema: (.+?) -->", page)
+    assert set(names) == set(hook.schemas()), names
+    out = hook.on_page_markdown(page, None, None, None)
+    assert "<!-- schema:" not in out and "no schema named" not in out
+    assert "| `shards[i].file` | text | a name inside its folder" in out
+    assert "| `dead_frac` | number | ≥ 0, ≤ 1 | yes |" in out
+    assert "| `hooks[hook]` | text |" in out
+    rows = hook.rows(MANIFEST_SCHEMA)
+    assert {r[0] for r in rows if r[3] == "yes"} >= set(MANIFEST_SCHEMA["required"])

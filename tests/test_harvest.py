@@ -275,7 +275,9 @@ def test_failed_harvest_leaves_no_new_folder(tmp_path, capsys):
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
 
 
-@pytest.mark.parametrize("text,needle", [("{bad", "harvest.json is not readable ("), ("null", "is not a harvest record")])
+@pytest.mark.parametrize("text,needle", [("{bad", "harvest.json is not a valid harvest record: not JSON ("),
+                                                 ("null", "harvest.json is not a valid harvest record: the top level: None is not an object"),
+                                                 ('{"config": {"tokens": "many"}}', "config.tokens: 'many' is not a whole number")])
 def test_resume_with_a_damaged_record_is_one_line(text, needle, tmp_path, capsys):
     """--resume on a run whose harvest.json is damaged: one line (it was a JSONDecodeError / TypeError)."""
     from saelab.cli import main

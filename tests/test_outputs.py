@@ -235,11 +235,12 @@ def test_names_from_files_stay_inside_their_folder(planted_store, tmp_path, caps
     m = json.loads((store / "manifest.json").read_text())
     m["shards"][0]["file"] = "../" + m["shards"][0]["file"]
     (store / "manifest.json").write_text(json.dumps(m))
-    _fails(["train", "--activations", store, "--out", tmp_path / "o", "--quiet"], capsys, "has a bad shards")
+    _fails(["train", "--activations", store, "--out", tmp_path / "o", "--quiet"], capsys,
+           "shards[0].file: '../shard_00000.h5' is not a name inside its folder")
     group = tmp_path / "group"
     group.mkdir()
     (group / "group.json").write_text(json.dumps({"model": "tiny", "hooks": {"blocks.0.hook_resid_post": "../x"}}))
-    _fails(["eval", "--sae", group], capsys, "not a valid group file")
+    _fails(["eval", "--sae", group], capsys, "not a valid group file: hooks[\"blocks.0.hook_resid_post\"]: '../x' is not a name")
 
 
 def test_a_fifo_is_refused_not_read(planted_store, tmp_path):
@@ -400,7 +401,7 @@ def test_the_circuits_page_shows_a_damaged_file_as_a_message(demo_group, tmp_pat
     finally:
         os.environ.pop("SAELAB_APP_SAE", None)
     assert not at.exception, at.exception
-    assert any("is not a circuit file" in e.value for e in at.error), [e.value for e in at.error]
+    assert any("is not a valid circuit file" in e.value for e in at.error), [e.value for e in at.error]
 
 
 def _limited(size):

@@ -287,10 +287,10 @@ def test_load_of_mismatched_files_is_one_line(case, needle, tmp_path):
 @pytest.mark.parametrize("case,needle", [
     ("truncated", "sae_weights.safetensors is not a readable safetensors file (Error while deserializing header"),
     ("empty", "sae_weights.safetensors is not a readable safetensors file"),
-    ("arch", "cfg.json: architecture 'banana' is not one saelab knows"),
-    ("saelab null", "cfg.json: its \"saelab\" entry is NoneType, not an object"),
-    ("no d_in", "cfg.json: d_in is None, not a positive whole number"),
-    ("d_in text", "cfg.json: d_in is 'x', not a positive whole number"),
+    ("arch", "cfg.json is not a valid SAE config: saelab.arch: 'banana' is not one of ['relu'"),
+    ("saelab null", "cfg.json is not a valid SAE config: saelab: None is not an object"),
+    ("no d_in", "cfg.json is not a valid SAE config: the top level: 'd_in' is a required property"),
+    ("d_in text", "cfg.json is not a valid SAE config: d_in: 'x' is not a whole number"),
 ])
 def test_load_of_a_damaged_folder_is_one_line(case, needle, tmp_path):
     """Damaged weights or cfg.json: one SaelabError naming the file, from SAE.load and from read_sae_cfg (which

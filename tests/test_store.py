@@ -86,11 +86,12 @@ def test_rank_parts_rebuild_the_batches_and_read_only_their_slice(store, kw, wor
 
 
 @pytest.mark.parametrize("change,needle", [
-    (None, "is not a store manifest (a JSON object)"),
-    ({"context_size": 0}, "has a bad context_size (0)"),
-    ({"d_in": "abc"}, "has a bad d_in ('abc')"),
-    ({"dtype": "int8"}, "has a bad dtype ('int8')"),
-    ({"shards": None}, "has a bad shards"),
+    (None, "manifest.json is not a valid store manifest: the top level: None is not an object"),
+    ({"context_size": 0}, "manifest.json is not a valid store manifest: context_size: 0 is less than the minimum of 1"),
+    ({"d_in": "abc"}, "manifest.json is not a valid store manifest: d_in: 'abc' is not a whole number"),
+    ({"dtype": "int8"}, "manifest.json is not a valid store manifest: dtype: 'int8' is not one of ['float32'"),
+    ({"shards": None}, "manifest.json is not a valid store manifest: shards: None is not a list"),
+    ({"holdout_shards": ["elsewhere.h5"]}, "holdout_shards: 'elsewhere.h5' is not one of its shards"),
 ])
 def test_a_manifest_with_bad_values_is_one_line(change, needle, tmp_path):
     """A manifest of the right keys but bad values: one SaelabError when the store opens (they were TypeError /

@@ -330,7 +330,7 @@ def test_resume_with_other_settings_is_refused(tiny_planted, tmp_path, capsys):
         (out / "train.json").write_text(bad)
         assert main([*args, "--resume"]) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "train.json is damaged" in err and "--out" in err, err
+        assert len(err.splitlines()) == 1 and "train.json is not a valid run record" in err and "--out" in err, err
         assert (out / "sae_weights.safetensors").read_bytes() == weights
     (out / "train.json").write_text(good)
     # the flags that do not change the run may differ
@@ -448,7 +448,7 @@ def test_eval_with_a_damaged_train_json_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--sae", str(tmp_path / "s"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "train.json is damaged" in err and "--activations" in err and len(err.splitlines()) == 1, err
+    assert "train.json is not a valid run record" in err and "--activations" in err and len(err.splitlines()) == 1, err
 
 
 def test_a_malformed_group_file_is_one_line_everywhere(tmp_path, capsys):

@@ -24,8 +24,20 @@ from saelab.errors import SaelabError
 GROUPS = (harvest, train, evaluate, analyze, compare, steer, circuit, heads, fetch, demo, app)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line (a flag's bad value, a missing flag), naming where the flags
+    are listed, instead of the whole usage block; every subcommand's parser is one (argparse makes them of the
+    parent's class)."""
+
+    def error(self, message: str):
+        message = message.replace("invalid int value", "not a whole number").replace("invalid float value",
+                                                                                  "not a number")
+        what = "commands" if self.prog == "saelab" else "flags"
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the {what})\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="saelab", description="Sparse autoencoder workbench.")
+    p = _Parser(prog="saelab", description="Sparse autoencoder workbench.")
     p.add_argument("--version", action="version", version=f"saelab {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for group in GROUPS:
@@ -49,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "nproc", None) is not None and args.nproc < 1:
-            raise SaelabError(f"--nproc {args.nproc}: pass 1 or more processes (or leave it out for one)")
+        if hasattr(args, "nproc"):
+            from saelab.cli.common import from_args
+            from saelab.options import DistributedOptions
+
+            from_args(DistributedOptions, args)  # its numbers, before a process is started
         if (getattr(args, "nproc", None) or 1) > 1 and not os.environ.get("WORLD_SIZE"):
             from saelab import distributed
 

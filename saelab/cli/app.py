@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from saelab.cli.common import add_command
+from saelab.cli.common import add_command, from_args
 from saelab.errors import SaelabError
 from saelab.options import AppOptions
 
@@ -41,12 +41,11 @@ def cmd_app(args) -> int:
         import streamlit  # noqa: F401
     except ImportError:
         raise SaelabError("the app needs streamlit and plotly: pip install 'saelab[app]'") from None
-    target = resolve_target(args.sae)
-    if not 0 < args.port < 65536:
-        raise SaelabError(f"--port {args.port} is not a TCP port: pass 1..65535")
-    _check_port(args.host, args.port)
-    argv = _app_argv(str(target.path), args.port, args.host)
-    print(f"saelab app: {target.path} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    o = from_args(AppOptions, args)
+    target = resolve_target(o.sae)
+    _check_port(o.host, o.port)
+    argv = _app_argv(str(target.path), o.port, o.host)
+    print(f"saelab app: {target.path} on http://{o.host}:{o.port} (Ctrl-C stops it)", flush=True)
     os.environ[ENV_VAR] = str(target.path)
     os.execv(sys.executable, argv)  # this process becomes the server: its PID stops it
 

@@ -18,12 +18,10 @@ def add_run_flags(p, device: bool = True) -> None:
 
 
 def add_distributed_arguments(p) -> None:
-    p.add_argument("--nproc", type=int, default=None,
-                   help="run as N processes: execs `python -m torch.distributed.run --standalone "
-                        "--nproc_per_node N -m saelab ...` (or launch with torchrun yourself)")
-    p.add_argument("--dist-timeout", type=float, default=None,
-                   help="under torchrun: seconds a collective may wait for the other ranks before the run stops "
-                        "(default: $SAELAB_DIST_TIMEOUT, else 300)")
+    """--nproc and --dist-timeout (``DistributedOptions``; ``main`` checks them before the command runs)."""
+    from saelab.options import DistributedOptions
+
+    add_arguments(p, DistributedOptions)
 
 
 def store_summary(stores: dict) -> str:
@@ -43,7 +41,9 @@ def eval_line(ev: dict) -> str:
              f"dense {100 * ev['dense_frac']:.1f}%"]
     if "ce_loss_recovered" in ev:
         parts += [f"CE clean {ev['ce_clean']:.3f} / SAE {ev['ce_sae']:.3f} / zero-ablated {ev['ce_zero_ablation']:.3f}",
-                  f"CE-loss recovered {ev['ce_loss_recovered']:.3f}", f"KL {ev['kl']:.4f}"]
+                  "CE-loss recovered " + (f"{ev['ce_loss_recovered']:.3f}" if ev["ce_loss_recovered"] is not None
+                                          else "undefined (zero-ablating the hook costs no loss)"),
+                  f"KL {ev['kl']:.4f}"]
         if "ce_contexts" in ev:  # the contexts the CE metrics ran on, where the eval.json records them
             n, asked = ev["ce_contexts"], ev.get("ce_contexts_asked")
             split = "training" if ev.get("ce_split") == "train" else "held-out"

@@ -12,15 +12,14 @@ every shard holds whole contexts.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
 import numpy as np
 
 from saelab.errors import SaelabError
-from saelab.fs import read_text
-from saelab.layout import MANIFEST, is_plain_name
+from saelab.layout import MANIFEST
+from saelab.schema import BOOL, PLAIN_NAME, POSITIVE, TEXT, WHOLE, nullable, obj, read_json
 
 FORMAT_VERSION = 1
 MANIFEST_KEYS = (
@@ -45,36 +44,34 @@ def new_manifest(*, model: str, hook: str, d_in: int, dtype: str, context_size: 
             "model_info": model_info}
 
 
+SHARD_SCHEMA = obj({"file": PLAIN_NAME, "rows": WHOLE, "first_row": WHOLE, "sha256": TEXT}, required=("file", "rows"))
+#: manifest.json, field by field (the keys of ``MANIFEST_KEYS`` required)
+MANIFEST_SCHEMA = obj({
+    "format_version": POSITIVE, "model": TEXT, "hook": TEXT, "d_in": POSITIVE,
+    "dtype": {"enum": ["float32", "float16", "bfloat16"]}, "context_size": POSITIVE, "bos_included": BOOL,
+    "seed": {"type": "integer"}, "dataset": {"type": "object"}, "n_tokens": WHOLE,
+    "holdout_shards": {"type": "array", "items": PLAIN_NAME}, "has_grads": BOOL,
+    "head_layout": nullable(obj({"n_heads": POSITIVE, "d_head": POSITIVE}, required=("n_heads", "d_head"))),
+    "shards": {"type": "array", "items": SHARD_SCHEMA}, "complete": BOOL, "n_contexts_planned": WHOLE,
+    "tokenizer_bos": nullable({"type": "integer"}), "model_info": nullable({"type": "object"}),
+}, required=MANIFEST_KEYS)
+
+
 def read_manifest(folder: pathlib.Path) -> dict:
+    """A store's manifest, held to ``MANIFEST_SCHEMA`` (and its held-out shards among its shards): a missing,
+    damaged or foreign one is a one-line error naming the file and the field."""
     path = pathlib.Path(folder) / MANIFEST
+    fix = "restore it or harvest the store again"
     try:
-        m = json.loads(read_text(path))
+        m = read_json(path, MANIFEST_SCHEMA, "store manifest", fix)
     except FileNotFoundError:
         raise SaelabError(f"{folder} holds no {MANIFEST}: pass a store folder written by `saelab harvest`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SaelabError(f"{path} is not valid JSON ({e}): restore it or harvest the store again") from None
-    if not isinstance(m, dict):
-        raise SaelabError(f"{path} is not a store manifest (a JSON object): restore it or harvest the store again")
-    missing = [k for k in MANIFEST_KEYS if k not in m]
-    if missing:
-        raise SaelabError(f"{path} lacks {', '.join(missing)}: it was not written by this saelab; harvest again")
-    bad = [k for k in ("format_version", "d_in", "context_size", "n_tokens")
-           if isinstance(m[k], bool) or not isinstance(m[k], int) or m[k] < (0 if k == "n_tokens" else 1)]
-    if m.get("dtype") not in ("float32", "float16", "bfloat16"):
-        bad.append("dtype")
-    if not isinstance(m["shards"], list) or not isinstance(m["holdout_shards"], list) or not all(
-            isinstance(s, dict) and isinstance(s.get("file"), str) and is_plain_name(s["file"])
-            and isinstance(s.get("rows"), int) and not isinstance(s.get("rows"), bool) and s["rows"] >= 0
-            for s in m["shards"]):
-        bad.append("shards")
-    elif not {f for f in m["holdout_shards"] if isinstance(f, str)} <= {s["file"] for s in m["shards"]} \
-            or not all(isinstance(f, str) for f in m["holdout_shards"]):
-        bad.append("holdout_shards")
-    if bad:
-        raise SaelabError(f"{path} has a bad {', '.join(bad)} ({', '.join(repr(m.get(k)) for k in bad)}): restore it "
-                          "or harvest the store again")
     if m["format_version"] > FORMAT_VERSION:
         raise SaelabError(f"{path} has format {m['format_version']}, newer than this saelab: upgrade saelab")
+    stray = sorted(set(m["holdout_shards"]) - {s["file"] for s in m["shards"]})
+    if stray:
+        raise SaelabError(f"{path} is not a valid store manifest: holdout_shards: {stray[0]!r} is not one of its "
+                          f"shards; {fix}")
     return m
 
 

@@ -3,75 +3,77 @@ it back with every check a reader relies on (the app's Circuits page reads it he
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from saelab.errors import SaelabError
-from saelab.fs import read_text
 from saelab.outputs import write_report
+from saelab.fs import finite_json
+from saelab.schema import NUMBER, TEXT, WHOLE, check, nullable, obj, read_json
 
 FORMAT_VERSION = 1
 KIND = "sparse_feature_circuit"
 
 
 def write_circuit(circuit: dict, path) -> pathlib.Path:
-    """The circuit as JSON (NaN as null), atomically; its folder made."""
+    """The circuit as JSON (NaN as null), atomically; its folder made. It is held to the schema its readers hold
+    it to before anything is written."""
+    check(finite_json(circuit), CIRCUIT_SCHEMA, path, "circuit file", "this is a bug in saelab: please report it")
     return write_report(path, circuit, "circuit", indent=1)
 
 
-def _number_or_none(v) -> bool:
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+MAYBE_NUMBER = nullable(NUMBER)
+NODE_SCHEMA = obj({"id": TEXT, "hook": TEXT, "layer": nullable({"type": "integer"}), "kind": {"enum": ["latent", "error"]},
+                   "latent": nullable(WHOLE), "effect": MAYBE_NUMBER},
+                  required=("id", "hook", "layer", "kind", "latent", "effect"))
+EDGE_SCHEMA = obj({"src": TEXT, "dst": TEXT, "weight": MAYBE_NUMBER}, required=("src", "dst", "weight"))
+SWEEP_SCHEMA = {"type": "array", "items": obj({"threshold": MAYBE_NUMBER, "n_nodes": WHOLE, "n_latents": WHOLE,
+                                               "n_edges": WHOLE, "faithfulness": MAYBE_NUMBER})}
+#: a circuit file, field by field (an undefined number is null: the writer turns NaN into null)
+CIRCUIT_SCHEMA = obj({
+    "kind": {"const": KIND}, "format_version": {"const": FORMAT_VERSION}, "model": TEXT, "group": TEXT,
+    "hooks": {"type": "array", "items": TEXT}, "saes": {"type": "object", "additionalProperties": TEXT},
+    "task": obj({"name": TEXT, "metric": TEXT, "n_examples": WHOLE, "accuracy": MAYBE_NUMBER}),
+    "method": TEXT, "ig_steps": nullable(WHOLE), "node_threshold": NUMBER, "edge_threshold": NUMBER,
+    "nodes": {"type": "array", "items": NODE_SCHEMA}, "edges": {"type": "array", "items": EDGE_SCHEMA},
+    "faithfulness": obj({"nodes": MAYBE_NUMBER, "edges": MAYBE_NUMBER, "node_sweep": SWEEP_SCHEMA,
+                         "edge_sweep": SWEEP_SCHEMA}),
+    "metric_values": nullable(obj({"full": MAYBE_NUMBER, "empty": MAYBE_NUMBER, "circuit": MAYBE_NUMBER})),
+    "n_latents_total": WHOLE, "latent_fraction": MAYBE_NUMBER,
+    "error_effects": {"type": "object", "additionalProperties": MAYBE_NUMBER},
+}, required=("kind", "format_version", "model", "hooks", "saes", "task", "method", "nodes", "edges", "faithfulness",
+             "node_threshold", "edge_threshold"))
 
 
 def load_circuit(path) -> dict:
-    """Read and validate a circuit file; SaelabError naming the problem."""
+    """A circuit file, held to ``CIRCUIT_SCHEMA`` and to what ties its parts together (a node's hook is one of the
+    circuit's hooks, a latent node has a latent and an error node none, an edge joins two of its nodes);
+    SaelabError naming the file and the field."""
     path = pathlib.Path(path).expanduser()
+    fix = "re-run saelab circuit"
     try:
-        c = json.loads(read_text(path))
-    except OSError as e:
-        raise SaelabError(f"cannot read circuit file {path} ({e.strerror}): run saelab circuit first") from None
-    except ValueError as e:
-        raise SaelabError(f"{path} is not valid JSON ({e}): re-run saelab circuit") from None
+        c = read_json(path, {"type": "object"}, "circuit file", fix)
+    except FileNotFoundError:
+        raise SaelabError(f"cannot read circuit file {path} (no such file): run saelab circuit first") from None
 
     def bad(why):
-        return SaelabError(f"{path} is not a circuit file: {why}; re-run saelab circuit")
+        return SaelabError(f"{path} is not a valid circuit file: {why}; {fix}")
 
-    if not isinstance(c, dict) or c.get("kind") != KIND:
-        raise bad(f'"kind" must be "{KIND}"')
-    if c.get("format_version") != FORMAT_VERSION:
-        raise bad(f"format_version {c.get('format_version')!r} (this saelab reads {FORMAT_VERSION})")
-    for key, typ in [("model", str), ("hooks", list), ("saes", dict), ("task", dict), ("method", str),
-                     ("nodes", list), ("edges", list), ("faithfulness", dict), ("node_threshold", (int, float)),
-                     ("edge_threshold", (int, float))]:
-        if not isinstance(c.get(key), typ):
-            raise bad(f"missing or mistyped {key!r}")
-    if not all(isinstance(h, str) for h in c["hooks"]) or not all(isinstance(v, str) for v in c["saes"].values()):
-        raise bad("hooks must be hook names and saes map hooks to folders")
-    for key in ("name", "metric"):
-        if key in c["task"] and not isinstance(c["task"][key], str):
-            raise bad(f"task {key} must be text")
-    for group in ("faithfulness", "metric_values"):
-        values = c.get(group) or {}
-        if not isinstance(values, dict) or not all(_number_or_none(values.get(k)) for k in ("nodes", "edges", "full",
-                                                                                           "empty", "circuit")):
-            raise bad(f"{group} must map to numbers")
+    # what the file is, before what its fields hold: another file's fields would only mislead
+    if c.get("kind") != KIND:
+        raise bad(f"kind: {c.get('kind')!r} is not {KIND!r}")
+    version = c.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise SaelabError(f"{path} has format {version}, newer than this saelab: upgrade saelab")
+    check(c, CIRCUIT_SCHEMA, path, "circuit file", fix)
+
     ids = set()
     for i, nd in enumerate(c["nodes"]):
-        if not isinstance(nd, dict) or not {"id", "hook", "layer", "kind", "latent", "effect"} <= set(nd):
-            raise bad(f"node {i} lacks id/hook/layer/kind/latent/effect")
-        if not isinstance(nd["id"], str) or not _number_or_none(nd["effect"]) or not (
-                nd["layer"] is None or (isinstance(nd["layer"], int) and not isinstance(nd["layer"], bool))):
-            raise bad(f"node {i}: id must be text, effect a number, layer a whole number")
-        if nd["hook"] not in c["hooks"] or nd["kind"] not in ("latent", "error"):
-            raise bad(f"node {nd['id']!r} has hook {nd['hook']!r} / kind {nd['kind']!r}")
-        if (nd["kind"] == "latent") != isinstance(nd["latent"], int):
-            raise bad(f"node {nd['id']!r}: latent nodes need an integer latent, error nodes null")
+        if nd["hook"] not in c["hooks"]:
+            raise bad(f"nodes[{i}].hook: {nd['hook']!r} is not one of the circuit's hooks")
+        if (nd["kind"] == "latent") != (nd["latent"] is not None):
+            raise bad(f"nodes[{i}].latent: a latent node needs a latent id, an error node null")
         ids.add(nd["id"])
     for i, ed in enumerate(c["edges"]):
-        if not isinstance(ed, dict) or not {"src", "dst", "weight"} <= set(ed):
-            raise bad(f"edge {i} lacks src/dst/weight")
-        if not isinstance(ed["src"], str) or not isinstance(ed["dst"], str) or not _number_or_none(ed["weight"]):
-            raise bad(f"edge {i}: src and dst must be node ids, weight a number")
         if ed["src"] not in ids or ed["dst"] not in ids:
-            raise bad(f"edge {ed['src']!r} → {ed['dst']!r} names a node that is not in the circuit")
+            raise bad(f"edges[{i}]: {ed['src']!r} → {ed['dst']!r} names a node that is not in the circuit")
     return c

@@ -5,16 +5,24 @@ reads the small [d_sae] arrays eagerly and one latent's slices per ``card``, and
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
-import json
 import pathlib
 import weakref
 
 import h5py
 import numpy as np
 
-from saelab.analysis.features.records import EAGER, FORMAT_VERSION, PER_LATENT, Example, LatentCard, weights_identity
-from saelab.errors import SaelabError
+from saelab.analysis.features.records import (
+    EAGER,
+    PER_LATENT,
+    Example,
+    LatentCard,
+    check_features_file,
+    weights_identity,
+)
+from saelab.errors import SaelabError, first_line
+from saelab.fs import check_regular
 from saelab.layout import FEATURES_FILE
 
 
@@ -58,8 +66,9 @@ class FeatureDB:
         self.path = self.sae_dir / FEATURES_FILE
         fix = f"run `saelab analyze --sae {self.sae_dir}`"
         ident = weights_identity(self.sae_dir)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise SaelabError(f"{self.path} is missing: {fix}")
+        check_regular(self.path)
         self._raw = _CountingFile(self.path, "r")
         _OPEN.add(self)
         try:
@@ -67,43 +76,51 @@ class FeatureDB:
         except OSError:
             self._raw.close()
             raise SaelabError(f"{self.path} is not a readable features file: {fix} again") from None
-        a = self._f.attrs
         try:
-            if int(a["format_version"]) > FORMAT_VERSION:
-                raise SaelabError(f"{self.path} has format {a['format_version']}, newer than this saelab: upgrade saelab")
-            theirs = (int(a["d_sae"]), int(a["d_in"]))
+            a, self.sections = check_features_file(self._f, self.path, f"{fix} again")
+            theirs = (a["d_sae"], a["d_in"])
             if theirs != (ident["d_sae"], ident["d_in"]):
                 raise SaelabError(f"{self.path} was written for another SAE (d_sae {theirs[0]}, d_in {theirs[1]}; this "
                                   f"SAE has {ident['d_sae']}, {ident['d_in']}): {fix} again")
-            if str(a["sae_sha256"]) != ident["sae_sha256"]:
+            if a["sae_sha256"] != ident["sae_sha256"]:
                 raise SaelabError(f"{self.path} was written for another SAE (the weights' sha256 differs): {fix} again")
-        except KeyError as e:
-            self.close()
-            raise SaelabError(f"{self.path} lacks {e}: it was not written by saelab analyze; {fix} again") from None
         except SaelabError:
             self.close()
             raise
-        self.d_sae: int = int(a["d_sae"])
-        self.d_in: int = int(a["d_in"])
-        self.signed: bool = bool(a["signed"])
-        self.hook: str = str(a["hook"])
-        self.model: str = str(a["model"])
-        self.arch: str = str(a["arch"])
-        self.n_rows: int = int(a["n_rows"])
-        self.context_size: int = int(a["context_size"])
-        self.before: int = int(a["before"])
-        self.n_bands: int = int(a["n_bands"])
-        self.sections: dict = json.loads(a["sections"])
-        self.head_layer: int | None = int(a["head_layer"]) if "head_layer" in a and a["head_layer"] >= 0 else None
-        for k in EAGER:
-            setattr(self, k, self._f[k][:])
-        self.hist_edges = self._f["hist_edges"][:]
-        self._ds = {k: self._f[k] for k in PER_LATENT if k in self._f}
-        self._vocab: list[str] | None = None
-        self.vocab()  # shared by every card: read once here, so a card reads only its own slices
+        except OSError as e:  # a damaged file fails to read a dataset's header
+            self.close()
+            raise SaelabError(f"{self.path} is not a readable features file ({first_line(e, 100)}): {fix} again") \
+                from None
+        self.d_sae: int = a["d_sae"]
+        self.d_in: int = a["d_in"]
+        self.signed: bool = a["signed"]
+        self.hook: str = a["hook"]
+        self.model: str = a["model"]
+        self.arch: str = a["arch"]
+        self.n_rows: int = a["n_rows"]
+        self.context_size: int = a["context_size"]
+        self.before: int = a["before"]
+        self.n_bands: int = a["n_bands"]
+        self.head_layer: int | None = a["head_layer"] if a.get("head_layer", -1) >= 0 else None
+        with self._reading():
+            for k in EAGER:
+                setattr(self, k, self._f[k][:])
+            self.hist_edges = self._f["hist_edges"][:]
+            self._ds = {k: self._f[k] for k in PER_LATENT if k in self._f}
+            self._vocab: list[str] | None = None
+            self.vocab()  # shared by every card: read once here, so a card reads only its own slices
         self._logit_index = None
 
     # -- plumbing
+    @contextlib.contextmanager
+    def _reading(self):
+        """Reads of the file's data: a damaged file (a truncated or overwritten data block) is a one-line error."""
+        try:
+            yield
+        except OSError as e:
+            raise SaelabError(f"{self.path} is damaged ({first_line(e, 100)}): run `saelab analyze --sae "
+                              f"{self.sae_dir}` again") from None
+
     @property
     def bytes_read(self) -> int:
         return self._raw.bytes_read
@@ -148,7 +165,8 @@ class FeatureDB:
     def card(self, latent: int) -> LatentCard:
         """One latent's card; reads only that latent's slice of each per-latent dataset."""
         i = self._latent(latent)
-        d = {k: ds[i] for k, ds in self._ds.items()}
+        with self._reading():
+            d = {k: ds[i] for k, ds in self._ds.items()}
         rows, vals, toks, acts = d["ex_rows"], d["ex_vals"], d["ex_tokens"], d["ex_acts"]
 
         def examples(name):
@@ -207,7 +225,8 @@ class FeatureDB:
         if not ids:
             return []
         if self._logit_index is None:
-            self._logit_index = (self._ds["logit_top_ids"][:], self._ds["logit_top"][:])
+            with self._reading():
+                self._logit_index = (self._ds["logit_top_ids"][:], self._ds["logit_top"][:])
         top_ids, top_vals = self._logit_index
         hit = np.isin(top_ids, ids)
         score = np.where(hit, top_vals, -np.inf).max(1)

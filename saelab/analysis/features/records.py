@@ -24,12 +24,16 @@ with no chunk index to consult:
 
 from __future__ import annotations
 
+import json
 import pathlib
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from saelab.errors import SaelabError
 from saelab.fs import sha256_file
 from saelab.layout import WEIGHTS_FILE, read_sae_cfg
+from saelab.schema import BOOL, POSITIVE, TEXT, WHOLE, check, obj
 
 FORMAT_VERSION = 1
 BEFORE, AFTER = 10, 4  # tokens of context shown before / after an example's token
@@ -41,6 +45,87 @@ N_BINS = 64
 PER_LATENT = ("ex_rows", "ex_vals", "ex_tokens", "ex_acts", "hist", "logit_top_ids", "logit_top",
               "logit_bottom_ids", "logit_bottom", "neighbours", "neighbour_cos", "head_share")
 EAGER = ("density", "mean_act", "max_act", "min_act", "count", "group")
+LOGITS = ("logit_top_ids", "logit_top", "logit_bottom_ids", "logit_bottom")
+
+#: the attributes of features.h5, as Python values (see ``file_attrs``)
+ATTRS_SCHEMA = obj({
+    "format_version": POSITIVE, "sae_sha256": TEXT, "d_sae": POSITIVE, "d_in": POSITIVE, "hook": TEXT, "model": TEXT,
+    "arch": TEXT, "signed": BOOL, "store": TEXT, "n_rows": WHOLE, "context_size": POSITIVE, "before": WHOLE,
+    "after": WHOLE, "top": WHOLE, "n_bands": POSITIVE, "per_band": WHOLE, "sections": TEXT, "bos_excluded": BOOL,
+    "n_heads": POSITIVE, "head_layer": {"type": "integer", "minimum": -1},
+}, required=("format_version", "sae_sha256", "d_sae", "d_in", "hook", "model", "arch", "signed", "n_rows",
+             "context_size", "before", "n_bands", "sections"))
+#: the "sections" attribute: example-axis ranges by name
+SECTIONS_SCHEMA = {"type": "object", "additionalProperties": {"type": "array", "items": WHOLE, "minItems": 2,
+                                                              "maxItems": 2}}
+
+
+def file_attrs(attrs) -> dict:
+    """An HDF5 attribute set as Python values (numpy scalars unwrapped, bytes decoded), for ``ATTRS_SCHEMA``."""
+    out = {}
+    for k, v in attrs.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", "replace")
+        out[k] = v if isinstance(v, (bool, int, float, str)) else repr(v)
+    return out
+
+
+def check_features_file(f, path, fix: str) -> tuple[dict, dict]:
+    """(attrs, sections) of the open features file ``f`` once every attribute has its type and range and every
+    dataset a card or search reads has the kind and shape the format gives it (see the module docstring), so a
+    reader can index it without a check of its own; SaelabError naming the file and the field otherwise."""
+    def bad(why):
+        return SaelabError(f"{path} is not a valid features file: {why}; {fix}")
+
+    attrs = check(file_attrs(f.attrs), ATTRS_SCHEMA, path, "features file", fix)
+    if attrs["format_version"] > FORMAT_VERSION:
+        raise SaelabError(f"{path} has format {attrs['format_version']}, newer than this saelab: upgrade saelab")
+    try:
+        sections = json.loads(attrs["sections"])
+    except ValueError:
+        raise bad("sections: not JSON") from None
+    check(sections, SECTIONS_SCHEMA, path, "features file (its sections attribute)", fix)
+    d = attrs["d_sae"]
+
+    def dataset(name, ndim, kind, lead=d):
+        ds = f.get(name)
+        if ds is None or not hasattr(ds, "shape"):
+            raise bad(f"{name}: missing")
+        if len(ds.shape) != ndim or (lead is not None and ds.shape[0] != lead) or ds.dtype.kind not in kind:
+            raise bad(f"{name}: {ds.dtype} {tuple(ds.shape)}, not {'an integer' if kind == 'iu' else 'a float'} "
+                      f"array of {ndim} dimension(s)" + (f" over {lead} latents" if lead is not None else ""))
+        return ds
+
+    for name in EAGER:
+        dataset(name, 1, "iu" if name in ("count", "group") else "f")
+    n_ex = dataset("ex_rows", 2, "iu").shape[1]
+    if dataset("ex_vals", 2, "f").shape[1] != n_ex:
+        raise bad(f"ex_vals: {n_ex} examples in ex_rows, a different number here")
+    for name, kind in (("ex_tokens", "iu"), ("ex_acts", "f")):
+        if dataset(name, 3, kind).shape[1] != n_ex:
+            raise bad(f"{name}: {n_ex} examples in ex_rows, a different number here")
+    edges = dataset("hist_edges", 1, "f", lead=None)
+    if dataset("hist", 2, "iu").shape[1] != edges.shape[0] - 1:
+        raise bad(f"hist: not one count per bin of hist_edges ({edges.shape[0] - 1})")
+    if dataset("neighbour_cos", 2, "f").shape != dataset("neighbours", 2, "iu").shape:
+        raise bad("neighbour_cos: not one value per entry of neighbours")
+    present = [k for k in LOGITS if k in f]
+    if present and len(present) != len(LOGITS):
+        raise bad(f"{sorted(set(LOGITS) - set(present))[0]}: missing (the logit datasets come together)")
+    for name in present:
+        dataset(name, 2, "iu" if name.endswith("_ids") else "f")
+    if "head_share" in f:
+        dataset("head_share", 2, "f")
+    dataset("vocab_blob", 1, "u", lead=None)
+    offsets = dataset("vocab_offsets", 1, "iu", lead=None)[:]
+    if len(offsets) < 1 or offsets[0] != 0 or (np.diff(offsets) < 0).any() or offsets[-1] > f["vocab_blob"].shape[0]:
+        raise bad("vocab_offsets: not rising offsets into vocab_blob")
+    for name, (a, b) in sections.items():
+        if not a <= b <= n_ex:
+            raise bad(f"sections[{json.dumps(name)}]: [{a}, {b}) is not within the {n_ex} examples")
+    return attrs, sections
 
 
 @dataclass
