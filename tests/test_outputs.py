@@ -445,3 +445,15 @@ def test_training_under_a_write_limit_is_one_line(planted_store, tmp_path):
     assert r.returncode == 2 and "could not be written (File too large)" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_path_the_filesystem_refuses_is_one_line(planted_store, tmp_path, capsys):
+    """A name too long for the filesystem, or a path through a file, is one line naming the path and the fix
+    wherever a command meets it (the check of --out, or a write later on), and nothing is left behind."""
+    long = tmp_path / ("a" * 300)
+    _fails(["synthetic", "--rows", "1024", "--out", long, "--quiet"], capsys, "File name too long: choose a shorter")
+    _fails(["train", "--activations", planted_store, "--out", long, "--quiet"], capsys, "choose a shorter name")
+    sae = SAE.create("topk", d_in=64, d_sae=128, k=4).save(tmp_path / "sae")
+    _fails(["compare", "--sae", sae, "--other", sae, "--json", tmp_path / ("b" * 300 + ".json")], capsys,
+           "choose a shorter name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]

@@ -151,7 +151,7 @@ def test_make_task_takes_rows_built_in_python(tiny, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
     a, b = make_task(rows, tiny), make_task(str(path), tiny, n=3)
     assert a.name == "custom" and torch.equal(a.clean, b.clean) and torch.equal(a.answer, b.answer)
-    with pytest.raises(SaelabError, match=r"rows\[1\]: missing or non-string wrong"):
+    with pytest.raises(SaelabError, match=r"rows\[1\] is not a valid task example: wrong: None is not text"):
         make_task([rows[0], {**rows[0], "wrong": None}], tiny)
     with pytest.raises(SaelabError, match="the rows has no examples|has no examples"):
         make_task([], tiny)

@@ -54,7 +54,9 @@ import torch
 
 from saelab.device import device_of
 from saelab.errors import SaelabError
+from saelab.fs import check_regular
 from saelab.models import tokenizer_bos
+from saelab.schema import TEXT, check, obj
 
 INDUCTION_LEN = 16   # L: random tokens in the first copy
 INDUCTION_REPEAT = 8  # M: tokens of the second copy before the one to predict
@@ -272,8 +274,9 @@ def names_task(model, n: int = 64, seed: int = 0) -> Task:
 # ----------------------------------------------------------------------------- JSONL
 def jsonl_task(path, model, n: int = 64) -> Task:
     path = pathlib.Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise SaelabError(f"task file {path} does not exist: pass induction, ioi, names, or an existing .jsonl file")
+    check_regular(path)
 
     def lines():
         with open(path, "rb") as fh:
@@ -294,6 +297,11 @@ def jsonl_task(path, model, n: int = 64) -> Task:
     return _rows_task(path.stem, lines(), model, n, f"task file {path}")
 
 
+#: one example of a task file (a line of JSON) or of ``rows_task``'s rows
+TASK_LINE_SCHEMA = obj({k: TEXT for k in ("clean", "corrupted", "answer", "wrong")},
+                       required=("clean", "corrupted", "answer", "wrong"))
+
+
 def rows_task(rows, model, n: int = 64, name: str = "custom") -> Task:
     """A task from a list of ``{"clean", "corrupted", "answer", "wrong"}`` dicts, checked as a .jsonl
     file's lines are (``make_task(rows, model)`` calls this)."""
@@ -311,12 +319,8 @@ def _rows_task(name: str, items, model, n: int, source: str) -> Task:
         if item is None:
             break
         where, obj = item
-        if not isinstance(obj, dict):
-            raise SaelabError(f"{where}: expected a JSON object with clean, corrupted, answer, wrong")
-        missing = [k for k in ("clean", "corrupted", "answer", "wrong") if not isinstance(obj.get(k), str)]
-        if missing:
-            raise SaelabError(f"{where}: missing or non-string {', '.join(missing)}; each line needs "
-                              '{"clean", "corrupted", "answer", "wrong"} strings')
+        check(obj, TASK_LINE_SCHEMA, where, "task example", 'each line needs {"clean", "corrupted", "answer", '
+              '"wrong"} strings')
         ids = [bos] + tok.encode(obj["clean"], add_special_tokens=False)
         ids_c = [bos] + tok.encode(obj["corrupted"], add_special_tokens=False)
         if len(ids) != len(ids_c):

@@ -47,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: the errors of a write the filesystem has no room for, or no longer takes
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+#: what to do about the other errors a path can meet (a name too long, a folder gone or never made, no permission)
+_PATH_FIX = {
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.ENOENT: "the folder is not there (it was moved, deleted, or never made): check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder: pass a file",
+    errno.EACCES: "choose a place you may write to, or change its permissions",
+    errno.EPERM: "choose a place you may write to, or change its permissions",
+    errno.ELOOP: "the path loops through symbolic links: check the path",
+    errno.EEXIST: "something else made it meanwhile: choose another name",
+}
 
 
 def _terminated(signum, frame):
@@ -85,12 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saelab: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in _NO_ROOM:
+        # a filesystem error the command met on a path (the writers' cleanup has run: no temp file is left);
+        # SAELAB_TRACEBACK=1 shows where, for a bug report
+        if os.environ.get("SAELAB_TRACEBACK") or not (e.errno in _NO_ROOM or e.errno in _PATH_FIX):
             raise
-        # a write that failed mid-run (the writers' cleanup has run: no temp file is left)
-        print(f"saelab: error: {e.filename or 'a file'} could not be written ({e.strerror}): free space or choose "
-              "another --out" + (" (then resume with --resume)" if getattr(args, "resume", None) is not None else ""),
-              file=sys.stderr)
+        resume = " (then resume with --resume)" if getattr(args, "resume", None) is not None else ""
+        if e.errno in _NO_ROOM:
+            print(f"saelab: error: {e.filename or 'a file'} could not be written ({e.strerror}): free space or "
+                  f"choose another --out{resume}", file=sys.stderr)
+        else:
+            print(f"saelab: error: {e.filename or 'a path'}: {e.strerror}: {_PATH_FIX[e.errno]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("saelab: interrupted" + (" (resume with --resume)" if hasattr(args, "resume") else ""), file=sys.stderr)
