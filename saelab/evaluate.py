@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from saelab.device import device_of, pick_device
 from saelab.errors import SaelabError
-from saelab.fs import atomic_write_text, check_writable_in
+from saelab.fs import atomic_write_text, check_writable_in, run_lock
 from saelab.hooks import flat_hook
 from saelab.kernels import sparse_decode
 from saelab.kernels.dispatch import resolve_kernel
@@ -168,7 +168,7 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     """What `saelab eval` does for one SAE folder: store metrics, and CE metrics when a model is given (by name,
     ``model_name``, or already loaded, ``model``: a group's SAEs share one); writes eval.json. The store is
     ``activations`` or the one the SAE's train.json names; with neither, a one-line error."""
-    from saelab.targets import load_sae, store_for_sae
+    from saelab.targets import load_sae
 
     if n_contexts < 1:
         raise SaelabError(f"--contexts must be positive (got {n_contexts})")
@@ -176,8 +176,19 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
         check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
     sae = load_sae(sae_path)
-    if write:
-        check_writable_in(sae_path, EVAL_FILE)  # before the pass, not after it
+    args = (sae_path, sae, activations, model_name, n_contexts, device, progress, write, model)
+    if not write:
+        return _evaluate(*args)
+    check_writable_in(sae_path, EVAL_FILE)  # before the pass, not after it
+    # one run at a time in an SAE folder (train holds it while it trains there), from before the pass to eval.json
+    with run_lock(sae_path, alternative="evaluate a copy of the SAE folder"):
+        return _evaluate(*args)
+
+
+def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, device, progress, write,
+              model) -> dict:
+    from saelab.targets import store_for_sae
+
     dev = pick_device(device)
     info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)

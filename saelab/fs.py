@@ -12,6 +12,7 @@ through here, so a reader sees the old file or the new one, never half of one:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -148,11 +149,11 @@ def check_writable_in(folder: str | os.PathLike, name: str) -> None:
                           "copy the SAE folder somewhere you can write")
 
 
-def write_error(path: pathlib.Path, e: OSError) -> SaelabError:
+def write_error(path: pathlib.Path, e: OSError,
+                fix: str = "free space or choose another --out; what the run finished before is kept") -> SaelabError:
     """The one-line error of a file that could not be written mid-run (a full disk, a file-size limit, a folder that
-    went read-only or away): the file named, the previous complete state kept (its temp file is gone)."""
-    return SaelabError(f"{path} could not be written ({_why(e)}): free space or choose another --out; what the run "
-                       "finished before is kept")
+    went read-only or away): the file named, the previous complete state kept (its temp file is gone), and ``fix``."""
+    return SaelabError(f"{path} could not be written ({_why(e)}): {fix}")
 
 
 def _unwritable(flag: str, path: pathlib.Path, e: OSError) -> SaelabError:
@@ -203,35 +204,71 @@ def check_free_space(folder: str | os.PathLike, need: int, what: str, fix: str) 
 LOCK_NAME = ".saelab.lock"
 
 
-def _entries(folder: pathlib.Path) -> list[pathlib.Path]:
-    """What a folder holds, its run lock left out."""
+def entries(folder: pathlib.Path) -> list[pathlib.Path]:
+    """What a folder holds, its run lock left out (a run that died leaves its lock file: it holds nothing)."""
     return [c for c in folder.iterdir() if c.name != LOCK_NAME]
 
 
+def _same_file(fd: int, path: pathlib.Path) -> bool:
+    """Whether ``path`` names the file open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
+
 @contextlib.contextmanager
-def run_lock(folder: str | os.PathLike):
+def run_lock(folder: str | os.PathLike, alternative: str = "choose another --out"):
     """Hold the output folder of a run for the block: a second run into it gets a one-line error naming the first
-    (its pid and command) instead of interleaving its files with this one's. The lock is the kernel's (flock), so
-    a run that dies releases it; the file is removed when the block ends."""
+    (its pid and command) and ``alternative`` instead of interleaving its files with this one's. The lock is the
+    kernel's (flock), so a run that dies releases it; the holder removes the file when the block ends.
+
+    The lock is held on the file the path names, not on an inode that was unlinked: a run that opened the file just
+    before its holder removed it locks that orphan, finds the path names another file (or none) and opens the path
+    again, so two runs never both hold a folder. Only the holder removes or moves the file."""
     import fcntl
 
     path = pathlib.Path(folder).expanduser() / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
             raise SaelabError(f"{folder} is in use by another saelab run ({holder}): wait for it to finish, or stop "
-                              "it, or choose another --out") from None
+                              f"it, or {alternative}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the holder removed it meanwhile: lock the file the path names now
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(['saelab', *sys.argv[1:]])}".encode(), 0)
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
+        yield
     finally:
+        if _same_file(fd, path):  # ours (replace_held_folder moves it with the folder), never another run's
+            path.unlink(missing_ok=True)
         os.close(fd)
+
+
+def replace_held_folder(staged: pathlib.Path, folder: pathlib.Path) -> None:
+    """Rename the finished folder ``staged`` over ``folder``, an empty folder this process holds (``run_lock``),
+    moving the lock file with it: ``folder`` then holds ``staged``'s files all at once (one rename) and stays held
+    until the lock's block ends. A file another process put into ``folder`` meanwhile stops the rename: a one-line
+    error, ``folder`` left as that process has it, ``staged`` still in place for the caller to remove."""
+    os.rename(folder / LOCK_NAME, staged / LOCK_NAME)
+    try:
+        os.replace(staged, folder)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise SaelabError(f"{folder} was written by another process while this run held it: nothing was moved "
+                          "into it; run again once that process is done") from None
 
 
 def out_folder(out: str | os.PathLike, *, resume: bool = False, resumable: bool = True,
@@ -242,7 +279,7 @@ def out_folder(out: str | os.PathLike, *, resume: bool = False, resumable: bool 
     out = pathlib.Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise SaelabError(f"{flag} {out} is a file: pass a folder path")
-    if not resume and out.is_dir() and _entries(out):
+    if not resume and out.is_dir() and entries(out):
         fix = "pass --resume to continue it, or choose a new --out" if resumable else "choose a new --out or delete it"
         raise SaelabError(f"{flag} {out} already exists: {fix}")
     try:
@@ -285,7 +322,7 @@ def remove_contents(folder: str | os.PathLike) -> None:
     """Delete everything inside ``folder`` (kept itself) but its run lock: what a failed run wrote into a folder it
     found empty."""
     folder = pathlib.Path(folder)
-    for child in _entries(folder) if folder.is_dir() else ():
+    for child in entries(folder) if folder.is_dir() else ():
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:

@@ -17,7 +17,9 @@ make a group folder (``GROUP/<hook>/`` + ``group.json``) as ``saelab train`` wri
 ``saelab circuit``, the app and ``analyze``.
 
 A failure leaves nothing behind: the files are gathered in hidden folders, fsynced, checked and
-only then renamed into place. Fetching into a folder that already holds the same SAE (or group)
+only then renamed into place. One fetch at a time writes an ``out`` (``fs.run_lock``, held from the
+download to the rename; a second gets a one-line error naming the first), and it removes the staging
+folders a killed one left. Fetching into a folder that already holds the same SAE (or group)
 from the same repo, subfolder and revision is a no-op, so a notebook may call it every time.
 """
 
@@ -30,7 +32,8 @@ import pathlib
 import shutil
 
 from saelab.errors import SaelabError
-from saelab.fs import atomic_write_text, fsync_dir, fsync_file, no_empty_folder_left
+from saelab.fs import (atomic_write_text, entries, fsync_dir, fsync_file, no_empty_folder_left,
+                       replace_held_folder, run_lock)
 from saelab.hooks import hook_layer
 from saelab.hub.download import _read_hub_sae, _read_local_sae, default_out, local_folder, parse_spec
 from saelab.layout import CFG_FILE, GROUP_FILE, SOURCE_FILE, group_json, hub_spec, read_group, read_source
@@ -197,23 +200,55 @@ def fetch_sae(spec: str, out=None, revision: str | None = None, cache_dir=None, 
     out = pathlib.Path(out).expanduser() if out is not None else default_out(spec)
     if out.exists() and not out.is_dir():
         raise SaelabError(f"--out {out} is a file: pass a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if _holds(out, spec, revision, target):
-            return out, SAE.load(out), False  # fetched before (delete the folder to fetch again)
-        raise SaelabError(f"--out {out} already exists and holds something else: choose a new --out")
+    if _fetched_before(out, [spec], revision, target):  # a folder of something else is refused untouched
+        return out, SAE.load(out), False
     _quiet_bars(progress)
-    with no_empty_folder_left(out.parent):
-        tmp = out.parent / f".{out.name}.fetching-{os.getpid()}"
-        sae = _stage(spec, revision, cache_dir, tmp, target)
-        try:
-            if out.is_dir():
-                out.rmdir()  # an empty folder made beforehand
-            os.replace(tmp, out)
-            fsync_dir(out.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with no_empty_folder_left(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with run_lock(out):  # one fetch at a time into --out, from the download to the rename
+            if _fetched_before(out, [spec], revision, target):  # another run fetched it meanwhile
+                return out, SAE.load(out), False
+            tmp = out.parent / f".{out.name}{STAGING}{os.getpid()}"
+            _remove_staging(out.parent, f".{out.name}{STAGING}")
+            sae = _stage(spec, revision, cache_dir, tmp, target)
+            try:
+                replace_held_folder(tmp, out)  # all of the SAE appears at once
+                fsync_dir(out.parent)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     return out, sae, True
+
+
+#: the infix of the hidden folders a fetch stages its files in (beside --out, or inside a group's --out)
+STAGING = ".fetching-"
+
+
+def _remove_staging(folder: pathlib.Path, prefix: str) -> None:
+    """Remove the staging folders (``prefix`` and a pid, or a pid-index) that runs killed before their rename left in
+    ``folder``: the caller holds the run lock of the folder they were staged for, so no live run is writing them."""
+    for child in folder.iterdir():
+        pid = child.name[len(prefix):] if child.name.startswith(prefix) else ""
+        if pid.replace("-", "").isdigit() and child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def _fetched_before(out: pathlib.Path, specs: list[str], revision: str | None, target: dict | None) -> bool:
+    """Whether ``out`` already holds these SAEs (one: an SAE folder, several: a group) fetched at this revision with
+    this --model / --hook: True, or False for a new or empty folder (a killed run's lock or staging folders count as
+    empty); a folder of anything else is a one-line error."""
+    if not out.is_dir():
+        return False
+    held = [c for c in entries(out) if not c.name.startswith(STAGING)]
+    if not held:
+        return False
+    if len(specs) == 1 and _holds(out, specs[0], revision, target):
+        return True
+    group = read_group(out) if len(specs) > 1 else None
+    if group and len(group[1]) == len(specs) and all(
+            any(_holds(f, s, revision, target) for f in group[1].values()) for s in specs):
+        return True
+    raise SaelabError(f"--out {out} already exists and holds something else: choose a new --out")
 
 
 def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=None, progress: bool = True,
@@ -236,40 +271,50 @@ def fetch_group(specs: list[str], out, revision: str | None = None, cache_dir=No
     out = pathlib.Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise SaelabError(f"--out {out} is a file: pass a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        group = read_group(out)
-        if group and len(group[1]) == len(specs) and all(
-                any(_holds(f, s, revision, target) for f in group[1].values()) for s in specs):
-            return out, {h: SAE.load(f) for h, f in group[1].items()}, False
-        raise SaelabError(f"--out {out} already exists and holds something else: choose a new --out")
+
+    def fetched():
+        return out, {h: SAE.load(f) for h, f in read_group(out)[1].items()}, False
+
+    if _fetched_before(out, specs, revision, target):
+        return fetched()
     _quiet_bars(progress)
     with no_empty_folder_left(out):
         out.mkdir(parents=True, exist_ok=True)
-        staged: list[tuple[str, pathlib.Path, object]] = []
-        placed: list[pathlib.Path] = []
-        try:
-            for i, spec in enumerate(specs):
-                tmp = out / f".fetching-{os.getpid()}-{i}"
-                staged.append((spec, tmp, _stage(spec, revision, cache_dir, tmp, target)))
-            by_hook: dict[str, str] = {}
-            for spec, _, sae in staged:
-                hook = sae.cfg.hook_name
-                if not hook:
-                    raise SaelabError(f"{spec} records no hook: a group holds one SAE per hook; fetch it alone")
-                if hook in by_hook:
-                    raise SaelabError(f"{by_hook[hook]} and {spec} both read {hook}: a group holds one SAE per hook")
-                by_hook[hook] = spec
-            models = sorted({sae.cfg.model_name for _, _, sae in staged})
-            if any(not same_model(models[0], m) for m in models[1:]):
-                raise SaelabError(f"these SAEs come from different models ({', '.join(m or '?' for m in models)}): "
-                                  "a group is of one model; fetch them into separate groups")
-            for _, tmp, sae in staged:
-                os.replace(tmp, out / sae.cfg.hook_name)
-                placed.append(out / sae.cfg.hook_name)
-            atomic_write_text(out / GROUP_FILE, group_json(models[0], by_hook))
-            fsync_dir(out)
-        except BaseException:
-            for folder in [tmp for _, tmp, _ in staged] + placed:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise
+        with run_lock(out):  # one fetch at a time into --out, from the downloads to group.json
+            if _fetched_before(out, specs, revision, target):  # another run fetched it meanwhile
+                return fetched()
+            _remove_staging(out, STAGING)
+            return _fetch_into_group(specs, out, revision, cache_dir, target)
+
+
+def _fetch_into_group(specs: list[str], out: pathlib.Path, revision, cache_dir, target):
+    """``fetch_group``'s work in the held, empty group folder ``out``: stage every SAE, check them together, move
+    them into place, write group.json; a failure removes what it staged and placed."""
+    staged: list[tuple[str, pathlib.Path, object]] = []
+    placed: list[pathlib.Path] = []
+    try:
+        for i, spec in enumerate(specs):
+            tmp = out / f"{STAGING}{os.getpid()}-{i}"
+            staged.append((spec, tmp, _stage(spec, revision, cache_dir, tmp, target)))
+        by_hook: dict[str, str] = {}
+        for spec, _, sae in staged:
+            hook = sae.cfg.hook_name
+            if not hook:
+                raise SaelabError(f"{spec} records no hook: a group holds one SAE per hook; fetch it alone")
+            if hook in by_hook:
+                raise SaelabError(f"{by_hook[hook]} and {spec} both read {hook}: a group holds one SAE per hook")
+            by_hook[hook] = spec
+        models = sorted({sae.cfg.model_name for _, _, sae in staged})
+        if any(not same_model(models[0], m) for m in models[1:]):
+            raise SaelabError(f"these SAEs come from different models ({', '.join(m or '?' for m in models)}): "
+                              "a group is of one model; fetch them into separate groups")
+        for _, tmp, sae in staged:
+            os.replace(tmp, out / sae.cfg.hook_name)
+            placed.append(out / sae.cfg.hook_name)
+        atomic_write_text(out / GROUP_FILE, group_json(models[0], by_hook))
+        fsync_dir(out)
+    except BaseException:
+        for folder in [tmp for _, tmp, _ in staged] + placed:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return out, {sae.cfg.hook_name: sae for _, _, sae in staged}, True

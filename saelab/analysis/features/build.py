@@ -5,7 +5,9 @@ One pass, bounded memory, over the store in row order (``ActivationStore.batches
 hold whole contexts). Per batch the SAE's codes become sparse entries (``codes.sparse_codes``) that the
 accumulators take in (``accumulate.Accumulator``). After the pass: logit effects (``logit_lens.logit_effects``),
 nearest latents by decoder cosine (``geometry.neighbours``), head shares for ``attn.hook_z`` SAEs, Matryoshka
-nesting groups; then the file is written (its layout: ``records``).
+nesting groups; then the file is written (its layout: ``records``) under its temp name and renamed into place,
+h5py writing through a Python file object (``_Sink``), so a full disk is an OSError, not a crash. The SAE folder's
+run lock is held from before the model loads to the rename: one analyze (or eval, or train) at a time in it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from saelab.analysis.geometry import head_shares, neighbours
 from saelab.analysis.logit_lens import logit_effects
 from saelab.device import one_thread, pick_device
 from saelab.errors import SaelabError
-from saelab.fs import atomic_file, check_writable_in
+from saelab.fs import atomic_file, check_free_space, check_writable_in, run_lock, write_error
 from saelab.hooks import hook_layer
 from saelab.layout import FEATURES_FILE, GROUP_FILE
 from saelab.options import AnalyzeOptions
@@ -78,9 +80,6 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=AnalyzeOptions.top, m
     folder (default: the store the SAE was trained on, from train.json). ``tokens``: analyse only the
     first N rows (rounded up to whole contexts). ``model``: a loaded model for logit effects and token
     strings (default: load the store's model; none for synthetic stores)."""
-    from saelab.models import load_model
-    from saelab.sae.base import SAE
-
     sae_dir = pathlib.Path(sae_dir).expanduser()
     if (sae_dir / GROUP_FILE).is_file():
         raise SaelabError(f"{sae_dir} is a group folder: analyse it with `saelab analyze --sae {sae_dir}` "
@@ -92,10 +91,31 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=AnalyzeOptions.top, m
         raise SaelabError(f"--tokens must be at least 1 (got {tokens})")
     ident = weights_identity(sae_dir)
     check_writable_in(sae_dir, FEATURES_FILE)  # features.h5 is written at the end of the pass
+    # one run at a time in an SAE folder (train holds it while it trains there), taken before the model loads
+    with run_lock(sae_dir, alternative="analyse a copy of the SAE folder"):
+        return _build(sae_dir, ident, activations, tokens=tokens, top=top, model=model, device=device,
+                      progress=progress, batch_size=batch_size)
+
+
+def _file_bytes(d_sae: int, top: int, signed: bool) -> int:
+    """About how large features.h5 will be (its examples and histograms; the rest is small beside them), known
+    before the pass from the SAE alone."""
+    examples = top * (2 if signed else 1) + N_BANDS * PER_BAND
+    per_example = 8 + 4 + 2 * 4 * WINDOW  # row, value, the window's tokens and activations
+    return d_sae * (examples * per_example + 8 * N_BINS)
+
+
+def _build(sae_dir: pathlib.Path, ident: dict, activations, *, tokens, top, model, device, progress,
+           batch_size) -> pathlib.Path:
+    from saelab.models import load_model
+    from saelab.sae.base import SAE
+
     dev = pick_device(device)
     sae = SAE.load(sae_dir, device=dev).eval().check_finite(sae_dir)
-    store = store_for_sae(sae_dir, sae, activations)
     signed = bool(getattr(sae, "signed", False))
+    check_free_space(sae_dir, _file_bytes(sae.d_sae, int(top), signed), f"the feature database of {sae_dir}",
+                     "free space, or analyse a copy of the SAE folder on a disk with room")
+    store = store_for_sae(sae_dir, sae, activations)
     name = store.manifest.get("model") or sae.cfg.model_name
     if model is None and name and name != "synthetic":
         model = load_model(name, device=str(dev))
@@ -179,22 +199,65 @@ def analyze(sae_dir, activations=None, *, tokens=None, top=AnalyzeOptions.top, m
            if heads is not None else {}),
     }
     final = sae_dir / FEATURES_FILE
-    with atomic_file(final) as tmp:
-        _write(tmp, attrs, small, per, np_(edges).astype(np.float64), vocab)
+    try:
+        with atomic_file(final) as tmp:
+            _write(tmp, attrs, small, per, np_(edges).astype(np.float64), vocab)
+    except OSError as e:  # a full disk or a file-size limit: the temp file is gone, the previous features.h5 kept
+        raise write_error(final, e, f"free space, or analyse a copy of the SAE folder on a disk with room; the "
+                                    f"previous {FEATURES_FILE} (if any) is kept") from None
     return final
 
 
+class _Sink:
+    """The file h5py writes features.h5 through (``h5py.File(fileobj)``): every call goes to the real file, and the
+    first exception of one (an OSError of a full disk or a file-size limit, a KeyboardInterrupt of Ctrl-C or
+    SIGTERM) is kept, because h5py turns an exception in its file callbacks into one of its own (a RuntimeError,
+    a SystemError) or loses it. HDF5 writing the file itself, under its own file driver, crashed the process
+    (a segfault) when a write failed; through Python the failure comes back as the exception."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def __getattr__(self, name):
+        method = getattr(self._f, name)
+        if not callable(method):
+            return method
+
+        def call(*args):
+            if self.error is not None:  # the file is broken: nothing more goes into it
+                raise self.error
+            try:
+                return method(*args)
+            except BaseException as e:
+                self.error = e
+                raise
+        return call
+
+
 def _write(tmp: pathlib.Path, attrs: dict, small: dict, per: dict, edges: np.ndarray, vocab: list[str]) -> None:
-    with h5py.File(tmp, "w", libver="latest") as f:
-        f.attrs.update(attrs)
-        for k_, v in small.items():
-            f.create_dataset(k_, data=v)
-        for k_, v in per.items():  # contiguous, row-major: one latent = one contiguous byte range
-            f.create_dataset(k_, data=v)
-        f.create_dataset("hist_edges", data=edges)
-        blob = [s.encode("utf-8", "surrogatepass") for s in vocab]
-        f.create_dataset("vocab_offsets", data=np.concatenate([[0], np.cumsum([len(s) for s in blob])]).astype(np.int64))
-        f.create_dataset("vocab_blob", data=np.frombuffer(b"".join(blob), dtype=np.uint8))
+    with open(tmp, "wb") as raw:
+        sink = _Sink(raw)
+        try:
+            with h5py.File(sink, "w", libver="latest") as f:
+                _fill(f, attrs, small, per, edges, vocab)
+        except BaseException:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+        if sink.error is not None:  # h5py swallowed it: the file is not whole
+            raise sink.error
+
+
+def _fill(f: h5py.File, attrs: dict, small: dict, per: dict, edges: np.ndarray, vocab: list[str]) -> None:
+    f.attrs.update(attrs)
+    for k_, v in small.items():
+        f.create_dataset(k_, data=v)
+    for k_, v in per.items():  # contiguous, row-major: one latent = one contiguous byte range
+        f.create_dataset(k_, data=v)
+    f.create_dataset("hist_edges", data=edges)
+    blob = [s.encode("utf-8", "surrogatepass") for s in vocab]
+    f.create_dataset("vocab_offsets", data=np.concatenate([[0], np.cumsum([len(s) for s in blob])]).astype(np.int64))
+    f.create_dataset("vocab_blob", data=np.frombuffer(b"".join(blob), dtype=np.uint8))
 
 
 def analyze_all(path, activations=None, **kw) -> list[pathlib.Path]:
