@@ -28,7 +28,7 @@ from saelab.fs import atomic_write_text, check_writable_in, run_lock
 from saelab.hooks import flat_hook
 from saelab.kernels import sparse_decode
 from saelab.kernels.dispatch import resolve_kernel
-from saelab.layout import EVAL_FILE, check_local_sae, read_eval, read_train_info
+from saelab.layout import EVAL_FILE, check_eval, check_local_sae, read_eval, read_train_info
 from saelab.options import EvalOptions
 from saelab.sae.topk import TopKSAE
 from saelab.store import ActivationStore
@@ -158,7 +158,8 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
     ce = {k: v / count for k, v in totals.items()}
     denom = ce["zero"] - ce["clean"]
     return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
-            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-9 else float("nan"),
+            # undefined (null) when zero-ablating the hook costs nothing: no loss to recover
+            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-9 else None,
             "kl": ce["kl"], "eval_tokens": count}
 
 
@@ -211,8 +212,12 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
         if len(toks) < n_contexts:
             res["ce_contexts_asked"] = n_contexts
     if write:
-        old = read_eval(sae_path) or {}  # none yet, or a damaged one: this run's replaces it
+        try:
+            old = read_eval(sae_path) or {}
+        except SaelabError:  # a damaged one: this run's replaces it whole
+            old = {}
         if "ce_contexts" in res:
             old.pop("ce_contexts_asked", None)  # an earlier run's shortfall, not this one's
-        atomic_write_text(sae_path / EVAL_FILE, json.dumps({**old, **res}, indent=2) + "\n")
+        new = check_eval({**old, **res}, sae_path / EVAL_FILE)
+        atomic_write_text(sae_path / EVAL_FILE, json.dumps(new, indent=2) + "\n")
     return res
