@@ -517,3 +517,33 @@ def test_the_package_keeps_its_public_names():
         assert getattr(features, name) is getattr(logit_lens, name)
     for name in ("best_matches", "decoder_matches", "either_signed", "neighbours", "head_shares"):
         assert getattr(features, name) is getattr(geometry, name)
+
+
+def test_a_store_holding_nan_writes_no_features_file(tmp_path, capsys):
+    """analyze over a store with a NaN row: one line naming the store, and no features.h5 (whose readers take
+    every number as finite); the previous features.h5 stays."""
+    import h5py
+
+    from saelab.cli import main
+    from saelab.fs import sha256_file
+    from saelab.store import read_manifest
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    store = write_synthetic(SyntheticConfig(out=str(tmp_path / "syn"), d=16, n_true=32, rows=4096), progress=False)
+    from saelab.sae import SAE
+
+    sae = SAE.create("topk", d_in=16, d_sae=32, k=4, hook_name="synthetic").save(tmp_path / "sae")
+    assert main(["analyze", "--sae", str(sae), "--activations", str(store), "--quiet"]) == 0
+    before = (sae / "features.h5").read_bytes()
+    m = read_manifest(store)
+    first = m["shards"][0]
+    with h5py.File(store / first["file"], "r+") as f:
+        f["activations"][5, 3] = float("nan")
+    first["sha256"] = sha256_file(store / first["file"])
+    (store / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["analyze", "--sae", str(sae), "--activations", str(store), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rows hold NaN or inf values" in err and str(store) in err and len(err.splitlines()) == 1, err
+    assert (sae / "features.h5").read_bytes() == before
+    assert sorted(p.name for p in sae.iterdir()) == ["cfg.json", "features.h5", "sae_weights.safetensors"]

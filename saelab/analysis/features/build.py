@@ -199,6 +199,7 @@ def _build(sae_dir: pathlib.Path, ident: dict, activations, *, tokens, top, mode
            if heads is not None else {}),
     }
     final = sae_dir / FEATURES_FILE
+    _check_finite({**small, **per}, store, final)
     try:
         with atomic_file(final) as tmp:
             _write(tmp, attrs, small, per, np_(edges).astype(np.float64), vocab)
@@ -206,6 +207,19 @@ def _build(sae_dir: pathlib.Path, ident: dict, activations, *, tokens, top, mode
         raise write_error(final, e, f"free space, or analyse a copy of the SAE folder on a disk with room; the "
                                     f"previous {FEATURES_FILE} (if any) is kept") from None
     return final
+
+
+def _check_finite(arrays: dict, store, final: pathlib.Path) -> None:
+    """No NaN or inf goes into features.h5: the weights are checked before the pass, so one here came from the
+    store's rows (a one-line error naming the store and the first dataset it reached)."""
+    for name, a in arrays.items():
+        if a.dtype.kind != "f":
+            continue
+        flat = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
+        for i in range(0, flat.shape[0], 4096):  # in blocks: the check's own memory stays small
+            if not np.isfinite(flat[i : i + 4096]).all():
+                raise SaelabError(f"store {store.path}: its rows hold NaN or inf values ({name} would hold them), so "
+                                  f"no {final.name} is written: harvest the store again")
 
 
 class _Sink:
