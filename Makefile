@@ -29,7 +29,7 @@ test-tl3:
 	.venv-tl3/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv-tl3/constraints.txt
 	.venv-tl3/bin/pip install -q -c .venv-tl3/constraints.txt 'transformer-lens>=3.9,<4' sae-lens pytest pytest-timeout
 	.venv-tl3/bin/pip install -q -c .venv-tl3/constraints.txt --no-deps -e .
-	.venv-tl3/bin/pip install -q -c .venv-tl3/constraints.txt h5py datasets safetensors tqdm einops jsonschema
+	.venv-tl3/bin/pip install -q -c .venv-tl3/constraints.txt h5py datasets safetensors tqdm einops jsonschema scipy
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv-tl3/bin/python -m pytest -q -m tl3 --timeout=900 --durations=15 tests
 
 bench: setup bench-venv

@@ -165,19 +165,27 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
 
 def evaluate(sae_path, activations: str | None = None, model_name: str | None = None,
              n_contexts: int = EvalOptions.contexts, device: str = "auto", progress: bool = True, write: bool = True,
-             model=None) -> dict:
-    """What `saelab eval` does for one SAE folder: store metrics, and CE metrics when a model is given (by name,
-    ``model_name``, or already loaded, ``model``: a group's SAEs share one); writes eval.json. The store is
-    ``activations`` or the one the SAE's train.json names; with neither, a one-line error."""
+             model=None, suites=EvalOptions.suite, against=()) -> dict:
+    """What `saelab eval` does for one SAE folder: the ``suites`` named (``saelab.suites.SUITES``; "core": store
+    metrics, and CE metrics when a model is given by name, ``model_name``, or already loaded, ``model``: a group's
+    SAEs share one; "truth": planted-feature recovery; "stability": agreement with the SAEs ``against``); writes
+    eval.json (core's metrics at its top level, each other suite's under its name). The store is ``activations``
+    or the one the SAE's train.json names; with neither, a one-line error."""
+    from saelab.suites import parse_suites
     from saelab.targets import load_sae
 
+    suites = parse_suites(suites)
     if n_contexts < 1:
         raise SaelabError(f"--contexts must be positive (got {n_contexts})")
+    if "stability" in suites and not against:
+        raise SaelabError("--suite stability compares SAEs that differ only by seed: pass the others with --against "
+                          "SAE (once per SAE)")
     if write:
         check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
     sae = load_sae(sae_path)
-    args = (sae_path, sae, activations, model_name, n_contexts, device, progress, write, model)
+    others = [load_sae(p) for p in against] if "stability" in suites else []
+    args = (sae_path, sae, activations, model_name, n_contexts, device, progress, write, model, suites, others)
     if not write:
         return _evaluate(*args)
     check_writable_in(sae_path, EVAL_FILE)  # before the pass, not after it
@@ -187,14 +195,38 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
 
 
 def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, device, progress, write,
-              model) -> dict:
+              model, suites, others) -> dict:
+    from saelab.suites.stability import stability
+    from saelab.suites.truth import truth_scores
     from saelab.targets import store_for_sae
 
+    res: dict = {}
+    if "core" in suites or "truth" in suites:  # FVU needs rows, CE metrics its held-out text, truth its planted ones
+        store = store_for_sae(sae_path, sae, activations)
+    if "core" in suites:
+        res.update(_core(sae_path, sae, store, model_name, n_contexts, device, progress, model))
+    if "truth" in suites:
+        res["truth"] = truth_scores(sae, store)
+    if "stability" in suites:
+        res["stability"] = stability([sae, *others])
+    if write:
+        try:
+            old = read_eval(sae_path) or {}
+        except SaelabError:  # a damaged one: this run's replaces it whole
+            old = {}
+        if "ce_contexts" in res:
+            old.pop("ce_contexts_asked", None)  # an earlier run's shortfall, not this one's
+        new = check_eval({**old, **res}, sae_path / EVAL_FILE)
+        atomic_write_text(sae_path / EVAL_FILE, json.dumps(new, indent=2) + "\n")
+    return res
+
+
+def _core(sae_path: pathlib.Path, sae, store, model_name, n_contexts, device, progress, model) -> dict:
+    """The core suite: store metrics, and CE metrics with a model."""
     dev = pick_device(device)
     info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)
     res: dict = {}
-    store = store_for_sae(sae_path, sae, activations)  # FVU needs rows, and CE metrics its held-out text
     res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
     if not math.isfinite(res["fvu"]):  # say which side is broken, and keep a NaN out of eval.json
         sae.check_finite(sae_path)
@@ -211,13 +243,4 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
                    ce_split=split)
         if len(toks) < n_contexts:
             res["ce_contexts_asked"] = n_contexts
-    if write:
-        try:
-            old = read_eval(sae_path) or {}
-        except SaelabError:  # a damaged one: this run's replaces it whole
-            old = {}
-        if "ce_contexts" in res:
-            old.pop("ce_contexts_asked", None)  # an earlier run's shortfall, not this one's
-        new = check_eval({**old, **res}, sae_path / EVAL_FILE)
-        atomic_write_text(sae_path / EVAL_FILE, json.dumps(new, indent=2) + "\n")
     return res

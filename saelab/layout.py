@@ -103,6 +103,7 @@ TRAIN_SCHEMA = obj({
     "done": {"type": "boolean"}, "epochs": {"type": "number", "minimum": 0},
 }, required=("train", "sae"))
 FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
+SIGNED_FRACTION = {"type": "number", "minimum": -1, "maximum": 1}
 #: eval.json: the metrics of one evaluation (saelab.evaluate); every number finite, an undefined one null
 EVAL_SCHEMA = obj({
     "split": {"enum": ["train", "holdout"]}, "rows": WHOLE, "fvu": NUMBER, "explained_variance": NUMBER,
@@ -111,10 +112,18 @@ EVAL_SCHEMA = obj({
     "ce_clean": NUMBER, "ce_sae": NUMBER, "ce_zero_ablation": NUMBER, "ce_loss_recovered": nullable(NUMBER),
     "kl": NUMBER, "eval_tokens": WHOLE, "ce_contexts": WHOLE, "ce_contexts_asked": WHOLE,
     "ce_split": {"enum": ["train", "holdout"]},
-}, required=("fvu", "l0", "dead_frac", "dense_frac"))
-# the CE metrics of one run come together (eval_line prints them together)
-EVAL_SCHEMA["dependentRequired"] = {k: ["ce_clean", "ce_sae", "ce_zero_ablation", "ce_loss_recovered", "kl"]
-                                    for k in ("ce_clean", "ce_sae", "ce_zero_ablation", "ce_loss_recovered", "kl")}
+    "truth": obj({"mcc": FRACTION, "mmcs": FRACTION, "uniqueness": FRACTION, "precision": FRACTION,
+                  "recall": FRACTION, "f1": FRACTION, "accuracy": FRACTION, "dead_latents": WHOLE,
+                  "true_l0": {"type": "number", "minimum": 0}, "sae_l0": {"type": "number", "minimum": 0},
+                  "rows": WHOLE}, required=("mcc", "mmcs", "uniqueness", "precision", "recall", "f1")),
+    "stability": obj({"mean_cos": SIGNED_FRACTION, "min_cos": SIGNED_FRACTION, "max_cos": SIGNED_FRACTION,
+                      "frac_above": FRACTION, "threshold": NUMBER, "n_saes": POSITIVE, "n_pairs": POSITIVE},
+                     required=("mean_cos", "min_cos", "max_cos", "frac_above")),
+})
+# the core metrics come together, and so do the CE metrics of one run (eval_line prints them together)
+_CORE, _CE = ("fvu", "l0", "dead_frac", "dense_frac"), ("ce_clean", "ce_sae", "ce_zero_ablation", "ce_loss_recovered",
+                                                         "kl")
+EVAL_SCHEMA["dependentRequired"] = {**{k: list(_CORE) for k in (*_CORE, *_CE)}, **{k: list(_CE) for k in _CE}}
 #: labels.json: {"latent id": "label"}
 LABELS_SCHEMA = {"type": "object", "propertyNames": {"pattern": "^(0|[1-9][0-9]{0,17})$", "description": "a latent id"},
                  "additionalProperties": {"type": "string"}}

@@ -34,6 +34,11 @@ class EvalOptions(JSONConfig):
     activations: str | None = _f(None, "store or RUN folder (default: the one it was trained on)")
     model: str | None = _f(None, "splice the SAE into this model for CE metrics (e.g. tiny)")
     contexts: int = _f(64, "held-out contexts for the CE metrics")
+    suite: str = _f("core", "evaluation suites, comma-separated: core (reconstruction, L0, dead/dense latents; CE "
+                            "metrics with --model), truth (recovery of a synthetic store's planted features), "
+                            "stability (agreement with the --against SAEs)")
+    against: list[str] = _f([], "for --suite stability: an SAE trained with the same settings and another seed "
+                                "(repeat the flag; with a group as --sae, a group: its SAEs are paired by hook)")
 
 
 @dataclass

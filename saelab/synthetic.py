@@ -225,6 +225,42 @@ def load_truth(folder: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     return torch.from_numpy(np.load(folder / TRUTH_NPY, allow_pickle=False)), info
 
 
+def truth_codes(folder: str | os.PathLike, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(true coefficients [len(rows), n_true], the rows they make [len(rows), d]) for the global rows ``rows`` of
+    the synthetic store ``folder``: drawn again from its seed, in the order the writer drew them (row r of the
+    store is row r of the draw), so a store keeps its truth in a few bytes. Only the draws up to the last asked
+    row are made."""
+    _, info = load_truth(folder)
+    cfg = SyntheticConfig.from_dict(info.get("config") or {})
+    rows = np.asarray(rows, dtype=np.int64)
+    total = (cfg.rows // CONTEXT_SIZE) * CONTEXT_SIZE
+    if rows.size and (rows.min() < 0 or rows.max() >= total):
+        raise SaelabError(f"rows must be in [0, {total}) for the store {folder}")
+    directions, gen = planted(cfg)
+    sorted_rows, back = np.unique(rows, return_inverse=True)
+    coef = torch.zeros(len(sorted_rows), cfg.n_true)
+    x = torch.zeros(len(sorted_rows), cfg.d)
+    size, start = chunk_rows(cfg), 0
+    stop = int(sorted_rows[-1]) + 1 if sorted_rows.size else 0
+    while start < stop:
+        n = min(size, total - start)
+        xs, cs = sample(cfg, n, gen, directions)
+        lo, hi = np.searchsorted(sorted_rows, [start, start + n])
+        if hi > lo:
+            at = torch.arange(lo, hi)
+            local = torch.from_numpy(sorted_rows[lo:hi] - start)
+            cs = cs.coalesce()
+            (r, c), v = cs.indices(), cs.values()
+            slot = torch.full((n,), -1, dtype=torch.long)
+            slot[local] = at
+            keep = slot[r] >= 0
+            coef[slot[r[keep]], c[keep]] = v[keep].float()
+            x[at] = xs[local]
+        start += n
+    back = torch.from_numpy(back.reshape(-1))
+    return coef[back], x[back]
+
+
 # ----------------------------------------------------------------------------- metrics
 def _cos_blocks(decoder, truth, signed_ids) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows of truth, cosines [rows, d_sae]) in blocks; |cos| for the features in signed_ids."""

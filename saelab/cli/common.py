@@ -37,6 +37,9 @@ def store_summary(stores: dict) -> str:
 
 
 def eval_line(ev: dict) -> str:
+    """The core metrics of an eval.json on one line ("no core metrics" where it has none)."""
+    if "fvu" not in ev:
+        return "no core metrics (saelab eval --suite core measures them)"
     parts = [f"FVU {ev['fvu']:.3f}", f"L0 {ev['l0']:.1f}", f"dead {100 * ev['dead_frac']:.1f}%",
              f"dense {100 * ev['dense_frac']:.1f}%"]
     if "ce_loss_recovered" in ev:
@@ -50,6 +53,21 @@ def eval_line(ev: dict) -> str:
             parts[-1] += (f" (over {n} {split} context{'s' * (n != 1)}"
                           + (f": --contexts {asked} asked, the store has no more" if asked else "") + ")")
     return ", ".join(parts)
+
+
+def suite_table(rows: list[tuple[str, dict]]) -> str:
+    """One suite's scores as a table: a row per SAE (its name, then its scores), a column per score."""
+    keys = list(dict.fromkeys(k for _, scores in rows for k in scores))
+    cells = [["SAE", *keys]] + [[name, *(_cell(scores.get(k)) for k in keys)] for name, scores in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(keys) + 1)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in cells)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def add_arguments(parser, cls) -> None:
@@ -113,8 +131,9 @@ def from_args(cls, ns):
 
 
 # SAEConfig fields that only some architectures (or matryoshka modes) read; the CLI refuses them elsewhere
-ARCH_ONLY = {"l1_coeff": ("relu",), "l0_coeff": ("jumprelu",), "sparsity_warmup": ("relu", "jumprelu"),
-             "bandwidth": ("jumprelu",), "init_threshold": ("jumprelu",), "threshold_momentum": ("batchtopk",),
+ARCH_ONLY = {"l1_coeff": ("relu", "gated"), "l0_coeff": ("jumprelu",),
+             "sparsity_warmup": ("relu", "jumprelu", "gated"), "bandwidth": ("jumprelu",),
+             "init_threshold": ("jumprelu",), "threshold_momentum": ("batchtopk",),
              "matryoshka_mode": ("matryoshka",), "matryoshka_prefixes": ("matryoshka",),
              "matryoshka_ks": ("matryoshka",), "matryoshka_weighting": ("matryoshka",), "grad_beta": ("gradient",)}
 MODE_ONLY = {"matryoshka_prefixes": "prefix", "matryoshka_ks": "k", "matryoshka_weighting": "k"}

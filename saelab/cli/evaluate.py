@@ -1,33 +1,69 @@
-"""`saelab eval`: reconstruction and, with --model, CE-loss recovered and KL."""
+"""`saelab eval`: the evaluation suites (core: reconstruction and, with --model, CE-loss recovered and KL; truth;
+stability) of an SAE or each SAE of a group."""
 
 from __future__ import annotations
 
-from saelab.cli.common import add_command, eval_line, from_args
+from saelab.cli.common import add_command, eval_line, from_args, suite_table
 from saelab.options import EvalOptions
+
+
+def _against(against: list[str], folders: list) -> dict:
+    """{SAE folder: [the --against SAEs it is compared with]}: with a group as --sae, each --against is a group
+    whose SAE of the same hook is taken."""
+    from saelab.errors import SaelabError
+    from saelab.layout import read_sae_cfg, sae_identity
+    from saelab.targets import sae_folders
+
+    if len(folders) == 1:
+        return {folders[0]: list(against)}
+
+    def by_hook(paths):
+        return {sae_identity(read_sae_cfg(p), p)["hook"]: p for p in paths}
+
+    mine, theirs = by_hook(folders), [by_hook(sae_folders(a)) for a in against]
+    out = {}
+    for hook, folder in mine.items():
+        missing = [a for a, t in zip(against, theirs) if hook not in t]
+        if missing:
+            raise SaelabError(f"--against {missing[0]} has no SAE of hook {hook}: pass groups of the same hooks")
+        out[folder] = [t[hook] for t in theirs]
+    return out
 
 
 def cmd_eval(args) -> int:
     from saelab.evaluate import evaluate
+    from saelab.suites import parse_suites
     from saelab.targets import sae_folders
 
     o = from_args(EvalOptions, args)
+    suites = parse_suites(o.suite)
     folders = sae_folders(o.sae)  # a group folder: each of its SAEs, spliced into one loaded model
+    against = _against(o.against, folders) if "stability" in suites else {f: [] for f in folders}
     model = None
-    if o.model and len(folders) > 1:
+    if o.model and len(folders) > 1 and "core" in suites:
         from saelab.device import pick_device
         from saelab.models import load_model
 
         model = load_model(o.model, str(pick_device(args.device)))
+    tables: dict[str, list] = {s: [] for s in suites if s != "core"}
     for folder in folders:
         ev = evaluate(folder, o.activations, o.model, n_contexts=o.contexts, device=args.device,
-                      progress=not args.quiet, model=model)
-        print(f"{folder}: {eval_line(ev)}")
+                      progress=not args.quiet, model=model, suites=suites, against=against[folder])
+        if "core" in suites:
+            print(f"{folder}: {eval_line(ev)}")
+        for s in tables:
+            tables[s].append((str(folder), ev[s]))
+    for s, rows in tables.items():
+        print(f"\n{s}:\n{suite_table(rows)}")
     return 0
 
 
 def add_parser(sub) -> None:
     add_command(sub, "eval", EvalOptions, cmd_eval,
-                help="FVU, L0, dead/dense latents; with --model, CE-loss recovered and KL",
-                description="Reconstruction metrics of an SAE over its store's held-out rows; with --model, the SAE "
-                            "spliced into the model for CE-loss recovered and KL. Writes eval.json into the SAE "
-                            "folder (each SAE of a group folder).")
+                help="evaluation suites: FVU, L0, dead/dense latents, CE-loss recovered and KL (core); planted-"
+                     "feature recovery (truth); seed stability (stability)",
+                description="Evaluate an SAE (each SAE of a group folder) and write the scores into its eval.json: "
+                            "core (reconstruction over the store's held-out rows; with --model, the SAE spliced into "
+                            "the model for CE-loss recovered and KL), truth (a synthetic store's planted features "
+                            "recovered: MCC, precision/recall), stability (decoders matched against --against SAEs "
+                            "of other seeds).")

@@ -116,9 +116,8 @@ class ActivationStore:
         out = np.empty((len(row_ids), self.d_in), dtype=np.dtype(self.manifest["dtype"]))
         for i in np.unique(shard_idx):
             sel = np.nonzero(shard_idx == i)[0]
-            order = np.argsort(local[sel])
-            ds = self._file(int(i))[what]
-            out[sel[order]] = ds[np.sort(local[sel])]  # h5py wants increasing indices
+            want, back = np.unique(local[sel], return_inverse=True)  # h5py reads increasing, distinct indices
+            out[sel] = self._file(int(i))[what][want][back]
         return torch.from_numpy(out)
 
     def context(self, row: int) -> tuple[np.ndarray, int]:
