@@ -163,7 +163,7 @@ class HarvestConfig(JSONConfig):
 
 
 
-ARCHS = ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
+ARCHS = ["relu", "jumprelu", "gated", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
 
 
 @dataclass
@@ -173,7 +173,7 @@ class SAEConfig(JSONConfig):
     Stored as ``saelab`` inside the SAE folder's cfg.json, so a folder alone rebuilds it."""
 
     arch: str = _f("topk", "architecture: " + ", ".join(ARCHS))
-    k: int = _f(32, "active latents per token; for relu/jumprelu the target L0 that the sparsity "
+    k: int = _f(32, "active latents per token; for relu/jumprelu/gated the target L0 that the sparsity "
                     "coefficient is adapted to reach (unless --l1-coeff/--l0-coeff fix it)")
     width: int | None = _f(None, "number of latents d_sae (default: --expansion × d_in)")
     expansion: int = _f(16, "d_sae = expansion × d_in when --width is not given")
@@ -186,9 +186,9 @@ class SAEConfig(JSONConfig):
                                       "the TopK family (topk, abstopk, matryoshka, gradient), 1 otherwise")
     dead_tokens: int = _f(10_000_000, "a latent is dead after not firing for this many tokens "
                                       "(capped at the store's training rows)")
-    l1_coeff: float | None = _f(None, "relu: fixed L1 coefficient (default: adapted to reach L0 = k)")
+    l1_coeff: float | None = _f(None, "relu, gated: fixed L1 coefficient (default: adapted to reach L0 = k)")
     l0_coeff: float | None = _f(None, "jumprelu: fixed L0 coefficient (default: adapted to reach L0 = k)")
-    sparsity_warmup: float = _f(0.05, "relu/jumprelu: sparsity coefficient warm-up, fraction of the steps")
+    sparsity_warmup: float = _f(0.05, "relu/jumprelu/gated: sparsity coefficient warm-up, fraction of the steps")
     bandwidth: float = _f(0.1, "jumprelu: straight-through rectangle kernel width ε, in the trainer's units "
                                 "(mean ‖x‖ = √d_in; the paper's 0.001 assumed E‖x‖² = 1 and billions of tokens)")
     init_threshold: float = _f(0.5, "jumprelu: initial threshold θ (same units)")

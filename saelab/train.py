@@ -12,7 +12,7 @@ Under ``torchrun`` (``saelab.distributed``) the SAE is wrapped in DistributedDat
 seed fixes one sequence of global batches of ``batch_size`` rows and rank r trains on rows
 [r·B/N, (r+1)·B/N) of each, each rank's loss is the mean over its slice and DDP averages the
 gradients, so the update is the single-process one (same clipping, same Adam state). Firing
-counters (dead latents), BatchTopK's threshold and the relu/jumprelu L0 controller are
+counters (dead latents), BatchTopK's threshold and the relu/jumprelu/gated L0 controller are
 all-reduced each step, so every rank holds identical weights and statistics; BatchTopK selects
 its k·B/N codes within each rank's slice. Rank 0 alone writes checkpoints, metrics and the
 saved SAE.

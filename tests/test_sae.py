@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from saelab.config import ARCHS
 from saelab.errors import SaelabError
 from saelab.sae import SAE
 from saelab.sae.jumprelu import jumprelu, step_fn
@@ -67,6 +68,66 @@ def test_batchtopk_inference_independent_of_batch():
     torch.testing.assert_close(sae.encode(x)[:5], sae.encode(x[:5]))
 
 
+def test_gated_loss_by_hand_and_where_each_term_sends_its_gradient():
+    """The gated loss, by hand: f = 1[π_gate > 0]·ReLU(π_mag), π_gate = (x − b_dec)W_enc + b_gate, π_mag =
+    exp(r_mag)·(x − b_dec)W_enc + b_mag; λ‖ReLU(π_gate)‖₁; the aux reconstruction of x from ReLU(π_gate) through
+    the frozen decoder. The gradients go where the paper sends them: the L1 and aux terms never reach W_dec (nor the
+    magnitudes), the reconstruction never reaches b_gate (the indicator passes no gradient); encode gives f."""
+    torch.manual_seed(0)
+    sae = SAE.create("gated", d_in=16, d_sae=64, k=4, l1_coeff=0.3)
+    with torch.no_grad():
+        for p in (sae.b_enc, sae.b_dec, sae.r_mag, sae.b_mag):
+            p.normal_(0, 0.3)
+    x = torch.randn(40, 16)
+    out = sae.loss(x, step=10**6)  # past the warm-up: λ = 0.3
+    with torch.no_grad():
+        xc = x - sae.b_dec
+        gate = xc @ sae.W_enc + sae.b_enc
+        mag = sae.r_mag.exp() * (xc @ sae.W_enc) + sae.b_mag
+        f = (gate > 0).float() * mag.relu()
+        expect = {"mse": (x - f @ sae.W_dec - sae.b_dec).pow(2).sum(-1).mean(),
+                  "l1": 0.3 * gate.relu().sum(-1).mean(),
+                  "aux": (x - gate.relu() @ sae.W_dec - sae.b_dec).pow(2).sum(-1).mean()}
+    assert ((gate > 0) & (mag <= 0)).any() and ((gate <= 0) & (mag > 0)).any()  # both conditions cut somewhere
+    for term, val in expect.items():
+        torch.testing.assert_close(out[term].detach(), val, msg=term)
+    torch.testing.assert_close(out["loss"].detach(), sum(expect.values()))
+    torch.testing.assert_close(out["f"], f)
+    torch.testing.assert_close(sae.encode(x), f)
+    params = dict(sae.named_parameters())
+
+    def grads(term):
+        g = torch.autograd.grad(out[term], list(params.values()), retain_graph=True, allow_unused=True)
+        return {n: torch.zeros_like(p) if gi is None else gi for (n, p), gi in zip(params.items(), g)}
+
+    def zero(g):
+        return bool((g.abs() < 1e-6).all())
+
+    for term in ("l1", "aux"):
+        g = grads(term)
+        assert all(zero(g[n]) for n in ("W_dec", "r_mag", "b_mag")), term
+        assert not zero(g["W_enc"]) and not zero(g["b_enc"]), term
+    g = grads("mse")
+    assert zero(g["b_enc"])
+    assert not any(zero(g[n]) for n in ("W_enc", "W_dec", "b_dec", "r_mag", "b_mag"))
+
+
+def test_gated_weights_carry_saelens_names_and_a_file_without_r_mag_is_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    SAE.create("gated", d_in=8, d_sae=32, k=2).save(tmp_path)
+    w = load_file(tmp_path / "sae_weights.safetensors")
+    assert sorted(w) == ["W_dec", "W_enc", "b_dec", "b_gate", "b_mag", "r_mag"]  # SAELens's gated SAE has no b_enc
+    del w["r_mag"]
+    save_file(w, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(SaelabError, match=r"sae_weights\.safetensors lacks r_mag: not an SAE weights file"):
+        SAE.load(tmp_path)
+    w["r_mag"] = torch.zeros(31)
+    save_file(w, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(SaelabError, match=r"r_mag has shape \(31,\) but d_in 8 and d_sae 32 need \(32,\)"):
+        SAE.load(tmp_path)
+
+
 def test_select_signed_and_unsigned():
     z = torch.tensor([[0.5, -3.0, 2.0, -0.1]])
     v, i = select(z, 2)
@@ -90,11 +151,14 @@ def test_matryoshka_modes():
 
 def test_fold_input_scale_preserves_codes():
     torch.manual_seed(0)
-    for arch in ["topk", "jumprelu", "relu", "abstopk"]:
+    for arch in ["topk", "jumprelu", "relu", "abstopk", "gated"]:
         sae = SAE.create(arch, d_in=16, d_sae=64, k=4)
         with torch.no_grad():
             sae.b_dec.normal_()
             sae.b_enc.normal_(0, 0.1)
+            if arch == "gated":  # the magnitude path's own scale and bias stay as they are
+                sae.r_mag.normal_(0, 0.3)
+                sae.b_mag.normal_(0, 0.1)
         x = torch.randn(20, 16)
         s = 3.7
         f_scaled = sae.encode(x * s)
@@ -129,7 +193,7 @@ def test_encoder_init_scale_by_family_and_flag():
     from saelab.errors import SaelabError
 
     for arch, scale in [("topk", 0.3), ("abstopk", 0.3), ("matryoshka", 0.3), ("relu", 1.0), ("jumprelu", 1.0),
-                        ("batchtopk", 1.0)]:
+                        ("batchtopk", 1.0), ("gated", 1.0)]:
         sae = SAE.create(arch, d_in=16, d_sae=64, k=4)
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
         torch.testing.assert_close(sae.W_enc, scale * sae.W_dec.t(), msg=arch)
@@ -149,7 +213,7 @@ def test_wrong_input_width_is_a_saelab_error_on_every_encode_path():
     from saelab.kernels import topk_encode
 
     x = torch.randn(5, 17)
-    for arch in ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]:
+    for arch in ARCHS:
         sae = SAE.create(arch, d_in=16, d_sae=64, k=4, hook_name="blocks.0.hook_resid_post")
         loss = lambda x, sae=sae: sae.loss(x, grads=torch.randn_like(x))  # noqa: E731 (g-SAE needs grads)
         for call in (sae.encode, sae, loss):
@@ -175,7 +239,7 @@ def test_encode_decode_forward_take_batch_by_position_activations():
     flattened, for every architecture (the TopK family's scatter once assumed [B, d_in]); a float64
     input encodes as its float32 copy (it used to be a matmul dtype error)."""
     x = torch.randn(3, 7, 16)
-    for arch in ["relu", "jumprelu", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]:
+    for arch in ARCHS:
         sae = SAE.create(arch, d_in=16, d_sae=64, k=4).eval()
         f = sae.encode(x)
         assert f.shape == (3, 7, 64), arch
@@ -232,7 +296,7 @@ def test_hook_z_activations_with_a_heads_dimension_name_the_flatten():
     assert sae.encode(x.flatten(-2)).shape == (2, 5, 64)
 
 
-@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu", "batchtopk", "gated"])
 def test_load_builds_from_the_weights_without_a_random_init(arch, tmp_path, monkeypatch):
     """SAE.load hands the file's tensors to SAE.from_weights: no random init of W_enc / W_dec (it would cost as much
     as the load), every saved tensor back exactly, the training counters zero, and the SAE trains on."""
@@ -242,6 +306,9 @@ def test_load_builds_from_the_weights_without_a_random_init(arch, tmp_path, monk
         sae.b_dec.normal_()
         if arch == "batchtopk":
             sae.threshold.fill_(0.3)  # as estimated in training (an untrained one's -1 is saved as 0)
+        if arch == "gated":  # zeros at init: random, so a lost or swapped vector shows
+            sae.r_mag.normal_(0, 0.3)
+            sae.b_mag.normal_()
     sae.save(tmp_path)
 
     def no_randn(*a, **kw):

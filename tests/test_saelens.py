@@ -1,6 +1,6 @@
 """SAELens interop (runs where sae-lens is installed: CI's TL 3.9 environment): SAELens loads
-saelab's topk / relu / jumprelu / abstopk / batchtopk folders and gives the same encode and decode;
-saelab loads folders SAELens wrote."""
+saelab's topk / relu / jumprelu / abstopk / batchtopk / matryoshka / gated folders and gives the same
+encode and decode; saelab loads folders SAELens wrote (standard, topk, jumprelu, gated)."""
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ def _randomize(sae):
     return sae
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "abstopk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "abstopk", "batchtopk", "matryoshka", "gated"])
 def test_saelens_loads_saelab(arch, tmp_path):
     sae = _randomize(SAE.create(arch, d_in=24, d_sae=96, k=6, hook_name="blocks.0.hook_resid_post", model_name="tiny"))
     if arch == "jumprelu":
@@ -27,6 +27,10 @@ def test_saelens_loads_saelab(arch, tmp_path):
             sae.log_threshold.copy_(torch.rand(96).mul(0.3).add(0.05).log())
     if arch == "batchtopk":
         sae.threshold.fill_(0.2)
+    if arch == "gated":  # the magnitude path's scale and bias (zeros at init) differ from the gate's
+        with torch.no_grad():
+            sae.r_mag.normal_(0, 0.3)
+            sae.b_mag.normal_(0, 0.3)
     sae.eval().save(tmp_path)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu")
     x = torch.randn(50, 24)
@@ -39,6 +43,7 @@ def test_saelens_loads_saelab(arch, tmp_path):
     ("topk", "TopKSAEConfig", {"k": 5}),
     ("relu", "StandardSAEConfig", {}),
     ("jumprelu", "JumpReLUSAEConfig", {}),
+    ("gated", "GatedSAEConfig", {}),
 ])
 def test_saelab_loads_saelens(arch, cfg_cls, extra, tmp_path):
     cfg = getattr(sae_lens, cfg_cls)(d_in=16, d_sae=64, **extra)

@@ -55,6 +55,10 @@ class SAE(nn.Module):
     #: init W_enc = enc_init · W_decᵀ when cfg.enc_init is None (the TopK family overrides it: a smaller encoder
     #: lets TopK's selection leave random projections sooner; docs: explanations/encoder init)
     enc_init = 1.0
+    #: names in the weights file of parameters that the file calls otherwise (gated: b_enc is SAELens's b_gate)
+    file_names: dict[str, str] = {}
+    #: per-latent vectors [d_sae] beyond SAVED_PARAMS that every weights file of the architecture holds
+    latent_weights: tuple[str, ...] = ()
     #: loaders of SAEs named by a spec instead of a folder, by prefix (``saelab.hub`` registers ``hf://``): the
     #: network stays a layer above the SAE, which reads local files only
     remote_loaders: dict = {}
@@ -260,7 +264,8 @@ class SAE(nn.Module):
 
         path = pathlib.Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
-        weights = {n: getattr(self, n).detach().float().contiguous().cpu() for n in SAVED_PARAMS}
+        weights = {self.file_names.get(n, n): getattr(self, n).detach().float().contiguous().cpu()
+                   for n in SAVED_PARAMS}
         weights.update({k: v.detach().float().contiguous().cpu() for k, v in self.extra_weights().items()})
         try:  # serialised in memory, written by Python: a full disk is a one-line error, the old file kept
             atomic_write_bytes(path / WEIGHTS_FILE, save(weights))
@@ -273,7 +278,7 @@ class SAE(nn.Module):
 
     @staticmethod
     def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> "SAE":
-        """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu). A hub spec
+        """Load a saelab SAE folder, or a SAELens one (standard, topk, jumprelu, gated). A hub spec
         (``"hf://ORG/REPO/SUBFOLDER"``) goes to the loader ``saelab.hub`` registers (``saelab.load_sae`` and
         ``from saelab import SAE`` import it); ``saelab fetch`` makes a folder of it instead, which analyze can
         write into."""
@@ -331,15 +336,17 @@ class SAE(nn.Module):
         the parameters (as float32), with no random init first: that init would cost as much time and memory
         as the weights themselves, so loading a wide SAE needs its size once, not twice. A missing tensor or a
         shape that does not fit ``cfg`` is a one-line SaelabError naming ``where``."""
-        missing = [n for n in SAVED_PARAMS if n not in w]
+        cls = SAE.registry[cfg.arch]
+        w = {next((a for a, f in cls.file_names.items() if f == n), n): t for n, t in w.items()}  # file → attribute
+        missing = [cls.file_names.get(n, n) for n in (*SAVED_PARAMS, *cls.latent_weights) if n not in w]
         if missing:
             raise SaelabError(f"{where} lacks {', '.join(missing)}: not an SAE weights file")
         want = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
-                "b_dec": (cfg.d_in,)}
+                "b_dec": (cfg.d_in,), **{n: (cfg.d_sae,) for n in cls.latent_weights}}
         for n, shape in want.items():
             if tuple(w[n].shape) != shape:
-                raise SaelabError(f"{where}: {n} has shape {tuple(w[n].shape)} but d_in {cfg.d_in} and d_sae "
-                                  f"{cfg.d_sae} need {shape}; the files do not belong together")
+                raise SaelabError(f"{where}: {cls.file_names.get(n, n)} has shape {tuple(w[n].shape)} but d_in "
+                                  f"{cfg.d_in} and d_sae {cfg.d_sae} need {shape}; the files do not belong together")
         device = w["W_enc"].device if device is None else torch.device(device)
         sae = SAE.blank(cfg)
         with torch.no_grad():
@@ -353,7 +360,7 @@ class SAE(nn.Module):
 
 def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:
     arch = raw.get("architecture", "standard")
-    names = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+    names = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
     if arch not in names:
         raise SaelabError(f"{path}: SAELens architecture {arch!r} is not supported "
                           f"(supported: {', '.join(names)})")
