@@ -257,7 +257,7 @@ class TrainConfig(JSONConfig):
                                 "scaling rule of Gao et al. 2024)")
     lr_warmup_steps: int = _f(1000, "linear LR warm-up steps (capped at 5%% of the run)")
     lr_decay: float = _f(0.2, "fraction of the run, at its end, over which the LR decays linearly to 0")
-    grad_clip: float = _f(1.0, "gradient norm clip (0: none)")
+    grad_clip: float = _f(1.0, "gradient norm clip (0: none)", min=0)
     seed: int = _f(0, "seed of the init and the batch order; the same seed on the same data gives the same weights")
     include_bos: bool = _f(False, "train on position 0 (BOS) rows too (by default they are skipped: "
                                   "their activations are outliers)")
