@@ -29,9 +29,17 @@ def pick_device(device: str | int | torch.device = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SaelabError(f"--device {device} asked for, but CUDA is not available: use --device cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise SaelabError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SaelabError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    mps = getattr(torch.backends, "mps", None)
+    if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and mps is not None and mps.is_available()):
+        raise SaelabError(f"--device {device}: saelab runs on cpu or cuda (and mps where torch has it), and this "
+                          "torch build cannot use it: use cpu, cuda, cuda:N or auto")
+    return dev
 
 
 def device_of(module: torch.nn.Module) -> torch.device:

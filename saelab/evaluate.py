@@ -106,10 +106,23 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
         sum_x += x.double().sum(0)
         rows += len(x)
     total_var = sum_sq - float(sum_x.pow(2).sum()) / rows
-    fvu = sq_err / max(total_var, 1e-12)
+    if total_var <= 1e-9 * sum_sq or sum_sq == 0:  # NaN compares false: check_fvu names it
+        raise SaelabError(f"store {store.path}: its {split} rows are constant (no variance), so the FVU is "
+                          "undefined: harvest the store again")
+    fvu = sq_err / total_var
     freq = fired.double() / rows
     return {"split": split, "rows": rows, "fvu": fvu, "explained_variance": 1 - fvu, "l0": l0_sum / rows,
             "dead_frac": float((fired == 0).double().mean()), "dense_frac": float((freq > DENSE).double().mean())}
+
+
+def check_fvu(res: dict, sae, store, folder) -> dict:
+    """``res`` (``evaluate_store``'s metrics) once its FVU is a number; a NaN or inf one is a one-line error naming
+    which side holds them, the SAE's weights or the store's rows, so none reaches eval.json."""
+    if not math.isfinite(res["fvu"]):
+        sae.check_finite(folder)
+        raise SaelabError(f"store {store.path}: its {res['split']} rows hold NaN or inf values, so the FVU is "
+                          "undefined: harvest the store again")
+    return res
 
 
 def kl_per_position(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -227,11 +240,8 @@ def _core(sae_path: pathlib.Path, sae, store, model_name, n_contexts, device, pr
     info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)
     res: dict = {}
-    res.update(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress))
-    if not math.isfinite(res["fvu"]):  # say which side is broken, and keep a NaN out of eval.json
-        sae.check_finite(sae_path)
-        raise SaelabError(f"store {store.path}: its {res['split']} rows hold NaN or inf values, so the FVU is "
-                          "undefined: harvest the store again")
+    res.update(check_fvu(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress), sae,
+                         store, sae_path))
     if model is None and model_name:
         from saelab.models import load_model
 

@@ -35,7 +35,7 @@ from saelab import resume as run_state
 from saelab.config import SAEConfig, TrainConfig
 from saelab.device import pick_device
 from saelab.errors import SaelabError
-from saelab.evaluate import evaluate_store
+from saelab.evaluate import check_fvu, evaluate_store
 from saelab.fs import (atomic_write_text, check_free_space, no_empty_folder_left, out_folder, remove_contents,
                        run_lock)
 from saelab.kernels.dispatch import resolve_kernel
@@ -336,7 +336,8 @@ def _finish(run: _Run) -> None:
     final.load_state_dict(sae.state_dict())
     final.fold_input_scale(run.scale)
     final.cpu().save(run.out)
-    ev = evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device)
+    ev = check_fvu(evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device), final, run.store,
+                   run.out)
     ev.update(epochs=round(run.it.epochs, 4), steps=run.n_steps, tokens=run.total_tokens)
     atomic_write_text(run.out / EVAL_FILE, json.dumps(check_eval(ev, run.out / EVAL_FILE), indent=2) + "\n")
     run_state.mark_done(run.out, run.it.epochs)

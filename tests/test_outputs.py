@@ -457,3 +457,53 @@ def test_a_path_the_filesystem_refuses_is_one_line(planted_store, tmp_path, caps
     _fails(["compare", "--sae", sae, "--other", sae, "--json", tmp_path / ("b" * 300 + ".json")], capsys,
            "choose a shorter name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_a_device_this_torch_cannot_use_is_one_line(tmp_path, capsys):
+    """--device of a type torch parses but this build (or saelab) cannot run on is one line in every command that
+    takes --device, before anything runs (torch's own errors were tracebacks: meta, mps, xpu)."""
+    sae = SAE.create("topk", d_in=64, d_sae=128, k=4).save(tmp_path / "sae")
+    for dev in ("meta", "xpu", "mps", "cuda:7"):
+        for argv in (["eval", "--sae", sae], ["compare", "--sae", sae, "--other", sae],
+                     ["train", "--activations", tmp_path / "none", "--out", tmp_path / "o"]):
+            err = _fails([*argv, "--device", dev, "--quiet"] if argv[0] != "compare" else [*argv, "--device", dev],
+                         capsys, f"--device {dev}")
+            assert "cpu" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_a_symlink_loop_is_one_line(tmp_path, capsys):
+    sae = SAE.create("topk", d_in=64, d_sae=128, k=4).save(tmp_path / "sae")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    _fails(["compare", "--sae", sae, "--other", tmp_path / "loop1"], capsys, "loops through symbolic links")
+    _fails(["compare", "--sae", sae, "--other", sae, "--json", tmp_path / "loop1"], capsys,
+           "loops through symbolic links")
+
+
+@pytest.mark.parametrize("damage", ["nan", "constant"])
+def test_train_ends_with_one_line_on_held_out_rows_without_an_fvu(damage, tmp_path, capsys):
+    """The end-of-run evaluation over held-out rows holding a NaN, or holding one row over and over (no variance),
+    names the store (as saelab eval does), and no eval.json with a NaN or a meaningless FVU is written."""
+    import h5py
+
+    from saelab.fs import sha256_file
+    from saelab.store import read_manifest
+    from saelab.synthetic import SyntheticConfig, write_synthetic
+
+    store = write_synthetic(SyntheticConfig(out=str(tmp_path / "syn"), d=16, n_true=32, rows=8192), progress=False)
+    m = read_manifest(store)
+    held = next(s for s in m["shards"] if s["file"] in m["holdout_shards"])
+    with h5py.File(store / held["file"], "r+") as f:
+        if damage == "nan":
+            f["activations"][3, 2] = float("nan")
+        else:
+            f["activations"][...] = 1.0
+    held["sha256"] = sha256_file(store / held["file"])
+    (store / "manifest.json").write_text(json.dumps(m))
+    out = tmp_path / "sae"
+    needle = "rows hold NaN or inf values" if damage == "nan" else "rows are constant (no variance)"
+    err = _fails(["train", "--activations", store, "--out", out, "--tokens", "4096", "--batch-size", "512",
+                  "--width", "64", "--k", "4", "--quiet"], capsys, needle)
+    assert str(store) in err and "bug" not in err, err
+    assert not (out / "eval.json").exists()

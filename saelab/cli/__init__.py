@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) not in (None, "auto"):  # a device this torch cannot use: before any work
+            from saelab.device import pick_device
+
+            pick_device(args.device)
         if hasattr(args, "nproc"):
             from saelab.cli.common import from_args
             from saelab.options import DistributedOptions
@@ -106,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"choose another --out{resume}", file=sys.stderr)
         else:
             print(f"saelab: error: {e.filename or 'a path'}: {e.strerror}: {_PATH_FIX[e.errno]}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # pathlib (Python < 3.13) reports a symlink loop as a RuntimeError, not as an OSError ELOOP
+        if os.environ.get("SAELAB_TRACEBACK") or not str(e).startswith("Symlink loop from "):
+            raise
+        print(f"saelab: error: {str(e)[len('Symlink loop from '):]}: {_PATH_FIX[errno.ELOOP]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("saelab: interrupted" + (" (resume with --resume)" if hasattr(args, "resume") else ""), file=sys.stderr)
