@@ -30,12 +30,22 @@ from tqdm.auto import tqdm
 
 from saelab.config import JSONConfig, _f
 from saelab.errors import SaelabError
-from saelab.fs import atomic_file, atomic_write_text, no_empty_folder_left, out_folder, remove_contents, run_lock
+from saelab.fs import (
+    atomic_file,
+    atomic_write_text,
+    check_free_space,
+    no_empty_folder_left,
+    out_folder,
+    remove_contents,
+    run_lock,
+)
 from saelab.store import DTYPES, ShardWriter, new_manifest, plan_shards
 
 CONTEXT_SIZE = 128  # rows per "context": the store's unit of shards and held-out splits
 CHILD_RATE = 0.5  # P(child fires | its parent fires)
 COEF_RANGE = (0.5, 1.5)  # coefficient magnitudes are uniform in this range
+#: the least firing probability ``sample`` takes: its geometric gaps (up to ~37 / p rows) stay well inside int64
+MIN_PROB = 1e-15
 TRUTH_NPY, TRUTH_JSON = "truth.npy", "truth.json"
 
 
@@ -73,6 +83,15 @@ class SyntheticConfig(JSONConfig):
                               "or --hierarchy")
         if self.rows < CONTEXT_SIZE:
             raise SaelabError(f"--rows must be at least one context ({CONTEXT_SIZE}); got {self.rows}")
+        firing = self.active * (self.rows // CONTEXT_SIZE * CONTEXT_SIZE)
+        if firing < 1:
+            raise SaelabError(f"--active {self.active} over --rows {self.rows} expects {firing:.3g} firing features in "
+                              "the whole store (active × rows), under 1: the store would be all zeros; raise --active "
+                              "or --rows")
+        if feature_prob(self) < MIN_PROB:
+            raise SaelabError(f"--active {self.active} gives each feature a firing probability of "
+                              f"{feature_prob(self):.3g}, under {MIN_PROB:g} (below it the gaps between firings "
+                              "overflow the sampler): raise --active or lower --n-true")
         if self.shard_rows < CONTEXT_SIZE:
             raise SaelabError(f"--shard-rows ({self.shard_rows}) must hold at least one context ({CONTEXT_SIZE})")
         if not 0 <= self.holdout < 1:
@@ -173,6 +192,10 @@ def write_synthetic(cfg: SyntheticConfig, progress: bool = True) -> pathlib.Path
     out = pathlib.Path(cfg.out).expanduser()
     ctx = CONTEXT_SIZE
     n_contexts = cfg.rows // ctx
+    # the store's size is known now: a one-line error before the plan (its length grows with --rows) and any write
+    check_free_space(out, n_contexts * ctx * cfg.d * np.dtype(DTYPES[cfg.dtype]).itemsize,
+                     f"the synthetic store ({n_contexts * ctx:,} rows of width {cfg.d})",
+                     "free space, pass a smaller --rows or --d, --dtype float16, or another --out")
     plan = plan_shards(n_contexts, cfg.holdout, max(1, cfg.shard_rows // ctx))
     with no_empty_folder_left(out):  # a folder this run made goes again when it fails
         out_folder(out, resumable=False)  # there is no resume: a store is rebuilt from its seed

@@ -44,11 +44,12 @@ def new_manifest(*, model: str, hook: str, d_in: int, dtype: str, context_size: 
             "model_info": model_info}
 
 
-SHARD_SCHEMA = obj({"file": PLAIN_NAME, "rows": WHOLE, "first_row": WHOLE, "sha256": TEXT}, required=("file", "rows"))
+SHARD_SCHEMA = obj({"file": PLAIN_NAME, "rows": WHOLE, "first_row": WHOLE, "sha256": TEXT},
+                   required=("file", "rows", "first_row", "sha256"))
 #: manifest.json, field by field (the keys of ``MANIFEST_KEYS`` required)
 MANIFEST_SCHEMA = obj({
     "format_version": POSITIVE, "model": TEXT, "hook": TEXT, "d_in": POSITIVE,
-    "dtype": {"enum": ["float32", "float16", "bfloat16"]}, "context_size": POSITIVE, "bos_included": BOOL,
+    "dtype": {"enum": list(DTYPES)}, "context_size": POSITIVE, "bos_included": BOOL,
     "seed": {"type": "integer"}, "dataset": {"type": "object"}, "n_tokens": WHOLE,
     "holdout_shards": {"type": "array", "items": PLAIN_NAME}, "has_grads": BOOL,
     "head_layout": nullable(obj({"n_heads": POSITIVE, "d_head": POSITIVE}, required=("n_heads", "d_head"))),
@@ -58,8 +59,8 @@ MANIFEST_SCHEMA = obj({
 
 
 def read_manifest(folder: pathlib.Path) -> dict:
-    """A store's manifest, held to ``MANIFEST_SCHEMA`` (and its held-out shards among its shards): a missing,
-    damaged or foreign one is a one-line error naming the file and the field."""
+    """A store's manifest, held to ``MANIFEST_SCHEMA`` and then to ``layout_problem`` (its fields agreeing with
+    each other): a missing, damaged or foreign one is a one-line error naming the file and the field."""
     path = pathlib.Path(folder) / MANIFEST
     fix = "restore it or harvest the store again"
     try:
@@ -68,11 +69,33 @@ def read_manifest(folder: pathlib.Path) -> dict:
         raise SaelabError(f"{folder} holds no {MANIFEST}: pass a store folder written by `saelab harvest`") from None
     if m["format_version"] > FORMAT_VERSION:
         raise SaelabError(f"{path} has format {m['format_version']}, newer than this saelab: upgrade saelab")
-    stray = sorted(set(m["holdout_shards"]) - {s["file"] for s in m["shards"]})
-    if stray:
-        raise SaelabError(f"{path} is not a valid store manifest: holdout_shards: {stray[0]!r} is not one of its "
-                          f"shards; {fix}")
+    why = layout_problem(m)
+    if why:
+        raise SaelabError(f"{path} is not a valid store manifest: {why}; {fix}")
     return m
+
+
+def layout_problem(m: dict) -> str | None:
+    """The first way a schema-valid manifest's fields disagree with each other, as "FIELD: what is wrong" (None
+    when they agree). Every store saelab writes keeps these, complete or not (``ShardWriter`` appends a shard at
+    ``first_row = n_tokens`` and adds its rows; a resume and harvest's merge renumber the same way), and every
+    reader relies on them: rows are located by ``first_row``, contexts by ``context_size``, sizes by ``n_tokens``."""
+    ctx, seen, at = m["context_size"], set(), 0
+    for i, s in enumerate(m["shards"]):
+        if s["file"] in seen:
+            return f"shards[{i}].file: {s['file']!r} is listed twice"
+        seen.add(s["file"])
+        if s["first_row"] != at:
+            return f"shards[{i}].first_row: {s['first_row']} is not {at}, the rows of the shards before it"
+        if s["rows"] % ctx:
+            return f"shards[{i}].rows: {s['rows']} is not a whole number of contexts of context_size {ctx}"
+        at += s["rows"]
+    if m["n_tokens"] != at:
+        return f"n_tokens: {m['n_tokens']} is not {at}, the rows of its shards"
+    stray = sorted(set(m["holdout_shards"]) - seen)
+    if stray:
+        return f"holdout_shards: {stray[0]!r} is not one of its shards"
+    return None
 
 
 def check_complete(store: pathlib.Path) -> pathlib.Path:

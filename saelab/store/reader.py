@@ -15,7 +15,7 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.fs import check_regular, sha256_file
-from saelab.store.manifest import read_manifest
+from saelab.store.manifest import DTYPES, read_manifest
 from saelab.store.stream import BatchIterator
 
 
@@ -85,9 +85,13 @@ class ActivationStore:
             if "activations" not in f:
                 f.close()
                 raise SaelabError(f"shard {path} holds no 'activations' dataset: delete the store and harvest it again")
-            if f["activations"].shape != (shard["rows"], self.d_in):
-                raise SaelabError(f"shard {path} has shape {f['activations'].shape}, manifest says "
-                                  f"({shard['rows']}, {self.d_in}): harvest the store again")
+            got, want = f["activations"], np.dtype(DTYPES[self.manifest["dtype"]])
+            why = (f"has shape {got.shape}, manifest says ({shard['rows']}, {self.d_in})"
+                   if got.shape != (shard["rows"], self.d_in) else
+                   f"holds {got.dtype} rows, manifest says dtype {want}" if got.dtype != want else None)
+            if why:  # a shard that is not what the manifest lists is refused before any of its rows is served
+                f.close()
+                raise SaelabError(f"shard {path} {why}: harvest the store again")
             self._handles[name] = f
             return f
 
@@ -113,7 +117,7 @@ class ActivationStore:
         """Activations (or grads) of the given global rows, in the given order."""
         row_ids = np.asarray(row_ids, dtype=np.int64).reshape(-1)
         shard_idx, local = self._locate(row_ids)
-        out = np.empty((len(row_ids), self.d_in), dtype=np.dtype(self.manifest["dtype"]))
+        out = np.empty((len(row_ids), self.d_in), dtype=DTYPES[self.manifest["dtype"]])
         for i in np.unique(shard_idx):
             sel = np.nonzero(shard_idx == i)[0]
             want, back = np.unique(local[sel], return_inverse=True)  # h5py reads increasing, distinct indices
