@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from saelab.config import JSONConfig, _f
 
 _NEVER = "(a file of saelab's own layout, or one the command reads, is never replaced)"
+#: the most torch threads a command takes: more than any machine's cores buys nothing, and torch's thread pool
+#: crashes (a segfault, no message) when asked for 100000
+MAX_THREADS = 256
 TASK_HELP = 'induction, ioi, names, or a .jsonl file of {"clean", "corrupted", "answer", "wrong"} lines'
 
 
@@ -134,7 +137,7 @@ class HeadsOptions(JSONConfig):
     repeats: int = _f(5, "with --compare-ablation: run both methods this many times, alternated, and report the "
                          "median times")
     threads: int = _f(1, "torch threads (with --compare-ablation: for both methods alike); 0 keeps torch's default "
-                         "(1 is faster for these small forwards on a shared CPU)")
+                         "(1 is faster for these small forwards on a shared CPU)", min=0, max=MAX_THREADS)
     seed: int = _f(0, "task and SAE seed")
     out: str | None = _f(None, "write the rankings, timings and comparison to this JSON file (an existing file is "
                                "replaced, atomically, and the output says so)")

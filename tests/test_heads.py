@@ -146,7 +146,8 @@ def test_cli_heads(tmp_path):
     assert res["identify"]["seconds"] > 0 and res["ablation"]["seconds"] > 0
 
 
-@pytest.mark.parametrize("case", ["empty", "multi_token", "n0", "top0", "repeats0", "threads", "position", "out_dir"])
+@pytest.mark.parametrize("case", ["empty", "multi_token", "same_token", "n0", "top0", "repeats0", "threads",
+                                  "threads_huge", "position", "out_dir"])
 def test_cli_errors(case, tmp_path, capsys):
     from saelab.cli import main
 
@@ -160,6 +161,9 @@ def test_cli_errors(case, tmp_path, capsys):
                                  "Tom and Mia went home. Sam gave it to", "answer": " Mia Mia Mia",
                                  "wrong": " Tom"}) + "\n")
         want = "not one"
+    elif case == "same_token":  # a zero logit difference on every input: nothing to rank heads by
+        f.write_text(json.dumps({"clean": "a b", "corrupted": "a c", "answer": " c", "wrong": " c"}) + "\n")
+        want = "task.jsonl:1: answer ' c' and wrong ' c' are the same token"
     elif case == "n0":
         args = ["heads", "--task", "induction", "--n", "0"]
         want = "--n 0"
@@ -175,6 +179,9 @@ def test_cli_errors(case, tmp_path, capsys):
     elif case == "threads":
         args = ["heads", "--task", "induction", "--threads", "-2"]
         want = "--threads -2"
+    elif case == "threads_huge":  # torch's thread pool segfaulted on 100000
+        args = ["heads", "--task", "induction", "--n", "2", "--threads", "100000"]
+        want = "--threads 100000 is out of range: pass a whole number from 0 to 256"
     else:
         args = ["heads", "--task", "induction", "--position", "first"]
         with pytest.raises(SystemExit) as e:
@@ -206,6 +213,20 @@ def test_cli_heads_out_replaces_an_existing_file_and_says_so(tmp_path, capsys):
     out.unlink()
     assert main(["heads", "--task", "induction", "--n", "4", "--out", str(out), "--quiet"]) == 0
     assert "replaced" not in capsys.readouterr().out and out.is_file()
+
+
+def test_thread_counts_past_the_bound_are_one_line_from_the_library_too(tiny):
+    """run_heads and timed_rankings refuse --threads above MAX_THREADS before any thread pool is resized."""
+    from saelab.cli.heads import run_heads
+    from saelab.errors import SaelabError
+    from saelab.options import MAX_THREADS
+
+    before = torch.get_num_threads()
+    with pytest.raises(SaelabError, match=f"--threads {MAX_THREADS + 1}: pass 1 to {MAX_THREADS}"):
+        run_heads("induction", n=2, threads=MAX_THREADS + 1, progress=False)
+    with pytest.raises(SaelabError, match="--threads 100000: pass 1 to 256"):
+        H.timed_rankings(tiny, make_task("induction", tiny, n=2), 2, 1, threads=100000)
+    assert torch.get_num_threads() == before
 
 
 def test_identify_heads_and_ablation_take_a_task_name(tiny):

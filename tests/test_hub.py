@@ -32,12 +32,15 @@ def _put(cache, repo, path, data: bytes):
     link.symlink_to(os.path.relpath(blob, link.parent))
 
 
-def _saelens_sae(cache, tmp_path, sub=HOOK, arch="standard", old=False, hook=HOOK, model="tiny"):
+def _saelens_sae(cache, tmp_path, sub=HOOK, arch="standard", old=False, hook=HOOK, model="tiny", nan=False):
     """A SAELens-format SAE (no saelab block in cfg.json) in the cache; returns its weights. ``old``: the
-    config as older SAELens wrote it (hook_point, expansion_factor instead of d_sae, no architecture)."""
+    config as older SAELens wrote it (hook_point, expansion_factor instead of d_sae, no architecture); ``nan``:
+    one decoder entry NaN (a diverged run's)."""
     torch.manual_seed(0)
     w = {"W_enc": torch.randn(128, 256), "b_enc": torch.randn(256), "W_dec": torch.randn(256, 128),
          "b_dec": torch.randn(128)}
+    if nan:
+        w["W_dec"][3, 5] = float("nan")
     save_file(w, tmp_path / "w.safetensors")
     cfg = {"architecture": arch, "d_in": 128, "d_sae": 256, "hook_name": hook, "model_name": model, "dtype": "float32",
            "apply_b_dec_to_input": True, "normalize_activations": "none"}
@@ -102,15 +105,21 @@ def test_fetch_reads_an_old_saelens_config_and_defaults_out(hub_cache, tmp_path,
 @pytest.mark.parametrize("spec,setup,needle", [
     ("someone", None, "is not a hub SAE: pass ORG/REPO/SUBFOLDER"),
     (f"{REPO}/blocks.9.hook_resid_post", "good", "not in the local Hugging Face cache"),
-    (f"{REPO}/{HOOK}", "gated", "SAELens architecture 'gated' is not supported"),
+    (f"{REPO}/{HOOK}", "gated", "lacks r_mag, b_mag: not a gated SAE weights file"),  # gated cfg, standard weights
     ("bad id!!/x/y", None, "is not a hub repo id"),
     (f"{REPO}/{HOOK}", "taken", "already exists and holds something else"),
+    ("a/b/../../../etc", None, "its path has a '..' segment"),  # was huggingface_hub's ValueError traceback
+    (f"{REPO}/./{HOOK}", "good", "its path has a '.' segment"),
+    (f"someone//tiny-saes/{HOOK}", "good", "its path has an empty segment"),
+    (f"{REPO}/{HOOK}", "nan", "the SAE's weights hold NaN or inf"),  # was fetched without complaint
 ])
 def test_fetch_errors_are_one_line_and_leave_nothing(hub_cache, tmp_path, capsys, spec, setup, needle):
     from saelab.cli import main
 
     if setup in ("good", "taken"):
         _saelens_sae(hub_cache, tmp_path)
+    elif setup == "nan":
+        _saelens_sae(hub_cache, tmp_path, nan=True)
     elif setup == "gated":
         _saelens_sae(hub_cache, tmp_path, arch="gated")
     out = tmp_path / "runs" / "x"
@@ -125,6 +134,23 @@ def test_fetch_errors_are_one_line_and_leave_nothing(hub_cache, tmp_path, capsys
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
     else:
         assert not (tmp_path / "runs").exists()  # neither --out, nor its parents, nor a temporary folder
+
+
+def test_fetch_of_a_local_folder_with_nan_weights_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """A local SAE folder whose weights hold NaN is refused as eval refuses it (it was copied without complaint)."""
+    from safetensors.torch import load_file
+
+    from saelab.cli import main
+
+    src = SAE.create("topk", d_in=8, d_sae=16, k=2, hook_name=HOOK, model_name="tiny").save(tmp_path / "src")
+    w = load_file(src / "sae_weights.safetensors")
+    w["b_dec"][0] = float("inf")
+    save_file(w, src / "sae_weights.safetensors")
+    out = tmp_path / "runs" / "x"
+    assert main(["fetch", str(src), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the SAE's weights hold NaN or inf" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_transformer_lens_aliases_map_to_hub_ids():

@@ -120,7 +120,7 @@ def test_gated_weights_carry_saelens_names_and_a_file_without_r_mag_is_one_line(
     assert sorted(w) == ["W_dec", "W_enc", "b_dec", "b_gate", "b_mag", "r_mag"]  # SAELens's gated SAE has no b_enc
     del w["r_mag"]
     save_file(w, tmp_path / "sae_weights.safetensors")
-    with pytest.raises(SaelabError, match=r"sae_weights\.safetensors lacks r_mag: not an SAE weights file"):
+    with pytest.raises(SaelabError, match=r"sae_weights\.safetensors lacks r_mag: not a gated SAE weights file"):
         SAE.load(tmp_path)
     w["r_mag"] = torch.zeros(31)
     save_file(w, tmp_path / "sae_weights.safetensors")
@@ -330,7 +330,7 @@ def test_load_builds_from_the_weights_without_a_random_init(arch, tmp_path, monk
 
 @pytest.mark.parametrize("case,needle", [
     ("width", "W_enc has shape (24, 96) but d_in 24 and d_sae 64 need (24, 64); the files do not belong together"),
-    ("no b_dec", "lacks b_dec: not an SAE weights file"),
+    ("no b_dec", "lacks b_dec: not a topk SAE weights file"),
 ])
 def test_load_of_mismatched_files_is_one_line(case, needle, tmp_path):
     import json
@@ -349,6 +349,42 @@ def test_load_of_mismatched_files_is_one_line(case, needle, tmp_path):
     with pytest.raises(SaelabError) as e:
         SAE.load(tmp_path)
     assert needle in str(e.value) and str(tmp_path / "sae_weights.safetensors") in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("where", ["top", "saelab"])
+@pytest.mark.parametrize("field,value", [("d_sae", 192), ("d_in", 12)])
+def test_load_refuses_a_cfg_whose_stated_size_is_not_the_weights(where, field, value, tmp_path):
+    """A cfg.json stating another d_sae or d_in (top level or in its saelab block) than the weights hold is one
+    line naming the field: readers of cfg.json alone (a feature database's width) would disagree with the SAE."""
+    import json
+
+    SAE.create("topk", d_in=24, d_sae=96, k=6).save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (cfg if where == "top" else cfg["saelab"])[field] = value
+    if where == "saelab" and field == "d_in":  # the block's d_in builds the config: from_weights's shape check
+        needle = "the files do not belong together"
+    else:
+        needle = f"cfg.json: {'saelab.' if where == 'saelab' else ''}{field} is {value} but the weights"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SaelabError) as e:
+        SAE.load(tmp_path)
+    assert needle in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk"])
+def test_load_of_a_thresholded_sae_without_its_threshold_is_one_line(arch, tmp_path):
+    """The threshold is a weight jumprelu and batchtopk need: a file without it was loaded with the init's
+    threshold (other codes, FVU 3.5 for 0.09); now one line naming the file and the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    SAE.create(arch, d_in=8, d_sae=32, k=2).save(tmp_path)
+    w = load_file(tmp_path / "sae_weights.safetensors")
+    assert w["threshold"].shape == (32,)
+    del w["threshold"]
+    save_file(w, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(SaelabError) as e:
+        SAE.load(tmp_path)
+    assert f"sae_weights.safetensors lacks threshold: not a {arch} SAE weights file" in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("case,needle", [

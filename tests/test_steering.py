@@ -344,3 +344,27 @@ def test_cli_steer_bad_input_is_one_line(demo_group, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("saelab: error:") and msg in err[0], (args, err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_steering_that_overflows_the_model_is_one_line_naming_the_value(demo_group, tiny, sae0, tmp_path, capsys):
+    """A value whose steered activations overflow float32 (1e39 · a unit decoder row): NaN logits were a Categorical
+    ValueError traceback when sampling, and greedy decoding, --json and --sweep exited 0 with the argmax of NaN
+    (KL null, fluency 10). Each path is one line naming the value to lower, and no report is written."""
+    from saelab.analysis.steering import Intervention, generate_side_by_side, sweep
+    from saelab.cli import main
+
+    sae = str(demo_group.saes["blocks.0.hook_resid_post"])
+    out = tmp_path / "steer.json"
+    for extra in ([], ["--temperature", "0", "--json", str(out)], ["--steer", "2:add:1"]):
+        assert main(["steer", "--sae", sae, "--prompt", "hi", "--steer", "1:add:1e39", "--tokens", "2", "--quiet",
+                     *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "NaN or inf" in err[0] and "lower the value 1e+39 of latent 1 (add)" in err[0], err
+    assert main(["steer", "--sae", sae, "--prompt", "hi", "--steer", "1", "--sweep", "0,1e39", "--tokens", "2",
+                 "--json", str(out), "--quiet"]) == 2
+    assert "lower the value 1e+39 of latent 1" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SaelabError, match=r"lower the value -1e\+39 of latent 3 \(clamp\)"):
+        generate_side_by_side(tiny, sae0, "hi", [Intervention(3, "clamp", -1e39)], max_new_tokens=2)
+    with pytest.raises(SaelabError, match="lower the value 1e"):
+        sweep(1, [1e39], model=tiny, sae=sae0, prompt="hi", max_new_tokens=2)

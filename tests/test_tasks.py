@@ -103,6 +103,10 @@ def test_jsonl_task(tiny, tmp_path):
     ([{"clean": " Tom" * 300, "corrupted": " Mia" * 300, "answer": " Mia", "wrong": " Tom"}],
      r"tokenizes to 301 tokens \(BOS included\), more than the model's 256 positions"),
     (b"\xff\xfe\x00garbage", ":1 is not UTF-8 text"),
+    # answer == wrong: a logit difference of 0 everywhere, which circuit and heads took (0 nodes, null faithfulness)
+    ([{"clean": "a b", "corrupted": "a c", "answer": " c", "wrong": " b"},
+      {"clean": "a b", "corrupted": "a c", "answer": " c", "wrong": " c"}],
+     r"bad\.jsonl:2: answer ' c' and wrong ' c' are the same token"),
 ])
 def test_jsonl_errors(tiny, tmp_path, rows, match):
     if isinstance(rows, bytes):  # not text at all

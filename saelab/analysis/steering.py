@@ -123,6 +123,20 @@ def _check(sae, model, interventions: Sequence[Intervention]) -> str:
     return hook
 
 
+def _overflow(interventions: Sequence[Intervention], what: str) -> SaelabError:
+    """The one-line refusal of steering whose result is not finite, naming the largest value (the one to lower)."""
+    big = max((it for it in interventions if it.mode != "ablate"), key=lambda it: abs(it.value), default=None)
+    lower = f": lower the value {big.value:g} of latent {big.latent} ({big.mode})" if big else ""
+    return SaelabError(f"steering makes the model's {what} NaN or inf (no metric or continuation of it means "
+                       f"anything){lower}")
+
+
+def _check_finite(t: torch.Tensor, interventions: Sequence[Intervention], what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise _overflow(interventions, what)
+    return t
+
+
 def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = True):
     """A forward-hook function applying the interventions to an activation [batch, pos, ...].
 
@@ -151,7 +165,9 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
             delta = delta + (target - f) @ W_dec[idx]
         new = flat.clone()
         new[:, first:] = (part + delta).to(flat.dtype)
-        return new
+        # a steered activation that overflows (float32 past 3.4e38, or the model's dtype) makes NaN logits next,
+        # which generation would sample or argmax into garbage: refused here, on every call that steers
+        return _check_finite(new, interventions, f"activations at {sae.cfg.hook_name}")
 
     return flat_hook(fn)
 
@@ -266,8 +282,8 @@ class _Clean:
 @torch.no_grad()
 def _run(model, sae, toks, interventions, clean: _Clean, *, max_new_tokens, temperature, seed, top_n):
     hooks = _fwd_hooks(sae, model, interventions)
-    with model.hooks(fwd_hooks=hooks):
-        s_logits = model(toks).float()[0]
+    with model.hooks(fwd_hooks=hooks):  # finite activations can still overflow later layers: the logits checked
+        s_logits = _check_finite(model(toks).float()[0], interventions, "next-token logits")
     cont = _generate(model, toks, hooks, max_new_tokens, temperature, seed)
     first = 1 if toks.shape[1] > 1 else 0
     kl = float(kl_per_position(s_logits, clean.logits)[first:].mean())

@@ -345,6 +345,9 @@ def _rows_task(name: str, items, model, n: int, source: str) -> Task:
                 raise SaelabError(f"{where}: {key} {obj[key]!r} is {len(t)} tokens {pieces}, not one; "
                                   "pick a word that is a single token (usually with its leading space)")
             pair.append(t[0])
+        if pair[0] == pair[1]:  # the logit difference is 0 on every input: no effect, node or faithfulness to find
+            raise SaelabError(f"{where}: answer {obj['answer']!r} and wrong {obj['wrong']!r} are the same token; "
+                              "make wrong the token the corrupted prompt predicts instead")
         clean.append(ids)
         corrupted.append(ids_c)
         answer.append(pair[0])

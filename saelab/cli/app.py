@@ -22,6 +22,9 @@ def _app_argv(sae: str, port: int, host: str) -> list[str]:
 def _check_port(host: str, port: int) -> None:
     import socket
 
+    if not host.strip():  # streamlit and bind() take "" as every interface: the app would be public, unasked
+        raise SaelabError(f"--host {host!r} is empty: pass an address, e.g. 127.0.0.1 (this machine only) or "
+                          "0.0.0.0 (every interface)")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))

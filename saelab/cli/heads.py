@@ -7,7 +7,7 @@ import pathlib
 
 from saelab.cli.common import add_command, from_args
 from saelab.errors import SaelabError
-from saelab.options import HeadsOptions
+from saelab.options import MAX_THREADS, HeadsOptions
 
 
 def _task_files(task: str) -> list[pathlib.Path]:
@@ -78,8 +78,8 @@ def run_heads(task: str, model: str = HeadsOptions.model, n: int = HeadsOptions.
         raise SaelabError(f"--top {top}: pass a positive number of heads")
     if repeats < 1:
         raise SaelabError(f"--repeats {repeats}: pass 1 or more")
-    if threads is not None and threads < 1:
-        raise SaelabError(f"--threads {threads}: pass 1 or more, or 0 for torch's default")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise SaelabError(f"--threads {threads}: pass 1 to {MAX_THREADS}, or 0 for torch's default")
     if out:  # an --out that is a folder or cannot be written is found before the work, not when writing
         out, replaced = check_report(out, "heads", example="heads.json", inputs=_task_files(task), force=force)
     m = load_model(model, device)

@@ -32,7 +32,11 @@ from saelab.sae import SAE
 def parse_spec(spec: str) -> tuple[str, str]:
     """``ORG/REPO[/SUBFOLDER…]`` (optionally ``hf://``-prefixed) → (repo id, subfolder or "")."""
     s = str(spec).strip().removeprefix(HUB_PREFIX)
-    parts = [x for x in s.strip("/").split("/") if x]
+    parts = s.strip("/").split("/") if s.strip("/") else []
+    bad = next((x for x in parts if x.strip() in ("", ".", "..")), None)
+    if bad is not None:  # a hub path is ORG/REPO/names: ".." would leave the repo (and the cache folder it maps to)
+        raise SaelabError(f"{spec!r} is not a hub SAE: its path has {f'a {bad!r}' if bad.strip() else 'an empty'} "
+                          "segment; pass ORG/REPO/SUBFOLDER with a name between each pair of slashes")
     if len(parts) < 2:
         raise SaelabError(f"{spec!r} is not a hub SAE: pass ORG/REPO/SUBFOLDER (the folder holding {CFG_FILE} and "
                           f"{WEIGHTS_FILE}), e.g. jbloom/GPT2-Small-SAEs-Reformatted/blocks.8.hook_resid_pre")

@@ -140,6 +140,7 @@ def _stage(spec: str, revision: str | None, cache_dir, tmp: pathlib.Path, target
         except SaelabError as err:
             why = str(err).replace(f"{tmp}: ", "").replace(f"{tmp}/", "").replace(str(tmp), "the fetched folder")
             raise SaelabError(f"{spec}: {why}") from None
+        sae.check_finite(spec)  # NaN weights (a diverged run): no folder of them, as eval and analyze refuse them
         atomic_write_text(tmp / SOURCE_FILE, json.dumps(source, indent=2) + "\n")
         fsync_dir(tmp)
     except BaseException:

@@ -307,8 +307,10 @@ class SAE(nn.Module):
                 raise SaelabError(f"{path / CFG_FILE}: its saelab settings do not load ({e}); re-save the SAE") from None
         else:
             cfg = _cfg_from_saelens(raw, path)
-        return SAE.from_weights(cfg, w, str(path / WEIGHTS_FILE), device,
-                                apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
+        sae = SAE.from_weights(cfg, w, str(path / WEIGHTS_FILE), device,
+                               apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
+        _check_stated_sizes(raw, sae, path)
+        return sae
 
     def check_finite(self, where) -> "SAE":
         """This SAE, once its weights are finite; a one-line error naming ``where`` otherwise (a diverged training
@@ -339,8 +341,9 @@ class SAE(nn.Module):
         cls = SAE.registry[cfg.arch]
         w = {next((a for a, f in cls.file_names.items() if f == n), n): t for n, t in w.items()}  # file → attribute
         missing = [cls.file_names.get(n, n) for n in (*SAVED_PARAMS, *cls.latent_weights) if n not in w]
-        if missing:
-            raise SaelabError(f"{where} lacks {', '.join(missing)}: not an SAE weights file")
+        if missing:  # e.g. a jumprelu without its threshold: the init's threshold would give other codes, silently
+            raise SaelabError(f"{where} lacks {', '.join(missing)}: not a {cfg.arch} SAE weights file; re-save, "
+                              "re-train or re-fetch the SAE")
         want = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
                 "b_dec": (cfg.d_in,), **{n: (cfg.d_sae,) for n in cls.latent_weights}}
         for n, shape in want.items():
@@ -356,6 +359,20 @@ class SAE(nn.Module):
         sae.apply_b_dec_to_input = apply_b_dec_to_input
         sae.load_extra_weights(w)
         return sae
+
+
+def _check_stated_sizes(raw: dict, sae: SAE, path: pathlib.Path) -> None:
+    """Every d_in and d_sae that cfg.json states (top level, and its saelab block) is the weights' (from_weights
+    checked the config they build against every tensor): readers of cfg.json alone, e.g. a feature database's
+    width, then agree with the SAE that loads."""
+    block = raw.get("saelab") if isinstance(raw.get("saelab"), dict) else {}
+    for where, fields in (("", raw), ("saelab.", block)):
+        for name, got in (("d_in", sae.d_in), ("d_sae", sae.d_sae)):
+            said = fields.get(name)
+            if said is not None and (isinstance(said, bool) or said != got):
+                raise SaelabError(f"{path / CFG_FILE}: {where}{name} is {said!r} but the weights in {WEIGHTS_FILE} "
+                                  f"give {name} {got} (W_enc {tuple(sae.W_enc.shape)}); the files do not belong "
+                                  "together: re-save or re-fetch the SAE")
 
 
 def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:

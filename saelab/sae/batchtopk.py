@@ -14,6 +14,7 @@ from saelab.sae.base import SAE, mse
 class BatchTopKSAE(SAE):
     arch = "batchtopk"
     saelens_arch = "jumprelu"
+    latent_weights = ("threshold",)  # the inference threshold: without it every positive pre-activation fires
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -50,6 +51,5 @@ class BatchTopKSAE(SAE):
     def extra_weights(self):
         return {"threshold": self.threshold.clamp_min(0.0).expand(self.d_sae).clone()}
 
-    def load_extra_weights(self, w):
-        if "threshold" in w:
-            self.threshold.copy_(w["threshold"].float().reshape(-1)[0])
+    def load_extra_weights(self, w):  # from_weights checked that it is there, shaped [d_sae] (saved expanded)
+        self.threshold.copy_(w["threshold"].float().reshape(-1)[0])

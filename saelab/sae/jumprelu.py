@@ -64,6 +64,7 @@ def step_fn(z, theta, eps):
 class JumpReluSAE(SAE):
     arch = "jumprelu"
     saelens_arch = "jumprelu"
+    latent_weights = ("threshold",)  # the init's threshold gives other codes: every file holds the trained one
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -90,9 +91,5 @@ class JumpReluSAE(SAE):
         return {"threshold": self.threshold}
 
     def load_extra_weights(self, w):
-        if "threshold" in w:
-            with torch.no_grad():
-                self.log_threshold.copy_(w["threshold"].float().clamp_min(1e-12).log())
-        elif "log_threshold" in w:
-            with torch.no_grad():
-                self.log_threshold.copy_(w["log_threshold"].float())
+        with torch.no_grad():  # from_weights checked that it is there, shaped [d_sae] (SAELens's name and layout)
+            self.log_threshold.copy_(w["threshold"].float().clamp_min(1e-12).log())

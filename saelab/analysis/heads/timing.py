@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from saelab.analysis.heads.identify import ablation_ranking, identify_heads
 from saelab.analysis.heads.ranking import HeadRanking
 from saelab.errors import SaelabError
-from saelab.options import HeadsOptions
+from saelab.options import MAX_THREADS, HeadsOptions
 
 
 def _median_run(runs: list[HeadRanking]) -> HeadRanking:
@@ -34,8 +34,8 @@ def timed_rankings(model, task, n_examples: int = HeadsOptions.n, repeats: int =
     wait on each other."""
     if repeats < 1:
         raise SaelabError(f"--repeats {repeats}: pass 1 or more")
-    if threads is not None and threads < 1:
-        raise SaelabError(f"--threads {threads}: pass 1 or more")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise SaelabError(f"--threads {threads}: pass 1 to {MAX_THREADS}")
     before = torch.get_num_threads()
     ident, abl = [], []
     try:
