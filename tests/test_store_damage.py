@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from saelab.cli import main
 from saelab.errors import SaelabError
+from tests.test_outputs import _fails
 
 FIX = "restore it or harvest the store again"
 
@@ -20,14 +20,6 @@ def tiny_store(tmp_path_factory):
     out = tmp_path_factory.mktemp("damage") / "store"
     return write_synthetic(SyntheticConfig(out=str(out), d=8, n_true=16, rows=1024, shard_rows=256, holdout=0.25),
                            progress=False)
-
-
-def _fails(argv, capsys, needle) -> str:
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def _damaged(tiny_store, tmp_path, edit):
