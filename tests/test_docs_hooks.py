@@ -175,7 +175,7 @@ def test_the_formats_page_gets_a_table_per_schema():
     out = hook.on_page_markdown(page, None, None, None)
     assert "<!-- schema:" not in out and "no schema named" not in out
     assert "| `shards[i].file` | text | a name inside its folder" in out
-    assert "| `dead_frac` | number | ≥ 0, ≤ 1 | yes |" in out
+    assert "| `dead_frac` | number | ≥ 0, ≤ 1 |" in out and "| `fvu` | number |" in out
     assert "| `hooks[hook]` | text |" in out
     rows = hook.rows(MANIFEST_SCHEMA)
     assert {r[0] for r in rows if r[3] == "yes"} >= set(MANIFEST_SCHEMA["required"])
