@@ -60,12 +60,6 @@ LAYOUT_HELP = (f"{CFG_FILE} + {WEIGHTS_FILE} for SAELens and saelab, {GEMMA_SCOP
                f"{CFG_FILE} + {SPARSIFY_WEIGHTS} for EleutherAI sparsify")
 
 
-def is_plain_name(name: str) -> bool:
-    """Whether ``name`` (read from a file: a shard in a manifest, an SAE folder in group.json) names an entry of its
-    folder, not a path: nothing a file says can lead a reader or a writer outside the folder."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-
-
 def shard_name(i: int) -> str:
     return f"shard_{i:05d}.h5"
 

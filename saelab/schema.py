@@ -17,7 +17,8 @@ from typing import Any
 from saelab.errors import SaelabError
 from saelab.fs import read_text
 
-#: a name read from a file (a shard, an SAE folder): an entry of its folder, never a path (see layout.is_plain_name)
+#: a name read from a file (a shard in a manifest, an SAE folder in group.json): an entry of its folder, never a
+#: path, so nothing a file says leads a reader or a writer outside the folder
 PLAIN_NAME = {"type": "string", "pattern": r"^(?!\.\.?$)[^/\\\x00]+$",
               "description": "a name inside its folder (no / or \\, not . or ..)"}
 WHOLE = {"type": "integer", "minimum": 0}
@@ -51,21 +52,19 @@ def _is_finite(_checker, v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-_VALIDATORS: dict[int, Any] = {}
+#: id of a schema → (its validator, the schema): the schema is kept alive with its validator, so its id stays its own
+_VALIDATORS: dict[int, tuple[Any, dict]] = {}
 
 
 def _validator(schema: dict):
     """The (cached) validator of a schema: schemas are module constants, so their id is their key."""
-    v = _VALIDATORS.get(id(schema))
-    if v is None:
+    if id(schema) not in _VALIDATORS:
         import jsonschema
 
         base = jsonschema.Draft202012Validator
         types = base.TYPE_CHECKER.redefine_many({"integer": _is_whole, "number": _is_finite})
-        v = jsonschema.validators.extend(base, type_checker=types)(schema)
-        _VALIDATORS[id(schema)] = (v, schema)  # the schema is kept alive with its validator, so its id stays its own
-        return v
-    return v[0]
+        _VALIDATORS[id(schema)] = (jsonschema.validators.extend(base, type_checker=types)(schema), schema)
+    return _VALIDATORS[id(schema)][0]
 
 
 def _short(text: str, n: int = 160) -> str:

@@ -19,10 +19,13 @@ def cosines(a, b, absolute: bool = False) -> np.ndarray:
 
 def matched_cosines(a, b, absolute: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(cosine of each matched pair, rows of ``a``, rows of ``b``): the one-to-one pairing of the rows of ``a`` with
-    the rows of ``b`` that maximises the summed cosine (min(len(a), len(b)) pairs;
-    ``scipy.optimize.linear_sum_assignment``)."""
+    the rows of ``b`` that maximises the summed cosine (min(len(a), len(b)) pairs)."""
+    return match(cosines(a, b, absolute))
+
+
+def match(cos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``matched_cosines`` of a cosine matrix already computed (``scipy.optimize.linear_sum_assignment``)."""
     from scipy.optimize import linear_sum_assignment
 
-    cos = cosines(a, b, absolute)
     rows, cols = linear_sum_assignment(cos, maximize=True)
     return cos[rows, cols], rows, cols

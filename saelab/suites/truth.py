@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from saelab.errors import SaelabError
-from saelab.suites.matching import cosines, matched_cosines
+from saelab.suites.matching import cosines, match
 from saelab.synthetic import TRUTH_NPY, load_truth, truth_codes
 
 #: rows scored (the first of the held-out shards, else of the store)
@@ -48,8 +48,8 @@ def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096) -> dict:
     if dec.shape[1] != directions.shape[1]:
         raise SaelabError(f"the SAE reads d_in {dec.shape[1]}, the store's features have {directions.shape[1]}: "
                           "pass the store it was trained on")
-    matched, _, _ = matched_cosines(dec, directions, absolute=True)
     cos = cosines(dec, directions, absolute=True)
+    matched, _, _ = match(cos)
     best = torch.from_numpy(cos.argmax(1))
     ids = rows_of(store, rows)
     coef, x = truth_codes(store.path, ids)
