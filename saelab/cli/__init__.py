@@ -60,10 +60,17 @@ _PATH_FIX = {
 }
 
 
-def _terminated(signum, frame):
+class _Signals:
     """SIGTERM ends a command as Ctrl-C does: its cleanup runs (no temp file left, the previous complete state
-    kept), and it says how to resume."""
-    raise KeyboardInterrupt
+    kept), and it says how to resume. Both are recorded, so an error that a library raised because the interrupt
+    landed inside it (h5py reports one as an error of its own) is reported as the interrupt it was."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def __call__(self, signum, frame):
+        self.seen.append(signum)
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,17 +92,21 @@ def main(argv: list[str] | None = None) -> int:
             from saelab import distributed
 
             distributed.exec_torchrun(args.nproc, distributed.strip_nproc(sys.argv[1:] if argv is None else argv))
-        old = None
+        old, signals = {}, _Signals()
         if threading.current_thread() is threading.main_thread():
-            old = signal.signal(signal.SIGTERM, _terminated)
+            old = {s: signal.signal(s, signals) for s in (signal.SIGINT, signal.SIGTERM)}
             # a file-size limit (ulimit -f) makes a write fail with EFBIG, as a full disk does, instead of killing
             # the process mid-write: the run's cleanup then leaves no temp file
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         try:
             return args.func(args)
+        except Exception:
+            if signals.seen:  # the error of an interrupt that landed inside a library: it was the interrupt
+                raise KeyboardInterrupt from None
+            raise
         finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
+            for s, handler in old.items():
+                signal.signal(s, handler)
     except SaelabError as e:
         print(f"saelab: error: {e}", file=sys.stderr)
         return 2

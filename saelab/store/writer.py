@@ -11,6 +11,7 @@ import pathlib
 import h5py
 import numpy as np
 
+from saelab import interrupts
 from saelab.errors import SaelabError
 from saelab.fs import atomic_write_bytes, atomic_write_text, write_error
 from saelab.layout import MANIFEST, shard_name
@@ -38,7 +39,7 @@ class ShardWriter:
         self.save_manifest()
 
     @classmethod
-    def resume(cls, folder: pathlib.Path, keep_shards: int) -> "ShardWriter":
+    def resume(cls, folder: pathlib.Path, keep_shards: int) -> ShardWriter:
         """Reopen a store, keeping its first ``keep_shards`` complete shards, deleting the rest."""
         m = read_manifest(folder)
         m["shards"] = m["shards"][:keep_shards]
@@ -66,9 +67,10 @@ class ShardWriter:
         chunk_rows = max(1, min(rows, (1 << 20) // (d_in * activations.itemsize)))
         final = self.folder / name
         # the HDF5 image is built in memory and written by Python: a full disk or a file-size limit is an OSError
-        # here (the temp file removed), where HDF5 writing to the file itself fails inside its own cleanup
+        # here (the temp file removed), where HDF5 writing to the file itself fails inside its own cleanup; a
+        # Ctrl-C or SIGTERM is held while h5py builds it, and raised after (not inside h5py, which would garble it)
         image = io.BytesIO()
-        with h5py.File(image, "w", libver=("earliest", "v110")) as f:
+        with interrupts.held(), h5py.File(image, "w", libver=("earliest", "v110")) as f:
             f.create_dataset("activations", data=activations, chunks=(chunk_rows, d_in))
             f.create_dataset("tokens", data=tokens.astype(np.int32, copy=False))
             if grads is not None:

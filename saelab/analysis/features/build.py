@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saelab import interrupts
 from saelab.analysis.features.accumulate import Accumulator
 from saelab.analysis.features.codes import Batch, TokenReader, sparse_codes
 from saelab.analysis.features.records import (
@@ -224,13 +225,14 @@ def _check_finite(arrays: dict, store, final: pathlib.Path) -> None:
 
 class _Sink:
     """The file h5py writes features.h5 through (``h5py.File(fileobj)``): every call goes to the real file, and the
-    first exception of one (an OSError of a full disk or a file-size limit, a KeyboardInterrupt of Ctrl-C or
-    SIGTERM) is kept, because h5py turns an exception in its file callbacks into one of its own (a RuntimeError,
-    a SystemError) or loses it. HDF5 writing the file itself, under its own file driver, crashed the process
-    (a segfault) when a write failed; through Python the failure comes back as the exception."""
+    first exception of one (an OSError of a full disk or a file-size limit, the KeyboardInterrupt of a Ctrl-C or
+    SIGTERM held over the write) is kept, because h5py turns an exception in its file callbacks into one of its
+    own (a RuntimeError, a SystemError) or loses it. HDF5 writing the file itself, under its own file driver,
+    crashed the process (a segfault) when a write failed; through Python the failure comes back as the exception.
+    A held interrupt is raised here, in a callback, and nowhere else inside h5py."""
 
-    def __init__(self, f):
-        self._f, self.error = f, None
+    def __init__(self, f, hold: interrupts.Held):
+        self._f, self._hold, self.error = f, hold, None
 
     def __getattr__(self, name):
         method = getattr(self._f, name)
@@ -241,6 +243,7 @@ class _Sink:
             if self.error is not None:  # the file is broken: nothing more goes into it
                 raise self.error
             try:
+                self._hold.check()
                 return method(*args)
             except BaseException as e:
                 self.error = e
@@ -249,8 +252,8 @@ class _Sink:
 
 
 def _write(tmp: pathlib.Path, attrs: dict, small: dict, per: dict, edges: np.ndarray, vocab: list[str]) -> None:
-    with open(tmp, "wb") as raw:
-        sink = _Sink(raw)
+    with open(tmp, "wb") as raw, interrupts.held() as hold:
+        sink = _Sink(raw, hold)
         try:
             with h5py.File(sink, "w", libver="latest") as f:
                 _fill(f, attrs, small, per, edges, vocab)
