@@ -119,7 +119,20 @@ class HarvestConfig(JSONConfig):
         "expands to every matching hook (a hook matched by a glob and also named, or by two globs, is "
         "recorded once; the same name given twice is an error)",
         flag="--hook",
-        required=True,
+    )
+    #: a --pairs preset → (input hook, target hook) of layer L, as format strings of L
+    PAIR_PRESETS = {"mlp": ("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out")}
+    pairs: str | None = _f(
+        None,
+        "harvest a transcoder pair at every layer L: 'mlp' reads the MLP's input blocks.L.ln2.hook_normalized and "
+        "its output blocks.L.hook_mlp_out (both join the hooks; each store's manifest records its pairs)",
+        choices=list(PAIR_PRESETS),
+    )
+    pair: list[str] = _f(
+        [],
+        "a transcoder pair IN_HOOK:OUT_HOOK to harvest, row-aligned (both join the hooks; each store's manifest "
+        "records its pairs); repeat the flag for several",
+        metavar="IN_HOOK:OUT_HOOK",
     )
     out: str = _f("", "output RUN folder; one store per hook is written to OUT/<hook>/", required=True)
     model: str = _f("tiny", "model: 'tiny' (bundled), a local Hugging Face folder, or a hub name such as gpt2")
@@ -142,11 +155,15 @@ class HarvestConfig(JSONConfig):
 
     def validate(self) -> "HarvestConfig":
         self.check_numbers()  # each number in its type's range before any rule relates them
-        if not self.hooks:
-            raise SaelabError("no hook given: pass --hook NAME (e.g. --hook blocks.0.hook_resid_post)")
+        if not self.hooks and not self.pairs and not self.pair:
+            raise SaelabError("no hook given: pass --hook NAME (e.g. --hook blocks.0.hook_resid_post), or a "
+                              "transcoder pair with --pairs mlp or --pair IN_HOOK:OUT_HOOK")
         twice = sorted({h for h in self.hooks if self.hooks.count(h) > 1})
         if twice:
             raise SaelabError(f"--hook {twice[0]} is given more than once: pass each hook once")
+        if self.pairs is not None and self.pairs not in self.PAIR_PRESETS:
+            raise SaelabError(f"--pairs {self.pairs!r}: choose one of {', '.join(self.PAIR_PRESETS)}")
+        self.explicit_pairs()
         if self.context_size < 2:
             raise SaelabError(f"--context-size must be at least 2 (got {self.context_size})")
         if self.tokens is not None and self.tokens < self.context_size:
@@ -161,9 +178,42 @@ class HarvestConfig(JSONConfig):
             raise SaelabError(f"--seed must be 0 or more (got {self.seed})")
         return self
 
+    def explicit_pairs(self) -> list[tuple[str, str]]:
+        """The --pair flags as (input hook, target hook), in the order given: each one colon between two hook
+        names (no glob: a pair names two hooks), two different hooks, and no pair twice."""
+        out: list[tuple[str, str]] = []
+        for spec in self.pair:
+            a, sep, b = spec.partition(":")
+            if not sep or not a or not b or ":" in b:
+                raise SaelabError(f"--pair {spec!r} is not IN_HOOK:OUT_HOOK: pass two hook names joined by one colon, "
+                                  "e.g. --pair blocks.0.ln2.hook_normalized:blocks.0.hook_mlp_out")
+            if any(c in spec for c in "*?["):
+                raise SaelabError(f"--pair {spec} holds a glob: name both hooks (--pairs mlp gives every layer's MLP "
+                                  "pair)")
+            if a == b:
+                raise SaelabError(f"--pair {spec} reads and reconstructs the same hook: pass two different hooks")
+            if (a, b) in out:
+                raise SaelabError(f"--pair {spec} is given more than once: pass each pair once")
+            out.append((a, b))
+        return out
+
+    def all_pairs(self, n_layers: int) -> list[tuple[str, str]]:
+        """Every pair of the run, for a model of ``n_layers`` blocks: the --pairs preset's (layer by layer), then the
+        --pair flags; a --pair the preset already gives is an error (each pair once)."""
+        preset = [] if self.pairs is None else [tuple(t.format(L=L) for t in self.PAIR_PRESETS[self.pairs])
+                                                for L in range(n_layers)]
+        for a, b in self.explicit_pairs():
+            if (a, b) in preset:
+                raise SaelabError(f"--pair {a}:{b} is one of --pairs {self.pairs} already: drop it")
+        return preset + self.explicit_pairs()
+
 
 
 ARCHS = ["relu", "jumprelu", "gated", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
+#: the transcoders: read one hook of a pair of stores, reconstruct the other (an MLP's input → its output)
+TRANSCODERS = ["transcoder", "skip-transcoder"]
+#: the activations a transcoder takes, each with its architecture's sparsity settings (--k, --l1-coeff, ...)
+TRANSCODER_ACTIVATIONS = ["topk", "relu", "jumprelu"]
 
 
 @dataclass
@@ -172,13 +222,19 @@ class SAEConfig(JSONConfig):
 
     Stored as ``saelab`` inside the SAE folder's cfg.json, so a folder alone rebuilds it."""
 
-    arch: str = _f("topk", "architecture: " + ", ".join(ARCHS))
+    arch: str = _f("topk", "architecture: " + ", ".join(ARCHS) + "; transcoders (on paired stores): "
+                   + ", ".join(TRANSCODERS))
+    act_fn: str = _f("topk", "transcoder, skip-transcoder: the activation, with the sparsity settings of that "
+                             "architecture", choices=TRANSCODER_ACTIVATIONS)
     k: int = _f(32, "active latents per token; for relu/jumprelu/gated the target L0 that the sparsity "
                     "coefficient is adapted to reach (unless --l1-coeff/--l0-coeff fix it)")
     width: int | None = _f(None, "number of latents d_sae (default: --expansion × d_in)")
     expansion: int = _f(16, "d_sae = expansion × d_in when --width is not given")
     d_in: int = _f(0, "input width (taken from the store)", cli=False)
     hook_name: str = _f("", "hook the SAE reads (taken from the store)", cli=False)
+    d_out: int = _f(0, "output width of a transcoder (taken from its target store); 0 for an SAE (d_in)", cli=False)
+    hook_name_out: str = _f("", "hook a transcoder reconstructs (taken from its target store); empty for an SAE",
+                            cli=False)
     model_name: str = _f("", "model the activations came from (taken from the store)", cli=False)
     k_aux: int | None = _f(None, "latents in the aux-k loss (TopK family; default d_in/2)")
     aux_coeff: float = _f(1 / 32, "aux-k loss coefficient (TopK family)")
@@ -207,10 +263,25 @@ class SAEConfig(JSONConfig):
     def d_sae(self) -> int:
         return self.width if self.width else self.expansion * self.d_in
 
+    @property
+    def output_dim(self) -> int:
+        """The width the decoder writes: d_out for a transcoder, d_in for an SAE."""
+        return self.d_out or self.d_in
+
+    @property
+    def output_hook(self) -> str:
+        """The hook the decoder writes: hook_name_out for a transcoder, the hook read for an SAE."""
+        return self.hook_name_out or self.hook_name
+
     def validate(self) -> "SAEConfig":
         self.check_numbers()  # each number in its type's range before any rule relates them
-        if self.arch not in ARCHS:
-            raise SaelabError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if self.arch not in ARCHS + TRANSCODERS:
+            raise SaelabError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS + TRANSCODERS)}")
+        if self.act_fn not in TRANSCODER_ACTIVATIONS:
+            raise SaelabError(f"unknown --act-fn {self.act_fn!r}: choose one of {', '.join(TRANSCODER_ACTIVATIONS)}")
+        if self.d_out < 0 or (self.d_out and self.arch not in TRANSCODERS):
+            raise SaelabError(f"d_out {self.d_out} is for transcoders (--arch {' or '.join(TRANSCODERS)}), "
+                              "a non-negative width")
         if self.d_in < 1:
             raise SaelabError(f"d_in must be positive (got {self.d_in})")
         if self.d_sae < 1 or (self.width is not None and self.width < 1):

@@ -3,7 +3,8 @@
 * ``evaluate_store``: FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖², explained variance = 1 − FVU, mean L0,
   fraction of dead latents (never fired on the evaluated rows) and dense ones (> 10% of tokens).
 * ``evaluate_model``: next-token CE of the clean model, with the SAE's reconstruction spliced in
-  at its hook, and with that hook zero-ablated; CE-loss recovered =
+  at its hook (a transcoder's output, computed from its input hook, in place of its output hook: the
+  MLP replaced), and with that hook zero-ablated; CE-loss recovered =
   (CE_ablate − CE_sae) / (CE_ablate − CE_clean); KL(clean ‖ spliced) per token.
 Streaming: bounded memory whatever the store's size. TopK-family SAEs (topk, abstopk,
 matryoshka; gradient without grads) encode through the fused ``topk_encode`` + ``sparse_decode``
@@ -32,6 +33,7 @@ from saelab.layout import EVAL_FILE, check_eval, check_local_sae, read_eval, rea
 from saelab.options import EvalOptions
 from saelab.sae.topk import TopKSAE
 from saelab.store import ActivationStore
+from saelab.store.stream import PairedBatches
 
 DENSE = 0.1
 DENSE_BUDGET = 1 << 25  # elements of one [rows, d_sae] code tensor on the dense (non-TopK) paths: 128 MiB
@@ -55,20 +57,23 @@ def dense_chunks(sae, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 
 def reconstruct(sae, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
-    """x̂ = decode(encode(x)), sparse for the TopK family (see ``sparse_codes``), else dense in row chunks."""
+    """x̂ = decode(encode(x)) (a skip transcoder's skip path added), sparse for the TopK family (see
+    ``sparse_codes``), else dense in row chunks."""
     codes = sparse_codes(sae, x, kernel)
     if codes is not None:
-        return sparse_decode(*codes, sae.W_dec, sae.b_dec)
+        return sae.add_skip(x, sparse_decode(*codes, sae.W_dec, sae.b_dec))
     return torch.cat([sae(part) for _, part in dense_chunks(sae, x)])
 
 
 @torch.no_grad()
 def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_bos: bool = True,
                    max_rows: int = 1 << 17, batch_size: int = 4096, device="cpu", progress: bool = False,
-                   scale: float = 1.0, kernel: str | None = None) -> dict:
+                   scale: float = 1.0, kernel: str | None = None, target: ActivationStore | None = None,
+                   scale_out: float = 1.0) -> dict:
     """Reconstruction metrics over the first ``max_rows`` rows of the split (in store order);
     ``scale`` multiplies the rows first (the trainer evaluates in its normalised units);
-    ``kernel``: the TopK-family encode path (module docstring)."""
+    ``kernel``: the TopK-family encode path (module docstring). A transcoder is scored against ``target``, the
+    store of its output hook (row-aligned with ``store``; its rows times ``scale_out``): FVU of y."""
     from saelab.kernels import sparse_decode
 
     split = split or ("holdout" if store.split_shards("holdout") else "train")
@@ -79,12 +84,15 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
     n = min(max_rows, n_avail)
     sae = sae.to(device).eval()
     it = store.batches(batch_size, split=split, tokens=n, seed=0, skip_bos=skip_bos, device=device, shuffle=False)
+    if target is not None:  # the same settings over the aligned store: the same rows, in the same order
+        it = PairedBatches(it, target.batches(batch_size, split=split, tokens=n, seed=0, skip_bos=skip_bos,
+                                              device=device, shuffle=False))
     sq_err = sum_sq = 0.0
-    sum_x = torch.zeros(store.d_in, dtype=torch.float64, device=device)
+    sum_x = torch.zeros((target or store).d_in, dtype=torch.float64, device=device)
     fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     l0_sum, rows = 0.0, 0
     for x in tqdm(it, disable=not progress, desc="eval", unit="batch"):
-        x = (x[0] if isinstance(x, tuple) else x) * scale
+        x, y = (x[0] * scale, x[1] * scale_out) if target is not None else (x * scale, None)
         codes = sparse_codes(sae, x, kernel)
         if codes is None:  # dense, in row chunks
             parts = []
@@ -101,6 +109,9 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
             nz = v != 0
             fired.index_add_(0, i[nz], torch.ones_like(i[nz]))
             l0_sum += float(nz.sum())
+        x_hat = sae.add_skip(x, x_hat)
+        if y is not None:  # from here on x is what x_hat reconstructs
+            x = y
         sq_err += float((x - x_hat).double().pow(2).sum())
         sum_sq += float(x.double().pow(2).sum())
         sum_x += x.double().sum(0)
@@ -136,25 +147,32 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
                    progress: bool = False, kernel: str | None = None) -> dict:
     """CE clean / spliced / zero-ablated over these contexts, CE-loss recovered and KL
     (``kernel``: the TopK-family encode path of the splice, module docstring)."""
-    hook = sae.cfg.hook_name
-    if hook not in model.hook_dict:
-        raise SaelabError(f"the SAE reads hook {hook!r}, which model {getattr(model.cfg, 'model_name', '')} "
-                          "does not have: pass the model the SAE was trained on")
+    hook, write = sae.cfg.hook_name, sae.cfg.output_hook  # a transcoder reads one hook and replaces another
+    for h in dict.fromkeys((hook, write)):
+        if h not in model.hook_dict:
+            raise SaelabError(f"the SAE uses hook {h!r}, which model {getattr(model.cfg, 'model_name', '')} "
+                              "does not have: pass the model the SAE was trained on")
     device = device_of(model)
     sae = sae.to(device).eval()
     first = 1 if skip_bos else 0
+    read: dict = {}  # a transcoder's input, kept when the forward passes its hook (before the hook it replaces)
+
+    def keep(flat):
+        read["x"] = flat
 
     def splice(mode):
         def fn(flat):  # [n, T, features]
             new = flat.clone()
             if mode == "sae":
-                part = flat[:, first:]
+                part = (read.pop("x") if write != hook else flat)[:, first:]
                 new[:, first:] = reconstruct(sae, part.reshape(-1, part.shape[-1]).float(), kernel).to(flat.dtype) \
-                    .reshape(part.shape)
+                    .reshape(new[:, first:].shape)
             else:
                 new[:, first:] = 0
             return new
         return flat_hook(fn)
+
+    spliced_hooks = [(write, splice("sae"))] if write == hook else [(hook, flat_hook(keep)), (write, splice("sae"))]
 
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
@@ -162,8 +180,8 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
         t = torch.from_numpy(np.asarray(tokens[a : a + batch_size])).long().to(device)
         tgt = t[:, 1:]
         clean = model(t)[:, :-1].float()
-        spliced = model.run_with_hooks(t, fwd_hooks=[(hook, splice("sae"))])[:, :-1].float()
-        zero = model.run_with_hooks(t, fwd_hooks=[(hook, splice("zero"))])[:, :-1].float()
+        spliced = model.run_with_hooks(t, fwd_hooks=spliced_hooks)[:, :-1].float()
+        zero = model.run_with_hooks(t, fwd_hooks=[(write, splice("zero"))])[:, :-1].float()
         for name, logits in [("clean", clean), ("sae", spliced), ("zero", zero)]:
             totals[name] += float(F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum"))
         totals["kl"] += float(kl_per_position(clean, spliced).sum())
@@ -236,12 +254,15 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
 
 def _core(sae_path: pathlib.Path, sae, store, model_name, n_contexts, device, progress, model) -> dict:
     """The core suite: store metrics, and CE metrics with a model."""
+    from saelab.targets import target_store_for
+
     dev = pick_device(device)
     info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)
     res: dict = {}
-    res.update(check_fvu(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress), sae,
-                         store, sae_path))
+    target = target_store_for(sae, store)  # a transcoder's output rows; None for an SAE
+    res.update(check_fvu(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress, target=target),
+                         sae, store, sae_path))
     if model is None and model_name:
         from saelab.models import load_model
 

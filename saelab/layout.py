@@ -22,7 +22,7 @@ import json
 import os
 import pathlib
 
-from saelab.config import ARCHS, HarvestConfig, SAEConfig, TrainConfig
+from saelab.config import ARCHS, TRANSCODERS, HarvestConfig, SAEConfig, TrainConfig
 from saelab.errors import SaelabError
 from saelab.fs import read_text
 from saelab.schema import NUMBER, PLAIN_NAME, POSITIVE, TEXT, WHOLE, check, nullable, obj, read_json
@@ -86,14 +86,18 @@ def is_sae_folder(p: str | os.PathLike) -> bool:
 #: cfg.json: what every reader needs of an SAE's config (SAELens writes many more fields; saelab's own go in "saelab")
 CFG_SCHEMA = obj({
     "d_in": POSITIVE, "d_sae": POSITIVE, "hook_name": TEXT, "model_name": TEXT,
-    "saelab": {"allOf": [SAEConfig.json_schema(), obj({"arch": {"enum": list(ARCHS)}, "d_sae": POSITIVE})]},
+    "saelab": {"allOf": [SAEConfig.json_schema(), obj({"arch": {"enum": ARCHS + TRANSCODERS}, "d_sae": POSITIVE})]},
     "metadata": nullable(obj({"hook_name": nullable(TEXT), "model_name": nullable(TEXT)})),
 }, required=("d_in",))
-#: train.json: the run's settings (each a config's fields), its store (path and identity), steps, ranks, scale
+#: a store by content (``saelab.resume.store_identity``)
+_IDENTITY = obj({"model": TEXT, "hook": TEXT, "d_in": POSITIVE, "n_tokens": WHOLE, "shards_sha256": TEXT})
+#: train.json: the run's settings (each a config's fields), its store (path and identity), steps, ranks, scale; a
+#: transcoder's also its target store and the targets' scale
 TRAIN_SCHEMA = obj({
     "train": TrainConfig.json_schema(), "sae": SAEConfig.json_schema(), "store": TEXT,
-    "store_identity": obj({"model": TEXT, "hook": TEXT, "d_in": POSITIVE, "n_tokens": WHOLE, "shards_sha256": TEXT}),
+    "store_identity": _IDENTITY, "target": TEXT, "target_identity": _IDENTITY,
     "n_steps": WHOLE, "world_size": POSITIVE, "scale": {"type": "number", "exclusiveMinimum": 0},
+    "scale_out": {"type": "number", "exclusiveMinimum": 0},
     "done": {"type": "boolean"}, "epochs": {"type": "number", "minimum": 0},
 }, required=("train", "sae"))
 FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
@@ -131,8 +135,12 @@ SOURCE_SCHEMA = obj({
 GROUP_SCHEMA = obj({"model": nullable(TEXT), "hooks": {"type": "object", "additionalProperties": PLAIN_NAME,
                                                        "propertyNames": {"description": "hook"}}},
                    required=("hooks",))
-#: harvest.json: a harvest run's settings (for --resume)
+#: one transcoder pair: the hook read (``input``) and the hook reconstructed (``target``), each the name of a store
+#: folder of the same RUN folder
+PAIR_SCHEMA = obj({"input": PLAIN_NAME, "target": PLAIN_NAME}, required=("input", "target"))
+#: harvest.json: a harvest run's settings (for --resume) and its transcoder pairs
 RUN_SCHEMA = obj({"config": HarvestConfig.json_schema(), "hooks": {"type": "array", "items": TEXT},
+                  "pairs": {"type": "array", "items": PAIR_SCHEMA},
                   "n_contexts": WHOLE, "world_size": POSITIVE}, required=("config",))
 
 

@@ -49,32 +49,38 @@ def store_identity(store) -> dict:
             "n_tokens": m.get("n_tokens"), "shards_sha256": digest}
 
 
-def check_resumable(out: pathlib.Path, tcfg: TrainConfig, cfg: SAEConfig, store) -> dict:
-    """The run's train.json, once its settings and its store are the ones this command gives (a one-line refusal
-    otherwise; a train.json of an older saelab without a store identity: the store is not checked)."""
+def check_resumable(out: pathlib.Path, tcfg: TrainConfig, cfg: SAEConfig, store, target=None) -> dict:
+    """The run's train.json, once its settings and its store (and a transcoder's target store) are the ones this
+    command gives (a one-line refusal otherwise; a train.json of an older saelab without a store identity: the
+    store is not checked)."""
     saved = read_train_info(out, "train again into a new --out")
     recorded = {**saved.get("sae", {}), **saved.get("train", {})}
     check_resume_settings(recorded, {**cfg.to_dict(), **tcfg.to_dict()}, RESUME_FREE, out, "train to a new --out")
-    was = saved.get("store_identity")
-    if was:
-        now = store_identity(store)
+    for key, st in (("store_identity", store), ("target_identity", target)):
+        was = saved.get(key)
+        if not was or st is None:
+            continue
+        now = store_identity(st)
         diff = [f"{k} {was.get(k)!r} → {now[k]!r}" if k != "shards_sha256" else "its shards' checksums differ"
                 for k in now if was.get(k) != now[k]]
         if diff:
-            raise SaelabError(f"--resume on another store than the run in {out} was trained on ({store.path}: "
+            raise SaelabError(f"--resume on another store than the run in {out} was trained on ({st.path}: "
                               f"{'; '.join(diff)}): pass --activations of the run's store (it may have moved), "
                               "or train to a new --out")
     return saved
 
 
 def write_run_info(out: pathlib.Path, tcfg: TrainConfig, cfg: SAEConfig, store, n_steps: int, world: int,
-                   scale: float) -> None:
-    """train.json of a run that starts: its settings, its store (path and identity), steps, ranks and scale."""
-    atomic_write_text(out / TRAIN_FILE, json.dumps({"train": tcfg.to_dict(), "sae": cfg.to_dict(),
-                                                    "store": str(pathlib.Path(store.path).resolve()),
-                                                    "store_identity": store_identity(store),
-                                                    "n_steps": n_steps, "world_size": world,
-                                                    "scale": scale, "done": False}, indent=2) + "\n")
+                   scale: float, target=None, scale_out: float | None = None) -> None:
+    """train.json of a run that starts: its settings, its store (path and identity), steps, ranks and scale; a
+    transcoder's also its target store and the targets' scale."""
+    info = {"train": tcfg.to_dict(), "sae": cfg.to_dict(), "store": str(pathlib.Path(store.path).resolve()),
+            "store_identity": store_identity(store), "n_steps": n_steps, "world_size": world, "scale": scale,
+            "done": False}
+    if target is not None:
+        info.update(target=str(pathlib.Path(target.path).resolve()), target_identity=store_identity(target),
+                    scale_out=scale_out)
+    atomic_write_text(out / TRAIN_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def mark_done(out: pathlib.Path, epochs: float) -> None:
@@ -85,20 +91,23 @@ def mark_done(out: pathlib.Path, epochs: float) -> None:
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
-def save_checkpoint(out: pathlib.Path, sae, opt, it, step: int, n_steps: int, scale: float, arch: str) -> None:
+def save_checkpoint(out: pathlib.Path, sae, opt, it, step: int, n_steps: int, scale: float, arch: str,
+                    scale_out: float | None = None) -> None:
     """The checkpoint, serialised in memory and written by Python (a full disk is a one-line error, the previous
     checkpoint kept), atomically."""
     buf = io.BytesIO()
     torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "iterator": json.dumps(it.state_dict()),
-                "step": step, "n_steps": n_steps, "scale": scale, "arch": arch}, buf)
+                "step": step, "n_steps": n_steps, "scale": scale, "arch": arch,
+                "scale_out": scale if scale_out is None else scale_out}, buf)
     try:
         atomic_write_bytes(out / CHECKPOINT_FILE, buf.getbuffer())
     except OSError as e:
         raise write_error(out / CHECKPOINT_FILE, e) from None
 
 
-def load_checkpoint(out: pathlib.Path, sae, opt, it, n_steps: int, arch: str, device) -> tuple[int, float]:
-    """Restore the SAE, the optimiser and the iterator from the run's checkpoint; returns (step, scale). A damaged
+def load_checkpoint(out: pathlib.Path, sae, opt, it, n_steps: int, arch: str, device) -> tuple[int, float, float]:
+    """Restore the SAE, the optimiser and the iterator from the run's checkpoint; returns (step, scale, the targets'
+    scale: a transcoder's, else the scale). A damaged
     or foreign file, or one of another run length or architecture, is a one-line error."""
     path = out / CHECKPOINT_FILE
     try:
@@ -114,7 +123,7 @@ def load_checkpoint(out: pathlib.Path, sae, opt, it, n_steps: int, arch: str, de
     sae.load_state_dict(ck["sae"])
     opt.load_state_dict(ck["opt"])
     it.load_state_dict(json.loads(ck["iterator"]))
-    return int(ck["step"]), float(ck["scale"])
+    return int(ck["step"]), float(ck["scale"]), float(ck.get("scale_out", ck["scale"]))
 
 
 def truncate_metrics(path: pathlib.Path, step: int) -> None:

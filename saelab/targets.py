@@ -158,6 +158,27 @@ def store_for_sae(sae_dir: str | os.PathLike, sae, activations: str | os.PathLik
     return store
 
 
+def target_store_for(sae, store):
+    """A transcoder's target store: the store of its output hook beside its input store (the two come from one
+    harvest run), checked row-aligned with it; None for an SAE. Missing or of another width: a one-line error."""
+    from saelab.store import ActivationStore
+    from saelab.store.pairs import check_aligned
+
+    out = sae.cfg.hook_name_out
+    if not out:
+        return None
+    folder = pathlib.Path(store.path).parent / out
+    if not (folder / MANIFEST).exists():
+        raise SaelabError(f"this transcoder reconstructs {out}, but {store.path.parent} holds no store of it: pass "
+                          "--activations with the RUN folder its pair of stores was harvested into")
+    check_aligned(store.path, folder)
+    target = ActivationStore(folder)
+    if target.d_in != sae.cfg.output_dim:
+        raise SaelabError(f"store {folder} has width {target.d_in} but the transcoder writes {sae.cfg.output_dim}: "
+                          "pass --activations with the run it was trained on")
+    return target
+
+
 def target_from_argv_or_env(argv=None) -> str | None:
     """``--sae PATH`` from a script's arguments (``streamlit run Home.py -- --sae PATH``), else ``$SAELAB_APP_SAE``."""
     import sys

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from saelab import distributed as dist
 from saelab import resume as run_state
-from saelab.config import SAEConfig, TrainConfig
+from saelab.config import TRANSCODERS, SAEConfig, TrainConfig
 from saelab.device import pick_device
 from saelab.errors import SaelabError
 from saelab.evaluate import check_fvu, evaluate_store
@@ -53,6 +53,7 @@ from saelab.layout import (
 from saelab.logger import MetricsLogger
 from saelab.sae import SAE
 from saelab.store import ActivationStore, resolve_stores
+from saelab.store.stream import PairedBatches
 
 
 def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bool = True) -> dict[str, pathlib.Path]:
@@ -63,19 +64,40 @@ def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bo
         return _train(tcfg, scfg, resume, progress)
 
 
+def _pairs(tcfg: TrainConfig) -> list[tuple[pathlib.Path, pathlib.Path | None]]:
+    """(store, target store) of each SAE to train: (store, None) for an SAE on each selected store; for a
+    transcoder, each pair of stores that ``--activations`` holds (``--hook``: the pair whose input is that hook)."""
+    from saelab.store.pairs import check_aligned, paired_stores
+
+    pairs = paired_stores(tcfg.activations)
+    if tcfg.hook is not None:
+        picked = [(a, b) for a, b in pairs if ActivationStore(a).hook == tcfg.hook]
+        if not picked:
+            raise SaelabError(f"--hook {tcfg.hook}: no pair of stores in {tcfg.activations} reads it; its pairs read "
+                              f"{', '.join(ActivationStore(a).hook for a, _ in pairs)}")
+        pairs = picked
+    for a, b in pairs:
+        check_aligned(a, b)
+    return pairs
+
+
 def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
-    stores = resolve_stores(tcfg.activations, tcfg.hook)
+    if scfg.arch in TRANSCODERS:
+        jobs = _pairs(tcfg)
+    else:
+        jobs = [(path, None) for path in resolve_stores(tcfg.activations, tcfg.hook)]
     out = pathlib.Path(tcfg.out)
     progress = progress and dist.is_main()
-    if len(stores) == 1:
-        return {ActivationStore(stores[0]).hook: train_one(stores[0], out, tcfg, scfg, resume, progress)}
-    by_hook: dict[str, pathlib.Path] = {}
-    for path in stores:
+    if len(jobs) == 1:
+        path, target = jobs[0]
+        return {ActivationStore(path).hook: train_one(path, out, tcfg, scfg, resume, progress, target)}
+    by_hook: dict[str, tuple] = {}
+    for path, target in jobs:
         hook = ActivationStore(path).hook
         if hook in by_hook:
-            raise SaelabError(f"stores {by_hook[hook]} and {path} both hold hook {hook}, and a group has one SAE per "
-                              "hook: pass --activations with one store folder")
-        by_hook[hook] = path
+            raise SaelabError(f"stores {by_hook[hook][0]} and {path} both hold hook {hook}, and a group has one SAE "
+                              "per hook: pass --activations with one store folder")
+        by_hook[hook] = (path, target)
     if resume:
         _check_group_resume(out, by_hook)
     else:
@@ -84,9 +106,9 @@ def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> 
         # --resume of a group continues the SAEs it started and starts the ones it never reached (a run that failed
         # on its second store, fixed, resumes instead of needing a new --out)
         folders = {hook: train_one(path, out / hook, tcfg, scfg,
-                                   resume and (out / hook).is_dir() and any((out / hook).iterdir()), progress)
-                   for hook, path in by_hook.items()}
-        model = ActivationStore(stores[0]).manifest.get("model", "")
+                                   resume and (out / hook).is_dir() and any((out / hook).iterdir()), progress, target)
+                   for hook, (path, target) in by_hook.items()}
+        model = ActivationStore(jobs[0][0]).manifest.get("model", "")
         if dist.is_main():
             atomic_write_text(out / GROUP_FILE, group_json(model, folders))
         dist.barrier()
@@ -101,7 +123,7 @@ def _check_group_resume(out: pathlib.Path, by_hook: dict) -> None:
     group = read_group(out)
     if group is not None and not set(group[1]) <= set(by_hook):
         other = sorted(set(group[1]) - set(by_hook))
-        run = pathlib.Path(next(iter(by_hook.values()))).parent
+        run = pathlib.Path(next(iter(by_hook.values()))[0]).parent
         raise SaelabError(f"--resume: {out} is a group of other hooks ({', '.join(other)} are not in {run}): resume "
                           "it with the RUN folder it was trained on, or train to a new --out")
     foreign = sorted(c.name for c in out.iterdir()
@@ -133,13 +155,18 @@ def lr_factor(step: int, total: int, warmup: int, decay: float) -> float:
     return 1.0
 
 
-def sae_config_for(store: ActivationStore, scfg: SAEConfig) -> SAEConfig:
+def sae_config_for(store: ActivationStore, scfg: SAEConfig, target: ActivationStore | None = None) -> SAEConfig:
+    """The SAE's config on ``store`` (and, for a transcoder, the ``target`` store it reconstructs)."""
     m = store.manifest
     if scfg.d_in and scfg.d_in != store.d_in:
         raise SaelabError(f"the SAE's d_in {scfg.d_in} differs from the store's d_in {store.d_in} "
                           f"({store.path}): train on a store of that hook or drop d_in")
+    if (target is None) != (scfg.arch not in TRANSCODERS):
+        raise SaelabError(f"--arch {scfg.arch} trains on " + ("a pair of stores (input, target): harvest with --pairs "
+                          "mlp or --pair IN_HOOK:OUT_HOOK" if target is None else "one store, not a pair"))
+    coder = {"d_out": target.d_in, "hook_name_out": target.hook} if target is not None else {}
     cfg = SAEConfig.from_dict({**scfg.to_dict(), "d_in": store.d_in, "hook_name": store.hook,
-                               "model_name": m.get("model", "")})
+                               "model_name": m.get("model", ""), **coder})
     cfg.validate()
     if SAE.registry[cfg.arch].needs_grads and not store.has_grads:
         raise SaelabError(f"--arch {cfg.arch} trains on gradients, but {store.path} has none: "
@@ -164,15 +191,19 @@ class _Run:
     total_tokens: int
     skip_bos: bool
     needs_grads: bool
+    target: ActivationStore | None = None  # a transcoder's: the rows it reconstructs
     step: int = 0
     scale: float = 1.0
+    scale_out: float = 1.0  # the target rows' scale (a transcoder's; an SAE's targets are its inputs)
 
 
 def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SAEConfig,
-              resume: bool = False, progress: bool = True) -> pathlib.Path:
-    """Train one SAE on the store at ``path`` into the SAE folder ``out`` (``resume``: from its checkpoint)."""
+              resume: bool = False, progress: bool = True, target: pathlib.Path | None = None) -> pathlib.Path:
+    """Train one SAE on the store at ``path`` into the SAE folder ``out`` (``resume``: from its checkpoint); a
+    transcoder reconstructs the rows of the ``target`` store (row-aligned with ``path``'s)."""
     store = ActivationStore(path)
-    cfg = sae_config_for(store, scfg)
+    target_store = ActivationStore(target) if target is not None else None
+    cfg = sae_config_for(store, scfg, target_store)
     world, main = dist.world_size(), dist.is_main()
     if tcfg.batch_size % world:
         raise SaelabError(f"--batch-size {tcfg.batch_size} does not split evenly over {world} ranks: "
@@ -183,15 +214,18 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     if main:
         MetricsLogger.check(tcfg.log)
         store.check_shards("holdout")  # read only at the end, for the final eval: checked before training
+        if target_store is not None:
+            target_store.check_shards("holdout")
     if main and not resume:  # a checkpoint (weights + Adam's two moments), its temp copy, and the saved SAE
         check_free_space(out, 7 * 4 * 2 * cfg.d_in * cfg.d_sae, f"training a {cfg.d_sae:,}-latent SAE",
                          "free space, or train to another --out")
     run_state.check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     with run_lock(out) if main else contextlib.nullcontext():  # one run at a time in an SAE folder
-        if resume and (out / TRAIN_FILE).exists() and run_state.check_resumable(out, tcfg, cfg, store).get("done"):
+        if resume and (out / TRAIN_FILE).exists() and run_state.check_resumable(out, tcfg, cfg, store,
+                                                                                target_store).get("done"):
             return out  # finished earlier
-        run = _start(out, store, cfg, tcfg, device, resume)
+        run = _start(out, store, cfg, tcfg, device, resume, target_store)
         _fit(run, resume, progress)
         if main:  # rank 0 saves and evaluates; the others wait for it
             _finish(run)
@@ -199,7 +233,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     return out
 
 
-def _start(out, store, cfg, tcfg, device, resume) -> _Run:
+def _start(out, store, cfg, tcfg, device, resume, target=None) -> _Run:
     """The SAE, its optimiser and the store's iterator, fresh (scale and b_dec from a sample, train.json written)
     or from the run's checkpoint."""
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
@@ -215,21 +249,27 @@ def _start(out, store, cfg, tcfg, device, resume) -> _Run:
     sae.dead_after = min(cfg.dead_tokens, store.n_rows("train"))
     lr = tcfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 16384)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    it = store.batches(tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
-                       with_grads=needs_grads, device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
-    run = _Run(out, store, cfg, tcfg, sae, opt, it, device, lr, n_steps, total_tokens, skip_bos, needs_grads)
+    batches = dict(batch_size=tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
+                   device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
+    it = store.batches(with_grads=needs_grads, **batches)
+    if target is not None:  # the same settings over the aligned store: the same rows, in the same order
+        it = PairedBatches(it, target.batches(**batches))
+    run = _Run(out, store, cfg, tcfg, sae, opt, it, device, lr, n_steps, total_tokens, skip_bos, needs_grads, target)
     if resume and (out / CHECKPOINT_FILE).exists():
-        run.step, run.scale = run_state.load_checkpoint(out, sae, opt, it, n_steps, cfg.arch, device)
+        run.step, run.scale, run.scale_out = run_state.load_checkpoint(out, sae, opt, it, n_steps, cfg.arch, device)
         if main:
             run_state.truncate_metrics(out / METRICS_FILE, run.step)
         return run
     if main:
         run_state.truncate_metrics(out / METRICS_FILE, 0)  # a run killed before its first checkpoint starts over
     run.scale, median = _init_stats(store, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
+    run.scale_out = run.scale
+    if target is not None:  # b_dec is in the output space: the targets' median, in their own scale
+        run.scale_out, median = _init_stats(target, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
     with torch.no_grad():
-        sae.b_dec.copy_(median * run.scale)
+        sae.b_dec.copy_(median * run.scale_out)
     if main:
-        run_state.write_run_info(out, tcfg, cfg, store, n_steps, world, run.scale)
+        run_state.write_run_info(out, tcfg, cfg, store, n_steps, world, run.scale, target, run.scale_out)
     return run
 
 
@@ -256,13 +296,16 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
             logger = MetricsLogger(run.out, tcfg.log)
         for batch in run.it:
             x, g = batch if run.needs_grads else (batch, None)
+            x, y = x if run.target is not None else (x, None)  # a transcoder's batch: (inputs, targets)
             x = x * run.scale
             if g is not None:
                 g = g / run.scale
+            if y is not None:
+                y = y * run.scale_out
             for group in opt.param_groups:
                 group["lr"] = run.lr * lr_factor(step, run.n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
             with amp:
-                outd = model(x, step, g)
+                outd = model(x, step, g, y)
             opt.zero_grad(set_to_none=True)
             outd["loss"].backward()  # under DDP: returns with the gradients averaged over ranks
             sae.remove_parallel_grads()
@@ -275,10 +318,10 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
             last = step == run.n_steps
             evaluate_now = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or last)
             if step % tcfg.log_every == 0 or last or evaluate_now:
-                rec = _metrics(sae, x, outd, step, tcfg, run.it, t0, tok0, reduce)
+                rec = _metrics(sae, x if y is None else y, outd, step, tcfg, run.it, t0, tok0, reduce)
                 _check_finite(run, step, last_ck, loss=rec["loss"])
                 if main and evaluate_now:
-                    rec.update(_heldout(sae, run.store, run.scale, run.skip_bos, run.device))
+                    rec.update(_heldout(run))
                 if main:
                     logger.write(rec)
                 bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", fvu=f"{rec['fvu']:.3f}",
@@ -286,7 +329,8 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
             if step % tcfg.checkpoint_every == 0 and not last:
                 _check_finite(run, step, last_ck)  # a checkpoint holds good weights only
                 if main:
-                    run_state.save_checkpoint(run.out, sae, opt, run.it, step, run.n_steps, run.scale, run.cfg.arch)
+                    run_state.save_checkpoint(run.out, sae, opt, run.it, step, run.n_steps, run.scale, run.cfg.arch,
+                                              run.scale_out)
                 last_ck = step
     except BaseException as e:
         if main and not resume and step == 0:  # a fresh run that never trained a step leaves nothing behind
@@ -334,10 +378,10 @@ def _finish(run: _Run) -> None:
     sae.eval()
     final = SAE.blank(run.cfg)
     final.load_state_dict(sae.state_dict())
-    final.fold_input_scale(run.scale)
+    final.fold_input_scale(run.scale, run.scale_out if run.target is not None else None)
     final.cpu().save(run.out)
-    ev = check_fvu(evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device), final, run.store,
-                   run.out)
+    ev = check_fvu(evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device, target=run.target),
+                   final, run.store, run.out)
     ev.update(epochs=round(run.it.epochs, 4), steps=run.n_steps, tokens=run.total_tokens)
     atomic_write_text(run.out / EVAL_FILE, json.dumps(check_eval(ev, run.out / EVAL_FILE), indent=2) + "\n")
     run_state.mark_done(run.out, run.it.epochs)
@@ -350,8 +394,10 @@ class _LossModule(torch.nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x, step, grads=None):
-        return self.sae.loss(x, step=step, grads=grads)
+    def forward(self, x, step, grads=None, target=None):
+        if target is None:  # an SAE: its loss takes no target
+            return self.sae.loss(x, step=step, grads=grads)
+        return self.sae.loss(x, step=step, grads=grads, target=target)
 
 
 def _init_stats(store, skip_bos, seed, device, n: int = 8192, buffer_rows: int = 1 << 18) -> tuple[float, torch.Tensor]:
@@ -369,7 +415,8 @@ def _init_stats(store, skip_bos, seed, device, n: int = 8192, buffer_rows: int =
 
 @torch.no_grad()
 def _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce=None) -> dict:
-    """The step's metrics (under DDP: each averaged over the ranks' slices)."""
+    """The step's metrics (under DDP: each averaged over the ranks' slices); ``x``: the rows x_hat reconstructs
+    (a transcoder's targets)."""
     x_hat = outd["x_hat"].float()
     nz = (outd["f"] != 0) if "f" in outd else (outd["codes"][0] != 0)
     fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
@@ -387,10 +434,11 @@ def _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce=None) -> dict:
     return rec
 
 
-def _heldout(sae, store, scale, skip_bos, device, n: int = 8192) -> dict:
+def _heldout(run: _Run, n: int = 8192) -> dict:
     """Held-out FVU and L0 of the SAE being trained (in its scaled units), on the first n rows."""
-    if not store.split_shards("holdout"):
+    if not run.store.split_shards("holdout"):
         return {}
-    ev = evaluate_store(sae, store, "holdout", skip_bos, max_rows=n, device=device, scale=scale)
-    sae.train()
+    ev = evaluate_store(run.sae, run.store, "holdout", run.skip_bos, max_rows=n, device=run.device, scale=run.scale,
+                        target=run.target, scale_out=run.scale_out)
+    run.sae.train()
     return {"heldout_fvu": ev["fvu"], "heldout_l0": ev["l0"]}

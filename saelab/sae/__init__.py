@@ -1,6 +1,16 @@
 """SAE architectures: one file each over ``base.SAE``; importing this package registers them."""
 
-from saelab.sae import abstopk, batchtopk, gated, gradient, jumprelu, matryoshka, relu, topk  # noqa: F401  (register)
+from saelab.sae import (  # noqa: F401  (register)
+    abstopk,
+    batchtopk,
+    gated,
+    gradient,
+    jumprelu,
+    matryoshka,
+    relu,
+    topk,
+    transcoder,
+)
 from saelab.sae.base import SAE
 
 __all__ = ["SAE"]

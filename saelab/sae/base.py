@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saelab.config import ARCHS, SAEConfig
+from saelab.config import ARCHS, TRANSCODERS, SAEConfig
 from saelab.device import pick_device
 from saelab.errors import SaelabError, first_line
 from saelab.fs import atomic_write_bytes, atomic_write_text, check_regular, fsync_dir, write_error
@@ -65,7 +65,7 @@ class SAE(nn.Module):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if cls.arch:
+        if cls.__dict__.get("arch"):  # a class that names its architecture (not one that inherits the name)
             SAE.registry[cls.arch] = cls
 
     def __init__(self, cfg: SAEConfig):
@@ -99,7 +99,7 @@ class SAE(nn.Module):
         if "d_sae" in kw:
             kw["width"] = kw.pop("d_sae")
         if arch not in SAE.registry:
-            raise SaelabError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+            raise SaelabError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS + TRANSCODERS)}")
         return SAE.registry[arch](SAEConfig(arch=arch, **kw))
 
     # ------------------------------------------------------------------ forward
@@ -167,9 +167,9 @@ class SAE(nn.Module):
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_after
 
-    def aux_k_loss(self, x, x_hat, signed: bool = False) -> torch.Tensor | None:
-        """Reconstruct the detached residual error from the top k_aux dead latents (no b_dec),
-        scaled by min(n_dead / k_aux, 1) and the aux coefficient. None when nothing is dead.
+    def aux_k_loss(self, x, x_hat, signed: bool = False, target=None) -> torch.Tensor | None:
+        """Reconstruct the detached residual error (of ``target``, default x) from the top k_aux dead latents
+        (no b_dec), scaled by min(n_dead / k_aux, 1) and the aux coefficient. None when nothing is dead.
         Only the dead latents' pre-activations are computed."""
         dead = self.dead_mask()
         n_dead = int(dead.sum())
@@ -184,7 +184,7 @@ class SAE(nn.Module):
         vals = z.gather(-1, local)
         if not signed:
             vals = F.relu(vals)
-        err = (x - x_hat).detach()
+        err = ((x if target is None else target) - x_hat).detach()
         err_hat = sparse_decode(vals, dead_idx[local], self.W_dec)
         return self.cfg.aux_coeff * min(n_dead / k_aux, 1.0) * mse(err, err_hat)
 
@@ -225,10 +225,16 @@ class SAE(nn.Module):
         return min(1.0, (step + 1) / n)
 
     # ------------------------------------------------------------------ scale folding
+    def add_skip(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """The output of input x whose sparse part is x_hat: x_hat itself (a skip transcoder adds its linear path)."""
+        return x_hat
+
     @torch.no_grad()
-    def fold_input_scale(self, s: float) -> None:
+    def fold_input_scale(self, s: float, s_out: float | None = None) -> None:
         """The SAE was trained on s·x; make it act on raw x. Codes are unchanged, so thresholds
-        (JumpReLU, BatchTopK) stay, and g-SAE scores too (W_dec/s against raw grads s·∇)."""
+        (JumpReLU, BatchTopK) stay, and g-SAE scores too (W_dec/s against raw grads s·∇). ``s_out``: the scale of
+        a transcoder's targets (an SAE's targets are its inputs: s)."""
+        assert s_out is None or s_out == s, "an SAE reconstructs its input: one scale"
         self.W_enc *= s
         self.b_dec /= s
         self.W_dec /= s
@@ -330,6 +336,12 @@ class SAE(nn.Module):
         finally:
             _NO_INIT.reset(token)
 
+    @classmethod
+    def weight_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+        """Every tensor a weights file of this architecture holds (by attribute name) and its shape under cfg."""
+        return {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.output_dim),
+                "b_dec": (cfg.output_dim,), **{n: (cfg.d_sae,) for n in cls.latent_weights}}
+
     @staticmethod
     def from_weights(cfg: SAEConfig, w: dict[str, torch.Tensor], where: str = "the weights",
                      device: str | torch.device | None = None, apply_b_dec_to_input: bool = True) -> "SAE":
@@ -340,23 +352,23 @@ class SAE(nn.Module):
         shape that does not fit ``cfg`` is a one-line SaelabError naming ``where``."""
         cls = SAE.registry[cfg.arch]
         w = {next((a for a, f in cls.file_names.items() if f == n), n): t for n, t in w.items()}  # file → attribute
-        missing = [cls.file_names.get(n, n) for n in (*SAVED_PARAMS, *cls.latent_weights) if n not in w]
+        want = cls.weight_shapes(cfg)
+        missing = [cls.file_names.get(n, n) for n in want if n not in w]
         if missing:  # e.g. a jumprelu without its threshold: the init's threshold would give other codes, silently
             raise SaelabError(f"{where} lacks {', '.join(missing)}: not a {cfg.arch} SAE weights file; re-save, "
                               "re-train or re-fetch the SAE")
-        want = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in),
-                "b_dec": (cfg.d_in,), **{n: (cfg.d_sae,) for n in cls.latent_weights}}
         for n, shape in want.items():
             if tuple(w[n].shape) != shape:
-                raise SaelabError(f"{where}: {cls.file_names.get(n, n)} has shape {tuple(w[n].shape)} but d_in "
-                                  f"{cfg.d_in} and d_sae {cfg.d_sae} need {shape}; the files do not belong together")
+                sizes = f"d_in {cfg.d_in}" + (f", d_out {cfg.d_out}" if cfg.d_out else "") + f" and d_sae {cfg.d_sae}"
+                raise SaelabError(f"{where}: {cls.file_names.get(n, n)} has shape {tuple(w[n].shape)} but {sizes} "
+                                  f"need {shape}; the files do not belong together")
         device = w["W_enc"].device if device is None else torch.device(device)
         sae = SAE.blank(cfg)
         with torch.no_grad():
             for n in SAVED_PARAMS:
                 getattr(sae, n).data = w[n].to(device=device, dtype=torch.float32).contiguous()
         sae = sae.to(device)  # the rest (biases of other architectures, buffers) is small
-        sae.apply_b_dec_to_input = apply_b_dec_to_input
+        sae.apply_b_dec_to_input = apply_b_dec_to_input and cfg.arch not in TRANSCODERS  # b_dec: the output's
         sae.load_extra_weights(w)
         return sae
 
@@ -367,7 +379,9 @@ def _check_stated_sizes(raw: dict, sae: SAE, path: pathlib.Path) -> None:
     width, then agree with the SAE that loads."""
     block = raw.get("saelab") if isinstance(raw.get("saelab"), dict) else {}
     for where, fields in (("", raw), ("saelab.", block)):
-        for name, got in (("d_in", sae.d_in), ("d_sae", sae.d_sae)):
+        for name, got in (("d_in", sae.d_in), ("d_sae", sae.d_sae), ("d_out", sae.cfg.d_out or None)):
+            if got is None:  # an SAE: no d_out to agree with
+                continue
             said = fields.get(name)
             if said is not None and (isinstance(said, bool) or said != got):
                 raise SaelabError(f"{path / CFG_FILE}: {where}{name} is {said!r} but the weights in {WEIGHTS_FILE} "
@@ -377,7 +391,9 @@ def _check_stated_sizes(raw: dict, sae: SAE, path: pathlib.Path) -> None:
 
 def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:
     arch = raw.get("architecture", "standard")
-    names = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+    names = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
+             "transcoder": "transcoder", "skip_transcoder": "skip-transcoder",
+             "jumprelu_transcoder": "transcoder", "jumprelu_skip_transcoder": "skip-transcoder"}
     if arch not in names:
         raise SaelabError(f"{path}: SAELens architecture {arch!r} is not supported "
                           f"(supported: {', '.join(names)})")
@@ -392,7 +408,15 @@ def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:
     except (KeyError, TypeError, ValueError):
         raise SaelabError(f"{path / 'cfg.json'} gives no usable d_in and d_sae (or expansion_factor): "
                           "not an SAE config saelab can read") from None
+    coder = {}
+    if names[arch] in TRANSCODERS:  # SAELens's transcoders: ReLU, or JumpReLU by name; d_out its own field
+        try:
+            coder = {"d_out": int(raw["d_out"]), "act_fn": "jumprelu" if arch.startswith("jumprelu") else "relu",
+                     "hook_name_out": meta.get("hook_name_out") or raw.get("hook_name_out") or ""}
+        except (KeyError, TypeError, ValueError):
+            raise SaelabError(f"{path / 'cfg.json'} is a SAELens {arch} without a usable d_out: not a transcoder "
+                              "config saelab can read") from None
     return SAEConfig(arch=names[arch], d_in=d_in, width=d_sae, k=int(min(k, d_sae - 1)),
                      hook_name=meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point") or "",
-                     model_name=meta.get("model_name") or raw.get("model_name") or "")
+                     model_name=meta.get("model_name") or raw.get("model_name") or "", **coder)
 

@@ -78,14 +78,15 @@ class JumpReluSAE(SAE):
     def activation(self, z, grads=None):
         return z * (z > self.threshold).to(z.dtype)
 
-    def loss(self, x, step=0, grads=None):
+    def loss(self, x, step=0, grads=None, target=None):
+        """``target``: what x̂ reconstructs (a transcoder's paired output; default x itself)."""
         z = self.pre_acts(x)
         theta = self.threshold  # computed once; both STEs take this tensor
         f = jumprelu(z, theta, self.cfg.bandwidth)
         x_hat = self.decode(f)
         l0 = step_fn(z, theta, self.cfg.bandwidth).sum(-1).mean()
         coeff = self.control.coeff * self.sparsity_warmup(step)
-        return self._out(f, x_hat, mse=mse(x, x_hat), l0=coeff * l0)
+        return self._out(f, x_hat, mse=mse(x if target is None else target, x_hat), l0=coeff * l0)
 
     def extra_weights(self):
         return {"threshold": self.threshold}

@@ -22,9 +22,10 @@ class ReluSAE(SAE):
     def activation(self, z, grads=None):
         return F.relu(z)
 
-    def loss(self, x, step=0, grads=None):
+    def loss(self, x, step=0, grads=None, target=None):
+        """``target``: what x̂ reconstructs (a transcoder's paired output; default x itself)."""
         f = F.relu(self.pre_acts(x))
         x_hat = self.decode(f)
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         coeff = self.control.coeff * self.sparsity_warmup(step)
-        return self._out(f, x_hat, mse=mse(x, x_hat), l1=coeff * l1)
+        return self._out(f, x_hat, mse=mse(x if target is None else target, x_hat), l1=coeff * l1)

@@ -34,15 +34,17 @@ class TopKSAE(SAE):
         v, i = select(z, k or self.cfg.k, self.signed)
         return scatter(v, i, self.d_sae)
 
-    def loss(self, x, step=0, grads=None):
+    def loss(self, x, step=0, grads=None, target=None):
+        """``target``: what x̂ reconstructs (a transcoder's paired output; default x itself)."""
+        y = x if target is None else target
         if resolve_kernel(self.kernel, x.device) == "reference":  # the plain dense path
             f = self.activation(self.pre_acts(x))
             x_hat = self.decode(f)
-            return self._out(f, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
+            return self._out(f, x_hat, mse=mse(y, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed, y))
         # fused path: no [B, d_sae] tensor in the forward or the backward
         v, i = self.fused_codes(x)
         x_hat = sparse_decode(v, i, self.W_dec, self.b_dec)
-        return self._out((v.detach(), i), x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed))
+        return self._out((v.detach(), i), x_hat, mse=mse(y, x_hat), aux=self.aux_k_loss(x, x_hat, self.signed, y))
 
     def fused_codes(self, x, k: int | None = None, kernel: str | None = None):
         """(values [B, k], indices [B, k]) of the codes through the fused encode (``kernel``: the path, default the

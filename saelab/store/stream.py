@@ -251,3 +251,42 @@ class BatchIterator:
             raise SaelabError("the store or seed changed since this state was saved: resume with the same store and --seed")
         self.epoch, self.offset, self.served = state["epoch"], state["offset"], state["served"]
         self._buf, self._next = None, None
+
+
+class PairedBatches:
+    """Two stores' shuffled batches in lockstep: (x, y), row i of y the row of the same token as row i of x.
+
+    The stores are row-aligned (one harvest pass: the same shards, contexts and rows; ``check_aligned``), so
+    iterators of the same settings serve the same row positions in the same order: the pair needs no index of
+    its own, and its state is the input's (the target's is equal, and is checked so on load)."""
+
+    def __init__(self, inputs: BatchIterator, targets: BatchIterator):
+        if inputs.rows_per_epoch != targets.rows_per_epoch or inputs.total != targets.total:
+            raise SaelabError(f"stores {inputs.store.path} and {targets.store.path} do not serve the same rows: "
+                              "harvest both hooks in one run")
+        self.inputs, self.targets = inputs, targets
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __next__(self):
+        x = next(self.inputs)
+        return x, next(self.targets)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.inputs.rows_per_epoch
+
+    @property
+    def epochs(self) -> float:
+        return self.inputs.epochs
+
+    def state_dict(self) -> dict:
+        return self.inputs.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inputs.load_state_dict(state)
+        self.targets.load_state_dict(state)

@@ -1,0 +1,122 @@
+"""Transcoders and skip transcoders: the loss against a plain formula, the fused path against the dense one, files,
+scale folding, and training on planted paired data from the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from saelab.config import TRANSCODER_ACTIVATIONS, TRANSCODERS
+from saelab.errors import SaelabError
+from saelab.sae import SAE
+from saelab.sae.transcoder import Transcoder
+
+CASES = list(itertools.product(TRANSCODERS, TRANSCODER_ACTIVATIONS))
+
+
+def _make(arch, act_fn, d_in=24, d_out=16, width=96, k=6, seed=0):
+    torch.manual_seed(seed)
+    t = SAE.create(arch, d_in=d_in, d_sae=width, k=k, d_out=d_out, act_fn=act_fn, hook_name="blocks.0.ln2.hook_normalized",
+                   hook_name_out="blocks.0.hook_mlp_out", model_name="tiny")
+    with torch.no_grad():  # away from the init: biases, a skip path and thresholds that matter
+        t.b_enc.normal_(0, 0.1)
+        t.b_dec.normal_(0, 0.3)
+        if t.skip:
+            t.W_skip.normal_(0, 0.2)
+    return t
+
+
+@pytest.mark.parametrize(("arch", "act_fn"), CASES)
+def test_shapes_and_the_output_equal_the_formula(arch, act_fn):
+    """ŷ = σ(x W_enc + b_enc) W_dec + b_dec (+ x W_skipᵀ): b_dec is never subtracted from x (it has d_out entries)."""
+    t = _make(arch, act_fn)
+    assert isinstance(t, Transcoder) and t.W_dec.shape == (96, 16) and t.b_dec.shape == (16,)
+    assert t.apply_b_dec_to_input is False
+    x = torch.randn(40, 24)
+    f = t.activation(x @ t.W_enc + t.b_enc)
+    want = f @ t.W_dec + t.b_dec + (x @ t.W_skip.T if t.skip else 0)
+    torch.testing.assert_close(t(x), want, rtol=1e-5, atol=1e-5)
+    assert (f != 0).sum(-1).float().mean() > 0
+
+
+@pytest.mark.parametrize(("arch", "act_fn"), CASES)
+def test_loss_is_the_squared_error_to_the_target_and_its_gradients_reach_every_weight(arch, act_fn):
+    t = _make(arch, act_fn)
+    x, y = torch.randn(64, 24), torch.randn(64, 16)
+    out = t.loss(x, step=10_000, target=y)
+    torch.testing.assert_close(out["mse"], (y - out["x_hat"]).pow(2).sum(-1).mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["x_hat"], t(x), rtol=1e-5, atol=1e-5)  # the whole output, skip path included
+    out["loss"].backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", *(("W_skip",) if t.skip else ())):
+        g = getattr(t, name).grad
+        assert g is not None and float(g.abs().sum()) > 0, name
+    if t.skip:  # ∂‖y − ŷ‖²/∂W_skip of the mse term: −2/B Σ (y − ŷ)ᵀ x, as autograd gives through the target
+        t.zero_grad()
+        t.loss(x, step=10_000, target=y)["mse"].backward()
+        want = -2 / len(x) * (y - t(x).detach()).T @ x
+        torch.testing.assert_close(t.W_skip.grad, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SaelabError, match="target="):
+        t.loss(x)
+
+
+@pytest.mark.parametrize("arch", TRANSCODERS)
+def test_topk_fused_path_equals_the_dense_reference(arch):
+    """The TopK transcoder's fused encode + sparse decode against the dense path, on fresh random inputs: loss
+    within 1e-5 relative, every gradient within 1e-4 (d_out ≠ d_in, so a decode of the wrong width fails)."""
+    results = {}
+    for kernel in ("reference", "chunked"):
+        t = _make(arch, "topk", seed=3)
+        t.kernel = kernel
+        t.tokens_since_fired[:20] = 10**9  # some dead latents: the aux loss runs too
+        torch.manual_seed(7)
+        x, y = torch.randn(128, 24), torch.randn(128, 16)
+        out = t.loss(x, target=y)
+        out["loss"].backward()
+        results[kernel] = (out["loss"].detach(), {n: p.grad.clone() for n, p in t.named_parameters()})
+    (l_ref, g_ref), (l_fused, g_fused) = results["reference"], results["chunked"]
+    torch.testing.assert_close(l_fused, l_ref, rtol=1e-5, atol=1e-6)
+    for n in g_ref:
+        torch.testing.assert_close(g_fused[n], g_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize(("arch", "act_fn"), CASES)
+def test_save_and_load_give_the_same_transcoder(arch, act_fn, tmp_path):
+    t = _make(arch, act_fn)
+    t.save(tmp_path / "tc")
+    u = SAE.load(tmp_path / "tc")
+    assert type(u) is type(t) and u.cfg.d_out == 16 and u.cfg.hook_name_out == "blocks.0.hook_mlp_out"
+    x = torch.randn(8, 24)
+    torch.testing.assert_close(u(x), t(x))
+    cfg = json.loads((tmp_path / "tc" / "cfg.json").read_text())
+    assert cfg["d_out"] == 16 and cfg["apply_b_dec_to_input"] is False
+    assert cfg["architecture"] == t.saelens_arch
+    assert cfg["architecture"] != "transcoder" or act_fn == "relu"  # SAELens reads "transcoder" as ReLU
+
+
+def test_a_weights_file_of_other_sizes_is_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    t = _make("skip-transcoder", "relu")
+    t.save(tmp_path / "tc")
+    w = load_file(tmp_path / "tc" / "sae_weights.safetensors")
+    save_file({**w, "W_skip": torch.zeros(16, 25)}, tmp_path / "tc" / "sae_weights.safetensors")
+    with pytest.raises(SaelabError, match=r"W_skip has shape \(16, 25\) but d_in 24, d_out 16 and d_sae 96"):
+        SAE.load(tmp_path / "tc")
+    save_file({k: v for k, v in w.items() if k != "W_skip"}, tmp_path / "tc" / "sae_weights.safetensors")
+    with pytest.raises(SaelabError, match="lacks W_skip"):
+        SAE.load(tmp_path / "tc")
+
+
+@pytest.mark.parametrize(("arch", "act_fn"), CASES)
+def test_folding_the_two_scales_maps_raw_inputs_to_raw_targets(arch, act_fn):
+    """Trained on (s·x → s_out·y): after folding, T(x) = T_scaled(s·x) / s_out, codes unchanged."""
+    t = _make(arch, act_fn)
+    s, s_out = 2.5, 0.4
+    x = torch.randn(32, 24)
+    want_out, want_codes = t(s * x) / s_out, t.encode(s * x)
+    t.fold_input_scale(s, s_out)
+    torch.testing.assert_close(t(x), want_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(t.encode(x), want_codes, rtol=1e-4, atol=1e-5)
