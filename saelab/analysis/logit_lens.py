@@ -23,19 +23,20 @@ def _direct_path_parts(model, sae):
     (heads flattened head-major, as harvest stores them) else None, the final LN's scale [d_model] when
     compatibility mode has not folded it else None, whether the final LN centres its input, W_U [d_model, vocab]);
     None when the hook reaches the residual stream by no fixed linear map (hook_q, MLP pre-acts, …)."""
-    hook = sae.cfg.hook_name or ""
+    hook = sae.cfg.output_hook or ""  # where the decoder writes (a transcoder's output hook)
+    width = sae.cfg.output_dim
     if model is None:
         return None
     W_O = None
     if hook.endswith("attn.hook_z") and hook_layer(hook) is not None:
         W_O = model.blocks[hook_layer(hook)].attn.W_O.detach()  # [n_heads, d_head, d_model]
         W_O = W_O.reshape(-1, W_O.shape[-1])  # [n_heads · d_head, d_model], head-major as the store's rows
-        if W_O.shape[0] != sae.d_in:
+        if W_O.shape[0] != width:
             return None
     elif not any(hook.endswith(h) for h in RESIDUAL_HOOKS):
         return None
     W_U = model.W_U.detach()
-    if W_U.shape[0] != (sae.d_in if W_O is None else W_O.shape[1]):
+    if W_U.shape[0] != (width if W_O is None else W_O.shape[1]):
         return None
     ln = getattr(model, "ln_final", None)
     w = getattr(ln, "w", None)

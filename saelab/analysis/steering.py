@@ -114,9 +114,10 @@ def _check(sae, model, interventions: Sequence[Intervention]) -> str:
     if not hook:
         raise SaelabError("this SAE has no hook recorded (cfg.hook_name is empty): set sae.cfg.hook_name to the "
                           "hook it reads, e.g. 'blocks.1.hook_resid_post'")
-    if hook not in model.hook_dict:
-        raise SaelabError(f"the SAE reads hook {hook!r}, which this model does not have: "
-                          "load the model the SAE was trained on")
+    for h in dict.fromkeys((hook, sae.cfg.output_hook)):  # a transcoder reads one hook and writes another
+        if h not in model.hook_dict:
+            raise SaelabError(f"the SAE {'reads' if h == hook else 'writes'} hook {h!r}, which this model does not "
+                              "have: load the model the SAE was trained on")
     for it in interventions:
         if not 0 <= it.latent < sae.d_sae:
             raise SaelabError(f"latent {it.latent} is out of range: this SAE has latents 0..{sae.d_sae - 1}")
@@ -137,8 +138,10 @@ def _check_finite(t: torch.Tensor, interventions: Sequence[Intervention], what: 
     return t
 
 
-def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = True):
-    """A forward-hook function applying the interventions to an activation [batch, pos, ...].
+def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = True, source: dict | None = None):
+    """A forward-hook function applying the interventions to an activation [batch, pos, ...] at the hook the SAE
+    writes. A transcoder's codes (for clamp and ablate) come from its input, which a hook earlier in the same
+    forward leaves in ``source["x"]``; an SAE's from the activation itself.
 
     Position 0 (BOS) is left alone when the call holds more than one position; a call with a
     single position (a KV-cached step) is steered."""
@@ -147,9 +150,10 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
     sets = [it for it in interventions if it.mode in ("clamp", "ablate")]
 
     def fn(flat):  # [n, T, features]
-        if flat.shape[-1] != sae.d_in:  # not a raw broadcasting error from the first add
-            raise SaelabError(f"this SAE has d_in {sae.d_in}, but hook {sae.cfg.hook_name} gives {flat.shape[-1]} per "
-                              "position: load the model the SAE was trained on")
+        width = sae.cfg.output_dim
+        if flat.shape[-1] != width:  # not a raw broadcasting error from the first add
+            raise SaelabError(f"this SAE writes {width} values per position, but hook {sae.cfg.output_hook} gives "
+                              f"{flat.shape[-1]}: load the model the SAE was trained on")
         first = 1 if (skip_bos and flat.shape[1] > 1) else 0
         part = flat[:, first:].float()
         delta = torch.zeros_like(part)
@@ -160,14 +164,15 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
             idx = torch.tensor([it.latent for it in sets], device=part.device)
             target = torch.tensor([0.0 if it.mode == "ablate" else it.value for it in sets], device=part.device)
             dev = sae.W_enc.device  # an SAE left on the CPU steers a model on the GPU too
-            f = sae.encode(part.reshape(-1, part.shape[-1]).to(dev))[:, idx.to(dev)].to(part.device)
+            read = part if source is None else source.pop("x")[:, first:].float()
+            f = sae.encode(read.reshape(-1, read.shape[-1]).to(dev))[:, idx.to(dev)].to(part.device)
             f = f.reshape(*part.shape[:2], len(sets))
             delta = delta + (target - f) @ W_dec[idx]
         new = flat.clone()
         new[:, first:] = (part + delta).to(flat.dtype)
         # a steered activation that overflows (float32 past 3.4e38, or the model's dtype) makes NaN logits next,
         # which generation would sample or argmax into garbage: refused here, on every call that steers
-        return _check_finite(new, interventions, f"activations at {sae.cfg.hook_name}")
+        return _check_finite(new, interventions, f"activations at {sae.cfg.output_hook}")
 
     return flat_hook(fn)
 
@@ -176,7 +181,11 @@ def _fwd_hooks(sae, model, interventions):
     interventions = list(interventions)
     if not interventions:
         return []
-    return [(_check(sae, model, interventions), steering_hook(sae, interventions))]
+    hook, out = _check(sae, model, interventions), sae.cfg.output_hook
+    if out == hook:
+        return [(hook, steering_hook(sae, interventions))]
+    source: dict = {}  # a transcoder: its input, kept as the forward passes it, read where it writes
+    return [(hook, flat_hook(lambda flat: source.update(x=flat))), (out, steering_hook(sae, interventions, source=source))]
 
 
 def _tokens(model, prompt: str | torch.Tensor, new: int = 0) -> torch.Tensor:

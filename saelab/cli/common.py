@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from saelab.config import SAEConfig, flag_of
+from saelab.config import TRANSCODER_ACTIVATIONS, TRANSCODERS, SAEConfig, flag_of
 from saelab.errors import SaelabError
 
 
@@ -153,10 +153,17 @@ def check_sae_flags(ns) -> None:
     if getattr(ns, "width", None) and given("expansion"):
         raise SaelabError(f"--width {ns.width} and --expansion {ns.expansion} both set the number of latents: "
                           "pass one of them")
+    coder = ns.arch in TRANSCODERS
+    if given("act_fn") and not coder:
+        raise SaelabError(f"--act-fn applies to --arch {' or '.join(TRANSCODERS)} only, and this run trains {ns.arch}: "
+                          "drop it (the architecture is the activation), or pass --arch transcoder")
+    arch = ns.act_fn if coder else ns.arch  # a transcoder reads the settings of its activation's architecture
     for name, archs in ARCH_ONLY.items():
-        if given(name) and ns.arch not in archs:
+        if given(name) and arch not in archs:
+            trains = f"a {ns.arch} with --act-fn {arch}" if coder else arch
+            fix = f"--act-fn {archs[0]}" if coder and archs[0] in TRANSCODER_ACTIVATIONS else f"--arch {archs[0]}"
             raise SaelabError(f"{flag_of(name)} applies to --arch {' or '.join(archs)} only, and this run trains "
-                              f"{ns.arch}: drop it, or pass --arch {archs[0]}")
+                              f"{trains}: drop it, or pass {fix}")
     for name, mode in MODE_ONLY.items():
         if given(name) and ns.arch == "matryoshka" and ns.matryoshka_mode != mode:
             raise SaelabError(f"{flag_of(name)} applies to --matryoshka-mode {mode} only, and this run uses "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from saelab.cli.common import add_arguments, add_distributed_arguments, add_run_flags, eval_line, from_args
 from saelab.config import SAEConfig, TrainConfig
-from saelab.layout import read_eval
+from saelab.layout import read_eval, read_sae_cfg
 
 
 def cmd_train(args) -> int:
@@ -20,12 +20,15 @@ def cmd_train(args) -> int:
             return 0
     for hook, folder in folders.items():
         ev = read_eval(folder) or {}
-        print(f"{folder}: {hook}: {eval_line(ev)} ({ev.get('epochs', 0):.2f} epochs of the store)")
+        writes = (read_sae_cfg(folder).get("saelab") or {}).get("hook_name_out")  # a transcoder's output hook
+        what = f"{hook} → {writes}" if writes else hook
+        print(f"{folder}: {what}: {eval_line(ev)} ({ev.get('epochs', 0):.2f} epochs of the store)")
     return 0
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("train", help="train SAEs on an activation store (one per hook of a RUN folder)",
+    t = sub.add_parser("train", help="train SAEs on an activation store (one per hook of a RUN folder), or "
+                                     "transcoders on its pairs of stores",
                        description="Train sparse autoencoders on stored activations.")
     add_arguments(t, TrainConfig)
     add_arguments(t, SAEConfig)

@@ -47,6 +47,9 @@ def load_group(path, device="cpu") -> SAEGroup:
         saes = {h: SAE.load(f, device) for h, f in folders.items()}
     models = {}
     for h, sae in saes.items():
+        if sae.cfg.hook_name_out:  # its splice replaces another hook than it reads: not the circuit's SAE splice
+            raise SaelabError(f"{folders[h]} is a {sae.cfg.arch} (reads {h}, writes {sae.cfg.hook_name_out}): sparse "
+                              "feature circuits run over SAEs; pass a group of SAEs")
         if sae.cfg.hook_name and sae.cfg.hook_name != h:
             raise SaelabError(f"{folders[h]} reads hook {sae.cfg.hook_name!r} but the group lists it under {h!r}: "
                               "fix group.json")
