@@ -86,3 +86,29 @@ def test_saelens_loads_a_converted_gemma_scope_sae(tmp_path):
         torch.testing.assert_close(f_theirs, torch.from_numpy(f), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(theirs.decode(f_theirs), torch.from_numpy(f @ p["W_dec"] + p["b_dec"]), rtol=1e-5,
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,act_fn", [("transcoder", "relu"), ("skip-transcoder", "relu"),
+                                         ("transcoder", "jumprelu"), ("skip-transcoder", "jumprelu")])
+def test_saelens_loads_saelab_transcoders_and_saelab_loads_them_back(arch, act_fn, tmp_path):
+    """SAELens's transcoder classes read saelab's files (d_out ≠ d_in, W_skip [d_out, d_in]) and give the same codes
+    and outputs; saelab reads the folder SAELens then saves."""
+    torch.manual_seed(0)
+    ours = SAE.create(arch, d_in=24, d_sae=96, k=6, d_out=20, act_fn=act_fn, hook_name="blocks.0.ln2.hook_normalized",
+                      hook_name_out="blocks.0.hook_mlp_out", model_name="tiny")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+        if act_fn == "jumprelu":
+            ours.log_threshold.copy_(torch.rand(96).mul(0.3).add(0.05).log())
+    ours.eval().save(tmp_path / "ours")
+    theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "ours"), device="cpu")
+    assert type(theirs).__name__ == {"relu": "", "jumprelu": "JumpReLU"}[act_fn] + \
+        {"transcoder": "Transcoder", "skip-transcoder": "SkipTranscoder"}[arch]
+    x = torch.randn(50, 24)
+    torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
+    theirs.save_model(str(tmp_path / "theirs"))
+    back = SAE.load(tmp_path / "theirs")
+    assert back.cfg.arch == arch and back.cfg.act_fn == act_fn and back.cfg.d_out == 20
+    torch.testing.assert_close(back(x), ours(x), rtol=1e-5, atol=1e-5)
