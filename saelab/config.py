@@ -121,7 +121,8 @@ class HarvestConfig(JSONConfig):
         flag="--hook",
     )
     #: a --pairs preset → (input hook, target hook) of layer L, as format strings of L
-    PAIR_PRESETS = {"mlp": ("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out")}
+    PAIR_PRESETS: typing.ClassVar[dict[str, tuple[str, str]]] = {
+        "mlp": ("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out")}
     pairs: str | None = _f(
         None,
         "harvest a transcoder pair at every layer L: 'mlp' reads the MLP's input blocks.L.ln2.hook_normalized and "

@@ -163,6 +163,12 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
     device = next(model.parameters()).device
     info = model_info(model)
     hooks = expand_hooks(model, cfg.hooks)
+    pairs = cfg.all_pairs(info["n_layers"])
+    for a, b in pairs:  # both hooks of a pair join the run's hooks (a hook also given by --hook once)
+        try:
+            hooks += [h for h in expand_hooks(model, [a, b]) if h not in hooks]
+        except SaelabError as e:
+            raise SaelabError(f"--pair {a}:{b}: {e}") from None
     if cfg.context_size > info["n_ctx"]:
         raise SaelabError(f"--context-size {cfg.context_size} exceeds the model's {info['n_ctx']} positions: lower it")
     tokenizer = model.tokenizer
@@ -203,7 +209,8 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
         forward(model, torch.full((1, ctx), bos, dtype=torch.long, device=device),
                 [(h, _keep(probe_acts, h, False)) for h in hooks], stop_after=hooks)
     acts = probe_acts
-    named = {h for h in cfg.hooks if not any(c in h for c in "*?[")}  # hooks asked for by name, not by a pattern
+    # hooks asked for by name (by --hook or a pair), not by a pattern
+    named = {h for h in cfg.hooks if not any(c in h for c in "*?[")} | {h for p in pairs for h in p}
 
     def per_pair(t):
         return t.ndim < 3 or tuple(t.shape[:2]) != (1, ctx) or (t.ndim == 4 and tuple(t.shape[2:]) == (ctx, ctx))
@@ -236,7 +243,8 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
         check_free_space(out, n_contexts * ctx * row_bytes * (2 if cfg.with_grads else 1),
                          f"the harvest ({n_contexts * ctx:,} rows of {len(hooks)} hook(s))",
                          "free space, pass a smaller --tokens, --dtype float16, or another --out")
-    run_info = {"config": cfg.to_dict(), "hooks": hooks, "n_contexts": n_contexts, "plan": plan,
+    pair_records = [{"input": a, "target": b} for a, b in pairs]
+    run_info = {"config": cfg.to_dict(), "hooks": hooks, "pairs": pair_records, "n_contexts": n_contexts, "plan": plan,
                 "model_info": info, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     rank, world = dist.rank(), dist.world_size()
     if world > 1:
@@ -268,7 +276,8 @@ def _harvest(cfg: HarvestConfig, model, out: pathlib.Path, resume: bool, progres
                 model=cfg.model, hook=h, d_in=probe[h]["d_in"], dtype=cfg.dtype, context_size=ctx, bos_included=True,
                 seed=cfg.seed, dataset={"name": cfg.dataset, "split": cfg.split, "text_column": text_col},
                 has_grads=cfg.with_grads, head_layout=head_layout, n_contexts_planned=n_contexts,
-                tokenizer_bos=bos, model_info=info))
+                tokenizer_bos=bos, model_info=info,
+                pairs=[r for r in pair_records if h in (r["input"], r["target"])] or None))
 
     contexts = iter(pretokenized) if pretokenized is not None else iter_contexts(docs, tokenizer, ctx, bos, text_col)
     skip = (mine[0][0] if mine else 0) + sum(n for _, n, _ in mine[:done])

@@ -13,6 +13,11 @@ probability p, chosen so a row has ``active`` features on average; a child fires
 probability ``CHILD_RATE`` when its parent fires, never otherwise. Coefficients are
 Uniform(0.5, 1.5), times a random sign for bidirectional features. Rows are drawn in chunks of
 ``chunk_rows(cfg)`` from one seeded generator, so a seed gives byte-identical stores.
+
+With ``d_out`` > 0 the output is a transcoder's pair: a RUN folder of two row-aligned stores,
+``synthetic.in`` (rows x = c·A, A the planted directions) and ``synthetic.out`` (rows y = c·B with
+the same sparse coefficients c, B [n_true, d_out] random unit rows drawn from the seed after A), each
+with its side's directions in truth.npy and a truth.json.
 """
 
 from __future__ import annotations
@@ -47,14 +52,20 @@ COEF_RANGE = (0.5, 1.5)  # coefficient magnitudes are uniform in this range
 #: the least firing probability ``sample`` takes: its geometric gaps (up to ~37 / p rows) stay well inside int64
 MIN_PROB = 1e-15
 TRUTH_NPY, TRUTH_JSON = "truth.npy", "truth.json"
+#: the hooks (and store folders) of a planted pair (``d_out`` > 0): the side read, the side reconstructed
+IN_HOOK, OUT_HOOK = "synthetic.in", "synthetic.out"
 
 
 @dataclass
 class SyntheticConfig(JSONConfig):
     """What `saelab synthetic` writes: a store of rows built from known (planted) features."""
 
-    out: str = _f("", "output store folder (gets manifest.json, shards, truth.npy, truth.json)", required=True)
+    out: str = _f("", "output store folder (gets manifest.json, shards, truth.npy, truth.json); with --d-out a RUN "
+                      f"folder of the two stores {IN_HOOK}/ and {OUT_HOOK}/", required=True)
     d: int = _f(64, "width of each row (the store's d_in)")
+    d_out: int = _f(0, f"N > 0: write a transcoder pair instead, {IN_HOOK} (rows c·A of width --d) and {OUT_HOOK} "
+                       "(rows c·B of width N: the same sparse coefficients c, B its own random unit directions); 0: "
+                       "one store", min=0)
     n_true: int = _f(256, "number of planted feature directions")
     active: float = _f(5.0, "mean number of active features per row")
     rows: int = _f(65536, f"rows to write (rounded down to whole contexts of {CONTEXT_SIZE})")
@@ -122,7 +133,7 @@ def hierarchy_ids(cfg: SyntheticConfig) -> dict[int, list[int]]:
 
 def chunk_rows(cfg: SyntheticConfig) -> int:
     """Rows per call of ``sample`` in the writer (a function of the config only, so seeds reproduce)."""
-    return CONTEXT_SIZE * max(1, (1 << 24) // (CONTEXT_SIZE * (4 * math.ceil(cfg.active) + cfg.d)))
+    return CONTEXT_SIZE * max(1, (1 << 24) // (CONTEXT_SIZE * (4 * math.ceil(cfg.active) + cfg.d + cfg.d_out)))
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -131,6 +142,20 @@ def planted(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Generator]:
     gen = torch.Generator().manual_seed(cfg.seed)
     dirs = torch.randn(cfg.n_true, cfg.d, generator=gen, dtype=torch.float64)
     return (dirs / dirs.norm(dim=1, keepdim=True)).float(), gen
+
+
+def planted_out(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor:
+    """A pair's target directions B [n_true, d_out] float32 unit rows, drawn from ``gen`` right after ``planted``'s
+    directions (which so stay those of the single store of the same seed)."""
+    dirs = torch.randn(cfg.n_true, cfg.d_out, generator=gen, dtype=torch.float64)
+    return (dirs / dirs.norm(dim=1, keepdim=True)).float()
+
+
+def sides(cfg: SyntheticConfig) -> tuple[list[torch.Tensor], torch.Generator]:
+    """(the directions of each store written: [A] for one store, [A, B] for a pair, the generator to draw rows
+    from)."""
+    directions, gen = planted(cfg)
+    return ([directions, planted_out(cfg, gen)] if cfg.d_out else [directions]), gen
 
 
 def sample(cfg: SyntheticConfig, n: int, gen: torch.Generator,
@@ -173,11 +198,14 @@ def sample(cfg: SyntheticConfig, n: int, gen: torch.Generator,
     return x, coeffs
 
 
-def stream(cfg: SyntheticConfig, n: int, gen: torch.Generator, directions: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The first n rows of the store in chunks of ``chunk_rows(cfg)`` (the last may be shorter)."""
+def stream(cfg: SyntheticConfig, n: int, gen: torch.Generator, directions: torch.Tensor,
+           targets: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """The first n rows of the store in chunks of ``chunk_rows(cfg)`` (the last may be shorter); with ``targets``
+    (a pair's B) each row is [x | y], x = c·directions and y = c·targets of the same coefficients c."""
     size = chunk_rows(cfg)
     for a in range(0, n, size):
-        yield sample(cfg, min(size, n - a), gen, directions)[0]
+        x, coeffs = sample(cfg, min(size, n - a), gen, directions)
+        yield x if targets is None else torch.cat([x, torch.sparse.mm(coeffs, targets)], dim=1)
 
 
 # ------------------------------------------------------------------------------ writer
@@ -187,14 +215,16 @@ def _save_npy(path: pathlib.Path, arr: np.ndarray) -> None:
 
 
 def write_synthetic(cfg: SyntheticConfig, progress: bool = True) -> pathlib.Path:
-    """Write the store described by cfg at ``cfg.out`` (+ truth.npy, truth.json); returns the folder."""
+    """Write the store described by cfg at ``cfg.out`` (+ truth.npy, truth.json); returns the folder (with
+    ``d_out``, the RUN folder of the pair's two stores)."""
     cfg.validate()
     out = pathlib.Path(cfg.out).expanduser()
     ctx = CONTEXT_SIZE
     n_contexts = cfg.rows // ctx
     # the store's size is known now: a one-line error before the plan (its length grows with --rows) and any write
-    check_free_space(out, n_contexts * ctx * cfg.d * np.dtype(DTYPES[cfg.dtype]).itemsize,
-                     f"the synthetic store ({n_contexts * ctx:,} rows of width {cfg.d})",
+    width = f"width {cfg.d}" + (f" and {cfg.d_out}, two stores" if cfg.d_out else "")
+    check_free_space(out, n_contexts * ctx * (cfg.d + cfg.d_out) * np.dtype(DTYPES[cfg.dtype]).itemsize,
+                     f"the synthetic store ({n_contexts * ctx:,} rows of {width})",
                      "free space, pass a smaller --rows or --d, --dtype float16, or another --out")
     plan = plan_shards(n_contexts, cfg.holdout, max(1, cfg.shard_rows // ctx))
     with no_empty_folder_left(out):  # a folder this run made goes again when it fails
@@ -209,20 +239,29 @@ def write_synthetic(cfg: SyntheticConfig, progress: bool = True) -> pathlib.Path
 
 def _write_synthetic(cfg: SyntheticConfig, out: pathlib.Path, plan, n_contexts: int, progress: bool) -> pathlib.Path:
     ctx = CONTEXT_SIZE
-    directions, gen = planted(cfg)
-    _save_npy(out / TRUTH_NPY, directions.numpy())
-    truth = {"n_true": cfg.n_true, "d": cfg.d, "bidirectional": bidirectional_ids(cfg),
-             "hierarchy": {str(k): v for k, v in hierarchy_ids(cfg).items()}, "active": cfg.active,
-             "seed": cfg.seed, "feature_prob": feature_prob(cfg), "child_rate": CHILD_RATE,
-             "coef_range": list(COEF_RANGE), "config": cfg.to_dict()}
-    atomic_write_text(out / TRUTH_JSON, json.dumps(truth, indent=1) + "\n")
-
-    writer = ShardWriter(out, new_manifest(
-        model="synthetic", hook="synthetic", d_in=cfg.d, dtype=cfg.dtype, context_size=ctx, bos_included=False,
-        seed=cfg.seed, dataset={"name": "synthetic", "split": None, "text_column": None}, has_grads=False,
-        head_layout=None, n_contexts_planned=n_contexts, tokenizer_bos=None, model_info=None))
-    chunks = stream(cfg, n_contexts * ctx, gen, directions)
-    left = torch.zeros(0, cfg.d)
+    dirs, gen = sides(cfg)
+    # (folder, hook, truth side) of each store: one store at out, or a pair's two stores in it
+    stores = [(out, "synthetic", None)] if not cfg.d_out else [(out / IN_HOOK, IN_HOOK, "input"),
+                                                              (out / OUT_HOOK, OUT_HOOK, "target")]
+    pairs = [{"input": IN_HOOK, "target": OUT_HOOK}] if cfg.d_out else None
+    writers = []
+    for (folder, hook, side), directions in zip(stores, dirs):
+        folder.mkdir(exist_ok=True)
+        _save_npy(folder / TRUTH_NPY, directions.numpy())
+        truth = {"n_true": cfg.n_true, "d": directions.shape[1], "bidirectional": bidirectional_ids(cfg),
+                 "hierarchy": {str(k): v for k, v in hierarchy_ids(cfg).items()}, "active": cfg.active,
+                 "seed": cfg.seed, "feature_prob": feature_prob(cfg), "child_rate": CHILD_RATE,
+                 "coef_range": list(COEF_RANGE), "config": cfg.to_dict()}
+        if side:  # which of a pair's directions truth.npy holds (truth_codes makes that side's rows)
+            truth["side"] = side
+        atomic_write_text(folder / TRUTH_JSON, json.dumps(truth, indent=1) + "\n")
+        writers.append(ShardWriter(folder, new_manifest(
+            model="synthetic", hook=hook, d_in=directions.shape[1], dtype=cfg.dtype, context_size=ctx,
+            bos_included=False, seed=cfg.seed, dataset={"name": "synthetic", "split": None, "text_column": None},
+            has_grads=False, head_layout=None, n_contexts_planned=n_contexts, tokenizer_bos=None, model_info=None,
+            pairs=pairs)))
+    chunks = stream(cfg, n_contexts * ctx, gen, *dirs)
+    left = torch.zeros(0, cfg.d + cfg.d_out)
     with tqdm(total=n_contexts * ctx, unit="row", unit_scale=True, disable=not progress, desc="synthetic",
               dynamic_ncols=True) as bar:
         for _, n, hold in plan:
@@ -232,9 +271,11 @@ def _write_synthetic(cfg: SyntheticConfig, out: pathlib.Path, plan, n_contexts: 
                 have += len(parts[-1])
             rows = torch.cat(parts)
             shard, left = rows[:need], rows[need:]
-            writer.write_shard(shard.numpy().astype(DTYPES[cfg.dtype]), np.zeros((n, ctx), np.int32), holdout=hold)
+            for w, part in zip(writers, (shard[:, :cfg.d], shard[:, cfg.d:])):  # x | y: each store its columns
+                w.write_shard(part.numpy().astype(DTYPES[cfg.dtype]), np.zeros((n, ctx), np.int32), holdout=hold)
             bar.update(need)
-    writer.finish()
+    for w in writers:
+        w.finish()
     return out
 
 
@@ -252,17 +293,18 @@ def truth_codes(folder: str | os.PathLike, rows: np.ndarray) -> tuple[torch.Tens
     """(true coefficients [len(rows), n_true], the rows they make [len(rows), d]) for the global rows ``rows`` of
     the synthetic store ``folder``: drawn again from its seed, in the order the writer drew them (row r of the
     store is row r of the draw), so a store keeps its truth in a few bytes. Only the draws up to the last asked
-    row are made."""
+    row are made. Either store of a pair gives the same coefficients, and its own rows (x = c·A or y = c·B)."""
     _, info = load_truth(folder)
     cfg = SyntheticConfig.from_dict(info.get("config") or {})
     rows = np.asarray(rows, dtype=np.int64)
     total = (cfg.rows // CONTEXT_SIZE) * CONTEXT_SIZE
     if rows.size and (rows.min() < 0 or rows.max() >= total):
         raise SaelabError(f"rows must be in [0, {total}) for the store {folder}")
-    directions, gen = planted(cfg)
+    dirs, gen = sides(cfg)
+    directions = dirs[-1] if info.get("side") == "target" else dirs[0]  # this store's side of a pair
     sorted_rows, back = np.unique(rows, return_inverse=True)
     coef = torch.zeros(len(sorted_rows), cfg.n_true)
-    x = torch.zeros(len(sorted_rows), cfg.d)
+    x = torch.zeros(len(sorted_rows), directions.shape[1])
     size, start = chunk_rows(cfg), 0
     stop = int(sorted_rows[-1]) + 1 if sorted_rows.size else 0
     while start < stop:

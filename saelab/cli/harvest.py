@@ -30,8 +30,11 @@ def cmd_synthetic(args) -> int:
     from saelab.synthetic import SyntheticConfig, write_synthetic
 
     cfg = from_args(SyntheticConfig, args)
+    from saelab.store import resolve_stores
+
     path = write_synthetic(cfg, progress=not args.quiet)
-    print("wrote a planted-feature store:\n" + store_summary({"synthetic": path}))
+    what = "a planted-feature pair of stores (input → target)" if cfg.d_out else "a planted-feature store"
+    print(f"wrote {what}:\n" + store_summary({s.name: s for s in resolve_stores(path)}))
     return 0
 
 

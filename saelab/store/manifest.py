@@ -4,7 +4,8 @@
 
     {format_version, model, hook, d_in, dtype, context_size, bos_included, seed,
      dataset: {name, split, text_column}, n_tokens, holdout_shards: [files], has_grads,
-     head_layout (hook_z only: {n_heads, d_head}), shards: [{file, rows, first_row, sha256}], complete}
+     head_layout (hook_z only: {n_heads, d_head}), shards: [{file, rows, first_row, sha256}], complete,
+     pairs (paired stores only: [{input, target}])}
 
 Row r (global, in manifest order) is position ``r % context_size`` of sequence ``r // context_size``;
 every shard holds whole contexts.
@@ -18,7 +19,7 @@ import pathlib
 import numpy as np
 
 from saelab.errors import SaelabError
-from saelab.layout import MANIFEST
+from saelab.layout import MANIFEST, PAIR_SCHEMA
 from saelab.schema import BOOL, PLAIN_NAME, POSITIVE, TEXT, WHOLE, nullable, obj, read_json
 
 FORMAT_VERSION = 1
@@ -34,14 +35,19 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 def new_manifest(*, model: str, hook: str, d_in: int, dtype: str, context_size: int, bos_included: bool, seed: int,
                  dataset: dict, has_grads: bool, head_layout: dict | None, n_contexts_planned: int,
-                 tokenizer_bos: int | None, model_info: dict | None) -> dict:
+                 tokenizer_bos: int | None, model_info: dict | None, pairs: list[dict] | None = None) -> dict:
     """The manifest of a store about to be written (no shard yet, ``complete`` false): harvest and synthetic
-    stores alike."""
-    return {"format_version": FORMAT_VERSION, "model": model, "hook": hook, "d_in": d_in, "dtype": dtype,
-            "context_size": context_size, "bos_included": bos_included, "seed": seed, "dataset": dataset,
-            "n_tokens": 0, "holdout_shards": [], "has_grads": has_grads, "head_layout": head_layout, "shards": [],
-            "complete": False, "n_contexts_planned": n_contexts_planned, "tokenizer_bos": tokenizer_bos,
-            "model_info": model_info}
+    stores alike. ``pairs``: the transcoder pairs [{"input": hook, "target": hook}] the store belongs to, in either
+    role (its partners are the stores of the same RUN folder named by those hooks); a store of no pair has no
+    ``pairs`` key."""
+    m = {"format_version": FORMAT_VERSION, "model": model, "hook": hook, "d_in": d_in, "dtype": dtype,
+         "context_size": context_size, "bos_included": bos_included, "seed": seed, "dataset": dataset,
+         "n_tokens": 0, "holdout_shards": [], "has_grads": has_grads, "head_layout": head_layout, "shards": [],
+         "complete": False, "n_contexts_planned": n_contexts_planned, "tokenizer_bos": tokenizer_bos,
+         "model_info": model_info}
+    if pairs:
+        m["pairs"] = [{"input": p["input"], "target": p["target"]} for p in pairs]
+    return m
 
 
 SHARD_SCHEMA = obj({"file": PLAIN_NAME, "rows": WHOLE, "first_row": WHOLE, "sha256": TEXT},
@@ -55,6 +61,8 @@ MANIFEST_SCHEMA = obj({
     "head_layout": nullable(obj({"n_heads": POSITIVE, "d_head": POSITIVE}, required=("n_heads", "d_head"))),
     "shards": {"type": "array", "items": SHARD_SCHEMA}, "complete": BOOL, "n_contexts_planned": WHOLE,
     "tokenizer_bos": nullable({"type": "integer"}), "model_info": nullable({"type": "object"}),
+    "pairs": {"type": "array", "items": PAIR_SCHEMA, "minItems": 1,
+              "description": "the transcoder pairs this store belongs to, as input or target (paired stores only)"},
 }, required=MANIFEST_KEYS)
 
 
@@ -95,6 +103,9 @@ def layout_problem(m: dict) -> str | None:
     stray = sorted(set(m["holdout_shards"]) - seen)
     if stray:
         return f"holdout_shards: {stray[0]!r} is not one of its shards"
+    for i, pair in enumerate(m.get("pairs", ())):  # a store records only the pairs it is one side of
+        if m["hook"] not in (pair["input"], pair["target"]) or pair["input"] == pair["target"]:
+            return f"pairs[{i}]: {pair['input']} → {pair['target']} is not a pair of two hooks, one its hook {m['hook']}"
     return None
 
 
