@@ -76,7 +76,9 @@ def test_check_aligned_refuses_another_run_or_other_tokens(mlp_run, tmp_path, ca
         f["tokens"][0, 1] += 1
     with pytest.raises(SaelabError, match=r"shard 1 \(shard_00001.h5 / shard_00001.h5\) holds other tokens"):
         check_aligned(mlp_run / IN0, twin)
-    # a resume with other pairs is refused by the settings check, before the model loads
+    # a resume with the run's flags keeps the pairs; one with other pairs is refused by the settings check
+    assert main(["harvest", "--pair", f"{IN0}:{OUT0}", "--seed", "1", "--out", str(other), "--resume", *SMALL]) == 0
+    assert read_manifest(other / OUT0)["pairs"] == [{"input": IN0, "target": OUT0}]
     _fails(["harvest", "--pairs", "mlp", "--seed", "1", "--out", other, "--resume", *SMALL], capsys,
            "--resume with different settings")
 
