@@ -229,7 +229,7 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
               model, suites, others) -> dict:
     from saelab.suites.stability import stability
     from saelab.suites.truth import truth_scores
-    from saelab.targets import store_for_sae
+    from saelab.targets import store_for_sae, target_store_for
 
     res: dict = {}
     if "core" in suites or "truth" in suites:  # FVU needs rows, CE metrics its held-out text, truth its planted ones
@@ -237,7 +237,7 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
     if "core" in suites:
         res.update(_core(sae_path, sae, store, model_name, n_contexts, device, progress, model))
     if "truth" in suites:
-        res["truth"] = truth_scores(sae, store)
+        res["truth"] = truth_scores(sae, store, target=target_store_for(sae, store))
     if "stability" in suites:
         res["stability"] = stability([sae, *others])
     if write:

@@ -43,6 +43,8 @@ SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revi
 # a group folder (one SAE per hook)
 GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
 CIRCUITS_DIR = "circuits"
+#: a group's attribution graphs (``saelab attribute``)
+GRAPHS_DIR = "graphs"
 # an SAE on the Hugging Face hub: hf://ORG/REPO/SUBFOLDER
 HUB_PREFIX = "hf://"
 

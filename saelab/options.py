@@ -121,6 +121,26 @@ class CircuitOptions(JSONConfig):
 
 
 @dataclass
+class AttributeOptions(JSONConfig):
+    """`saelab attribute`: the attribution graph of a prompt over a group of MLP transcoders."""
+
+    sae: str = _f("", "a group folder of MLP transcoders (saelab train --arch transcoder on a RUN harvested with "
+                      "--pairs mlp), or one transcoder folder", required=True, aliases=["--saes"])
+    prompt: str = _f("", "the text to attribute (BOS first; at most the model's context)", required=True)
+    out: str | None = _f(None, "graph file (default: <sae>/graphs/<the prompt's first words>.json); an existing "
+                               "graph file is replaced (atomically), and the output says so")
+    force: bool = _f(False, f"replace an existing --out file that saelab attribute did not write {_NEVER}")
+    node_threshold: float = _f(0.8, "keep the most influential nodes holding this fraction of the influence on the "
+                                    "output", min=0, max=1)
+    edge_threshold: float = _f(0.98, "keep the most influential edges holding this fraction of it", min=0, max=1)
+    max_logits: int = _f(10, "at most this many logit nodes (the most likely next tokens)", min=1)
+    logit_prob: float = _f(0.95, "fewest logit nodes whose probabilities sum to this", min=0, max=1)
+    max_features: int | None = _f(None, "keep only the features of the largest activations (the others join their "
+                                        "error nodes); default: every active feature", min=1)
+    batch_size: int = _f(64, "targets per backward pass (memory: batch × prompt × vocabulary logits)", min=1)
+
+
+@dataclass
 class HeadsOptions(JSONConfig):
     """`saelab heads`: attention heads ranked by the discrete SAE codes unique to a task's positive examples."""
 

@@ -42,6 +42,7 @@ from saelab.kernels.dispatch import resolve_kernel
 from saelab.layout import (
     CHECKPOINT_FILE,
     CIRCUITS_DIR,
+    GRAPHS_DIR,
     EVAL_FILE,
     GROUP_FILE,
     METRICS_FILE,
@@ -127,7 +128,7 @@ def _check_group_resume(out: pathlib.Path, by_hook: dict) -> None:
         raise SaelabError(f"--resume: {out} is a group of other hooks ({', '.join(other)} are not in {run}): resume "
                           "it with the RUN folder it was trained on, or train to a new --out")
     foreign = sorted(c.name for c in out.iterdir()
-                     if c.name not in by_hook and c.name not in (GROUP_FILE, CIRCUITS_DIR) and not c.name.startswith("."))
+                     if c.name not in by_hook and c.name not in (GROUP_FILE, CIRCUITS_DIR, GRAPHS_DIR) and not c.name.startswith("."))
     if foreign:
         raise SaelabError(f"--resume: {out} holds {', '.join(foreign[:3])}, which no SAE of this group writes: it is "
                           "not this group's folder; train to a new --out")

@@ -35,6 +35,29 @@ def small_run(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mlp_pairs(tiny, tmp_path_factory):
+    """The bundled model's MLP pairs (both layers), harvested once from the CLI: 16k tokens in contexts of 32."""
+    from saelab.cli import main
+
+    run = tmp_path_factory.mktemp("pairs") / "run"
+    assert main(["harvest", "--pairs", "mlp", "--out", str(run), "--tokens", "16384", "--context-size", "32",
+                 "--quiet"]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def mlp_coders(mlp_pairs, tmp_path_factory):
+    """A transcoder group and a skip-transcoder group (one per layer, equal k) on ``mlp_pairs``, from the CLI."""
+    from saelab.cli import main
+
+    root = tmp_path_factory.mktemp("coders")
+    for arch in ("transcoder", "skip-transcoder"):
+        assert main(["train", "--arch", arch, "--activations", str(mlp_pairs), "--out", str(root / arch), "--k", "8",
+                     "--expansion", "4", "--tokens", "120000", "--batch-size", "512", "--quiet"]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
 def grad_run(tiny, tmp_path_factory):
     """A harvest with gradients at two hooks (every architecture, g-SAE included, trains on it)."""
     from saelab.config import HarvestConfig

@@ -157,6 +157,8 @@ def test_bad_input_is_a_one_line_error(tiny, sae1):
         steer(tiny, sae1, "  ", [1])
     with pytest.raises(SaelabError, match="context"):
         steer(tiny, sae1, "word " * tiny.cfg.n_ctx, [1], max_new_tokens=5)
+    with pytest.raises(SaelabError, match=r"the prompt \(\d+ tokens\)"):  # longer than the context: not cut to it
+        steer(tiny, sae1, "word " * (2 * tiny.cfg.n_ctx), [1], max_new_tokens=1)
     with pytest.raises(SaelabError, match="mode"):
         Intervention(1, "boost", 1.0)
 

@@ -123,35 +123,12 @@ def test_folding_the_two_scales_maps_raw_inputs_to_raw_targets(arch, act_fn):
 
 
 # ----------------------------------------------------------------------------------------------- the CLI, end to end
-@pytest.fixture(scope="module")
-def pairs_run(tmp_path_factory):
-    """The bundled model's MLP pairs (both layers), harvested once: 16k tokens in contexts of 32."""
-    from saelab.cli import main
-
-    run = tmp_path_factory.mktemp("pairs") / "run"
-    assert main(["harvest", "--pairs", "mlp", "--out", str(run), "--tokens", "16384", "--context-size", "32",
-                 "--quiet"]) == 0
-    return run
-
-
-@pytest.fixture(scope="module")
-def coders(pairs_run, tmp_path_factory):
-    """A transcoder and a skip transcoder group (one per layer) at equal k, trained from the CLI."""
-    from saelab.cli import main
-
-    root = tmp_path_factory.mktemp("coders")
-    for arch in TRANSCODERS:
-        assert main(["train", "--arch", arch, "--activations", str(pairs_run), "--out", str(root / arch), "--k", "8",
-                     "--expansion", "4", "--tokens", "120000", "--batch-size", "512", "--quiet"]) == 0
-    return root
-
-
-def test_train_writes_one_transcoder_per_pair_and_eval_replaces_each_mlp(coders, pairs_run, capsys):
+def test_train_writes_one_transcoder_per_pair_and_eval_replaces_each_mlp(mlp_coders, mlp_pairs, capsys):
     from saelab.cli import main
     from saelab.layout import read_eval, read_group
 
     for arch in TRANSCODERS:
-        _, folders = read_group(coders / arch)
+        _, folders = read_group(mlp_coders / arch)
         assert sorted(folders) == ["blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized"]
         for hook, folder in folders.items():
             t = SAE.load(folder)
@@ -159,7 +136,7 @@ def test_train_writes_one_transcoder_per_pair_and_eval_replaces_each_mlp(coders,
             assert t.cfg.hook_name_out == hook.replace("ln2.hook_normalized", "hook_mlp_out")
             assert 0 < read_eval(folder)["fvu"] < 1  # scored against the MLP's output, not its input
     capsys.readouterr()
-    folder = coders / "skip-transcoder" / "blocks.1.ln2.hook_normalized"
+    folder = mlp_coders / "skip-transcoder" / "blocks.1.ln2.hook_normalized"
     assert main(["eval", "--sae", str(folder), "--model", "tiny", "--contexts", "16"]) == 0
     assert "CE-loss recovered" in capsys.readouterr().out
     ev = read_eval(folder)
@@ -167,21 +144,19 @@ def test_train_writes_one_transcoder_per_pair_and_eval_replaces_each_mlp(coders,
     assert 0 < ev["ce_loss_recovered"] <= 1.05 and ev["kl"] > 0
 
 
-def test_the_skip_path_lowers_the_fvu_at_equal_k(coders):
+def test_the_skip_path_lowers_the_fvu_at_equal_k(mlp_coders):
     from saelab.layout import read_eval
 
     for layer in (0, 1):
         hook = f"blocks.{layer}.ln2.hook_normalized"
-        plain, skip = (read_eval(coders / arch / hook)["fvu"] for arch in TRANSCODERS)
+        plain, skip = (read_eval(mlp_coders / arch / hook)["fvu"] for arch in TRANSCODERS)
         assert skip <= plain, (layer, plain, skip)
 
 
-def test_steering_a_transcoder_latent_writes_at_its_output_hook(coders):
+def test_steering_a_transcoder_latent_writes_at_its_output_hook(mlp_coders, tiny):
     from saelab.analysis.steering import prompt_latents, steer
-    from saelab.models import load_model
-
-    model = load_model("tiny", "cpu")
-    t = SAE.load(coders / "transcoder" / "blocks.1.ln2.hook_normalized")
+    model = tiny
+    t = SAE.load(mlp_coders / "transcoder" / "blocks.1.ln2.hook_normalized")
     _, acts = prompt_latents(model, t, "The king said to the queen")
     latent = int(acts.sum(0).argmax())
     assert steer(model, t, "The king said", [(latent, "add", 0.0)], max_new_tokens=3).metrics["kl"] == 0
@@ -189,22 +164,56 @@ def test_steering_a_transcoder_latent_writes_at_its_output_hook(coders):
     assert steer(model, t, "The king said", [(latent, "ablate")], max_new_tokens=3).metrics["kl"] > 0
 
 
-def test_bad_transcoder_input_is_one_line(pairs_run, coders, tmp_path, capsys):
+def test_bad_transcoder_input_is_one_line(mlp_pairs, mlp_coders, tmp_path, capsys):
     from tests.test_outputs import _fails
 
     from saelab.cli import main
 
-    store = pairs_run / "blocks.0.hook_mlp_out"  # the target side of its pair: no pair reads it
+    store = mlp_pairs / "blocks.0.hook_mlp_out"  # the target side of its pair: no pair reads it
     _fails(["train", "--arch", "transcoder", "--activations", str(store), "--out", str(tmp_path / "a")], capsys,
            "is the target of a pair")
     assert main(["synthetic", "--out", str(tmp_path / "plain"), "--rows", "4096", "--quiet"]) == 0  # no pair at all
     _fails(["train", "--arch", "skip-transcoder", "--activations", str(tmp_path / "plain"), "--out", str(tmp_path / "e")],
            capsys, "--pair")
-    _fails(["train", "--arch", "topk", "--act-fn", "relu", "--activations", str(pairs_run), "--out",
+    _fails(["train", "--arch", "topk", "--act-fn", "relu", "--activations", str(mlp_pairs), "--out",
             str(tmp_path / "b")], capsys, "--act-fn applies to --arch transcoder or skip-transcoder only")
-    _fails(["train", "--arch", "transcoder", "--l1-coeff", "0.1", "--activations", str(pairs_run), "--out",
+    _fails(["train", "--arch", "transcoder", "--l1-coeff", "0.1", "--activations", str(mlp_pairs), "--out",
             str(tmp_path / "c")], capsys, "pass --act-fn relu")
-    _fails(["train", "--arch", "transcoder", "--hook", "blocks.0.hook_resid_post", "--activations", str(pairs_run),
+    _fails(["train", "--arch", "transcoder", "--hook", "blocks.0.hook_resid_post", "--activations", str(mlp_pairs),
             "--out", str(tmp_path / "d")], capsys, "no pair of stores")
-    _fails(["circuit", "--saes", str(coders / "transcoder"), "--task", "ioi"], capsys, "pass a group of SAEs")
+    _fails(["circuit", "--saes", str(mlp_coders / "transcoder"), "--task", "ioi"], capsys, "pass a group of SAEs")
     assert not any((tmp_path / n).exists() for n in "abcde")
+
+
+# ----------------------------------------------------------------------------------- planted paired data, the CLI
+@pytest.fixture(scope="module")
+def planted_coders(tmp_path_factory):
+    """synthetic --d-out (d_in 64 → d_out 48, 256 planted features, ~5 active: y = c·B where x = c·A), and a
+    transcoder and a skip transcoder at equal k trained on it from the CLI (1.2M tokens each)."""
+    from saelab.cli import main
+
+    root = tmp_path_factory.mktemp("planted")
+    assert main(["synthetic", "--out", str(root / "run"), "--d", "64", "--n-true", "256", "--active", "5",
+                 "--d-out", "48", "--rows", "131072", "--quiet"]) == 0
+    for arch in TRANSCODERS:
+        assert main(["train", "--arch", arch, "--activations", str(root / "run"), "--out", str(root / arch), "--k", "5",
+                     "--width", "512", "--tokens", "1200000", "--batch-size", "1024", "--quiet"]) == 0
+        assert main(["eval", "--sae", str(root / arch), "--suite", "core,truth", "--quiet"]) == 0
+    return root
+
+
+def test_a_transcoder_recovers_the_planted_map(planted_coders):
+    """Its decoder rows match the planted output directions B (the truth suite over the target store: MMCS ≥ 0.9;
+    measured 0.998); its codes come from the input rows."""
+    from saelab.layout import read_eval
+
+    truth = read_eval(planted_coders / "transcoder")["truth"]
+    assert truth["mmcs"] >= 0.9 and truth["mcc"] >= 0.9, truth
+
+
+def test_on_planted_data_the_skip_path_lowers_the_fvu_at_equal_k(planted_coders):
+    from saelab.layout import read_eval
+
+    plain, skip = (read_eval(planted_coders / arch) for arch in TRANSCODERS)
+    assert plain["l0"] == pytest.approx(skip["l0"], abs=0.1)
+    assert skip["fvu"] <= plain["fvu"], (plain["fvu"], skip["fvu"])

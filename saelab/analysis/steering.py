@@ -211,7 +211,10 @@ def _tokens(model, prompt: str | torch.Tensor, new: int = 0) -> torch.Tensor:
     elif not prompt or not prompt.strip():
         raise SaelabError("the prompt is empty: type some text to steer from")
     else:
-        toks = model.to_tokens(prompt)
+        try:  # the whole prompt: one longer than the context is refused below, not silently cut to it
+            toks = model.to_tokens(prompt, truncate=False)
+        except TypeError:  # a model whose to_tokens takes no truncate flag
+            toks = model.to_tokens(prompt)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx and toks.shape[1] + max(new, 0) > n_ctx:
         raise SaelabError(f"the prompt ({toks.shape[1]} tokens) plus {max(new, 0)} new tokens exceeds the model's "

@@ -17,11 +17,11 @@ import threading
 import warnings
 
 from saelab import __version__
-from saelab.cli import analyze, app, circuit, compare, demo, evaluate, fetch, harvest, heads, steer, train
+from saelab.cli import analyze, app, attribute, circuit, compare, demo, evaluate, fetch, harvest, heads, steer, train
 from saelab.errors import SaelabError
 
 #: the command groups in the order ``saelab --help`` lists them: the pipeline first, then the tools
-GROUPS = (harvest, train, evaluate, analyze, compare, steer, circuit, heads, fetch, demo, app)
+GROUPS = (harvest, train, evaluate, analyze, compare, steer, circuit, attribute, heads, fetch, demo, app)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -38,12 +38,15 @@ def rows_of(store, limit: int = ROWS) -> np.ndarray:
     return np.concatenate(ids)[:limit] if ids else np.zeros(0, np.int64)
 
 
-def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096) -> dict:
-    """The truth suite's scores (see the module docstring) of ``sae`` on the synthetic ``store``."""
-    if not (store.path / TRUTH_NPY).exists():
-        raise SaelabError(f"the truth suite scores SAEs of planted-feature stores: {store.path} holds no {TRUTH_NPY} "
-                          "(write one with `saelab synthetic`, or leave truth out of --suite)")
-    directions, _ = load_truth(store.path)
+def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096, target=None) -> dict:
+    """The truth suite's scores (see the module docstring) of ``sae`` on the synthetic ``store``. A transcoder's
+    decoder is matched to the planted directions of its ``target`` store (``synthetic --d-out``: the same
+    coefficients, other directions), its codes read from ``store``'s rows."""
+    for st in (store, target) if target is not None else (store,):
+        if not (st.path / TRUTH_NPY).exists():
+            raise SaelabError(f"the truth suite scores SAEs of planted-feature stores: {st.path} holds no "
+                              f"{TRUTH_NPY} (write one with `saelab synthetic`, or leave truth out of --suite)")
+    directions, _ = load_truth((target or store).path)
     dec = sae.W_dec.detach().float().cpu()
     if dec.shape[1] != directions.shape[1]:
         raise SaelabError(f"the SAE reads d_in {dec.shape[1]}, the store's features have {directions.shape[1]}: "

@@ -1,0 +1,130 @@
+"""The local replacement model of one prompt: the model made linear in its sources by freezing what is not.
+
+The real forward of the prompt fixes every LayerNorm scale (``hook_scale``) and every attention pattern
+(``hook_pattern``). With those frozen, LayerNorm is affine and attention is linear in the residual stream; each MLP
+is replaced by its transcoder: its output becomes b_dec + Σ a_s W_dec,s (the active features s at that position)
++ an error vector (the real MLP output minus the transcoder's, so the replacement reproduces the real forward
+exactly), plus a skip transcoder's linear path from the live MLP input. Each MLP without a transcoder is all
+error. Position 0 (BOS) has no feature nodes: its MLP outputs are errors (transcoders train without BOS rows).
+
+What remains is an affine function of the sources — the token embeddings (token + position), the features'
+activations and the errors — so every target (a feature's pre-activation, a logit minus the mean logit) is
+Σ_sources (direct effect) + a constant, the target's value with every source zero (``bias``). A direct effect is
+the source's vector dotted with the gradient of the target at the point where the source enters the residual
+stream; gradients of ``batch`` targets are taken in one backward pass over as many copies of the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saelab.hooks import flat_hook
+
+
+@dataclass
+class LayerNodes:
+    """One MLP layer of the replacement: its active features and error vectors."""
+
+    layer: int
+    coder: object | None  # the transcoder (None: the MLP's output is all error)
+    positions: torch.Tensor  # [n] long: the position of each active feature
+    features: torch.Tensor  # [n] long: its latent
+    activations: torch.Tensor  # [n]: its activation a
+    pre_activations: torch.Tensor  # [n]: its pre-activation z in the real forward
+    error: torch.Tensor  # [T, d]: the real MLP output minus the replacement's
+    bias: torch.Tensor  # [d]: b_dec (zeros without a transcoder)
+
+    @property
+    def inject(self) -> torch.Tensor:
+        """What the replaced MLP writes at each position, skip path aside: b_dec + Σ a W_dec + error ([T, d])."""
+        out = self.error + self.bias
+        if self.coder is not None and len(self.features):
+            out = out.index_add(0, self.positions, self.activations[:, None] * self.coder.W_dec[self.features].detach())
+        return out
+
+
+class Replacement:
+    """The replacement model of ``tokens`` [T] (BOS first) with ``coders`` {layer: transcoder of that MLP}."""
+
+    def __init__(self, model, coders: dict[int, object], tokens: torch.Tensor):
+        self.model, self.coders = model, coders
+        self.tokens = tokens.reshape(1, -1)
+        self.n_layers = model.cfg.n_layers
+        names = [n for n in model.hook_dict if n.endswith(("hook_scale", "hook_pattern"))]
+        wanted = set(names) | {"hook_embed", "hook_pos_embed"} | {
+            f"blocks.{L}.{h}" for L in range(self.n_layers) for h in ("ln2.hook_normalized", "hook_mlp_out")}
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(self.tokens, names_filter=lambda n: n in wanted)
+        self.logits = logits[0, -1].float()
+        self.frozen = {n: cache[n].detach() for n in names if n in cache}
+        self.embed = (cache["hook_embed"] + cache["hook_pos_embed"])[0].detach().float()  # [T, d]
+        self._embed_parts = (cache["hook_embed"][0].detach(), cache["hook_pos_embed"][0].detach())
+        self.layers = [self._layer(L, cache) for L in range(self.n_layers)]
+
+    def _layer(self, L: int, cache) -> LayerNodes:
+        real = cache[f"blocks.{L}.hook_mlp_out"][0].detach().float()  # [T, d]
+        coder = self.coders.get(L)
+        empty = torch.zeros(0, dtype=torch.long, device=real.device)
+        if coder is None:
+            return LayerNodes(L, None, empty, empty, real.new_zeros(0), real.new_zeros(0), real,
+                              real.new_zeros(real.shape[-1]))
+        x = cache[f"blocks.{L}.ln2.hook_normalized"][0].detach().float()
+        with torch.no_grad():
+            z = coder.pre_acts(x)
+            f = coder.activation(z)
+            f[0] = 0  # BOS: its MLP output is an error node
+            pos, feat = f.nonzero(as_tuple=True)
+            nodes = LayerNodes(L, coder, pos, feat, f[pos, feat], z[pos, feat], torch.zeros_like(real),
+                               coder.b_dec.detach().float())
+            skip = coder.add_skip(x, torch.zeros_like(real))
+            nodes.error = real - nodes.inject - skip  # the replacement then writes the real output exactly
+        return nodes
+
+    # -------------------------------------------------------------------------------------------- the linear run
+    def run(self, batch: int, sources: str = "real", grad: bool = False):
+        """The replacement over ``batch`` copies of the prompt: (logits [B, T, vocab], the live MLP inputs
+        {layer: [B, T, d]} of the layers with a transcoder, the leaves {"embed": [B, T, d], layer: [B, T, d]}).
+        ``sources``: "real" (the prompt's) or "zero" (every source zero: the targets' constant parts)."""
+        B = batch
+        zero = sources == "zero"
+        tok, pos = self._embed_parts
+        leaves = {"embed_tok": (torch.zeros_like(tok) if zero else tok).expand(B, -1, -1).clone(),
+                  "embed_pos": (torch.zeros_like(pos) if zero else pos).expand(B, -1, -1).clone()}
+        for n in self.layers:
+            inj = n.bias.expand_as(n.error) if zero else n.inject
+            leaves[n.layer] = inj.expand(B, -1, -1).clone().to(tok.dtype)
+        if grad:
+            for v in leaves.values():
+                v.requires_grad_(True)
+        live: dict[int, torch.Tensor] = {}
+
+        def frozen(t, hook):
+            return self.frozen[hook.name].expand(t.shape)
+
+        def keep(L):
+            def fn(flat):
+                live[L] = flat
+            return flat_hook(fn)
+
+        def replace(L):
+            def fn(t, hook):
+                out = leaves[L]
+                coder = self.coders.get(L)
+                if coder is not None and getattr(coder, "skip", False):
+                    x = live[L]
+                    out = out + coder.add_skip(x.reshape(-1, x.shape[-1]), torch.zeros_like(out).reshape(
+                        -1, out.shape[-1])).reshape(out.shape)
+                return out.reshape(t.shape).to(t.dtype)
+            return fn
+
+        hooks = [(n, frozen) for n in self.frozen]
+        hooks += [("hook_embed", lambda t, hook: leaves["embed_tok"]), ("hook_pos_embed", lambda t, hook: leaves["embed_pos"])]
+        for L in range(self.n_layers):
+            if L in self.coders:
+                hooks.append((f"blocks.{L}.ln2.hook_normalized", keep(L)))
+            hooks.append((f"blocks.{L}.hook_mlp_out", replace(L)))
+        with torch.enable_grad() if grad else torch.no_grad():
+            logits = self.model.run_with_hooks(self.tokens.expand(B, -1), fwd_hooks=hooks)
+        return logits.float(), {L: v.float() for L, v in live.items()}, leaves
