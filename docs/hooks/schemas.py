@@ -14,6 +14,7 @@ import re
 def schemas() -> dict[str, dict]:
     """Format name → its schema, as the readers hold files to them."""
     from saelab.analysis.circuits.file import CIRCUIT_SCHEMA
+    from saelab.analysis.graphs.file import GRAPH_SCHEMA
     from saelab.analysis.features.records import ATTRS_SCHEMA
     from saelab.layout import (CFG_SCHEMA, EVAL_SCHEMA, GROUP_SCHEMA, LABELS_SCHEMA, RUN_SCHEMA, SOURCE_SCHEMA,
                                TRAIN_SCHEMA)
@@ -22,7 +23,7 @@ def schemas() -> dict[str, dict]:
     return {"manifest.json": MANIFEST_SCHEMA, "harvest.json": RUN_SCHEMA, "cfg.json": CFG_SCHEMA,
             "train.json": TRAIN_SCHEMA, "eval.json": EVAL_SCHEMA, "labels.json": LABELS_SCHEMA,
             "source.json": SOURCE_SCHEMA, "group.json": GROUP_SCHEMA, "features.h5 attributes": ATTRS_SCHEMA,
-            "circuit file": CIRCUIT_SCHEMA}
+            "circuit file": CIRCUIT_SCHEMA, "graph file": GRAPH_SCHEMA}
 
 
 _MARKER = re.compile(r"<!-- schema: (.+?) -->")
