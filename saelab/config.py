@@ -212,7 +212,9 @@ class HarvestConfig(JSONConfig):
 
 ARCHS = ["relu", "jumprelu", "gated", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
 #: the transcoders: read one hook of a pair of stores, reconstruct the other (an MLP's input → its output)
-TRANSCODERS = ["transcoder", "skip-transcoder"]
+TRANSCODERS = ["transcoder", "skip-transcoder", "clt"]
+#: the cross-layer transcoder: one model over every pair of a RUN folder (the others: one per pair)
+CLT = "clt"
 #: the activations a transcoder takes, each with its architecture's sparsity settings (--k, --l1-coeff, ...)
 TRANSCODER_ACTIVATIONS = ["topk", "relu", "jumprelu"]
 
@@ -236,6 +238,8 @@ class SAEConfig(JSONConfig):
     d_out: int = _f(0, "output width of a transcoder (taken from its target store); 0 for an SAE (d_in)", cli=False)
     hook_name_out: str = _f("", "hook a transcoder reconstructs (taken from its target store); empty for an SAE",
                             cli=False)
+    clt_pairs: list[str] = _f([], "clt: its layers' pairs IN_HOOK:OUT_HOOK in layer order (taken from the RUN folder)",
+                              cli=False)
     model_name: str = _f("", "model the activations came from (taken from the store)", cli=False)
     k_aux: int | None = _f(None, "latents in the aux-k loss (TopK family; default d_in/2)")
     aux_coeff: float = _f(1 / 32, "aux-k loss coefficient (TopK family)")
@@ -270,6 +274,11 @@ class SAEConfig(JSONConfig):
         return self.d_out or self.d_in
 
     @property
+    def n_layers(self) -> int:
+        """A cross-layer transcoder's layers (its pairs); 1 for every other architecture."""
+        return len(self.clt_pairs) if self.arch == CLT else 1
+
+    @property
     def output_hook(self) -> str:
         """The hook the decoder writes: hook_name_out for a transcoder, the hook read for an SAE."""
         return self.hook_name_out or self.hook_name
@@ -280,6 +289,9 @@ class SAEConfig(JSONConfig):
             raise SaelabError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS + TRANSCODERS)}")
         if self.act_fn not in TRANSCODER_ACTIVATIONS:
             raise SaelabError(f"unknown --act-fn {self.act_fn!r}: choose one of {', '.join(TRANSCODER_ACTIVATIONS)}")
+        if self.arch == CLT and (self.act_fn != "topk" or not self.clt_pairs):
+            raise SaelabError("--arch clt takes --act-fn topk (the default) and the pairs of a RUN folder: train it "
+                              "with --activations RUN harvested with --pairs mlp")
         if self.d_out < 0 or (self.d_out and self.arch not in TRANSCODERS):
             raise SaelabError(f"d_out {self.d_out} is for transcoders (--arch {' or '.join(TRANSCODERS)}), "
                               "a non-negative width")

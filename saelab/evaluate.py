@@ -126,6 +126,52 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
             "dead_frac": float((fired == 0).double().mean()), "dense_frac": float((freq > DENSE).double().mean())}
 
 
+@torch.no_grad()
+def evaluate_layers(clt, inputs: list, targets: list, split: str | None = None, skip_bos: bool = True,
+                    max_rows: int = 1 << 17, batch_size: int = 4096, device="cpu", progress: bool = False) -> dict:
+    """A cross-layer transcoder's reconstruction metrics over its layers' aligned stores (``inputs``, ``targets``:
+    one per layer): FVU of all the targets together and per layer (``fvu_layers``), mean L0 per layer (``l0``; the
+    total over layers is ``l0_total``), and the dead and dense fractions over every layer's latents."""
+    split = split or ("holdout" if inputs[0].split_shards("holdout") else "train")
+    skip_bos = skip_bos and inputs[0].manifest.get("bos_included", False)
+    n_avail = inputs[0].n_rows(split)
+    if skip_bos:
+        n_avail -= n_avail // inputs[0].context_size
+    n = min(max_rows, n_avail)
+    clt = clt.to(device).eval()
+
+    def batches(stores):
+        return [st.batches(batch_size, split=split, tokens=n, seed=0, skip_bos=skip_bos, device=device, shuffle=False)
+                for st in stores]
+
+    L = len(inputs)
+    sq_err, sum_sq = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
+    sum_y = torch.zeros(L, targets[0].d_in, dtype=torch.float64)
+    fired = torch.zeros(L, clt.d_sae, dtype=torch.long, device=device)
+    l0_sum, rows = torch.zeros(L, dtype=torch.float64), 0
+    for x, y in tqdm(PairedBatches(batches(inputs), batches(targets)), disable=not progress, desc="eval",
+                     unit="batch"):
+        f = clt.encode(x)
+        y_hat = clt(x)
+        nz = f != 0
+        fired += nz.sum(0)
+        l0_sum += nz.sum((0, 2)).double().cpu()
+        sq_err += (y - y_hat).double().pow(2).sum((0, 2)).cpu()
+        sum_sq += y.double().pow(2).sum((0, 2)).cpu()
+        sum_y += y.double().sum(0).cpu()
+        rows += len(x)
+    var = sum_sq - sum_y.pow(2).sum(-1) / rows
+    if bool((var <= 1e-9 * sum_sq).any()):
+        raise SaelabError(f"store {targets[0].path}: its {split} rows are constant (no variance), so the FVU is "
+                          "undefined: harvest the store again")
+    fvu = float(sq_err.sum() / var.sum())
+    freq = fired.double() / rows
+    l0 = (l0_sum / rows).tolist()
+    return {"split": split, "rows": rows, "fvu": fvu, "explained_variance": 1 - fvu, "l0": sum(l0) / L,
+            "l0_total": sum(l0), "dead_frac": float((fired == 0).double().mean()),
+            "dense_frac": float((freq > DENSE).double().mean()), "fvu_layers": (sq_err / var).tolist(), "l0_layers": l0}
+
+
 def check_fvu(res: dict, sae, store, folder) -> dict:
     """``res`` (``evaluate_store``'s metrics) once its FVU is a number; a NaN or inf one is a one-line error naming
     which side holds them, the SAE's weights or the store's rows, so none reaches eval.json."""
@@ -194,6 +240,89 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
             "kl": ce["kl"], "eval_tokens": count}
 
 
+def _mlp_hooks(L: int) -> tuple[str, str]:
+    return f"blocks.{L}.ln2.hook_normalized", f"blocks.{L}.hook_mlp_out"
+
+
+def replacement_hooks(coders, first: int = 1, kernel: str | None = None) -> list:
+    """Forward hooks replacing MLPs by transcoders, all in one forward: ``coders`` is {layer: transcoder} (each MLP
+    by its own) or a cross-layer transcoder (every layer's MLP by the sum of what its layers up to it write).
+    Positions before ``first`` (BOS) keep the real MLP outputs."""
+    live: dict = {}
+    clt = coders if getattr(coders, "arch", None) == "clt" else None
+    layers = range(clt.n_layers) if clt is not None else sorted(coders)
+
+    def keep(L):
+        def fn(flat):
+            live[L] = flat
+        return flat_hook(fn)
+
+    def write(m):
+        def fn(flat):
+            new = flat.clone()
+            if clt is not None:  # the codes of every layer up to m, each from its own live input
+                B, T = flat.shape[:2]
+                x = torch.stack([live[l][:, first:].reshape(-1, clt.d_in).float() for l in range(m + 1)], 1)
+                x = torch.cat([x, x.new_zeros(x.shape[0], clt.n_layers - m - 1, clt.d_in)], 1)
+                codes = clt.codes(x * clt.in_scale[:, None], kernel)[: m + 1]
+                W = clt.W_dec * clt.mask
+                y = clt.b_dec[m] + sum(sparse_decode(v, i, W[l, :, m]) for l, (v, i) in enumerate(codes))
+                y = y / clt.out_scale[m]
+            else:
+                x = live[m][:, first:]
+                y = reconstruct(coders[m], x.reshape(-1, x.shape[-1]).float(), kernel)
+            new[:, first:] = y.to(flat.dtype).reshape(new[:, first:].shape)
+            return new
+        return flat_hook(fn)
+
+    hooks = []
+    for L in layers:
+        read, out = _mlp_hooks(L)
+        hooks += [(read, keep(L)), (out, write(L))]
+    return hooks
+
+
+@torch.no_grad()
+def evaluate_replacement(coders, model, tokens: np.ndarray, skip_bos: bool = True, batch_size: int = 16,
+                         progress: bool = False, kernel: str | None = None) -> dict:
+    """CE of the clean model, of the replacement model (every MLP that ``coders`` covers replaced at once:
+    ``replacement_hooks``) and with those MLPs zero-ablated; CE-loss recovered and KL(clean ‖ replacement)."""
+    device = device_of(model)
+    first = 1 if skip_bos else 0
+    clt = getattr(coders, "arch", None) == "clt"
+    layers = list(range(coders.n_layers)) if clt else sorted(coders)
+    for L in layers:
+        for h in _mlp_hooks(L):
+            if h not in model.hook_dict:
+                raise SaelabError(f"the model has no hook {h!r}: pass the model the transcoders were trained on")
+    for c in ([coders] if clt else coders.values()):
+        c.to(device).eval()
+
+    def zero(flat):
+        new = flat.clone()
+        new[:, first:] = 0
+        return new
+
+    zeros = [(_mlp_hooks(L)[1], flat_hook(zero)) for L in layers]
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+    for a in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="eval CE", unit="batch"):
+        t = torch.from_numpy(np.asarray(tokens[a : a + batch_size])).long().to(device)
+        tgt = t[:, 1:]
+        clean = model(t)[:, :-1].float()
+        spliced = model.run_with_hooks(t, fwd_hooks=replacement_hooks(coders, first, kernel))[:, :-1].float()
+        ablated = model.run_with_hooks(t, fwd_hooks=zeros)[:, :-1].float()
+        for name, logits in [("clean", clean), ("sae", spliced), ("zero", ablated)]:
+            totals[name] += float(F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum"))
+        totals["kl"] += float(kl_per_position(clean, spliced).sum())
+        count += tgt.numel()
+    ce = {k: v / count for k, v in totals.items()}
+    denom = ce["zero"] - ce["clean"]
+    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
+            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-9 else None,
+            "kl": ce["kl"], "eval_tokens": count}
+
+
 def evaluate(sae_path, activations: str | None = None, model_name: str | None = None,
              n_contexts: int = EvalOptions.contexts, device: str = "auto", progress: bool = True, write: bool = True,
              model=None, suites=EvalOptions.suite, against=()) -> dict:
@@ -254,15 +383,21 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
 
 def _core(sae_path: pathlib.Path, sae, store, model_name, n_contexts, device, progress, model) -> dict:
     """The core suite: store metrics, and CE metrics with a model."""
-    from saelab.targets import target_store_for
+    from saelab.targets import layer_stores_for, target_store_for
 
     dev = pick_device(device)
     info = read_train_info(sae_path, "delete it and pass --activations STORE_OR_RUN")
     skip_bos = not info.get("train", {}).get("include_bos", False)
     res: dict = {}
-    target = target_store_for(sae, store)  # a transcoder's output rows; None for an SAE
-    res.update(check_fvu(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress, target=target),
-                         sae, store, sae_path))
+    clt = sae.cfg.arch == "clt"
+    if clt:  # every layer's stores; its CE replaces every MLP at once
+        inputs, targets = layer_stores_for(sae, store)
+        res.update(check_fvu(evaluate_layers(sae, inputs, targets, skip_bos=skip_bos, device=dev, progress=progress),
+                             sae, store, sae_path))
+    else:
+        target = target_store_for(sae, store)  # a transcoder's output rows; None for an SAE
+        res.update(check_fvu(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress,
+                                            target=target), sae, store, sae_path))
     if model is None and model_name:
         from saelab.models import load_model
 
@@ -270,8 +405,9 @@ def _core(sae_path: pathlib.Path, sae, store, model_name, n_contexts, device, pr
     if model is not None:
         split = "holdout" if store.split_shards("holdout") else "train"
         toks = store.tokens(split)[:n_contexts]
-        res.update(evaluate_model(sae, model, toks, skip_bos=skip_bos, progress=progress), ce_contexts=len(toks),
-                   ce_split=split)
+        ce = (evaluate_replacement(sae, model, toks, skip_bos=skip_bos, progress=progress) if clt
+              else evaluate_model(sae, model, toks, skip_bos=skip_bos, progress=progress))
+        res.update(ce, ce_contexts=len(toks), ce_split=split)
         if len(toks) < n_contexts:
             res["ce_contexts_asked"] = n_contexts
     return res

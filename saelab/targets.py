@@ -179,6 +179,25 @@ def target_store_for(sae, store):
     return target
 
 
+def layer_stores_for(sae, store) -> tuple[list, list]:
+    """A cross-layer transcoder's (input stores, target stores), one per layer, beside ``store`` (its first input:
+    every store of its pairs comes from one harvest run), each checked row-aligned with ``store``."""
+    from saelab.store import ActivationStore
+    from saelab.store.pairs import check_aligned
+
+    run = pathlib.Path(store.path).parent
+    inputs, targets = [], []
+    for pair in sae.cfg.clt_pairs:
+        a, b = pair.split(":", 1)
+        for hook, side in ((a, inputs), (b, targets)):
+            if not (run / hook / MANIFEST).exists():
+                raise SaelabError(f"this cross-layer transcoder reads the pair {pair}, but {run} holds no store of "
+                                  f"{hook}: pass --activations with the RUN folder it was trained on")
+            check_aligned(store.path, run / hook)
+            side.append(ActivationStore(run / hook))
+    return inputs, targets
+
+
 def target_from_argv_or_env(argv=None) -> str | None:
     """``--sae PATH`` from a script's arguments (``streamlit run Home.py -- --sae PATH``), else ``$SAELAB_APP_SAE``."""
     import sys

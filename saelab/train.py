@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from saelab import distributed as dist
 from saelab import resume as run_state
-from saelab.config import TRANSCODERS, SAEConfig, TrainConfig
+from saelab.config import CLT, TRANSCODERS, SAEConfig, TrainConfig
 from saelab.device import pick_device
 from saelab.errors import SaelabError
-from saelab.evaluate import check_fvu, evaluate_store
+from saelab.evaluate import check_fvu, evaluate_layers, evaluate_store
 from saelab.fs import (atomic_write_text, check_free_space, no_empty_folder_left, out_folder, remove_contents,
                        run_lock)
 from saelab.kernels.dispatch import resolve_kernel
@@ -83,6 +83,12 @@ def _pairs(tcfg: TrainConfig) -> list[tuple[pathlib.Path, pathlib.Path | None]]:
 
 
 def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
+    if scfg.arch == CLT:  # one model over every pair: its layers
+        pairs = _pairs(tcfg)
+        first = pairs[0][0]
+        return {ActivationStore(first).hook: train_one(first, pathlib.Path(tcfg.out), tcfg, scfg, resume,
+                                                       progress and dist.is_main(), [b for _, b in pairs],
+                                                       [a for a, _ in pairs])}
     if scfg.arch in TRANSCODERS:
         jobs = _pairs(tcfg)
     else:
@@ -156,6 +162,19 @@ def lr_factor(step: int, total: int, warmup: int, decay: float) -> float:
     return 1.0
 
 
+def _clt_config(inputs: list, targets: list, scfg: SAEConfig) -> SAEConfig:
+    """A cross-layer transcoder's config over its layers' stores (one input width, one output width)."""
+    widths = {(a.d_in, b.d_in) for a, b in zip(inputs, targets)}
+    if len(widths) > 1:
+        raise SaelabError(f"--arch clt needs one input width and one output width over its layers, but the pairs of "
+                          f"{inputs[0].path.parent} have (d_in, d_out) {sorted(widths)}: pass pairs of one shape")
+    (d_in, d_out), = widths
+    cfg = SAEConfig.from_dict({**scfg.to_dict(), "d_in": d_in, "d_out": d_out, "hook_name": inputs[0].hook,
+                               "hook_name_out": targets[0].hook, "model_name": inputs[0].manifest.get("model", ""),
+                               "clt_pairs": [f"{a.hook}:{b.hook}" for a, b in zip(inputs, targets)]})
+    return cfg.validate()
+
+
 def sae_config_for(store: ActivationStore, scfg: SAEConfig, target: ActivationStore | None = None) -> SAEConfig:
     """The SAE's config on ``store`` (and, for a transcoder, the ``target`` store it reconstructs)."""
     m = store.manifest
@@ -192,19 +211,25 @@ class _Run:
     total_tokens: int
     skip_bos: bool
     needs_grads: bool
-    target: ActivationStore | None = None  # a transcoder's: the rows it reconstructs
+    target: ActivationStore | list | None = None  # a transcoder's: the rows it reconstructs (a CLT's: per layer)
+    inputs: list | None = None  # a CLT's input stores, one per layer (``store`` is the first)
     step: int = 0
     scale: float = 1.0
     scale_out: float = 1.0  # the target rows' scale (a transcoder's; an SAE's targets are its inputs)
 
 
 def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SAEConfig,
-              resume: bool = False, progress: bool = True, target: pathlib.Path | None = None) -> pathlib.Path:
+              resume: bool = False, progress: bool = True, target=None, inputs: list | None = None) -> pathlib.Path:
     """Train one SAE on the store at ``path`` into the SAE folder ``out`` (``resume``: from its checkpoint); a
-    transcoder reconstructs the rows of the ``target`` store (row-aligned with ``path``'s)."""
+    transcoder reconstructs the rows of the ``target`` store (row-aligned with ``path``'s); a cross-layer
+    transcoder reads every store of ``inputs`` and reconstructs every one of ``target`` (lists, one per layer)."""
     store = ActivationStore(path)
-    target_store = ActivationStore(target) if target is not None else None
-    cfg = sae_config_for(store, scfg, target_store)
+    if inputs is not None:
+        inputs, target_store = [ActivationStore(p) for p in inputs], [ActivationStore(p) for p in target]
+        cfg = _clt_config(inputs, target_store, scfg)
+    else:
+        target_store = ActivationStore(target) if target is not None else None
+        cfg = sae_config_for(store, scfg, target_store)
     world, main = dist.world_size(), dist.is_main()
     if tcfg.batch_size % world:
         raise SaelabError(f"--batch-size {tcfg.batch_size} does not split evenly over {world} ranks: "
@@ -215,18 +240,20 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     if main:
         MetricsLogger.check(tcfg.log)
         store.check_shards("holdout")  # read only at the end, for the final eval: checked before training
-        if target_store is not None:
-            target_store.check_shards("holdout")
+        for st in (target_store if isinstance(target_store, list) else [target_store]) + (inputs or [])[1:]:
+            if st is not None:
+                st.check_shards("holdout")
     if main and not resume:  # a checkpoint (weights + Adam's two moments), its temp copy, and the saved SAE
-        check_free_space(out, 7 * 4 * 2 * cfg.d_in * cfg.d_sae, f"training a {cfg.d_sae:,}-latent SAE",
+        check_free_space(out, 7 * 4 * 2 * cfg.d_in * cfg.d_sae * cfg.n_layers ** 2, f"training a {cfg.d_sae:,}-latent SAE",
                          "free space, or train to another --out")
     run_state.check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
     with run_lock(out) if main else contextlib.nullcontext():  # one run at a time in an SAE folder
+        one_target = None if isinstance(target_store, list) else target_store  # a CLT: its first store is checked
         if resume and (out / TRAIN_FILE).exists() and run_state.check_resumable(out, tcfg, cfg, store,
-                                                                                target_store).get("done"):
+                                                                                one_target).get("done"):
             return out  # finished earlier
-        run = _start(out, store, cfg, tcfg, device, resume, target_store)
+        run = _start(out, store, cfg, tcfg, device, resume, target_store, inputs)
         _fit(run, resume, progress)
         if main:  # rank 0 saves and evaluates; the others wait for it
             _finish(run)
@@ -234,7 +261,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     return out
 
 
-def _start(out, store, cfg, tcfg, device, resume, target=None) -> _Run:
+def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None) -> _Run:
     """The SAE, its optimiser and the store's iterator, fresh (scale and b_dec from a sample, train.json written)
     or from the run's checkpoint."""
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
@@ -253,9 +280,12 @@ def _start(out, store, cfg, tcfg, device, resume, target=None) -> _Run:
     batches = dict(batch_size=tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
                    device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
     it = store.batches(with_grads=needs_grads, **batches)
-    if target is not None:  # the same settings over the aligned store: the same rows, in the same order
+    if inputs is not None:  # a CLT: every layer's stores, stacked
+        it = PairedBatches([st.batches(**batches) for st in inputs], [st.batches(**batches) for st in target])
+    elif target is not None:  # the same settings over the aligned store: the same rows, in the same order
         it = PairedBatches(it, target.batches(**batches))
-    run = _Run(out, store, cfg, tcfg, sae, opt, it, device, lr, n_steps, total_tokens, skip_bos, needs_grads, target)
+    run = _Run(out, store, cfg, tcfg, sae, opt, it, device, lr, n_steps, total_tokens, skip_bos, needs_grads, target,
+               inputs)
     if resume and (out / CHECKPOINT_FILE).exists():
         run.step, run.scale, run.scale_out = run_state.load_checkpoint(out, sae, opt, it, n_steps, cfg.arch, device)
         if main:
@@ -263,6 +293,14 @@ def _start(out, store, cfg, tcfg, device, resume, target=None) -> _Run:
         return run
     if main:
         run_state.truncate_metrics(out / METRICS_FILE, 0)  # a run killed before its first checkpoint starts over
+    if inputs is not None:  # a CLT scales each layer itself (its buffers); the trainer's scale is 1
+        sample = dict(batch_size=min(8192, store.n_rows("train")), split="train", seed=tcfg.seed + 7919,
+                      skip_bos=skip_bos, device=device, buffer_rows=tcfg.buffer_rows)
+        x, y = next(PairedBatches([st.batches(**sample) for st in inputs], [st.batches(**sample) for st in target]))
+        sae.init_from_sample(x, y, geometric_median)
+        if main:
+            run_state.write_run_info(out, tcfg, cfg, store, n_steps, world, 1.0)
+        return run
     run.scale, median = _init_stats(store, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
     run.scale_out = run.scale
     if target is not None:  # b_dec is in the output space: the targets' median, in their own scale
@@ -381,8 +419,11 @@ def _finish(run: _Run) -> None:
     final.load_state_dict(sae.state_dict())
     final.fold_input_scale(run.scale, run.scale_out if run.target is not None else None)
     final.cpu().save(run.out)
-    ev = check_fvu(evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device, target=run.target),
-                   final, run.store, run.out)
+    if run.inputs is not None:
+        ev = evaluate_layers(final, run.inputs, run.target, skip_bos=run.skip_bos, device=run.device)
+    else:
+        ev = evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device, target=run.target)
+    ev = check_fvu(ev, final, run.store, run.out)
     ev.update(epochs=round(run.it.epochs, 4), steps=run.n_steps, tokens=run.total_tokens)
     atomic_write_text(run.out / EVAL_FILE, json.dumps(check_eval(ev, run.out / EVAL_FILE), indent=2) + "\n")
     run_state.mark_done(run.out, run.it.epochs)
@@ -439,6 +480,10 @@ def _heldout(run: _Run, n: int = 8192) -> dict:
     """Held-out FVU and L0 of the SAE being trained (in its scaled units), on the first n rows."""
     if not run.store.split_shards("holdout"):
         return {}
+    if run.inputs is not None:
+        ev = evaluate_layers(run.sae, run.inputs, run.target, "holdout", run.skip_bos, max_rows=n, device=run.device)
+        run.sae.train()
+        return {"heldout_fvu": ev["fvu"], "heldout_l0": ev["l0"]}
     ev = evaluate_store(run.sae, run.store, "holdout", run.skip_bos, max_rows=n, device=run.device, scale=run.scale,
                         target=run.target, scale_out=run.scale_out)
     run.sae.train()

@@ -128,6 +128,8 @@ def load_pair(sae, other, hook: str | None = None, other_hook: str | None = None
     from saelab.models import same_model
 
     a, b = Side(*pick_sae(sae, hook)), Side(*pick_sae(other, other_hook, "--other-hook"))
+    for side in (a, b):
+        side.sae.one_layer("saelab compare")
     if a.model and b.model and not same_model(a.model, b.model):
         raise SaelabError(f"the SAEs belong to different models ({a.model} and {b.model}): their directions live "
                           "in different spaces; compare SAEs of one model")

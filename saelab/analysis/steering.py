@@ -110,6 +110,7 @@ def as_interventions(interventions, mode: str = "add", value: float = 0.0) -> li
 
 
 def _check(sae, model, interventions: Sequence[Intervention]) -> str:
+    sae.one_layer("steering")
     hook = sae.cfg.hook_name
     if not hook:
         raise SaelabError("this SAE has no hook recorded (cfg.hook_name is empty): set sae.cfg.hook_name to the "

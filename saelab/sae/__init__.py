@@ -3,6 +3,7 @@
 from saelab.sae import (  # noqa: F401  (register)
     abstopk,
     batchtopk,
+    clt,
     gated,
     gradient,
     jumprelu,

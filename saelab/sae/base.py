@@ -318,6 +318,11 @@ class SAE(nn.Module):
         _check_stated_sizes(raw, sae, path)
         return sae
 
+    def one_layer(self, what: str) -> "SAE":
+        """This SAE, for ``what`` (a command that reads one layer's SAE or transcoder); a cross-layer transcoder
+        refuses it in one line."""
+        return self
+
     def check_finite(self, where) -> "SAE":
         """This SAE, once its weights are finite; a one-line error naming ``where`` otherwise (a diverged training
         run's weights: no metric or feature database of them means anything)."""

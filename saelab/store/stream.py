@@ -254,39 +254,45 @@ class BatchIterator:
 
 
 class PairedBatches:
-    """Two stores' shuffled batches in lockstep: (x, y), row i of y the row of the same token as row i of x.
+    """Stores' shuffled batches in lockstep: (x, y), row i of y the row of the same token as row i of x.
 
     The stores are row-aligned (one harvest pass: the same shards, contexts and rows; ``check_aligned``), so
     iterators of the same settings serve the same row positions in the same order: the pair needs no index of
-    its own, and its state is the input's (the target's is equal, and is checked so on load)."""
+    its own, and its state is the first input's (the others' is equal, and is set so on load). ``inputs`` and
+    ``targets`` are each one iterator (x [B, d]) or a list of them, one per layer (x [B, layers, d], stacked)."""
 
-    def __init__(self, inputs: BatchIterator, targets: BatchIterator):
-        if inputs.rows_per_epoch != targets.rows_per_epoch or inputs.total != targets.total:
-            raise SaelabError(f"stores {inputs.store.path} and {targets.store.path} do not serve the same rows: "
-                              "harvest both hooks in one run")
-        self.inputs, self.targets = inputs, targets
+    def __init__(self, inputs, targets):
+        self._stack = (isinstance(inputs, list), isinstance(targets, list))
+        self.inputs = inputs if isinstance(inputs, list) else [inputs]
+        self.targets = targets if isinstance(targets, list) else [targets]
+        first = self.inputs[0]
+        for it in self.inputs[1:] + self.targets:
+            if it.rows_per_epoch != first.rows_per_epoch or it.total != first.total:
+                raise SaelabError(f"stores {first.store.path} and {it.store.path} do not serve the same rows: "
+                                  "harvest both hooks in one run")
 
     def __iter__(self):
         return self
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return len(self.inputs[0])
 
     def __next__(self):
-        x = next(self.inputs)
-        return x, next(self.targets)
+        x = [next(it) for it in self.inputs]
+        y = [next(it) for it in self.targets]
+        return (torch.stack(x, 1) if self._stack[0] else x[0]), (torch.stack(y, 1) if self._stack[1] else y[0])
 
     @property
     def rows_per_epoch(self) -> int:
-        return self.inputs.rows_per_epoch
+        return self.inputs[0].rows_per_epoch
 
     @property
     def epochs(self) -> float:
-        return self.inputs.epochs
+        return self.inputs[0].epochs
 
     def state_dict(self) -> dict:
-        return self.inputs.state_dict()
+        return self.inputs[0].state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.inputs.load_state_dict(state)
-        self.targets.load_state_dict(state)
+        for it in self.inputs + self.targets:
+            it.load_state_dict(state)

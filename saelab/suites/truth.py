@@ -42,6 +42,7 @@ def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096, target=None) -
     """The truth suite's scores (see the module docstring) of ``sae`` on the synthetic ``store``. A transcoder's
     decoder is matched to the planted directions of its ``target`` store (``synthetic --d-out``: the same
     coefficients, other directions), its codes read from ``store``'s rows."""
+    sae.one_layer("the truth suite")
     for st in (store, target) if target is not None else (store,):
         if not (st.path / TRUTH_NPY).exists():
             raise SaelabError(f"the truth suite scores SAEs of planted-feature stores: {st.path} holds no "

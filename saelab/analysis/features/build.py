@@ -112,7 +112,7 @@ def _build(sae_dir: pathlib.Path, ident: dict, activations, *, tokens, top, mode
     from saelab.sae.base import SAE
 
     dev = pick_device(device)
-    sae = SAE.load(sae_dir, device=dev).eval().check_finite(sae_dir)
+    sae = SAE.load(sae_dir, device=dev).eval().one_layer("saelab analyze").check_finite(sae_dir)
     signed = bool(getattr(sae, "signed", False))
     check_free_space(sae_dir, _file_bytes(sae.d_sae, int(top), signed), f"the feature database of {sae_dir}",
                      "free space, or analyse a copy of the SAE folder on a disk with room")

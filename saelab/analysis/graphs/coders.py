@@ -44,7 +44,7 @@ def load_transcoders(path, device="cpu") -> Transcoders:
                           "runs/GROUP of transcoders")
     coders, where, models = {}, {}, set()
     for folder in folders:
-        t = SAE.load(folder, device).eval()
+        t = SAE.load(folder, device).eval().one_layer("saelab attribute")
         c = t.cfg
         if not c.hook_name_out:
             raise SaelabError(f"{folder} is a {c.arch} SAE (it reads and writes {c.hook_name}): attribution graphs run "

@@ -1,0 +1,143 @@
+"""Cross-layer transcoder (CLT; Ameisen et al. 2025, "Circuit Tracing"): an encoder at every layer's MLP input
+and decoders from each layer to its own and every later layer's MLP output, trained jointly.
+
+Layers l = 0 … L−1 are the pairs of a RUN folder in layer order (``cfg.clt_pairs``, "IN_HOOK:OUT_HOOK"). Each layer
+reads its own input: f_l = TopK(x_l W_enc[l] + b_enc[l]) (k active latents per layer), and each output is the sum
+of what the layers up to it write: ŷ_m = Σ_{l ≤ m} f_l W_dec[l, :, m] + b_dec[m]. The loss is Σ_m ‖y_m − ŷ_m‖²
+(each the mean over the batch of the sum over features). W_dec is held as one [L, d_sae, L, d_out] tensor with
+the entries l > m (a layer writing to an earlier one) masked to zero in every forward, so they never learn.
+
+Inputs and targets [B, L, d] (the layers stacked). Each layer's inputs and targets are scaled by buffers set
+from a sample (mean norm √d, ``init_from_sample``) while training, and folded into the weights when the run ends
+(``fold_input_scale``), as the trainer folds an SAE's one scale, so a saved CLT maps raw inputs to raw outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from saelab.config import SAEConfig
+from saelab.errors import SaelabError
+from saelab.kernels import sparse_decode, topk_encode
+from saelab.sae.base import _NO_INIT, SAE
+
+
+class CrossLayerTranscoder(SAE):
+    arch = "clt"
+    constrain_decoder = False
+    enc_init = 0.3
+
+    def __init__(self, cfg: SAEConfig):
+        nn.Module.__init__(self)  # not SAE's parameters: every weight has a layer axis
+        self.cfg = cfg.validate()
+        L, d_in, d_out, d_sae = cfg.n_layers, cfg.d_in, cfg.output_dim, cfg.d_sae
+        self.n_layers, self.d_in, self.d_out, self.d_sae = L, d_in, d_out, d_sae
+        mask = torch.ones(L, L).triu()  # [source l, target m]: l ≤ m
+        self.register_buffer("mask", mask[:, None, :, None].clone())
+        if _NO_INIT.get():
+            self.W_enc = nn.Parameter(torch.empty(L, d_in, d_sae))
+            self.W_dec = nn.Parameter(torch.empty(L, d_sae, L, d_out))
+        else:
+            e = torch.randn(L, d_in, d_sae)
+            enc_init = self.enc_init if cfg.enc_init is None else cfg.enc_init
+            self.W_enc = nn.Parameter(e / e.norm(dim=1, keepdim=True) * enc_init)
+            w = torch.randn(L, d_sae, L, d_out)
+            w = w / w.norm(dim=-1, keepdim=True) / mask.sum(1).sqrt()[:, None, None, None]  # rows of ‖·‖ 1/√targets
+            self.W_dec = nn.Parameter(w * self.mask)
+        self.b_enc = nn.Parameter(torch.zeros(L, d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(L, d_out))
+        self.register_buffer("in_scale", torch.ones(L))
+        self.register_buffer("out_scale", torch.ones(L))
+        self.apply_b_dec_to_input = False
+        self.register_buffer("tokens_since_fired", torch.zeros(L, d_sae, dtype=torch.long))
+        self.dead_after, self.total_steps, self.kernel, self.control = cfg.dead_tokens, 1, "auto", None
+
+    @classmethod
+    def weight_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+        L = cfg.n_layers
+        return {"W_enc": (L, cfg.d_in, cfg.d_sae), "b_enc": (L, cfg.d_sae), "W_dec": (L, cfg.d_sae, L, cfg.output_dim),
+                "b_dec": (L, cfg.output_dim), "in_scale": (L,), "out_scale": (L,)}
+
+    def one_layer(self, what: str):
+        raise SaelabError(f"{what} reads one layer's SAE or transcoder, and this is a cross-layer transcoder: train "
+                          "per-layer ones (--arch transcoder) for it; a clt is evaluated (saelab eval) and saved")
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim < 2 or tuple(x.shape[-2:]) != (self.n_layers, self.d_in):
+            raise SaelabError(f"this cross-layer transcoder reads {self.n_layers} layers of d_in {self.d_in}, stacked as "
+                              f"[..., {self.n_layers}, {self.d_in}]; the input has shape {list(x.shape)}")
+
+    # ------------------------------------------------------------------------------------------ forward
+    def codes(self, x: torch.Tensor, kernel: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (values [B, k], indices [B, k]) of inputs x [B, L, d_in] (in the trained units: scaled)."""
+        self.check_input(x)
+        return [topk_encode(x[:, l].to(self.W_enc.dtype), self.W_enc[l], self.b_enc[l], self.cfg.k,
+                            kernel=kernel or self.kernel) for l in range(self.n_layers)]
+
+    def decode_codes(self, codes) -> torch.Tensor:
+        """ŷ [B, L, d_out] of the layers' sparse codes."""
+        W = self.W_dec * self.mask  # a layer never writes to an earlier one
+        B = codes[0][0].shape[0]
+        out = self.b_dec.expand(B, -1, -1)
+        for l, (v, i) in enumerate(codes):
+            out = out + sparse_decode(v, i, W[l].reshape(self.d_sae, -1)).reshape(B, self.n_layers, self.d_out)
+        return out
+
+    def dense(self, codes) -> torch.Tensor:
+        B = codes[0][0].shape[0]
+        f = torch.zeros(B, self.n_layers, self.d_sae, dtype=codes[0][0].dtype, device=codes[0][0].device)
+        for l, (v, i) in enumerate(codes):
+            f[:, l].scatter_(-1, i, v)
+        return f
+
+    def encode(self, x, grads=None):
+        """Dense codes [B, L, d_sae] of raw inputs x [B, L, d_in]."""
+        self.check_input(x)
+        return self.dense(self.codes(x * self.in_scale[:, None]))
+
+    def forward(self, x):
+        """ŷ [B, L, d_out] (raw units) of raw inputs x [B, L, d_in]."""
+        self.check_input(x)
+        return self.decode_codes(self.codes(x * self.in_scale[:, None])) / self.out_scale[:, None]
+
+    def loss(self, x, step=0, grads=None, target=None):
+        if target is None:
+            raise SaelabError("a cross-layer transcoder trains on pairs of rows: pass target=, [B, L, d_out]")
+        self.check_input(x)
+        codes = self.codes(x * self.in_scale[:, None])
+        y_hat = self.decode_codes(codes)
+        err = (target * self.out_scale[:, None] - y_hat).pow(2).sum(-1).mean(0).sum()
+        f = self.dense([(v.detach(), i) for v, i in codes])
+        return self._out(f, y_hat / self.out_scale[:, None], mse=err)
+
+    # ------------------------------------------------------------------------------------------ scales
+    @torch.no_grad()
+    def init_from_sample(self, x: torch.Tensor, y: torch.Tensor, median) -> None:
+        """Per-layer scales (mean ‖s·x_l‖ = √d) and b_dec at each layer's target median (``median``: rows → point)."""
+        for l in range(self.n_layers):
+            self.in_scale[l] = self.d_in ** 0.5 / x[:, l].norm(dim=-1).mean().clamp_min(1e-12)
+            self.out_scale[l] = self.d_out ** 0.5 / y[:, l].norm(dim=-1).mean().clamp_min(1e-12)
+            self.b_dec[l] = median(y[:, l]) * self.out_scale[l]
+
+    @torch.no_grad()
+    def fold_input_scale(self, s: float = 1.0, s_out: float | None = None) -> None:
+        """The layers' own scales folded into the weights (the trainer's scale is 1 for a CLT): raw in, raw out."""
+        self.W_enc *= self.in_scale[:, None, None]
+        self.W_dec /= self.out_scale[None, None, :, None]
+        self.b_dec /= self.out_scale[:, None]
+        self.in_scale.fill_(1.0)
+        self.out_scale.fill_(1.0)
+
+    def extra_weights(self):
+        return {"in_scale": self.in_scale, "out_scale": self.out_scale}
+
+    def load_extra_weights(self, w):
+        with torch.no_grad():
+            self.in_scale.copy_(w["in_scale"].float())
+            self.out_scale.copy_(w["out_scale"].float())
+
+    def saelens_cfg(self):
+        cfg = super().saelens_cfg()
+        cfg.update(architecture="clt", d_out=self.d_out, n_layers=self.n_layers, apply_b_dec_to_input=False)
+        return cfg
