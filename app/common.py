@@ -164,7 +164,7 @@ def _other_matches(here: str, here_mtime: float, latent: int, others: tuple, k: 
     out = []
     for h, folder, mtime in others:
         there = load_sae(folder, mtime)
-        if there.d_in != sae_here.d_in:
+        if there.cfg.output_dim != sae_here.cfg.output_dim:  # decoders of another space: no matches
             continue
         ids, cos = decoder_matches(sae_here, there, k, latents=[latent])
         out.append((h, list(zip(ids[0].tolist(), cos[0].tolist()))))

@@ -18,6 +18,7 @@ from typing import Any
 
 from saelab.errors import SaelabError
 from saelab.fs import atomic_write_text
+from saelab.hooks import MLP_PAIR
 
 
 def _f(default=dataclasses.MISSING, help: str = "", **meta):  # noqa: A002 - mirrors argparse
@@ -122,7 +123,7 @@ class HarvestConfig(JSONConfig):
     )
     #: a --pairs preset → (input hook, target hook) of layer L, as format strings of L
     PAIR_PRESETS: typing.ClassVar[dict[str, tuple[str, str]]] = {
-        "mlp": ("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out")}
+        "mlp": MLP_PAIR}
     pairs: str | None = _f(
         None,
         "harvest a transcoder pair at every layer L: 'mlp' reads the MLP's input blocks.L.ln2.hook_normalized and "

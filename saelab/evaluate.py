@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from saelab.device import device_of, pick_device
 from saelab.errors import SaelabError
 from saelab.fs import atomic_write_text, check_writable_in, run_lock
-from saelab.hooks import flat_hook
+from saelab.hooks import flat_hook, mlp_hooks, relay
 from saelab.kernels import sparse_decode
 from saelab.kernels.dispatch import resolve_kernel
 from saelab.layout import EVAL_FILE, check_eval, check_local_sae, read_eval, read_train_info
@@ -118,7 +118,7 @@ def evaluate_store(sae, store: ActivationStore, split: str | None = None, skip_b
         rows += len(x)
     total_var = sum_sq - float(sum_x.pow(2).sum()) / rows
     if total_var <= 1e-9 * sum_sq or sum_sq == 0:  # NaN compares false: check_fvu names it
-        raise SaelabError(f"store {store.path}: its {split} rows are constant (no variance), so the FVU is "
+        raise SaelabError(f"store {(target or store).path}: its {split} rows are constant (no variance), so the FVU is "
                           "undefined: harvest the store again")
     fvu = sq_err / total_var
     freq = fired.double() / rows
@@ -188,6 +188,39 @@ def kl_per_position(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Ten
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
+def _zeroed(first: int):
+    """A hook function zeroing an activation from position ``first`` on (the zero ablation)."""
+    def zero(flat):
+        new = flat.clone()
+        new[:, first:] = 0
+        return new
+    return flat_hook(zero)
+
+
+def _ce(model, tokens: np.ndarray, spliced_hooks: list, zero_hooks: list, batch_size: int, progress: bool) -> dict:
+    """Next-token CE of the clean model, with ``spliced_hooks`` and with ``zero_hooks`` over these contexts;
+    CE-loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean) and KL(clean ‖ spliced) per token."""
+    device = device_of(model)
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+    for a in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="eval CE", unit="batch"):
+        t = torch.from_numpy(np.asarray(tokens[a : a + batch_size])).long().to(device)
+        tgt = t[:, 1:]
+        clean = model(t)[:, :-1].float()
+        spliced = model.run_with_hooks(t, fwd_hooks=spliced_hooks)[:, :-1].float()
+        ablated = model.run_with_hooks(t, fwd_hooks=zero_hooks)[:, :-1].float()
+        for name, logits in [("clean", clean), ("sae", spliced), ("zero", ablated)]:
+            totals[name] += float(F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum"))
+        totals["kl"] += float(kl_per_position(clean, spliced).sum())
+        count += tgt.numel()
+    ce = {k: v / count for k, v in totals.items()}
+    denom = ce["zero"] - ce["clean"]
+    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
+            # undefined (null) when zero-ablating costs nothing: no loss to recover
+            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-9 else None,
+            "kl": ce["kl"], "eval_tokens": count}
+
+
 @torch.no_grad()
 def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_size: int = 16,
                    progress: bool = False, kernel: str | None = None) -> dict:
@@ -198,50 +231,17 @@ def evaluate_model(sae, model, tokens: np.ndarray, skip_bos: bool = True, batch_
         if h not in model.hook_dict:
             raise SaelabError(f"the SAE uses hook {h!r}, which model {getattr(model.cfg, 'model_name', '')} "
                               "does not have: pass the model the SAE was trained on")
-    device = device_of(model)
-    sae = sae.to(device).eval()
+    sae = sae.to(device_of(model)).eval()
     first = 1 if skip_bos else 0
-    read: dict = {}  # a transcoder's input, kept when the forward passes its hook (before the hook it replaces)
 
-    def keep(flat):
-        read["x"] = flat
+    def spliced(x, flat):  # x: what the SAE reads, flat: what it replaces ([n, T, features] each)
+        new = flat.clone()
+        part = x[:, first:]
+        new[:, first:] = reconstruct(sae, part.reshape(-1, part.shape[-1]).float(), kernel).to(flat.dtype) \
+            .reshape(new[:, first:].shape)
+        return new
 
-    def splice(mode):
-        def fn(flat):  # [n, T, features]
-            new = flat.clone()
-            if mode == "sae":
-                part = (read.pop("x") if write != hook else flat)[:, first:]
-                new[:, first:] = reconstruct(sae, part.reshape(-1, part.shape[-1]).float(), kernel).to(flat.dtype) \
-                    .reshape(new[:, first:].shape)
-            else:
-                new[:, first:] = 0
-            return new
-        return flat_hook(fn)
-
-    spliced_hooks = [(write, splice("sae"))] if write == hook else [(hook, flat_hook(keep)), (write, splice("sae"))]
-
-    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
-    count = 0
-    for a in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="eval CE", unit="batch"):
-        t = torch.from_numpy(np.asarray(tokens[a : a + batch_size])).long().to(device)
-        tgt = t[:, 1:]
-        clean = model(t)[:, :-1].float()
-        spliced = model.run_with_hooks(t, fwd_hooks=spliced_hooks)[:, :-1].float()
-        zero = model.run_with_hooks(t, fwd_hooks=[(write, splice("zero"))])[:, :-1].float()
-        for name, logits in [("clean", clean), ("sae", spliced), ("zero", zero)]:
-            totals[name] += float(F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum"))
-        totals["kl"] += float(kl_per_position(clean, spliced).sum())
-        count += tgt.numel()
-    ce = {k: v / count for k, v in totals.items()}
-    denom = ce["zero"] - ce["clean"]
-    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
-            # undefined (null) when zero-ablating the hook costs nothing: no loss to recover
-            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-9 else None,
-            "kl": ce["kl"], "eval_tokens": count}
-
-
-def _mlp_hooks(L: int) -> tuple[str, str]:
-    return f"blocks.{L}.ln2.hook_normalized", f"blocks.{L}.hook_mlp_out"
+    return _ce(model, tokens, relay(hook, write, spliced), [(write, _zeroed(first))], batch_size, progress)
 
 
 def replacement_hooks(coders, first: int = 1, kernel: str | None = None) -> list:
@@ -277,7 +277,7 @@ def replacement_hooks(coders, first: int = 1, kernel: str | None = None) -> list
 
     hooks = []
     for L in layers:
-        read, out = _mlp_hooks(L)
+        read, out = mlp_hooks(L)
         hooks += [(read, keep(L)), (out, write(L))]
     return hooks
 
@@ -287,40 +287,17 @@ def evaluate_replacement(coders, model, tokens: np.ndarray, skip_bos: bool = Tru
                          progress: bool = False, kernel: str | None = None) -> dict:
     """CE of the clean model, of the replacement model (every MLP that ``coders`` covers replaced at once:
     ``replacement_hooks``) and with those MLPs zero-ablated; CE-loss recovered and KL(clean ‖ replacement)."""
-    device = device_of(model)
     first = 1 if skip_bos else 0
     clt = getattr(coders, "arch", None) == "clt"
     layers = list(range(coders.n_layers)) if clt else sorted(coders)
     for L in layers:
-        for h in _mlp_hooks(L):
+        for h in mlp_hooks(L):
             if h not in model.hook_dict:
                 raise SaelabError(f"the model has no hook {h!r}: pass the model the transcoders were trained on")
     for c in ([coders] if clt else coders.values()):
-        c.to(device).eval()
-
-    def zero(flat):
-        new = flat.clone()
-        new[:, first:] = 0
-        return new
-
-    zeros = [(_mlp_hooks(L)[1], flat_hook(zero)) for L in layers]
-    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
-    count = 0
-    for a in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="eval CE", unit="batch"):
-        t = torch.from_numpy(np.asarray(tokens[a : a + batch_size])).long().to(device)
-        tgt = t[:, 1:]
-        clean = model(t)[:, :-1].float()
-        spliced = model.run_with_hooks(t, fwd_hooks=replacement_hooks(coders, first, kernel))[:, :-1].float()
-        ablated = model.run_with_hooks(t, fwd_hooks=zeros)[:, :-1].float()
-        for name, logits in [("clean", clean), ("sae", spliced), ("zero", ablated)]:
-            totals[name] += float(F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum"))
-        totals["kl"] += float(kl_per_position(clean, spliced).sum())
-        count += tgt.numel()
-    ce = {k: v / count for k, v in totals.items()}
-    denom = ce["zero"] - ce["clean"]
-    return {"ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
-            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if abs(denom) > 1e-9 else None,
-            "kl": ce["kl"], "eval_tokens": count}
+        c.to(device_of(model)).eval()
+    zeros = [(mlp_hooks(L)[1], _zeroed(first)) for L in layers]
+    return _ce(model, tokens, replacement_hooks(coders, first, kernel), zeros, batch_size, progress)
 
 
 def evaluate(sae_path, activations: str | None = None, model_name: str | None = None,

@@ -80,7 +80,7 @@ def gemma_scope_target(repo: str, sub: str) -> tuple[str, str]:
     size, kind, site = (g.lower() for g in m.groups())
     if site == "transcoders":
         raise SaelabError(f"{repo or where} holds transcoders (they read the MLP's input and write its output), not "
-                          "SAEs of one hook: saelab does not load transcoders; fetch from a -res, -mlp or -att repo")
+                          "SAEs of one hook: saelab does not convert Gemma Scope's transcoders; fetch from a -res, -mlp or -att repo")
     layer = re.search(r"(?:^|/)layer_(\d+)(?:/|$)", sub)
     if not layer:
         raise SaelabError(f"{where}: no layer_L folder in the path, so the hook cannot be told"

@@ -23,6 +23,23 @@ from saelab.errors import SaelabError
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
+#: an MLP's input and output hooks, as format strings of the layer L: the pair a transcoder of that MLP reads and
+#: writes (``harvest --pairs mlp``, the replacement model of attribution graphs)
+MLP_PAIR = ("blocks.{L}.ln2.hook_normalized", "blocks.{L}.hook_mlp_out")
+
+
+def mlp_hooks(L: int) -> tuple[str, str]:
+    """(the MLP's input hook, its output hook) of layer L."""
+    return MLP_PAIR[0].format(L=L), MLP_PAIR[1].format(L=L)
+
+
+def mlp_layer(read: str, write: str) -> int | None:
+    """The layer L whose MLP a transcoder from ``read`` to ``write`` replaces, or None when they are not one MLP's
+    input and output."""
+    L = hook_layer(read)
+    return L if L is not None and (read, write) == mlp_hooks(L) else None
+
+
 def hook_layer(name: str) -> int | None:
     """The block index of a hook name (blocks.L.…), or None for embed / ln_final / unembed hooks."""
     m = _LAYER.match(name)
@@ -134,6 +151,20 @@ def flat_hook(fn: Callable[[torch.Tensor], torch.Tensor | None]) -> HookFn:
         return act if new is None else new.reshape(act.shape)
 
     return hook_fn
+
+
+def relay(read: str, write: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]) -> list:
+    """Forward hooks for a map from one hook to a later one (a transcoder's input to its output): the activation
+    at ``read`` is kept as the forward passes it, and at ``write`` the model gets ``fn(kept, flat)`` (both [batch,
+    pos, features], ``flat_hook``'s view; None: unchanged). With ``read == write`` fn gets the activation twice."""
+    if read == write:
+        return [(write, flat_hook(lambda flat: fn(flat, flat)))]
+    kept: dict = {}
+
+    def keep(flat):
+        kept["x"] = flat
+
+    return [(read, flat_hook(keep)), (write, flat_hook(lambda flat: fn(kept.pop("x"), flat)))]
 
 
 def flat_rows(t: torch.Tensor) -> torch.Tensor:

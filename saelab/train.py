@@ -244,7 +244,8 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
             if st is not None:
                 st.check_shards("holdout")
     if main and not resume:  # a checkpoint (weights + Adam's two moments), its temp copy, and the saved SAE
-        check_free_space(out, 7 * 4 * 2 * cfg.d_in * cfg.d_sae * cfg.n_layers ** 2, f"training a {cfg.d_sae:,}-latent SAE",
+        weights = cfg.d_sae * (cfg.d_in + cfg.output_dim) * cfg.n_layers ** 2 + cfg.d_in * cfg.d_out  # + W_skip
+        check_free_space(out, 7 * 4 * weights, f"training a {cfg.d_sae:,}-latent SAE",
                          "free space, or train to another --out")
     run_state.check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it

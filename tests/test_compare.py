@@ -202,7 +202,7 @@ def test_cli_errors_are_one_line(demo_group, tmp_path, capsys):
     s.save(other_model)
     sae = str(demo_group.saes[h0])
     cases = [
-        (["--sae", sae, "--other", str(narrow)], "read different spaces (d_in 128 and 16)"),
+        (["--sae", sae, "--other", str(narrow)], "the decoders write different spaces (width 128 and 16)"),
         (["--sae", sae, "--other", str(other_model)], "different models (tiny and gpt2)"),
         (["--sae", sae, "--other", str(demo_group.group)], "pass --other-hook, one of"),
         (["--sae", sae, "--other", str(demo_group.group), "--other-hook", "blocks.9.hook_resid_post"],

@@ -246,7 +246,7 @@ def test_an_sae_that_does_not_fit_the_model_is_one_line(tiny):
     from saelab.sae.base import SAE
 
     narrow = SAE.create("topk", d_in=64, d_sae=128, k=4, hook_name="blocks.0.hook_resid_post")
-    with pytest.raises(SaelabError, match="this SAE has d_in 64, but hook blocks.0.hook_resid_post gives 128"):
+    with pytest.raises(SaelabError, match="this SAE writes 64 values per position, but hook blocks.0.hook_resid_post gives 128"):
         steer(tiny, narrow, "Once upon a time", 5, max_new_tokens=1)
     with pytest.raises(SaelabError, match="no hook recorded"):
         generate_side_by_side(tiny, SAE.create("topk", d_in=128, d_sae=128, k=4), "Once upon a time", 5,

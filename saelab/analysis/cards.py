@@ -208,7 +208,7 @@ def _group_matches(plan, k: int = 3) -> dict:
         here = saes[folder]
         for other, db, there in plan:
             o = saes[other]
-            if other == folder or o.d_in != here.d_in or not ids:
+            if other == folder or o.cfg.output_dim != here.cfg.output_dim or not ids:  # decoders of one space
                 continue
             top, cos = decoder_matches(here, o, k, latents=ids)
             there = set(there)

@@ -75,9 +75,9 @@ def compare_saes(a, b, *, alive_a: np.ndarray | None = None, alive_b: np.ndarray
     cosines are computed (default: where the decoders are; "cuda" for wide SAEs, the products are the cost)."""
     from saelab.analysis.geometry import decoder_matches, either_signed
 
-    if a.d_in != b.d_in:
-        raise SaelabError(f"the SAEs read different spaces (d_in {a.d_in} and {b.d_in}): compare SAEs of one "
-                          "model's activations of one width")
+    if a.cfg.output_dim != b.cfg.output_dim:  # decoders live where they write (a transcoder: its output hook)
+        raise SaelabError(f"the decoders write different spaces (width {a.cfg.output_dim} and {b.cfg.output_dim}): "
+                          "compare SAEs or transcoders whose decoders write one model's activations of one width")
     for name, mask, sae in (("alive_a", alive_a, a), ("alive_b", alive_b, b)):
         if mask is not None and len(mask) != sae.d_sae:
             raise SaelabError(f"{name} has {len(mask)} entries for an SAE of {sae.d_sae} latents")

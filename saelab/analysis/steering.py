@@ -40,7 +40,7 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.evaluate import kl_per_position
-from saelab.hooks import flat_hook
+from saelab.hooks import flat_hook, relay
 from saelab.options import SteerOptions
 
 MODES = ("add", "clamp", "ablate")
@@ -139,18 +139,14 @@ def _check_finite(t: torch.Tensor, interventions: Sequence[Intervention], what: 
     return t
 
 
-def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = True, source: dict | None = None):
-    """A forward-hook function applying the interventions to an activation [batch, pos, ...] at the hook the SAE
-    writes. A transcoder's codes (for clamp and ablate) come from its input, which a hook earlier in the same
-    forward leaves in ``source["x"]``; an SAE's from the activation itself.
-
-    Position 0 (BOS) is left alone when the call holds more than one position; a call with a
-    single position (a KV-cached step) is steered."""
-    interventions = list(interventions)
+def _steered(sae, interventions: list, skip_bos: bool = True):
+    """fn(x, flat) applying the interventions to ``flat`` [batch, pos, ...], the activation at the hook the SAE
+    writes; the codes of clamp and ablate are read from ``x``, what the SAE reads (an SAE: ``flat`` itself; a
+    transcoder: its input, earlier in the same forward)."""
     adds = [it for it in interventions if it.mode == "add"]
     sets = [it for it in interventions if it.mode in ("clamp", "ablate")]
 
-    def fn(flat):  # [n, T, features]
+    def fn(x, flat):  # [n, T, features]
         width = sae.cfg.output_dim
         if flat.shape[-1] != width:  # not a raw broadcasting error from the first add
             raise SaelabError(f"this SAE writes {width} values per position, but hook {sae.cfg.output_hook} gives "
@@ -165,7 +161,7 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
             idx = torch.tensor([it.latent for it in sets], device=part.device)
             target = torch.tensor([0.0 if it.mode == "ablate" else it.value for it in sets], device=part.device)
             dev = sae.W_enc.device  # an SAE left on the CPU steers a model on the GPU too
-            read = part if source is None else source.pop("x")[:, first:].float()
+            read = x[:, first:].float()
             f = sae.encode(read.reshape(-1, read.shape[-1]).to(dev))[:, idx.to(dev)].to(part.device)
             f = f.reshape(*part.shape[:2], len(sets))
             delta = delta + (target - f) @ W_dec[idx]
@@ -175,21 +171,27 @@ def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = T
         # which generation would sample or argmax into garbage: refused here, on every call that steers
         return _check_finite(new, interventions, f"activations at {sae.cfg.output_hook}")
 
-    return flat_hook(fn)
+    return fn
+
+
+def steering_hook(sae, interventions: Sequence[Intervention], skip_bos: bool = True):
+    """A forward-hook function applying the interventions to an activation [batch, pos, ...] at an SAE's hook (a
+    transcoder's steering reads one hook and writes another: ``_fwd_hooks`` relays them).
+
+    Position 0 (BOS) is left alone when the call holds more than one position; a call with a
+    single position (a KV-cached step) is steered."""
+    fn = _steered(sae, list(interventions), skip_bos)
+    return flat_hook(lambda flat: fn(flat, flat))
 
 
 def _fwd_hooks(sae, model, interventions):
     interventions = list(interventions)
     if not interventions:
         return []
-    hook, out = _check(sae, model, interventions), sae.cfg.output_hook
-    if out == hook:
-        return [(hook, steering_hook(sae, interventions))]
-    source: dict = {}  # a transcoder: its input, kept as the forward passes it, read where it writes
-    return [(hook, flat_hook(lambda flat: source.update(x=flat))), (out, steering_hook(sae, interventions, source=source))]
+    return relay(_check(sae, model, interventions), sae.cfg.output_hook, _steered(sae, interventions))
 
 
-def _tokens(model, prompt: str | torch.Tensor, new: int = 0) -> torch.Tensor:
+def _tokens(model, prompt: str | torch.Tensor, new: int = 0, verb: str = "steer from") -> torch.Tensor:
     """[1, T] token ids (BOS first) of the prompt (a string, a list of one string, or token ids
     [T] / [1, T] as a tensor or a list of ints); SaelabError for a batch of several prompts, an
     empty prompt, or when T + ``new`` generated tokens exceed the model's context."""
@@ -210,7 +212,7 @@ def _tokens(model, prompt: str | torch.Tensor, new: int = 0) -> torch.Tensor:
     elif not isinstance(prompt, str):
         raise SaelabError(f"the prompt must be a string or token ids, got {type(prompt).__name__}")
     elif not prompt or not prompt.strip():
-        raise SaelabError("the prompt is empty: type some text to steer from")
+        raise SaelabError(f"the prompt is empty: type some text to {verb}")
     else:
         try:  # the whole prompt: one longer than the context is refused below, not silently cut to it
             toks = model.to_tokens(prompt, truncate=False)
@@ -218,6 +220,8 @@ def _tokens(model, prompt: str | torch.Tensor, new: int = 0) -> torch.Tensor:
             toks = model.to_tokens(prompt)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx and toks.shape[1] + max(new, 0) > n_ctx:
+        if new <= 0:
+            raise SaelabError(f"the prompt ({toks.shape[1]} tokens) exceeds the model's context of {n_ctx}: shorten it")
         raise SaelabError(f"the prompt ({toks.shape[1]} tokens) plus {max(new, 0)} new tokens exceeds the model's "
                           f"context of {n_ctx}: shorten the prompt or ask for fewer new tokens")
     return toks

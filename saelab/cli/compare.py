@@ -20,7 +20,7 @@ def pair_lines(res: dict, a, b) -> list[str]:
     from saelab.analysis.compare import LEVELS
 
     lines = [f"A  {_describe(a)}", f"B  {_describe(b)}"]
-    ha, hb = a.sae.cfg.hook_name, b.sae.cfg.hook_name
+    ha, hb = a.sae.cfg.output_hook, b.sae.cfg.output_hook  # where the decoders write
     if ha and hb and ha != hb:
         lines.append(f"(different hooks: matching directions across {ha} and {hb})")
     if res["signed"]:

@@ -88,8 +88,9 @@ def run_steer(sae, prompt: str, steers: Sequence[str], *, hook: str | None = Non
     if not name:
         raise SaelabError(f"{folder} names no model: pass --model (e.g. gpt2)")
     lm = load_model(name, device=device)
-    head = f"{loaded.cfg.hook_name} of {name} ({folder})"
-    result = {"sae": str(folder), "model": name, "hook": loaded.cfg.hook_name, "prompt": prompt}
+    c = loaded.cfg  # a transcoder reads one hook and steers at the one it writes
+    head = (f"{c.hook_name} → {c.hook_name_out}" if c.hook_name_out else c.hook_name) + f" of {name} ({folder})"
+    result = {"sae": str(folder), "model": name, "hook": c.hook_name, "hook_out": c.output_hook, "prompt": prompt}
     if coefs is not None:
         it = interventions[0]
         rows = sweep(it.latent, coefs, model=lm, sae=loaded, prompt=prompt, mode=it.mode,

@@ -175,7 +175,7 @@ class SAE(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.aux_coeff == 0:
             return None
-        k_aux = self.cfg.k_aux or max(1, self.d_in // 2)
+        k_aux = self.cfg.k_aux or max(1, self.cfg.output_dim // 2)  # of the space x_hat lives in
         dead_idx = dead.nonzero().squeeze(1)
         xc = x - self.b_dec if self.apply_b_dec_to_input else x
         z = xc @ self.W_enc[:, dead_idx] + self.b_enc[dead_idx]

@@ -54,10 +54,15 @@ class Transcoder(SAE):
         return cls.by_activation[cfg.act_fn] if "by_activation" in cls.__dict__ else cls
 
     def __init__(self, cfg: SAEConfig):
-        super().__init__(cfg)
+        no_init = _NO_INIT.get()
+        token = _NO_INIT.set(True)  # the base's W_enc and W_dec are allocated, not drawn: the ones below replace them
+        try:
+            super().__init__(cfg)
+        finally:
+            _NO_INIT.reset(token)
         d_in, d_out, d_sae = cfg.d_in, cfg.output_dim, cfg.d_sae
         self.apply_b_dec_to_input = False  # b_dec is in the output space
-        if _NO_INIT.get():  # SAE.from_weights: the weights replace these
+        if no_init:  # SAE.from_weights: the weights replace these
             self.W_dec = nn.Parameter(torch.empty(d_sae, d_out))
         else:
             w = torch.randn(d_sae, d_out)

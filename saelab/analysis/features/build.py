@@ -48,13 +48,14 @@ MAX_TOP = 1000  # --top beyond this is a mistake: 1000 examples × 2 × d_sae wi
 
 
 def _head_layout(store, sae, model) -> dict | None:
-    """{"n_heads", "layer"} when the SAE reads attn.hook_z with its heads flattened, else None."""
-    hook = sae.cfg.hook_name or store.hook
+    """{"n_heads", "layer"} when the SAE's decoder writes attn.hook_z with its heads flattened (an SAE reading it;
+    a transcoder writing it), else None."""
+    hook = sae.cfg.output_hook or store.hook
     if not hook.endswith("attn.hook_z"):
         return None
-    n_heads = (store.manifest.get("head_layout") or {}).get("n_heads") or getattr(getattr(model, "cfg", None),
-                                                                                 "n_heads", None)
-    if not n_heads or sae.d_in % int(n_heads):
+    n_heads = ((store.manifest.get("head_layout") or {}).get("n_heads") if hook == store.hook else None) or getattr(
+        getattr(model, "cfg", None), "n_heads", None)
+    if not n_heads or sae.cfg.output_dim % int(n_heads):
         return None
     return {"n_heads": int(n_heads), "layer": hook_layer(hook)}
 

@@ -29,7 +29,7 @@ def attribute(model, tc: Transcoders, prompt, *, node_threshold: float = Attribu
     from saelab.analysis.steering import _tokens
 
     check_model(model, tc)
-    toks = _tokens(model, prompt).to(next(model.parameters()).device)[0]
+    toks = _tokens(model, prompt, verb="attribute").to(next(model.parameters()).device)[0]
     text = prompt if isinstance(prompt, str) else model.to_string(toks)
     g = build_graph(model, tc.coders, text, toks, max_logits=max_logits, logit_prob=logit_prob,
                     batch_size=batch_size, max_features=max_features, progress=progress)

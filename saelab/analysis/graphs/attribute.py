@@ -10,7 +10,7 @@ affine in its sources). A feature's value is its pre-activation; a logit's is th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +34,6 @@ class Graph:
     bias: torch.Tensor  # [n]: each target's value with every source zero (NaN for a source only)
     logit_probs: torch.Tensor  # [n_logits]: the logit nodes' probabilities
     linearization_error: float = 0.0  # max |replacement's value − real value| over the targets
-    meta: dict = field(default_factory=dict)
 
     def kind_slice(self, kind: str) -> slice:
         idx = [i for i, n in enumerate(self.nodes) if n["kind"] == kind]

@@ -8,15 +8,13 @@ error nodes.
 from __future__ import annotations
 
 import pathlib
-import re
 from dataclasses import dataclass
 
 import torch
 
 from saelab.errors import SaelabError
+from saelab.hooks import mlp_hooks, mlp_layer, relay
 from saelab.layout import CFG_FILE, check_local_sae, read_group
-
-_IN, _OUT = re.compile(r"^blocks\.(\d+)\.ln2\.hook_normalized$"), re.compile(r"^blocks\.(\d+)\.hook_mlp_out$")
 
 
 @dataclass
@@ -50,12 +48,11 @@ def load_transcoders(path, device="cpu") -> Transcoders:
             raise SaelabError(f"{folder} is a {c.arch} SAE (it reads and writes {c.hook_name}): attribution graphs run "
                               "over transcoders; train them with saelab train --arch transcoder on a RUN harvested "
                               "with --pairs mlp")
-        m_in, m_out = _IN.match(c.hook_name), _OUT.match(c.hook_name_out)
-        if not (m_in and m_out and m_in.group(1) == m_out.group(1)):
+        L = mlp_layer(c.hook_name, c.hook_name_out)
+        if L is None:
             raise SaelabError(f"{folder} reads {c.hook_name} and writes {c.hook_name_out}: an attribution graph "
                               "replaces MLPs, so it needs transcoders from blocks.L.ln2.hook_normalized to "
                               "blocks.L.hook_mlp_out (harvest --pairs mlp)")
-        L = int(m_in.group(1))
         if L in coders:
             raise SaelabError(f"{where[L]} and {folder} both replace the MLP of layer {L}: pass a group with one "
                               "transcoder per layer")
@@ -76,7 +73,7 @@ def load_transcoders(path, device="cpu") -> Transcoders:
 def check_model(model, tc: Transcoders) -> None:
     """A one-line error unless the model has every layer and hook the transcoders replace."""
     for L, folder in tc.folders.items():
-        for h in (f"blocks.{L}.ln2.hook_normalized", f"blocks.{L}.hook_mlp_out"):
+        for h in mlp_hooks(L):
             if h not in model.hook_dict:
                 raise SaelabError(f"the model has no hook {h!r} (transcoder {folder}): pass the model it was trained on")
 
@@ -99,22 +96,15 @@ def intervene(model, coders: dict, tokens: torch.Tensor, interventions) -> tuple
         by_layer.setdefault(L, []).append((p, f, float(v)))
     toks = tokens.reshape(1, -1)
     clean = model(toks)[0, -1].float()
-    live: dict = {}
     hooks = []
     for L, items in by_layer.items():
-        coder = coders[L]
-
-        def keep(t, hook, L=L):
-            live[L] = t
-
-        def write(t, hook, L=L, coder=coder, items=items):
-            x = live[L][0].float()
-            codes = coder.encode(x)
-            out = t.clone()
+        def write(x, flat, coder=coders[L], items=items):  # x: the MLP's live input, flat: its output
+            codes = coder.encode(x[0].float())
+            out = flat.clone()
             for p, f, v in items:
-                out[0, p] += ((v - codes[p, f]) * coder.W_dec[f]).to(t.dtype)
+                out[0, p] += ((v - codes[p, f]) * coder.W_dec[f]).to(flat.dtype)
             return out
 
-        hooks += [(f"blocks.{L}.ln2.hook_normalized", keep), (f"blocks.{L}.hook_mlp_out", write)]
+        hooks += relay(*mlp_hooks(L), write)
     new = model.run_with_hooks(toks, fwd_hooks=hooks)[0, -1].float()
     return clean, new

@@ -10,8 +10,9 @@ with each target's incoming effects normalised to sum to 1 (``A``):
   kept edge out, and features left with no kept edge in, until nothing changes;
 - replacement score: the embeddings' share of the influence that reaches the output from embeddings and errors
   (1: nothing of the output comes through an error node);
-- completeness score: the influence-weighted mean, over the targets, of the share of each one's (normalised)
-  input that does not come from error nodes.
+- completeness score: the mean over every node, weighted by its influence on the output plus its own logit
+  weight, of the share of its (normalised) input that does not come from error nodes (a node without inputs,
+  an embedding or an error, counts as complete).
 """
 
 from __future__ import annotations
@@ -102,6 +103,5 @@ def scores(g: Graph) -> dict:
     replacement = from_emb / (from_emb + from_err) if from_emb + from_err > 0 else 1.0
     non_error = 1 - An[:, err].sum(1)
     out = inf + w
-    targets = An.sum(1) > 0  # a node with inputs
-    completeness = float((non_error * out)[targets].sum() / out[targets].sum()) if bool(targets.any()) else 1.0
+    completeness = float((non_error * out).sum() / out.sum()) if float(out.sum()) > 0 else 1.0
     return {"replacement": replacement, "completeness": completeness}

@@ -5,7 +5,8 @@ The real forward of the prompt fixes every LayerNorm scale (``hook_scale``) and 
 is replaced by its transcoder: its output becomes b_dec + Σ a_s W_dec,s (the active features s at that position)
 + an error vector (the real MLP output minus the transcoder's, so the replacement reproduces the real forward
 exactly), plus a skip transcoder's linear path from the live MLP input. Each MLP without a transcoder is all
-error. Position 0 (BOS) has no feature nodes: its MLP outputs are errors (transcoders train without BOS rows).
+error. Position 0, when it holds BOS, has no feature nodes: its MLP outputs are errors (transcoders train without
+BOS rows).
 
 What remains is an affine function of the sources — the token embeddings (token + position), the features'
 activations and the errors — so every target (a feature's pre-activation, a logit minus the mean logit) is
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saelab.hooks import flat_hook
+from saelab.hooks import flat_hook, mlp_hooks
 
 
 @dataclass
@@ -52,9 +53,11 @@ class Replacement:
         self.model, self.coders = model, coders
         self.tokens = tokens.reshape(1, -1)
         self.n_layers = model.cfg.n_layers
+        bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+        self.bos_first = bos is not None and int(self.tokens[0, 0]) == int(bos)  # else position 0 has features too
         names = [n for n in model.hook_dict if n.endswith(("hook_scale", "hook_pattern"))]
         wanted = set(names) | {"hook_embed", "hook_pos_embed"} | {
-            f"blocks.{L}.{h}" for L in range(self.n_layers) for h in ("ln2.hook_normalized", "hook_mlp_out")}
+            h for L in range(self.n_layers) for h in mlp_hooks(L)}
         with torch.no_grad():
             logits, cache = model.run_with_cache(self.tokens, names_filter=lambda n: n in wanted)
         self.logits = logits[0, -1].float()
@@ -64,21 +67,22 @@ class Replacement:
         self.layers = [self._layer(L, cache) for L in range(self.n_layers)]
 
     def _layer(self, L: int, cache) -> LayerNodes:
-        real = cache[f"blocks.{L}.hook_mlp_out"][0].detach().float()  # [T, d]
+        real = cache[mlp_hooks(L)[1]][0].detach().float()  # [T, d]
         coder = self.coders.get(L)
         empty = torch.zeros(0, dtype=torch.long, device=real.device)
         if coder is None:
             return LayerNodes(L, None, empty, empty, real.new_zeros(0), real.new_zeros(0), real,
                               real.new_zeros(real.shape[-1]))
-        x = cache[f"blocks.{L}.ln2.hook_normalized"][0].detach().float()
+        x = cache[mlp_hooks(L)[0]][0].detach().float()
         with torch.no_grad():
             z = coder.pre_acts(x)
             f = coder.activation(z)
-            f[0] = 0  # BOS: its MLP output is an error node
+            if self.bos_first:
+                f[0] = 0  # BOS: its MLP output is an error node
             pos, feat = f.nonzero(as_tuple=True)
             nodes = LayerNodes(L, coder, pos, feat, f[pos, feat], z[pos, feat], torch.zeros_like(real),
                                coder.b_dec.detach().float())
-            skip = coder.add_skip(x, torch.zeros_like(real))
+            skip = coder.skip_path(x) if getattr(coder, "skip", False) else torch.zeros_like(real)
             nodes.error = real - nodes.inject - skip  # the replacement then writes the real output exactly
         return nodes
 
@@ -113,18 +117,17 @@ class Replacement:
                 out = leaves[L]
                 coder = self.coders.get(L)
                 if coder is not None and getattr(coder, "skip", False):
-                    x = live[L]
-                    out = out + coder.add_skip(x.reshape(-1, x.shape[-1]), torch.zeros_like(out).reshape(
-                        -1, out.shape[-1])).reshape(out.shape)
+                    out = out + coder.skip_path(live[L])
                 return out.reshape(t.shape).to(t.dtype)
             return fn
 
         hooks = [(n, frozen) for n in self.frozen]
         hooks += [("hook_embed", lambda t, hook: leaves["embed_tok"]), ("hook_pos_embed", lambda t, hook: leaves["embed_pos"])]
         for L in range(self.n_layers):
+            read, out = mlp_hooks(L)
             if L in self.coders:
-                hooks.append((f"blocks.{L}.ln2.hook_normalized", keep(L)))
-            hooks.append((f"blocks.{L}.hook_mlp_out", replace(L)))
+                hooks.append((read, keep(L)))
+            hooks.append((out, replace(L)))
         with torch.enable_grad() if grad else torch.no_grad():
             logits = self.model.run_with_hooks(self.tokens.expand(B, -1), fwd_hooks=hooks)
         return logits.float(), {L: v.float() for L, v in live.items()}, leaves
