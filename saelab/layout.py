@@ -195,6 +195,19 @@ def read_group(path: str | os.PathLike) -> tuple[str | None, dict[str, pathlib.P
     return meta.get("model") or None, {h: path / sub for h, sub in meta["hooks"].items()}
 
 
+def group_or_folder(path: str | os.PathLike, fix: str) -> tuple[pathlib.Path, str | None, dict | None]:
+    """(the resolved path, the group's model or None, {hook: SAE folder} of a group folder, or None for one SAE
+    folder) of a local ``path``; neither a group nor an SAE folder is a one-line error ending in ``fix``."""
+    check_local_sae(path)
+    path = pathlib.Path(path).expanduser().resolve()
+    group = read_group(path)
+    if group is not None:
+        return path, group[0], group[1]
+    if (path / CFG_FILE).is_file():
+        return path, None, None
+    raise SaelabError(f"{path} is neither an SAE group (group.json) nor an SAE folder (cfg.json): {fix}")
+
+
 def read_train_info(folder: str | os.PathLike, fix: str) -> dict:
     """A run folder's train.json as a dict ({} when it has none); a damaged one (unreadable, not JSON, off
     ``TRAIN_SCHEMA``) is a one-line error naming the field and ending in ``fix``."""

@@ -26,19 +26,10 @@ class SAEGroup:
 def load_group(path, device="cpu") -> SAEGroup:
     """A group folder (``group.json``) or one SAE folder. Every SAE must come from one model."""
     from saelab.hooks import hook_layer
-    from saelab.layout import CFG_FILE, check_local_sae, read_group
+    from saelab.layout import group_or_folder
     from saelab.sae import SAE
 
-    check_local_sae(path)
-    path = pathlib.Path(path).expanduser().resolve()
-    group = read_group(path)
-    if group is not None:
-        model, folders = group
-    elif (path / CFG_FILE).is_file():
-        folders, model = None, None
-    else:
-        raise SaelabError(f"{path} is neither an SAE group (group.json) nor an SAE folder (cfg.json): "
-                          "pass --saes runs/GROUP")
+    path, model, folders = group_or_folder(path, "pass --saes runs/GROUP")
     if folders is None:
         sae = SAE.load(path, device)
         folders = {sae.cfg.hook_name: path}

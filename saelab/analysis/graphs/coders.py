@@ -14,7 +14,7 @@ import torch
 
 from saelab.errors import SaelabError
 from saelab.hooks import mlp_hooks, mlp_layer, relay
-from saelab.layout import CFG_FILE, check_local_sae, read_group
+from saelab.layout import group_or_folder
 
 
 @dataclass
@@ -29,17 +29,8 @@ def load_transcoders(path, device="cpu") -> Transcoders:
     """The MLP transcoders of a group folder or of one transcoder folder; a one-line error for anything else."""
     from saelab.sae import SAE
 
-    check_local_sae(path)
-    path = pathlib.Path(path).expanduser().resolve()
-    group = read_group(path)
-    if group is not None:
-        model, folders = group
-        folders = list(folders.values())
-    elif (path / CFG_FILE).is_file():
-        model, folders = None, [path]
-    else:
-        raise SaelabError(f"{path} is neither an SAE group (group.json) nor an SAE folder (cfg.json): pass --sae "
-                          "runs/GROUP of transcoders")
+    path, model, group = group_or_folder(path, "pass --sae runs/GROUP of transcoders")
+    folders = list(group.values()) if group is not None else [path]
     coders, where, models = {}, {}, set()
     for folder in folders:
         t = SAE.load(folder, device).eval().one_layer("saelab attribute")
