@@ -218,3 +218,19 @@ def test_on_planted_data_the_skip_path_lowers_the_fvu_at_equal_k(planted_coders)
     plain, skip = (read_eval(planted_coders / arch) for arch in TRANSCODERS)
     assert plain["l0"] == pytest.approx(skip["l0"], abs=0.1)
     assert skip["fvu"] <= plain["fvu"], (plain["fvu"], skip["fvu"])
+
+
+def test_head_shares_follow_the_hook_a_decoder_writes():
+    """A transcoder from attn.hook_z to hook_attn_out writes d_model vectors, not heads: no head shares; an SAE
+    reading attn.hook_z (heads flattened) gets them."""
+    from types import SimpleNamespace
+
+    from saelab.analysis.features.build import _head_layout
+
+    store = SimpleNamespace(hook="blocks.0.attn.hook_z", manifest={"head_layout": {"n_heads": 4, "d_head": 32}})
+    model = SimpleNamespace(cfg=SimpleNamespace(n_heads=4))
+    sae = SAE.create("topk", d_in=128, d_sae=256, k=4, hook_name="blocks.0.attn.hook_z")
+    assert _head_layout(store, sae, model) == {"n_heads": 4, "layer": 0}
+    tc = SAE.create("transcoder", d_in=128, d_out=128, d_sae=256, k=4, hook_name="blocks.0.attn.hook_z",
+                    hook_name_out="blocks.0.hook_attn_out")
+    assert _head_layout(store, tc, model) is None
