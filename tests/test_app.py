@@ -1,6 +1,7 @@
 """The Streamlit app (saelab/app): every page through Streamlit's AppTest, the `saelab app` command,
 and one real-browser test (headless Chromium via selenium) against a served app."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -456,14 +457,11 @@ def test_demo_prints_the_app_command_instead_of_blocking(monkeypatch, capsys, ap
 
 
 # ----------------------------------------------------------------------------- a real browser
-@pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),
-                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top_latent, circuit_file, tmp_path):
+@contextlib.contextmanager
+def chromium(tmp_path):
+    """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver), quit when the block ends."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
@@ -471,31 +469,41 @@ def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
               "--window-size=1400,1800", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         opts.add_argument(a)
-    with serving(app_group) as (url, _):
-        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
-        try:
-            driver.get(f"{url}/Features?hook={HOOK1}&latent={top_latent}")
-            body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
-            WebDriverWait(driver, 90).until(lambda d: "Top activations" in body(d) and "Neighbours" in body(d))
-            text = body(driver)
-            card = db1.card(top_latent)
-            assert f"Latent {top_latent}" in text and f"{card.density:.3%}" in text and "Promoted tokens" in text
-            assert f"{card.top[0].value:+.2f}" in text
-            # hovering a token shows its activation: the spans carry it as a tooltip
-            spans = driver.find_elements(By.CSS_SELECTOR, "span[title]")
-            assert spans and f"{card.top[0].acts[card.top[0].pos]:.3f}" in {s.get_attribute("title") for s in spans}
-            shot = tmp_path / "features.png"
-            assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-            # Circuits: clicking a node in the Plotly graph opens its card (the biggest marker: latent 401)
-            driver.get(f"{url}/Circuits")
-            WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "g.points path.point")) == 4)
-            time.sleep(1)  # let the graph settle before clicking
-            node = max(driver.find_elements(By.CSS_SELECTOR, "g.points path.point"), key=lambda e: e.rect["width"])
-            ActionChains(driver).move_to_element(node).click().perform()
-            WebDriverWait(driver, 60).until(lambda d: "Latent 401" in body(d) and "Top activations" in body(d))
-            driver.save_screenshot(str(tmp_path / "circuits.png"))
-        finally:
-            driver.quit()
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_browser_renders_the_features_page_and_a_latent_card(app_group, db1, top_latent, circuit_file, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with serving(app_group) as (url, _), chromium(tmp_path) as driver:
+        driver.get(f"{url}/Features?hook={HOOK1}&latent={top_latent}")
+        body = lambda d: d.find_element(By.TAG_NAME, "body").text  # noqa: E731
+        WebDriverWait(driver, 90).until(lambda d: "Top activations" in body(d) and "Neighbours" in body(d))
+        text = body(driver)
+        card = db1.card(top_latent)
+        assert f"Latent {top_latent}" in text and f"{card.density:.3%}" in text and "Promoted tokens" in text
+        assert f"{card.top[0].value:+.2f}" in text
+        # hovering a token shows its activation: the spans carry it as a tooltip
+        spans = driver.find_elements(By.CSS_SELECTOR, "span[title]")
+        assert spans and f"{card.top[0].acts[card.top[0].pos]:.3f}" in {s.get_attribute("title") for s in spans}
+        shot = tmp_path / "features.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        # Circuits: clicking a node in the Plotly graph opens its card (the biggest marker: latent 401)
+        driver.get(f"{url}/Circuits")
+        WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "g.points path.point")) == 4)
+        time.sleep(1)  # let the graph settle before clicking
+        node = max(driver.find_elements(By.CSS_SELECTOR, "g.points path.point"), key=lambda e: e.rect["width"])
+        ActionChains(driver).move_to_element(node).click().perform()
+        WebDriverWait(driver, 60).until(lambda d: "Latent 401" in body(d) and "Top activations" in body(d))
+        driver.save_screenshot(str(tmp_path / "circuits.png"))
 
 
 def test_signed_sae_card_shows_both_signs(monkeypatch, demo_group, tiny, tmp_path):
