@@ -29,6 +29,11 @@ DEMO_TRAIN_TOKENS = DemoOptions.train_tokens
 WIDE_EXPANSION = 128
 WIDE_TRAIN_TOKENS = 500_000
 WIDE_LR = 1e-3
+# the demo CLT (``ensure_clt``): both MLPs of the bundled model, k 16 per layer; notebook 05 traces graphs over it
+CLT_K = 16
+CLT_EXPANSION = 8
+CLT_HARVEST_TOKENS = 131_072
+CLT_TRAIN_TOKENS = 400_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +150,28 @@ def _ensure_trained(root, *, tokens, train_tokens, progress, model, name="demo",
     atomic_write_text(group / GROUP_FILE, json.dumps({"model": model_name, "hooks": {h: h for h in hooks}},
                                                      indent=2) + "\n")
     return DemoGroup(base, run, group, saes, dict(stores))
+
+
+def ensure_clt(root: str | os.PathLike | None = None, *, progress: bool = True, model=None) -> pathlib.Path:
+    """The demo cross-layer transcoder: the bundled model's MLP inputs and outputs harvested in pairs
+    (``<root>/activations/mlp``, as ``saelab harvest --pairs mlp``) and one CLT over both layers trained on them
+    (``<root>/runs/clt``, as ``saelab train --arch clt``; k 16 per layer, 8x d_model latents per layer, 400k
+    tokens). Built once, reused afterwards, resumed where interrupted; returns the CLT's folder."""
+    from saelab.config import HarvestConfig, SAEConfig, TrainConfig
+    from saelab.harvest import harvest
+    from saelab.layout import RUN_FILE, TRAIN_FILE
+    from saelab.train import train
+
+    base = demo_root(root)
+    run, out = base / "activations" / "mlp", base / "runs" / "clt"
+    if _done(out / TRAIN_FILE):
+        return out
+    harvest(HarvestConfig(pairs="mlp", out=str(run), tokens=CLT_HARVEST_TOKENS), resume=(run / RUN_FILE).exists(),
+            progress=progress, model=model)
+    train(TrainConfig(activations=str(run), out=str(out), tokens=CLT_TRAIN_TOKENS, batch_size=4096),
+          SAEConfig(arch="clt", k=CLT_K, expansion=CLT_EXPANSION), resume=(out / TRAIN_FILE).exists(),
+          progress=progress)
+    return out
 
 
 def _done(path: pathlib.Path) -> bool:

@@ -58,6 +58,17 @@ def mlp_coders(mlp_pairs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def clt_folder(mlp_pairs, tmp_path_factory):
+    """One CLT over both MLPs of the bundled model, k 8 per layer (total L0 16), as the per-layer ``mlp_coders``."""
+    from saelab.cli import main
+
+    out = tmp_path_factory.mktemp("clt") / "clt"
+    assert main(["train", "--arch", "clt", "--activations", str(mlp_pairs), "--out", str(out), "--k", "8",
+                 "--expansion", "4", "--tokens", "120000", "--batch-size", "512", "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def grad_run(tiny, tmp_path_factory):
     """A harvest with gradients at two hooks (every architecture, g-SAE included, trains on it)."""
     from saelab.config import HarvestConfig

@@ -3,6 +3,7 @@ helpers it draws with."""
 
 import json
 import os
+import time
 
 import pytest
 
@@ -11,6 +12,7 @@ from tests.appserver import serving
 
 PAGE = "pages/4_Attribution.py"
 PROMPT = "the king said to the queen that the king"
+FEATURE_FILL = "rgb(42, 157, 143)"  # graphs.plot.KIND_COLOR["feature"], as the browser writes a marker's fill
 
 
 def _table(at, first_column: str):
@@ -104,6 +106,18 @@ def test_attribution_hover_names_a_features_top_activations(monkeypatch, mlp_cod
     assert card.top and f"{card.top[0].value:+.2f}" in text
 
 
+def test_attribution_page_over_a_cross_layer_transcoder(monkeypatch, clt_folder):
+    """A CLT's folder: the page traces over its layers and intervenes through every output a feature writes."""
+    at = _ok(_app(monkeypatch, clt_folder, PAGE))
+    assert "transcoders of layers 0, 1" in "".join(c.value for c in at.sidebar.caption)
+    metrics = {m.label: m.value for m in at.metric}
+    assert 0 < float(metrics["replacement score"]) <= 1
+    at.number_input(key="attr_value").set_value(0.0)
+    at.button[-1].click().run()
+    rows = _table(_ok(at), "token")
+    assert len(rows) >= 8 and abs(rows["change"]).max() > 0
+
+
 def test_attribution_page_without_transcoders_names_how_to_make_them(monkeypatch, demo_group):
     at = _app(monkeypatch, demo_group.group, PAGE)
     assert not at.exception and not at.error
@@ -114,6 +128,7 @@ def test_attribution_page_without_transcoders_names_how_to_make_them(monkeypatch
 @pytest.mark.skipif(not (os.path.exists("/usr/bin/chromium") and os.path.exists("/usr/bin/chromedriver")),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
 def test_browser_renders_the_attribution_graph(mlp_coders, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -126,3 +141,18 @@ def test_browser_renders_the_attribution_graph(mlp_coders, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot g.xtick")
         shot = tmp_path / "attribution.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        # hover the least influential feature marker (the selectbox starts on the most influential one): its
+        # hover names it; a click selects it, and the page offers its latent card
+        time.sleep(1)  # let the graph settle before hovering
+        feats = [p for p in driver.find_elements(By.CSS_SELECTOR, "g.points path.point")
+                 if FEATURE_FILL in (p.get_attribute("style") or "")]
+        assert len(feats) >= 2
+        point = min(feats, key=lambda e: e.rect["width"])
+        ActionChains(driver).move_to_element(point).perform()
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "g.hovertext"))
+        hover = driver.find_element(By.CSS_SELECTOR, "g.hovertext").text
+        node = hover.split()[0]  # the first hover line is the node's id: LAYER.FEATURE@POSITION
+        layer, feature = node.split("@")[0].split(".")
+        assert "feature · layer" in hover and "influence" in hover, hover
+        ActionChains(driver).move_to_element(point).click().perform()
+        WebDriverWait(driver, 60).until(lambda d: f"Open latent {feature} of layer {layer}" in body(d))

@@ -67,17 +67,6 @@ def test_folding_the_layer_scales_keeps_raw_inputs_to_raw_outputs_and_files_load
     torch.testing.assert_close(back(x), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def clt_folder(mlp_pairs, tmp_path_factory):
-    """One CLT over both MLPs of the bundled model, k 8 per layer (total L0 16), as the per-layer ``mlp_coders``."""
-    from saelab.cli import main
-
-    out = tmp_path_factory.mktemp("clt") / "clt"
-    assert main(["train", "--arch", "clt", "--activations", str(mlp_pairs), "--out", str(out), "--k", "8",
-                 "--expansion", "4", "--tokens", "120000", "--batch-size", "512", "--quiet"]) == 0
-    return out
-
-
 def test_cli_trains_one_clt_over_every_pair_and_eval_replaces_every_mlp(clt_folder, mlp_coders, tiny, capsys):
     from saelab.cli import main
     from saelab.evaluate import evaluate_replacement
@@ -105,7 +94,6 @@ def test_cli_trains_one_clt_over_every_pair_and_eval_replaces_every_mlp(clt_fold
 
 def test_commands_that_read_one_layer_refuse_a_clt_in_one_line(clt_folder, mlp_pairs, tmp_path, capsys):
     for argv, what in ((["analyze", "--sae", clt_folder], "saelab analyze"),
-                       (["attribute", "--sae", clt_folder, "--prompt", "the king"], "saelab attribute"),
                        (["steer", "--sae", clt_folder, "--prompt", "the king", "--steer", "1:add:2"], "steering"),
                        (["eval", "--sae", clt_folder, "--suite", "truth"], "the truth suite")):
         _fails(argv, capsys, f"{what} reads one layer's SAE or transcoder")

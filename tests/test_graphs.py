@@ -19,15 +19,17 @@ WORDS = "the king said to queen that he would go castle and she was not there wh
 
 
 @pytest.fixture(scope="module")
-def coders(mlp_coders):
-    return {arch: load_transcoders(mlp_coders / arch) for arch in ("transcoder", "skip-transcoder")}
+def coders(mlp_coders, clt_folder):
+    tc = {arch: load_transcoders(mlp_coders / arch) for arch in ("transcoder", "skip-transcoder")}
+    tc["clt"] = load_transcoders(clt_folder)
+    return tc
 
 
 def _prompt(rng, n):
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-@pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder"])
+@pytest.mark.parametrize("arch", ["transcoder", "skip-transcoder", "clt"])
 def test_every_target_is_the_sum_of_its_edges_and_its_constant_part(tiny, coders, arch):
     """Over random prompts: for each feature and logit node, Σ incoming edges + bias = its value within 1e-4, and
     the replacement's values are the real forward's (pre-activations and logits) within 1e-4."""
@@ -71,11 +73,13 @@ def test_a_feature_to_logit_edge_equals_its_analytic_value(tiny, coders):
     assert not bool(g.adjacency[logits][:, others].any())
 
 
-def test_each_edge_is_the_change_when_its_source_is_removed(tiny, coders):
+@pytest.mark.parametrize("arch", ["skip-transcoder", "clt"])
+def test_each_edge_is_the_change_when_its_source_is_removed(tiny, coders, arch):
     """The backward passes' direct effects against forward passes only: in the affine replacement, the edge s → t
-    is t's value minus its value with s's activation set to 0 (every other source kept), within 1e-4."""
+    is t's value minus its value with s's activation set to 0 (every other source kept), within 1e-4. A CLT's
+    layer-0 feature writes both MLP outputs: its edges to the logits sum both paths."""
     text = "she said to the king that his men would go back"
-    tc = coders["skip-transcoder"]
+    tc = coders[arch]
     toks = tiny.to_tokens(text)[0]
     g = build_graph(tiny, tc.coders, text, toks)
     rep = Replacement(tiny, tc.coders, toks)
@@ -128,6 +132,44 @@ def test_setting_a_feature_to_its_own_activation_changes_nothing_and_a_large_val
     torch.testing.assert_close(same, clean, rtol=1e-4, atol=1e-4)
     _, big = intervene(tiny, tc.coders, toks, [(0, f["position"], f["feature"], 50.0)])
     assert float((big - clean).abs().max()) > 1e-2
+
+
+def test_a_clt_feature_reaches_later_layers_through_its_own_decoders(tiny, coders):
+    """A CLT seen per layer: layer 0's features write MLP outputs 0 and 1 (their decoders to both), layer 1's only
+    its own; each layer's error is what makes the replacement write the real MLP output; and an intervention on a
+    layer-0 feature moves both outputs, by (value − a)·W_dec[0, f, m] at its position, through the real model."""
+    from saelab.hooks import mlp_hooks
+
+    tc = coders["clt"]
+    assert sorted(tc.coders) == [0, 1] and set(tc.folders.values()) == {tc.path}
+    assert sorted(tc.coders[0].decoders) == [0, 1] and sorted(tc.coders[1].decoders) == [1]
+    text = "the king said to the queen that he would"
+    toks = tiny.to_tokens(text)[0]
+    rep = Replacement(tiny, tc.coders, toks)
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(toks[None])
+    for m in (0, 1):
+        torch.testing.assert_close(rep.inject(m), cache[mlp_hooks(m)[1]][0].float(), rtol=0, atol=1e-5)
+    clt = tc.coders[0].clt
+    W = (clt.W_dec * clt.mask / clt.out_scale[None, None, :, None]).detach()  # raw units
+    last = rep.layers[0].positions == len(toks) - 1  # MLP 1's output reaches the next-token logits only from here
+    i = int(torch.where(last, rep.layers[0].activations, -1).argmax())
+    f, p, a = int(rep.layers[0].features[i]), int(rep.layers[0].positions[i]), float(rep.layers[0].activations[i])
+
+    def add(m):  # layer 0's input does not move, so its activation stays a: the change is fixed in advance
+        def fn(t, hook):
+            t = t.clone()
+            t[0, p] += 3.0 * W[0, f, m].to(t.dtype)
+            return t
+        return fn
+
+    clean, new = intervene(tiny, tc.coders, toks, [(0, p, f, a + 3.0)])
+    with torch.no_grad():
+        want = tiny.run_with_hooks(toks[None], fwd_hooks=[(mlp_hooks(m)[1], add(m)) for m in (0, 1)])[0, -1].float()
+        only_own = tiny.run_with_hooks(toks[None], fwd_hooks=[(mlp_hooks(0)[1], add(0))])[0, -1].float()
+    torch.testing.assert_close(new, want, rtol=1e-4, atol=1e-4)
+    assert float((new - clean).abs().max()) > 1e-3
+    assert float((only_own - new).abs().max()) > 1e-4  # the write to layer 1 counts
 
 
 def test_cli_writes_a_graph_file_that_loads_and_replaces_its_own(mlp_coders, tmp_path, capsys):

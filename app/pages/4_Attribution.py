@@ -1,6 +1,6 @@
-"""Attribution: the attribution graph of a prompt over the target's MLP transcoders (saelab attribute), drawn by
-position and layer; a feature node opens its latent card on the Features page, or is set to a value to see the
-next-token distribution change."""
+"""Attribution: the attribution graph of a prompt over the target's MLP transcoders or cross-layer transcoder
+(saelab attribute), drawn by position and layer; a feature node opens its latent card on the Features page, or is
+set to a value to see the next-token distribution change."""
 
 import pathlib
 

@@ -22,12 +22,11 @@ def cmd_attribute(args) -> int:
     from saelab.outputs import check_report, wrote
 
     o = from_args(AttributeOptions, args)
-    tc = load_transcoders(o.sae)
+    device = pick_device(args.device)
+    tc = load_transcoders(o.sae, device)
     out, replaced = check_report(o.out or tc.path / GRAPHS_DIR / f"{_slug(o.prompt)}.json", "attribute",
                                  example="graph.json", inputs=list(tc.folders.values()), force=o.force)
-    model = load_model(tc.model, pick_device(args.device))
-    for t in tc.coders.values():
-        t.to(next(model.parameters()).device)
+    model = load_model(tc.model, device)
     g, p, sc, data = attribute(model, tc, o.prompt, node_threshold=o.node_threshold, edge_threshold=o.edge_threshold,
                                max_logits=o.max_logits, logit_prob=o.logit_prob, batch_size=o.batch_size,
                                max_features=o.max_features, progress=not args.quiet)

@@ -132,13 +132,13 @@ def build_graph(model, coders: dict[int, object], prompt: str, tokens: torch.Ten
         with torch.no_grad():
             g_tok, g_pos = _grad(leaves["embed_tok"]), _grad(leaves["embed_pos"])
             adjacency[rows, emb0 : emb0 + T] = (g_tok * tok_vec).sum(-1) + (g_pos * pos_vec).sum(-1)
-            for layer_nodes, first in feat_cols:
-                g = _grad(leaves[layer_nodes.layer])  # [B, T, d]: ∂target / ∂(the MLP's output)
-                L = layer_nodes.layer
-                adjacency[rows, err0 + L * T : err0 + (L + 1) * T] = (g * layer_nodes.error).sum(-1)
+            grads = {n.layer: _grad(leaves[n.layer]) for n in rep.layers}  # [B, T, d]: ∂target / ∂(MLP output)
+            for L, g in grads.items():
+                adjacency[rows, err0 + L * T : err0 + (L + 1) * T] = (g * rep.layers[L].error).sum(-1)
+            for layer_nodes, first in feat_cols:  # a feature's effect: through every output its decoders write
                 if len(layer_nodes.features):
-                    W = layer_nodes.coder.W_dec[layer_nodes.features].detach().float()  # [n_L, d]
-                    direct = torch.einsum("bnd,nd->bn", g[:, layer_nodes.positions], W)
+                    direct = sum(torch.einsum("bnd,nd->bn", grads[m][:, layer_nodes.positions], W)
+                                 for m, W in layer_nodes.writes.items())
                     adjacency[rows, first : first + len(layer_nodes.features)] = direct * layer_nodes.activations
     with torch.no_grad():  # the constant parts: every target's value with every source zero, in one run per target
         for a in range(0, len(targets), batch_size):
@@ -159,8 +159,8 @@ def _grad(leaf: torch.Tensor) -> torch.Tensor:
 
 
 def _cap_features(rep: Replacement, cap: int) -> None:
-    """Keep the ``cap`` features of the largest activations over all layers; each other one's decoded vector joins
-    the error node of its layer and position, so the replacement writes what it wrote."""
+    """Keep the ``cap`` features of the largest activations over all layers; each other one's decoded vectors join
+    the error nodes of its position and the layers it writes to, so the replacement writes what it wrote."""
     acts = torch.cat([n.activations.abs() for n in rep.layers])
     if len(acts) <= cap:
         return
@@ -174,7 +174,6 @@ def _cap_features(rep: Replacement, cap: int) -> None:
         if m == 0 or keep.all():
             continue
         drop = ~keep
-        n.error = n.error.index_add(0, n.positions[drop],
-                                    n.activations[drop, None] * n.coder.W_dec[n.features[drop]].detach().float())
-        n.positions, n.features = n.positions[keep], n.features[keep]
-        n.activations, n.pre_activations = n.activations[keep], n.pre_activations[keep]
+        for m, W in n.writes.items():
+            rep.layers[m].error = rep.layers[m].error.index_add(0, n.positions[drop], n.activations[drop, None] * W[drop])
+        n.keep(keep)

@@ -1,7 +1,9 @@
-"""The transcoders a graph runs over (a group of per-layer MLP transcoders, or one), and interventions on them.
+"""The transcoders a graph runs over (a group of per-layer MLP transcoders, one of them, or a cross-layer
+transcoder), and interventions on them.
 
 A graph's transcoders replace MLPs: each reads ``blocks.L.ln2.hook_normalized`` and writes ``blocks.L.hook_mlp_out``
-(what ``saelab harvest --pairs mlp`` pairs), at most one per layer. A layer without one keeps its MLP's output as
+(what ``saelab harvest --pairs mlp`` pairs), at most one per layer; a cross-layer transcoder is seen as one
+``CLTLayer`` per layer, which also writes every later MLP output. A layer without one keeps its MLP's output as
 error nodes.
 """
 
@@ -12,9 +14,55 @@ from dataclasses import dataclass
 
 import torch
 
+from saelab.analysis.graphs.replacement import decoders
+from saelab.config import CLT
 from saelab.errors import SaelabError
-from saelab.hooks import mlp_hooks, mlp_layer, relay
+from saelab.hooks import flat_hook, mlp_hooks, mlp_layer
 from saelab.layout import group_or_folder
+
+
+class CLTLayer:
+    """Layer ``index`` of a cross-layer transcoder as that MLP's transcoder (raw units, the CLT's scales folded in):
+    it encodes that MLP's input with TopK and writes to its output and every later one (``decoders``); its
+    ``b_dec`` is the CLT's output bias of that layer. Weights are views, detached: a graph does not train."""
+
+    skip = False
+
+    def __init__(self, clt, index: int, layers: list[int]):
+        self.clt, self.index, self.k = clt, index, clt.cfg.k
+        self.d_sae = clt.d_sae
+        with torch.no_grad():
+            self.W_enc = (clt.W_enc[index] * clt.in_scale[index]).detach()
+            self.b_enc = clt.b_enc[index].detach()
+            W = (clt.W_dec * clt.mask / clt.out_scale[None, None, :, None]).detach()
+            self.decoders = {layers[m]: W[index, :, m] for m in range(index, len(layers))}
+            self.W_dec = self.decoders[layers[index]]
+            self.b_dec = (clt.b_dec[index] / clt.out_scale[index]).detach()
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
+
+    def activation(self, z: torch.Tensor) -> torch.Tensor:
+        from saelab.kernels.reference import select
+        from saelab.sae.topk import scatter
+
+        return scatter(*select(z, self.k), self.d_sae)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.pre_acts(x))
+
+
+def clt_layers(clt, folder) -> dict[int, CLTLayer]:
+    """{MLP layer: its CLTLayer} of a cross-layer transcoder whose pairs are MLPs' inputs and outputs."""
+    layers = []
+    for pair in clt.cfg.clt_pairs:
+        read, _, write = pair.partition(":")
+        L = mlp_layer(read, write)
+        if L is None:
+            raise SaelabError(f"{folder} pairs {read} with {write}: an attribution graph replaces MLPs, so it needs a "
+                              "cross-layer transcoder over MLP pairs (harvest --pairs mlp)")
+        layers.append(L)
+    return {L: CLTLayer(clt, i, layers) for i, L in enumerate(layers)}
 
 
 @dataclass
@@ -33,8 +81,18 @@ def load_transcoders(path, device="cpu") -> Transcoders:
     folders = list(group.values()) if group is not None else [path]
     coders, where, models = {}, {}, set()
     for folder in folders:
-        t = SAE.load(folder, device).eval().one_layer("saelab attribute")
+        t = SAE.load(folder, device).eval()
         c = t.cfg
+        if c.arch == CLT:
+            if len(folders) > 1:
+                raise SaelabError(f"{path} holds a cross-layer transcoder ({folder}) beside other SAEs: pass the CLT's "
+                                  "own folder, or a group of per-layer transcoders")
+            coders = clt_layers(t, folder)
+            where = dict.fromkeys(coders, folder)
+            if c.model_name:
+                models.add(c.model_name)
+            break
+        t = t.one_layer("saelab attribute")
         if not c.hook_name_out:
             raise SaelabError(f"{folder} is a {c.arch} SAE (it reads and writes {c.hook_name}): attribution graphs run "
                               "over transcoders; train them with saelab train --arch transcoder on a RUN harvested "
@@ -72,9 +130,9 @@ def check_model(model, tc: Transcoders) -> None:
 @torch.no_grad()
 def intervene(model, coders: dict, tokens: torch.Tensor, interventions) -> tuple[torch.Tensor, torch.Tensor]:
     """(clean, intervened) next-token logits after ``tokens`` [T] through the real model, where each intervention
-    (layer, position, feature, value) sets that feature's activation to ``value`` at that position: its MLP's
-    output gets (value − a)·W_dec[feature], a the feature's activation in this forward (read from the live MLP
-    input, so an earlier intervention's effect on it counts)."""
+    (layer, position, feature, value) sets that feature's activation to ``value`` at that position: each MLP
+    output it writes (its own; a cross-layer transcoder's later ones too) gets (value − a)·W_dec, a the feature's
+    activation in this forward (read from the live MLP input, so an earlier intervention's effect on it counts)."""
     by_layer: dict[int, list] = {}
     T = tokens.numel()
     for L, p, f, v in interventions:
@@ -87,15 +145,24 @@ def intervene(model, coders: dict, tokens: torch.Tensor, interventions) -> tuple
         by_layer.setdefault(L, []).append((p, f, float(v)))
     toks = tokens.reshape(1, -1)
     clean = model(toks)[0, -1].float()
-    hooks = []
-    for L, items in by_layer.items():
-        def write(x, flat, coder=coders[L], items=items):  # x: the MLP's live input, flat: its output
-            codes = coder.encode(x[0].float())
-            out = flat.clone()
-            for p, f, v in items:
-                out[0, p] += ((v - codes[p, f]) * coder.W_dec[f]).to(flat.dtype)
-            return out
+    pending: dict[int, list] = {}  # {MLP layer m: [(position, vector to add to m's output)]}
 
-        hooks += relay(*mlp_hooks(L), write)
+    def read(L, items):
+        def fn(x):  # the MLP's live input: the features' activations in this forward
+            codes = coders[L].encode(x[0].float())
+            for m, W in decoders(coders[L], L).items():
+                pending.setdefault(m, []).extend((p, (v - codes[p, f]) * W[f]) for p, f, v in items)
+        return flat_hook(fn)
+
+    def write(m):
+        def fn(flat):
+            out = flat.clone()
+            for p, vec in pending.pop(m, []):
+                out[0, p] += vec.to(flat.dtype)
+            return out
+        return flat_hook(fn)
+
+    hooks = [(mlp_hooks(L)[0], read(L, items)) for L, items in by_layer.items()]
+    hooks += [(mlp_hooks(m)[1], write(m)) for m in sorted({m for L in by_layer for m in decoders(coders[L], L)})]
     new = model.run_with_hooks(toks, fwd_hooks=hooks)[0, -1].float()
     return clean, new

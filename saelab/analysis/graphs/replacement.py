@@ -4,8 +4,9 @@ The real forward of the prompt fixes every LayerNorm scale (``hook_scale``) and 
 (``hook_pattern``). With those frozen, LayerNorm is affine and attention is linear in the residual stream; each MLP
 is replaced by its transcoder: its output becomes b_dec + Σ a_s W_dec,s (the active features s at that position)
 + an error vector (the real MLP output minus the transcoder's, so the replacement reproduces the real forward
-exactly), plus a skip transcoder's linear path from the live MLP input. Each MLP without a transcoder is all
-error. Position 0, when it holds BOS, has no feature nodes: its MLP outputs are errors (transcoders train without
+exactly), plus a skip transcoder's linear path from the live MLP input. Over a cross-layer transcoder a layer's
+output sums what the features of every layer up to it write there (each feature's decoder to that layer). Each
+MLP without a transcoder is all error. Position 0, when it holds BOS, has no feature nodes: its MLP outputs are errors (transcoders train without
 BOS rows).
 
 What remains is an affine function of the sources — the token embeddings (token + position), the features'
@@ -24,26 +25,31 @@ import torch
 from saelab.hooks import flat_hook, mlp_hooks
 
 
+def decoders(coder, L: int) -> dict[int, torch.Tensor]:
+    """{MLP layer m: the [d_sae, d] decoder into m's output} of the transcoder encoding layer L's MLP input: its
+    own W_dec into L for a per-layer transcoder, one per later layer too for a cross-layer one (``CLTLayer``)."""
+    return coder.decoders if hasattr(coder, "decoders") else {L: coder.W_dec}
+
+
 @dataclass
 class LayerNodes:
-    """One MLP layer of the replacement: its active features and error vectors."""
+    """One MLP layer of the replacement: the active features its transcoder encodes, and its output's error."""
 
     layer: int
-    coder: object | None  # the transcoder (None: the MLP's output is all error)
+    coder: object | None  # the transcoder reading this MLP's input (None: the MLP's output is all error)
     positions: torch.Tensor  # [n] long: the position of each active feature
     features: torch.Tensor  # [n] long: its latent
     activations: torch.Tensor  # [n]: its activation a
     pre_activations: torch.Tensor  # [n]: its pre-activation z in the real forward
+    writes: dict  # {MLP layer m: [n, d]}: each active feature's decoder row into m's output
     error: torch.Tensor  # [T, d]: the real MLP output minus the replacement's
-    bias: torch.Tensor  # [d]: b_dec (zeros without a transcoder)
+    bias: torch.Tensor  # [d]: b_dec of this MLP's output (zeros without a transcoder)
 
-    @property
-    def inject(self) -> torch.Tensor:
-        """What the replaced MLP writes at each position, skip path aside: b_dec + Σ a W_dec + error ([T, d])."""
-        out = self.error + self.bias
-        if self.coder is not None and len(self.features):
-            out = out.index_add(0, self.positions, self.activations[:, None] * self.coder.W_dec[self.features].detach())
-        return out
+    def keep(self, keep: torch.Tensor) -> None:
+        """Only the features where ``keep`` [n] is True stay nodes."""
+        self.positions, self.features = self.positions[keep], self.features[keep]
+        self.activations, self.pre_activations = self.activations[keep], self.pre_activations[keep]
+        self.writes = {m: w[keep] for m, w in self.writes.items()}
 
 
 class Replacement:
@@ -65,13 +71,19 @@ class Replacement:
         self.embed = (cache["hook_embed"] + cache["hook_pos_embed"])[0].detach().float()  # [T, d]
         self._embed_parts = (cache["hook_embed"][0].detach(), cache["hook_pos_embed"][0].detach())
         self.layers = [self._layer(L, cache) for L in range(self.n_layers)]
+        with torch.no_grad():  # the errors: what makes the replacement write each real MLP output exactly
+            for n in self.layers:
+                real = cache[mlp_hooks(n.layer)[1]][0].detach().float()
+                skip = n.coder.skip_path(cache[mlp_hooks(n.layer)[0]][0].detach().float()) \
+                    if getattr(n.coder, "skip", False) else 0
+                n.error = real - self.inject(n.layer) - skip
 
     def _layer(self, L: int, cache) -> LayerNodes:
         real = cache[mlp_hooks(L)[1]][0].detach().float()  # [T, d]
         coder = self.coders.get(L)
         empty = torch.zeros(0, dtype=torch.long, device=real.device)
         if coder is None:
-            return LayerNodes(L, None, empty, empty, real.new_zeros(0), real.new_zeros(0), real,
+            return LayerNodes(L, None, empty, empty, real.new_zeros(0), real.new_zeros(0), {}, torch.zeros_like(real),
                               real.new_zeros(real.shape[-1]))
         x = cache[mlp_hooks(L)[0]][0].detach().float()
         with torch.no_grad():
@@ -80,11 +92,18 @@ class Replacement:
             if self.bos_first:
                 f[0] = 0  # BOS: its MLP output is an error node
             pos, feat = f.nonzero(as_tuple=True)
-            nodes = LayerNodes(L, coder, pos, feat, f[pos, feat], z[pos, feat], torch.zeros_like(real),
-                               coder.b_dec.detach().float())
-            skip = coder.skip_path(x) if getattr(coder, "skip", False) else torch.zeros_like(real)
-            nodes.error = real - nodes.inject - skip  # the replacement then writes the real output exactly
-        return nodes
+            writes = {m: W[feat].detach().float() for m, W in decoders(coder, L).items()}
+            return LayerNodes(L, coder, pos, feat, f[pos, feat], z[pos, feat], writes, torch.zeros_like(real),
+                              coder.b_dec.detach().float())
+
+    def inject(self, m: int) -> torch.Tensor:
+        """What the replaced MLP of layer m writes at each position, skip path aside: its b_dec + the error + Σ a
+        W_dec,m over the active features of every layer that writes to m ([T, d])."""
+        out = self.layers[m].error + self.layers[m].bias
+        for n in self.layers[: m + 1]:
+            if m in n.writes and len(n.features):
+                out = out.index_add(0, n.positions, n.activations[:, None] * n.writes[m])
+        return out
 
     # -------------------------------------------------------------------------------------------- the linear run
     def run(self, batch: int, sources: str = "real", grad: bool = False):
@@ -97,7 +116,7 @@ class Replacement:
         leaves = {"embed_tok": (torch.zeros_like(tok) if zero else tok).expand(B, -1, -1).clone(),
                   "embed_pos": (torch.zeros_like(pos) if zero else pos).expand(B, -1, -1).clone()}
         for n in self.layers:
-            inj = n.bias.expand_as(n.error) if zero else n.inject
+            inj = n.bias.expand_as(n.error) if zero else self.inject(n.layer)
             leaves[n.layer] = inj.expand(B, -1, -1).clone().to(tok.dtype)
         if grad:
             for v in leaves.values():
