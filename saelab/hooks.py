@@ -15,10 +15,12 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from saelab.errors import SaelabError
+
+if TYPE_CHECKING:  # hook names are read where torch is not loaded (the CLI's parser, configs): annotations only
+    import torch
 
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
@@ -102,7 +104,7 @@ class StopForward(Exception):
     """Raised once the last hook a forward needs has run, so the rest of the model is never computed."""
 
 
-HookFn = Callable[[torch.Tensor, object], "torch.Tensor | None"]
+HookFn = Callable[["torch.Tensor", object], "torch.Tensor | None"]
 
 
 def forward(model, tokens: torch.Tensor, fwd_hooks: Iterable[tuple[str, HookFn]],
