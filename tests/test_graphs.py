@@ -73,6 +73,43 @@ def test_a_feature_to_logit_edge_equals_its_analytic_value(tiny, coders):
     assert not bool(g.adjacency[logits][:, others].any())
 
 
+def test_where_a_feature_drives_another_through_one_path_the_edge_is_analytic(tiny, coders):
+    """The bundled model with layer 1's attention output zeroed (its W_O and b_O): a layer-0 feature A at position p
+    reaches a layer-1 feature B only through the residual stream at p, and the frozen LayerNorm before MLP 1. The
+    A → B edge is then a·(W_dec,A − mean(W_dec,A))·W_enc[:, B] / σ_p (σ_p that LayerNorm's frozen scale at p),
+    within 1e-5; at any other position it is 0."""
+    import copy
+
+    model = copy.deepcopy(tiny)
+    o = model.transformer.h[1]._original_component.attn.o._original_component
+    with torch.no_grad():
+        o.weight.zero_()
+        o.bias.zero_()
+    text = "the king said to the queen that he would go back"
+    tc = coders["transcoder"]
+    toks = model.to_tokens(text)[0]
+    g = build_graph(model, tc.coders, text, toks)
+    rep = Replacement(model, tc.coders, toks)
+    sigma = rep.frozen["blocks.1.ln2.hook_scale"][0, :, 0]
+    A = [i for i, n in enumerate(g.nodes) if n["kind"] == "feature" and n["layer"] == 0]
+    B = [i for i, n in enumerate(g.nodes) if n["kind"] == "feature" and n["layer"] == 1]
+    assert len(A) > 10 and len(B) > 10
+    W_dec, W_enc = tc.coders[0].W_dec.detach(), tc.coders[1].W_enc.detach()
+    checked = 0
+    for b in B:
+        nb = g.nodes[b]
+        for a in A:
+            na = g.nodes[a]
+            if na["position"] != nb["position"]:
+                assert float(g.adjacency[b, a]) == 0.0
+                continue
+            d = W_dec[na["feature"]]
+            want = na["activation"] * float((d - d.mean()) @ W_enc[:, nb["feature"]]) / float(sigma[na["position"]])
+            assert abs(float(g.adjacency[b, a]) - want) <= 1e-5 * max(1.0, abs(want)), (na["id"], nb["id"], want)
+            checked += 1
+    assert checked > 50
+
+
 @pytest.mark.parametrize("arch", ["skip-transcoder", "clt"])
 def test_each_edge_is_the_change_when_its_source_is_removed(tiny, coders, arch):
     """The backward passes' direct effects against forward passes only: in the affine replacement, the edge s → t
