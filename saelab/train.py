@@ -41,16 +41,14 @@ from saelab.fs import (atomic_write_text, check_free_space, no_empty_folder_left
 from saelab.kernels.dispatch import resolve_kernel
 from saelab.layout import (
     CHECKPOINT_FILE,
-    CIRCUITS_DIR,
-    GRAPHS_DIR,
     EVAL_FILE,
     GROUP_FILE,
     METRICS_FILE,
     TRAIN_FILE,
     check_eval,
     group_json,
-    read_group,
 )
+from saelab.jobs import check_group_resume, clt_config, sae_config_for, training_pairs
 from saelab.logger import MetricsLogger
 from saelab.sae import SAE
 from saelab.store import ActivationStore, resolve_stores
@@ -65,32 +63,15 @@ def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bo
         return _train(tcfg, scfg, resume, progress)
 
 
-def _pairs(tcfg: TrainConfig) -> list[tuple[pathlib.Path, pathlib.Path | None]]:
-    """(store, target store) of each SAE to train: (store, None) for an SAE on each selected store; for a
-    transcoder, each pair of stores that ``--activations`` holds (``--hook``: the pair whose input is that hook)."""
-    from saelab.store.pairs import check_aligned, paired_stores
-
-    pairs = paired_stores(tcfg.activations)
-    if tcfg.hook is not None:
-        picked = [(a, b) for a, b in pairs if ActivationStore(a).hook == tcfg.hook]
-        if not picked:
-            raise SaelabError(f"--hook {tcfg.hook}: no pair of stores in {tcfg.activations} reads it; its pairs read "
-                              f"{', '.join(ActivationStore(a).hook for a, _ in pairs)}")
-        pairs = picked
-    for a, b in pairs:
-        check_aligned(a, b)
-    return pairs
-
-
 def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
     if scfg.arch == CLT:  # one model over every pair: its layers
-        pairs = _pairs(tcfg)
+        pairs = training_pairs(tcfg)
         first = pairs[0][0]
         return {ActivationStore(first).hook: train_one(first, pathlib.Path(tcfg.out), tcfg, scfg, resume,
                                                        progress and dist.is_main(), [b for _, b in pairs],
                                                        [a for a, _ in pairs])}
     if scfg.arch in TRANSCODERS:
-        jobs = _pairs(tcfg)
+        jobs = training_pairs(tcfg)
     else:
         jobs = [(path, None) for path in resolve_stores(tcfg.activations, tcfg.hook)]
     out = pathlib.Path(tcfg.out)
@@ -106,7 +87,7 @@ def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> 
                               "per hook: pass --activations with one store folder")
         by_hook[hook] = (path, target)
     if resume:
-        _check_group_resume(out, by_hook)
+        check_group_resume(out, by_hook)
     else:
         out_folder(out)  # a group folder, as an SAE folder: new or empty
     with run_lock(out) if dist.is_main() else contextlib.nullcontext():
@@ -120,24 +101,6 @@ def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> 
             atomic_write_text(out / GROUP_FILE, group_json(model, folders))
         dist.barrier()
     return folders
-
-
-def _check_group_resume(out: pathlib.Path, by_hook: dict) -> None:
-    """--resume of a group: ``out`` holds this group's run (its SAE folders, group.json, circuits), not another's:
-    a group of other hooks or a folder of other files is refused, so a second RUN never replaces a group's SAEs."""
-    if not (out.is_dir() and any(out.iterdir())):
-        raise SaelabError(f"--resume: {out} holds no group run to resume; start without --resume")
-    group = read_group(out)
-    if group is not None and not set(group[1]) <= set(by_hook):
-        other = sorted(set(group[1]) - set(by_hook))
-        run = pathlib.Path(next(iter(by_hook.values()))[0]).parent
-        raise SaelabError(f"--resume: {out} is a group of other hooks ({', '.join(other)} are not in {run}): resume "
-                          "it with the RUN folder it was trained on, or train to a new --out")
-    foreign = sorted(c.name for c in out.iterdir()
-                     if c.name not in by_hook and c.name not in (GROUP_FILE, CIRCUITS_DIR, GRAPHS_DIR) and not c.name.startswith("."))
-    if foreign:
-        raise SaelabError(f"--resume: {out} holds {', '.join(foreign[:3])}, which no SAE of this group writes: it is "
-                          "not this group's folder; train to a new --out")
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -160,38 +123,6 @@ def lr_factor(step: int, total: int, warmup: int, decay: float) -> float:
     if decay > 0 and step >= start:
         return max(0.0, (total - step) / max(1, total - start))
     return 1.0
-
-
-def _clt_config(inputs: list, targets: list, scfg: SAEConfig) -> SAEConfig:
-    """A cross-layer transcoder's config over its layers' stores (one input width, one output width)."""
-    widths = {(a.d_in, b.d_in) for a, b in zip(inputs, targets)}
-    if len(widths) > 1:
-        raise SaelabError(f"--arch clt needs one input width and one output width over its layers, but the pairs of "
-                          f"{inputs[0].path.parent} have (d_in, d_out) {sorted(widths)}: pass pairs of one shape")
-    (d_in, d_out), = widths
-    cfg = SAEConfig.from_dict({**scfg.to_dict(), "d_in": d_in, "d_out": d_out, "hook_name": inputs[0].hook,
-                               "hook_name_out": targets[0].hook, "model_name": inputs[0].manifest.get("model", ""),
-                               "clt_pairs": [f"{a.hook}:{b.hook}" for a, b in zip(inputs, targets)]})
-    return cfg.validate()
-
-
-def sae_config_for(store: ActivationStore, scfg: SAEConfig, target: ActivationStore | None = None) -> SAEConfig:
-    """The SAE's config on ``store`` (and, for a transcoder, the ``target`` store it reconstructs)."""
-    m = store.manifest
-    if scfg.d_in and scfg.d_in != store.d_in:
-        raise SaelabError(f"the SAE's d_in {scfg.d_in} differs from the store's d_in {store.d_in} "
-                          f"({store.path}): train on a store of that hook or drop d_in")
-    if (target is None) != (scfg.arch not in TRANSCODERS):
-        raise SaelabError(f"--arch {scfg.arch} trains on " + ("a pair of stores (input, target): harvest with --pairs "
-                          "mlp or --pair IN_HOOK:OUT_HOOK" if target is None else "one store, not a pair"))
-    coder = {"d_out": target.d_in, "hook_name_out": target.hook} if target is not None else {}
-    cfg = SAEConfig.from_dict({**scfg.to_dict(), "d_in": store.d_in, "hook_name": store.hook,
-                               "model_name": m.get("model", ""), **coder})
-    cfg.validate()
-    if SAE.registry[cfg.arch].needs_grads and not store.has_grads:
-        raise SaelabError(f"--arch {cfg.arch} trains on gradients, but {store.path} has none: "
-                          "harvest with --with-grads")
-    return cfg
 
 
 @dataclasses.dataclass
@@ -226,7 +157,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     store = ActivationStore(path)
     if inputs is not None:
         inputs, target_store = [ActivationStore(p) for p in inputs], [ActivationStore(p) for p in target]
-        cfg = _clt_config(inputs, target_store, scfg)
+        cfg = clt_config(inputs, target_store, scfg)
     else:
         target_store = ActivationStore(target) if target is not None else None
         cfg = sae_config_for(store, scfg, target_store)
