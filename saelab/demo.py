@@ -154,8 +154,8 @@ def _ensure_trained(root, *, tokens, train_tokens, progress, model, name="demo",
 
 def ensure_clt(root: str | os.PathLike | None = None, *, progress: bool = True, model=None) -> pathlib.Path:
     """The demo cross-layer transcoder: the bundled model's MLP inputs and outputs harvested in pairs
-    (``<root>/activations/mlp``, as ``saelab harvest --pairs mlp``) and one CLT over both layers trained on them
-    (``<root>/runs/clt``, as ``saelab train --arch clt``; k 16 per layer, 8x d_model latents per layer, 400k
+    (``<root>/activations/demo-mlp``, as ``saelab harvest --pairs mlp``) and one CLT over both layers trained on them
+    (``<root>/runs/demo-clt``, as ``saelab train --arch clt``; k 16 per layer, 8x d_model latents per layer, 400k
     tokens). Built once, reused afterwards, resumed where interrupted; returns the CLT's folder."""
     from saelab.config import HarvestConfig, SAEConfig, TrainConfig
     from saelab.harvest import harvest
@@ -163,7 +163,7 @@ def ensure_clt(root: str | os.PathLike | None = None, *, progress: bool = True, 
     from saelab.train import train
 
     base = demo_root(root)
-    run, out = base / "activations" / "mlp", base / "runs" / "clt"
+    run, out = base / "activations" / "demo-mlp", base / "runs" / "demo-clt"
     if _done(out / TRAIN_FILE):
         return out
     harvest(HarvestConfig(pairs="mlp", out=str(run), tokens=CLT_HARVEST_TOKENS), resume=(run / RUN_FILE).exists(),

@@ -73,7 +73,8 @@ def test_attribution_page_traces_a_prompt_and_intervenes(monkeypatch, mlp_coders
     rows = _table(at, "token")
     assert len(rows) >= 8 and list(rows.columns) == ["token", "clean", "intervened", "change"]
     assert (rows["clean"] >= 0).all() and abs(rows["change"]).max() > 0
-    assert any(node.split("@")[0].split(".")[1] in m.value for m in at.markdown if "set to" in m.value)
+    (L, f), pos = node.split("@")[0].split("."), node.split("@")[1]  # a feature node's id: LAYER.FEATURE@POSITION
+    assert any(f"clean vs L{L}#{f}@{pos} set to +0.000" in m.value for m in at.markdown), [m.value for m in at.markdown]
     # a latent card on the Features page: the button switches there with its hook and latent
     at.button(key="attr_open_card").click().run()
     assert not at.exception, [e.value for e in at.exception]
@@ -110,6 +111,8 @@ def test_attribution_page_over_a_cross_layer_transcoder(monkeypatch, clt_folder)
     """A CLT's folder: the page traces over its layers and intervenes through every output a feature writes."""
     at = _ok(_app(monkeypatch, clt_folder, PAGE))
     assert "transcoders of layers 0, 1" in "".join(c.value for c in at.sidebar.caption)
+    assert any("cross-layer transcoder has no feature database" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.key == "attr_open_card"]  # no latent card: analyze reads one layer
     metrics = {m.label: m.value for m in at.metric}
     assert 0 < float(metrics["replacement score"]) <= 1
     at.number_input(key="attr_value").set_value(0.0)

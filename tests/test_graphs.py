@@ -183,10 +183,6 @@ def test_a_clt_feature_reaches_later_layers_through_its_own_decoders(tiny, coder
     text = "the king said to the queen that he would"
     toks = tiny.to_tokens(text)[0]
     rep = Replacement(tiny, tc.coders, toks)
-    with torch.no_grad():
-        _, cache = tiny.run_with_cache(toks[None])
-    for m in (0, 1):
-        torch.testing.assert_close(rep.inject(m), cache[mlp_hooks(m)[1]][0].float(), rtol=0, atol=1e-5)
     clt = tc.coders[0].clt
     W = (clt.W_dec * clt.mask / clt.out_scale[None, None, :, None]).detach()  # raw units
     last = rep.layers[0].positions == len(toks) - 1  # MLP 1's output reaches the next-token logits only from here
@@ -207,6 +203,44 @@ def test_a_clt_feature_reaches_later_layers_through_its_own_decoders(tiny, coder
     torch.testing.assert_close(new, want, rtol=1e-4, atol=1e-4)
     assert float((new - clean).abs().max()) > 1e-3
     assert float((only_own - new).abs().max()) > 1e-4  # the write to layer 1 counts
+
+
+def test_a_clt_over_some_layers_with_its_own_scales_is_what_its_forward_writes(tiny):
+    """An unsaved CLT (scales not folded: in_scale, out_scale ≠ 1) over layer 1 only, then over both: each layer's
+    b_dec + Σ a·W_dec written into MLP output m is the CLT's own forward on the stacked MLP inputs (1e-5), the
+    layers are keyed by model layer, and every target of its graph is the sum of its edges (1e-4), with features
+    capped too (the dropped ones' writes join each layer's error)."""
+    from saelab.analysis.graphs.coders import clt_layers
+    from saelab.hooks import mlp_hooks
+    from saelab.sae import SAE
+
+    toks = tiny.to_tokens("the king said to the queen that he would go")[0]
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(toks[None])
+    for layers in ([1], [0, 1]):
+        torch.manual_seed(len(layers))
+        pairs = [":".join(mlp_hooks(L)) for L in layers]
+        clt = SAE.create("clt", d_in=128, d_out=128, d_sae=64, k=6, clt_pairs=pairs, hook_name=mlp_hooks(layers[0])[0],
+                         hook_name_out=mlp_hooks(layers[0])[1], model_name="tiny").eval()
+        with torch.no_grad():
+            clt.in_scale.uniform_(0.5, 2.0)
+            clt.out_scale.uniform_(0.5, 2.0)
+            clt.b_dec.normal_(0, 0.3)
+        coders = clt_layers(clt, "clt")
+        assert sorted(coders) == layers and sorted(coders[layers[0]].decoders) == layers
+        x = torch.stack([cache[mlp_hooks(L)[0]][0, 1:].float() for L in layers], 1)  # [T-1, layers, d_in]
+        with torch.no_grad():
+            want = clt(x)
+        rep = Replacement(tiny, coders, toks)
+        for i, m in enumerate(layers):
+            written = rep.inject(m)[1:] - rep.layers[m].error[1:]
+            torch.testing.assert_close(written, want[:, i], rtol=1e-5, atol=1e-5)
+        for cap in (None, 5):
+            g = build_graph(tiny, coders, "p", toks, max_features=cap)
+            targets = ~torch.isnan(g.value)
+            torch.testing.assert_close(g.adjacency[targets].sum(1) + g.bias[targets], g.value[targets], rtol=0,
+                                       atol=1e-4)
+            assert g.linearization_error < 1e-4
 
 
 def test_cli_writes_a_graph_file_that_loads_and_replaces_its_own(mlp_coders, tmp_path, capsys):

@@ -95,13 +95,19 @@ cols[3].metric("edges kept", f"{len(data['edges'])} of {data.get('n_edges_total'
 nodes = {n["id"]: n for n in data["nodes"]}
 features = sorted((i for i, n in nodes.items() if n["kind"] == "feature"), key=lambda i: -nodes[i]["influence"])
 
-# a feature's hover names its top activations where its transcoder has a feature database (else the graph's own)
-hover, dbs = {}, {L: ui.feature_db(pathlib.Path(f), show=False) for L, f in tc.folders.items()}
+# a feature's hover names its top activations where its transcoder has a feature database (else the graph's own);
+# a cross-layer transcoder (one folder for every layer) has none: analyze reads one layer's SAE
+cross_layer = len(set(map(str, tc.folders.values()))) < len(tc.folders)
+dbs = {} if cross_layer else {L: ui.feature_db(pathlib.Path(f), show=False) for L, f in tc.folders.items()}
+hover = {}
 for i in features:
     db = dbs.get(nodes[i]["layer"])
     card = ui.read(db.path, db.card, nodes[i]["feature"], optional=True) if db is not None else None
     hover[i] = examples_hover(card.top) if card is not None else ""
-if not any(hover.values()):
+if cross_layer:
+    st.caption("a cross-layer transcoder has no feature database (saelab analyze reads one layer's SAE): hover shows "
+               "each node's graph values only")
+elif not any(hover.values()):
     st.caption(f"no feature database for these transcoders: `saelab analyze --sae {where}` adds each feature's top "
                "activations to its hover")
 
@@ -131,7 +137,8 @@ st.subheader("A feature node")
 node_id = st.selectbox("Feature node (or click it in the graph)", features, key="attr_node", format_func=label)
 n = nodes[node_id]
 folder = pathlib.Path(tc.folders[n["layer"]])
-hook = next((h for h, f in target.saes.items() if pathlib.Path(f).resolve() == folder.resolve()), None)
+hook = None if cross_layer else next((h for h, f in target.saes.items()
+                                      if pathlib.Path(f).resolve() == folder.resolve()), None)
 if hook is not None and st.button(f"Open latent {n['feature']} of layer {n['layer']} on the Features page",
                                   key="attr_open_card"):
     st.session_state["hook"], st.session_state["latent"] = hook, int(n["feature"])

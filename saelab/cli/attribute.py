@@ -45,8 +45,8 @@ def cmd_attribute(args) -> int:
 
 def add_parser(sub) -> None:
     add_command(sub, "attribute", AttributeOptions, cmd_attribute,
-                help="attribution graph of a prompt over MLP transcoders",
+                help="attribution graph of a prompt over MLP transcoders or a cross-layer transcoder",
                 description="The local replacement model of the prompt (attention patterns and LayerNorm scales "
-                            "frozen, each MLP replaced by its transcoder plus an error node): the direct effects "
-                            "between active features, error nodes, token embeddings and the top logits, pruned by "
-                            "influence; writes a graph JSON file.")
+                            "frozen, each MLP replaced by its transcoder, or by what a cross-layer transcoder writes "
+                            "there, plus an error node): the direct effects between active features, error nodes, "
+                            "token embeddings and the top logits, pruned by influence; writes a graph JSON file.")

@@ -61,7 +61,8 @@ class CrossLayerTranscoder(SAE):
 
     def one_layer(self, what: str):
         raise SaelabError(f"{what} reads one layer's SAE or transcoder, and this is a cross-layer transcoder: train "
-                          "per-layer ones (--arch transcoder) for it; a clt is evaluated (saelab eval) and saved")
+                          "per-layer ones (--arch transcoder) for it; a clt is evaluated (saelab eval), traced (saelab attribute) "
+                          "and saved")
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or tuple(x.shape[-2:]) != (self.n_layers, self.d_in):

@@ -24,7 +24,9 @@ from saelab.layout import group_or_folder
 class CLTLayer:
     """Layer ``index`` of a cross-layer transcoder as that MLP's transcoder (raw units, the CLT's scales folded in):
     it encodes that MLP's input with TopK and writes to its output and every later one (``decoders``); its
-    ``b_dec`` is the CLT's output bias of that layer. Weights are views, detached: a graph does not train."""
+    ``b_dec`` is the CLT's output bias of that layer. Detached: a graph does not train. Only this layer's slices of
+    the CLT's weights are held, views of them where the scales are 1 (a saved CLT's are folded), so the layers
+    together hold no more than the CLT does."""
 
     skip = False
 
@@ -32,10 +34,13 @@ class CLTLayer:
         self.clt, self.index, self.k = clt, index, clt.cfg.k
         self.d_sae = clt.d_sae
         with torch.no_grad():
-            self.W_enc = (clt.W_enc[index] * clt.in_scale[index]).detach()
+            s_in, s_out = clt.in_scale[index], clt.out_scale[index:]
+            self.W_enc = clt.W_enc[index].detach() if bool(s_in == 1) else (clt.W_enc[index] * s_in).detach()
             self.b_enc = clt.b_enc[index].detach()
-            W = (clt.W_dec * clt.mask / clt.out_scale[None, None, :, None]).detach()
-            self.decoders = {layers[m]: W[index, :, m] for m in range(index, len(layers))}
+            W = clt.W_dec[index, :, index:].detach()  # [d_sae, later layers, d_out]: the mask is 1 on l <= m
+            if not bool((s_out == 1).all()):
+                W = W / s_out[None, :, None]
+            self.decoders = {layers[m]: W[:, m - index] for m in range(index, len(layers))}
             self.W_dec = self.decoders[layers[index]]
             self.b_dec = (clt.b_dec[index] / clt.out_scale[index]).detach()
 
