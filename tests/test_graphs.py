@@ -243,6 +243,18 @@ def test_a_clt_over_some_layers_with_its_own_scales_is_what_its_forward_writes(t
             assert g.linearization_error < 1e-4
 
 
+def test_a_clt_over_pairs_that_are_not_an_mlps_is_refused_in_one_line():
+    from saelab.analysis.graphs.coders import clt_layers
+    from saelab.errors import SaelabError
+    from saelab.sae import SAE
+
+    pair = "blocks.0.hook_resid_pre:blocks.0.hook_resid_post"
+    clt = SAE.create("clt", d_in=8, d_out=8, d_sae=16, k=2, clt_pairs=[pair], hook_name="blocks.0.hook_resid_pre",
+                     hook_name_out="blocks.0.hook_resid_post")
+    with pytest.raises(SaelabError, match=r"^c pairs blocks.0.hook_resid_pre with blocks.0.hook_resid_post: .* MLP pairs"):
+        clt_layers(clt, "c")
+
+
 def test_cli_writes_a_graph_file_that_loads_and_replaces_its_own(mlp_coders, tmp_path, capsys):
     from saelab.cli import main
 
