@@ -81,6 +81,21 @@ def test_attribution_page_traces_a_prompt_and_intervenes(monkeypatch, mlp_coders
     assert at.session_state["latent"] == int(node.split("@")[0].split(".")[1])
 
 
+def test_a_new_threshold_prunes_again_without_tracing_again(monkeypatch, mlp_coders):
+    import saelab.analysis.graphs as graphs
+
+    calls, real = [], graphs.build_graph
+    monkeypatch.setattr(graphs, "build_graph", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    at = _ok(_app(monkeypatch, mlp_coders / "transcoder", PAGE))
+    prompt = "the queen said to the king that the queen"
+    at.text_input(key="attr_prompt").set_value(prompt).run()
+    kept = {m.label: m.value for m in _ok(at).metric}["nodes kept"]
+    at.slider(key="attr_node_threshold").set_value(0.95).run()
+    more = {m.label: m.value for m in _ok(at).metric}["nodes kept"]
+    assert calls.count(prompt) == 1, calls  # traced once; pruned at both thresholds
+    assert int(more.split()[0]) > int(kept.split()[0]), (kept, more)
+
+
 def test_attribution_hover_names_a_features_top_activations(monkeypatch, mlp_coders, tmp_path):
     """Where the transcoders have feature databases (saelab analyze), a feature node's hover lists its top
     activations, read from its layer's database."""

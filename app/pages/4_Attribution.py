@@ -31,14 +31,22 @@ def _transcoders(path: str, mtimes: tuple):
     return load_transcoders(path)
 
 
-@st.cache_data(show_spinner="tracing the attribution graph…", max_entries=64)
-def _graph(path: str, mtimes: tuple, prompt: str, node_t: float, edge_t: float) -> dict:
-    from saelab.analysis.graphs import attribute
+@st.cache_resource(show_spinner="tracing the attribution graph…", max_entries=16)
+def _trace(path: str, mtimes: tuple, prompt: str):
+    """The prompt's unpruned graph: traced once, whatever the thresholds (pruning does not change it)."""
+    from saelab.analysis.graphs import trace
 
     tc = _transcoders(path, mtimes)
     model = ui.load_model(tc.model)
     with ui.model_lock():
-        return attribute(model, tc, prompt, node_threshold=node_t, edge_threshold=edge_t)[3]
+        return trace(model, tc, prompt)
+
+
+@st.cache_data(show_spinner="pruning…", max_entries=64)
+def _graph(path: str, mtimes: tuple, prompt: str, node_t: float, edge_t: float) -> dict:
+    from saelab.analysis.graphs import graph_file
+
+    return graph_file(_trace(path, mtimes, prompt), _transcoders(path, mtimes), node_t, edge_t)[2]
 
 
 @st.cache_data(show_spinner="running the intervention…", max_entries=256)
