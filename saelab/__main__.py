@@ -1,11 +1,6 @@
 """``python -m saelab`` (also what ``torchrun -m saelab`` runs)."""
 
-from saelab.cli import main
+from saelab.cli import entry
 
 if __name__ == "__main__":
-    code = main()
-    from saelab import distributed
-
-    if distributed.launched():
-        distributed.exit_rank(code)
-    raise SystemExit(code)
+    entry()

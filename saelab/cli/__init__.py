@@ -133,5 +133,22 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `saelab` command: ``main``, then exit with its status. An interrupted command leaves without the
+    interpreter's finalisation: its cleanup has run, and a library interrupted mid-call (h5py closing a file it
+    was writing, a reader thread) can crash the teardown (a segfault, or a second SIGINT) after the one-line
+    message."""
+    code = main()
+    from saelab import distributed
+
+    if distributed.launched():
+        distributed.exit_rank(code)
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()
