@@ -135,15 +135,16 @@ def session(device: str = "auto", timeout: float | None = None, what: str = "the
 
 
 def exit_rank(code: int) -> None:
-    """End a torchrun rank whose command has returned (its files written and closed, its process group
-    destroyed) without the interpreter's finalisation.
+    """End a process whose command has returned (its files written and closed, or its cleanup run after an
+    interrupt; a torchrun rank's process group destroyed) without the interpreter's finalisation.
 
     ``destroy_process_group`` only drops Python's references: gloo's worker threads (``pt_gloo_runloop``,
     ``gloo_tcp_loop``) live on until the interpreter tears the process group down, with or without DDP. A
     worker that drops its last reference to a finished collective's tensor during finalisation must take the
     GIL, and that can end in ``terminate called without an active exception`` (SIGABRT), which torchrun
-    reports as a failure of the whole run. Nothing is left to do at this point, so ranks flush their output and
-    leave with ``os._exit``: finalisation never runs."""
+    reports as a failure of the whole run. An interrupted command is alike: a library stopped mid-call (h5py
+    closing a file it was writing) can crash the teardown after the one-line message. Nothing is left to do at
+    this point, so the process flushes its output and leaves with ``os._exit``: finalisation never runs."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(code or 0))

@@ -151,9 +151,9 @@ def evaluate_layers(clt, inputs: list, targets: list, split: str | None = None, 
     l0_sum, rows = torch.zeros(L, dtype=torch.float64), 0
     for x, y in tqdm(PairedBatches(batches(inputs), batches(targets)), disable=not progress, desc="eval",
                      unit="batch"):
-        f = clt.encode(x)
-        y_hat = clt(x)
-        nz = f != 0
+        codes = clt.codes(x * clt.in_scale[:, None])  # encoded once: the codes and the reconstruction
+        y_hat = clt.decode_codes(codes) / clt.out_scale[:, None]
+        nz = clt.dense(codes) != 0
         fired += nz.sum(0)
         l0_sum += nz.sum((0, 2)).double().cpu()
         sq_err += (y - y_hat).double().pow(2).sum((0, 2)).cpu()
@@ -248,25 +248,25 @@ def replacement_hooks(coders, first: int = 1, kernel: str | None = None) -> list
     """Forward hooks replacing MLPs by transcoders, all in one forward: ``coders`` is {layer: transcoder} (each MLP
     by its own) or a cross-layer transcoder (every layer's MLP by the sum of what its layers up to it write).
     Positions before ``first`` (BOS) keep the real MLP outputs."""
-    live: dict = {}
+    live: dict = {}  # {layer: its live MLP input, or a CLT layer's codes of it}, this forward's
     clt = coders if getattr(coders, "arch", None) == "clt" else None
     layers = range(clt.n_layers) if clt is not None else sorted(coders)
 
     def keep(L):
         def fn(flat):
-            live[L] = flat
+            if clt is None:
+                live[L] = flat
+            else:  # a CLT layer's codes read its own input only: encoded once, decoded into every later output
+                x = flat[:, first:].reshape(-1, clt.d_in).float()
+                live[L] = clt.layer_codes(x * clt.in_scale[L], L, kernel)
         return flat_hook(fn)
 
     def write(m):
         def fn(flat):
             new = flat.clone()
-            if clt is not None:  # the codes of every layer up to m, each from its own live input
-                B, T = flat.shape[:2]
-                x = torch.stack([live[l][:, first:].reshape(-1, clt.d_in).float() for l in range(m + 1)], 1)
-                x = torch.cat([x, x.new_zeros(x.shape[0], clt.n_layers - m - 1, clt.d_in)], 1)
-                codes = clt.codes(x * clt.in_scale[:, None], kernel)[: m + 1]
+            if clt is not None:  # what every layer up to m writes to m
                 W = clt.W_dec * clt.mask
-                y = clt.b_dec[m] + sum(sparse_decode(v, i, W[l, :, m]) for l, (v, i) in enumerate(codes))
+                y = clt.b_dec[m] + sum(sparse_decode(*live[l], W[l, :, m]) for l in range(m + 1))
                 y = y / clt.out_scale[m]
             else:
                 x = live[m][:, first:]

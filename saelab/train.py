@@ -193,6 +193,11 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     return out
 
 
+def _layer_batches(inputs: list, targets: list, **batches) -> PairedBatches:
+    """A CLT's batches: every layer's input and target rows, aligned and stacked ([B, L, d] each)."""
+    return PairedBatches([st.batches(**batches) for st in inputs], [st.batches(**batches) for st in targets])
+
+
 def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None) -> _Run:
     """The SAE, its optimiser and the store's iterator, fresh (scale and b_dec from a sample, train.json written)
     or from the run's checkpoint."""
@@ -211,11 +216,12 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None) -> _
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     batches = dict(batch_size=tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
                    device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
-    it = store.batches(with_grads=needs_grads, **batches)
     if inputs is not None:  # a CLT: every layer's stores, stacked
-        it = PairedBatches([st.batches(**batches) for st in inputs], [st.batches(**batches) for st in target])
-    elif target is not None:  # the same settings over the aligned store: the same rows, in the same order
-        it = PairedBatches(it, target.batches(**batches))
+        it = _layer_batches(inputs, target, **batches)
+    else:
+        it = store.batches(with_grads=needs_grads, **batches)
+        if target is not None:  # the same settings over the aligned store: the same rows, in the same order
+            it = PairedBatches(it, target.batches(**batches))
     run = _Run(out, store, cfg, tcfg, sae, opt, it, device, lr, n_steps, total_tokens, skip_bos, needs_grads, target,
                inputs)
     if resume and (out / CHECKPOINT_FILE).exists():
@@ -228,7 +234,7 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None) -> _
     if inputs is not None:  # a CLT scales each layer itself (its buffers); the trainer's scale is 1
         sample = dict(batch_size=min(8192, store.n_rows("train")), split="train", seed=tcfg.seed + 7919,
                       skip_bos=skip_bos, device=device, buffer_rows=tcfg.buffer_rows)
-        x, y = next(PairedBatches([st.batches(**sample) for st in inputs], [st.batches(**sample) for st in target]))
+        x, y = next(_layer_batches(inputs, target, **sample))
         sae.init_from_sample(x, y, geometric_median)
         if main:
             run_state.write_run_info(out, tcfg, cfg, store, n_steps, world, 1.0)

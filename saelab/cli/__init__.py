@@ -134,19 +134,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `saelab` command: ``main``, then exit with its status. An interrupted command leaves without the
-    interpreter's finalisation: its cleanup has run, and a library interrupted mid-call (h5py closing a file it
-    was writing, a reader thread) can crash the teardown (a segfault, or a second SIGINT) after the one-line
-    message."""
+    """The `saelab` command: ``main``, then exit with its status; a torchrun rank and an interrupted command leave
+    without the interpreter's finalisation (``distributed.exit_rank``: a teardown after an interrupt could crash,
+    a segfault or a second SIGINT, after the one-line message)."""
     code = main()
     from saelab import distributed
 
-    if distributed.launched():
+    if distributed.launched() or code == 130:
         distributed.exit_rank(code)
-    if code == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
     raise SystemExit(code)
 
 

@@ -73,8 +73,11 @@ class CrossLayerTranscoder(SAE):
     def codes(self, x: torch.Tensor, kernel: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (values [B, k], indices [B, k]) of inputs x [B, L, d_in] (in the trained units: scaled)."""
         self.check_input(x)
-        return [topk_encode(x[:, l].to(self.W_enc.dtype), self.W_enc[l], self.b_enc[l], self.cfg.k,
-                            kernel=kernel or self.kernel) for l in range(self.n_layers)]
+        return [self.layer_codes(x[:, l], l, kernel) for l in range(self.n_layers)]
+
+    def layer_codes(self, x: torch.Tensor, l: int, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer l's (values [B, k], indices [B, k]) of its inputs x [B, d_in] (scaled): it reads its own input only."""
+        return topk_encode(x.to(self.W_enc.dtype), self.W_enc[l], self.b_enc[l], self.cfg.k, kernel=kernel or self.kernel)
 
     def decode_codes(self, codes) -> torch.Tensor:
         """ŷ [B, L, d_out] of the layers' sparse codes."""
