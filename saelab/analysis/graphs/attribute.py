@@ -168,12 +168,12 @@ def _cap_features(rep: Replacement, cap: int) -> None:
     keep_all[acts.topk(cap).indices] = True
     start = 0
     for n in rep.layers:
-        m = len(n.features)
-        keep = keep_all[start : start + m]
-        start += m
-        if m == 0 or keep.all():
+        count = len(n.features)
+        keep = keep_all[start : start + count]
+        start += count
+        if count == 0 or keep.all():
             continue
         drop = ~keep
-        for m, W in n.writes.items():
+        for m, W in n.writes.items():  # every output the dropped features write
             rep.layers[m].error = rep.layers[m].error.index_add(0, n.positions[drop], n.activations[drop, None] * W[drop])
         n.keep(keep)

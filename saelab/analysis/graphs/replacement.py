@@ -6,8 +6,8 @@ is replaced by its transcoder: its output becomes b_dec + Σ a_s W_dec,s (the ac
 + an error vector (the real MLP output minus the transcoder's, so the replacement reproduces the real forward
 exactly), plus a skip transcoder's linear path from the live MLP input. Over a cross-layer transcoder a layer's
 output sums what the features of every layer up to it write there (each feature's decoder to that layer). Each
-MLP without a transcoder is all error. Position 0, when it holds BOS, has no feature nodes: its MLP outputs are errors (transcoders train without
-BOS rows).
+MLP without a transcoder is all error. Position 0, when it holds BOS, has no feature nodes: its MLP outputs are
+errors (transcoders train without BOS rows).
 
 What remains is an affine function of the sources — the token embeddings (token + position), the features'
 activations and the errors — so every target (a feature's pre-activation, a logit minus the mean logit) is
