@@ -1,6 +1,7 @@
 """Cross-layer transcoder against per-layer transcoders on the bundled model, at equal total L0: one harvest of
 both MLPs' pairs (--pairs mlp), then per-layer TopK transcoders, per-layer TopK skip transcoders and one TopK CLT,
-each with k active latents per layer (total L0 2k) and the same width per layer and token budget; every MLP
+each with k active latents per layer (total L0 2k) and the same width per layer and token budget, and ReLU and
+JumpReLU CLTs whose L0 controller aims at k per layer (their total L0 is measured, not set); every MLP
 replaced at once (``evaluate_replacement``) on the same held-out contexts: CE-loss recovered (against both MLPs
 zero-ablated) and KL; each layer's FVU of its MLP output; the training time.
 
@@ -41,7 +42,9 @@ def main():
     res = Result("bench_clt", "Cross-layer vs per-layer transcoders on the bundled model",
                  "One harvest of both MLPs' input/output pairs of the bundled model; per-layer TopK transcoders, "
                  "per-layer TopK skip transcoders and one TopK cross-layer transcoder, each with k latents active per "
-                 "layer (equal total L0), the same width per layer and the same training tokens; then both MLPs "
+                 "layer (equal total L0), the same width per layer and the same training tokens, and ReLU and JumpReLU "
+                 "cross-layer transcoders whose sparsity coefficient is adapted towards k per layer (their total L0 "
+                 "as measured, in its column); then both MLPs "
                  "replaced at once on the same held-out contexts: CE-loss recovered against both MLPs zero-ablated, "
                  "KL(clean ‖ replacement), and each layer's FVU of its MLP output.", threads=a.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,12 +62,15 @@ def main():
                       note=f"{len(toks)} held-out contexts of 64 tokens; {a.threads} threads",
                       fmt={"total L0": ".1f", "FVU layer 0": ".3f", "FVU layer 1": ".3f", "CE recovered": ".3f",
                            "KL": ".3f", "train seconds": ".1f"})
-        for arch, name in (("transcoder", "per-layer transcoders"), ("skip-transcoder", "per-layer skip transcoders"),
-                           ("clt", "cross-layer transcoder")):
-            out = root / arch
+        for arch, act, name in (("transcoder", "topk", "per-layer transcoders"),
+                                ("skip-transcoder", "topk", "per-layer skip transcoders"),
+                                ("clt", "topk", "cross-layer transcoder"),
+                                ("clt", "relu", "cross-layer transcoder, relu"),
+                                ("clt", "jumprelu", "cross-layer transcoder, jumprelu")):
+            out = root / f"{arch}-{act}"
             start = time.perf_counter()
-            saelab("train", "--arch", arch, "--activations", run, "--out", out, "--k", a.k, "--expansion",
-                   a.expansion, "--tokens", a.tokens)
+            saelab("train", "--arch", arch, "--act-fn", act, "--activations", run, "--out", out, "--k", a.k,
+                   "--expansion", a.expansion, "--tokens", a.tokens)
             seconds = time.perf_counter() - start
             if arch == "clt":
                 coders = SAE.load(out)

@@ -228,7 +228,7 @@ class SAEConfig(JSONConfig):
 
     arch: str = _f("topk", "architecture: " + ", ".join(ARCHS) + "; transcoders (on paired stores): "
                    + ", ".join(TRANSCODERS))
-    act_fn: str = _f("topk", "transcoder, skip-transcoder: the activation, with the sparsity settings of that "
+    act_fn: str = _f("topk", "transcoder, skip-transcoder, clt: the activation, with the sparsity settings of that "
                              "architecture", choices=TRANSCODER_ACTIVATIONS)
     k: int = _f(32, "active latents per token; for relu/jumprelu/gated the target L0 that the sparsity "
                     "coefficient is adapted to reach (unless --l1-coeff/--l0-coeff fix it)")
@@ -290,9 +290,9 @@ class SAEConfig(JSONConfig):
             raise SaelabError(f"unknown --arch {self.arch!r}: choose one of {', '.join(ARCHS + TRANSCODERS)}")
         if self.act_fn not in TRANSCODER_ACTIVATIONS:
             raise SaelabError(f"unknown --act-fn {self.act_fn!r}: choose one of {', '.join(TRANSCODER_ACTIVATIONS)}")
-        if self.arch == CLT and (self.act_fn != "topk" or not self.clt_pairs):
-            raise SaelabError("--arch clt takes --act-fn topk (the default) and the pairs of a RUN folder: train it "
-                              "with --activations RUN harvested with --pairs mlp")
+        if self.arch == CLT and not self.clt_pairs:
+            raise SaelabError("--arch clt trains over the pairs of a RUN folder: train it with --activations RUN "
+                              "harvested with --pairs mlp")
         if self.d_out < 0 or (self.d_out and self.arch not in TRANSCODERS):
             raise SaelabError(f"d_out {self.d_out} is for transcoders (--arch {' or '.join(TRANSCODERS)}), "
                               "a non-negative width")

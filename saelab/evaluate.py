@@ -31,6 +31,7 @@ from saelab.kernels import sparse_decode
 from saelab.kernels.dispatch import resolve_kernel
 from saelab.layout import EVAL_FILE, check_eval, check_local_sae, read_eval, read_train_info
 from saelab.options import EvalOptions
+from saelab.sae.clt import decode_layer
 from saelab.sae.topk import TopKSAE
 from saelab.store import ActivationStore
 from saelab.store.stream import PairedBatches
@@ -266,7 +267,7 @@ def replacement_hooks(coders, first: int = 1, kernel: str | None = None) -> list
             new = flat.clone()
             if clt is not None:  # what every layer up to m writes to m
                 W = clt.W_dec * clt.mask
-                y = clt.b_dec[m] + sum(sparse_decode(*live[l], W[l, :, m]) for l in range(m + 1))
+                y = clt.b_dec[m] + sum(decode_layer(live[l], W[l, :, m]) for l in range(m + 1))
                 y = y / clt.out_scale[m]
             else:
                 x = live[m][:, first:]

@@ -205,11 +205,13 @@ def test_a_clt_feature_reaches_later_layers_through_its_own_decoders(tiny, coder
     assert float((only_own - new).abs().max()) > 1e-4  # the write to layer 1 counts
 
 
-def test_a_clt_over_some_layers_with_its_own_scales_is_what_its_forward_writes(tiny):
+@pytest.mark.parametrize("act_fn", ["topk", "relu", "jumprelu"])
+def test_a_clt_over_some_layers_with_its_own_scales_is_what_its_forward_writes(tiny, act_fn):
     """An unsaved CLT (scales not folded: in_scale, out_scale ≠ 1) over layer 1 only, then over both: each layer's
     b_dec + Σ a·W_dec written into MLP output m is the CLT's own forward on the stacked MLP inputs (1e-5), the
     layers are keyed by model layer, and every target of its graph is the sum of its edges (1e-4), with features
-    capped too (the dropped ones' writes join each layer's error)."""
+    capped too (the dropped ones' writes join each layer's error). For each activation (JumpReLU: thresholds of
+    its own per layer and latent)."""
     from saelab.analysis.graphs.coders import clt_layers
     from saelab.hooks import mlp_hooks
     from saelab.sae import SAE
@@ -221,8 +223,10 @@ def test_a_clt_over_some_layers_with_its_own_scales_is_what_its_forward_writes(t
         torch.manual_seed(len(layers))
         pairs = [":".join(mlp_hooks(L)) for L in layers]
         clt = SAE.create("clt", d_in=128, d_out=128, d_sae=64, k=6, clt_pairs=pairs, hook_name=mlp_hooks(layers[0])[0],
-                         hook_name_out=mlp_hooks(layers[0])[1], model_name="tiny").eval()
+                         hook_name_out=mlp_hooks(layers[0])[1], model_name="tiny", act_fn=act_fn).eval()
         with torch.no_grad():
+            if act_fn == "jumprelu":
+                clt.log_threshold.copy_(torch.empty_like(clt.log_threshold).uniform_(0.02, 0.3).log())
             clt.in_scale.uniform_(0.5, 2.0)
             clt.out_scale.uniform_(0.5, 2.0)
             clt.b_dec.normal_(0, 0.3)
@@ -237,6 +241,8 @@ def test_a_clt_over_some_layers_with_its_own_scales_is_what_its_forward_writes(t
             torch.testing.assert_close(written, want[:, i], rtol=1e-5, atol=1e-5)
         for cap in (None, 5):
             g = build_graph(tiny, coders, "p", toks, max_features=cap)
+            n_features = sum(n["kind"] == "feature" for n in g.nodes)
+            assert n_features == 5 if cap else n_features > 20
             targets = ~torch.isnan(g.value)
             torch.testing.assert_close(g.adjacency[targets].sum(1) + g.bias[targets], g.value[targets], rtol=0,
                                        atol=1e-4)

@@ -31,27 +31,19 @@ from torch import nn
 from saelab.config import SAEConfig
 from saelab.errors import SaelabError
 from saelab.sae.base import _NO_INIT, SAE
+from saelab.sae.family import ByActivation
 from saelab.sae.jumprelu import JumpReluSAE
 from saelab.sae.relu import ReluSAE
 from saelab.sae.topk import TopKSAE
 
 
-class Transcoder(SAE):
+class Transcoder(ByActivation, SAE):
     """Reads ``hook_name``, reconstructs ``hook_name_out``; ``Transcoder(cfg)`` is the class of cfg.act_fn."""
 
     arch = "transcoder"
     skip = False
     #: cfg.act_fn → this transcoder over that activation's architecture
     by_activation: dict[str, type] = {}
-
-    def __new__(cls, cfg: SAEConfig | None = None, *args, **kwargs):
-        if cfg is not None and "by_activation" in cls.__dict__:  # the architecture's name: its activation's class
-            cls = cls.by_activation[cfg.act_fn]
-        return super().__new__(cls)
-
-    @classmethod
-    def concrete(cls, cfg: SAEConfig) -> type:
-        return cls.by_activation[cfg.act_fn] if "by_activation" in cls.__dict__ else cls
 
     def __init__(self, cfg: SAEConfig):
         no_init = _NO_INIT.get()

@@ -23,7 +23,7 @@ from saelab.layout import group_or_folder
 
 class CLTLayer:
     """Layer ``index`` of a cross-layer transcoder as that MLP's transcoder (raw units, the CLT's scales folded in):
-    it encodes that MLP's input with TopK and writes to its output and every later one (``decoders``); its
+    it encodes that MLP's input with the CLT's activation of that layer and writes to its output and every later one (``decoders``); its
     ``b_dec`` is the CLT's output bias of that layer. Detached: a graph does not train. Only this layer's slices of
     the CLT's weights are held, views of them where the scales are 1 (a saved CLT's are folded), so the layers
     together hold no more than the CLT does."""
@@ -31,7 +31,7 @@ class CLTLayer:
     skip = False
 
     def __init__(self, clt, index: int, layers: list[int]):
-        self.clt, self.index, self.k = clt, index, clt.cfg.k
+        self.clt, self.index = clt, index
         self.d_sae = clt.d_sae
         with torch.no_grad():
             s_in, s_out = clt.in_scale[index], clt.out_scale[index:]
@@ -48,10 +48,7 @@ class CLTLayer:
         return x.to(self.W_enc.dtype) @ self.W_enc + self.b_enc
 
     def activation(self, z: torch.Tensor) -> torch.Tensor:
-        from saelab.kernels.reference import select
-        from saelab.sae.topk import scatter
-
-        return scatter(*select(z, self.k), self.d_sae)
+        return self.clt.layer_activation(z, self.index)  # in z's units, which folding the scales leaves as they are
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.pre_acts(x))
