@@ -303,10 +303,12 @@ def evaluate_replacement(coders, model, tokens: np.ndarray, skip_bos: bool = Tru
 
 def evaluate(sae_path, activations: str | None = None, model_name: str | None = None,
              n_contexts: int = EvalOptions.contexts, device: str = "auto", progress: bool = True, write: bool = True,
-             model=None, suites=EvalOptions.suite, against=()) -> dict:
+             model=None, suites=EvalOptions.suite, against=(), probe_datasets=()) -> dict:
     """What `saelab eval` does for one SAE folder: the ``suites`` named (``saelab.suites.SUITES``; "core": store
     metrics, and CE metrics when a model is given by name, ``model_name``, or already loaded, ``model``: a group's
-    SAEs share one; "truth": planted-feature recovery; "stability": agreement with the SAEs ``against``); writes
+    SAEs share one; "truth": planted-feature recovery; "probing": k-sparse probes over that model, on the bundled
+    tasks and ``probe_datasets`` [(name, text column, label column)]; "stability": agreement with the SAEs
+    ``against``); writes
     eval.json (core's metrics at its top level, each other suite's under its name). The store is ``activations``
     or the one the SAE's train.json names; with neither, a one-line error."""
     from saelab.suites import parse_suites
@@ -318,12 +320,16 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     if "stability" in suites and not against:
         raise SaelabError("--suite stability compares SAEs that differ only by seed: pass the others with --against "
                           "SAE (once per SAE)")
+    if "probing" in suites and model is None and not model_name:
+        raise SaelabError("--suite probing reads the model's activations on labelled text: pass --model, the model "
+                          "the SAE was trained on (e.g. tiny)")
     if write:
         check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
     sae = load_sae(sae_path)
     others = [load_sae(p) for p in against] if "stability" in suites else []
-    args = (sae_path, sae, activations, model_name, n_contexts, device, progress, write, model, suites, others)
+    args = (sae_path, sae, activations, model_name, n_contexts, device, progress, write, model, suites, others,
+            probe_datasets)
     if not write:
         return _evaluate(*args)
     check_writable_in(sae_path, EVAL_FILE)  # before the pass, not after it
@@ -333,7 +339,8 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
 
 
 def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, device, progress, write,
-              model, suites, others) -> dict:
+              model, suites, others, probe_datasets) -> dict:
+    from saelab.suites.probing import probing_scores
     from saelab.suites.stability import stability
     from saelab.suites.truth import truth_scores
     from saelab.targets import store_for_sae, target_store_for
@@ -341,10 +348,16 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
     res: dict = {}
     if "core" in suites or "truth" in suites:  # FVU needs rows, CE metrics its held-out text, truth its planted ones
         store = store_for_sae(sae_path, sae, activations)
+    if model is None and model_name and ("core" in suites or "probing" in suites):  # loaded once for both
+        from saelab.models import load_model
+
+        model = load_model(model_name, str(pick_device(device)))
     if "core" in suites:
         res.update(_core(sae_path, sae, store, model_name, n_contexts, device, progress, model))
     if "truth" in suites:
         res["truth"] = truth_scores(sae, store, target=target_store_for(sae, store))
+    if "probing" in suites:
+        res["probing"] = probing_scores(sae, model, list(probe_datasets), progress=progress)
     if "stability" in suites:
         res["stability"] = stability([sae, *others])
     if write:

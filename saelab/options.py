@@ -39,9 +39,15 @@ class EvalOptions(JSONConfig):
     contexts: int = _f(64, "held-out contexts for the CE metrics")
     suite: str = _f("core", "evaluation suites, comma-separated: core (reconstruction, L0, dead/dense latents; CE "
                             "metrics with --model), truth (recovery of a synthetic store's planted features), "
-                            "stability (agreement with the --against SAEs)")
+                            "probing (k-sparse probes on labelled text; needs --model), stability (agreement with the "
+                            "--against SAEs)")
     against: list[str] = _f([], "for --suite stability: an SAE trained with the same settings and another seed "
                                 "(repeat the flag; with a group as --sae, a group: its SAEs are paired by hook)")
+    probe_dataset: list[str] = _f([], "for --suite probing: a labelled dataset beside the bundled tasks, a local "
+                                      ".jsonl/.csv/.parquet file or a Hugging Face name, one task per label value "
+                                      "(repeat the flag)")
+    probe_text_column: str = _f("text", "for --probe-dataset: its text column")
+    probe_label_column: str = _f("label", "for --probe-dataset: its label column")
 
 
 @dataclass

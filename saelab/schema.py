@@ -33,10 +33,11 @@ def nullable(schema: dict) -> dict:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def obj(properties: dict, required=(), extra: bool = True) -> dict:
-    """An object with these properties (``required`` among them); other keys are allowed unless not ``extra``
-    (a newer saelab may add fields an older one ignores)."""
-    return {"type": "object", "properties": properties, "required": list(required), "additionalProperties": extra}
+def obj(properties: dict, required=(), extra: bool = True, patterns: dict | None = None) -> dict:
+    """An object with these properties (``required`` among them), and keys matching ``patterns`` (regex → schema);
+    other keys are allowed unless not ``extra`` (a newer saelab may add fields an older one ignores)."""
+    out = {"type": "object", "properties": properties, "required": list(required), "additionalProperties": extra}
+    return {**out, "patternProperties": patterns} if patterns else out
 
 
 #: how a refusal words each JSON type

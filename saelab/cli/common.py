@@ -56,8 +56,9 @@ def eval_line(ev: dict) -> str:
 
 
 def suite_table(rows: list[tuple[str, dict]]) -> str:
-    """One suite's scores as a table: a row per SAE (its name, then its scores), a column per score."""
-    keys = list(dict.fromkeys(k for _, scores in rows for k in scores))
+    """One suite's scores as a table: a row per SAE (its name, then its scores), a column per number (lists and
+    nested scores, e.g. probing's tasks, are eval.json's only)."""
+    keys = list(dict.fromkeys(k for _, scores in rows for k, v in scores.items() if not isinstance(v, (dict, list))))
     cells = [["SAE", *keys]] + [[name, *(_cell(scores.get(k)) for k in keys)] for name, scores in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(keys) + 1)]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -30,6 +30,19 @@ def _against(against: list[str], folders: list) -> dict:
     return out
 
 
+def _short(scores: dict) -> dict:
+    """Probing's accuracies under short column names ("raw", "raw top 5", "sae", "sae top 5"), in that order."""
+    out = {}
+    for who, name in (("llm", "raw"), ("sae", "sae")):
+        out[name] = scores[f"{who}_test_accuracy"]
+        out.update({f"{name} top {k}": scores[f"{who}_top_{k}_test_accuracy"] for k in _ks(scores)})
+    return out
+
+
+def _ks(scores: dict) -> list[int]:
+    return sorted(int(k.split("_")[2]) for k in scores if k.startswith("sae_top_") and k.endswith("_test_accuracy"))
+
+
 def cmd_eval(args) -> int:
     from saelab.evaluate import evaluate
     from saelab.suites import parse_suites
@@ -40,21 +53,26 @@ def cmd_eval(args) -> int:
     folders = sae_folders(o.sae)  # a group folder: each of its SAEs, spliced into one loaded model
     against = _against(o.against, folders) if "stability" in suites else {f: [] for f in folders}
     model = None
-    if o.model and len(folders) > 1 and "core" in suites:
+    if o.model and len(folders) > 1 and ("core" in suites or "probing" in suites):
         from saelab.device import pick_device
         from saelab.models import load_model
 
         model = load_model(o.model, str(pick_device(args.device)))
     tables: dict[str, list] = {s: [] for s in suites if s != "core"}
+    probes = [(d, o.probe_text_column, o.probe_label_column) for d in o.probe_dataset]
     for folder in folders:
         ev = evaluate(folder, o.activations, o.model, n_contexts=o.contexts, device=args.device,
-                      progress=not args.quiet, model=model, suites=suites, against=against[folder])
+                      progress=not args.quiet, model=model, suites=suites, against=against[folder],
+                      probe_datasets=probes)
         if "core" in suites:
             print(f"{folder}: {eval_line(ev)}")
         for s in tables:
             tables[s].append((str(folder), ev[s]))
     for s, rows in tables.items():
-        print(f"\n{s}:\n{suite_table(rows)}")
+        print(f"\n{s}:\n{suite_table([(n, _short(r)) for n, r in rows] if s == 'probing' else rows)}")
+        if s == "probing":  # each task's, under the means
+            per_task = [(f"{name} {task}", _short(v)) for name, r in rows for task, v in r["tasks"].items()]
+            print(f"\nprobing, per task:\n{suite_table(per_task)}")
     return 0
 
 

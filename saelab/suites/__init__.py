@@ -3,6 +3,7 @@ with a model, CE-loss recovered and KL, in ``saelab.evaluate``): what the latent
 reconstruct.
 
 - ``truth`` (``suites.truth``): recovery of the features planted in a synthetic store;
+- ``probing`` (``suites.probing``): k-sparse probes on labelled text, against probes on the raw activations;
 - ``stability`` (``suites.stability``): agreement of SAEs that differ only by seed.
 
 Each suite's scores go into eval.json under the suite's name.
@@ -13,7 +14,7 @@ from __future__ import annotations
 from saelab.errors import SaelabError
 
 #: every suite ``saelab eval --suite`` runs, in the order it runs them
-SUITES = ("core", "truth", "stability")
+SUITES = ("core", "truth", "probing", "stability")
 
 
 def parse_suites(spec) -> tuple[str, ...]:
