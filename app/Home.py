@@ -65,7 +65,7 @@ if missing:
     st.info("The Features page needs a feature database; create it with "
             f"`saelab analyze --sae {target.group or target.path}{store}` ({', '.join(missing)} lack one).")
 
-st.page_link("pages/1_Features.py", label="Features — find latents by id, prompt, token or density; latent cards")
+st.page_link("pages/1_Features.py", label="Features — find latents by id, prompt, token, density or label; latent cards")
 st.page_link("pages/2_Steering.py", label="Steering — add / clamp / ablate latents, side-by-side generations, "
                                           "effect metrics, sweeps")
 st.page_link("pages/3_Circuits.py", label="Circuits — sparse feature circuits as layered graphs")

@@ -116,6 +116,13 @@ def labels(sae_dir: pathlib.Path) -> dict[int, str]:
     return read(sae_dir / LABELS_FILE, load_labels, sae_dir, optional=True) or {}
 
 
+def explanations(sae_dir: pathlib.Path) -> dict[int, str]:
+    """{latent: explanation} that ``saelab eval --suite autointerp`` wrote for this SAE's weights ({} when none)."""
+    from saelab.suites.autointerp import load_explanations
+
+    return load_explanations(sae_dir)
+
+
 # ----------------------------------------------------------------------------- target and hook
 def setup(title: str) -> Target:
     """Page config + the SAE target (from ``--sae`` / $SAELAB_APP_SAE); stops the page with a
@@ -220,7 +227,10 @@ def render_card(sae_dir: pathlib.Path, db, latent: int, key: str = "card", other
             except SaelabError as e:
                 st.error(str(e))
     with head:
-        st.subheader(f"Latent {latent}" + (f" — {labs[latent]}" if latent in labs else ""))
+        expl = explanations(sae_dir).get(latent)
+        st.subheader(f"Latent {latent}" + (f" — {labs[latent]}" if latent in labs else f" — {expl}" if expl else ""))
+        if expl:
+            st.caption(f"autointerp explanation: {expl}")
         c = st.columns(4)
         c[0].metric("density", f"{card.density:.3%}")
         c[1].metric("mean activation", f"{card.mean_act:.3f}")

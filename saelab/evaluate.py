@@ -303,11 +303,13 @@ def evaluate_replacement(coders, model, tokens: np.ndarray, skip_bos: bool = Tru
 
 def evaluate(sae_path, activations: str | None = None, model_name: str | None = None,
              n_contexts: int = EvalOptions.contexts, device: str = "auto", progress: bool = True, write: bool = True,
-             model=None, suites=EvalOptions.suite, against=(), probe_datasets=()) -> dict:
+             model=None, suites=EvalOptions.suite, against=(), probe_datasets=(), judge=None,
+             autointerp_latents: int = EvalOptions.autointerp_latents) -> dict:
     """What `saelab eval` does for one SAE folder: the ``suites`` named (``saelab.suites.SUITES``; "core": store
     metrics, and CE metrics when a model is given by name, ``model_name``, or already loaded, ``model``: a group's
     SAEs share one; "truth": planted-feature recovery; "probing": k-sparse probes over that model, on the bundled
-    tasks and ``probe_datasets`` [(name, text column, label column)]; "stability": agreement with the SAEs
+    tasks and ``probe_datasets`` [(name, text column, label column)]; "autointerp": ``autointerp_latents`` latents
+    explained and scored by ``judge``, default ``TokensJudge()``; "stability": agreement with the SAEs
     ``against``); writes
     eval.json (core's metrics at its top level, each other suite's under its name). The store is ``activations``
     or the one the SAE's train.json names; with neither, a one-line error."""
@@ -320,16 +322,21 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     if "stability" in suites and not against:
         raise SaelabError("--suite stability compares SAEs that differ only by seed: pass the others with --against "
                           "SAE (once per SAE)")
-    if "probing" in suites and model is None and not model_name:
-        raise SaelabError("--suite probing reads the model's activations on labelled text: pass --model, the model "
-                          "the SAE was trained on (e.g. tiny)")
+    for s, what in (("probing", "the model's activations on labelled text"), ("autointerp", "the model's "
+                                                                                    "activations on held-out text")):
+        if s in suites and model is None and not model_name:
+            raise SaelabError(f"--suite {s} reads {what}: pass --model, the model the SAE was trained on (e.g. tiny)")
     if write:
         check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
     sae = load_sae(sae_path)
     others = [load_sae(p) for p in against] if "stability" in suites else []
+    if "autointerp" in suites and judge is None:
+        from saelab.suites.judges import TokensJudge
+
+        judge = TokensJudge()
     args = (sae_path, sae, activations, model_name, n_contexts, device, progress, write, model, suites, others,
-            probe_datasets)
+            probe_datasets, judge, autointerp_latents)
     if not write:
         return _evaluate(*args)
     check_writable_in(sae_path, EVAL_FILE)  # before the pass, not after it
@@ -339,16 +346,17 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
 
 
 def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, device, progress, write,
-              model, suites, others, probe_datasets) -> dict:
+              model, suites, others, probe_datasets, judge, autointerp_latents) -> dict:
+    from saelab.suites.autointerp import autointerp_scores
     from saelab.suites.probing import probing_scores
     from saelab.suites.stability import stability
     from saelab.suites.truth import truth_scores
     from saelab.targets import store_for_sae, target_store_for
 
     res: dict = {}
-    if "core" in suites or "truth" in suites:  # FVU needs rows, CE metrics its held-out text, truth its planted ones
+    if {"core", "truth", "autointerp"} & set(suites):  # FVU needs rows, CE and autointerp its text, truth its truth
         store = store_for_sae(sae_path, sae, activations)
-    if model is None and model_name and ("core" in suites or "probing" in suites):  # loaded once for both
+    if model is None and model_name and {"core", "probing", "autointerp"} & set(suites):  # loaded once for all
         from saelab.models import load_model
 
         model = load_model(model_name, str(pick_device(device)))
@@ -358,6 +366,9 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
         res["truth"] = truth_scores(sae, store, target=target_store_for(sae, store))
     if "probing" in suites:
         res["probing"] = probing_scores(sae, model, list(probe_datasets), progress=progress)
+    if "autointerp" in suites:
+        res["autointerp"] = autointerp_scores(sae, sae_path, model, store, judge, autointerp_latents,
+                                              progress=progress)
     if "stability" in suites:
         res["stability"] = stability([sae, *others])
     if write:

@@ -48,6 +48,18 @@ class EvalOptions(JSONConfig):
                                       "(repeat the flag)")
     probe_text_column: str = _f("text", "for --probe-dataset: its text column")
     probe_label_column: str = _f("label", "for --probe-dataset: its label column")
+    explainer: str = _f("tokens", "for --suite autointerp: who explains and scores latents: tokens (deterministic, "
+                                  "offline: a latent's top tokens) or openai (an OpenAI-compatible endpoint)",
+                        choices=["tokens", "openai"])
+    autointerp_latents: int = _f(50, "for --suite autointerp: latents explained and scored (a seeded sample of the "
+                                     "live, non-dense ones)", min=1)
+    openai_url: str | None = _f(None, "for --explainer openai: the endpoint's base URL, e.g. http://localhost:8000/v1 "
+                                      "(default: $OPENAI_BASE_URL, else OpenAI's)")
+    openai_model: str | None = _f(None, "for --explainer openai: the chat model (default: $SAELAB_OPENAI_MODEL)")
+    openai_key: str | None = _f(None, "for --explainer openai: the API key (default: $OPENAI_API_KEY; local "
+                                      "servers take any)")
+    openai_timeout: float = _f(60.0, "for --explainer openai: seconds to wait for one answer (each prompt is "
+                                     "retried with backoff after a timeout, a 429 or a 5xx)", min=0.001)
 
 
 @dataclass

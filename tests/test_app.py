@@ -547,3 +547,36 @@ def test_app_command_names_host_for_an_unknown_host(tmp_path, capsys):
     assert main(["app", "--sae", str(tmp_path), "--host", "999.1.1.1", "--port", "8599"]) == 2
     err = capsys.readouterr().err.strip()
     assert "pass a valid --host" in err and len(err.splitlines()) == 1, err
+
+
+def test_autointerp_explanations_name_latents_and_are_searched(monkeypatch, app_group, tmp_path):
+    """An SAE with autointerp explanations (written as the suite writes them): the label search finds a latent by
+    its explanation and by a saved label, its card shows the explanation, and a saved label takes its place in the
+    result; explanations of other weights are not shown."""
+    from saelab.analysis.features.labels import save_label
+    from saelab.suites.autointerp import AUTOINTERP_FILE, Record
+
+    group = tmp_path / "g"
+    shutil.copytree(app_group, group)
+    sae_dir = group / HOOK1
+    record = Record(sae_dir, "tokens")
+    record.put(5, explanation='tokens "castle" "king"')
+    record.put(9, explanation='tokens "queen"')
+    save_label(sae_dir, 9, "royal women")
+    at = _features(monkeypatch, group)
+    at.radio(key="find").set_value("by label").run()
+    at.text_input(key="find_label").set_value("CASTLE").run()
+    found = _result_buttons(_ok(at), "open_l_")
+    assert [b.key for b in found] == ["open_l_5"] and found[0].label.startswith('#5 — tokens "castle" "king"')
+    at.button(key="open_l_5").click().run()
+    assert _card_title(_ok(at)) == 'Latent 5 — tokens "castle" "king"'
+    assert any("autointerp explanation" in c.value for c in at.caption)
+    at.text_input(key="find_label").set_value("queen").run()  # the explanation of 9 is searched, its label shown
+    assert [b.label.split("  (")[0] for b in _result_buttons(_ok(at), "open_l_")] == ["#9 — royal women"]
+    data = json.loads((sae_dir / AUTOINTERP_FILE).read_text())
+    data["sae_sha256"] = "0" * 64  # another SAE's explanations
+    (sae_dir / AUTOINTERP_FILE).write_text(json.dumps(data))
+    at = _features(monkeypatch, group)
+    at.radio(key="find").set_value("by label").run()
+    at.text_input(key="find_label").set_value("castle").run()
+    assert not _result_buttons(_ok(at), "open_l_") and "no label or explanation contains" in at.info[0].value

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from saelab.sae import SAE
+from saelab.suites import SUITES
 
 TRAIN = ["--tokens", "1228800", "--batch-size", "1024", "--lr", "3e-3", "--arch", "topk", "--k", "5", "--width",
          "512", "--quiet"]
@@ -118,7 +119,7 @@ def test_suite_errors_are_one_line(seeds, planted_store, tmp_path, capsys):
     shutil.copytree(planted_store, store)
     (store / "truth.npy").unlink()
     cases = [
-        (["--sae", seeds[0], "--suite", "core,nope"], "unknown suite 'nope'; choose from core, truth, stability"),
+        (["--sae", seeds[0], "--suite", "core,nope"], "unknown suite 'nope'; choose from " + ", ".join(SUITES)),
         (["--sae", seeds[0], "--suite", "stability"], "pass the others with --against"),
         (["--sae", seeds[0], "--suite", "truth", "--activations", store], "holds no truth.npy"),
     ]

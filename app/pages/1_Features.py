@@ -1,4 +1,4 @@
-"""Features: find a latent (by id, prompt, token or density) and read its card."""
+"""Features: find a latent (by id, prompt, token, density or label) and read its card."""
 
 import numpy as np
 import plotly.express as px
@@ -13,6 +13,8 @@ st.title("Features")
 sae = ui.sae(sae_dir)  # first: a features.h5 is checked against these weights
 db = ui.feature_db(sae_dir)
 labels = ui.labels(sae_dir)
+explained = ui.explanations(sae_dir)
+names = {**explained, **labels}  # what a latent is called: its label, else its autointerp explanation
 d_sae = sae.d_sae
 if ui.selected_latent() >= d_sae:
     st.session_state["latent"] = 0
@@ -21,11 +23,12 @@ if ui.selected_latent() >= d_sae:
 def result_buttons(rows, fmt, prefix):
     """One button per found latent: opens its card below."""
     for j, score in rows:
-        st.button(f"{ui.latent_name(j, labels)}  ({fmt.format(score)})", key=f"{prefix}_{j}", on_click=ui.goto,
+        st.button(f"{ui.latent_name(j, names)}  ({fmt.format(score)})", key=f"{prefix}_{j}", on_click=ui.goto,
                   args=(j,))
 
 
-mode = st.radio("Find a latent", ["by id", "by prompt", "by token", "by density"], horizontal=True, key="find")
+mode = st.radio("Find a latent", ["by id", "by prompt", "by token", "by density", "by label"], horizontal=True,
+                key="find")
 if mode == "by prompt":
     text = st.text_area("Prompt", key="find_prompt", placeholder="type text: the latents firing most on it are listed")
     if text.strip():
@@ -47,7 +50,7 @@ if mode == "by prompt":
             else:
                 z = acts[:, order].detach().numpy()
                 lim = float(abs(z).max()) or 1.0
-                fig = px.imshow(z, x=[ui.latent_name(j, labels) for j in order],
+                fig = px.imshow(z, x=[ui.latent_name(j, names) for j in order],
                                 y=[f"{i}: {t!r}" for i, t in enumerate(toks)],
                                 color_continuous_scale="RdBu_r" if signed else "Oranges",
                                 zmin=-lim if signed else 0, zmax=lim,
@@ -69,6 +72,17 @@ elif mode == "by token":
         elif not hits:
             st.info(f"no latent promotes {tok!r} among its top tokens")
         result_buttons(hits, "logit {:+.2f}", "open_t")
+elif mode == "by label":
+    q = st.text_input("Label or explanation contains", key="find_label",
+                      placeholder="words of a label you saved or of an autointerp explanation")
+    if q.strip():
+        q = q.strip().lower()
+        hits = [j for j in sorted(names) if q in labels.get(j, "").lower() or q in explained.get(j, "").lower()]
+        if not hits:
+            st.info(f"no label or explanation contains {q!r}" + ("" if names else
+                    " (this SAE has none yet: save labels on the cards, or run saelab eval --suite autointerp)"))
+        dens = np.asarray(db.density) if db is not None else np.zeros(d_sae)
+        result_buttons([(j, float(dens[j])) for j in hits[:50]], "density {:.3%}", "open_l")
 elif mode == "by density" and db is not None:
     c1, c2 = st.columns(2)
     order = c1.radio("Order", ["densest first", "rarest first (fired at least once)"], key="dens_order")

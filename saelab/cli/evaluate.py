@@ -53,7 +53,12 @@ def cmd_eval(args) -> int:
     folders = sae_folders(o.sae)  # a group folder: each of its SAEs, spliced into one loaded model
     against = _against(o.against, folders) if "stability" in suites else {f: [] for f in folders}
     model = None
-    if o.model and len(folders) > 1 and ("core" in suites or "probing" in suites):
+    judge = None
+    if "autointerp" in suites and o.explainer == "openai":  # a missing client or model: refused before any pass
+        from saelab.suites.judges import OpenAIJudge
+
+        judge = OpenAIJudge(o.openai_model, o.openai_url, o.openai_key, o.openai_timeout)
+    if o.model and len(folders) > 1 and {"core", "probing", "autointerp"} & set(suites):
         from saelab.device import pick_device
         from saelab.models import load_model
 
@@ -63,7 +68,7 @@ def cmd_eval(args) -> int:
     for folder in folders:
         ev = evaluate(folder, o.activations, o.model, n_contexts=o.contexts, device=args.device,
                       progress=not args.quiet, model=model, suites=suites, against=against[folder],
-                      probe_datasets=probes)
+                      probe_datasets=probes, judge=judge, autointerp_latents=o.autointerp_latents)
         if "core" in suites:
             print(f"{folder}: {eval_line(ev)}")
         for s in tables:

@@ -4,6 +4,8 @@ reconstruct.
 
 - ``truth`` (``suites.truth``): recovery of the features planted in a synthetic store;
 - ``probing`` (``suites.probing``): k-sparse probes on labelled text, against probes on the raw activations;
+- ``autointerp`` (``suites.autointerp``, judges in ``suites.judges``): latents explained, then the explanations
+  scored by detection and fuzzing on held-out windows;
 - ``stability`` (``suites.stability``): agreement of SAEs that differ only by seed.
 
 Each suite's scores go into eval.json under the suite's name.
@@ -14,7 +16,7 @@ from __future__ import annotations
 from saelab.errors import SaelabError
 
 #: every suite ``saelab eval --suite`` runs, in the order it runs them
-SUITES = ("core", "truth", "probing", "stability")
+SUITES = ("core", "truth", "probing", "autointerp", "stability")
 
 
 def parse_suites(spec) -> tuple[str, ...]:
