@@ -43,6 +43,7 @@ bench: setup bench-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_dense_chunks.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_attribute.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_clt.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_suites.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_vs_saelens.py --saelens-python .venv-bench/bin/python
 
 # SAELens (pins transformer-lens < 4) in its own environment for the side-by-side benchmark

@@ -16,8 +16,30 @@ SAE folder (which SAELens then reads too):
   ``f = TopK(ReLU((x − b_dec) encoder.weightᵀ + encoder.bias))``. The hookpoint is a Hugging Face module name:
   ``layers.L`` (the block's output, ``blocks.L.hook_resid_post``) or ``layers.L.mlp`` (``blocks.L.hook_mlp_out``);
   the model is the ``model`` of the run's ``config.json`` beside the hookpoint folders, when there is one.
+* **dictionary_learning** (and the SAEs SAEBench trains and publishes with it): ``ae.pt``, a torch state dict, with
+  the trainer's ``config.json`` beside it when it was saved. The state dict's keys tell the class (the config's
+  ``trainer.dict_class`` where they do not):
 
-Only arrays are read (numpy's npz with ``allow_pickle=False``, safetensors): no pickle.
+  ========================  ==========================================================  ===========
+  class                     keys                                                        saelab
+  ========================  ==========================================================  ===========
+  ``AutoEncoder``           ``bias``, ``encoder.weight`` / ``.bias``, ``decoder.weight``  ``relu``
+  ``AutoEncoderNew``        ``encoder.weight`` / ``.bias``, ``decoder.weight`` / ``.bias``  ``relu``, no b_dec on the input
+  ``AutoEncoderTopK``       ``encoder.*``, ``decoder.weight``, ``b_dec``, ``k``            ``topk``
+  ``BatchTopKSAE``          as TopK, with the inference ``threshold`` (dict_class)        ``batchtopk``
+  ``JumpReluAutoEncoder``   ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``threshold``      ``jumprelu``, no b_dec on the input
+  ``GatedAutoEncoder``      ``decoder_bias``, ``encoder.weight``, ``r_mag``, ``gate_bias``, ``mag_bias``, ``decoder.weight``  ``gated``
+  ========================  ==========================================================  ===========
+
+  ``decoder.weight`` is nn.Linear's [d_in, d_sae]. The gated and JumpReLU classes scale their codes by the decoder
+  norms in ``encode`` and divide them out in ``decode``: the reconstruction is the weights' as saelab computes it,
+  the codes saelab reports are the unscaled ones. The model is the config's ``trainer.lm_name``; the hook comes
+  from ``trainer.submodule_name`` or the folder's path (``resid_post_layer_L`` → ``blocks.L.hook_resid_post``,
+  ``mlp_out_layer_L`` → ``blocks.L.hook_mlp_out``, ``attn_out_layer_L`` → ``blocks.L.hook_attn_out``), else
+  --hook.
+
+Only arrays are read (numpy's npz with ``allow_pickle=False``, safetensors, ``torch.load(weights_only=True)``): no
+pickle.
 """
 
 from __future__ import annotations
@@ -29,13 +51,14 @@ import re
 import torch
 
 from saelab.errors import SaelabError, first_line
-from saelab.layout import CFG_FILE, GEMMA_SCOPE_FILE, SPARSIFY_WEIGHTS
+from saelab.layout import CFG_FILE, DICTIONARY_LEARNING_FILE, GEMMA_SCOPE_FILE, SPARSIFY_WEIGHTS
 
 
 def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, run_cfg: dict | None = None,
             target: dict | None = None):
-    """The saelab SAE (on the CPU) of one downloaded SAE in ``layout`` ("gemma-scope" or "sparsify");
-    ``files``: file name → its path; ``run_cfg``: sparsify's run config.json, when there is one; ``target``:
+    """The saelab SAE (on the CPU) of one downloaded SAE in ``layout`` ("gemma-scope", "sparsify" or
+    "dictionary-learning"); ``files``: file name → its path; ``run_cfg``: sparsify's run config.json, or
+    dictionary_learning's trainer config.json, when there is one; ``target``:
     {"model", "hook"} given by the user (fetch --model / --hook; None where not given), used as they are."""
     model, hook = (target or {}).get("model"), (target or {}).get("hook")
     if layout == "gemma-scope":
@@ -43,6 +66,8 @@ def convert(layout: str, files: dict[str, pathlib.Path], repo: str, sub: str, ru
     if layout == "sparsify":
         return sparsify_sae(files[CFG_FILE], files[SPARSIFY_WEIGHTS], repo, sub,
                             model or (run_cfg or {}).get("model") or "", hook)
+    if layout == "dictionary-learning":
+        return dictionary_learning_sae(files[DICTIONARY_LEARNING_FILE], repo, sub, run_cfg, model, hook)
     raise ValueError(f"no converter for layout {layout!r}")
 
 
@@ -168,3 +193,78 @@ def sparsify_sae(cfg_path: pathlib.Path, weights: pathlib.Path, repo: str, sub: 
         w_dec = w_dec.t()
     w = {"W_enc": enc.t(), "b_enc": raw.get("encoder.bias", torch.zeros(d_sae)), "W_dec": w_dec, "b_dec": raw["b_dec"]}
     return _build(f"{where}/{SPARSIFY_WEIGHTS}", "topk", w, k=int(cfg["k"]), hook=hook, model=model, apply_b_dec=True)
+
+
+# ---------------------------------------------------------------------------------------------- dictionary_learning
+_DL_HOOK = re.compile(r"(resid_post|mlp_out|attn_out)_layer_(\d+)")
+_DL_HOOKS = {"resid_post": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
+
+
+def dictionary_learning_hook(trainer: dict, sub: str) -> str:
+    """The TransformerLens hook of a dictionary_learning SAE, from its trainer's submodule name or its folder's path
+    (``resid_post_layer_L`` …); "" when neither names one."""
+    for text in (str(trainer.get("submodule_name") or ""), sub):
+        m = _DL_HOOK.search(text)
+        if m:
+            return f"blocks.{int(m.group(2))}.{_DL_HOOKS[m.group(1)]}"
+    return ""
+
+
+def dictionary_learning_sae(path: pathlib.Path, repo: str, sub: str, run_cfg: dict | None = None,
+                            model: str | None = None, hook: str | None = None):
+    """A dictionary_learning / SAEBench ``ae.pt`` (and its trainer's config.json, ``run_cfg``) as a saelab SAE."""
+    import pickle
+
+    where = "/".join(x for x in (repo, sub, DICTIONARY_LEARNING_FILE) if x)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise SaelabError(f"{where} holds more than tensors, which saelab does not unpickle ({first_line(err, 100)}): "
+                          "save the SAE's state_dict() instead of the module") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise SaelabError(f"{where} is not a readable torch file ({first_line(err, 100)}): fetch it again") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise SaelabError(f"{where} is not a state dict of tensors: save the SAE's state_dict()")
+    trainer = (run_cfg or {}).get("trainer") if isinstance((run_cfg or {}).get("trainer"), dict) else {}
+    cls = str(trainer.get("dict_class") or "")
+    model = model or str(trainer.get("lm_name") or "")
+    hook = hook or dictionary_learning_hook(trainer, sub)
+    r = {k: v.float() for k, v in raw.items()}
+    if any(r.get(k) is not None and r[k].numel() > 1 for k in ("act_mean", "act_cov_inv_sqrt")):
+        raise SaelabError(f"{where} whitens its inputs (act_mean, act_cov_inv_sqrt): saelab's SAEs read raw "
+                          "activations; such an SAE is not supported")
+
+    def need(*keys):
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise SaelabError(f"{where} lacks {', '.join(missing)}: not a {cls or 'dictionary_learning'} state dict")
+
+    def lin(k):  # nn.Linear's weight [out, in] → saelab's [in, out]
+        return r[k].t()
+
+    k = int(trainer.get("k") or (r["k"].item() if "k" in r else 0) or 1)
+    if "gate_bias" in r or cls.startswith("Gated"):
+        need("encoder.weight", "decoder.weight", "decoder_bias", "r_mag", "gate_bias", "mag_bias")
+        w = {"W_enc": lin("encoder.weight"), "b_enc": r["gate_bias"], "W_dec": lin("decoder.weight"),
+             "b_dec": r["decoder_bias"], "r_mag": r["r_mag"], "b_mag": r["mag_bias"]}
+        return _build(where, "gated", w, k=k, hook=hook, model=model, apply_b_dec=True)
+    if "W_enc" in r:  # JumpReluAutoEncoder (b_dec is not subtracted from the input)
+        need("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+        w = {n: r[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
+        return _build(where, "jumprelu", w, k=k, hook=hook, model=model, apply_b_dec=False)
+    need("encoder.weight", "encoder.bias", "decoder.weight")
+    w = {"W_enc": lin("encoder.weight"), "b_enc": r["encoder.bias"], "W_dec": lin("decoder.weight")}
+    if "k" in r or "TopK" in cls:
+        need("b_dec")
+        w["b_dec"] = r["b_dec"]
+        if "BatchTopK" in cls:  # its inference rule: the threshold, the same for every latent
+            need("threshold")
+            w["threshold"] = r["threshold"].reshape(-1)[:1].expand(w["W_enc"].shape[1]).clone()
+            return _build(where, "batchtopk", w, k=k, hook=hook, model=model, apply_b_dec=True)
+        return _build(where, "topk", w, k=k, hook=hook, model=model, apply_b_dec=True)
+    if "bias" in r:  # AutoEncoder: the input bias is subtracted first, and added back
+        w["b_dec"] = r["bias"]
+        return _build(where, "relu", w, k=k, hook=hook, model=model, apply_b_dec=True)
+    need("decoder.bias")  # AutoEncoderNew
+    w["b_dec"] = r["decoder.bias"]
+    return _build(where, "relu", w, k=k, hook=hook, model=model, apply_b_dec=False)

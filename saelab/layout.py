@@ -52,14 +52,18 @@ HUB_PREFIX = "hf://"
 GEMMA_SCOPE_FILE = "params.npz"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 SPARSIFY_RUN_CFG = "config.json"  # sparsify's run config, one folder above the hookpoint folders
+DICTIONARY_LEARNING_FILE = "ae.pt"  # dictionary_learning's / SAEBench's state dict (read with weights_only)
+DICTIONARY_LEARNING_CFG = "config.json"  # its trainer's config beside it, when there is one
 #: layout name → the files of one SAE folder in it (the first is the one to report when none is there)
 LAYOUTS = {
     "saelens": (CFG_FILE, WEIGHTS_FILE),
     "sparsify": (CFG_FILE, SPARSIFY_WEIGHTS),
     "gemma-scope": (GEMMA_SCOPE_FILE,),
+    "dictionary-learning": (DICTIONARY_LEARNING_FILE,),
 }
-LAYOUT_HELP = (f"{CFG_FILE} + {WEIGHTS_FILE} for SAELens and saelab, {GEMMA_SCOPE_FILE} for Gemma Scope, or "
-               f"{CFG_FILE} + {SPARSIFY_WEIGHTS} for EleutherAI sparsify")
+LAYOUT_HELP = (f"{CFG_FILE} + {WEIGHTS_FILE} for SAELens and saelab, {GEMMA_SCOPE_FILE} for Gemma Scope, "
+               f"{CFG_FILE} + {SPARSIFY_WEIGHTS} for EleutherAI sparsify, or {DICTIONARY_LEARNING_FILE} for "
+               "dictionary_learning and SAEBench")
 
 
 def shard_name(i: int) -> str:
@@ -271,7 +275,7 @@ def read_sae_cfg(path: str | os.PathLike) -> dict:
                           f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
     if not is_sae_folder(path):
         layout = folder_layout(path)
-        if layout:  # Gemma Scope's or sparsify's layout: fetch converts it
+        if layout:  # another release's layout (Gemma Scope, sparsify, dictionary_learning): fetch converts it
             raise SaelabError(f"{path} holds an SAE in {layout}'s layout, not saelab's: convert it once with "
                               f"`saelab fetch {path} --out runs/NAME` and pass runs/NAME")
         raise SaelabError(f"{path} is not an SAE folder (needs {CFG_FILE} and {WEIGHTS_FILE}): "

@@ -345,3 +345,114 @@ def test_overrides_let_the_converters_take_what_they_cannot_tell(hub_cache, tmp_
         assert needle in err and len(err.splitlines()) == 1, err
         assert main(["fetch", spec, "--out", str(out), *extra, "--quiet"]) == 0
         assert SAE.load(out).cfg.hook_name == hook
+
+
+# ----------------------------------------------------------------------------------------- dictionary_learning
+def _dl_state(cls, d_in=12, d_sae=40, k=4, seed=0):
+    """A state dict as dictionary_learning's class ``cls`` holds it (its keys and nn.Linear's [out, in] shapes)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=0.3):
+        return torch.randn(*s, generator=g) * scale
+
+    if cls == "AutoEncoder":
+        return {"bias": r(d_in), "encoder.weight": r(d_sae, d_in), "encoder.bias": r(d_sae, scale=0.1),
+                "decoder.weight": r(d_in, d_sae)}
+    if cls == "AutoEncoderNew":
+        return {"encoder.weight": r(d_sae, d_in), "encoder.bias": r(d_sae, scale=0.1),
+                "decoder.weight": r(d_in, d_sae), "decoder.bias": r(d_in)}
+    if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
+        return {"encoder.weight": r(d_sae, d_in), "encoder.bias": r(d_sae, scale=0.1), "decoder.weight": r(d_in, d_sae),
+                "b_dec": r(d_in), "k": torch.tensor(k, dtype=torch.int), "threshold": torch.tensor(0.35)}
+    if cls == "JumpReluAutoEncoder":
+        return {"W_enc": r(d_in, d_sae), "b_enc": r(d_sae, scale=0.1), "W_dec": r(d_sae, d_in), "b_dec": r(d_in),
+                "threshold": torch.rand(d_sae, generator=g) * 0.5}
+    return {"decoder_bias": r(d_in), "encoder.weight": r(d_sae, d_in), "r_mag": r(d_sae), "gate_bias": r(d_sae),
+            "mag_bias": r(d_sae), "decoder.weight": r(d_in, d_sae)}
+
+
+def _dl_reference(cls, w, x, k=4):
+    """x̂ of x by dictionary_learning's formulas for ``cls`` (written out here from its classes' definitions)."""
+    relu = torch.relu
+    if cls == "AutoEncoder":
+        f = relu((x - w["bias"]) @ w["encoder.weight"].T + w["encoder.bias"])
+        return f @ w["decoder.weight"].T + w["bias"]
+    if cls == "AutoEncoderNew":
+        return relu(x @ w["encoder.weight"].T + w["encoder.bias"]) @ w["decoder.weight"].T + w["decoder.bias"]
+    if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
+        post = relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
+        if cls == "BatchTopKSAE":  # inference: the threshold
+            f = post * (post > w["threshold"])
+        else:
+            v, i = post.topk(k, dim=-1)
+            f = torch.zeros_like(post).scatter(-1, i, v)
+        return f @ w["decoder.weight"].T + w["b_dec"]
+    if cls == "JumpReluAutoEncoder":
+        pre = x @ w["W_enc"] + w["b_enc"]
+        f = relu(pre * (pre > w["threshold"])) * w["W_dec"].norm(dim=1)
+        return (f / w["W_dec"].norm(dim=1)) @ w["W_dec"] + w["b_dec"]
+    x_enc = (x - w["decoder_bias"]) @ w["encoder.weight"].T
+    norms = w["decoder.weight"].norm(dim=0)
+    f = (x_enc + w["gate_bias"] > 0).float() * relu(w["r_mag"].exp() * x_enc + w["mag_bias"]) * norms
+    return (f / norms) @ w["decoder.weight"].T + w["decoder_bias"]
+
+
+DL_CLASSES = {"AutoEncoder": "relu", "AutoEncoderNew": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
+              "JumpReluAutoEncoder": "jumprelu", "GatedAutoEncoder": "gated"}
+
+
+@pytest.mark.parametrize("cls", list(DL_CLASSES))
+def test_dictionary_learning_ae_pt_is_fetched_into_a_folder_that_reconstructs_as_it_does(cls, tmp_path, capsys):
+    """An ``ae.pt`` with the trainer's config.json beside it, as SAEBench publishes them: ``saelab fetch FOLDER``
+    writes an SAE folder of the matching architecture whose reconstruction of fresh random inputs is
+    dictionary_learning's (1e-5), with the model and hook the config names; SAE.load of the raw folder points at
+    fetch in one line."""
+    from saelab.cli import main
+    from saelab.errors import SaelabError
+
+    src = tmp_path / "saebench" / "resid_post_layer_3" / "trainer_0"
+    src.mkdir(parents=True)
+    w = _dl_state(cls)
+    torch.save(w, src / "ae.pt")
+    (src / "config.json").write_text(json.dumps({"trainer": {"dict_class": cls, "lm_name": "EleutherAI/pythia-70m",
+                                                             "layer": 3, "k": 4, "activation_dim": 12,
+                                                             "dict_size": 40}}))
+    with pytest.raises(SaelabError, match=r"dictionary-learning's layout, not saelab's: convert it once with"):
+        SAE.load(src)
+    out = tmp_path / "runs" / "dl"
+    assert main(["fetch", str(src), "--out", str(out), "--quiet"]) == 0
+    sae = SAE.load(out)
+    assert sae.arch == DL_CLASSES[cls] and sae.cfg.hook_name == "blocks.3.hook_resid_post"
+    assert sae.cfg.model_name == "EleutherAI/pythia-70m" and (sae.d_in, sae.d_sae) == (12, 40)
+    assert json.loads((out / "source.json").read_text())["format"] == "dictionary-learning"
+    x = torch.randn(64, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), _dl_reference(cls, w, x), rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+
+
+def test_dictionary_learning_without_a_config_and_bad_files(tmp_path, capsys):
+    """Without config.json the keys tell the class (a TopK), the hook comes from the path or stays to be passed;
+    a pickled module (not a state dict) and a file of other keys are one-line errors that write nothing."""
+    from saelab.cli import main
+
+    src = tmp_path / "mlp_out_layer_1"
+    src.mkdir()
+    w = _dl_state("AutoEncoderTopK")
+    torch.save(w, src / "ae.pt")
+    out = tmp_path / "out"
+    assert main(["fetch", str(src), "--out", str(out), "--quiet"]) == 0
+    sae = SAE.load(out)
+    assert sae.arch == "topk" and sae.cfg.k == 4 and sae.cfg.hook_name == "blocks.1.hook_mlp_out"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save(torch.nn.Linear(3, 4), bad / "ae.pt")  # a whole module: a pickle of a class, not of tensors
+    capsys.readouterr()
+    assert main(["fetch", str(bad), "--out", str(tmp_path / "o1"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds more than tensors" in err and len(err.splitlines()) == 1, err
+    torch.save({"weird": torch.zeros(3)}, bad / "ae.pt")
+    assert main(["fetch", str(bad), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lacks encoder.weight" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

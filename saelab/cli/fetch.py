@@ -45,12 +45,14 @@ def cmd_fetch(args) -> int:
 
 
 def add_parser(sub) -> None:
-    f = sub.add_parser("fetch", help="download a pretrained SAE (SAELens, Gemma Scope or sparsify layout) from the "
+    f = sub.add_parser("fetch", help="download a pretrained SAE (SAELens, Gemma Scope, sparsify or dictionary_learning "
+                                     "layout) from the "
                                      "Hugging Face hub",
                        description="Download the SAE in ORG/REPO/SUBFOLDER from the Hugging Face hub (its cache, login "
                                    "and HF_HUB_OFFLINE apply): SAELens's cfg.json + sae_weights.safetensors, Gemma "
-                                   "Scope's params.npz or EleutherAI sparsify's cfg.json + sae.safetensors. saelab "
-                                   "checks that it loads (converting the latter two) and writes it with source.json "
+                                   "Scope's params.npz, EleutherAI sparsify's cfg.json + sae.safetensors or "
+                                   "dictionary_learning's (SAEBench's) ae.pt. saelab checks that it loads "
+                                   "(converting the latter three) and writes it with source.json "
                                    "into --out: an SAE folder for analyze, eval, the app and steering.")
     f.add_argument("sae", nargs="+", help="ORG/REPO/SUBFOLDER, e.g. jbloom/GPT2-Small-SAEs-Reformatted/"
                                           "blocks.8.hook_resid_pre or google/gemma-scope-2b-pt-res/layer_20/width_16k/"

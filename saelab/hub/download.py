@@ -16,6 +16,7 @@ from saelab.errors import SaelabError, first_line
 from saelab.formats import convert
 from saelab.layout import (
     CFG_FILE,
+    DICTIONARY_LEARNING_CFG,
     HUB_PREFIX,
     LAYOUT_HELP,
     LAYOUTS,
@@ -210,7 +211,7 @@ def _sparsify_run_cfg(repo: str, sub: str, revision: str | None, cache_dir) -> d
 
 def local_folder(spec) -> pathlib.Path | None:
     """``spec`` as an existing local folder (absolute), else None (an ``hf://`` spec never is one): ``fetch`` takes
-    a local SAE folder too, converting Gemma Scope's and sparsify's layouts as it does for the hub. A spec that can
+    a local SAE folder too, converting the other releases' layouts as it does for the hub. A spec that can
     only be a local path (absolute, ./, ../, ~, or an existing file) but is no folder is a one-line error."""
     if hub_spec(spec):
         return None
@@ -234,7 +235,8 @@ def _read_local_sae(folder: pathlib.Path, target: dict | None = None):
     files = {f: folder / f for f in LAYOUTS[layout]}
     if layout == "saelens":
         return layout, files, None
-    run_cfg = read_json_object(folder.parent / SPARSIFY_RUN_CFG) if layout == "sparsify" else None
+    run_cfg = (read_json_object(folder.parent / SPARSIFY_RUN_CFG) if layout == "sparsify"
+               else read_json_object(folder / DICTIONARY_LEARNING_CFG) if layout == "dictionary-learning" else None)
     return layout, files, convert(layout, files, "", folder.as_posix(), run_cfg, target)
 
 
@@ -247,7 +249,9 @@ def _read_hub_sae(spec: str, revision: str | None, cache_dir, target: dict | Non
     if layout == "saelens":
         return layout, files, None
     repo, sub = parse_spec(spec)
-    run_cfg = _sparsify_run_cfg(repo, sub, revision, cache_dir) if layout == "sparsify" else None
+    run_cfg = (_sparsify_run_cfg(repo, sub, revision, cache_dir) if layout == "sparsify"
+               else read_json_object(_probe(repo, f"{sub}/{DICTIONARY_LEARNING_CFG}" if sub else DICTIONARY_LEARNING_CFG,
+                                            revision, cache_dir)) or {} if layout == "dictionary-learning" else None)
     return layout, files, convert(layout, files, repo, sub, run_cfg, target)
 
 
