@@ -118,9 +118,15 @@ def labels(sae_dir: pathlib.Path) -> dict[int, str]:
 
 def explanations(sae_dir: pathlib.Path) -> dict[int, str]:
     """{latent: explanation} that ``saelab eval --suite autointerp`` wrote for this SAE's weights ({} when none)."""
+    from saelab.analysis.features.records import weights_identity
+    from saelab.errors import SaelabError
     from saelab.suites.autointerp import load_explanations
 
-    return load_explanations(sae_dir)
+    try:  # the weights' sha256, hashed once per version of the file (not on every rerun of a page)
+        sha = weights_identity(sae_dir)["sae_sha256"]
+    except SaelabError:
+        return {}
+    return load_explanations(sae_dir, sha)
 
 
 # ----------------------------------------------------------------------------- target and hook

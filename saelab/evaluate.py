@@ -31,7 +31,7 @@ from saelab.kernels import sparse_decode
 from saelab.kernels.dispatch import resolve_kernel
 from saelab.layout import EVAL_FILE, check_eval, check_local_sae, read_eval, read_train_info
 from saelab.options import EvalOptions
-from saelab.sae.clt import decode_layer
+from saelab.sae.clt import as_pairs, decode_layer
 from saelab.sae.topk import TopKSAE
 from saelab.store import ActivationStore
 from saelab.store.stream import PairedBatches
@@ -259,7 +259,7 @@ def replacement_hooks(coders, first: int = 1, kernel: str | None = None) -> list
                 live[L] = flat
             else:  # a CLT layer's codes read its own input only: encoded once, decoded into every later output
                 x = flat[:, first:].reshape(-1, clt.d_in).float()
-                live[L] = clt.layer_codes(x * clt.in_scale[L], L, kernel)
+                live[L] = as_pairs(clt.layer_codes(x * clt.in_scale[L], L, kernel))
         return flat_hook(fn)
 
     def write(m):
@@ -330,6 +330,9 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
         check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
     sae = load_sae(sae_path)
+    for s in ("truth", "probing", "autointerp"):  # suites of one layer's SAE: a CLT is refused before any pass
+        if s in suites:
+            sae.one_layer(f"the {s} suite")
     others = [load_sae(p) for p in against] if "stability" in suites else []
     if "autointerp" in suites and judge is None:
         from saelab.suites.judges import TokensJudge

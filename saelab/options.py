@@ -39,7 +39,8 @@ class EvalOptions(JSONConfig):
     contexts: int = _f(64, "held-out contexts for the CE metrics")
     suite: str = _f("core", "evaluation suites, comma-separated: core (reconstruction, L0, dead/dense latents; CE "
                             "metrics with --model), truth (recovery of a synthetic store's planted features), "
-                            "probing (k-sparse probes on labelled text; needs --model), stability (agreement with the "
+                            "probing (k-sparse probes on labelled text; needs --model), autointerp (latents "
+                            "explained and the explanations scored; needs --model), stability (agreement with the "
                             "--against SAEs)")
     against: list[str] = _f([], "for --suite stability: an SAE trained with the same settings and another seed "
                                 "(repeat the flag; with a group as --sae, a group: its SAEs are paired by hook)")
@@ -52,7 +53,7 @@ class EvalOptions(JSONConfig):
                                   "offline: a latent's top tokens) or openai (an OpenAI-compatible endpoint)",
                         choices=["tokens", "openai"])
     autointerp_latents: int = _f(50, "for --suite autointerp: latents explained and scored (a seeded sample of the "
-                                     "live, non-dense ones)", min=1)
+                                     "live, non-dense ones; each scored against another's explanation)", min=2)
     openai_url: str | None = _f(None, "for --explainer openai: the endpoint's base URL, e.g. http://localhost:8000/v1 "
                                       "(default: $OPENAI_BASE_URL, else OpenAI's)")
     openai_model: str | None = _f(None, "for --explainer openai: the chat model (default: $SAELAB_OPENAI_MODEL)")

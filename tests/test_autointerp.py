@@ -53,7 +53,8 @@ def test_tokens_explanations_beat_another_latents_on_the_demo_sae(demo_sae, caps
     expl = load_explanations(demo_sae)
     assert sorted(expl) == ev["latents"] and all(e.startswith("tokens ") for e in expl.values())
     record = json.loads((demo_sae / AUTOINTERP_FILE).read_text())
-    assert set(record["judges"]["tokens"]) == {str(j) for j in ev["latents"]}
+    assert set(record["judges"]["tokens"]["latents"]) == {str(j) for j in ev["latents"]}
+    assert record["judges"]["tokens"]["setting"]["split"] == ev["split"] == "holdout"
 
 
 class _Server:
@@ -75,7 +76,7 @@ class _Server:
                     outer.requests.append((self.path, body))
                     mode = outer.plan.pop(0) if outer.plan else "ok"
                 if mode == "sleep":
-                    time.sleep(1.5)
+                    time.sleep(5)
                     return
                 if mode in ("429", "400"):
                     self._send(int(mode), {"error": {"message": "slow down" if mode == "429" else "bad request",
@@ -137,7 +138,7 @@ def server():
 
 def _argv(sae, url, *extra):
     return ["eval", "--sae", str(sae), "--suite", "autointerp", "--model", "tiny", "--explainer", "openai",
-            "--openai-url", url, "--openai-model", "judge-1", "--autointerp-latents", "3", "--openai-timeout", "0.5",
+            "--openai-url", url, "--openai-model", "judge-1", "--autointerp-latents", "3", "--openai-timeout", "2",
             "--quiet", *extra]
 
 
@@ -186,6 +187,20 @@ def test_openai_judge_failures_are_one_line_and_a_rerun_asks_nothing_twice(demo_
     assert len(again) == 1 and len(good.requests) == 9 and not good.prompts("You explain")
     assert len(json.loads((demo_sae / AUTOINTERP_FILE).read_text())["judges"]) == len(done["judges"])
     unreachable = "http://127.0.0.1:9/v1"
-    _fails([*_argv(demo_sae, unreachable), "--autointerp-latents", "4"], capsys, "could not reach")
+    _fails([*_argv(demo_sae, unreachable), "--autointerp-latents", "5"], capsys, "could not reach")
+    # five latents: only those not explained before are explained; a kept latent whose control partner changed is
+    # scored against its new partner (its own detection is kept)
+    from saelab.layout import read_eval
+
+    before = json.loads((demo_sae / AUTOINTERP_FILE).read_text())["judges"]["openai:judge-1"]["latents"]
+    more = server()
+    assert main([*_argv(demo_sae, more.url), "--autointerp-latents", "5"]) == 0
+    now = read_eval(demo_sae)["autointerp"]["latents"]
+    new = [j for j in now if str(j) not in before]
+    assert len(more.prompts("You explain")) == len(new) and len(now) == 5
+    partners = {j: now[(i + 1) % 5] for i, j in enumerate(now)}
+    moved = [j for j in now if str(j) in before and before[str(j)]["control_latent"] != partners[j]]
+    own = "You test an explanation of a feature of a language model. For each"
+    assert len(more.prompts(own)) == 2 * len(new) + len(moved)
     _fails(["eval", "--sae", demo_sae, "--suite", "autointerp", "--model", "tiny", "--explainer", "openai"], capsys,
            "needs a model: pass --openai-model")

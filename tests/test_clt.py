@@ -4,6 +4,7 @@ the CLI over every pair of a RUN folder, evaluated with every MLP replaced, and 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -171,7 +172,10 @@ def test_cli_trains_a_relu_or_jumprelu_clt_that_evaluates_and_traces(act_fn, mlp
         assert ("threshold" in f.keys()) == (act_fn == "jumprelu")
         if act_fn == "jumprelu":
             assert list(f.get_slice("threshold").get_shape()) == [2, c.d_sae]
-    assert c.control.coeff != {"relu": 0.1, "jumprelu": 0.05}[act_fn]  # adapted towards L0 = k
+    logged = [json.loads(line)["sparsity_coeff"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "sparsity_coeff" in json.loads(line)]
+    start = {"relu": 0.1, "jumprelu": 0.05}[act_fn]
+    assert logged and abs(math.log(logged[-1] / start)) > 0.05  # the controller moved λ towards L0 = k
     ev = read_eval(out)
     assert all(0 < f < 1 for f in ev["fvu_layers"]) and ev["l0_total"] > 0
     assert main(["eval", "--sae", str(out), "--model", "tiny", "--contexts", "8", "--quiet"]) == 0
@@ -182,3 +186,19 @@ def test_cli_trains_a_relu_or_jumprelu_clt_that_evaluates_and_traces(act_fn, mlp
     nodes = load_graph(graph)["nodes"]
     assert {n["layer"] for n in nodes if n["kind"] == "feature"} <= {0, 1} and any(n["kind"] == "feature" for n in nodes)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("act_fn", ["relu", "jumprelu"])
+def test_dense_codes_kept_as_pairs_decode_alike(act_fn):
+    """A dense layer code (relu, jumprelu) as the (values, indices) of its non-zero entries writes the same output
+    through decode_layer (1e-5), and holds no more entries per row than the most any row fires."""
+    from saelab.sae.clt import as_pairs, decode_layer
+
+    c = _clt(act_fn=act_fn)
+    x = torch.randn(32, 12)
+    with torch.no_grad():
+        code = c.layer_codes(x, 1)
+        v, i = as_pairs(code)
+        W = c.W_dec[1].reshape(40, -1)
+        torch.testing.assert_close(decode_layer((v, i), W), decode_layer(code, W), rtol=1e-5, atol=1e-5)
+    assert v.shape[1] == int((code != 0).sum(-1).max()) < 40 or act_fn == "relu"

@@ -112,4 +112,13 @@ def test_bad_probing_input_is_one_line(demo_sae, small_tasks, tmp_path, capsys):
     _fails([*base, "--model", "tiny", "--probe-dataset", no_label], capsys, "has no column 'label': pass "
            "--probe-label-column")
     _fails([*base, "--model", "tiny", "--probe-dataset", tmp_path / "missing.jsonl"], capsys, "no such file")
+    small = tmp_path / "small.jsonl"  # 40 texts: no class reaches MIN_CLASS texts
+    small.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in _paragraphs(20)))
+    _fails([*base, "--model", "tiny", "--probe-dataset", small], capsys, f"no label value has {probing.MIN_CLASS} texts")
+    big = "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in _paragraphs(60))
+    for folder in ("a", "b"):  # two files of one name give tasks of one name
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "reg.jsonl").write_text(big)
+    _fails([*base, "--model", "tiny", "--probe-dataset", tmp_path / "a" / "reg.jsonl", "--probe-dataset",
+            tmp_path / "b" / "reg.jsonl"], capsys, "two probing tasks are named 'reg:")
     assert (demo_sae / "eval.json").read_text() == before  # nothing written by a refused run

@@ -46,6 +46,16 @@ from saelab.sae.jumprelu import jumprelu, step_fn
 from saelab.sae.topk import scatter
 
 
+def as_pairs(code) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's code as (values, indices) [B, n]: TopK's as it is; dense codes (relu, jumprelu) by their n non-zero
+    entries, n the most any row has, so a code kept across a forward holds what fired, not [B, d_sae]."""
+    if isinstance(code, tuple):
+        return code
+    n = max(1, int((code != 0).sum(-1).max()) if code.numel() else 1)
+    v, i = code.abs().topk(n, dim=-1)
+    return code.gather(-1, i), i
+
+
 def decode_layer(code, W: torch.Tensor) -> torch.Tensor:
     """What one layer's code writes through W [d_sae, d]: ``code`` is TopK's (values, indices) pair, or dense [B, d_sae]
     codes (relu, jumprelu)."""

@@ -38,6 +38,8 @@ from saelab.suites.judges import Window
 AUTOINTERP_FILE = "autointerp.json"
 WINDOW = 16
 CONTEXTS = 512
+#: dense codes one batch of contexts may hold
+CODES_BYTES = 1 << 28
 N_EXPLAIN, N_SCORE = 10, 10
 DENSE = 0.1
 FORMAT = 1
@@ -55,13 +57,16 @@ def _token_strings(tokenizer):
 
 
 @torch.no_grad()
-def _window_acts(model, sae, contexts: np.ndarray, latents=None, batch: int = 32):
-    """[n_windows, d_sae or len(latents)] the largest activation per window (``latents`` None: every latent, float16;
-    plus the token firing counts [d_sae]), or with ``latents``, [n_windows, WINDOW, len(latents)] per token."""
+def _window_acts(model, sae, contexts: np.ndarray, latents=None):
+    """Without ``latents``: (windows each latent fires in [d_sae], tokens each fires on [d_sae]), counts only. With
+    ``latents``: [n_windows, WINDOW, len(latents)], their activations per token (|activation| for a signed SAE: a
+    window's strength is its largest magnitude, firing is a code ≠ 0). Batches hold at most CODES_BYTES of codes."""
     hook, device = sae.cfg.hook_name, device_of(model)
     n_win = (contexts.shape[1] - 1) // WINDOW
     span = n_win * WINDOW
+    batch = max(1, min(64, CODES_BYTES // max(1, span * sae.d_sae * 4)))
     out, fired = [], torch.zeros(sae.d_sae, dtype=torch.long)
+    win_fired = torch.zeros(sae.d_sae, dtype=torch.long)
     for b in range(0, len(contexts), batch):
         toks = torch.as_tensor(contexts[b:b + batch], dtype=torch.long, device=device)
         kept = {}
@@ -70,12 +75,12 @@ def _window_acts(model, sae, contexts: np.ndarray, latents=None, batch: int = 32
         x = kept["x"][:, 1:1 + span].float().to(sae.W_enc.device)
         f = sae.encode(x.reshape(-1, x.shape[-1])).float()
         if latents is None:
-            fired += (f != 0).sum(0).cpu()
-            out.append(f.reshape(len(toks) * n_win, WINDOW, -1).amax(1).half().cpu())
+            on = f != 0
+            fired += on.sum(0).cpu()
+            win_fired += on.reshape(len(toks) * n_win, WINDOW, -1).any(1).sum(0).cpu()
         else:
-            out.append(f[:, latents].reshape(len(toks) * n_win, WINDOW, -1).cpu())
-    acts = torch.cat(out)
-    return (acts, fired) if latents is None else acts
+            out.append(f[:, latents].abs().reshape(len(toks) * n_win, WINDOW, -1).cpu())
+    return (win_fired, fired) if latents is None else torch.cat(out)
 
 
 def _windows(contexts: np.ndarray) -> np.ndarray:
@@ -91,12 +96,15 @@ def balanced_accuracy(said: list[bool], truth: list[bool]) -> float:
 
 
 class Record:
-    """``autointerp.json``: per judge, per latent, its explanation and scores; rewritten atomically per change."""
+    """``autointerp.json``: per judge, the setting its scores hold for (``setting``: the store, its split, a hash of
+    the sampled contexts, the model, the seed, the window and sample sizes) and per latent its explanation and scores;
+    rewritten atomically per change. A judge's record of another setting, or of other weights, starts over."""
 
-    def __init__(self, sae_dir: pathlib.Path, judge_id: str):
+    def __init__(self, sae_dir: pathlib.Path, judge_id: str, setting: dict | None = None,
+                 sha: str | None = None):
         self.path = sae_dir / AUTOINTERP_FILE
         self.judge = judge_id
-        self.sha = sha256_file(sae_dir / WEIGHTS_FILE)
+        self.sha = sha or sha256_file(sae_dir / WEIGHTS_FILE)
         data = None
         if self.path.exists():
             try:
@@ -106,8 +114,11 @@ class Record:
         if not isinstance(data, dict) or data.get("sae_sha256") != self.sha or not isinstance(data.get("judges"),
                                                                                                dict):
             data = {"format": FORMAT, "sae_sha256": self.sha, "judges": {}}  # another SAE's, or none: start over
-        self.data = data
-        self.latents = data["judges"].setdefault(judge_id, {})
+        mine = data["judges"].get(judge_id)
+        if not isinstance(mine, dict) or not isinstance(mine.get("latents"), dict) or (
+                setting is not None and mine.get("setting") != setting):
+            mine = data["judges"][judge_id] = {"setting": setting, "latents": {}}
+        self.data, self.latents = data, mine["latents"]
 
     def get(self, latent: int) -> dict:
         return self.latents.get(str(latent), {})
@@ -118,15 +129,16 @@ class Record:
         atomic_write_text(self.path, json.dumps(self.data, indent=1, ensure_ascii=False) + "\n")
 
 
-def load_explanations(sae_dir) -> dict[int, str]:
+def load_explanations(sae_dir, sha: str | None = None) -> dict[int, str]:
     """{latent: explanation} of the judge that ran last on this SAE folder ({} when none has, or the file is of other
-    weights or damaged: explanations are a derived record, never an error for a reader such as the app)."""
+    weights or damaged: explanations are a derived record, never an error for a reader such as the app). ``sha``:
+    the weights' sha256 where the caller knows it (else it is computed)."""
     sae_dir = pathlib.Path(sae_dir)
     try:
         data = json.loads((sae_dir / AUTOINTERP_FILE).read_text(encoding="utf-8"))
-        if data.get("sae_sha256") != sha256_file(sae_dir / WEIGHTS_FILE):
+        if data.get("sae_sha256") != (sha or sha256_file(sae_dir / WEIGHTS_FILE)):
             return {}
-        return {int(k): v["explanation"] for k, v in data["judges"][data["last"]].items()
+        return {int(k): v["explanation"] for k, v in data["judges"][data["last"]]["latents"].items()
                 if isinstance(v, dict) and isinstance(v.get("explanation"), str)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SaelabError):
         return {}
@@ -135,12 +147,15 @@ def load_explanations(sae_dir) -> dict[int, str]:
 def autointerp_scores(sae, sae_dir, model, store, judge, n_latents: int = 50, seed: int = 0,
                       progress: bool = False) -> dict:
     """The autointerp suite's scores of ``sae`` (its folder ``sae_dir``) over ``model`` and ``store``'s held-out
-    text, with ``judge`` (``TokensJudge`` or ``OpenAIJudge``)."""
+    text (its train split when it holds none out), with ``judge`` (``TokensJudge`` or ``OpenAIJudge``)."""
+    import hashlib
+
     from tqdm.auto import tqdm
 
-    sae = sae.one_layer("the autointerp suite").eval()
-    if n_latents < 1:
-        raise SaelabError(f"--autointerp-latents must be positive (got {n_latents})")
+    sae = sae.one_layer("the autointerp suite").eval().to(device_of(model))
+    if n_latents < 2:
+        raise SaelabError(f"--autointerp-latents must be at least 2 (got {n_latents}): each latent's control is "
+                          "another latent's explanation")
     if sae.cfg.hook_name not in model.hook_dict:
         raise SaelabError(f"the model has no hook {sae.cfg.hook_name!r}: pass the model this SAE was trained on "
                           "(--model)")
@@ -152,10 +167,9 @@ def autointerp_scores(sae, sae_dir, model, store, judge, n_latents: int = 50, se
     if contexts.shape[1] <= WINDOW:
         raise SaelabError(f"store {store.path}: contexts of {contexts.shape[1]} tokens are too short for windows of "
                           f"{WINDOW}: harvest with a longer --context-size")
-    win_max, fired = _window_acts(model, sae, contexts)
-    n_windows = win_max.shape[0]
+    n_fire, fired = _window_acts(model, sae, contexts)
+    n_windows = len(contexts) * ((contexts.shape[1] - 1) // WINDOW)
     density = fired.double() / (n_windows * WINDOW)
-    n_fire = (win_max > 0).sum(0)
     live = torch.nonzero((n_fire >= 2 * N_EXPLAIN) & (n_windows - n_fire >= N_SCORE) & (density <= DENSE)) \
         .squeeze(1).numpy()
     if len(live) < 2:
@@ -169,7 +183,10 @@ def autointerp_scores(sae, sae_dir, model, store, judge, n_latents: int = 50, se
     def window(w: int, col: int) -> Window:
         return Window([tok(int(t)) for t in ids[w]], [float(a) for a in acts[w, :, col]])
 
-    record = Record(pathlib.Path(sae_dir), judge.id)
+    setting = {"store": str(store.path), "split": split, "model": str(getattr(model.cfg, "model_name", "")),
+               "contexts_sha256": hashlib.sha256(np.ascontiguousarray(contexts).tobytes()).hexdigest(),
+               "seed": seed, "window": WINDOW, "n_explain": N_EXPLAIN, "n_score": N_SCORE}
+    record = Record(pathlib.Path(sae_dir), judge.id, setting)
     sets = {}
     for col, j in enumerate(latents):
         top = acts[:, :, col].amax(1)
@@ -190,7 +207,8 @@ def autointerp_scores(sae, sae_dir, model, store, judge, n_latents: int = 50, se
         shown = lrng.permutation(np.concatenate([pos, neg]))
         truth = [w in set(pos.tolist()) for w in shown]
         texts = [window(int(w), col) for w in shown]
-        mine, other = record.get(j)["explanation"], record.get(latents[(i + 1) % len(latents)])["explanation"]
+        partner = latents[(i + 1) % len(latents)]  # the control: the next sampled latent's explanation
+        mine, other = record.get(j)["explanation"], record.get(partner)["explanation"]
         # fuzzing: half the top-quantile windows marked where the latent fires, half as many tokens where it does not
         fz = [window(int(w), col) for w in lrng.permutation(pos)]
         marks, right = [], []
@@ -207,14 +225,15 @@ def autointerp_scores(sae, sae_dir, model, store, judge, n_latents: int = 50, se
         # each score is kept as it comes (the windows are drawn again alike): a rerun asks for none of them again
         if "detection" not in record.get(j):
             record.put(j, detection=balanced_accuracy(judge.detect(mine, texts), truth))
-        if "detection_control" not in record.get(j):
-            record.put(j, detection_control=balanced_accuracy(judge.detect(other, texts), truth))
+        if record.get(j).get("control_latent") != partner:  # another sample gives another partner: scored again
+            record.put(j, detection_control=balanced_accuracy(judge.detect(other, texts), truth),
+                       control_latent=partner)
         if "fuzzing" not in record.get(j):
             fuzzing = balanced_accuracy(judge.fuzz(mine, fz, marks), right) if 0 < sum(right) < len(right) else None
             record.put(j, fuzzing=fuzzing)
     scored = [record.get(j) for j in latents]
     fz_all = [s["fuzzing"] for s in scored if s.get("fuzzing") is not None]
-    return {"explainer": judge.id, "n_latents": len(latents), "windows": n_windows,
+    return {"explainer": judge.id, "n_latents": len(latents), "windows": n_windows, "split": split,
             "detection": float(np.mean([s["detection"] for s in scored])),
             "detection_control": float(np.mean([s["detection_control"] for s in scored])),
             "fuzzing": float(np.mean(fz_all)) if fz_all else None, "latents": latents}

@@ -50,6 +50,8 @@ CONTEXT = 128
 N_TRAIN, N_TEST = 1024, 256
 #: a labelled dataset's classes probed (its most frequent label values)
 MAX_CLASSES = 8
+#: a labelled dataset's class with fewer texts is left out (its 20% test split would hold a handful)
+MIN_CLASS = 40
 #: a forward's padded tokens at most, and its dense codes' bytes
 BATCH_TOKENS, CODES_BYTES = 8192, 1 << 28
 QUOTE = '"'
@@ -143,7 +145,12 @@ def dataset_tasks(name: str, text_column: str = "text", label_column: str = "lab
     if len(counts) < 2:
         raise SaelabError(f"--probe-dataset {name}: its '{label_column}' column has {len(counts)} distinct value(s) "
                           "over its texts; a probe needs at least two classes")
-    classes = [c for c, _ in counts.most_common(MAX_CLASSES)]
+    # a class with fewer texts than MIN_CLASS is no task of its own (its test split would hold a handful); its texts
+    # stay among the others' negatives
+    classes = [c for c, n in counts.most_common(MAX_CLASSES) if n >= MIN_CLASS]
+    if not classes:
+        raise SaelabError(f"--probe-dataset {name}: no label value has {MIN_CLASS} texts (the most has "
+                          f"{counts.most_common(1)[0][1]}): pass a larger dataset")
     if len(counts) == 2:
         classes = classes[:1]
     stem = path.stem if path.exists() else name
@@ -266,13 +273,18 @@ def probing_scores(sae, model, datasets: list[tuple[str, str, str]] = (), seed: 
     dataset in ``datasets`` [(name, text column, label column)]."""
     from tqdm.auto import tqdm
 
-    sae = sae.one_layer("the probing suite").eval()
+    sae = sae.one_layer("the probing suite").eval().to(device_of(model))
     if sae.cfg.hook_name not in model.hook_dict:
         raise SaelabError(f"the model has no hook {sae.cfg.hook_name!r}: pass the model this SAE was trained on "
                           "(--model)")
     tasks = bundled_tasks(model.tokenizer, seed)
     for name, text_col, label_col in datasets:
         tasks += dataset_tasks(name, text_col, label_col, seed)
+    names = [t.name for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SaelabError(f"two probing tasks are named {twice[0]!r} (two --probe-dataset files of one name, or a "
+                          "dataset named as a bundled task): rename one")
     rng = np.random.default_rng(seed)
     per = {}
     for task in tqdm(tasks, desc="probing", unit="task", disable=not progress):
