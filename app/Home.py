@@ -69,3 +69,7 @@ st.page_link("pages/1_Features.py", label="Features — find latents by id, prom
 st.page_link("pages/2_Steering.py", label="Steering — add / clamp / ablate latents, side-by-side generations, "
                                           "effect metrics, sweeps")
 st.page_link("pages/3_Circuits.py", label="Circuits — sparse feature circuits as layered graphs")
+st.page_link("pages/4_Attribution.py", label="Attribution — attribution graphs over transcoders: trace a prompt, "
+                                             "intervene on a feature")
+st.page_link("pages/5_Evaluations.py", label="Evaluations — every eval score against L0 across SAEs, seed spreads, "
+                                             "sparse-probing curves")
