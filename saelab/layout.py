@@ -119,7 +119,8 @@ EVAL_SCHEMA = obj({
     "truth": obj({"mcc": FRACTION, "mmcs": FRACTION, "uniqueness": FRACTION, "precision": FRACTION,
                   "recall": FRACTION, "f1": FRACTION, "accuracy": FRACTION, "dead_latents": WHOLE,
                   "true_l0": {"type": "number", "minimum": 0}, "sae_l0": {"type": "number", "minimum": 0},
-                  "rows": WHOLE}, required=("mcc", "mmcs", "uniqueness", "precision", "recall", "f1")),
+                  "rows": WHOLE, "mean_absorption_fraction_score": FRACTION, "mean_full_absorption_score": FRACTION},
+                 required=("mcc", "mmcs", "uniqueness", "precision", "recall", "f1")),
     "probing": obj({"llm_test_accuracy": FRACTION, "sae_test_accuracy": FRACTION,
                     "k_values": {"type": "array", "items": POSITIVE},
                     "tasks": {"type": "object", "additionalProperties": obj({

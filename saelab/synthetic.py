@@ -10,7 +10,9 @@ Feature ids, in order: ``hierarchy`` parents, then each parent's ``children`` ch
 (child j of parent p is ``hierarchy + p * children + j``), then the ``bidirectional``
 features, then the plain ones. Every feature except a child fires independently with the same
 probability p, chosen so a row has ``active`` features on average; a child fires with
-probability ``CHILD_RATE`` when its parent fires, never otherwise. Coefficients are
+probability ``child_rate`` (default ``CHILD_RATE``) when its parent fires, never otherwise; with
+``exclusive_children`` at most one child fires with its parent (chosen uniformly), the setting where
+a child's latent can absorb its parent's (Chanin et al., "A is for Absorption"). Coefficients are
 Uniform(0.5, 1.5), times a random sign for bidirectional features. Rows are drawn in chunks of
 ``chunk_rows(cfg)`` from one seeded generator, so a seed gives byte-identical stores.
 
@@ -72,6 +74,10 @@ class SyntheticConfig(JSONConfig):
     bidirectional: int = _f(0, "how many features get a random-sign coefficient (fire in both directions)")
     hierarchy: int = _f(0, "number of parent features, each with --children features that fire only with it")
     children: int = _f(4, "child features per hierarchy parent")
+    child_rate: float = _f(CHILD_RATE, "probability that a parent's children fire when it fires: each child on its "
+                                       "own, or with --exclusive-children one of them", min=0.0, max=1.0)
+    exclusive_children: bool = _f(False, "at most one child fires with its parent (the children exclude each other: "
+                                         "a parent's cases split among them)")
     holdout: float = _f(0.05, "fraction of rows (the last contexts) held out for evaluation, in their own shards")
     shard_rows: int = _f(16384, f"target rows per shard (rounded down to whole contexts of {CONTEXT_SIZE})")
     dtype: str = _f("float32", "storage dtype of the rows", choices=["float32", "float16"])
@@ -117,7 +123,8 @@ class SyntheticConfig(JSONConfig):
 def feature_prob(cfg: SyntheticConfig) -> float:
     """Firing probability p of every non-child feature, so that a row has ``cfg.active`` on average."""
     n_child = cfg.hierarchy * cfg.children
-    return cfg.active / (cfg.n_true - n_child + CHILD_RATE * n_child)
+    per_parent = cfg.child_rate * (1 if cfg.exclusive_children and cfg.children else cfg.children)
+    return cfg.active / (cfg.n_true - n_child + per_parent * cfg.hierarchy)
 
 
 def bidirectional_ids(cfg: SyntheticConfig) -> list[int]:
@@ -183,8 +190,14 @@ def sample(cfg: SyntheticConfig, n: int, gen: torch.Generator,
     key = rows * cfg.n_true + torch.where(free < h, free, free + h * c)  # skip the block of child ids
     parent = free < h
     if c and parent.any():  # already sorted by (row, feature) unless children join
-        fire = torch.rand(int(parent.sum()), c, generator=gen) < CHILD_RATE
-        pr, kid = fire.nonzero(as_tuple=True)
+        if cfg.exclusive_children:  # one child at most: which one, uniformly
+            n_par = int(parent.sum())
+            fires = torch.rand(n_par, generator=gen) < cfg.child_rate
+            which = torch.randint(0, c, (n_par,), generator=gen)
+            pr, kid = fires.nonzero(as_tuple=True)[0], which[fires]
+        else:
+            fire = torch.rand(int(parent.sum()), c, generator=gen) < cfg.child_rate
+            pr, kid = fire.nonzero(as_tuple=True)
         key = torch.cat([key, key[parent][pr] + h + free[parent][pr] * (c - 1) + kid]).sort().values
     rows, feats = key // cfg.n_true, key % cfg.n_true
     vals = torch.empty(len(key)).uniform_(*COEF_RANGE, generator=gen)
@@ -250,7 +263,7 @@ def _write_synthetic(cfg: SyntheticConfig, out: pathlib.Path, plan, n_contexts: 
         _save_npy(folder / TRUTH_NPY, directions.numpy())
         truth = {"n_true": cfg.n_true, "d": directions.shape[1], "bidirectional": bidirectional_ids(cfg),
                  "hierarchy": {str(k): v for k, v in hierarchy_ids(cfg).items()}, "active": cfg.active,
-                 "seed": cfg.seed, "feature_prob": feature_prob(cfg), "child_rate": CHILD_RATE,
+                 "seed": cfg.seed, "feature_prob": feature_prob(cfg), "child_rate": cfg.child_rate,
                  "coef_range": list(COEF_RANGE), "config": cfg.to_dict()}
         if side:  # which of a pair's directions truth.npy holds (truth_codes makes that side's rows)
             truth["side"] = side

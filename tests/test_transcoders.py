@@ -212,6 +212,34 @@ def test_a_transcoder_recovers_the_planted_map(planted_coders):
     assert truth["mmcs"] >= 0.9 and truth["mcc"] >= 0.9, truth
 
 
+def test_without_superposition_a_transcoder_recovers_both_sides_of_the_planted_map(tmp_path):
+    """48 planted features in 64 input dimensions (no superposition: the input directions A have a readout, their
+    dual basis pinv(A), which computes each coefficient), mapped to 48 output directions B. A transcoder trained from
+    the CLI recovers both sides: its encoder columns match the readout (MMCS ≥ 0.9; measured 0.95 at seeds 0 and 1)
+    and its decoder rows match B (≥ 0.9; measured 0.998). The encoder matches the readout, not A itself (0.60): an
+    encoder computes coefficients, and with 256 features in 64 dimensions (the test above) no exact readout exists."""
+    from saelab.cli import main
+    from saelab.sae import SAE
+    from saelab.synthetic import load_truth
+
+    assert main(["synthetic", "--out", str(tmp_path / "run"), "--d", "64", "--n-true", "48", "--active", "3",
+                 "--d-out", "48", "--rows", "65536", "--quiet"]) == 0
+    assert main(["train", "--arch", "transcoder", "--activations", str(tmp_path / "run"), "--out", str(tmp_path / "tc"),
+                 "--k", "3", "--width", "96", "--tokens", "1200000", "--batch-size", "1024", "--quiet"]) == 0
+    t = SAE.load(tmp_path / "tc")
+    A, _ = load_truth(tmp_path / "run" / "synthetic.in")
+    B, _ = load_truth(tmp_path / "run" / "synthetic.out")
+
+    def mmcs(rows, truth):
+        rows = rows / rows.norm(dim=1, keepdim=True)
+        truth = truth / truth.norm(dim=1, keepdim=True)
+        return float((rows @ truth.T).abs().max(0).values.mean())
+
+    readout = torch.linalg.pinv(A).T  # [48, 64]: row i reads coefficient i off x = c·A
+    assert mmcs(t.W_enc.detach().T, readout) >= 0.9
+    assert mmcs(t.W_dec.detach(), B) >= 0.9
+
+
 def test_on_planted_data_the_skip_path_lowers_the_fvu_at_equal_k(planted_coders):
     from saelab.layout import read_eval
 

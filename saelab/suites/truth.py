@@ -11,6 +11,9 @@ features planted in it, scored as SAELens's synthetic benchmark (SynthSAEBench) 
   0 where undefined, averaged over latents.
 - ``dead_latents``: latents that fire on none of those rows; ``true_l0`` / ``sae_l0``: features / latents
   active per row.
+- ``mean_absorption_fraction_score`` / ``mean_full_absorption_score`` (stores with a planted hierarchy): SAEBench's
+  absorption scores (``suites.absorption``) of each parent, its main latent the one its direction matches best,
+  averaged over the parents.
 
 The planted coefficients of a row are drawn again from the store's seed (``synthetic.truth_codes``), and the
 rows they make are checked against the store's own before anything is scored.
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from saelab.errors import SaelabError
+from saelab.suites.absorption import absorption
 from saelab.suites.matching import cosines, match
 from saelab.synthetic import TRUTH_NPY, load_truth, truth_codes
 
@@ -47,7 +51,7 @@ def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096, target=None) -
         if not (st.path / TRUTH_NPY).exists():
             raise SaelabError(f"the truth suite scores SAEs of planted-feature stores: {st.path} holds no "
                               f"{TRUTH_NPY} (write one with `saelab synthetic`, or leave truth out of --suite)")
-    directions, _ = load_truth((target or store).path)
+    directions, info = load_truth((target or store).path)
     dec = sae.W_dec.detach().float().cpu()
     if dec.shape[1] != directions.shape[1]:
         raise SaelabError(f"the SAE reads d_in {dec.shape[1]}, the store's features have {directions.shape[1]}: "
@@ -62,6 +66,8 @@ def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096, target=None) -
         raise SaelabError(f"{store.path}: its rows are not the ones its truth.json draws (the store was changed, or "
                           "written by another saelab): write it again with `saelab synthetic`")
     d = len(dec)
+    parents = sorted(info.get("hierarchy") or {})
+    absorbed: dict[int, list] = {p: [[], []] for p in parents}  # per parent: codes and activations where it fires
     tp = fp = fn = tn = torch.zeros(d, dtype=torch.float64)
     fired = torch.zeros(d, dtype=torch.bool)
     sae_l0 = 0.0
@@ -76,11 +82,22 @@ def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096, target=None) -
             tn = tn + (~on & ~truth_on).sum(0)
             fired |= on.any(0)
             sae_l0 += float(on.sum())
+            for p in parents:
+                here = coef[a : a + batch][:, p] > 0
+                absorbed[p][0].append(codes[here])
+                absorbed[p][1].append(coef[a : a + batch][here, p])
     precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), 0.0)
     recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), 0.0)
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-300), 0.0)
     n = max(len(ids), 1)
-    return {"mcc": round(float(matched.mean()), 9), "mmcs": round(float(cos.max(0).mean()), 9),
+    extra = {}
+    if parents:  # each planted parent: how much of it its own latent leaves to others (suites.absorption)
+        unit = dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        scores = [absorption(torch.cat(absorbed[p][0]), dec, directions[p], [int((unit @ directions[p]).argmax())],
+                             torch.cat(absorbed[p][1])) for p in parents]
+        extra = {"mean_absorption_fraction_score": float(sum(s[0] for s in scores) / len(scores)),
+                 "mean_full_absorption_score": float(sum(s[1] for s in scores) / len(scores))}
+    return {**extra, "mcc": round(float(matched.mean()), 9), "mmcs": round(float(cos.max(0).mean()), 9),
             "uniqueness": len(best.unique()) / d,
             "precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean()),
             "accuracy": float(((tp + tn) / n).mean()), "dead_latents": int((~fired).sum()),
