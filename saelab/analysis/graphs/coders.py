@@ -32,6 +32,7 @@ class CLTLayer:
 
     def __init__(self, clt, index: int, layers: list[int]):
         self.clt, self.index = clt, index
+        self.k = clt.cfg.k  # TopK's active latents per layer; relu/jumprelu's target L0 per layer
         self.d_sae = clt.d_sae
         with torch.no_grad():
             s_in, s_out = clt.in_scale[index], clt.out_scale[index:]
