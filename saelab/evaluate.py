@@ -364,7 +364,7 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
 
         model = load_model(model_name, str(pick_device(device)))
     if "core" in suites:
-        res.update(_core(sae_path, sae, store, model_name, n_contexts, device, progress, model))
+        res.update(_core(sae_path, sae, store, n_contexts, device, progress, model))
     if "truth" in suites:
         res["truth"] = truth_scores(sae, store, target=target_store_for(sae, store))
     if "probing" in suites:
@@ -386,8 +386,8 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
     return res
 
 
-def _core(sae_path: pathlib.Path, sae, store, model_name, n_contexts, device, progress, model) -> dict:
-    """The core suite: store metrics, and CE metrics with a model."""
+def _core(sae_path: pathlib.Path, sae, store, n_contexts, device, progress, model) -> dict:
+    """The core suite: store metrics, and CE metrics with a model (``_evaluate`` loads the one named)."""
     from saelab.targets import layer_stores_for, target_store_for
 
     dev = pick_device(device)
@@ -403,10 +403,6 @@ def _core(sae_path: pathlib.Path, sae, store, model_name, n_contexts, device, pr
         target = target_store_for(sae, store)  # a transcoder's output rows; None for an SAE
         res.update(check_fvu(evaluate_store(sae, store, skip_bos=skip_bos, device=dev, progress=progress,
                                             target=target), sae, store, sae_path))
-    if model is None and model_name:
-        from saelab.models import load_model
-
-        model = load_model(model_name, str(dev))
     if model is not None:
         split = "holdout" if store.split_shards("holdout") else "train"
         toks = store.tokens(split)[:n_contexts]

@@ -4,6 +4,7 @@
   saelab's options; globs expanded against a model);
 - ``forward``: one hooked forward, stopped as soon as the hooks it needs have run (nothing after the
   deepest of them is computed, not even the rest of its block, ln_final or the unembedding);
+  ``activation_at``: the activation at one hook from such a forward;
 - ``flat_hook`` / ``flat_rows``: one view of an activation for every splice and store, as
   [batch, pos, features] (``attn.hook_z``'s heads flattened head-major), given back to the model in
   its own shape.
@@ -142,6 +143,15 @@ def check_reached(hooks: Iterable[str], reached: set[str], why: str = "choose ho
     missing = sorted(set(hooks) - reached)
     if missing:
         raise SaelabError(f"the model's forward never reached hook(s) {', '.join(missing)}: {why}")
+
+
+def activation_at(model, tokens: torch.Tensor, hook: str, why: str = "choose hooks this model computes"):
+    """The activation at ``hook`` ([batch, pos, features], ``flat_hook``'s view) of ``tokens``, from a forward that
+    stops right after it; a hook the forward never reaches is a one-line error ending in ``why``."""
+    kept: dict = {}
+    _, reached = forward(model, tokens, [(hook, flat_hook(lambda a: kept.__setitem__("x", a)))], stop_after=[hook])
+    check_reached([hook], reached, why)
+    return kept["x"]
 
 
 def flat_hook(fn: Callable[[torch.Tensor], torch.Tensor | None]) -> HookFn:

@@ -105,7 +105,7 @@ def score_rows(folders) -> list[ScoreRow]:
         block = cfg.get("saelab") if isinstance(cfg.get("saelab"), dict) else {}
         info = read_train_info(folder, f"rerun saelab train --out {folder}")
         train = info.get("train", {})
-        setting = {"sae": {k: v for k, v in block.items()}, "d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae"),
+        setting = {"sae": block, "d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae"),
                    "hook": cfg.get("hook_name"), "train": {k: v for k, v in train.items() if k not in NOT_SETTING},
                    "store": info.get("store_identity")}
         rows.append(ScoreRow(folder, str(cfg.get("hook_name") or ""), str(block.get("arch") or cfg.get("architecture")

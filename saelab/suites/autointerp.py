@@ -31,7 +31,7 @@ import torch
 from saelab.device import device_of
 from saelab.errors import SaelabError
 from saelab.fs import atomic_write_text, sha256_file
-from saelab.hooks import check_reached, flat_hook, forward
+from saelab.hooks import activation_at
 from saelab.layout import WEIGHTS_FILE
 from saelab.suites.judges import Window
 
@@ -69,10 +69,8 @@ def _window_acts(model, sae, contexts: np.ndarray, latents=None):
     win_fired = torch.zeros(sae.d_sae, dtype=torch.long)
     for b in range(0, len(contexts), batch):
         toks = torch.as_tensor(contexts[b:b + batch], dtype=torch.long, device=device)
-        kept = {}
-        _, reached = forward(model, toks, [(hook, flat_hook(lambda a: kept.__setitem__("x", a)))], stop_after=[hook])
-        check_reached([hook], reached, "pass the model this SAE was trained on")
-        x = kept["x"][:, 1:1 + span].float().to(sae.W_enc.device)
+        x = activation_at(model, toks, hook, "pass the model this SAE was trained on")
+        x = x[:, 1:1 + span].float().to(sae.W_enc.device)
         f = sae.encode(x.reshape(-1, x.shape[-1])).float()
         if latents is None:
             on = f != 0
@@ -167,8 +165,9 @@ def autointerp_scores(sae, sae_dir, model, store, judge, n_latents: int = 50, se
     if contexts.shape[1] <= WINDOW:
         raise SaelabError(f"store {store.path}: contexts of {contexts.shape[1]} tokens are too short for windows of "
                           f"{WINDOW}: harvest with a longer --context-size")
+    ids = _windows(contexts)
+    n_windows = len(ids)
     n_fire, fired = _window_acts(model, sae, contexts)
-    n_windows = len(contexts) * ((contexts.shape[1] - 1) // WINDOW)
     density = fired.double() / (n_windows * WINDOW)
     live = torch.nonzero((n_fire >= 2 * N_EXPLAIN) & (n_windows - n_fire >= N_SCORE) & (density <= DENSE)) \
         .squeeze(1).numpy()
@@ -177,7 +176,6 @@ def autointerp_scores(sae, sae_dir, model, store, judge, n_latents: int = 50, se
                           f"{len(contexts)} held-out contexts: the autointerp suite needs two; harvest more text")
     latents = [int(j) for j in np.sort(rng.choice(live, min(n_latents, len(live)), replace=False))]
     acts = _window_acts(model, sae, contexts, latents)  # [n_windows, WINDOW, n]
-    ids = _windows(contexts)
     tok = _token_strings(model.tokenizer)
 
     def window(w: int, col: int) -> Window:
@@ -205,7 +203,7 @@ def autointerp_scores(sae, sae_dir, model, store, judge, n_latents: int = 50, se
     for i, j in enumerate(tqdm(latents, desc="score", unit="latent", disable=not progress)):
         col, _, pos, neg, lrng = sets[j]
         shown = lrng.permutation(np.concatenate([pos, neg]))
-        truth = [w in set(pos.tolist()) for w in shown]
+        truth = np.isin(shown, pos).tolist()
         texts = [window(int(w), col) for w in shown]
         partner = latents[(i + 1) % len(latents)]  # the control: the next sampled latent's explanation
         mine, other = record.get(j)["explanation"], record.get(partner)["explanation"]

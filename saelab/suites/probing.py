@@ -40,7 +40,7 @@ import torch
 from saelab.data import CORPUS_DIR, load_documents
 from saelab.device import device_of
 from saelab.errors import SaelabError
-from saelab.hooks import check_reached, flat_hook, forward
+from saelab.hooks import activation_at
 from saelab.models import tokenizer_bos
 
 K_VALUES = (1, 2, 5, 20)
@@ -213,10 +213,7 @@ def _features(model, sae, task: Task, examples: list) -> tuple[np.ndarray, np.nd
         rows, ids = [tok[i] for i in batch], [texts[i] for i in batch]
         T = max(map(len, rows))
         toks = torch.tensor([r + [bos] * (T - len(r)) for r in rows], device=device)  # padding after: causal
-        kept = {}
-        _, reached = forward(model, toks, [(hook, flat_hook(lambda a: kept.__setitem__("x", a)))], stop_after=[hook])
-        check_reached([hook], reached, "pass the model this SAE was trained on")
-        x = kept["x"].float().to(sae.W_enc.device)  # [B, T, d_in]
+        x = activation_at(model, toks, hook, "pass the model this SAE was trained on").float().to(sae.W_enc.device)
         means, points = [], []  # (example, batch row); (example, batch row, position)
         for r, t in enumerate(ids):
             for j, pos in by_text[t]:
