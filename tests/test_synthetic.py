@@ -1,5 +1,6 @@
 """Synthetic stores: readable, reproducible, rows = coefficients @ directions; structure; recovery metrics."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -13,12 +14,17 @@ from saelab.synthetic import (
     SyntheticConfig,
     bidirectional_ids,
     chunk_rows,
+    correlation_factors,
+    feature_probs,
+    feature_probs_by_id,
     hierarchy_ids,
+    interference,
     load_truth,
     mmcs,
     planted,
     sample,
     splits,
+    truth_codes,
     write_synthetic,
 )
 
@@ -113,7 +119,13 @@ def test_metrics():
 
 
 @pytest.mark.parametrize("kw", [dict(d=0), dict(active=200.0), dict(bidirectional=100, hierarchy=10),
-                                dict(rows=10), dict(holdout=1.0), dict(dtype="int8"), dict(shard_rows=5)])
+                                dict(rows=10), dict(holdout=1.0), dict(dtype="int8"), dict(shard_rows=5),
+                                dict(firing="pareto"), dict(firing="zipf", zipf_exponent=0.0),
+                                dict(firing="zipf", zipf_exponent=-1.0), dict(correlation=1.0),
+                                dict(correlation=-0.1), dict(correlation_rank=0), dict(superposition=-1.0),
+                                dict(superposition=2.0), dict(n_true=256, superposition=0.01),
+                                dict(firing="zipf", zipf_exponent=4.0), dict(firing="zipf", zipf_exponent=10.0,
+                                                                              active=0.5)])
 def test_validate_errors_are_one_line(tmp_path, kw):
     with pytest.raises(SaelabError) as e:
         _cfg(tmp_path / "x", **kw).validate()
@@ -151,3 +163,124 @@ def test_an_interrupted_synthetic_store_leaves_nothing(existed, tmp_path, monkey
     assert "interrupted" in capsys.readouterr().err
     assert len(calls) == 2
     assert (out.is_dir() and not any(out.iterdir())) if existed else not out.exists()
+
+
+def _coef_digest(cfg, sizes=(2048, 1000)) -> str:
+    dirs, gen = planted(cfg)
+    h = hashlib.sha256()
+    for n in sizes:
+        c = sample(cfg, n, gen, dirs)[1].coalesce()
+        h.update(c.indices().numpy().tobytes())
+        h.update(c.values().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_defaults_draw_what_they_drew_before(tmp_path):
+    """The new options (--firing, --correlation, --superposition) at their defaults leave the draws as they were,
+    so stores written before them keep their truth. The digests are of the code before those options (commit
+    f1ec1e8: sha256 of the coefficients' indices and values of two sample calls, printed by this helper); a store
+    of that code (`saelab synthetic --rows 4096 --hierarchy 2 --bidirectional 3`) was also compared row for row."""
+    assert _coef_digest(_cfg(tmp_path / "u")) == "84fedf8d212a3965"
+    assert _coef_digest(_cfg(tmp_path / "u", exclusive_children=True, seed=3)) == "7c663c0a6fbdda26"
+
+
+def _rates(cfg, n):
+    dirs, gen = planted(cfg)
+    c = sample(cfg, n, gen, dirs)[1].coalesce()
+    on = torch.zeros(n, cfg.n_true, dtype=torch.bool)
+    on[c.indices()[0], c.indices()[1]] = True
+    return on
+
+
+def test_zipf_frequencies_follow_the_planted_law(tmp_path):
+    cfg = _cfg(tmp_path / "z", n_true=64, hierarchy=4, children=4, bidirectional=4, firing="zipf").validate()
+    n = 200_000
+    on = _rates(cfg, n)
+    want = torch.tensor(feature_probs_by_id(cfg), dtype=torch.float64)
+    kids = [k for ks in hierarchy_ids(cfg).values() for k in ks]
+    free = [i for i in range(cfg.n_true) if i not in kids]
+    freq = on.double().mean(0)
+    assert np.corrcoef(freq[free].log().numpy(), want[free].log().numpy())[0, 1] > 0.95
+    assert ((freq[free] - want[free]).abs() < 5 * (want[free] / n).sqrt() + 1e-4).all()
+    assert abs(on.sum(1).double().mean().item() - cfg.active) < 0.03 * cfg.active
+    assert want[free].max() / want[free].min() > 10  # it is not uniform
+    for p, ks in hierarchy_ids(cfg).items():  # children: their rate given the parent, as before
+        assert abs(on[on[:, p]][:, ks].double().mean().item() - cfg.child_rate) < 0.05
+    # the ranks are a seeded permutation: the most frequent feature is not id 0, and moves with the seed
+    top = [int(feature_probs(_cfg(tmp_path / "z", n_true=64, firing="zipf", seed=s)).argmax()) for s in (0, 1)]
+    assert top[0] != top[1] and top != [0, 0]
+    assert int(freq.argmax()) == int(want.argmax())
+
+
+def test_correlated_features_fire_together(tmp_path):
+    base = dict(n_true=48, hierarchy=2, children=2, bidirectional=4, active=4.0)
+    n = 30_000
+    cfg = _cfg(tmp_path / "c", correlation=0.6, correlation_rank=2, **base).validate()
+    f = correlation_factors(cfg)
+    load = f.T @ f
+    load.fill_diagonal_(-2)
+    i, j = divmod(int(load.argmax()), load.shape[1])  # free indices sharing the most loading
+    h, c = cfg.hierarchy, cfg.children
+    i, j = (k if k < h else k + h * c for k in (i, j))  # their feature ids
+
+    def indicator_corr(config):
+        on = _rates(config, n).double()
+        return float(np.corrcoef(on[:, i].numpy(), on[:, j].numpy())[0, 1]), on
+
+    r, on = indicator_corr(cfg)
+    r0, _ = indicator_corr(_cfg(tmp_path / "c", **base))
+    assert r > 0.15 and abs(r0) < 0.05, (r, r0)
+    want = torch.tensor(feature_probs_by_id(cfg), dtype=torch.float64)
+    kids = [k for ks in hierarchy_ids(cfg).values() for k in ks]
+    free = [k for k in range(cfg.n_true) if k not in kids]
+    assert ((on.mean(0)[free] - want[free]).abs() < 6 * (want[free] / n).sqrt()).all()
+    assert abs(on.sum(1).mean().item() - cfg.active) < 0.03 * cfg.active
+    # zipf and correlation together: the marginals are still the zipf law
+    zc = _cfg(tmp_path / "c", firing="zipf", correlation=0.6, **base)
+    on = _rates(zc, n).double()
+    want = torch.tensor(feature_probs_by_id(zc), dtype=torch.float64)
+    assert ((on.mean(0)[free] - want[free]).abs() < 6 * (want[free] / n).sqrt()).all()
+
+
+def test_superposition_sets_n_true_and_truth_records_interference(tmp_path, monkeypatch):
+    from saelab import synthetic
+
+    cfg = _cfg(tmp_path / "s", n_true=256, superposition=2.5, d=16, rows=4 * CONTEXT_SIZE, hierarchy=0,
+               bidirectional=0)
+    assert cfg.n_true == 40
+    out = write_synthetic(cfg, progress=False)
+    truth, info = load_truth(out)
+    assert truth.shape == (40, 16) and info["superposition"] == 2.5
+    cos = (truth @ truth.T).abs().fill_diagonal_(0)
+    assert info["interference"] == pytest.approx(float(cos.max(1).values.mean()), abs=1e-6)
+    assert 0 < info["interference"] < 1
+    # a store of the recorded config is the same store again (n_true stays 40)
+    assert SyntheticConfig.from_dict(info["config"]).validate().n_true == 40
+    # any store records them; more features per dimension interfere more
+    plain = load_truth(write_synthetic(_cfg(tmp_path / "p", rows=4 * CONTEXT_SIZE), progress=False))[1]
+    assert plain["superposition"] == 128 / 32 and plain["firing"] == "uniform" and "feature_probs" not in plain
+    assert interference(torch.eye(4)) == 0 and interference(truth[:1]) == 0
+    monkeypatch.setattr(synthetic, "INTERFERENCE_WORK", 40 * 40 * (16 + 32) // 3)  # every 3rd direction: 14 of 40
+    assert interference(truth) == pytest.approx(float(cos.max(1).values[::3].mean()), abs=1e-6)
+    with pytest.raises(SaelabError, match="pass one of them"):
+        _cfg(tmp_path / "b", n_true=100, superposition=2.0).validate()
+
+
+def test_truth_codes_redraw_a_zipf_correlated_store(tmp_path, monkeypatch):
+    from saelab import synthetic
+
+    monkeypatch.setattr(synthetic, "chunk_rows", lambda cfg: 3 * CONTEXT_SIZE)  # several chunks and copula blocks
+    cfg = _cfg(tmp_path / "zc", rows=12 * CONTEXT_SIZE, firing="zipf", zipf_exponent=0.9, correlation=0.4,
+               correlation_rank=3)
+    out = write_synthetic(cfg, progress=False)
+    info = json.loads((out / "truth.json").read_text())
+    assert info["firing"] == "zipf" and len(info["feature_probs"]) == cfg.n_true
+    assert info["correlation"]["rank"] == 3 and isinstance(info["correlation"]["factor_seed"], int)
+    assert info["feature_prob"] == pytest.approx(float(feature_probs(cfg).mean()))
+    store = ActivationStore(out)
+    ids = np.arange(store.n_rows("all"))
+    coef, x = truth_codes(out, ids)
+    assert torch.equal(x, store.rows(ids))
+    assert torch.allclose(coef @ load_truth(out)[0], x, atol=1e-5)
+    back = np.array([5 * CONTEXT_SIZE + 7, 3, 11 * CONTEXT_SIZE])  # any rows, in any order
+    assert torch.equal(truth_codes(out, back)[0], coef[back])
