@@ -304,10 +304,13 @@ def evaluate_replacement(coders, model, tokens: np.ndarray, skip_bos: bool = Tru
 def evaluate(sae_path, activations: str | None = None, model_name: str | None = None,
              n_contexts: int = EvalOptions.contexts, device: str = "auto", progress: bool = True, write: bool = True,
              model=None, suites=EvalOptions.suite, against=(), probe_datasets=(), judge=None,
-             autointerp_latents: int = EvalOptions.autointerp_latents) -> dict:
+             autointerp_latents: int = EvalOptions.autointerp_latents,
+             absorption_words: int = EvalOptions.absorption_words,
+             absorption_min_f1: float = EvalOptions.absorption_min_f1) -> dict:
     """What `saelab eval` does for one SAE folder: the ``suites`` named (``saelab.suites.SUITES``; "core": store
     metrics, and CE metrics when a model is given by name, ``model_name``, or already loaded, ``model``: a group's
-    SAEs share one; "truth": planted-feature recovery; "probing": k-sparse probes over that model, on the bundled
+    SAEs share one; "truth": planted-feature recovery; "absorption": first-letter absorption over that model's
+    vocabulary (``absorption_words`` words at most, letters whose probe reaches F1 ``absorption_min_f1``); "probing": k-sparse probes over that model, on the bundled
     tasks and ``probe_datasets`` [(name, text column, label column)]; "autointerp": ``autointerp_latents`` latents
     explained and scored by ``judge``, default ``TokensJudge()``; "stability": agreement with the SAEs
     ``against``); writes
@@ -322,15 +325,16 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
     if "stability" in suites and not against:
         raise SaelabError("--suite stability compares SAEs that differ only by seed: pass the others with --against "
                           "SAE (once per SAE)")
-    for s, what in (("probing", "the model's activations on labelled text"), ("autointerp", "the model's "
-                                                                                    "activations on held-out text")):
+    for s, what in (("absorption", "the model's activations on its vocabulary's words"),
+                    ("probing", "the model's activations on labelled text"),
+                    ("autointerp", "the model's activations on held-out text")):
         if s in suites and model is None and not model_name:
             raise SaelabError(f"--suite {s} reads {what}: pass --model, the model the SAE was trained on (e.g. tiny)")
     if write:
         check_local_sae(sae_path)  # eval.json is written next to the SAE
     sae_path = pathlib.Path(sae_path)
     sae = load_sae(sae_path)
-    for s in ("truth", "probing", "autointerp"):  # suites of one layer's SAE: a CLT is refused before any pass
+    for s in ("truth", "absorption", "probing", "autointerp"):  # suites of one layer's SAE: a CLT is refused before any pass
         if s in suites:
             sae.one_layer(f"the {s} suite")
     others = [load_sae(p) for p in against] if "stability" in suites else []
@@ -339,7 +343,7 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
 
         judge = TokensJudge()
     args = (sae_path, sae, activations, model_name, n_contexts, device, progress, write, model, suites, others,
-            probe_datasets, judge, autointerp_latents)
+            probe_datasets, judge, autointerp_latents, absorption_words, absorption_min_f1)
     if not write:
         return _evaluate(*args)
     check_writable_in(sae_path, EVAL_FILE)  # before the pass, not after it
@@ -349,7 +353,9 @@ def evaluate(sae_path, activations: str | None = None, model_name: str | None = 
 
 
 def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, device, progress, write,
-              model, suites, others, probe_datasets, judge, autointerp_latents) -> dict:
+              model, suites, others, probe_datasets, judge, autointerp_latents, absorption_words,
+              absorption_min_f1) -> dict:
+    from saelab.suites.absorption import absorption_scores
     from saelab.suites.autointerp import autointerp_scores
     from saelab.suites.probing import probing_scores
     from saelab.suites.stability import stability
@@ -359,7 +365,7 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
     res: dict = {}
     if {"core", "truth", "autointerp"} & set(suites):  # FVU needs rows, CE and autointerp its text, truth its truth
         store = store_for_sae(sae_path, sae, activations)
-    if model is None and model_name and {"core", "probing", "autointerp"} & set(suites):  # loaded once for all
+    if model is None and model_name and {"core", "absorption", "probing", "autointerp"} & set(suites):  # once
         from saelab.models import load_model
 
         model = load_model(model_name, str(pick_device(device)))
@@ -367,6 +373,8 @@ def _evaluate(sae_path: pathlib.Path, sae, activations, model_name, n_contexts, 
         res.update(_core(sae_path, sae, store, n_contexts, device, progress, model))
     if "truth" in suites:
         res["truth"] = truth_scores(sae, store, target=target_store_for(sae, store))
+    if "absorption" in suites:
+        res["absorption"] = absorption_scores(sae, model, absorption_words, absorption_min_f1, progress=progress)
     if "probing" in suites:
         res["probing"] = probing_scores(sae, model, list(probe_datasets), progress=progress)
     if "autointerp" in suites:

@@ -121,6 +121,18 @@ EVAL_SCHEMA = obj({
                   "true_l0": {"type": "number", "minimum": 0}, "sae_l0": {"type": "number", "minimum": 0},
                   "rows": WHOLE, "mean_absorption_fraction_score": FRACTION, "mean_full_absorption_score": FRACTION},
                  required=("mcc", "mmcs", "uniqueness", "precision", "recall", "f1")),
+    "absorption": obj({"mean_absorption_fraction_score": nullable(FRACTION),
+                       "mean_full_absorption_score": nullable(FRACTION),
+                       "mean_num_split_features": nullable({"type": "number", "minimum": 0}),
+                       "n_letters": WHOLE, "n_words": WHOLE, "min_probe_f1": FRACTION,
+                       "letters": {"type": "object", "additionalProperties": obj({
+                           "mean_absorption_fraction": FRACTION, "full_absorption_rate": FRACTION,
+                           "num_split_features": WHOLE, "f1_probe": FRACTION,
+                           "split_feats": {"type": "array", "items": WHOLE}},
+                           required=("mean_absorption_fraction", "full_absorption_rate"))},
+                       "skipped": {"type": "object", "additionalProperties": TEXT}},
+                      required=("mean_absorption_fraction_score", "mean_full_absorption_score", "letters"),
+                      patterns={"^std_dev_": nullable({"type": "number", "minimum": 0})}),
     "probing": obj({"llm_test_accuracy": FRACTION, "sae_test_accuracy": FRACTION,
                     "k_values": {"type": "array", "items": POSITIVE},
                     "tasks": {"type": "object", "additionalProperties": obj({

@@ -39,11 +39,18 @@ class EvalOptions(JSONConfig):
     contexts: int = _f(64, "held-out contexts for the CE metrics")
     suite: str = _f("core", "evaluation suites, comma-separated: core (reconstruction, L0, dead/dense latents; CE "
                             "metrics with --model), truth (recovery of a synthetic store's planted features), "
+                            "absorption (first-letter feature absorption over the vocabulary; needs --model), "
                             "probing (k-sparse probes on labelled text; needs --model), autointerp (latents "
                             "explained and the explanations scored; needs --model), stability (agreement with the "
                             "--against SAEs)")
     against: list[str] = _f([], "for --suite stability: an SAE trained with the same settings and another seed "
                                 "(repeat the flag; with a group as --sae, a group: its SAEs are paired by hook)")
+    absorption_words: int = _f(4000, "for --suite absorption: vocabulary words read at most (a seeded sample of the "
+                                     "tokens made of letters; the probes train on four fifths, the rest are scored)",
+                               min=50)
+    absorption_min_f1: float = _f(0.6, "for --suite absorption: a letter is scored where its probe on the raw "
+                                       "activations reaches this test F1 (SAEBench's 0.6: the model represents it)",
+                                  min=0.0, max=1.0)
     probe_dataset: list[str] = _f([], "for --suite probing: a labelled dataset beside the bundled tasks, a local "
                                       ".jsonl/.csv/.parquet file or a Hugging Face name, one task per label value "
                                       "(repeat the flag)")
@@ -97,7 +104,18 @@ class CompareOptions(JSONConfig):
     other_hook: str | None = _f(None, "with a group folder as --other: the hook whose SAE is B")
     json: str | None = _f(None, "also write the summary and every latent's match to this file")
     force: bool = _f(False, f"replace an existing --json file that saelab compare did not write {_NEVER}")
-    device: str = _f("auto", "where the cosines are computed: cpu, cuda or auto")
+    device: str = _f("auto", "where the cosines (and with --universality the codes and correlations) are computed: "
+                             "cpu, cuda or auto")
+    universality: bool = _f(False, "also pair the latents by activation correlation on the same tokens and score the "
+                                   "paired decoder rows by SVCCA against random pairings (Lan et al. 2024; SAEs of "
+                                   "two models or layers); needs --activations")
+    activations: str | None = _f(None, "with --universality: the store SAE A reads, or the RUN folder holding it")
+    other_activations: str | None = _f(None, "with --universality: the store (or RUN folder) SAE B reads, row-aligned "
+                                             "with --activations (default: B's hook's store in the RUN folder of "
+                                             "--activations, i.e. one harvest run)")
+    rows: int = _f(32768, "with --universality: at most this many rows (tokens), the held-out split's where the "
+                          "store has one, BOS positions left out", min=2)
+    quiet: bool = _f(False, "no progress bar (with --universality)")
 
 
 @dataclass

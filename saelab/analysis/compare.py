@@ -122,18 +122,25 @@ class Side:
                 "model": self.model}
 
 
-def load_pair(sae, other, hook: str | None = None, other_hook: str | None = None) -> tuple[Side, Side]:
+def load_pair(sae, other, hook: str | None = None, other_hook: str | None = None,
+              other_model: bool = False) -> tuple[Side, Side]:
     """Both SAEs of a comparison (folders, group folders with ``hook`` / ``other_hook``, or ``hf://`` specs; nothing
-    is written next to them); SAEs of different models are refused (their directions live in different spaces)."""
-    from saelab.models import same_model
-
+    is written next to them); SAEs of different models are refused (their directions live in different spaces),
+    unless ``other_model`` (universality, which compares them through their activations)."""
     a, b = Side(*pick_sae(sae, hook)), Side(*pick_sae(other, other_hook, "--other-hook"))
     for side in (a, b):
         side.sae.one_layer("saelab compare")
-    if a.model and b.model and not same_model(a.model, b.model):
+    if not other_model and not one_model(a, b):
         raise SaelabError(f"the SAEs belong to different models ({a.model} and {b.model}): their directions live "
                           "in different spaces; compare SAEs of one model")
     return a, b
+
+
+def one_model(a: Side, b: Side) -> bool:
+    """Whether the two sides belong to one model (or either names none)."""
+    from saelab.models import same_model
+
+    return not (a.model and b.model) or same_model(a.model, b.model)
 
 
 def compare_sides(a: Side, b: Side, budget: int = 1 << 25, device="cpu") -> dict:

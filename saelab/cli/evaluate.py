@@ -58,7 +58,7 @@ def cmd_eval(args) -> int:
         from saelab.suites.judges import OpenAIJudge
 
         judge = OpenAIJudge(o.openai_model, o.openai_url, o.openai_key, o.openai_timeout)
-    if o.model and len(folders) > 1 and {"core", "probing", "autointerp"} & set(suites):
+    if o.model and len(folders) > 1 and {"core", "absorption", "probing", "autointerp"} & set(suites):
         from saelab.device import pick_device
         from saelab.models import load_model
 
@@ -68,7 +68,8 @@ def cmd_eval(args) -> int:
     for folder in folders:
         ev = evaluate(folder, o.activations, o.model, n_contexts=o.contexts, device=args.device,
                       progress=not args.quiet, model=model, suites=suites, against=against[folder],
-                      probe_datasets=probes, judge=judge, autointerp_latents=o.autointerp_latents)
+                      probe_datasets=probes, judge=judge, autointerp_latents=o.autointerp_latents,
+                      absorption_words=o.absorption_words, absorption_min_f1=o.absorption_min_f1)
         if "core" in suites:
             print(f"{folder}: {eval_line(ev)}")
         for s in tables:
@@ -84,9 +85,11 @@ def cmd_eval(args) -> int:
 def add_parser(sub) -> None:
     add_command(sub, "eval", EvalOptions, cmd_eval,
                 help="evaluation suites: FVU, L0, dead/dense latents, CE-loss recovered and KL (core); planted-"
-                     "feature recovery (truth); seed stability (stability)",
+                     "feature recovery (truth); absorption; k-sparse probing; autointerp; seed stability (stability)",
                 description="Evaluate an SAE (each SAE of a group folder) and write the scores into its eval.json: "
                             "core (reconstruction over the store's held-out rows; with --model, the SAE spliced into "
                             "the model for CE-loss recovered and KL), truth (a synthetic store's planted features "
-                            "recovered: MCC, precision/recall), stability (decoders matched against --against SAEs "
+                            "recovered: MCC, precision/recall), absorption (first-letter feature absorption, "
+                            "SAEBench's protocol), probing (k-sparse probes), autointerp (latents explained and "
+                            "scored), stability (decoders matched against --against SAEs "
                             "of other seeds).")

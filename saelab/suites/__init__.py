@@ -3,6 +3,7 @@ with a model, CE-loss recovered and KL, in ``saelab.evaluate``): what the latent
 reconstruct.
 
 - ``truth`` (``suites.truth``): recovery of the features planted in a synthetic store;
+- ``absorption`` (``suites.absorption``): first-letter feature absorption over the model's vocabulary;
 - ``probing`` (``suites.probing``): k-sparse probes on labelled text, against probes on the raw activations;
 - ``autointerp`` (``suites.autointerp``, judges in ``suites.judges``): latents explained, then the explanations
   scored by detection and fuzzing on held-out windows;
@@ -16,7 +17,7 @@ from __future__ import annotations
 from saelab.errors import SaelabError
 
 #: every suite ``saelab eval --suite`` runs, in the order it runs them
-SUITES = ("core", "truth", "probing", "autointerp", "stability")
+SUITES = ("core", "truth", "absorption", "probing", "autointerp", "stability")
 
 
 def parse_suites(spec) -> tuple[str, ...]:

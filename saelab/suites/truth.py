@@ -12,8 +12,8 @@ features planted in it, scored as SAELens's synthetic benchmark (SynthSAEBench) 
 - ``dead_latents``: latents that fire on none of those rows; ``true_l0`` / ``sae_l0``: features / latents
   active per row.
 - ``mean_absorption_fraction_score`` / ``mean_full_absorption_score`` (stores with a planted hierarchy): SAEBench's
-  absorption scores (``suites.absorption``) of each parent, its main latent the one its direction matches best,
-  averaged over the parents.
+  absorption scores (``suites.absorption.row_absorption``) of each parent over the rows where it fires, its
+  direction the property's, its main latent the one its direction matches best, averaged over the parents.
 
 The planted coefficients of a row are drawn again from the store's seed (``synthetic.truth_codes``), and the
 rows they make are checked against the store's own before anything is scored.
@@ -67,7 +67,7 @@ def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096, target=None) -
                           "written by another saelab): write it again with `saelab synthetic`")
     d = len(dec)
     parents = sorted(info.get("hierarchy") or {})
-    absorbed: dict[int, list] = {p: [[], []] for p in parents}  # per parent: codes and activations where it fires
+    absorbed: dict[int, list] = {p: [[], []] for p in parents}  # per parent: codes and projections where it fires
     tp = fp = fn = tn = torch.zeros(d, dtype=torch.float64)
     fired = torch.zeros(d, dtype=torch.bool)
     sae_l0 = 0.0
@@ -82,10 +82,10 @@ def truth_scores(sae, store, rows: int = ROWS, batch: int = 4096, target=None) -
             tn = tn + (~on & ~truth_on).sum(0)
             fired |= on.any(0)
             sae_l0 += float(on.sum())
-            for p in parents:
-                here = coef[a : a + batch][:, p] > 0
+            for p in parents:  # codes where the parent fires, and the projection onto its direction of the rows
+                here = coef[a : a + batch][:, p] > 0  # the SAE reconstructs (c · directions: either side of a pair)
                 absorbed[p][0].append(codes[here])
-                absorbed[p][1].append(coef[a : a + batch][here, p])
+                absorbed[p][1].append(coef[a : a + batch][here] @ (directions @ directions[p]))
     precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp_min(1), 0.0)
     recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp_min(1), 0.0)
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-300), 0.0)
