@@ -21,7 +21,8 @@ from saelab.harvest import harvest
 from saelab.models import load_model
 from saelab.train import train
 
-ARCHS = ["topk", "batchtopk", "abstopk", "matryoshka", "gradient", "jumprelu", "relu"]
+ARCHS = ["topk", "batchtopk", "mutualchoice", "featurechoice", "abstopk", "matryoshka", "gradient", "jumprelu", "relu",
+         "mp"]
 
 
 def main():

@@ -211,7 +211,8 @@ class HarvestConfig(JSONConfig):
 
 
 
-ARCHS = ["relu", "jumprelu", "gated", "topk", "batchtopk", "abstopk", "matryoshka", "gradient"]
+ARCHS = ["relu", "jumprelu", "gated", "topk", "batchtopk",
+         "mutualchoice", "featurechoice", "abstopk", "matryoshka", "gradient", "panneal", "archetypal", "mp"]
 #: the transcoders: read one hook of a pair of stores, reconstruct the other (an MLP's input → its output)
 TRANSCODERS = ["transcoder", "skip-transcoder", "clt"]
 #: the cross-layer transcoder: one model over every pair of a RUN folder (the others: one per pair)
@@ -254,7 +255,22 @@ class SAEConfig(JSONConfig):
     bandwidth: float = _f(0.1, "jumprelu: straight-through rectangle kernel width ε, in the trainer's units "
                                 "(mean ‖x‖ = √d_in; the paper's 0.001 assumed E‖x‖² = 1 and billions of tokens)")
     init_threshold: float = _f(0.5, "jumprelu: initial threshold θ (same units)")
-    threshold_momentum: float = _f(0.99, "batchtopk: EMA momentum of the inference threshold")
+    threshold_momentum: float = _f(0.99, "batchtopk, mutualchoice, featurechoice: EMA momentum of the inference "
+                                         "threshold")
+    fc_m: int | None = _f(None, "featurechoice: tokens each latent takes from a batch (default round(k × batch size / "
+                                "d_sae): k per token on average)", min=1)
+    archetypal_points: int = _f(2048, "archetypal: training rows whose convex hull the atoms live in (a seeded "
+                                      "sample of the store, drawn before the first step)", min=1)
+    archetypal_delta: float = _f(1.0, "archetypal: the relaxation, the largest norm of an atom's step out of the hull "
+                                      "(in the trainer's units: rows of mean norm sqrt(d_in)); 0: the hull itself",
+                                 min=0.0)
+    p_start: float = _f(1.0, "panneal: the exponent p of the Lp sparsity penalty until annealing starts")
+    p_end: float = _f(0.2, "panneal: the exponent p reached at the end of the run (0 < p_end <= p_start)")
+    anneal_start: float = _f(0.2, "panneal: fraction of the steps after which p is annealed (linearly, in "
+                                  "--p-updates steps, to --p-end at the last step)")
+    p_updates: int = _f(10, "panneal: how many times p changes (each change rescales the coefficient)", min=2)
+    p_penalty: str = _f("lp", "panneal: the penalty, the Lp norm of the codes (lp) or its p-th power (lp^p)",
+                        choices=["lp", "lp^p"])
     matryoshka_mode: str = _f("prefix", "matryoshka: nested prefixes of latents, or nested k values",
                               choices=["prefix", "k"])
     matryoshka_prefixes: list[float] = _f([0.25, 0.5, 1.0], "matryoshka prefix mode: prefix sizes as "
@@ -264,6 +280,9 @@ class SAEConfig(JSONConfig):
     matryoshka_weighting: str = _f("uniform", "matryoshka k mode: loss weights over the ks",
                                    choices=["uniform", "reverse"])
     grad_beta: float = _f(1.0, "gradient (g-SAE): weight β of the gradient term in the selection score")
+    mp_residual: float = _f(0.0, "mp: at inference a token's pursuit stops before its k steps once its residual norm "
+                                 "falls under this fraction of ‖x − b_dec‖ (adaptive L0; training always takes k "
+                                 "steps); 0: off", min=0.0)
 
     @property
     def d_sae(self) -> int:
@@ -317,12 +336,18 @@ class SAEConfig(JSONConfig):
         if not self.bandwidth > 0 or not 0 <= self.threshold_momentum < 1:
             raise SaelabError(f"--bandwidth must be positive and --threshold-momentum in [0, 1) (got {self.bandwidth}, "
                               f"{self.threshold_momentum})")
+        if not 0 < self.p_end <= self.p_start or not 0 <= self.anneal_start < 1 or self.p_penalty not in ("lp", "lp^p"):
+            raise SaelabError(f"--p-end must be in (0, --p-start], --anneal-start in [0, 1) and --p-penalty lp or lp^p "
+                              f"(got {self.p_end}, {self.p_start}, {self.anneal_start}, {self.p_penalty})")
         if not all(0 < p <= 1 for p in self.matryoshka_prefixes) or not all(k >= 1 for k in self.matryoshka_ks):
             raise SaelabError(f"--matryoshka-prefix values must be fractions in (0, 1] and --matryoshka-k values at "
                               f"least 1 (got {self.matryoshka_prefixes}, {self.matryoshka_ks})")
         if self.arch == "matryoshka" and self.matryoshka_mode == "k" and self.matryoshka_ks \
                 and max(self.matryoshka_ks) != self.k:
             raise SaelabError(f"--matryoshka-k values must end at --k {self.k}: add --matryoshka-k {self.k}")
+        if not 0 <= self.mp_residual < 1:
+            raise SaelabError(f"--mp-residual must be in [0, 1) (got {self.mp_residual}): the fraction of ‖x − b_dec‖ "
+                              "under which a token's pursuit stops, or 0 for k steps always")
         return self
 
 

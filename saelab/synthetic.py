@@ -18,7 +18,9 @@ F [``correlation_rank``, free] seeded factors with unit-norm columns (``correlat
 z_i is N(0, 1), the marginals stay p_i and features whose columns of F align fire together. A child
 fires with probability ``child_rate`` (default ``CHILD_RATE``) when its parent fires, never otherwise;
 with ``exclusive_children`` at most one child fires with its parent (chosen uniformly), the setting
-where a child's latent can absorb its parent's (Chanin et al., "A is for Absorption"). Coefficients are
+where a child's latent can absorb its parent's (Chanin et al., "A is for Absorption"); with
+``orthogonal_children`` each child's direction has its component along its parent's removed (then unit norm),
+the conditionally orthogonal children of hierarchical concepts (Costa et al. 2025). Coefficients are
 Uniform(0.5, 1.5), times a random sign for bidirectional features. Rows are drawn in chunks of
 ``chunk_rows(cfg)`` from one seeded generator, so a seed gives byte-identical stores; the zipf ranks and
 the factors F come from generators of their own (``side_seed``), so the options at their defaults
@@ -94,6 +96,9 @@ class SyntheticConfig(JSONConfig):
                                        "own, or with --exclusive-children one of them", min=0.0, max=1.0)
     exclusive_children: bool = _f(False, "at most one child fires with its parent (the children exclude each other: "
                                          "a parent's cases split among them)")
+    orthogonal_children: bool = _f(False, "make each child's direction orthogonal to its parent's (its component "
+                                          "along the parent removed, then unit norm): the conditionally orthogonal "
+                                          "children of hierarchical concepts (Costa et al. 2025, MP-SAE)")
     firing: str = _f("uniform", "firing frequencies of the non-child features: uniform (all the same) or zipf "
                                 "(p_i ∝ (rank_i + 1)^-exponent over a seeded random ranking), scaled so a row has "
                                 "--active features on average", choices=list(FIRINGS))
@@ -138,6 +143,12 @@ class SyntheticConfig(JSONConfig):
             raise SaelabError(f"--active must be in (0, --n-true={self.n_true}) (got {self.active})")
         if min(self.bidirectional, self.hierarchy, self.children) < 0:
             raise SaelabError("--bidirectional, --hierarchy and --children must be non-negative")
+        if self.orthogonal_children and not (self.hierarchy and self.children):
+            raise SaelabError("--orthogonal-children orients the children of --hierarchy parents, and this store has "
+                              "none: pass --hierarchy N (with --children M > 0), or drop it")
+        if self.orthogonal_children and self.d < 2:
+            raise SaelabError("--orthogonal-children needs --d 2 or more (in one dimension a child cannot be "
+                              "orthogonal to its parent)")
         used = self.bidirectional + self.hierarchy * (1 + self.children)
         if used > self.n_true:
             raise SaelabError(f"--bidirectional + --hierarchy * (1 + --children) = {used} exceeds --n-true "
@@ -289,7 +300,12 @@ def planted(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Generator]:
     """(directions [n_true, d] float32 unit rows, the generator to draw rows from), from cfg.seed."""
     gen = torch.Generator().manual_seed(cfg.seed)
     dirs = torch.randn(cfg.n_true, cfg.d, generator=gen, dtype=torch.float64)
-    return (dirs / dirs.norm(dim=1, keepdim=True)).float(), gen
+    dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    if cfg.orthogonal_children:  # no draw: the rows, and every other direction, stay those of the option off
+        for p, kids in hierarchy_ids(cfg).items():
+            kid = dirs[kids] - (dirs[kids] @ dirs[p])[:, None] * dirs[p]
+            dirs[kids] = kid / kid.norm(dim=1, keepdim=True)
+    return dirs.float(), gen
 
 
 def planted_out(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor:

@@ -161,6 +161,10 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     else:
         target_store = ActivationStore(target) if target is not None else None
         cfg = sae_config_for(store, scfg, target_store)
+    wanted = SAE.registry[cfg.arch].rows_for_init(cfg)
+    if wanted > store.n_rows("train"):
+        raise SaelabError(f"--arch {cfg.arch} reads {wanted:,} training rows before it starts, and the store {path} "
+                          f"holds {store.n_rows('train'):,}: lower --archetypal-points or harvest more tokens")
     world, main = dist.world_size(), dist.is_main()
     if tcfg.batch_size % world:
         raise SaelabError(f"--batch-size {tcfg.batch_size} does not split evenly over {world} ranks: "
@@ -245,6 +249,11 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None) -> _
         run.scale_out, median = _init_stats(target, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
     with torch.no_grad():
         sae.b_dec.copy_(median * run.scale_out)
+    wanted = sae.rows_for_init(cfg)
+    if wanted:  # the same rows on every rank (one seed), in the trainer's scale
+        x = next(iter(store.batches(wanted, split="train", seed=tcfg.seed + 104729, skip_bos=skip_bos, device=device,
+                                    buffer_rows=max(tcfg.buffer_rows, wanted))))
+        sae.init_from_rows((x[0] if isinstance(x, tuple) else x) * run.scale)
     if main:
         run_state.write_run_info(out, tcfg, cfg, store, n_steps, world, run.scale, target, run.scale_out)
     return run

@@ -284,3 +284,33 @@ def test_truth_codes_redraw_a_zipf_correlated_store(tmp_path, monkeypatch):
     assert torch.allclose(coef @ load_truth(out)[0], x, atol=1e-5)
     back = np.array([5 * CONTEXT_SIZE + 7, 3, 11 * CONTEXT_SIZE])  # any rows, in any order
     assert torch.equal(truth_codes(out, back)[0], coef[back])
+
+
+def test_orthogonal_children_are_orthogonal_to_their_parents_and_draw_nothing(tmp_path):
+    """--orthogonal-children: each child's direction is unit-norm and orthogonal to its parent's; every other
+    direction, and the rows' coefficients, are those of the same store without it (it draws nothing); the written
+    store's rows are its coefficients times its own directions (truth_codes redraws them)."""
+    plain, orth = _cfg(tmp_path / "p"), _cfg(tmp_path / "o", orthogonal_children=True, rows=12 * CONTEXT_SIZE)
+    (d0, g0), (d1, g1) = planted(plain), planted(orth.validate())
+    kids = [k for ks in hierarchy_ids(orth).values() for k in ks]
+    others = [i for i in range(orth.n_true) if i not in kids]
+    assert torch.equal(d0[others], d1[others]) and not torch.equal(d0[kids], d1[kids])
+    assert torch.allclose(d1.norm(dim=1), torch.ones(orth.n_true), atol=1e-6)
+    for p, ks in hierarchy_ids(orth).items():
+        assert (d1[ks] @ d1[p]).abs().max() < 1e-6
+        assert (d0[ks] @ d0[p]).abs().max() > 1e-3  # the random draw was not orthogonal already
+        assert (d1[ks] * d0[ks]).sum(1).min() > 0.9  # the same direction, its parent's part removed
+    c0, c1 = sample(plain, 3000, g0, d0)[1], sample(orth, 3000, g1, d1)[1]
+    assert torch.equal(c0.coalesce().indices(), c1.coalesce().indices())
+    assert torch.equal(c0.coalesce().values(), c1.coalesce().values())
+    out = write_synthetic(orth, progress=False)
+    assert json.loads((out / "truth.json").read_text())["config"]["orthogonal_children"] is True
+    ids = np.arange(ActivationStore(out).n_rows("all"))
+    coef, x = truth_codes(out, ids)
+    assert torch.equal(x, ActivationStore(out).rows(ids))
+    assert torch.allclose(coef @ load_truth(out)[0], x, atol=1e-5)
+    for kw in (dict(hierarchy=0), dict(children=0), dict(d=1, n_true=20, bidirectional=0, hierarchy=2, children=2,
+                                                          active=2.0)):
+        with pytest.raises(SaelabError, match="--orthogonal-children") as e:
+            _cfg(tmp_path / "x", orthogonal_children=True, **kw).validate()
+        assert "\n" not in str(e.value)

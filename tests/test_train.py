@@ -50,7 +50,8 @@ def test_group_from_run_folder(grad_run, tmp_path):
         assert SAE.load(folder).cfg.hook_name == hook
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu", "abstopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "relu", "abstopk", "matryoshka", "panneal",
+                                  "archetypal"])
 def test_planted_features_recovered(arch, planted_store, tmp_path):
     """MMCS ≥ 0.9 on d=64, 256 planted features, ~5 active, within 1.2M tokens (~10 s each). Through main() in
     this process: test_each_arch_trains_from_cli runs every architecture through the installed entry point."""

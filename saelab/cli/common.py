@@ -132,11 +132,16 @@ def from_args(cls, ns):
 
 
 # SAEConfig fields that only some architectures (or matryoshka modes) read; the CLI refuses them elsewhere
-ARCH_ONLY = {"l1_coeff": ("relu", "gated"), "l0_coeff": ("jumprelu",),
-             "sparsity_warmup": ("relu", "jumprelu", "gated"), "bandwidth": ("jumprelu",),
-             "init_threshold": ("jumprelu",), "threshold_momentum": ("batchtopk",),
+ARCH_ONLY = {"l1_coeff": ("relu", "gated", "panneal"), "l0_coeff": ("jumprelu",),
+             "sparsity_warmup": ("relu", "jumprelu", "gated", "panneal"),
+             **{f: ("panneal",) for f in ("p_start", "p_end", "anneal_start", "p_updates", "p_penalty")},
+             "archetypal_points": ("archetypal",), "archetypal_delta": ("archetypal",),
+             "bandwidth": ("jumprelu",),
+             "init_threshold": ("jumprelu",), "threshold_momentum": ("batchtopk", "mutualchoice", "featurechoice"),
+             "fc_m": ("featurechoice",),
              "matryoshka_mode": ("matryoshka",), "matryoshka_prefixes": ("matryoshka",),
-             "matryoshka_ks": ("matryoshka",), "matryoshka_weighting": ("matryoshka",), "grad_beta": ("gradient",)}
+             "matryoshka_ks": ("matryoshka",), "matryoshka_weighting": ("matryoshka",), "grad_beta": ("gradient",),
+             "mp_residual": ("mp",)}
 MODE_ONLY = {"matryoshka_prefixes": "prefix", "matryoshka_ks": "k", "matryoshka_weighting": "k"}
 
 

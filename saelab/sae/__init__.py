@@ -2,12 +2,16 @@
 
 from saelab.sae import (  # noqa: F401  (register)
     abstopk,
+    archetypal,
     batchtopk,
+    choice,
     clt,
     gated,
     gradient,
     jumprelu,
     matryoshka,
+    mp,
+    panneal,
     relu,
     topk,
     transcoder,

@@ -59,6 +59,8 @@ class SAE(nn.Module):
     file_names: dict[str, str] = {}
     #: per-latent vectors [d_sae] beyond SAVED_PARAMS that every weights file of the architecture holds
     latent_weights: tuple[str, ...] = ()
+    #: the matrices and biases every weights file holds (mp, whose encoder is its decoder: W_dec and b_dec only)
+    saved_params: tuple[str, ...] = SAVED_PARAMS
     #: loaders of SAEs named by a spec instead of a folder, by prefix (``saelab.hub`` registers ``hf://``): the
     #: network stays a layer above the SAE, which reads local files only
     remote_loaders: dict = {}
@@ -163,15 +165,29 @@ class SAE(nn.Module):
         key = "codes" if isinstance(codes, tuple) else "f"
         return {"loss": sum(terms.values()), **terms, key: codes, "x_hat": x_hat}
 
+    @classmethod
+    def saelens_k(cls, raw: dict, path: pathlib.Path) -> int:
+        """The k of a SAELens cfg.json read as this architecture (its own k, or the architecture's kwargs')."""
+        return raw.get("k") or (raw.get("architecture_kwargs") or {}).get("k") or 1
+
     # ------------------------------------------------------------------ training hooks
+    @classmethod
+    def rows_for_init(cls, cfg: SAEConfig) -> int:
+        """Training rows the architecture reads before its first step (``init_from_rows``); 0: none."""
+        return 0
+
+    def init_from_rows(self, x: torch.Tensor) -> None:
+        """Called once before training with ``rows_for_init`` seeded training rows, in the trainer's scale."""
+
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_after
 
-    def aux_k_loss(self, x, x_hat, signed: bool = False, target=None) -> torch.Tensor | None:
+    def aux_k_loss(self, x, x_hat, signed: bool = False, target=None, latents=None) -> torch.Tensor | None:
         """Reconstruct the detached residual error (of ``target``, default x) from the top k_aux dead latents
-        (no b_dec), scaled by min(n_dead / k_aux, 1) and the aux coefficient. None when nothing is dead.
-        Only the dead latents' pre-activations are computed."""
-        dead = self.dead_mask()
+        (``latents``: another mask of the latents it reads, e.g. the dead and the underused) (no b_dec), scaled by
+        min(n_dead / k_aux, 1) and the aux coefficient. None when there are none. Only their pre-activations are
+        computed."""
+        dead = self.dead_mask() if latents is None else latents
         n_dead = int(dead.sum())
         if n_dead == 0 or self.cfg.aux_coeff == 0:
             return None
@@ -271,7 +287,7 @@ class SAE(nn.Module):
         path = pathlib.Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         weights = {self.file_names.get(n, n): getattr(self, n).detach().float().contiguous().cpu()
-                   for n in SAVED_PARAMS}
+                   for n in self.saved_params}
         weights.update({k: v.detach().float().contiguous().cpu() for k, v in self.extra_weights().items()})
         try:  # serialised in memory, written by Python: a full disk is a one-line error, the old file kept
             atomic_write_bytes(path / WEIGHTS_FILE, save(weights))
@@ -367,10 +383,10 @@ class SAE(nn.Module):
                 sizes = f"d_in {cfg.d_in}" + (f", d_out {cfg.d_out}" if cfg.d_out else "") + f" and d_sae {cfg.d_sae}"
                 raise SaelabError(f"{where}: {cls.file_names.get(n, n)} has shape {tuple(w[n].shape)} but {sizes} "
                                   f"need {shape}; the files do not belong together")
-        device = w["W_enc"].device if device is None else torch.device(device)
+        device = w["W_dec"].device if device is None else torch.device(device)
         sae = SAE.blank(cfg)
         with torch.no_grad():
-            for n in SAVED_PARAMS:
+            for n in cls.saved_params:
                 getattr(sae, n).data = w[n].to(device=device, dtype=torch.float32).contiguous()
         sae = sae.to(device)  # the rest (biases of other architectures, buffers) is small
         sae.apply_b_dec_to_input = apply_b_dec_to_input and cfg.arch not in TRANSCODERS  # b_dec: the output's
@@ -398,7 +414,8 @@ def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:
     arch = raw.get("architecture", "standard")
     names = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
              "transcoder": "transcoder", "skip_transcoder": "skip-transcoder",
-             "jumprelu_transcoder": "transcoder", "jumprelu_skip_transcoder": "skip-transcoder"}
+             "jumprelu_transcoder": "transcoder", "jumprelu_skip_transcoder": "skip-transcoder",
+             "matching_pursuit": "mp"}
     if arch not in names:
         raise SaelabError(f"{path}: SAELens architecture {arch!r} is not supported "
                           f"(supported: {', '.join(names)})")
@@ -406,7 +423,7 @@ def _cfg_from_saelens(raw: dict, path: pathlib.Path) -> SAEConfig:
         raise SaelabError(f"{path}: SAELens normalize_activations={raw['normalize_activations']!r} is not "
                           "supported; fold the normalisation into the weights first")
     meta = raw.get("metadata") or {}
-    k = raw.get("k") or (raw.get("architecture_kwargs") or {}).get("k") or 1
+    k = SAE.registry[names[arch]].saelens_k(raw, path)
     try:  # older SAELens configs may give the width only as d_in × expansion_factor
         d_in = int(raw["d_in"])
         d_sae = int(raw.get("d_sae") or d_in * int(raw["expansion_factor"]))
