@@ -1,6 +1,6 @@
 """SAELens interop (runs where sae-lens is installed: CI's TL 3.9 environment): SAELens loads
-saelab's topk / relu / jumprelu / abstopk / batchtopk / matryoshka / gated folders and gives the same
-encode and decode; saelab loads folders SAELens wrote (standard, topk, jumprelu, gated)."""
+saelab's topk / relu / jumprelu / abstopk / batchtopk / matryoshka / gated / panneal / archetypal / feature and mutual
+choice / mp folders and gives the same encode and decode; saelab loads folders SAELens wrote (standard, topk, jumprelu, gated)."""
 
 import pytest
 import torch
@@ -14,12 +14,15 @@ pytestmark = pytest.mark.tl3
 def _randomize(sae):
     torch.manual_seed(0)
     with torch.no_grad():
-        for n in ["W_enc", "b_enc", "W_dec", "b_dec"]:
+        for n in sae.saved_params:  # mp's encoder is its decoder: W_dec and b_dec only
             getattr(sae, n).normal_(0, 0.3)
+        if sae.arch == "mp":  # its atoms are unit-norm
+            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
     return sae
 
 
-@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "abstopk", "batchtopk", "matryoshka", "gated"])
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "abstopk", "batchtopk", "matryoshka", "gated", "panneal",
+                                  "archetypal", "featurechoice", "mutualchoice", "mp"])
 def test_saelens_loads_saelab(arch, tmp_path):
     sae = _randomize(SAE.create(arch, d_in=24, d_sae=96, k=6, hook_name="blocks.0.hook_resid_post", model_name="tiny"))
     if arch == "jumprelu":
@@ -27,6 +30,8 @@ def test_saelens_loads_saelab(arch, tmp_path):
             sae.log_threshold.copy_(torch.rand(96).mul(0.3).add(0.05).log())
     if arch == "batchtopk":
         sae.threshold.fill_(0.2)
+    if arch in ("featurechoice", "mutualchoice"):  # per-latent thresholds, saved as a JumpReLU's
+        sae.threshold.copy_(torch.rand(96).mul(0.3).add(0.05) if arch == "featurechoice" else torch.full((96,), 0.2))
     if arch == "gated":  # the magnitude path's scale and bias (zeros at init) differ from the gate's
         with torch.no_grad():
             sae.r_mag.normal_(0, 0.3)
