@@ -114,3 +114,14 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     return cache
+
+
+@pytest.fixture
+def demo_sae(demo_group, tmp_path):
+    """A copy of the demo's layer-1 SAE (without features.h5): tests that write eval.json or autointerp.json into
+    it leave the shared group as it is."""
+    import shutil
+
+    dst = tmp_path / "sae"
+    shutil.copytree(demo_group.saes["blocks.1.hook_resid_post"], dst, ignore=shutil.ignore_patterns("features.h5"))
+    return dst

@@ -6,7 +6,6 @@ first-letter steps on planted letter directions (absorbed words, a control witho
 and scores where the probe threshold is lowered)."""
 
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -206,14 +205,6 @@ def test_prompts_read_each_word_at_its_own_token(tiny):
         assert seq[i] == tok and seq[i + 1:] == list(tail) and seq.count(tok) == 1
         assert tiny.tokenizer.decode(seq[1:]).count(" has the first letter:") == A.ICL_EXAMPLES + 1
     assert all(t.strip().isalpha() for _, t in words)
-
-
-@pytest.fixture
-def demo_sae(demo_group, tmp_path):
-    src = demo_group.saes["blocks.1.hook_resid_post"]
-    dst = tmp_path / "sae"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("features.h5"))
-    return dst
 
 
 def test_eval_absorption_on_the_demo(demo_sae, capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,14 +14,6 @@ import pytest
 
 from saelab.suites.judges import TokensJudge, Window, marked
 from tests.test_outputs import _fails
-
-
-@pytest.fixture
-def demo_sae(demo_group, tmp_path):
-    """A copy of the demo's layer-1 SAE: these tests write autointerp.json and eval.json into it."""
-    dst = tmp_path / "sae"
-    shutil.copytree(demo_group.saes["blocks.1.hook_resid_post"], dst, ignore=shutil.ignore_patterns("features.h5"))
-    return dst
 
 
 def test_the_tokens_judge_reads_back_what_it_explains():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import numpy as np
 import pytest
@@ -48,15 +47,6 @@ def test_token_labels_come_from_the_characters_each_token_covers(tiny):
 def small_tasks(monkeypatch):
     monkeypatch.setattr(probing, "N_TRAIN", 256)
     monkeypatch.setattr(probing, "N_TEST", 128)
-
-
-@pytest.fixture
-def demo_sae(demo_group, tmp_path):
-    """A copy of the demo's layer-1 SAE (its eval.json is written by these tests, not the shared one)."""
-    src = demo_group.saes["blocks.1.hook_resid_post"]
-    dst = tmp_path / "sae"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("features.h5"))
-    return dst
 
 
 def _paragraphs(n):
