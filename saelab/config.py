@@ -376,7 +376,9 @@ class TrainConfig(JSONConfig):
     log_every: int = _f(20, "steps between metrics.jsonl lines")
     eval_every: int = _f(0, "steps between held-out FVU/L0 measurements (0: only at the end)")
     checkpoint_every: int = _f(500, "steps between checkpoints (atomic; --resume continues from the last)")
-    kernel: str = _f("auto", "TopK/AbsTopK/Matryoshka training encode: triton (CUDA: fused kernel), chunked "
+    kernel: str = _f("auto", "training encode: reference runs every architecture dense; otherwise the TopK family "
+                             "takes its fused encode and the others their sparse paths. The TopK encode: triton "
+                             "(CUDA: fused kernel), chunked "
                              "(fused: no [batch, d_sae] tensor), screened (chunked with a bf16 screen and exact "
                              "fp32 rescoring; CPU), or reference (dense torch.topk); auto = the "
                              "SAELAB_KERNEL variable, else triton on CUDA when triton imports, else screened "

@@ -407,13 +407,12 @@ def _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce=None) -> dict:
     """The step's metrics (under DDP: each averaged over the ranks' slices); ``x``: the rows x_hat reconstructs
     (a transcoder's targets)."""
     x_hat = outd["x_hat"].float()
-    nz = (outd["f"] != 0) if "f" in outd else (outd["codes"][0] != 0)
     fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
     dt = time.perf_counter() - t0
     rec = {"step": step, "tokens": step * tcfg.batch_size, "epochs": round(it.epochs, 4), "fvu": fvu,
-           "l0": float(nz.sum(-1).float().mean()), "dead_frac": float(sae.dead_mask().float().mean()),
+           "l0": float(sae.code_stats(outd)[2]), "dead_frac": float(sae.dead_mask().float().mean()),
            "tokens_per_s": (step * tcfg.batch_size - tok0) / max(dt, 1e-9)}
-    rec.update({k: float(v) for k, v in outd.items() if k not in ("f", "x_hat", "codes")})
+    rec.update({k: float(v) for k, v in outd.items() if k not in ("f", "x_hat", "codes", "sparse")})
     if reduce is not None:
         keys = [k for k in rec if k not in ("step", "tokens", "epochs", "tokens_per_s", "dead_frac")]
         avg = reduce.mean(torch.tensor([rec[k] for k in keys], dtype=torch.float64, device=x.device))

@@ -87,14 +87,14 @@ def test_training_codes_loss_and_gradients_match_the_reference(arch):
         f = F.relu(z) * mask
         loss = (x - (f @ sae.W_dec + sae.b_dec)).pow(2).sum(-1).mean()
         want = torch.autograd.grad(loss, list(params.values()))
-        torch.testing.assert_close(out["f"].detach(), f.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(sae.dense_codes(out).detach(), f.detach(), rtol=0, atol=1e-6)
         torch.testing.assert_close(out["loss"].detach(), loss.detach(), rtol=1e-6, atol=1e-6)
         for name, g, w in zip(params, got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
-        n = int((out["f"] != 0).sum())
+        n = int((sae.dense_codes(out) != 0).sum())
         assert n == 3 * 64 if arch == "mutualchoice" else n <= 4 * 48  # m = round(3·64/48) = 4 per latent
         if arch == "featurechoice":
-            assert ((out["f"] != 0).sum(0) <= 4).all()
+            assert ((sae.dense_codes(out) != 0).sum(0) <= 4).all()
 
 
 def test_aux_zipf_loss_by_hand():
@@ -157,7 +157,7 @@ def test_thresholds_track_the_selection_and_inference_is_batch_independent(arch)
     x = torch.randn(256, 12)
     out = sae.loss(x)
     sae.after_step(out, 0)
-    f = out["f"].detach()
+    f = sae.dense_codes(out).detach()
     pos = f.masked_fill(f <= 0, float("inf"))
     first = pos.min().expand(48) if arch == "mutualchoice" else pos.min(0).values
     torch.testing.assert_close(sae.threshold, first)
@@ -165,7 +165,7 @@ def test_thresholds_track_the_selection_and_inference_is_batch_independent(arch)
         assert len(set(sae.threshold.tolist())) > 40  # one cut per latent
     out2 = sae.loss(torch.randn(256, 12))
     sae.after_step(out2, 1)
-    f2 = out2["f"].detach()
+    f2 = sae.dense_codes(out2).detach()
     pos2 = f2.masked_fill(f2 <= 0, float("inf"))
     low2 = pos2.min().expand(48) if arch == "mutualchoice" else pos2.min(0).values
     torch.testing.assert_close(sae.threshold, 0.9 * first + 0.1 * low2)
@@ -178,7 +178,7 @@ def test_thresholds_track_the_selection_and_inference_is_batch_independent(arch)
     torch.testing.assert_close(sae.encode(torch.cat([xs[:7], torch.randn(500, 12) * 3]))[:7], batch[:7])
     z = sae.pre_acts(xs)
     torch.testing.assert_close(batch, z * (z > sae.threshold))
-    assert sae.loss(xs)["f"].equal(batch)  # in eval mode the loss reads the inference codes
+    assert sae.dense_codes(sae.loss(xs)).equal(batch)  # in eval mode the loss reads the inference codes
 
 
 def test_feature_choice_m_from_k_and_batch_and_its_errors():
@@ -192,7 +192,7 @@ def test_feature_choice_m_from_k_and_batch_and_its_errors():
     with pytest.raises(SaelabError, match="round"):
         sae.loss(torch.randn(10, 8))
     sae = SAE.create("featurechoice", d_in=8, d_sae=64, k=3, fc_m=2)
-    assert sae.tokens_per_latent(10) == 2 and int((sae.loss(torch.randn(10, 8))["f"] != 0).sum(0).max()) <= 2
+    assert sae.tokens_per_latent(10) == 2 and int((sae.dense_codes(sae.loss(torch.randn(10, 8))) != 0).sum(0).max()) <= 2
     with pytest.raises(SaelabError, match=r"--fc-m 2 is more tokens than a batch holds \(1 rows\)"):
         sae.loss(torch.randn(1, 8))
     with pytest.raises(SaelabError, match="--fc-m 0 is out of range"):

@@ -62,7 +62,7 @@ def test_batchtopk_inference_independent_of_batch():
     sae = SAE.create("batchtopk", d_in=16, d_sae=64, k=4)
     x = torch.randn(128, 16)
     out = sae.loss(x)
-    assert int((out["f"] != 0).sum()) == 4 * 128
+    assert int((sae.dense_codes(out) != 0).sum()) == 4 * 128
     sae.after_step(out, 0)
     sae.eval()
     torch.testing.assert_close(sae.encode(x)[:5], sae.encode(x[:5]))
@@ -92,7 +92,7 @@ def test_gated_loss_by_hand_and_where_each_term_sends_its_gradient():
     for term, val in expect.items():
         torch.testing.assert_close(out[term].detach(), val, msg=term)
     torch.testing.assert_close(out["loss"].detach(), sum(expect.values()))
-    torch.testing.assert_close(out["f"], f)
+    torch.testing.assert_close(sae.dense_codes(out), f)
     torch.testing.assert_close(sae.encode(x), f)
     params = dict(sae.named_parameters())
 

@@ -1,7 +1,9 @@
 """``sparse_decode(values [B, k], indices [B, k], W_dec [d_sae, d_in], b_dec) -> x̂ [B, d_in]``.
 
 x̂ = Σⱼ valuesⱼ · W_dec[indicesⱼ] + b_dec without densifying the codes: one
-``embedding_bag`` (mode "sum", per-sample weights). Its backward touches only the used decoder
+``embedding_bag`` (mode "sum", per-sample weights). With ``offsets`` [B], values and indices are
+1-D [nnz], row b's entries from offsets[b] to the next offset (rows of any length, e.g. ReLU's).
+Its backward touches only the used decoder
 rows and gives the values their gradient (rows of W_dec dotted with dx̂).
 
 On CUDA, ``embedding_bag``'s backward with per-sample weights has no bf16 kernel and
@@ -30,10 +32,10 @@ def _upcast(values: torch.Tensor, W_dec: torch.Tensor) -> bool:
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
-                  b_dec: torch.Tensor | None = None) -> torch.Tensor:
+                  b_dec: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
     if _upcast(values, W_dec):
-        out = F.embedding_bag(indices, W_dec.float(), per_sample_weights=values.float(), mode="sum")
+        out = F.embedding_bag(indices, W_dec.float(), offsets, per_sample_weights=values.float(), mode="sum")
         out = out.to(W_dec.dtype)
     else:
-        out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+        out = F.embedding_bag(indices, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum")
     return out + b_dec if b_dec is not None else out

@@ -32,7 +32,7 @@ from saelab.kernels.chunked import DEFAULT_CHUNK, DEFAULT_ROWS, chunked_select
 from saelab.kernels.dispatch import auto_screen, resolve_kernel, screenable
 from saelab.kernels.reference import select, topk_encode_reference
 from saelab.kernels.screened import screened_select
-from saelab.kernels.sparse_decode import half_in_fp32
+from saelab.kernels.sparse_codes import encode_grads
 
 # resolve_kernel and select are importable from here too: the dispatch and the rule of this encode
 __all__ = ["resolve_kernel", "select", "topk_encode", "topk_encode_reference"]
@@ -57,26 +57,11 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_values, _d_idx):
         x, W_enc, idx, z_sel = ctx.saved_tensors
-        w_dtype = W_enc.dtype
-        if half_in_fp32(W_enc):  # no half sparse.mm on CUDA: the products in fp32, cast back below
-            W_enc = W_enc.float()
         dz = d_values if ctx.signed else d_values * (z_sel > 0).to(d_values.dtype)
-        dz = dz.to(W_enc.dtype)  # under autocast the values may be bf16; weights stay fp32
         B, k = idx.shape
-        n = W_enc.shape[1]
-        rows = torch.arange(B, device=idx.device).repeat_interleave(k)
-        # S [B, n] holds dz at the selected entries only (sparse; duplicates cannot occur)
-        S = torch.sparse_coo_tensor(torch.stack([rows, idx.flatten()]), dz.flatten(), (B, n),
-                                check_invariants=False).coalesce()
-        dx = dW = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.sparse.mm(S, W_enc.t()).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dW = torch.sparse.mm(S.t(), x.to(W_enc.dtype)).t().to(w_dtype)
-        if ctx.needs_input_grad[2]:
-            db = torch.zeros(n, dtype=dz.dtype, device=dz.device).index_add_(0, idx.flatten(), dz.flatten())
-            db = db.to(w_dtype)
-        return dx, dW, db, None, None, None, None, None
+        rows = torch.arange(B, device=idx.device).repeat_interleave(k)  # (duplicates cannot occur)
+        return (*encode_grads(ctx.needs_input_grad, x, W_enc, rows, idx.flatten(), dz.flatten()),
+                None, None, None, None, None)
 
 
 def topk_encode(x, W_enc, b_enc, k: int, signed: bool = False, kernel: str = "auto",

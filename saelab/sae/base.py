@@ -29,9 +29,15 @@ from saelab.errors import SaelabError, first_line
 from saelab.fs import atomic_write_bytes, atomic_write_text, check_regular, fsync_dir, write_error
 from saelab.hooks import hook_layer
 from saelab.kernels import sparse_decode
+from saelab.kernels.dispatch import resolve_kernel
+from saelab.kernels.sparse_codes import SparseCodes, batch_top, floor_encode
+from saelab.kernels.topk_encode import topk_encode
 from saelab.layout import CFG_FILE, HUB_PREFIX, WEIGHTS_FILE, hub_spec, read_sae_cfg
 
 SAVED_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+#: a batch-wide selection of n codes (batch_sparse_codes) takes this many times the mean n/B candidates per row: a row
+#: rarely keeps 4× the batch's mean, and when one does the step runs dense
+BATCH_CANDIDATES = 4
 #: set while SAE.from_weights builds an SAE whose weights come next: W_enc and W_dec start uninitialised
 _NO_INIT = contextvars.ContextVar("saelab_sae_no_init", default=False)
 
@@ -153,17 +159,71 @@ class SAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def sparse_codes(self, x: torch.Tensor, floor) -> SparseCodes | None:
+        """The training codes' candidates for a sparse step: the pre-activation entries above ``floor`` ([d_sae] or
+        a number) as SparseCodes (``saelab.kernels.sparse_codes``: values z, the backward through them alone), or
+        None where the step runs dense: on the reference kernel (``--kernel reference``, the plain path the fast
+        one is tested against), for inputs other than [B, d_in] rows, or when too many entries pass."""
+        if resolve_kernel(self.kernel, x.device) == "reference" or x.ndim != 2:
+            return None
+        self.check_input(x)
+        xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        return floor_encode(xc, self.W_enc, self.b_enc, floor)
+
+    def batch_sparse_codes(self, x: torch.Tensor, n: int) -> SparseCodes | None:
+        """The n largest ReLU(z) of the batch's whole [B, d_sae] pre-activation (BatchTopK's and Mutual Choice's
+        training rule) as SparseCodes: each row's ``BATCH_CANDIDATES``·n/B best entries through the fused TopK encode,
+        the n best of those kept (``saelab.kernels.sparse_codes.batch_top``). None where the step runs dense: on the
+        reference kernel, for inputs other than [B, d_in] rows, when the candidates would be most of the latents, or
+        when some row had more entries above the cut than it offered (the dense rule is then the only exact one)."""
+        if resolve_kernel(self.kernel, x.device) == "reference" or x.ndim != 2:
+            return None
+        self.check_input(x)
+        per_row = BATCH_CANDIDATES * -(-n // x.shape[0])
+        if per_row * 4 > self.d_sae:
+            return None
+        xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        v, i = topk_encode(xc, self.W_enc, self.b_enc, per_row, kernel=self.kernel)
+        return batch_top(v, i, n)
+
     def loss(self, x: torch.Tensor, step: int = 0, grads: torch.Tensor | None = None) -> dict:
         """Training loss: ``{"loss": total to backprop, <terms>: 0-d tensors, "x_hat", and the codes:
-        "f" (dense [B, d_sae]) or, from the fused TopK path, "codes" = (values, indices)}``."""
+        "f" (dense [B, d_sae]), from the fused TopK path "codes" = (values, indices), or from the ReLU family's
+        sparse paths "sparse" = SparseCodes}`` (``code_stats`` reads any of them)."""
         raise NotImplementedError
 
     def _out(self, codes, x_hat, **terms) -> dict:
-        """The loss dict: total + the non-None terms, x_hat, and the codes ("f" when dense,
-        "codes" when a (values, indices) pair)."""
+        """The loss dict: total + the non-None terms, x_hat, and the codes ("f" when dense, "codes" when a
+        (values, indices) pair, "sparse" when SparseCodes, detached)."""
         terms = {k: v for k, v in terms.items() if v is not None}
+        if isinstance(codes, SparseCodes):
+            return {"loss": sum(terms.values()), **terms, "sparse": codes.detach(), "x_hat": x_hat}
         key = "codes" if isinstance(codes, tuple) else "f"
         return {"loss": sum(terms.values()), **terms, key: codes, "x_hat": x_hat}
+
+    def dense_codes(self, out: dict) -> torch.Tensor:
+        """The loss dict's codes as a dense [B, d_sae] tensor, whichever form they take (for inspection and tests;
+        the training paths never form it)."""
+        if "f" in out:
+            return out["f"]
+        if "sparse" in out:
+            return out["sparse"].dense(self.d_sae)
+        v, i = out["codes"]
+        return torch.zeros(*v.shape[:-1], self.d_sae, dtype=v.dtype, device=v.device).scatter_add(-1, i, v)
+
+    def code_stats(self, out: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(fired [d_sae] bool, rows, mean active latents per row as a 0-d float tensor) of a loss dict's codes,
+        whichever form they take."""
+        if "f" in out:
+            nz = out["f"].reshape(-1, out["f"].shape[-1]) != 0
+            return nz.any(0), nz.shape[0], nz.sum(-1).float().mean()
+        if "sparse" in out:
+            c = out["sparse"]
+            return c.fired(self.d_sae), c.n_rows, c.active().sum().float() / max(1, c.n_rows)
+        v, i = out["codes"]
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=v.device)
+        fired[i[v != 0]] = True
+        return fired, v.shape[0], (v != 0).sum(-1).float().mean()
 
     @classmethod
     def saelens_k(cls, raw: dict, path: pathlib.Path) -> int:
@@ -220,20 +280,12 @@ class SAE(nn.Module):
         every rank keeps identical counters; None in a single process."""
         if self.constrain_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        if "f" in out:
-            f = out["f"]
-            fired, n = (f != 0).any(0), f.shape[0]
-        else:  # sparse codes (values, indices) from the fused path
-            v, i = out["codes"]
-            fired = torch.zeros(self.d_sae, dtype=torch.bool, device=v.device)
-            fired[i[v != 0]] = True
-            n = v.shape[0]
+        fired, n, l0 = self.code_stats(out)
         if reduce is not None:
             fired, n = reduce.any(fired), n * reduce.world
         self.tokens_since_fired += n
         self.tokens_since_fired[fired] = 0
         if self.control is not None and self.sparsity_warmup(step) >= 1.0:
-            l0 = (out["f"] != 0).sum(-1).float().mean()
             self.control.update(reduce.mean(l0) if reduce is not None else l0)
 
     def sparsity_warmup(self, step: int) -> float:

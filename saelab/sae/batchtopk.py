@@ -1,7 +1,11 @@
 """BatchTopK SAE (Bussmann et al. 2024): in training keep the k·B largest ReLU(z) over the
 whole batch (under DDP: over each rank's slice of the global batch, k·B/N per rank); a threshold θ (EMA of the smallest kept value per batch) replaces the batch
 selection at inference, so a token's code never depends on its batch: f = z·[z > θ].
-Saved for SAELens as a JumpReLU with θ for every latent (as SAELens itself does)."""
+Saved for SAELens as a JumpReLU with θ for every latent (as SAELens itself does).
+
+Training selects sparse (``SAE.batch_sparse_codes``: candidates per row from the fused TopK encode, the batch's best
+kept, decoded and differentiated through them) and falls back to the dense selection, the reference, when a row
+keeps all of its candidates."""
 
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ class BatchTopKSAE(SAE):
         return torch.zeros_like(flat).scatter(0, idx, vals).view_as(z)
 
     def loss(self, x, step=0, grads=None):
+        c = self.batch_sparse_codes(x, self.cfg.k * x.shape[0]) if self.training else None
+        if c is not None:
+            x_hat = c.decode(self.W_dec, self.b_dec)
+            return self._out(c, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat))
         z = self.pre_acts(x)
         f = self.batch_codes(z) if self.training else self.activation(z)
         x_hat = self.decode(f)
@@ -39,7 +47,7 @@ class BatchTopKSAE(SAE):
     @torch.no_grad()
     def after_step(self, out, step, reduce=None):
         super().after_step(out, step, reduce)
-        f = out["f"]
+        f = out["sparse"].values if "sparse" in out else out["f"]
         pos = f[f > 0]
         low = pos.min() if pos.numel() else torch.tensor(float("inf"), device=f.device)
         if reduce is not None:  # under DDP: the smallest kept value over all ranks' slices

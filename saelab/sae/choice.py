@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from saelab.errors import SaelabError
+from saelab.kernels.chunked import DEFAULT_CHUNK, DEFAULT_ROWS, chunked_select
+from saelab.kernels.dispatch import resolve_kernel
+from saelab.kernels.sparse_codes import entries, from_entries
 from saelab.sae.base import SAE, mse
 
 #: EMA momentum, per step, of each latent's firing density (the fraction of a batch's tokens it fires on)
@@ -88,13 +91,22 @@ class ChoiceSAE(SAE):
         raise NotImplementedError
 
     def kept_floor(self, f: torch.Tensor) -> torch.Tensor:
-        """Each latent's cut in this batch [d_sae]: the smallest positive code the selection kept (inf: none)."""
+        """Each latent's cut in this batch [d_sae]: the smallest positive code the selection kept (inf: none), of the
+        dense codes f [B, d_sae]."""
         raise NotImplementedError
 
     def activation(self, z, grads=None):
         return z * (z > self.threshold.clamp_min(0.0)).to(z.dtype)
 
+    def sparse_select(self, x: torch.Tensor):
+        """The training codes as SparseCodes (a sparse path), or None: the dense ``select``."""
+        return None
+
     def loss(self, x, step=0, grads=None):
+        c = self.sparse_select(x) if self.training else None
+        if c is not None:
+            x_hat = c.decode(self.W_dec, self.b_dec)
+            return self._out(c, x_hat, mse=mse(x, x_hat), aux=self.aux_zipf_loss(x, x_hat))
         z = self.pre_acts(x)
         f = self.select(z.reshape(-1, self.d_sae)).view_as(z) if self.training else self.activation(z)
         x_hat = self.decode(f)
@@ -111,9 +123,17 @@ class ChoiceSAE(SAE):
     @torch.no_grad()
     def after_step(self, out, step, reduce=None):
         super().after_step(out, step, reduce)
-        f = out["f"].reshape(-1, self.d_sae)
-        low = self.kept_floor(f)
-        frac = (f != 0).float().mean(0)
+        if "sparse" in out:
+            c = out["sparse"]
+            pos = c.values > 0
+            least = torch.full((self.d_sae,), float("inf"), dtype=c.values.dtype, device=c.values.device)
+            least.scatter_reduce_(0, c.cols[pos], c.values[pos], "amin")
+            low = self.kept_floor(least[None])  # each latent's least kept code, as a one-row matrix of codes
+            frac = torch.bincount(c.cols[c.active()], minlength=self.d_sae).float() / max(1, c.n_rows)
+        else:
+            f = out["f"].reshape(-1, self.d_sae)
+            low = self.kept_floor(f)
+            frac = (f != 0).float().mean(0)
         if reduce is not None:  # under DDP: the smallest cut over all ranks' slices, the mean density
             low, frac = reduce.min(low), reduce.mean(frac)
         m = self.cfg.threshold_momentum
@@ -143,6 +163,9 @@ class MutualChoiceSAE(ChoiceSAE):
     def select(self, z):
         return mutual_choice(z, self.cfg.k * z.shape[0])
 
+    def sparse_select(self, x):
+        return self.batch_sparse_codes(x, self.cfg.k * x.shape[0])
+
     def kept_floor(self, f):  # one cut for the whole matrix, every latent's
         return _floor(f).expand(self.d_sae).clone()
 
@@ -165,6 +188,27 @@ class FeatureChoiceSAE(ChoiceSAE):
 
     def select(self, z):
         return feature_choice(z, self.tokens_per_latent(z.shape[0]))
+
+    def sparse_select(self, x):
+        """Each latent's m best tokens without the [B, d_sae] matrix: the chunked TopK selection of the transposed
+        product W_encᵀ (x − b_dec)ᵀ (a latent's row of it; its bias is constant along the row, so it changes no
+        choice and is added after), the positive entries kept in row order with the sparse backward. None on the
+        reference kernel (the dense ``select``, the reference) and for inputs other than [B, d_in] rows."""
+        if resolve_kernel(self.kernel, x.device) == "reference" or x.ndim != 2:
+            return None
+        self.check_input(x)
+        B = x.shape[0]
+        m = self.tokens_per_latent(B)
+        xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        with torch.no_grad():
+            zt, tok = chunked_select(self.W_enc.t(), xc.t(), xc.new_zeros(B), m, False, DEFAULT_CHUNK, DEFAULT_ROWS)
+            z = zt + self.b_enc[:, None]
+            lat = torch.arange(self.d_sae, device=x.device)[:, None].expand_as(tok)
+            keep = z > 0
+            rows, cols, z = tok[keep], lat[keep], z[keep]
+            order = (rows * self.d_sae + cols).argsort()
+            rows, cols, z = rows[order], cols[order], z[order]
+        return from_entries(rows, cols, entries(xc, self.W_enc, self.b_enc, rows, cols, z), B)
 
     def kept_floor(self, f):  # each latent's own cut: the smallest of its kept top m
         return _floor(f, 0)

@@ -19,6 +19,10 @@ first ``--sparsity-warmup`` of the steps.
 b_gate is the base's b_enc (``pre_acts`` gives π_gate; ``activation`` derives π_mag from it), saved
 under SAELens's name ``b_gate`` (its gated SAE has no b_enc) next to r_mag and b_mag: SAELens loads
 the folder as "gated", and saelab loads SAELens's gated folders.
+
+Training runs sparse (``SAE.sparse_codes``) whenever few enough gates open: every term reads the entries π_gate > 0
+alone (the codes, ReLU(π_gate) for the L1 and the frozen reconstruction), decoded and differentiated through them;
+the dense path (``--kernel reference``, and steps where too many gates open) is the reference.
 """
 
 from __future__ import annotations
@@ -50,12 +54,19 @@ class GatedSAE(SAE):
         return (z > 0).to(z.dtype) * F.relu(mag)
 
     def loss(self, x, step=0, grads=None):
+        coeff = self.control.coeff * self.sparsity_warmup(step)
+        c = self.sparse_codes(x, 0.0)
+        if c is not None:  # the open gates: z = π_gate > 0 at each entry
+            z, j = c.values, c.cols
+            f = c.with_values((z > 0).to(z.dtype) * F.relu(self.r_mag.exp()[j] * (z - self.b_enc[j]) + self.b_mag[j]))
+            x_hat = f.decode(self.W_dec, self.b_dec)
+            x_frozen = c.decode(self.W_dec.detach(), self.b_dec.detach())
+            return self._out(f, x_hat, mse=mse(x, x_hat), l1=coeff * z.sum() / c.n_rows, aux=mse(x, x_frozen))
         z = self.pre_acts(x)
         f = self.activation(z)
         x_hat = self.decode(f)
         gate = F.relu(z)
         x_frozen = gate @ self.W_dec.detach() + self.b_dec.detach()
-        coeff = self.control.coeff * self.sparsity_warmup(step)
         return self._out(f, x_hat, mse=mse(x, x_hat), l1=coeff * gate.sum(-1).mean(), aux=mse(x, x_frozen))
 
     def extra_weights(self):

@@ -5,6 +5,11 @@ The threshold enters each STE exactly once: θ is computed once per step (θ = e
 passed to the two autograd functions, so ∂/∂log θ = θ·∂/∂θ is applied a single time (the
 dictionary_learning #55 bug applied it twice). The input z gets the plain gradient of
 z·H(z − θ) (H itself); the L0 term sends no gradient to z, only to θ.
+
+Both STEs are elementwise in (z, θ) of one shape, or θ [d_sae] broadcast over the rows of z [B, d_sae] (its gradient
+summed over them). The sparse training path (``SAE.sparse_codes``) keeps the entries z > θ − ε/2: the active ones
+and those inside the kernel's window below θ, the only ones with a gradient to θ; it runs them through the same
+STEs with θ gathered per entry.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ def _rect(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
+def _to_theta(g: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """θ's gradient from the per-entry one: summed over the rows where θ was broadcast over them."""
+    return g.sum(0) if g.ndim > theta.ndim else g
+
+
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, theta, eps):
@@ -34,7 +44,7 @@ class _JumpReLU(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         eps = ctx.eps
         gz = g * (z > theta).to(g.dtype)
-        gtheta = (-(theta / eps) * _rect((z - theta) / eps) * g).sum(0)
+        gtheta = _to_theta(-(theta / eps) * _rect((z - theta) / eps) * g, theta)
         return gz, gtheta, None
 
 
@@ -49,7 +59,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         eps = ctx.eps
-        gtheta = (-(1.0 / eps) * _rect((z - theta) / eps) * g).sum(0)
+        gtheta = _to_theta(-(1.0 / eps) * _rect((z - theta) / eps) * g, theta)
         return torch.zeros_like(z), gtheta, None
 
 
@@ -80,13 +90,21 @@ class JumpReluSAE(SAE):
 
     def loss(self, x, step=0, grads=None, target=None):
         """``target``: what x̂ reconstructs (a transcoder's paired output; default x itself)."""
-        z = self.pre_acts(x)
-        theta = self.threshold  # computed once; both STEs take this tensor
-        f = jumprelu(z, theta, self.cfg.bandwidth)
-        x_hat = self.decode(f)
-        l0 = step_fn(z, theta, self.cfg.bandwidth).sum(-1).mean()
+        theta, eps = self.threshold, self.cfg.bandwidth  # θ computed once; both STEs take this tensor
         coeff = self.control.coeff * self.sparsity_warmup(step)
-        return self._out(f, x_hat, mse=mse(x if target is None else target, x_hat), l0=coeff * l0)
+        y = x if target is None else target
+        c = self.sparse_codes(x, (theta - eps / 2).detach())
+        if c is not None:  # the entries above the kernel's window: every nonzero code and gradient
+            z, t = c.values, theta[c.cols]
+            c = c.with_values(jumprelu(z, t, eps))
+            x_hat = c.decode(self.W_dec, self.b_dec)
+            l0 = step_fn(z, t, eps).sum() / c.n_rows
+            return self._out(c, x_hat, mse=mse(y, x_hat), l0=coeff * l0)
+        z = self.pre_acts(x)
+        f = jumprelu(z, theta, eps)
+        x_hat = self.decode(f)
+        l0 = step_fn(z, theta, eps).sum(-1).mean()
+        return self._out(f, x_hat, mse=mse(y, x_hat), l0=coeff * l0)
 
     def extra_weights(self):
         return {"threshold": self.threshold}

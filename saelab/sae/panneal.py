@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from saelab.kernels.sparse_codes import SparseCodes
 from saelab.sae.base import mse
 from saelab.sae.relu import ReluSAE
 
@@ -35,9 +36,10 @@ def p_schedule(cfg, total_steps: int) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def lp_penalty(f: torch.Tensor, p: float, form: str) -> torch.Tensor:
-    """The mean over rows of ‖f‖_p (``form`` "lp") or Σᵢ fᵢ^p ("lp^p"), for codes f ≥ 0."""
-    s = f.pow(p).sum(-1)
+def lp_penalty(f, p: float, form: str) -> torch.Tensor:
+    """The mean over rows of ‖f‖_p (``form`` "lp") or Σᵢ fᵢ^p ("lp^p"), for codes f ≥ 0: dense [B, d_sae], or
+    SparseCodes of positive values."""
+    s = f.row_sums(f.values.pow(p)) if isinstance(f, SparseCodes) else f.pow(p).sum(-1)
     return (s if form == "lp^p" else s.pow(1.0 / p)).mean()
 
 
@@ -65,8 +67,12 @@ class PAnnealSAE(ReluSAE):
         return values[i] if i < len(values) else None
 
     def loss(self, x, step=0, grads=None, target=None):
-        f = F.relu(self.pre_acts(x))
-        x_hat = self.decode(f)
+        f = self.sparse_codes(x, 0.0)  # the entries z > 0 (sparse), or None: the dense codes
+        if f is None:
+            f = F.relu(self.pre_acts(x))
+            x_hat = self.decode(f)
+        else:
+            x_hat = f.decode(self.W_dec, self.b_dec)
         lp = lp_penalty(f, self.current_p(), self.cfg.p_penalty)
         out = self._out(f, x_hat, mse=mse(x if target is None else target, x_hat),
                         lp=self.control.coeff * self.sparsity_warmup(step) * lp)
