@@ -52,7 +52,7 @@ bench-venv: .venv-bench/.installed
 	test -x .venv-bench/bin/python || $(PY) -m venv .venv-bench
 	.venv-bench/bin/pip install -q $(TORCH)
 	.venv-bench/bin/python -c "import torch; print('torch==' + torch.__version__)" > .venv-bench/constraints.txt
-	.venv-bench/bin/pip install -q -c .venv-bench/constraints.txt sae-lens h5py
+	.venv-bench/bin/pip install -q -c .venv-bench/constraints.txt sae-lens h5py jsonschema
 	touch $@
 
 # the documentation site (mkdocs-material) into site/; the [docs] extra is installed on first use

@@ -27,8 +27,14 @@ decoder with W_enc = 0.3·W_decᵀ for TopK, aux-k 1/32), b_dec at zero on both 
 trainer has no b_dec init; saelab's trainer would start it at the geometric median, which this
 bare loop leaves out on both sides). Within 1M tokens neither side's dead-latent window
 (saelab 10M tokens, SAELens 1000 steps) is reached, so neither aux-k loss is active.
-relu/jumprelu use a fixed sparsity coefficient on both sides (SAELens's
+relu/jumprelu/gated use a fixed sparsity coefficient on both sides (SAELens's
 l1_coefficient / l0_coefficient; saelab's --l1-coeff / --l0-coeff), not saelab's L0 controller.
+Before the step-rate timing, each side's relu, gated and jumprelu SAE is set to a trained SAE's
+sparsity, L0 ≈ k (``calibrate``: each latent's encoder bias, gate bias or threshold at its
+(1 − k/d_sae) quantile of the first batch's pre-activations): at their random init about half of
+the latents fire, a state training leaves within its first steps. The table's L0 columns are the
+last timed step's. mp is SAELens's matching pursuit with k fixed steps on both sides
+(max_iterations k, no residual or duplicate-support stop).
 
 Writes ``benchmarks/results/bench_vs_saelens.json`` (``results.py``).
 """
@@ -58,7 +64,30 @@ DESCRIPTION = (
     "same 16,384 held-out rows. Each library keeps its own defaults otherwise (see the script's docstring).")
 D_IN, EXPANSION, K, BATCH = 512, 16, 32, 4096
 HOLDOUT_ROWS = 16384
-COEFF = {"relu": 5.0, "jumprelu": 5.0}  # l1 / l0 coefficients (both libraries)
+COEFF = {"relu": 5.0, "jumprelu": 5.0, "gated": 5.0}  # l1 / l0 coefficients (both libraries)
+
+
+def calibrate(sae, x):
+    """Set the SAE (either library's) to L0 ≈ K on x: each latent's cut (b_gate, JumpReLU's threshold, or b_enc) at
+    its (1 − K/d_sae) quantile of the pre-activations (x − b_dec) W_enc + bias. TopK-like SAEs are left as they
+    are (their L0 is K by construction)."""
+    import torch
+
+    with torch.no_grad():
+        gate = getattr(sae, "b_gate", None)
+        bias = gate if gate is not None else getattr(sae, "b_enc", None)
+        name = type(sae).__name__.lower()
+        if bias is None or not any(t in name for t in ("relu", "standard", "gated")):
+            return
+        z = (x - sae.b_dec) @ sae.W_enc + bias
+        q = z.kthvalue(int(x.shape[0] * (1 - K / z.shape[1])), dim=0).values
+        if "jumprelu" in name:  # the threshold at the quantile (saelab: log θ; SAELens: θ itself)
+            if hasattr(sae, "log_threshold"):
+                sae.log_threshold.copy_(q.clamp_min(1e-3).log())
+            else:
+                sae.threshold.copy_(q.clamp_min(1e-3))
+        else:
+            bias -= q
 
 
 # ------------------------------------------------------------------------ the worker side
@@ -87,8 +116,10 @@ class SaelabSide:
 
         from saelab.sae import SAE
 
-        kw = {"l1_coeff": COEFF["relu"]} if arch == "relu" else {"l0_coeff": COEFF["jumprelu"]} if arch == "jumprelu" else {}
+        kw = ({"l1_coeff": COEFF[arch]} if arch in ("relu", "gated") else
+              {"l0_coeff": COEFF["jumprelu"]} if arch == "jumprelu" else {})
         self.sae = SAE.create(arch, d_in=D_IN, d_sae=D_IN * EXPANSION, k=K, **kw)
+        self.l0 = None
         self.sae.total_steps = total_steps
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr)
         self.step_no = 0
@@ -104,6 +135,7 @@ class SaelabSide:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         self.opt.step()
         sae.after_step(out, self.step_no)
+        self.l0 = float(sae.code_stats(out)[2])
         self.step_no += 1
 
     def reconstruct(self, x):
@@ -128,6 +160,24 @@ class SaelensSide:
             self.sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, device="cpu",
                                                                      l1_coefficient=COEFF["relu"]))
             self.coeffs = {"l1": COEFF["relu"]}
+        elif arch == "gated":
+            from sae_lens import GatedTrainingSAE, GatedTrainingSAEConfig
+
+            self.sae = GatedTrainingSAE(GatedTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, device="cpu",
+                                                               l1_coefficient=COEFF["gated"]))
+            self.coeffs = {"l1": COEFF["gated"]}
+        elif arch == "batchtopk":
+            from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+            self.sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, k=K, device="cpu"))
+            self.coeffs = {}
+        elif arch == "mp":
+            from sae_lens import MatchingPursuitTrainingSAE, MatchingPursuitTrainingSAEConfig
+
+            self.sae = MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
+                d_in=D_IN, d_sae=d_sae, device="cpu", max_iterations=K, residual_threshold=0.0,
+                stop_on_duplicate_support=False))
+            self.coeffs = {}
         else:
             from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
@@ -141,6 +191,7 @@ class SaelensSide:
         self.dead_window = 1000
         self.total_steps = total_steps
         self.step_no = 0
+        self.l0 = None
 
     def step(self, x):
         import torch
@@ -155,6 +206,7 @@ class SaelensSide:
                 fired = fired.to_dense()
             self.since_fired += 1
             self.since_fired[fired] = 0
+        self.l0 = float((out.feature_acts != 0).sum(-1).float().mean())
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), 1.0)
         self.opt.step()
@@ -178,12 +230,13 @@ def worker(a) -> dict:
     if a.phase == "speed":
         xs = list(_batches(a.store, a.scale, BATCH * (a.steps + 1)))
         side = side_cls(a.arch, a.lr, total_steps=10 * a.steps)
+        calibrate(side.sae, xs[0])
         side.step(xs[0])  # warm-up
         t0 = time.perf_counter()
         for x in xs[1:]:
             side.step(x)
         rate = BATCH * a.steps / (time.perf_counter() - t0)
-        return {"tokens_per_s": rate, "gemm_tokens_per_s": _gemm_rate()}
+        return {"tokens_per_s": rate, "gemm_tokens_per_s": _gemm_rate(), "l0": side.l0}
     steps = a.budget // BATCH
     side = side_cls(a.arch, a.lr, total_steps=steps)
     t0 = time.perf_counter()
@@ -241,7 +294,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--saelens-python", default=str(ROOT / ".venv-bench/bin/python"))
     p.add_argument("--store", type=pathlib.Path, default=ROOT / "activations/bench512")
-    p.add_argument("--archs", default="topk,relu,jumprelu")
+    p.add_argument("--archs", default="topk,relu,jumprelu,gated,batchtopk,mp")
     p.add_argument("--reps", type=int, default=3, help="alternating repetitions of each step-rate measurement")
     p.add_argument("--steps", type=int, default=4, help="timed steps per step-rate measurement")
     p.add_argument("--budget", type=int, default=1_000_000, help="training tokens of the quality comparison")
@@ -289,15 +342,16 @@ def main():
         if t is None:
             t = res.table("Step rate (bare loop: loss + backward + Adam, batches in memory)",
                           ["arch", "saelab tokens/s", "SAELens tokens/s", "saelab / SAELens", "GEMM limit tokens/s",
-                           "saelab, fraction of limit", "SAELens, fraction of limit"],
+                           "saelab, fraction of limit", "SAELens, fraction of limit", "saelab L0", "SAELens L0"],
                           note=f"{setting}; {a.steps} timed steps per process, medians of {a.reps} alternating runs",
                           fmt={"saelab tokens/s": ",.0f", "SAELens tokens/s": ",.0f", "saelab / SAELens": times,
                                "GEMM limit tokens/s": ",.0f", "saelab, fraction of limit": ".2f",
-                               "SAELens, fraction of limit": ".2f"})
+                               "SAELens, fraction of limit": ".2f", "saelab L0": ".1f", "SAELens L0": ".1f"})
         med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in res_arch.items()}
         gemm = statistics.median(r["gemm_tokens_per_s"] for v in res_arch.values() for r in v)
+        l0 = {k: statistics.median(r["l0"] for r in v) for k, v in res_arch.items()}
         t.row(arch, med["saelab"], med["saelens"], med["saelab"] / med["saelens"], gemm, med["saelab"] / gemm,
-              med["saelens"] / gemm)
+              med["saelens"] / gemm, l0["saelab"], l0["saelens"])
     archs = [x for x in a.budget_archs.split(",") if x]
     t = None
     for arch in archs:

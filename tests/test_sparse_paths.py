@@ -94,11 +94,13 @@ def test_panneal_sparse_path_after_p_changes():
 @pytest.mark.parametrize("arch", ["batchtopk", "mutualchoice", "featurechoice"])
 def test_batch_selections_match_the_dense_reference(arch):
     torch.manual_seed(4)
-    sae = SAE.create(arch, d_in=D, d_sae=N, k=6)
+    sae = SAE.create(arch, d_in=D, d_sae=N, k=3)
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(0, 0.3)
-    _compare(sae, torch.randn(B, D))
+    x = torch.randn(B, D)
+    sae.threshold.fill_(float(torch.relu(sae.pre_acts(x)).detach().flatten().topk(3 * B).values[-1]))  # the last batches' cut
+    _compare(sae, x)
 
 
 def test_gradient_sae_sparse_selection_matches_the_dense_reference():
@@ -164,15 +166,33 @@ def test_floor_encode_backward_is_the_dense_one():
 
 def test_batch_top_is_the_whole_matrix_selection():
     torch.manual_seed(10)
-    z = torch.randn(64, 50)
+    x, W, b = torch.randn(64, 12), torch.randn(12, 50), torch.zeros(50)
+    z = x @ W
     n = 64 * 3
-    v, i = torch.relu(z).topk(12, dim=-1)
-    c = batch_top(v, i, n)
+    cut = float(torch.relu(z).flatten().topk(n).values[-1])
+    c = batch_top(floor_encode(x, W, b, 0.5 * cut, max_density=1.0), n)
     torch.testing.assert_close(c.dense(50), mutual_choice(z, n))
-    # a row holding more of the batch's best than it offered: refused (the dense rule is the exact one)
-    z[0] += 10.0
-    v, i = torch.relu(z).topk(12, dim=-1)
-    assert batch_top(v, i, n) is None
+    assert bool((c.rows[1:] >= c.rows[:-1]).all()), "row order"
+    # a floor above the cut: fewer than n entries, refused (the caller lowers the floor)
+    assert batch_top(floor_encode(x, W, b, 1.01 * cut, max_density=1.0), n) is None
+
+
+def test_batch_selection_lowers_a_floor_above_the_cut():
+    """θ far above this batch's cut (rows of very different norms, a moved cut): the floor halves until it is under
+    the cut, and the step stays sparse and exact."""
+    torch.manual_seed(11)
+    sae = SAE.create("batchtopk", d_in=D, d_sae=4 * N, k=2)
+    x = torch.randn(B, D)
+    x[:3] *= 2.0
+    cut = float(torch.relu(sae.pre_acts(x)).detach().flatten().topk(2 * B).values[-1])
+    sae.threshold.fill_(2.4 * cut)  # 0.8 × 2.4 = 1.92× the cut: one halving gets under it
+    _compare(sae, x)
+
+
+def test_first_batch_selection_runs_dense():
+    sae = SAE.create("batchtopk", d_in=D, d_sae=N, k=2)  # no θ yet
+    _, out = _run(sae, "auto", torch.randn(B, D))
+    assert "f" in out
 
 
 def test_sparse_decode_offsets_with_empty_rows():

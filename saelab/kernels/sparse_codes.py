@@ -7,7 +7,8 @@ After a threshold (ReLU: z > 0; JumpReLU: z > θ; a gate: z > 0) or a batch-wide
 order (so each row's entries are contiguous: ``offsets``). Its backward is the TopK encode's
 (``encode_grads``): dW_enc = xᵀ·S and db_enc = Σ S over the sparse [B, d_sae] matrix S of the entries' gradients,
 so neither direction forms a dense [B, d_sae] tensor. ``decode`` is ``sparse_decode`` over variable-length rows
-(one ``embedding_bag`` with offsets).
+(one ``embedding_bag`` with offsets). ``batch_top`` keeps the n largest of such entries: a batch-wide selection
+(BatchTopK, Mutual Choice) is exact from any floor under its cut.
 
 A path that keeps too many entries (a ReLU SAE at its start keeps about half of them) is slower sparse than dense:
 ``floor_encode`` returns None as soon as the kept entries pass ``max_density`` of the matrix, and the architecture
@@ -149,11 +150,13 @@ def _above(x, W_enc, b_enc, floor, max_nnz: int):
     return torch.cat(rs), torch.cat(cs), torch.cat(vs)
 
 
-def floor_encode(x, W_enc, b_enc, floor, max_density: float = MAX_DENSITY) -> SparseCodes | None:
+def floor_encode(x, W_enc, b_enc, floor, max_density: float = MAX_DENSITY, grad: bool = True) -> SparseCodes | None:
     """SparseCodes of the pre-activation entries z = x W_enc + b_enc with z > ``floor`` (a [d_sae] tensor or a
     number; x already centred), their values z itself, differentiable in x, W_enc and b_enc (the floor is not);
     None when more than ``max_density`` of the [B, d_sae] entries pass (the caller runs dense). Under autocast the
-    products run in autocast's dtype, as a dense ``x @ W_enc`` would."""
+    products run in autocast's dtype, as a dense ``x @ W_enc`` would. ``grad=False``: the values without a backward,
+    for a selection that keeps some of them (``entries`` then makes the kept ones differentiable, so the backward
+    reads those alone)."""
     dev = x.device.type
     xs, Ws, bs = x, W_enc, b_enc
     if torch.is_autocast_enabled(dev):
@@ -166,25 +169,21 @@ def floor_encode(x, W_enc, b_enc, floor, max_density: float = MAX_DENSITY) -> Sp
     if got is None:
         return None
     rows, cols, z = got
-    return from_entries(rows, cols, entries(x, W_enc, b_enc, rows, cols, z), x.shape[0])
+    return from_entries(rows, cols, entries(x, W_enc, b_enc, rows, cols, z) if grad else z, x.shape[0])
 
 
-def batch_top(values: torch.Tensor, indices: torch.Tensor, n: int) -> SparseCodes | None:
-    """SparseCodes keeping the ``n`` largest of the per-row candidates (values [B, K] best first, indices [B, K]),
-    i.e. the n largest entries of the whole matrix whenever no row has more than K of them; None when some row's
-    K-th candidate is kept (it may have more above the cut than it offered: the caller runs dense). Values through
-    ReLU (a kept zero is not active)."""
-    B, K = values.shape
-    if n >= B * K:
+def batch_top(codes: SparseCodes, n: int) -> SparseCodes | None:
+    """The ``n`` largest values of ``codes`` (every entry above some floor, in row order) as SparseCodes, still in
+    row order: the n largest entries of the whole matrix whenever the floor is under the n-th largest; None when
+    fewer than n entries are there (the floor was not under it). Ties at the cut keep the first rows'."""
+    v = codes.values
+    if v.numel() < n:
         return None
-    cut = values.detach().flatten().kthvalue(B * K - n + 1).values  # the n-th largest
-    keep = values.detach() >= cut
-    over = int(keep.sum()) - n  # ties at the cut: drop the surplus, last rows first (deterministic)
+    vd = v.detach()
+    cut = vd.kthvalue(v.numel() - n + 1).values  # the n-th largest
+    keep = vd >= cut
+    over = int(keep.sum()) - n
     if over > 0:
-        tie = (values.detach() == cut) & keep
-        drop = tie.flatten().nonzero().squeeze(1)[-over:]
-        keep.view(-1)[drop] = False
-    if bool(keep[:, -1].any()):
-        return None
-    rows, pos = keep.nonzero(as_tuple=True)
-    return from_entries(rows, indices[rows, pos], F.relu(values[rows, pos]), B)
+        keep[((vd == cut) & keep).nonzero().squeeze(1)[-over:]] = False
+    idx = keep.nonzero().squeeze(1)
+    return from_entries(codes.rows[idx], codes.cols[idx], v[idx], codes.n_rows)

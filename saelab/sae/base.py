@@ -30,14 +30,14 @@ from saelab.fs import atomic_write_bytes, atomic_write_text, check_regular, fsyn
 from saelab.hooks import hook_layer
 from saelab.kernels import sparse_decode
 from saelab.kernels.dispatch import resolve_kernel
-from saelab.kernels.sparse_codes import SparseCodes, batch_top, floor_encode
-from saelab.kernels.topk_encode import topk_encode
+from saelab.kernels.sparse_codes import SparseCodes, batch_top, entries, floor_encode
 from saelab.layout import CFG_FILE, HUB_PREFIX, WEIGHTS_FILE, hub_spec, read_sae_cfg
 
 SAVED_PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-#: a batch-wide selection of n codes (batch_sparse_codes) takes this many times the mean n/B candidates per row: a row
-#: rarely keeps 4× the batch's mean, and when one does the step runs dense
-BATCH_CANDIDATES = 4
+#: a batch-wide selection (batch_sparse_codes) reads the entries above this fraction of the last batches' cut (the cut
+#: moves little between steps), halving the floor up to BATCH_TRIES times while fewer than the n it keeps pass
+BATCH_FLOOR = 0.8
+BATCH_TRIES = 3
 #: set while SAE.from_weights builds an SAE whose weights come next: W_enc and W_dec start uninitialised
 _NO_INIT = contextvars.ContextVar("saelab_sae_no_init", default=False)
 
@@ -159,7 +159,7 @@ class SAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def sparse_codes(self, x: torch.Tensor, floor) -> SparseCodes | None:
+    def sparse_codes(self, x: torch.Tensor, floor, grad: bool = True) -> SparseCodes | None:
         """The training codes' candidates for a sparse step: the pre-activation entries above ``floor`` ([d_sae] or
         a number) as SparseCodes (``saelab.kernels.sparse_codes``: values z, the backward through them alone), or
         None where the step runs dense: on the reference kernel (``--kernel reference``, the plain path the fast
@@ -168,23 +168,27 @@ class SAE(nn.Module):
             return None
         self.check_input(x)
         xc = x - self.b_dec if self.apply_b_dec_to_input else x
-        return floor_encode(xc, self.W_enc, self.b_enc, floor)
+        return floor_encode(xc, self.W_enc, self.b_enc, floor, grad=grad)
 
-    def batch_sparse_codes(self, x: torch.Tensor, n: int) -> SparseCodes | None:
+    def batch_sparse_codes(self, x: torch.Tensor, n: int, guess: float) -> SparseCodes | None:
         """The n largest ReLU(z) of the batch's whole [B, d_sae] pre-activation (BatchTopK's and Mutual Choice's
-        training rule) as SparseCodes: each row's ``BATCH_CANDIDATES``·n/B best entries through the fused TopK encode,
-        the n best of those kept (``saelab.kernels.sparse_codes.batch_top``). None where the step runs dense: on the
-        reference kernel, for inputs other than [B, d_in] rows, when the candidates would be most of the latents, or
-        when some row had more entries above the cut than it offered (the dense rule is then the only exact one)."""
-        if resolve_kernel(self.kernel, x.device) == "reference" or x.ndim != 2:
+        training rule) as SparseCodes: the entries above a floor under the expected cut (``BATCH_FLOOR`` × ``guess``,
+        the last batches' cut) by ``sparse_codes``, the n largest of them kept (``batch_top``); the floor halves while
+        fewer than n pass. None where the step runs dense: no positive guess yet (the first step), the reference
+        kernel, too many entries above the floor, or no floor found in ``BATCH_TRIES`` halvings."""
+        if not guess > 0:
             return None
-        self.check_input(x)
-        per_row = BATCH_CANDIDATES * -(-n // x.shape[0])
-        if per_row * 4 > self.d_sae:
-            return None
-        xc = x - self.b_dec if self.apply_b_dec_to_input else x
-        v, i = topk_encode(xc, self.W_enc, self.b_enc, per_row, kernel=self.kernel)
-        return batch_top(v, i, n)
+        floor = BATCH_FLOOR * guess
+        for _ in range(BATCH_TRIES):
+            c = self.sparse_codes(x, floor, grad=False)
+            if c is None:
+                return None
+            top = batch_top(c, n)
+            if top is not None:  # the kept entries alone take part in the backward
+                xc = x - self.b_dec if self.apply_b_dec_to_input else x
+                return top.with_values(entries(xc, self.W_enc, self.b_enc, top.rows, top.cols, top.values))
+            floor /= 2
+        return None
 
     def loss(self, x: torch.Tensor, step: int = 0, grads: torch.Tensor | None = None) -> dict:
         """Training loss: ``{"loss": total to backprop, <terms>: 0-d tensors, "x_hat", and the codes:

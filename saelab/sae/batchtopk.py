@@ -3,9 +3,9 @@ whole batch (under DDP: over each rank's slice of the global batch, k·B/N per r
 selection at inference, so a token's code never depends on its batch: f = z·[z > θ].
 Saved for SAELens as a JumpReLU with θ for every latent (as SAELens itself does).
 
-Training selects sparse (``SAE.batch_sparse_codes``: candidates per row from the fused TopK encode, the batch's best
-kept, decoded and differentiated through them) and falls back to the dense selection, the reference, when a row
-keeps all of its candidates."""
+Training selects sparse (``SAE.batch_sparse_codes``: the entries above a floor under θ, the batch's k·B best of them
+kept, decoded and differentiated through them) and falls back to the dense selection, the reference, at the first
+step (no θ yet) and when no floor under the cut is found."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class BatchTopKSAE(SAE):
         return torch.zeros_like(flat).scatter(0, idx, vals).view_as(z)
 
     def loss(self, x, step=0, grads=None):
-        c = self.batch_sparse_codes(x, self.cfg.k * x.shape[0]) if self.training else None
+        c = self.batch_sparse_codes(x, self.cfg.k * x.shape[0], float(self.threshold)) if self.training else None
         if c is not None:
             x_hat = c.decode(self.W_dec, self.b_dec)
             return self._out(c, x_hat, mse=mse(x, x_hat), aux=self.aux_k_loss(x, x_hat))

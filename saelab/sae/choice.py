@@ -163,8 +163,8 @@ class MutualChoiceSAE(ChoiceSAE):
     def select(self, z):
         return mutual_choice(z, self.cfg.k * z.shape[0])
 
-    def sparse_select(self, x):
-        return self.batch_sparse_codes(x, self.cfg.k * x.shape[0])
+    def sparse_select(self, x):  # from under the last batches' cut (every latent's θ is that one cut)
+        return self.batch_sparse_codes(x, self.cfg.k * x.shape[0], float(self.threshold.max()))
 
     def kept_floor(self, f):  # one cut for the whole matrix, every latent's
         return _floor(f).expand(self.d_sae).clone()
