@@ -218,8 +218,8 @@ class SAE(nn.Module):
     def code_stats(self, out: dict) -> tuple[torch.Tensor, int, torch.Tensor]:
         """(fired [d_sae] bool, rows, mean active latents per row as a 0-d float tensor) of a loss dict's codes,
         whichever form they take."""
-        if "f" in out:
-            nz = out["f"].reshape(-1, out["f"].shape[-1]) != 0
+        if "f" in out:  # [B, d_sae], or a CLT's [B, L, d_sae] (its counters are per layer)
+            nz = out["f"] != 0
             return nz.any(0), nz.shape[0], nz.sum(-1).float().mean()
         if "sparse" in out:
             c = out["sparse"]
