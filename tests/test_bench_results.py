@@ -61,10 +61,11 @@ def test_bench_train_writes_its_result(tmp_path):
     check_schema(doc, "bench_train")
     assert doc["command"] == "python benchmarks/bench_train.py " + " ".join(args)
     (t,) = doc["tables"]
-    assert t["columns"] == ["d_in", "arch", "tokens/s", "GEMM-limit tokens/s", "fraction of limit"]
+    assert t["columns"] == ["d_in", "arch", "L0", "tokens/s", "GEMM-limit tokens/s", "fraction of limit"]
     assert [r[:2] for r in t["rows"]] == [[8, "topk"], [8, "relu"], [16, "topk"], [16, "relu"]]
-    for d, arch, rate, gemm, frac in t["rows"]:
+    for d, arch, l0, rate, gemm, frac in t["rows"]:
         assert rate > 0 and gemm > 0 and frac == pytest.approx(rate / gemm, rel=1e-4)
+        assert 0 < l0 <= 16 * d  # the timed step's own L0 (relu's set near k by calibrate)
     printed = [line for line in out.stdout.splitlines() if line.startswith("| 16 | relu |")]
     assert len(printed) == 1  # each row is printed as it is measured
     assert not list(tmp_path.glob(".*.tmp"))
