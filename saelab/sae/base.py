@@ -159,33 +159,38 @@ class SAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def sparse_codes(self, x: torch.Tensor, floor, grad: bool = True) -> SparseCodes | None:
-        """The training codes' candidates for a sparse step: the pre-activation entries above ``floor`` ([d_sae] or
-        a number) as SparseCodes (``saelab.kernels.sparse_codes``: values z, the backward through them alone), or
-        None where the step runs dense: on the reference kernel (``--kernel reference``, the plain path the fast
-        one is tested against), for inputs other than [B, d_in] rows, or when too many entries pass."""
+    def sparse_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The centred rows x − b_dec (x itself where b_dec is not subtracted) a sparse training step encodes, or None
+        where the step runs dense: on the reference kernel (``--kernel reference``, the plain path the fast ones are
+        tested against) and for inputs other than [B, d_in] rows."""
         if resolve_kernel(self.kernel, x.device) == "reference" or x.ndim != 2:
             return None
         self.check_input(x)
-        xc = x - self.b_dec if self.apply_b_dec_to_input else x
-        return floor_encode(xc, self.W_enc, self.b_enc, floor, grad=grad)
+        return x - self.b_dec if self.apply_b_dec_to_input else x
+
+    def sparse_codes(self, x: torch.Tensor, floor) -> SparseCodes | None:
+        """The training codes' candidates for a sparse step: the pre-activation entries above ``floor`` ([d_sae] or
+        a number) as SparseCodes (``saelab.kernels.sparse_codes``: values z, the backward through them alone), or
+        None where the step runs dense (``sparse_input``, or too many entries pass)."""
+        xc = self.sparse_input(x)
+        return None if xc is None else floor_encode(xc, self.W_enc, self.b_enc, floor)
 
     def batch_sparse_codes(self, x: torch.Tensor, n: int, guess: float) -> SparseCodes | None:
         """The n largest ReLU(z) of the batch's whole [B, d_sae] pre-activation (BatchTopK's and Mutual Choice's
         training rule) as SparseCodes: the entries above a floor under the expected cut (``BATCH_FLOOR`` × ``guess``,
-        the last batches' cut) by ``sparse_codes``, the n largest of them kept (``batch_top``); the floor halves while
-        fewer than n pass. None where the step runs dense: no positive guess yet (the first step), the reference
-        kernel, too many entries above the floor, or no floor found in ``BATCH_TRIES`` halvings."""
-        if not guess > 0:
+        the last batches' cut) by ``floor_encode``, the n largest of them kept (``batch_top``); the floor halves while
+        fewer than n pass. None where the step runs dense: no positive guess yet (the first step), ``sparse_input``'s
+        cases, too many entries above the floor, or no floor found in ``BATCH_TRIES`` halvings."""
+        xc = self.sparse_input(x) if guess > 0 else None
+        if xc is None:
             return None
         floor = BATCH_FLOOR * guess
         for _ in range(BATCH_TRIES):
-            c = self.sparse_codes(x, floor, grad=False)
+            c = floor_encode(xc, self.W_enc, self.b_enc, floor, grad=False)
             if c is None:
                 return None
             top = batch_top(c, n)
             if top is not None:  # the kept entries alone take part in the backward
-                xc = x - self.b_dec if self.apply_b_dec_to_input else x
                 return top.with_values(entries(xc, self.W_enc, self.b_enc, top.rows, top.cols, top.values))
             floor /= 2
         return None

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from saelab.errors import SaelabError
 from saelab.kernels.chunked import DEFAULT_CHUNK, DEFAULT_ROWS, chunked_select
-from saelab.kernels.dispatch import resolve_kernel
 from saelab.kernels.sparse_codes import entries, from_entries
 from saelab.sae.base import SAE, mse
 
@@ -194,12 +193,11 @@ class FeatureChoiceSAE(ChoiceSAE):
         product W_encᵀ (x − b_dec)ᵀ (a latent's row of it; its bias is constant along the row, so it changes no
         choice and is added after), the positive entries kept in row order with the sparse backward. None on the
         reference kernel (the dense ``select``, the reference) and for inputs other than [B, d_in] rows."""
-        if resolve_kernel(self.kernel, x.device) == "reference" or x.ndim != 2:
+        xc = self.sparse_input(x)
+        if xc is None:
             return None
-        self.check_input(x)
         B = x.shape[0]
         m = self.tokens_per_latent(B)
-        xc = x - self.b_dec if self.apply_b_dec_to_input else x
         with torch.no_grad():
             zt, tok = chunked_select(self.W_enc.t(), xc.t(), xc.new_zeros(B), m, False, DEFAULT_CHUNK, DEFAULT_ROWS)
             z = zt + self.b_enc[:, None]

@@ -56,9 +56,9 @@ class GatedSAE(SAE):
     def loss(self, x, step=0, grads=None):
         coeff = self.control.coeff * self.sparsity_warmup(step)
         c = self.sparse_codes(x, 0.0)
-        if c is not None:  # the open gates: z = π_gate > 0 at each entry
+        if c is not None:  # the open gates: z = π_gate > 0 at each entry, so the indicator is 1 on all of them
             z, j = c.values, c.cols
-            f = c.with_values((z > 0).to(z.dtype) * F.relu(self.r_mag.exp()[j] * (z - self.b_enc[j]) + self.b_mag[j]))
+            f = c.with_values(F.relu(self.r_mag.exp()[j] * (z - self.b_enc[j]) + self.b_mag[j]))
             x_hat = f.decode(self.W_dec, self.b_dec)
             x_frozen = c.decode(self.W_dec.detach(), self.b_dec.detach())
             return self._out(f, x_hat, mse=mse(x, x_hat), l1=coeff * z.sum() / c.n_rows, aux=mse(x, x_frozen))

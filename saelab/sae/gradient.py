@@ -9,13 +9,11 @@ through them alone (``saelab.kernels.sparse_codes``). ``--kernel reference`` run
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 import torch
+import torch.nn.functional as F
 
 from saelab.errors import SaelabError
 from saelab.kernels import sparse_decode
-from saelab.kernels.dispatch import resolve_kernel
 from saelab.kernels.sparse_codes import BLOCK_ENTRIES, entries
 from saelab.sae.base import mse
 from saelab.sae.topk import TopKSAE, scatter
@@ -35,9 +33,8 @@ class GradientSAE(TopKSAE):
     def loss(self, x, step=0, grads=None):
         if grads is None:
             raise SaelabError("the gradient SAE trains on stored gradients: harvest with --with-grads")
-        if resolve_kernel(self.kernel, x.device) != "reference" and x.ndim == 2:
-            self.check_input(x)
-            xc = x - self.b_dec if self.apply_b_dec_to_input else x
+        xc = self.sparse_input(x)
+        if xc is not None:
             k = self.cfg.k
             with torch.no_grad():
                 idx, z_sel = self._select(xc, grads.to(xc.dtype), k)
