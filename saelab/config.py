@@ -385,6 +385,15 @@ class TrainConfig(JSONConfig):
                              "on a CPU with native bf16 (avx512_bf16/AMX) for fp32 SAEs of at least 2^22 (≈4.2M) "
                              "encoder weights (d_in × d_sae) while torch runs at most 2 threads, else chunked",
                      choices=["auto", "triton", "chunked", "screened", "reference"])
+    mfr: int = _f(0, "mutual feature regularisation (Marks et al. 2024): train this many SAEs (2 or more) together on "
+                     "the same batches, each from its own init (seeds --seed, --seed + 1, ...), with a penalty on how far "
+                     "their dictionaries are apart, into OUT/sae-0, OUT/sae-1, ... and OUT/mfr.json; 0: one SAE",
+                  min=0)
+    mfr_coeff: float = _f(0.1, "--mfr: weight of the penalty coeff × d_in × (1 − mean MMCS of the members' decoders), "
+                               "d_in being a row's squared norm in the trainer's units; 0 trains the members "
+                               "independently (the baseline)", min=0.0)
+    mfr_warmup: float = _f(0.05, "--mfr: fraction of the steps over which the penalty's weight ramps from 0 to 1",
+                           min=0.0, max=1.0)
     autocast: str = _f("none", "mixed precision for the forward (weights stay fp32)", choices=["none", "bf16"])
     log: str = _f("none", "also log to TensorBoard or wandb (if installed)", choices=["none", "tensorboard", "wandb"])
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
@@ -412,6 +421,14 @@ class TrainConfig(JSONConfig):
                               f"{self.checkpoint_every})")
         if self.eval_every < 0:
             raise SaelabError(f"--eval-every must be 0 (only at the end) or positive (got {self.eval_every})")
+        if self.mfr == 1:
+            raise SaelabError("--mfr 1 trains one SAE, and mutual feature regularisation aligns two or more: pass "
+                              "--mfr 2 or more, or drop --mfr")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("mfr_coeff", "mfr_warmup"):
+            if not self.mfr and getattr(self, name) != defaults[name]:
+                raise SaelabError(f"{flag_of(name)} applies with --mfr N only, and this run trains one SAE: drop it, "
+                                  "or pass --mfr 2")
         return self
 
 

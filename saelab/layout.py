@@ -43,6 +43,8 @@ SOURCE_FILE = "source.json"  # a fetched SAE's origin: {repo_id, subfolder, revi
 # a group folder (one SAE per hook)
 GROUP_FILE = "group.json"  # {"model": name, "hooks": {hook: SAE folder}}
 CIRCUITS_DIR = "circuits"
+# an MFR group (``saelab train --mfr N``): N SAE folders of one hook, trained together
+MFR_FILE = "mfr.json"  # {"model", "hook", "arch", "members": [SAE folder], "coeff", "mmcs": {"i/j": MMCS}}
 #: a group's attribution graphs (``saelab attribute``)
 GRAPHS_DIR = "graphs"
 # an SAE on the Hugging Face hub: hf://ORG/REPO/SUBFOLDER
@@ -105,6 +107,7 @@ TRAIN_SCHEMA = obj({
     "n_steps": WHOLE, "world_size": POSITIVE, "scale": {"type": "number", "exclusiveMinimum": 0},
     "scale_out": {"type": "number", "exclusiveMinimum": 0},
     "done": {"type": "boolean"}, "epochs": {"type": "number", "minimum": 0},
+    "mfr_member": {"type": "integer", "minimum": 0}, "init_seed": {"type": "integer", "minimum": 0},
 }, required=("train", "sae"))
 FRACTION = {"type": "number", "minimum": 0, "maximum": 1}
 SIGNED_FRACTION = {"type": "number", "minimum": -1, "maximum": 1}
@@ -167,6 +170,10 @@ SOURCE_SCHEMA = obj({
 GROUP_SCHEMA = obj({"model": nullable(TEXT), "hooks": {"type": "object", "additionalProperties": PLAIN_NAME,
                                                        "propertyNames": {"description": "hook"}}},
                    required=("hooks",))
+#: mfr.json: an MFR group's members (SAE folders inside it, in seed order) and the MMCS of each pair at the end
+MFR_SCHEMA = obj({"model": nullable(TEXT), "hook": TEXT, "arch": TEXT, "members": {"type": "array", "items": PLAIN_NAME},
+                  "coeff": NUMBER, "mmcs": {"type": "object", "additionalProperties": NUMBER}},
+                 required=("members",))
 #: one transcoder pair: the hook read (``input``) and the hook reconstructed (``target``), each the name of a store
 #: folder of the same RUN folder
 PAIR_SCHEMA = obj({"input": PLAIN_NAME, "target": PLAIN_NAME}, required=("input", "target"))
@@ -225,6 +232,21 @@ def read_group(path: str | os.PathLike) -> tuple[str | None, dict[str, pathlib.P
     return meta.get("model") or None, {h: path / sub for h, sub in meta["hooks"].items()}
 
 
+def read_mfr(path: str | os.PathLike) -> dict:
+    """An MFR group folder's mfr.json (its members, coefficient and final MMCS), checked; a damaged one is a one-line
+    error."""
+    return read_json(pathlib.Path(path).expanduser() / MFR_FILE, MFR_SCHEMA, "MFR group file",
+                     "train the group again into a new --out")
+
+
+def refuse_mfr_group(path: pathlib.Path) -> None:
+    """A one-line error when ``path`` is an MFR group's folder, where one SAE is wanted: it names a member."""
+    if (path / MFR_FILE).is_file() and not (path / CFG_FILE).is_file():
+        members = read_mfr(path)["members"]
+        raise SaelabError(f"{path} is an MFR group of {len(members)} SAEs of one hook: pass one of its members, e.g. "
+                          f"{path / members[0]}")
+
+
 def group_or_folder(path: str | os.PathLike, fix: str) -> tuple[pathlib.Path, str | None, dict | None]:
     """(the resolved path, the group's model or None, {hook: SAE folder} of a group folder, or None for one SAE
     folder) of a local ``path``; neither a group nor an SAE folder is a one-line error ending in ``fix``."""
@@ -235,6 +257,7 @@ def group_or_folder(path: str | os.PathLike, fix: str) -> tuple[pathlib.Path, st
         return path, group[0], group[1]
     if (path / CFG_FILE).is_file():
         return path, None, None
+    refuse_mfr_group(path)
     raise SaelabError(f"{path} is neither an SAE group (group.json) nor an SAE folder (cfg.json): {fix}")
 
 
@@ -288,6 +311,7 @@ def read_sae_cfg(path: str | os.PathLike) -> dict:
         raise SaelabError(f"{path} is an SAE group, not one SAE: pass one of its SAE folders "
                           f"({', '.join(str(path / h) for h in hooks[:3]) or path / 'HOOK'})")
     if not is_sae_folder(path):
+        refuse_mfr_group(path)
         layout = folder_layout(path)
         if layout:  # another release's layout (Gemma Scope, sparsify, dictionary_learning): fetch converts it
             raise SaelabError(f"{path} holds an SAE in {layout}'s layout, not saelab's: convert it once with "

@@ -30,6 +30,7 @@ from saelab.layout import (
     LABELS_FILE,
     MANIFEST,
     METRICS_FILE,
+    MFR_FILE,
     RUN_FILE,
     SOURCE_FILE,
     TRAIN_FILE,
@@ -39,7 +40,7 @@ from saelab.layout import (
 WRITTEN_BY = "written_by"
 #: the names of saelab's own files: a report written over one of them would destroy an SAE, a store or a run
 LAYOUT_NAMES = frozenset({CFG_FILE, WEIGHTS_FILE, TRAIN_FILE, METRICS_FILE, CHECKPOINT_FILE, EVAL_FILE, FEATURES_FILE,
-                          LABELS_FILE, SOURCE_FILE, GROUP_FILE, MANIFEST, RUN_FILE})
+                          LABELS_FILE, SOURCE_FILE, GROUP_FILE, MFR_FILE, MANIFEST, RUN_FILE})
 _SHARD = re.compile(r"^shard_\d{5}\.h5$")
 #: markers older report files carry instead of a stamp: (key, value) of a JSON report
 _FORMAT_MARKERS = {"circuit": ("kind", "sparse_feature_circuit")}

@@ -71,15 +71,16 @@ def check_resumable(out: pathlib.Path, tcfg: TrainConfig, cfg: SAEConfig, store,
 
 
 def write_run_info(out: pathlib.Path, tcfg: TrainConfig, cfg: SAEConfig, store, n_steps: int, world: int,
-                   scale: float, target=None, scale_out: float | None = None) -> None:
+                   scale: float, target=None, scale_out: float | None = None, extra: dict | None = None) -> None:
     """train.json of a run that starts: its settings, its store (path and identity), steps, ranks and scale; a
-    transcoder's also its target store and the targets' scale."""
+    transcoder's also its target store and the targets' scale; ``extra`` keys (an MFR member's index and seed)."""
     info = {"train": tcfg.to_dict(), "sae": cfg.to_dict(), "store": str(pathlib.Path(store.path).resolve()),
             "store_identity": store_identity(store), "n_steps": n_steps, "world_size": world, "scale": scale,
             "done": False}
     if target is not None:
         info.update(target=str(pathlib.Path(target.path).resolve()), target_identity=store_identity(target),
                     scale_out=scale_out)
+    info.update(extra or {})
     atomic_write_text(out / TRAIN_FILE, json.dumps(info, indent=2) + "\n")
 
 

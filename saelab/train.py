@@ -44,13 +44,14 @@ from saelab.layout import (
     EVAL_FILE,
     GROUP_FILE,
     METRICS_FILE,
+    MFR_FILE,
     TRAIN_FILE,
     check_eval,
     group_json,
 )
 from saelab.jobs import check_group_resume, clt_config, sae_config_for, training_pairs
 from saelab.logger import MetricsLogger
-from saelab.sae import SAE
+from saelab.sae import SAE, mutual
 from saelab.store import ActivationStore, resolve_stores
 from saelab.store.stream import PairedBatches
 
@@ -64,6 +65,8 @@ def train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool = False, progress: bo
 
 
 def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
+    if tcfg.mfr:  # one group of SAEs over one store
+        return _train_mfr(tcfg, scfg, resume, progress and dist.is_main())
     if scfg.arch == CLT:  # one model over every pair: its layers
         pairs = training_pairs(tcfg)
         first = pairs[0][0]
@@ -103,6 +106,28 @@ def _train(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> 
     return folders
 
 
+def _train_mfr(tcfg: TrainConfig, scfg: SAEConfig, resume: bool, progress: bool) -> dict[str, pathlib.Path]:
+    """``--mfr N``: N SAEs of the store's hook trained together into the group folder ``--out``; returns
+    {"HOOK [MEMBER]": SAE folder} in member order."""
+    if scfg.arch in TRANSCODERS:
+        raise SaelabError(f"--mfr trains SAEs on one store, and --arch {scfg.arch} is a transcoder: drop --mfr, or "
+                          "pass an SAE architecture")
+    paths = resolve_stores(tcfg.activations, tcfg.hook)
+    if len(paths) > 1:
+        hooks = ", ".join(ActivationStore(p).hook for p in paths[:3])
+        raise SaelabError(f"--mfr trains its {tcfg.mfr} SAEs on one store, and {tcfg.activations} holds {len(paths)} "
+                          f"({hooks}, ...): pick one with --hook")
+    out = pathlib.Path(tcfg.out)
+    train_one(paths[0], out, tcfg, scfg, resume, progress, members=tcfg.mfr)
+    hook = ActivationStore(paths[0]).hook
+    return {f"{hook} [{name}]": out / name for name in (mfr_member(i) for i in range(tcfg.mfr))}
+
+
+def mfr_member(i: int) -> str:
+    """The folder name of an MFR group's member ``i`` (trained from seed --seed + i)."""
+    return f"sae-{i}"
+
+
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm."""
     m = x.mean(0)
@@ -133,7 +158,7 @@ class _Run:
     store: ActivationStore
     cfg: SAEConfig
     tcfg: TrainConfig
-    sae: SAE
+    sae: SAE  # the one SAE, or an MFR group's first member
     opt: torch.optim.Optimizer
     it: object  # the store's BatchIterator
     device: torch.device
@@ -147,13 +172,28 @@ class _Run:
     step: int = 0
     scale: float = 1.0
     scale_out: float = 1.0  # the target rows' scale (a transcoder's; an SAE's targets are its inputs)
+    members: list = dataclasses.field(default_factory=list)  # every SAE trained: [sae], or an MFR group's N
+
+    @property
+    def group(self) -> bool:
+        return len(self.members) > 1
+
+    def folder(self, i: int) -> pathlib.Path:
+        """Member i's SAE folder: ``out`` itself for one SAE, ``out/sae-i`` in an MFR group."""
+        return self.out / mfr_member(i) if self.group else self.out
+
+    def state(self) -> torch.nn.Module:
+        """What a checkpoint holds: the SAE, or the group's members as one module list."""
+        return torch.nn.ModuleList(self.members) if self.group else self.sae
 
 
 def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SAEConfig,
-              resume: bool = False, progress: bool = True, target=None, inputs: list | None = None) -> pathlib.Path:
+              resume: bool = False, progress: bool = True, target=None, inputs: list | None = None,
+              members: int = 0) -> pathlib.Path:
     """Train one SAE on the store at ``path`` into the SAE folder ``out`` (``resume``: from its checkpoint); a
     transcoder reconstructs the rows of the ``target`` store (row-aligned with ``path``'s); a cross-layer
-    transcoder reads every store of ``inputs`` and reconstructs every one of ``target`` (lists, one per layer)."""
+    transcoder reads every store of ``inputs`` and reconstructs every one of ``target`` (lists, one per layer).
+    ``members`` ≥ 2: an MFR group of that many SAEs into ``out`` (``saelab.sae.mutual``)."""
     store = ActivationStore(path)
     if inputs is not None:
         inputs, target_store = [ActivationStore(p) for p in inputs], [ActivationStore(p) for p in target]
@@ -180,7 +220,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
                 st.check_shards("holdout")
     if main and not resume:  # a checkpoint (weights + Adam's two moments), its temp copy, and the saved SAE
         weights = cfg.d_sae * (cfg.d_in + cfg.output_dim) * cfg.n_layers ** 2 + cfg.d_in * cfg.d_out  # + W_skip
-        check_free_space(out, 7 * 4 * weights, f"training a {cfg.d_sae:,}-latent SAE",
+        check_free_space(out, 7 * 4 * weights * max(1, members), f"training a {cfg.d_sae:,}-latent SAE",
                          "free space, or train to another --out")
     run_state.check_out(out, resume)
     dist.barrier()  # every rank has checked --out before rank 0 writes into it
@@ -189,7 +229,7 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         if resume and (out / TRAIN_FILE).exists() and run_state.check_resumable(out, tcfg, cfg, store,
                                                                                 one_target).get("done"):
             return out  # finished earlier
-        run = _start(out, store, cfg, tcfg, device, resume, target_store, inputs)
+        run = _start(out, store, cfg, tcfg, device, resume, target_store, inputs, max(1, members))
         _fit(run, resume, progress)
         if main:  # rank 0 saves and evaluates; the others wait for it
             _finish(run)
@@ -202,22 +242,27 @@ def _layer_batches(inputs: list, targets: list, **batches) -> PairedBatches:
     return PairedBatches([st.batches(**batches) for st in inputs], [st.batches(**batches) for st in targets])
 
 
-def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None) -> _Run:
-    """The SAE, its optimiser and the store's iterator, fresh (scale and b_dec from a sample, train.json written)
-    or from the run's checkpoint."""
+def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None, n_members: int = 1) -> _Run:
+    """The SAE (or an MFR group's ``n_members``), its optimiser and the store's iterator, fresh (scale and b_dec from
+    a sample, train.json written) or from the run's checkpoint."""
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     needs_grads = SAE.registry[cfg.arch].needs_grads
     skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
     total_tokens = tcfg.tokens or store.batches(tcfg.batch_size, skip_bos=skip_bos).rows_per_epoch
     n_steps = max(1, total_tokens // tcfg.batch_size)
     total_tokens = n_steps * tcfg.batch_size
-    torch.manual_seed(tcfg.seed)
-    sae = SAE.registry[cfg.arch](cfg).to(device)
-    sae.total_steps = n_steps
-    sae.kernel = tcfg.kernel
-    sae.dead_after = min(cfg.dead_tokens, store.n_rows("train"))
+    members = []
+    for i in reversed(range(n_members)):  # member 0 last: the global generator then stands where one SAE's leaves it
+        torch.manual_seed(tcfg.seed + i)
+        members.insert(0, SAE.registry[cfg.arch](cfg).to(device))
+    for sae in members:
+        sae.total_steps = n_steps
+        sae.kernel = tcfg.kernel
+        sae.dead_after = min(cfg.dead_tokens, store.n_rows("train"))
+    sae = members[0]
     lr = tcfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 16384)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    # one Adam over every member: Adam is elementwise, so each member steps as its own optimiser would step it
+    opt = torch.optim.Adam([p for m in members for p in m.parameters()], lr=lr)
     batches = dict(batch_size=tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
                    device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
     if inputs is not None:  # a CLT: every layer's stores, stacked
@@ -227,14 +272,18 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None) -> _
         if target is not None:  # the same settings over the aligned store: the same rows, in the same order
             it = PairedBatches(it, target.batches(**batches))
     run = _Run(out, store, cfg, tcfg, sae, opt, it, device, lr, n_steps, total_tokens, skip_bos, needs_grads, target,
-               inputs)
+               inputs, members=members)
     if resume and (out / CHECKPOINT_FILE).exists():
-        run.step, run.scale, run.scale_out = run_state.load_checkpoint(out, sae, opt, it, n_steps, cfg.arch, device)
+        run.step, run.scale, run.scale_out = run_state.load_checkpoint(out, run.state(), opt, it, n_steps, cfg.arch,
+                                                                       device)
         if main:
-            run_state.truncate_metrics(out / METRICS_FILE, run.step)
+            for i in range(n_members):
+                run_state.truncate_metrics(run.folder(i) / METRICS_FILE, run.step)
         return run
     if main:
-        run_state.truncate_metrics(out / METRICS_FILE, 0)  # a run killed before its first checkpoint starts over
+        for i in range(n_members):  # a run killed before its first checkpoint starts over
+            run.folder(i).mkdir(parents=True, exist_ok=True)
+            run_state.truncate_metrics(run.folder(i) / METRICS_FILE, 0)
     if inputs is not None:  # a CLT scales each layer itself (its buffers); the trainer's scale is 1
         sample = dict(batch_size=min(8192, store.n_rows("train")), split="train", seed=tcfg.seed + 7919,
                       skip_bos=skip_bos, device=device, buffer_rows=tcfg.buffer_rows)
@@ -248,38 +297,47 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None) -> _
     if target is not None:  # b_dec is in the output space: the targets' median, in their own scale
         run.scale_out, median = _init_stats(target, skip_bos, tcfg.seed, device, buffer_rows=tcfg.buffer_rows)
     with torch.no_grad():
-        sae.b_dec.copy_(median * run.scale_out)
+        for m in members:
+            m.b_dec.copy_(median * run.scale_out)
     wanted = sae.rows_for_init(cfg)
     if wanted:  # the same rows on every rank (one seed), in the trainer's scale
         x = next(iter(store.batches(wanted, split="train", seed=tcfg.seed + 104729, skip_bos=skip_bos, device=device,
                                     buffer_rows=max(tcfg.buffer_rows, wanted))))
-        sae.init_from_rows((x[0] if isinstance(x, tuple) else x) * run.scale)
+        for m in members:
+            m.init_from_rows((x[0] if isinstance(x, tuple) else x) * run.scale)
     if main:
         run_state.write_run_info(out, tcfg, cfg, store, n_steps, world, run.scale, target, run.scale_out)
+        if run.group:  # each member's folder records the group's run, and which member it is
+            for i in range(n_members):
+                run_state.write_run_info(run.folder(i), tcfg, cfg, store, n_steps, world, run.scale,
+                                         extra={"mfr_member": i, "init_seed": tcfg.seed + i})
     return run
 
 
 def _fit(run: _Run, resume: bool, progress: bool) -> None:
     """The loop: shuffled batches into ``sae.loss``, backward, clip, step; metrics and checkpoints as it goes.
-    Under torchrun DDP averages the gradients and the SAE's statistics are reduced in ``after_step``."""
+    Under torchrun DDP averages the gradients and the SAE's statistics are reduced in ``after_step``. An MFR group's
+    members take the same batches, and one backward of the sum of their losses and the group's penalty; each member
+    is clipped, constrained and logged as one SAE is."""
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
-    sae, opt, tcfg = run.sae, run.opt, run.tcfg
-    model, reduce = _LossModule(sae), None
+    opt, tcfg = run.opt, run.tcfg
+    model, reduce = _LossModule(run.members, tcfg.mfr_coeff * run.cfg.d_in, run.n_steps, tcfg.mfr_warmup), None
     if dist.active():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None, **dist.no_buffer_sync())
         reduce = dist.Reduce()
-    logger = None
+    loggers: list = []
     step = last_ck = run.step
     bar = tqdm(total=run.n_steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True,
-               desc=f"train {run.cfg.arch} {run.store.hook}")
+               desc=f"train {run.cfg.arch} {run.store.hook}" + (f" ×{len(run.members)} (MFR)" if run.group else ""))
     amp = (torch.autocast(run.device.type, dtype=torch.bfloat16) if tcfg.autocast == "bf16"
            else contextlib.nullcontext())
     t0, tok0 = time.perf_counter(), step * tcfg.batch_size
-    sae.train()
+    for m in run.members:
+        m.train()
     try:
         if main:
-            logger = MetricsLogger(run.out, tcfg.log)
+            loggers = [MetricsLogger(run.folder(i), tcfg.log) for i in range(len(run.members))]
         for batch in run.it:
             x, g = batch if run.needs_grads else (batch, None)
             x, y = x if run.target is not None else (x, None)  # a transcoder's batch: (inputs, targets)
@@ -291,38 +349,47 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
             for group in opt.param_groups:
                 group["lr"] = run.lr * lr_factor(step, run.n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
             with amp:
-                outd = model(x, step, g, y)
+                res = model(x, step, g, y)
             opt.zero_grad(set_to_none=True)
-            outd["loss"].backward()  # under DDP: returns with the gradients averaged over ranks
-            sae.remove_parallel_grads()
-            if tcfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
+            res["loss"].backward()  # under DDP: returns with the gradients averaged over ranks
+            for m in run.members:
+                m.remove_parallel_grads()
+                if tcfg.grad_clip:  # each member's own norm: a member steps as it would alone
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.grad_clip)
             opt.step()
-            sae.after_step(outd, step, reduce)
+            for m, outd in zip(run.members, res["outs"]):
+                m.after_step(outd, step, reduce)
             step += 1
             bar.update(1)
             last = step == run.n_steps
             evaluate_now = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or last)
             if step % tcfg.log_every == 0 or last or evaluate_now:
-                rec = _metrics(sae, x if y is None else y, outd, step, tcfg, run.it, t0, tok0, reduce)
-                _check_finite(run, step, last_ck, loss=rec["loss"])
-                if main and evaluate_now:
-                    rec.update(_heldout(run))
-                if main:
-                    logger.write(rec)
-                bar.set_postfix(tok_s=f"{rec['tokens_per_s']:.0f}", fvu=f"{rec['fvu']:.3f}",
-                                l0=f"{rec['l0']:.1f}", dead=f"{100 * rec['dead_frac']:.1f}%")
+                extra = {k: float(v) for k, v in res.items() if k.startswith("mfr_")}
+                for i, (m, outd) in enumerate(zip(run.members, res["outs"])):
+                    rec = _metrics(m, x if y is None else y, outd, step, tcfg, run.it, t0, tok0, reduce)
+                    rec.update(extra)
+                    _check_finite(run, step, last_ck, loss=rec["loss"])
+                    if main and evaluate_now:
+                        rec.update(_heldout(run, m))
+                    if main:
+                        loggers[i].write(rec)
+                    if i == 0:
+                        post = dict(tok_s=f"{rec['tokens_per_s']:.0f}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
+                                    dead=f"{100 * rec['dead_frac']:.1f}%")
+                if "mfr_mmcs" in extra:
+                    post["mmcs"] = f"{extra['mfr_mmcs']:.3f}"
+                bar.set_postfix(post)
             if step % tcfg.checkpoint_every == 0 and not last:
                 _check_finite(run, step, last_ck)  # a checkpoint holds good weights only
                 if main:
-                    run_state.save_checkpoint(run.out, sae, opt, run.it, step, run.n_steps, run.scale, run.cfg.arch,
-                                              run.scale_out)
+                    run_state.save_checkpoint(run.out, run.state(), opt, run.it, step, run.n_steps, run.scale,
+                                              run.cfg.arch, run.scale_out)
                 last_ck = step
     except BaseException as e:
         if main and not resume and step == 0:  # a fresh run that never trained a step leaves nothing behind
-            if logger is not None:
-                logger.close()
-                logger = None
+            for lg in loggers:
+                lg.close()
+            loggers = []
             remove_contents(run.out)  # check_out found it empty or missing: all in it is this run's
         if dist.active() and dist.lost(e):
             where = f"from the checkpoint at step {last_ck}" if last_ck else "from the start (no checkpoint yet)"
@@ -332,8 +399,8 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
         raise
     finally:
         bar.close()
-        if logger is not None:
-            logger.close()
+        for lg in loggers:
+            lg.close()
     run.step = step
 
 
@@ -344,7 +411,7 @@ def _check_finite(run: _Run, step: int, last_ck: int, loss: float | None = None)
     bad = None
     if loss is not None and not math.isfinite(loss):
         bad = f"the loss is {loss}"
-    elif not all(bool(torch.isfinite(p).all()) for p in run.sae.parameters()):
+    elif not all(bool(torch.isfinite(p).all()) for m in run.members for p in m.parameters()):
         bad = "the weights hold NaN or inf"
     if bad is None:
         return
@@ -355,38 +422,65 @@ def _check_finite(run: _Run, step: int, last_ck: int, loss: float | None = None)
 
 
 def _finish(run: _Run) -> None:
-    """Save the SAE that reads raw activations (the scale folded into a copy), evaluate it, mark the run done.
-    The optimiser's state (2× the weights) is freed first and the copy gets no random init, so the end of a run
-    needs no more memory or time than a step."""
-    sae = run.sae
+    """Save each SAE trained as an SAE that reads raw activations (the scale folded into a copy), evaluate it, mark
+    the run done; an MFR group also writes its mfr.json (the members and their final MMCS). The optimiser's state
+    (2× the weights) is freed first and the copy gets no random init, so the end of a run needs no more memory or
+    time than a step."""
     run.opt = None
-    sae.zero_grad(set_to_none=True)
-    sae.eval()
+    for i, sae in enumerate(run.members):
+        sae.zero_grad(set_to_none=True)
+        sae.eval()
+        _save(run, sae, run.folder(i))
+    if run.group:
+        decoders = [m.W_dec.detach() for m in run.members]
+        meta = {"model": run.store.manifest.get("model", ""), "hook": run.store.hook, "arch": run.cfg.arch,
+                "members": [mfr_member(i) for i in range(len(run.members))], "coeff": run.tcfg.mfr_coeff,
+                "mmcs": mutual.pair_mmcs(decoders)}
+        atomic_write_text(run.out / MFR_FILE, json.dumps(meta, indent=2) + "\n")
+    run_state.mark_done(run.out, run.it.epochs)
+
+
+def _save(run: _Run, sae: SAE, out: pathlib.Path) -> None:
+    """One trained SAE into the SAE folder ``out``: weights (the scale folded in), eval.json, its run marked done."""
     final = SAE.blank(run.cfg)
     final.load_state_dict(sae.state_dict())
     final.fold_input_scale(run.scale, run.scale_out if run.target is not None else None)
-    final.cpu().save(run.out)
+    final.cpu().save(out)
     if run.inputs is not None:
         ev = evaluate_layers(final, run.inputs, run.target, skip_bos=run.skip_bos, device=run.device)
     else:
         ev = evaluate_store(final, run.store, skip_bos=run.skip_bos, device=run.device, target=run.target)
-    ev = check_fvu(ev, final, run.store, run.out)
+    ev = check_fvu(ev, final, run.store, out)
     ev.update(epochs=round(run.it.epochs, 4), steps=run.n_steps, tokens=run.total_tokens)
-    atomic_write_text(run.out / EVAL_FILE, json.dumps(check_eval(ev, run.out / EVAL_FILE), indent=2) + "\n")
-    run_state.mark_done(run.out, run.it.epochs)
+    atomic_write_text(out / EVAL_FILE, json.dumps(check_eval(ev, out / EVAL_FILE), indent=2) + "\n")
+    if out != run.out:  # a group's member: its own train.json says it is done (the group's, at the end)
+        run_state.mark_done(out, run.it.epochs)
 
 
 class _LossModule(torch.nn.Module):
-    """``sae.loss`` as a module's forward, so DistributedDataParallel can wrap it."""
+    """The members' ``sae.loss`` as one module's forward, so DistributedDataParallel can wrap it: {"loss": the sum of
+    the members' losses (+ an MFR group's penalty, weighted), "outs": each member's loss dict, and an MFR group's
+    "mfr_penalty" (1 − mean MMCS) and "mfr_mmcs"}."""
 
-    def __init__(self, sae):
+    def __init__(self, members, coeff: float = 0.0, n_steps: int = 1, warmup: float = 0.0):
         super().__init__()
-        self.sae = sae
+        self.members = torch.nn.ModuleList(members)
+        self.coeff, self.n_steps, self.warmup = coeff, n_steps, warmup
 
     def forward(self, x, step, grads=None, target=None):
-        if target is None:  # an SAE: its loss takes no target
-            return self.sae.loss(x, step=step, grads=grads)
-        return self.sae.loss(x, step=step, grads=grads, target=target)
+        # an SAE's loss takes no target
+        outs = [m.loss(x, step=step, grads=grads) if target is None else m.loss(x, step=step, grads=grads,
+                                                                                 target=target)
+                for m in self.members]
+        res = {"loss": outs[0]["loss"] if len(outs) == 1 else torch.stack([o["loss"] for o in outs]).sum(),
+               "outs": outs}
+        if len(outs) > 1:  # W_dec read after the losses: archetypal's dictionary is built in its loss
+            pen = mutual.penalty([m.W_dec for m in self.members])
+            weight = self.coeff * mutual.warmup(step, self.n_steps, self.warmup)
+            if weight:
+                res["loss"] = res["loss"] + weight * pen
+            res.update(mfr_penalty=pen.detach(), mfr_mmcs=1 - pen.detach())
+        return res
 
 
 def _init_stats(store, skip_bos, seed, device, n: int = 8192, buffer_rows: int = 1 << 18) -> tuple[float, torch.Tensor]:
@@ -422,15 +516,15 @@ def _metrics(sae, x, outd, step, tcfg, it, t0, tok0, reduce=None) -> dict:
     return rec
 
 
-def _heldout(run: _Run, n: int = 8192) -> dict:
-    """Held-out FVU and L0 of the SAE being trained (in its scaled units), on the first n rows."""
+def _heldout(run: _Run, sae: SAE, n: int = 8192) -> dict:
+    """Held-out FVU and L0 of an SAE being trained (in its scaled units), on the first n rows."""
     if not run.store.split_shards("holdout"):
         return {}
     if run.inputs is not None:
-        ev = evaluate_layers(run.sae, run.inputs, run.target, "holdout", run.skip_bos, max_rows=n, device=run.device)
-        run.sae.train()
+        ev = evaluate_layers(sae, run.inputs, run.target, "holdout", run.skip_bos, max_rows=n, device=run.device)
+        sae.train()
         return {"heldout_fvu": ev["fvu"], "heldout_l0": ev["l0"]}
-    ev = evaluate_store(run.sae, run.store, "holdout", run.skip_bos, max_rows=n, device=run.device, scale=run.scale,
+    ev = evaluate_store(sae, run.store, "holdout", run.skip_bos, max_rows=n, device=run.device, scale=run.scale,
                         target=run.target, scale_out=run.scale_out)
-    run.sae.train()
+    sae.train()
     return {"heldout_fvu": ev["fvu"], "heldout_l0": ev["l0"]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from saelab.cli.common import add_arguments, add_distributed_arguments, add_run_flags, eval_line, from_args
 from saelab.config import SAEConfig, TrainConfig
-from saelab.layout import read_eval, read_sae_cfg
+from saelab.layout import read_eval, read_mfr, read_sae_cfg
 
 
 def cmd_train(args) -> int:
@@ -23,6 +23,11 @@ def cmd_train(args) -> int:
         writes = (read_sae_cfg(folder).get("saelab") or {}).get("hook_name_out")  # a transcoder's output hook
         what = f"{hook} → {writes}" if writes else hook
         print(f"{folder}: {what}: {eval_line(ev)} ({ev.get('epochs', 0):.2f} epochs of the store)")
+    if tcfg.mfr:
+        meta = read_mfr(tcfg.out)
+        pairs = ", ".join(f"{meta['members'][int(i)]}/{meta['members'][int(j)]} {v:.3f}"
+                          for (i, j), v in ((k.split("/"), v) for k, v in meta["mmcs"].items()))
+        print(f"{tcfg.out}: MFR group of {len(meta['members'])} (--mfr-coeff {meta['coeff']:g}); decoder MMCS {pairs}")
     return 0
 
 
