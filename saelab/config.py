@@ -251,6 +251,16 @@ class SAEConfig(JSONConfig):
                                       "(capped at the store's training rows)")
     l1_coeff: float | None = _f(None, "relu, gated: fixed L1 coefficient (default: adapted to reach L0 = k)")
     l0_coeff: float | None = _f(None, "jumprelu: fixed L0 coefficient (default: adapted to reach L0 = k)")
+    bias_adaptation: bool = _f(False, "relu: group bias adaptation (GBA, Chen et al. 2025) in place of the L1 penalty: "
+                                      "the encoder biases are not trained by the gradient but set after every "
+                                      "--gba-every steps so that each group of latents fires at its target frequency "
+                                      "(--gba-groups groups, targets spaced geometrically over --gba-span, their sum "
+                                      "--k); the decoder rows are kept unit-norm")
+    gba_groups: int = _f(10, "--bias-adaptation: groups of latents, each with its own target frequency", min=1)
+    gba_span: float = _f(100.0, "--bias-adaptation: ratio of the first group's target frequency to the last's", min=1.0)
+    gba_every: int = _f(2, "--bias-adaptation: steps whose firing counts each bias update reads", min=1)
+    gba_rate: float = _f(0.2, "--bias-adaptation: the largest step of a bias per update, in the trainer's units "
+                               "(pre-activations of order 1)", min=0.0)
     sparsity_warmup: float = _f(0.05, "relu/jumprelu/gated: sparsity coefficient warm-up, fraction of the steps")
     bandwidth: float = _f(0.1, "jumprelu: straight-through rectangle kernel width ε, in the trainer's units "
                                 "(mean ‖x‖ = √d_in; the paper's 0.001 assumed E‖x‖² = 1 and billions of tokens)")
@@ -345,6 +355,19 @@ class SAEConfig(JSONConfig):
         if self.arch == "matryoshka" and self.matryoshka_mode == "k" and self.matryoshka_ks \
                 and max(self.matryoshka_ks) != self.k:
             raise SaelabError(f"--matryoshka-k values must end at --k {self.k}: add --matryoshka-k {self.k}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("gba_groups", "gba_span", "gba_every", "gba_rate"):
+            if not self.bias_adaptation and getattr(self, name) != defaults[name]:
+                raise SaelabError(f"{flag_of(name)} applies with --bias-adaptation only: pass --bias-adaptation, or "
+                                  "drop it")
+        if self.bias_adaptation and self.arch != "relu":
+            raise SaelabError(f"--bias-adaptation sets a ReLU SAE's encoder biases, and this run trains {self.arch}: "
+                              "pass --arch relu, or drop --bias-adaptation")
+        if self.bias_adaptation and self.l1_coeff is not None:
+            raise SaelabError("--bias-adaptation and --l1-coeff both set the sparsity (GBA trains without an L1 "
+                              "penalty): pass one of them")
+        if self.bias_adaptation and self.gba_groups > self.d_sae:
+            raise SaelabError(f"--gba-groups {self.gba_groups} is more than the {self.d_sae} latents: lower it")
         if not 0 <= self.mp_residual < 1:
             raise SaelabError(f"--mp-residual must be in [0, 1) (got {self.mp_residual}): the fraction of ‖x − b_dec‖ "
                               "under which a token's pursuit stops, or 0 for k steps always")
@@ -385,9 +408,9 @@ class TrainConfig(JSONConfig):
                              "on a CPU with native bf16 (avx512_bf16/AMX) for fp32 SAEs of at least 2^22 (≈4.2M) "
                              "encoder weights (d_in × d_sae) while torch runs at most 2 threads, else chunked",
                      choices=["auto", "triton", "chunked", "screened", "reference"])
-    mfr: int = _f(0, "mutual feature regularisation (Marks et al. 2024): train this many SAEs (2 or more) together on "
-                     "the same batches, each from its own init (seeds --seed, --seed + 1, ...), with a penalty on how far "
-                     "their dictionaries are apart, into OUT/sae-0, OUT/sae-1, ... and OUT/mfr.json; 0: one SAE",
+    mfr: int = _f(0, "mutual feature regularisation (Marks et al. 2024): train this many SAEs (2 or more) together "
+                     "on the same batches, each from its own init (seeds --seed, --seed + 1, ...), with a penalty on how "
+                     "far their dictionaries are apart, into OUT/sae-0, OUT/sae-1, ... and OUT/mfr.json; 0: one SAE",
                   min=0)
     mfr_coeff: float = _f(0.1, "--mfr: weight of the penalty coeff × d_in × (1 − mean MMCS of the members' decoders), "
                                "d_in being a row's squared norm in the trainer's units; 0 trains the members "

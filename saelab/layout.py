@@ -171,8 +171,8 @@ GROUP_SCHEMA = obj({"model": nullable(TEXT), "hooks": {"type": "object", "additi
                                                        "propertyNames": {"description": "hook"}}},
                    required=("hooks",))
 #: mfr.json: an MFR group's members (SAE folders inside it, in seed order) and the MMCS of each pair at the end
-MFR_SCHEMA = obj({"model": nullable(TEXT), "hook": TEXT, "arch": TEXT, "members": {"type": "array", "items": PLAIN_NAME},
-                  "coeff": NUMBER, "mmcs": {"type": "object", "additionalProperties": NUMBER}},
+MFR_SCHEMA = obj({"model": nullable(TEXT), "hook": TEXT, "arch": TEXT,
+                  "members": {"type": "array", "items": PLAIN_NAME}, "coeff": NUMBER, "mmcs": {"type": "object", "additionalProperties": NUMBER}},
                  required=("members",))
 #: one transcoder pair: the hook read (``input``) and the hook reconstructed (``target``), each the name of a store
 #: folder of the same RUN folder

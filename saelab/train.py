@@ -201,10 +201,11 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     else:
         target_store = ActivationStore(target) if target is not None else None
         cfg = sae_config_for(store, scfg, target_store)
-    wanted = SAE.registry[cfg.arch].rows_for_init(cfg)
-    if wanted > store.n_rows("train"):
+    cls = SAE.registry[cfg.arch]
+    wanted = cls.rows_for_init(cfg)
+    if wanted > store.n_rows("train") and cls.init_rows_fix:
         raise SaelabError(f"--arch {cfg.arch} reads {wanted:,} training rows before it starts, and the store {path} "
-                          f"holds {store.n_rows('train'):,}: lower --archetypal-points or harvest more tokens")
+                          f"holds {store.n_rows('train'):,}: {cls.init_rows_fix}")
     world, main = dist.world_size(), dist.is_main()
     if tcfg.batch_size % world:
         raise SaelabError(f"--batch-size {tcfg.batch_size} does not split evenly over {world} ranks: "
@@ -299,7 +300,7 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None, n_me
     with torch.no_grad():
         for m in members:
             m.b_dec.copy_(median * run.scale_out)
-    wanted = sae.rows_for_init(cfg)
+    wanted = min(sae.rows_for_init(cfg), store.n_rows("train"))  # all of them where fewer may do (init_rows_fix)
     if wanted:  # the same rows on every rank (one seed), in the trainer's scale
         x = next(iter(store.batches(wanted, split="train", seed=tcfg.seed + 104729, skip_bos=skip_bos, device=device,
                                     buffer_rows=max(tcfg.buffer_rows, wanted))))

@@ -70,7 +70,8 @@ def groups(planted, tmp_path_factory):
     """One SAE alone, and two MFR groups of 2 from the same seed: at --mfr-coeff 0 and at 1."""
     root = tmp_path_factory.mktemp("mfr_runs")
     runs = {"alone": root / "alone", "free": root / "free", "mfr": root / "mfr"}
-    for name, extra in (("alone", ()), ("free", ("--mfr", 2, "--mfr-coeff", 0)), ("mfr", ("--mfr", 2, "--mfr-coeff", 1))):
+    for name, extra in (("alone", ()), ("free", ("--mfr", 2, "--mfr-coeff", 0)),
+                        ("mfr", ("--mfr", 2, "--mfr-coeff", 1))):
         r = _train(planted, runs[name], *extra)
         assert r.returncode == 0, r.stderr
         runs[name + "_stdout"] = r.stdout

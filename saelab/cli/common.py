@@ -141,7 +141,8 @@ ARCH_ONLY = {"l1_coeff": ("relu", "gated", "panneal"), "l0_coeff": ("jumprelu",)
              "fc_m": ("featurechoice",),
              "matryoshka_mode": ("matryoshka",), "matryoshka_prefixes": ("matryoshka",),
              "matryoshka_ks": ("matryoshka",), "matryoshka_weighting": ("matryoshka",), "grad_beta": ("gradient",),
-             "mp_residual": ("mp",)}
+             "mp_residual": ("mp",),
+             **{f: ("relu",) for f in ("bias_adaptation", "gba_groups", "gba_span", "gba_every", "gba_rate")}}
 MODE_ONLY = {"matryoshka_prefixes": "prefix", "matryoshka_ks": "k", "matryoshka_weighting": "k"}
 
 

@@ -41,6 +41,8 @@ class ArchetypalSAE(TopKSAE):
         self.relax = nn.Parameter(new(d_sae, d_in))  # Λ, rows of norm ≤ δ
         self.log_scale = nn.Parameter(torch.zeros(()))  # m
 
+    init_rows_fix = "lower --archetypal-points or harvest more tokens"
+
     @classmethod
     def rows_for_init(cls, cfg) -> int:
         return cfg.archetypal_points

@@ -234,6 +234,18 @@ class SAE(nn.Module):
         fired[i[v != 0]] = True
         return fired, v.shape[0], (v != 0).sum(-1).float().mean()
 
+    def fire_counts(self, out: dict) -> tuple[torch.Tensor, int]:
+        """([d_sae] long: the rows each latent fired on, rows) of a loss dict's codes, whichever form they take."""
+        if "f" in out:
+            nz = out["f"] != 0
+            return nz.reshape(-1, self.d_sae).sum(0), nz.shape[0]
+        if "sparse" in out:
+            c = out["sparse"]
+            cols = c.cols[c.active()]
+            return torch.bincount(cols, minlength=self.d_sae), c.n_rows
+        v, i = out["codes"]
+        return torch.bincount(i[v != 0], minlength=self.d_sae), v.shape[0]
+
     @classmethod
     def saelens_k(cls, raw: dict, path: pathlib.Path) -> int:
         """The k of a SAELens cfg.json read as this architecture (its own k, or the architecture's kwargs')."""
@@ -244,6 +256,10 @@ class SAE(nn.Module):
     def rows_for_init(cls, cfg: SAEConfig) -> int:
         """Training rows the architecture reads before its first step (``init_from_rows``); 0: none."""
         return 0
+
+    #: where a store holds fewer training rows than ``rows_for_init``: the fix a one-line error names, or None when
+    #: the architecture takes the rows there are
+    init_rows_fix: str | None = None
 
     def init_from_rows(self, x: torch.Tensor) -> None:
         """Called once before training with ``rows_for_init`` seeded training rows, in the trainer's scale."""
