@@ -401,9 +401,10 @@ class SAE(nn.Module):
                               "re-train or re-fetch the SAE") from None
         if "saelab" in raw:
             try:
-                cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"})
-            except (TypeError, ValueError, KeyError) as e:
-                raise SaelabError(f"{path / CFG_FILE}: its saelab settings do not load ({e}); re-save the SAE") from None
+                cfg = SAEConfig.from_dict({k: v for k, v in raw["saelab"].items() if k != "d_sae"}).validate()
+            except (TypeError, ValueError, KeyError, SaelabError) as e:  # a setting off its rules names the file
+                raise SaelabError(f"{path / CFG_FILE}: its saelab settings do not load ({e}); "
+                                  "re-save the SAE") from None
         else:
             cfg = _cfg_from_saelens(raw, path)
         sae = SAE.from_weights(cfg, w, str(path / WEIGHTS_FILE), device,
