@@ -417,6 +417,16 @@ class TrainConfig(JSONConfig):
                                "independently (the baseline)", min=0.0)
     mfr_warmup: float = _f(0.05, "--mfr: fraction of the steps over which the penalty's weight ramps from 0 to 1",
                            min=0.0, max=1.0)
+    objective: str = _f("mse", "what the SAE is trained to reconstruct: mse (the activations), kl (end-to-end, "
+                               "Braun et al. 2024: the SAE spliced into the frozen model, the KL of its next-token "
+                               "distribution against the clean model's) or kl+ds (kl plus the later layers' residual "
+                               "streams); kl and kl+ds run the model on the store's contexts",
+                        choices=["mse", "kl", "kl+ds"])
+    kl_coeff: float = _f(1.0, "--objective kl, kl+ds: weight of the term kl_coeff × d_in × KL per token", min=0.0)
+    ds_coeff: float = _f(1.0, "--objective kl+ds: weight of the term ds_coeff × d_in × the later layers' mean "
+                              "squared error as a fraction of their squared norm", min=0.0)
+    model: str | None = _f(None, "--objective kl, kl+ds: the model to splice the SAE into (default: the store's, "
+                                 "as its manifest names it)")
     autocast: str = _f("none", "mixed precision for the forward (weights stay fp32)", choices=["none", "bf16"])
     log: str = _f("none", "also log to TensorBoard or wandb (if installed)", choices=["none", "tensorboard", "wandb"])
     device: str = _f("auto", "cpu, cuda, cuda:N or auto")
@@ -448,6 +458,13 @@ class TrainConfig(JSONConfig):
             raise SaelabError("--mfr 1 trains one SAE, and mutual feature regularisation aligns two or more: pass "
                               "--mfr 2 or more, or drop --mfr")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, needs in (("kl_coeff", ("kl", "kl+ds")), ("ds_coeff", ("kl+ds",)), ("model", ("kl", "kl+ds"))):
+            if self.objective not in needs and getattr(self, name) != defaults[name]:
+                raise SaelabError(f"{flag_of(name)} applies to --objective {' or '.join(needs)} only, and this run "
+                                  f"trains on {self.objective}: drop it, or pass --objective {needs[-1]}")
+        if self.objective != "mse" and self.mfr:
+            raise SaelabError(f"--objective {self.objective} with --mfr: train end-to-end SAEs one at a time (drop "
+                              "--mfr), or train the group with --objective mse")
         for name in ("mfr_coeff", "mfr_warmup"):
             if not self.mfr and getattr(self, name) != defaults[name]:
                 raise SaelabError(f"{flag_of(name)} applies with --mfr N only, and this run trains one SAE: drop it, "

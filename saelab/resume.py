@@ -23,7 +23,8 @@ from saelab.fs import atomic_write_bytes, atomic_write_text, out_folder, write_e
 from saelab.layout import CHECKPOINT_FILE, TRAIN_FILE, read_train_info
 
 #: flags that may differ on --resume: where things are, where it runs and how often it reports
-RESUME_FREE = {"activations", "out", "hook", "device", "log", "log_every", "eval_every", "checkpoint_every", "kernel"}
+RESUME_FREE = {"activations", "out", "hook", "device", "log", "log_every", "eval_every", "checkpoint_every", "kernel",
+               "model"}  # a model folder may move between a run and its --resume, as a store may
 _CHECKPOINT_KEYS = {"n_steps", "arch", "sae", "opt", "iterator", "step", "scale"}
 
 

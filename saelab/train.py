@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import distributed as dist
+from saelab import e2e
 from saelab import resume as run_state
 from saelab.config import CLT, TRANSCODERS, SAEConfig, TrainConfig
 from saelab.device import pick_device
@@ -169,6 +170,7 @@ class _Run:
     needs_grads: bool
     target: ActivationStore | list | None = None  # a transcoder's: the rows it reconstructs (a CLT's: per layer)
     inputs: list | None = None  # a CLT's input stores, one per layer (``store`` is the first)
+    splice: e2e.Splice | None = None  # --objective kl / kl+ds: the model's clean and spliced forwards
     step: int = 0
     scale: float = 1.0
     scale_out: float = 1.0  # the target rows' scale (a transcoder's; an SAE's targets are its inputs)
@@ -207,6 +209,8 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
         raise SaelabError(f"--arch {cfg.arch} reads {wanted:,} training rows before it starts, and the store {path} "
                           f"holds {store.n_rows('train'):,}: {cls.init_rows_fix}")
     world, main = dist.world_size(), dist.is_main()
+    if tcfg.objective != "mse":
+        _check_e2e(tcfg, cfg, store, world)
     if tcfg.batch_size % world:
         raise SaelabError(f"--batch-size {tcfg.batch_size} does not split evenly over {world} ranks: "
                           f"pass a multiple of {world}")
@@ -238,6 +242,22 @@ def train_one(path: pathlib.Path, out: pathlib.Path, tcfg: TrainConfig, scfg: SA
     return out
 
 
+def _check_e2e(tcfg: TrainConfig, cfg: SAEConfig, store: ActivationStore, world: int) -> None:
+    """One-line errors for an end-to-end run this trainer cannot give, before --out is touched."""
+    what = f"--objective {tcfg.objective}"
+    if cfg.arch in TRANSCODERS or cfg.arch in e2e.NOT_E2E:
+        why = ("a transcoder replaces another hook than it reads" if cfg.arch in TRANSCODERS else
+               "its loss reads stored gradients" if cfg.arch == "gradient" else "its loss reconstructs at several widths")
+        raise SaelabError(f"{what} trains an SAE spliced at the hook it reads, and --arch {cfg.arch} is not one ({why}):"
+                          " pass --objective mse, or another architecture")
+    if world > 1:
+        raise SaelabError(f"{what} runs in one process: drop torchrun / --nproc")
+    e2e.check_store(store, tcfg.objective)
+    ctx = store.context_size
+    if tcfg.batch_size % ctx:
+        raise SaelabError(f"{what} trains on whole contexts of {ctx} tokens: pass a --batch-size multiple of {ctx}")
+
+
 def _layer_batches(inputs: list, targets: list, **batches) -> PairedBatches:
     """A CLT's batches: every layer's input and target rows, aligned and stacked ([B, L, d] each)."""
     return PairedBatches([st.batches(**batches) for st in inputs], [st.batches(**batches) for st in targets])
@@ -249,7 +269,10 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None, n_me
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     needs_grads = SAE.registry[cfg.arch].needs_grads
     skip_bos = not tcfg.include_bos and store.manifest.get("bos_included", False)
-    total_tokens = tcfg.tokens or store.batches(tcfg.batch_size, skip_bos=skip_bos).rows_per_epoch
+    if tcfg.objective != "mse":  # an epoch of whole contexts
+        total_tokens = tcfg.tokens or store.n_rows("train")
+    else:
+        total_tokens = tcfg.tokens or store.batches(tcfg.batch_size, skip_bos=skip_bos).rows_per_epoch
     n_steps = max(1, total_tokens // tcfg.batch_size)
     total_tokens = n_steps * tcfg.batch_size
     members = []
@@ -266,14 +289,27 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None, n_me
     opt = torch.optim.Adam([p for m in members for p in m.parameters()], lr=lr)
     batches = dict(batch_size=tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
                    device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
-    if inputs is not None:  # a CLT: every layer's stores, stacked
+    splice = None
+    if tcfg.objective != "mse":  # whole contexts of the store's text, through the model
+        from saelab.models import load_model
+
+        tokens = store.tokens("train")
+        model = load_model(tcfg.model or store.manifest["model"], device=str(device))
+        if store.hook not in model.hook_dict:
+            raise SaelabError(f"--objective {tcfg.objective}: the model {tcfg.model or store.manifest['model']} has no "
+                              f"hook {store.hook}: pass --model, the model the store was harvested from")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        it = e2e.ContextBatches(tokens, tcfg.batch_size // store.context_size, n_steps, tcfg.seed, device)
+        splice = e2e.Splice(model, store.hook, tcfg.objective, 1 if skip_bos else 0, tcfg.kl_coeff, tcfg.ds_coeff)
+    elif inputs is not None:  # a CLT: every layer's stores, stacked
         it = _layer_batches(inputs, target, **batches)
     else:
         it = store.batches(with_grads=needs_grads, **batches)
         if target is not None:  # the same settings over the aligned store: the same rows, in the same order
             it = PairedBatches(it, target.batches(**batches))
     run = _Run(out, store, cfg, tcfg, sae, opt, it, device, lr, n_steps, total_tokens, skip_bos, needs_grads, target,
-               inputs, members=members)
+               inputs, splice=splice, members=members)
     if resume and (out / CHECKPOINT_FILE).exists():
         run.step, run.scale, run.scale_out = run_state.load_checkpoint(out, run.state(), opt, it, n_steps, cfg.arch,
                                                                        device)
@@ -322,7 +358,8 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
     is clipped, constrained and logged as one SAE is."""
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     opt, tcfg = run.opt, run.tcfg
-    model, reduce = _LossModule(run.members, tcfg.mfr_coeff * run.cfg.d_in, run.n_steps, tcfg.mfr_warmup), None
+    model, reduce = _LossModule(run.members, tcfg.mfr_coeff * run.cfg.d_in, run.n_steps, tcfg.mfr_warmup,
+                                run.splice), None
     if dist.active():
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[run.device.index] if run.device.type == "cuda" else None, **dist.no_buffer_sync())
@@ -340,8 +377,12 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
         if main:
             loggers = [MetricsLogger(run.folder(i), tcfg.log) for i in range(len(run.members))]
         for batch in run.it:
-            x, g = batch if run.needs_grads else (batch, None)
-            x, y = x if run.target is not None else (x, None)  # a transcoder's batch: (inputs, targets)
+            kept = None
+            if run.splice is not None:  # a batch of contexts: the clean forward gives the rows and what KL needs
+                (x, kept), g, y = run.splice.clean(batch), None, None
+            else:
+                x, g = batch if run.needs_grads else (batch, None)
+                x, y = x if run.target is not None else (x, None)  # a transcoder's batch: (inputs, targets)
             x = x * run.scale
             if g is not None:
                 g = g / run.scale
@@ -350,7 +391,7 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
             for group in opt.param_groups:
                 group["lr"] = run.lr * lr_factor(step, run.n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
             with amp:
-                res = model(x, step, g, y)
+                res = model(x, step, g, y, kept, run.scale)
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()  # under DDP: returns with the gradients averaged over ranks
             for m in run.members:
@@ -463,16 +504,21 @@ class _LossModule(torch.nn.Module):
     the members' losses (+ an MFR group's penalty, weighted), "outs": each member's loss dict, and an MFR group's
     "mfr_penalty" (1 − mean MMCS) and "mfr_mmcs"}."""
 
-    def __init__(self, members, coeff: float = 0.0, n_steps: int = 1, warmup: float = 0.0):
+    def __init__(self, members, coeff: float = 0.0, n_steps: int = 1, warmup: float = 0.0, splice=None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
-        self.coeff, self.n_steps, self.warmup = coeff, n_steps, warmup
+        self.coeff, self.n_steps, self.warmup, self.splice = coeff, n_steps, warmup, splice
 
-    def forward(self, x, step, grads=None, target=None):
+    def forward(self, x, step, grads=None, target=None, kept=None, scale: float = 1.0):
         # an SAE's loss takes no target
         outs = [m.loss(x, step=step, grads=grads) if target is None else m.loss(x, step=step, grads=grads,
                                                                                  target=target)
                 for m in self.members]
+        if self.splice is not None:  # end to end: the spliced model's terms replace the reconstruction's
+            out = outs[0]
+            terms = self.splice.loss(out["x_hat"] / scale, kept)
+            out["loss"] = out["loss"] - out["mse"] + terms["kl_term"] + terms.get("ds_term", 0.0)
+            out.update({k: v.detach() for k, v in terms.items()})
         res = {"loss": outs[0]["loss"] if len(outs) == 1 else torch.stack([o["loss"] for o in outs]).sum(),
                "outs": outs}
         if len(outs) > 1:  # W_dec read after the losses: archetypal's dictionary is built in its loss
