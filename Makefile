@@ -45,6 +45,9 @@ bench: setup bench-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_clt.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_suites.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_vs_saelens.py --saelens-python .venv-bench/bin/python
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_mfr.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_gba.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_e2e.py
 
 # SAELens (pins transformer-lens < 4) in its own environment for the side-by-side benchmark
 bench-venv: .venv-bench/.installed
