@@ -21,8 +21,8 @@ from saelab.harvest import harvest
 from saelab.models import load_model
 from saelab.train import train
 
-ARCHS = ["topk", "batchtopk", "mutualchoice", "featurechoice", "abstopk", "matryoshka", "gradient", "jumprelu", "relu",
-         "mp"]
+ARCHS = ["topk", "batchtopk", "mutualchoice", "featurechoice", "abstopk", "matryoshka", "gradient", "archetypal", "mp",
+         "jumprelu", "relu", "gated", "panneal"]
 
 
 def main():

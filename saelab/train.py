@@ -286,7 +286,13 @@ def _start(out, store, cfg, tcfg, device, resume, target=None, inputs=None, n_me
     sae = members[0]
     lr = tcfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 16384)
     # one Adam over every member: Adam is elementwise, so each member steps as its own optimiser would step it
-    opt = torch.optim.Adam([p for m in members for p in m.parameters()], lr=lr)
+    # each parameter group at its share of the LR (``SAE.lr_scales``: JumpReLU's thresholds may step faster)
+    groups: dict[float, list] = {}
+    for m in members:
+        scales = m.lr_scales()
+        for name, p in m.named_parameters():
+            groups.setdefault(scales.get(name, 1.0), []).append(p)
+    opt = torch.optim.Adam([{"params": ps, "lr_scale": sc} for sc, ps in groups.items()], lr=lr)
     batches = dict(batch_size=tcfg.batch_size, split="train", tokens=total_tokens, seed=tcfg.seed, skip_bos=skip_bos,
                    device=device, buffer_rows=tcfg.buffer_rows, part=(rank, world))
     splice = None
@@ -389,7 +395,8 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
             if y is not None:
                 y = y * run.scale_out
             for group in opt.param_groups:
-                group["lr"] = run.lr * lr_factor(step, run.n_steps, tcfg.lr_warmup_steps, tcfg.lr_decay)
+                group["lr"] = run.lr * group.get("lr_scale", 1.0) * lr_factor(step, run.n_steps, tcfg.lr_warmup_steps,
+                                                                             tcfg.lr_decay)
             with amp:
                 res = model(x, step, g, y, kept, run.scale)
             opt.zero_grad(set_to_none=True)

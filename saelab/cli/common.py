@@ -137,7 +137,7 @@ ARCH_ONLY = {"l1_coeff": ("relu", "gated", "panneal"), "l0_coeff": ("jumprelu",)
              **{f: ("panneal",) for f in ("p_start", "p_end", "anneal_start", "p_updates", "p_penalty")},
              "archetypal_points": ("archetypal",), "archetypal_delta": ("archetypal",),
              "bandwidth": ("jumprelu",),
-             "init_threshold": ("jumprelu",), "threshold_momentum": ("batchtopk", "mutualchoice", "featurechoice"),
+             "init_threshold": ("jumprelu",), "threshold_lr": ("jumprelu",), "threshold_momentum": ("batchtopk", "mutualchoice", "featurechoice"),
              "fc_m": ("featurechoice",),
              "matryoshka_mode": ("matryoshka",), "matryoshka_prefixes": ("matryoshka",),
              "matryoshka_ks": ("matryoshka",), "matryoshka_weighting": ("matryoshka",), "grad_beta": ("gradient",),

@@ -264,6 +264,11 @@ class SAE(nn.Module):
     def init_from_rows(self, x: torch.Tensor) -> None:
         """Called once before training with ``rows_for_init`` seeded training rows, in the trainer's scale."""
 
+    def lr_scales(self) -> dict[str, float]:
+        """{parameter name: multiplier of the trainer's LR} for parameters that step at another rate (none: all at
+        the LR)."""
+        return {}
+
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_after
 

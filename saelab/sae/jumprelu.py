@@ -81,6 +81,9 @@ class JumpReluSAE(SAE):
         self.log_threshold = nn.Parameter(torch.full((self.d_sae,), math.log(cfg.init_threshold)))
         self.control = SparsityController(cfg.l0_coeff, init=0.05, target=cfg.k)
 
+    def lr_scales(self) -> dict[str, float]:
+        return {"log_threshold": self.cfg.threshold_lr} if self.cfg.threshold_lr != 1 else {}
+
     @property
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
