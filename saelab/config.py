@@ -265,7 +265,7 @@ class SAEConfig(JSONConfig):
     bandwidth: float = _f(0.1, "jumprelu: straight-through rectangle kernel width ε, in the trainer's units "
                                 "(mean ‖x‖ = √d_in; the paper's 0.001 assumed E‖x‖² = 1 and billions of tokens)")
     init_threshold: float = _f(0.5, "jumprelu: initial threshold θ (same units)")
-    threshold_lr: float = _f(1.0, "jumprelu: the thresholds' learning rate as a multiple of --lr (Adam moves log θ by "
+    threshold_lr: float = _f(10.0, "jumprelu: the thresholds' learning rate as a multiple of --lr (Adam moves log θ by "
                                   "about LR × this per step)", min=0.0)
     threshold_momentum: float = _f(0.99, "batchtopk, mutualchoice, featurechoice: EMA momentum of the inference "
                                          "threshold")

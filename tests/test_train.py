@@ -670,3 +670,19 @@ def test_eval_names_what_holds_nan(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "sae" / "eval.json").exists()
+
+
+def test_jumprelu_thresholds_step_at_their_share_of_the_lr(tiny_planted, tmp_path):
+    """--threshold-lr 0 freezes log θ (its parameter group's LR is 0): the saved θ is the init's 0.5 (codes, and so
+    thresholds, are the same in the trainer's units and the raw ones); the default moves it."""
+    from saelab.cli import main
+
+    def train(out, *extra):
+        rc = main(["train", "--activations", str(tiny_planted), "--out", str(out), "--arch", "jumprelu", "--k", "4",
+                   "--width", "32", "--batch-size", "256", "--tokens", str(256 * 30), "--quiet", *extra])
+        assert rc == 0
+        return SAE.load(out).threshold.detach()
+
+    frozen, moved = train(tmp_path / "frozen", "--threshold-lr", "0"), train(tmp_path / "moved")
+    torch.testing.assert_close(frozen, torch.full((32,), 0.5), rtol=1e-5, atol=1e-6)
+    assert float((moved - 0.5).abs().max()) > 1e-3
