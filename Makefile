@@ -48,6 +48,7 @@ bench: setup bench-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_mfr.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_gba.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_e2e.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_jumprelu.py
 
 # SAELens (pins transformer-lens < 4) in its own environment for the side-by-side benchmark
 bench-venv: .venv-bench/.installed
