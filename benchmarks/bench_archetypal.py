@@ -11,14 +11,13 @@ Writes ``benchmarks/results/bench_archetypal.json`` (``results.py``).
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 
 from results import Result
+from runs import planted_store, saelab_cli
 
 ARCHS = ("topk", "archetypal")
 
@@ -31,7 +30,6 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
     res = Result("bench_archetypal", "Archetypal SAE against TopK across seeds",
                  f"One planted-feature store (`saelab synthetic --d 64 --n-true 256 --active 5`, 262,144 rows); "
                  f"{a.seeds} training seeds of TopK and of the relaxed archetypal SAE (its atoms in the convex hull of "
@@ -42,12 +40,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
 
-        def saelab(*argv):
-            subprocess.run([sys.executable, "-m", "saelab", *map(str, argv), "--quiet"], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
-
-        store = root / "planted"
-        saelab("synthetic", "--out", store, "--d", 64, "--n-true", 256, "--active", 5, "--rows", 262144)
+        saelab = saelab_cli(a.threads)
+        store = planted_store(saelab, root)
         t = res.table("Seed stability and recovery", ["arch", "stability", "min", "max", "matched ≥ 0.9", "MMCS",
                                                       "FVU", "dead", "seconds per run"],
                       note="MMCS, FVU (held-out) and dead latents: means over the seeds",

@@ -13,15 +13,14 @@ row has |cosine| ≥ 0.9 with it. Writes ``benchmarks/results/bench_gba.json`` (
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 
 from bench_mfr import recovered
 from results import Result
+from runs import planted_store, saelab_cli
 
 VARIANTS = {"relu (L1)": ["--arch", "relu"], "relu + GBA, 10 groups": ["--arch", "relu", "--bias-adaptation"],
             "relu + GBA, 1 group": ["--arch", "relu", "--bias-adaptation", "--gba-groups", "1"],
@@ -35,7 +34,6 @@ def main():
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
     res = Result("bench_gba", "Group bias adaptation against L1 and TopK",
                  f"One planted-feature store (`saelab synthetic --d 64 --n-true 256 --active 5`, 262,144 rows); each "
                  f"variant trained by `saelab train` at k {a.k} (the L0 target of relu's L1 controller and of GBA's "
@@ -45,12 +43,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
 
-        def saelab(*argv):
-            subprocess.run([sys.executable, "-m", "saelab", *map(str, argv), "--quiet"], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
-
-        store = root / "planted"
-        saelab("synthetic", "--out", store, "--d", 64, "--n-true", 256, "--active", 5, "--rows", 262144)
+        saelab = saelab_cli(a.threads)
+        store = planted_store(saelab, root)
         t = res.table("Planted-feature recovery at equal L0", ["variant", "L0", "FVU", "MMCS", "recovered ≥ 0.9",
                                                                "dead", "seconds"],
                       fmt={"L0": ".2f", "FVU": ".3f", "MMCS": ".3f", "recovered ≥ 0.9": ".1%", "dead": ".0f",

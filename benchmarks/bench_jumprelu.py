@@ -11,14 +11,13 @@ Writes ``benchmarks/results/bench_jumprelu.json`` (``results.py``).
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 
 from results import Result
+from runs import planted_store, saelab_cli
 
 #: (arch, tokens, batch, lr or None for the default, threshold-lr or None for the default)
 RUNS = [("topk", 1_048_576, 4096, None, None), ("jumprelu", 1_048_576, 4096, None, 1), ("jumprelu", 1_048_576, 4096,
@@ -31,7 +30,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
     res = Result("bench_jumprelu", "JumpReLU's convergence by steps, LR and threshold LR",
                  "One planted-feature store (`saelab synthetic --d 64 --n-true 256 --active 5`, 262,144 rows, "
                  "coefficients uniform in [0.5, 1.5]); `saelab train` at k 5 (JumpReLU's target L0), 512 latents, "
@@ -41,12 +39,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
 
-        def saelab(*argv):
-            subprocess.run([sys.executable, "-m", "saelab", *map(str, argv), "--quiet"], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
-
-        store = root / "planted"
-        saelab("synthetic", "--out", store, "--d", 64, "--n-true", 256, "--active", 5, "--rows", 262144)
+        saelab = saelab_cli(a.threads)
+        store = planted_store(saelab, root)
         t = res.table("Planted-feature recovery by budget", ["arch", "tokens", "batch", "steps", "LR",
                                                              "threshold LR ×", "L0", "FVU", "MMCS", "dead", "seconds"],
                       fmt={"tokens": ",d", "batch": ",d", "steps": ",d", "LR": ".2g", "L0": ".2f", "FVU": ".3f",

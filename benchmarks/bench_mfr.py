@@ -11,14 +11,13 @@ cut). Writes ``benchmarks/results/bench_mfr.json`` (``results.py``).
 
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 
 from results import Result
+from runs import planted_store, saelab_cli
 
 
 def recovered(member: pathlib.Path, store: pathlib.Path, cut: float) -> float:
@@ -44,7 +43,6 @@ def main():
     a = ap.parse_args()
     coeffs = [float(c) for c in a.coeffs.split(",")]
     budgets = [int(t) for t in a.tokens.split(",")]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
     res = Result("bench_mfr", "Mutual feature regularisation against the same SAEs trained alone",
                  f"One planted-feature store (`saelab synthetic --d 64 --n-true 256 --active 5`, 262,144 rows); "
                  f"`saelab train --arch topk --mfr {a.members}` at each `--mfr-coeff` (0: the members train "
@@ -56,12 +54,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
 
-        def saelab(*argv):
-            subprocess.run([sys.executable, "-m", "saelab", *map(str, argv), "--quiet"], check=True, env=env,
-                           stdout=subprocess.DEVNULL)
-
-        store = root / "planted"
-        saelab("synthetic", "--out", store, "--d", 64, "--n-true", 256, "--active", 5, "--rows", 262144)
+        saelab = saelab_cli(a.threads)
+        store = planted_store(saelab, root)
         t = res.table("Planted features recovered", ["tokens", "mfr coeff", "member", "recovered ≥ 0.9",
                                                      "recovered ≥ 0.99",
                                                      "MMCS", "FVU", "dead", "members' decoder MMCS",
