@@ -397,8 +397,10 @@ def _fit(run: _Run, resume: bool, progress: bool) -> None:
             for group in opt.param_groups:
                 group["lr"] = run.lr * group.get("lr_scale", 1.0) * lr_factor(step, run.n_steps, tcfg.lr_warmup_steps,
                                                                              tcfg.lr_decay)
+            stats = (step + 1) % tcfg.log_every == 0 or step + 1 == run.n_steps or bool(tcfg.eval_every) and (
+                (step + 1) % tcfg.eval_every == 0)  # a metrics step: the group's MMCS is logged
             with amp:
-                res = model(x, step, g, y, kept, run.scale)
+                res = model(x, step, g, y, kept, run.scale, stats)
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()  # under DDP: returns with the gradients averaged over ranks
             for m in run.members:
@@ -516,7 +518,7 @@ class _LossModule(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.coeff, self.n_steps, self.warmup, self.splice = coeff, n_steps, warmup, splice
 
-    def forward(self, x, step, grads=None, target=None, kept=None, scale: float = 1.0):
+    def forward(self, x, step, grads=None, target=None, kept=None, scale: float = 1.0, stats: bool = True):
         # an SAE's loss takes no target
         outs = [m.loss(x, step=step, grads=grads) if target is None else m.loss(x, step=step, grads=grads,
                                                                                  target=target)
@@ -528,9 +530,11 @@ class _LossModule(torch.nn.Module):
             out.update({k: v.detach() for k, v in terms.items()})
         res = {"loss": outs[0]["loss"] if len(outs) == 1 else torch.stack([o["loss"] for o in outs]).sum(),
                "outs": outs}
-        if len(outs) > 1:  # W_dec read after the losses: archetypal's dictionary is built in its loss
-            pen = mutual.penalty([m.W_dec for m in self.members])
-            weight = self.coeff * mutual.warmup(step, self.n_steps, self.warmup)
+        weight = self.coeff * mutual.warmup(step, self.n_steps, self.warmup) if len(outs) > 1 else 0.0
+        if weight or (len(outs) > 1 and stats):  # d_sae² · d_in a pair: only where it is trained on or logged
+            # W_dec read after the losses: archetypal's dictionary is built in its loss
+            with contextlib.nullcontext() if weight else torch.no_grad():
+                pen = mutual.penalty([m.W_dec for m in self.members])
             if weight:
                 res["loss"] = res["loss"] + weight * pen
             res.update(mfr_penalty=pen.detach(), mfr_mmcs=1 - pen.detach())
